@@ -1,0 +1,86 @@
+/**
+ * What a connection is made of: where the server is, which export, how to
+ * negotiate. {@linkcode parseUri} returns this shape and `connect()` takes it.
+ *
+ * @module
+ */
+
+/** How to treat TLS: as libnbd's `nbd_set_tls` (disable, allow, require). */
+export type TlsMode = "disable" | "prefer" | "require";
+
+/** A trace event for the `debug` hook. */
+export type DebugHook = (
+  event: string,
+  fields: Record<string, unknown>,
+) => void;
+
+/** Where the server is and which export to use. */
+export interface ConnectTarget {
+  /** TCP host name or address (IPv6 without brackets). */
+  hostname?: string;
+  /** TCP or vsock port; 10809 by default for TCP. */
+  port?: number;
+  /**
+   * Unix socket path. A leading NUL (`"\0name"`) names a socket in the Linux
+   * abstract namespace.
+   */
+  path?: string;
+  /** vsock context id (`nbd+vsock://`). */
+  cid?: number;
+  /** Export name; `""` is the server's default export. */
+  exportName?: string;
+}
+
+/** TLS settings; see the README's TLS section. */
+export interface TlsOptions {
+  /** `"require"` for `nbds://`; `"disable"` by default. */
+  tls?: TlsMode;
+  /**
+   * A directory in the layout qemu and nbdkit use: `ca-cert.pem`, and for a
+   * client certificate `client-cert.pem` and `client-key.pem`.
+   */
+  tlsCertificates?: string;
+  /** CA certificates in PEM, in addition to (or instead of) the system's. */
+  caCerts?: string[];
+  /** Client certificate chain in PEM (mutual TLS). */
+  tlsClientCert?: string;
+  /** Client private key in PEM (mutual TLS). */
+  tlsClientKey?: string;
+  /** The name the server certificate must carry; the host name by default. */
+  tlsHostname?: string;
+  /**
+   * Set to `false` to accept any server certificate. Verification is on
+   * unless this is given as `false` by name.
+   */
+  tlsVerifyPeer?: boolean;
+  /** User name for TLS-PSK; recorded from URIs, refused at connect. */
+  tlsUsername?: string;
+  /** `tls-psk-file` from a URI; refused at connect (no PSK in Deno). */
+  tlsPskFile?: string;
+}
+
+/** How to negotiate. */
+export interface NegotiationOptions {
+  /**
+   * Metadata contexts to select with `NBD_OPT_SET_META_CONTEXT`, for example
+   * `["base:allocation", "qemu:dirty-bitmap:bitmap0"]`.
+   */
+  metaContexts?: string[];
+  /** Ask for structured replies (default true). */
+  structuredReplies?: boolean;
+  /** Ask for extended headers when the server offers them (default true). */
+  extendedHeaders?: boolean;
+  /** Ask for `NBD_INFO_BLOCK_SIZE` and obey it (default true). */
+  blockSizes?: boolean;
+  /** Give up on the handshake or any request when this aborts. */
+  signal?: AbortSignal;
+  /** Trace every option, command and reply; `true` prints to stderr. */
+  debug?: boolean | DebugHook;
+}
+
+/** Everything `connect()` takes. */
+export interface ConnectOptions
+  extends ConnectTarget, TlsOptions, NegotiationOptions {
+  /** Requests in flight at once on this connection (default 64). */
+  maxInFlight?: number;
+}

@@ -1,0 +1,240 @@
+/**
+ * The byte stream under the protocol. The handshake and transmission code
+ * only ever call {@linkcode Transport}, which turns any {@linkcode ByteStream}
+ * (a `Deno.Conn`, a TLS connection, a descriptor owned by `ffi/`) into exact
+ * reads and whole-message writes.
+ *
+ * @module
+ */
+
+import {
+  NbdConnectionClosedError,
+  NbdProtocolError,
+  type ProtocolPhase,
+} from "./errors.ts";
+
+/**
+ * The least a byte stream must offer: `Deno.Conn` and `Deno.TlsConn` already
+ * have this shape, and so does the descriptor stream in `ffi/`.
+ */
+export interface ByteStream {
+  /** Reads up to `p.length` bytes into `p`; `null` at end of stream. */
+  read(p: Uint8Array): Promise<number | null>;
+  /** Writes some prefix of `p`, returning how many bytes were written. */
+  write(p: Uint8Array): Promise<number>;
+  /** Closes the stream; pending reads and writes fail. */
+  close(): void;
+}
+
+const BUFFER_SIZE = 256 * 1024;
+/** Below this size a message's parts are copied into one write. */
+const COALESCE_LIMIT = 64 * 1024;
+
+/**
+ * Exact reads and serialised writes over a {@linkcode ByteStream}.
+ *
+ * Reads are buffered; a large payload drains the buffer and then lands
+ * straight in the caller's memory. Writes of one message never interleave
+ * with writes of another.
+ */
+export class Transport {
+  #stream: ByteStream;
+  #buf = new Uint8Array(BUFFER_SIZE);
+  #start = 0;
+  #end = 0;
+  #writeTail: Promise<void> = Promise.resolve();
+  #closed = false;
+  #closeReason: unknown = undefined;
+  /** Used to name the phase in protocol errors raised here. */
+  phase: ProtocolPhase = "handshake";
+
+  /** @param stream The stream to speak over. */
+  constructor(stream: ByteStream) {
+    this.#stream = stream;
+  }
+
+  /** The stream currently under this transport. */
+  get stream(): ByteStream {
+    return this.#stream;
+  }
+
+  /** Whether {@linkcode Transport.close} has been called. */
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Bytes received but not yet consumed. */
+  get buffered(): number {
+    return this.#end - this.#start;
+  }
+
+  /**
+   * Swaps the stream under the transport, as after STARTTLS. Nothing may be
+   * buffered: a server that sent bytes ahead of the TLS handshake is broken.
+   */
+  replaceStream(stream: ByteStream): void {
+    if (this.buffered !== 0) {
+      throw new NbdProtocolError(
+        this.phase,
+        `Server sent ${this.buffered} unexpected bytes before the TLS handshake`,
+      );
+    }
+    this.#stream = stream;
+  }
+
+  /**
+   * Fills `dst` completely.
+   *
+   * @param dst Where the bytes go.
+   * @param what Names the message for errors ("a simple reply").
+   * @returns `false` if the stream ended cleanly before the first byte and
+   *   `eofOk` was set; `true` once `dst` is full.
+   * @throws {NbdConnectionClosedError} at end of stream before any byte.
+   * @throws {NbdProtocolError} at end of stream inside the message.
+   */
+  async readInto(
+    dst: Uint8Array,
+    what: string,
+    eofOk = false,
+  ): Promise<boolean> {
+    let got = 0;
+    const want = dst.length;
+    while (got < want) {
+      if (this.#end > this.#start) {
+        const n = Math.min(this.#end - this.#start, want - got);
+        dst.set(this.#buf.subarray(this.#start, this.#start + n), got);
+        this.#start += n;
+        got += n;
+        continue;
+      }
+      this.#start = this.#end = 0;
+      const remaining = want - got;
+      // A large payload goes straight to its destination, skipping a copy.
+      const direct = remaining >= BUFFER_SIZE / 4;
+      const target = direct ? dst.subarray(got) : this.#buf;
+      const n = await this.#read(target);
+      if (n === null) {
+        if (got === 0 && eofOk) return false;
+        if (got === 0) {
+          throw new NbdConnectionClosedError(
+            `Connection closed by the server while waiting for ${what}`,
+          );
+        }
+        throw new NbdProtocolError(
+          this.phase,
+          `Connection closed after ${got} of ${want} bytes of ${what}`,
+        );
+      }
+      if (direct) got += n;
+      else this.#end = n;
+    }
+    return true;
+  }
+
+  /**
+   * Reads exactly `n` bytes into a new array.
+   *
+   * @throws {NbdConnectionClosedError} at end of stream before any byte.
+   * @throws {NbdProtocolError} at end of stream inside the message.
+   */
+  async readExact(n: number, what: string): Promise<Uint8Array> {
+    const out = new Uint8Array(n);
+    await this.readInto(out, what);
+    return out;
+  }
+
+  /** Reads and drops `n` bytes, without allocating `n` bytes. */
+  async skip(n: number, what: string): Promise<void> {
+    const scratch = new Uint8Array(Math.min(n, 64 * 1024));
+    let left = n;
+    while (left > 0) {
+      const step = Math.min(left, scratch.length);
+      await this.readInto(scratch.subarray(0, step), what);
+      left -= step;
+    }
+  }
+
+  async #read(p: Uint8Array): Promise<number | null> {
+    if (this.#closed) throw this.#closedError();
+    try {
+      return await this.#stream.read(p);
+    } catch (e) {
+      if (this.#closed) throw this.#closedError();
+      throw new NbdConnectionClosedError(
+        `Connection failed while reading: ${errorText(e)}`,
+        { cause: e },
+      );
+    }
+  }
+
+  /**
+   * Writes one message made of `parts`, after every message queued before it.
+   *
+   * @throws {NbdConnectionClosedError} if the stream is closed or fails.
+   */
+  write(...parts: Uint8Array[]): Promise<void> {
+    const run = this.#writeTail.then(() => this.#writeParts(parts));
+    // Later writes must run even if this one fails; they fail on their own.
+    this.#writeTail = run.catch(() => {});
+    return run;
+  }
+
+  async #writeParts(parts: Uint8Array[]): Promise<void> {
+    let total = 0;
+    for (const p of parts) total += p.length;
+    if (parts.length > 1 && total <= COALESCE_LIMIT) {
+      const joined = new Uint8Array(total);
+      let at = 0;
+      for (const p of parts) {
+        joined.set(p, at);
+        at += p.length;
+      }
+      parts = [joined];
+    }
+    for (const part of parts) {
+      let at = 0;
+      while (at < part.length) {
+        if (this.#closed) throw this.#closedError();
+        try {
+          at += await this.#stream.write(part.subarray(at));
+        } catch (e) {
+          if (this.#closed) throw this.#closedError();
+          throw new NbdConnectionClosedError(
+            `Connection failed while writing: ${errorText(e)}`,
+            { cause: e },
+          );
+        }
+      }
+    }
+  }
+
+  /** Waits until every queued write has reached the stream. */
+  drain(): Promise<void> {
+    return this.#writeTail;
+  }
+
+  /**
+   * Closes the stream. Reads and writes in progress fail with `reason` (when
+   * it is an error) or with a {@linkcode NbdConnectionClosedError}.
+   */
+  close(reason?: unknown): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#closeReason = reason;
+    try {
+      this.#stream.close();
+    } catch {
+      // Already closed by the other side; nothing left to release.
+    }
+  }
+
+  #closedError(): Error {
+    if (this.#closeReason instanceof Error) return this.#closeReason;
+    return new NbdConnectionClosedError("The connection is closed");
+  }
+}
+
+/** A short text for any thrown value. */
+export function errorText(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
