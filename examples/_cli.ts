@@ -1,0 +1,397 @@
+/**
+ * What the command-line tools share: option parsing in the getopt_long
+ * manner, sizes in words, a progress reporter, and the one-line error.
+ *
+ * Private to `examples/` (the leading `_`).
+ *
+ * @module
+ */
+
+/** How an option takes its value. */
+export type OptionKind =
+  /** `--json`: present or not. */
+  | "flag"
+  /** `--connections=4`, `--connections 4`, `-C 4`, `-C4`. */
+  | "value"
+  /** `--map` or `--map=CONTEXT`; never takes the next word. */
+  | "optional";
+
+/** One option a tool accepts. */
+export interface OptionSpec {
+  /** Long name, without the dashes. */
+  name: string;
+  /** How it takes a value. */
+  kind: OptionKind;
+  /** One-letter alias, without the dash. */
+  short?: string;
+}
+
+/** What {@linkcode parseArgs} found. */
+export interface ParsedArgs {
+  /**
+   * Options by long name. A flag maps to `true`; an optional-value option
+   * given bare maps to `true`; anything with a value maps to the last value.
+   */
+  options: Map<string, string | true>;
+  /** Words that are not options, in order. */
+  positionals: string[];
+}
+
+/** A mistake on the command line; tools print it with their usage hint. */
+export class UsageError extends Error {
+  /** @param message What is wrong with the arguments. */
+  constructor(message: string) {
+    super(message);
+    this.name = "UsageError";
+  }
+}
+
+/**
+ * Parses arguments the way getopt_long does for the tools it imitates:
+ * options may come before or after positionals, `--` ends the options, and
+ * a lone `-` is a positional (stdin or stdout).
+ *
+ * @param args The arguments, without the program name.
+ * @param specs The options the tool accepts.
+ * @returns Options by long name and the positionals.
+ * @throws {UsageError} On an unknown option or a missing value.
+ */
+export function parseArgs(args: string[], specs: OptionSpec[]): ParsedArgs {
+  const byName = new Map(specs.map((s) => [s.name, s]));
+  const byShort = new Map(
+    specs.filter((s) => s.short).map((s) => [s.short!, s]),
+  );
+  const options = new Map<string, string | true>();
+  const positionals: string[] = [];
+
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i]!;
+    if (arg === "--") {
+      positionals.push(...args.slice(i + 1));
+      break;
+    }
+    if (arg.startsWith("--")) {
+      const eq = arg.indexOf("=");
+      const name = eq === -1 ? arg.slice(2) : arg.slice(2, eq);
+      const inline = eq === -1 ? undefined : arg.slice(eq + 1);
+      const spec = byName.get(name);
+      if (!spec) throw new UsageError(`unknown option --${name}`);
+      if (spec.kind === "flag") {
+        if (inline !== undefined) {
+          throw new UsageError(`option --${name} takes no value`);
+        }
+        options.set(name, true);
+      } else if (spec.kind === "optional") {
+        options.set(name, inline ?? true);
+      } else if (inline !== undefined) {
+        options.set(name, inline);
+      } else {
+        const next = args[++i];
+        if (next === undefined) {
+          throw new UsageError(`option --${name} needs a value`);
+        }
+        options.set(name, next);
+      }
+      continue;
+    }
+    if (arg.startsWith("-") && arg !== "-") {
+      // A cluster of short flags ("-pv"), the last of which may take a value.
+      for (let j = 1; j < arg.length; j++) {
+        const letter = arg[j]!;
+        const spec = byShort.get(letter);
+        if (!spec) throw new UsageError(`unknown option -${letter}`);
+        if (spec.kind !== "value") {
+          options.set(spec.name, true);
+          continue;
+        }
+        const rest = arg.slice(j + 1);
+        if (rest) {
+          options.set(spec.name, rest);
+        } else {
+          const next = args[++i];
+          if (next === undefined) {
+            throw new UsageError(`option -${letter} needs a value`);
+          }
+          options.set(spec.name, next);
+        }
+        break;
+      }
+      continue;
+    }
+    positionals.push(arg);
+  }
+  return { options, positionals };
+}
+
+const SIZE_SUFFIXES: Readonly<Record<string, number>> = {
+  "": 1,
+  b: 1,
+  k: 1024,
+  kib: 1024,
+  m: 1024 ** 2,
+  mib: 1024 ** 2,
+  g: 1024 ** 3,
+  gib: 1024 ** 3,
+  t: 1024 ** 4,
+  tib: 1024 ** 4,
+};
+
+/**
+ * Parses a size such as `4096`, `256k`, `32M` or `1GiB` (powers of 1024).
+ *
+ * @param text The size as typed.
+ * @param what The option's name, for the error.
+ * @returns The size in bytes.
+ * @throws {UsageError} If it is not a non-negative whole number of bytes.
+ */
+export function parseSize(text: string, what: string): number {
+  const m = /^(\d+)\s*([a-z]*)$/i.exec(text.trim());
+  const scale = m ? SIZE_SUFFIXES[m[2]!.toLowerCase()] : undefined;
+  if (!m || scale === undefined) {
+    throw new UsageError(`${what}: cannot parse size "${text}"`);
+  }
+  const n = Number(m[1]) * scale;
+  if (!Number.isSafeInteger(n)) {
+    throw new UsageError(`${what}: size "${text}" is too large`);
+  }
+  return n;
+}
+
+/**
+ * Parses a whole number within bounds.
+ *
+ * @throws {UsageError} If it is not a whole number in `[min, max]`.
+ */
+export function parseCount(
+  text: string,
+  what: string,
+  min: number,
+  max: number,
+): number {
+  const n = /^\d+$/.test(text) ? Number(text) : NaN;
+  if (!Number.isSafeInteger(n) || n < min || n > max) {
+    throw new UsageError(
+      `${what}: expected a number from ${min} to ${max}, got "${text}"`,
+    );
+  }
+  return n;
+}
+
+/**
+ * A size the way nbdinfo writes `export-size-str`: the largest power-of-1024
+ * unit that divides it exactly ("1M", "2075312K", "1536").
+ *
+ * @param bytes A non-negative size.
+ * @returns The size, and whether a unit was used.
+ */
+export function exactSize(bytes: number): { text: string; scaled: boolean } {
+  const units = ["", "K", "M", "G", "T", "P", "E"];
+  let n = bytes;
+  let u = 0;
+  while (n !== 0 && n % 1024 === 0 && u < units.length - 1) {
+    n /= 1024;
+    u++;
+  }
+  return { text: `${n}${units[u]}`, scaled: u > 0 };
+}
+
+/**
+ * A size rounded for people: "512 B", "1.5 KiB", "3.00 GiB".
+ *
+ * @param bytes A non-negative size.
+ */
+export function humanBytes(bytes: number): string {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+  let n = bytes;
+  let u = 0;
+  while (n >= 1024 && u < units.length - 1) {
+    n /= 1024;
+    u++;
+  }
+  if (u === 0) return `${n} B`;
+  const digits = n < 10 ? 2 : n < 100 ? 1 : 0;
+  return `${n.toFixed(digits)} ${units[u]}`;
+}
+
+/** Seconds as `m:ss` or `h:mm:ss`. */
+export function clock(seconds: number): string {
+  const s = Math.max(0, Math.round(seconds));
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const ss = String(s % 60).padStart(2, "0");
+  return h > 0 ? `${h}:${String(m).padStart(2, "0")}:${ss}` : `${m}:${ss}`;
+}
+
+/**
+ * The one line a tool prints when it fails: `tool: message`. An
+ * `AggregateError` or an error with a `cause` shows the first reason too,
+ * because "copy failed" alone helps nobody.
+ *
+ * @param tool The tool's name.
+ * @param error What was thrown.
+ */
+export function errorLine(tool: string, error: unknown): string {
+  let message = error instanceof Error ? error.message : String(error);
+  if (error instanceof Error && error.cause instanceof Error) {
+    const inner = error.cause.message;
+    if (inner && !message.includes(inner)) message += `: ${inner}`;
+  }
+  return `${tool}: ${message.replaceAll("\n", " ")}`;
+}
+
+const encoder = new TextEncoder();
+
+/** Writes all of `text` to a writer, however short its writes are. */
+export async function writeAll(
+  w: { write(p: Uint8Array): Promise<number> },
+  data: string | Uint8Array,
+): Promise<void> {
+  let bytes = typeof data === "string" ? encoder.encode(data) : data;
+  while (bytes.length > 0) {
+    const n = await w.write(bytes);
+    bytes = bytes.subarray(n);
+  }
+}
+
+/** Prints one line to stderr. */
+export function warn(line: string): void {
+  Deno.stderr.writeSync(encoder.encode(line + "\n"));
+}
+
+/** Where progress goes. */
+export type ProgressMode =
+  | { kind: "none" }
+  /** A bar redrawn in place on a terminal. */
+  | { kind: "bar"; out: { writeSync(p: Uint8Array): number }; width: number }
+  /** nbdcopy's machine format, `N/100\n`, written when N changes. */
+  | { kind: "fd"; out: { writeSync(p: Uint8Array): number } };
+
+/**
+ * Reports how far a job has got: a bar with bytes, rate and time left on a
+ * terminal, or `N/100` lines for a program reading a descriptor. Redraws at
+ * most ten times a second; {@linkcode Progress.finish} draws the final
+ * state, so a report of 100% only ever follows a finished job.
+ */
+export class Progress {
+  #mode: ProgressMode;
+  #total: number | undefined;
+  #done = 0;
+  #start = performance.now();
+  #lastDraw = 0;
+  #lastPercent = -1;
+  #finished = false;
+
+  /**
+   * @param mode Where to report.
+   * @param total Bytes in the whole job, if known (not for stdin).
+   */
+  constructor(mode: ProgressMode, total: number | undefined) {
+    this.#mode = mode;
+    this.#total = total;
+  }
+
+  /** Bytes counted so far. */
+  get done(): number {
+    return this.#done;
+  }
+
+  /** Counts `bytes` more as done and redraws if it is time to. */
+  add(bytes: number): void {
+    this.#done += bytes;
+    const now = performance.now();
+    if (now - this.#lastDraw >= 100) {
+      this.#lastDraw = now;
+      this.#draw(false);
+    }
+  }
+
+  /**
+   * Draws the last state. On success the bar reaches 100% and ends its line;
+   * on failure it ends the line where it stopped, so the error line that
+   * follows starts on a line of its own.
+   */
+  finish(ok: boolean): void {
+    if (this.#finished) return;
+    this.#finished = true;
+    if (ok && this.#total !== undefined) this.#done = this.#total;
+    this.#draw(true);
+  }
+
+  #draw(final: boolean): void {
+    const mode = this.#mode;
+    if (mode.kind === "none") return;
+    const total = this.#total;
+    const percent = total ? Math.floor((this.#done * 100) / total) : 0;
+    if (mode.kind === "fd") {
+      const p = Math.min(percent, 100);
+      if (p !== this.#lastPercent && total !== undefined) {
+        this.#lastPercent = p;
+        mode.out.writeSync(encoder.encode(`${p}/100\n`));
+      }
+      return;
+    }
+    const elapsed = (performance.now() - this.#start) / 1000;
+    const rate = elapsed > 0 ? this.#done / elapsed : 0;
+    let tail = `${humanBytes(this.#done)}`;
+    if (total !== undefined) tail += ` / ${humanBytes(total)}`;
+    tail += `  ${humanBytes(rate)}/s`;
+    if (final) {
+      tail += `  ${clock(elapsed)}`;
+    } else if (total !== undefined && rate > 0) {
+      tail += `  ${clock((total - this.#done) / rate)} left`;
+    }
+    let line: string;
+    if (total !== undefined) {
+      const head = `${String(Math.min(percent, 100)).padStart(3)}% `;
+      const barWidth = Math.max(
+        10,
+        Math.min(50, mode.width - head.length - tail.length - 4),
+      );
+      const filled = Math.min(
+        barWidth,
+        Math.floor((barWidth * this.#done) / (total || 1)),
+      );
+      line = `${head}[${"#".repeat(filled)}${
+        ".".repeat(barWidth - filled)
+      }] ${tail}`;
+    } else {
+      line = tail;
+    }
+    // \r returns to the start of the line, ESC[K clears what is left of it.
+    mode.out.writeSync(encoder.encode(`\r${line}\x1b[K${final ? "\n" : ""}`));
+  }
+}
+
+/**
+ * Works out where progress goes from `--progress[=FD]` / `--no-progress`:
+ * bare `--progress` or nothing means a bar when stderr is a terminal;
+ * `--progress=FD` means nbdcopy's `N/100` lines on that descriptor.
+ *
+ * @param value The `progress` option, if given.
+ * @param disabled Whether `--no-progress` was given.
+ * @throws {UsageError} If FD is not a number.
+ */
+export function progressMode(
+  value: string | true | undefined,
+  disabled: boolean,
+): ProgressMode {
+  if (disabled) return { kind: "none" };
+  if (typeof value === "string") {
+    const fd = parseCount(value, "--progress", 1, 1 << 20);
+    if (fd === 1) return { kind: "fd", out: Deno.stdout };
+    if (fd === 2) return { kind: "fd", out: Deno.stderr };
+    // Deno has no "open this descriptor"; on Linux /dev/fd/N reopens it.
+    return {
+      kind: "fd",
+      out: Deno.openSync(`/dev/fd/${fd}`, { write: true }),
+    };
+  }
+  if (!Deno.stderr.isTerminal()) return { kind: "none" };
+  let width = 80;
+  try {
+    width = Deno.consoleSize().columns;
+  } catch {
+    // Not a console after all; 80 columns will do.
+  }
+  return { kind: "bar", out: Deno.stderr, width };
+}
