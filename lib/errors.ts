@@ -183,3 +183,22 @@ export function abortReason(signal: AbortSignal): Error {
     "AbortError",
   );
 }
+
+/**
+ * The export does not offer what was asked (a write to a read-only export,
+ * a trim where `NBD_FLAG_SEND_TRIM` is clear, ...). Nothing was sent.
+ */
+export class NbdUnsupportedError extends NbdError {
+  /** The missing feature, e.g. `"trim"` or `"fua"`. */
+  readonly feature: string;
+
+  /**
+   * @param feature The missing feature.
+   * @param message What was attempted and why it cannot be.
+   */
+  constructor(feature: string, message: string) {
+    super(message);
+    this.name = "NbdUnsupportedError";
+    this.feature = feature;
+  }
+}

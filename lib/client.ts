@@ -1,0 +1,1050 @@
+/**
+ * The public client: `connect()` opens a stream, runs the handshake and
+ * returns an {@linkcode NbdClient} whose methods check every argument
+ * against what the export allows before anything is sent.
+ *
+ * @module
+ */
+
+import {
+  CMD_BLOCK_STATUS,
+  CMD_CACHE,
+  CMD_FLAG_DF,
+  CMD_FLAG_FAST_ZERO,
+  CMD_FLAG_FUA,
+  CMD_FLAG_NO_HOLE,
+  CMD_FLAG_REQ_ONE,
+  CMD_FLUSH,
+  CMD_READ,
+  CMD_TRIM,
+  CMD_WRITE,
+  CMD_WRITE_ZEROES,
+  DEFAULT_MAX_PAYLOAD,
+  DEFAULT_PORT,
+  FLAG_CAN_MULTI_CONN,
+  FLAG_READ_ONLY,
+  FLAG_ROTATIONAL,
+  FLAG_SEND_CACHE,
+  FLAG_SEND_DF,
+  FLAG_SEND_FAST_ZERO,
+  FLAG_SEND_FLUSH,
+  FLAG_SEND_FUA,
+  FLAG_SEND_TRIM,
+  FLAG_SEND_WRITE_ZEROES,
+} from "./constants.ts";
+import type { ConnectOptions } from "./connect_options.ts";
+import { makeTracer, type Tracer } from "./debug.ts";
+import {
+  abortReason,
+  NbdConnectionClosedError,
+  NbdError,
+  NbdUnsupportedError,
+} from "./errors.ts";
+import {
+  type BlockSize,
+  type ExportInfo,
+  type HandshakeOptions,
+  negotiate,
+  openSession,
+  type OptionSession,
+  type Protocol,
+} from "./handshake.ts";
+import { type ExportListing, listExports as optList } from "./options/list.ts";
+import { listMetaContexts } from "./options/meta_context.ts";
+import { type ExportDetails, infoOrGo } from "./options/go.ts";
+import { OPT_INFO } from "./constants.ts";
+import {
+  readableFrom,
+  type ReadableFromOptions,
+  writableTo,
+  type WritableToOptions,
+} from "./streams.ts";
+import { type Command, type Extent, Transmission } from "./transmission.ts";
+import { type ByteStream, errorText, Transport } from "./transport.ts";
+import { formatUri, parseUri } from "./uri.ts";
+import { upgradeToTls } from "./tls.ts";
+
+export type { BlockSize, ExportListing, Extent, Protocol };
+
+/** Options every request takes. */
+export interface RequestOptions {
+  /** Stop waiting when this aborts (the request may still reach the server). */
+  signal?: AbortSignal;
+}
+
+/** Options of {@linkcode NbdClient.read} and {@linkcode NbdClient.readInto}. */
+export interface ReadOptions extends RequestOptions {
+  /** Ask the server not to fragment the reply (`NBD_CMD_FLAG_DF`). */
+  df?: boolean;
+}
+
+/** Options of writes. */
+export interface WriteOptions extends RequestOptions {
+  /** Force unit access: reply only once the data is durable. */
+  fua?: boolean;
+}
+
+/** Options of {@linkcode NbdClient.writeZeroes}. */
+export interface WriteZeroesOptions extends WriteOptions {
+  /** Allocate the zeroes instead of punching a hole (`NBD_CMD_FLAG_NO_HOLE`). */
+  noHole?: boolean;
+  /** Fail with `ENOTSUP` unless zeroing is faster than writing. */
+  fastZero?: boolean;
+}
+
+/** Options of {@linkcode NbdClient.blockStatus}. */
+export interface BlockStatusOptions extends RequestOptions {
+  /** Ask for exactly one extent per context (`NBD_CMD_FLAG_REQ_ONE`). */
+  reqOne?: boolean;
+}
+
+/** Block status by metadata context name. */
+export type BlockStatus = Record<string, Extent[]>;
+
+/** The client's state, as its guards name it. */
+export type ClientState = "open" | "closing" | "closed";
+
+const DEFAULT_MAX_IN_FLIGHT = 64;
+const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
+
+/** Opens the byte stream to the server that `options` names. */
+async function openStream(o: ConnectOptions): Promise<ByteStream> {
+  if (o.path !== undefined) {
+    return await Deno.connect({ transport: "unix", path: o.path });
+  }
+  if (o.cid !== undefined) {
+    return await Deno.connect({
+      transport: "vsock",
+      cid: o.cid,
+      port: o.port ?? DEFAULT_PORT,
+    });
+  }
+  const conn = await Deno.connect({
+    hostname: o.hostname ?? "localhost",
+    port: o.port ?? DEFAULT_PORT,
+  });
+  // Small headers must not wait for ACKs (doc/proto.md asks for TCP_NODELAY).
+  conn.setNoDelay(true);
+  return conn;
+}
+
+/** Merges a URI or options object with extra options, checking both. */
+export function resolveOptions(
+  target: string | ConnectOptions,
+  options: ConnectOptions = {},
+): ConnectOptions {
+  const base = typeof target === "string" ? parseUri(target) : target;
+  if (
+    typeof target !== "string" &&
+    (target === null || typeof target !== "object")
+  ) {
+    throw new TypeError("connect() takes an NBD URI or an options object");
+  }
+  const o: ConnectOptions = { ...base, ...options };
+  const where = [o.hostname, o.path, o.cid].filter((x) => x !== undefined);
+  if (where.length > 1) {
+    throw new TypeError(
+      "Give only one of hostname, path and cid to say where the server is",
+    );
+  }
+  if (
+    o.port !== undefined &&
+    (!Number.isInteger(o.port) || o.port < 0 || o.port > 0xffffffff)
+  ) {
+    throw new RangeError(`Invalid port ${o.port}`);
+  }
+  if (o.exportName !== undefined && typeof o.exportName !== "string") {
+    throw new TypeError("exportName must be a string");
+  }
+  if (
+    o.maxInFlight !== undefined &&
+    (!Number.isInteger(o.maxInFlight) || o.maxInFlight < 1 ||
+      o.maxInFlight > 65536)
+  ) {
+    throw new RangeError(
+      `maxInFlight must be an integer from 1 to 65536, not ${o.maxInFlight}`,
+    );
+  }
+  return o;
+}
+
+function handshakeOptions(o: ConnectOptions, trace: Tracer): HandshakeOptions {
+  const tls = o.tls ?? "disable";
+  return {
+    ...(o.exportName !== undefined ? { exportName: o.exportName } : {}),
+    tls,
+    ...(tls !== "disable"
+      ? {
+        upgradeTls: (stream: ByteStream) =>
+          upgradeToTls(stream, {
+            ...o,
+            ...(o.hostname !== undefined ? { hostname: o.hostname } : {}),
+          }),
+      }
+      : {}),
+    ...(o.structuredReplies !== undefined
+      ? { structuredReplies: o.structuredReplies }
+      : {}),
+    ...(o.extendedHeaders !== undefined
+      ? { extendedHeaders: o.extendedHeaders }
+      : {}),
+    ...(o.metaContexts !== undefined ? { metaContexts: o.metaContexts } : {}),
+    ...(o.blockSizes !== undefined ? { blockSizes: o.blockSizes } : {}),
+    trace,
+  };
+}
+
+/**
+ * Opens a connection and runs `step` over it, closing it on failure and
+ * honouring `signal` throughout (a stalled server cannot hang the caller).
+ */
+async function withConnection<T>(
+  o: ConnectOptions,
+  step: (transport: Transport) => Promise<T>,
+): Promise<{ transport: Transport; result: T }> {
+  const signal = o.signal;
+  if (signal?.aborted) throw abortReason(signal);
+  let transport: Transport | undefined;
+  let onAbort: (() => void) | undefined;
+  const aborted = new Promise<never>((_, reject) => {
+    onAbort = () => {
+      const reason = abortReason(signal!);
+      transport?.close(reason);
+      reject(reason);
+    };
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+  aborted.catch(() => {});
+  try {
+    const opening = openStream(o);
+    let stream: ByteStream;
+    try {
+      stream = await Promise.race([opening, aborted]);
+    } catch (e) {
+      // A connect that completes after the abort must not leak.
+      opening.then((s) => s.close(), () => {});
+      if (signal?.aborted) throw abortReason(signal);
+      throw new NbdError(
+        `Cannot connect to ${describeTarget(o)}: ${errorText(e)}`,
+        { cause: e },
+      );
+    }
+    transport = new Transport(stream);
+    if (signal?.aborted) throw abortReason(signal);
+    const result = await Promise.race([step(transport), aborted]);
+    return { transport, result };
+  } catch (e) {
+    transport?.close();
+    if (signal?.aborted) throw abortReason(signal);
+    throw e;
+  } finally {
+    if (onAbort) signal?.removeEventListener("abort", onAbort);
+  }
+}
+
+function describeTarget(o: ConnectOptions): string {
+  try {
+    return formatUri(o);
+  } catch {
+    return o.path ?? `${o.hostname ?? "localhost"}:${o.port ?? DEFAULT_PORT}`;
+  }
+}
+
+/**
+ * Opens a connection and runs the whole handshake, returning the transport
+ * ready for transmission. The kernel handoff in `ffi/` builds on this.
+ *
+ * @param target An NBD URI or options object.
+ * @param options Options that override the target's.
+ * @returns The transport and what was negotiated.
+ * @throws {NbdError} when the connection or the handshake fails.
+ */
+export async function openTransport(
+  target: string | ConnectOptions,
+  options: ConnectOptions = {},
+): Promise<{ transport: Transport; info: ExportInfo }> {
+  const o = resolveOptions(target, options);
+  const trace = makeTracer(o.debug);
+  const { transport, result } = await withConnection(
+    o,
+    (t) => negotiate(t, handshakeOptions(o, trace)),
+  );
+  return { transport, info: result };
+}
+
+/**
+ * Connects to an NBD server and negotiates an export.
+ *
+ * @param target An NBD URI (`nbd://host/export`,
+ *   `nbd+unix:///export?socket=/path`, ...) or an options object.
+ * @param options Options that override what the URI says.
+ * @returns A connected client.
+ * @throws {NbdOptionError} when the server refuses the export.
+ * @throws {NbdProtocolError} when the server breaks the protocol.
+ * @throws {NbdError} when the server cannot be reached.
+ * @throws {TypeError} for a malformed URI or option.
+ *
+ * @example
+ * ```ts
+ * import { connect } from "@nbd/client";
+ * await using nbd = await connect("nbd+unix:///?socket=/tmp/nbd.sock", {
+ *   signal: AbortSignal.timeout(5000),
+ * });
+ * const first = await nbd.read(0, 512);
+ * ```
+ */
+export async function connect(
+  target: string | ConnectOptions,
+  options: ConnectOptions = {},
+): Promise<NbdClient> {
+  const o = resolveOptions(target, options);
+  const trace = makeTracer(o.debug);
+  const { transport, result } = await withConnection(
+    o,
+    (t) => negotiate(t, handshakeOptions(o, trace)),
+  );
+  return new NbdClient(transport, result, o.maxInFlight, trace);
+}
+
+/**
+ * Lists a server's exports with `NBD_OPT_LIST`.
+ *
+ * @param target An NBD URI or options object (its export name is ignored).
+ * @param options Options that override the target's.
+ * @returns Each export's name and description.
+ * @throws {NbdOptionError} when the server refuses to list.
+ * @throws {NbdError} when the server cannot list (oldstyle, non-fixed newstyle).
+ *
+ * @example
+ * ```ts
+ * import { listExports } from "@nbd/client";
+ * for (const e of await listExports("nbd://127.0.0.1")) console.log(e.name);
+ * ```
+ */
+export async function listExports(
+  target: string | ConnectOptions,
+  options: ConnectOptions = {},
+): Promise<ExportListing[]> {
+  const o = resolveOptions(target, options);
+  const trace = makeTracer(o.debug);
+  const { transport, result } = await withConnection(o, async (t) => {
+    const session = await openSession(t, handshakeOptions(o, trace));
+    try {
+      const listed = await optList(session);
+      if (listed === "unsupported") {
+        throw new NbdError("The server does not support NBD_OPT_LIST");
+      }
+      return listed;
+    } finally {
+      await session.abort();
+    }
+  });
+  transport.close();
+  return result;
+}
+
+/** What {@linkcode probe} learns about an export without connecting to it. */
+export interface ExportProbe {
+  /** The export name (canonical when the server sent one). */
+  exportName: string;
+  /** The server's description, or `""`. */
+  description: string;
+  /** Size in bytes. */
+  size: bigint;
+  /** Transmission flags. */
+  flags: number;
+  /** Block size constraints, when advertised. */
+  blockSize: BlockSize | undefined;
+  /** Metadata contexts offered (`NBD_OPT_LIST_META_CONTEXT`). */
+  metaContexts: string[];
+  /** The handshake style. */
+  protocol: Protocol;
+  /** Whether TLS was negotiated. */
+  tls: boolean;
+  /** Whether the server agreed to structured replies. */
+  structuredReplies: boolean;
+  /** Whether the server agreed to extended headers. */
+  extendedHeaders: boolean;
+}
+
+/** Options of {@linkcode probe}. */
+export interface ProbeOptions extends ConnectOptions {
+  /** Also list metadata contexts (default true). */
+  listMetaContexts?: boolean;
+}
+
+async function probeSession(
+  session: OptionSession,
+  o: ProbeOptions,
+): Promise<ExportProbe> {
+  const name = o.exportName ?? "";
+  const { negotiateReplies } = await import("./options/structured_reply.ts");
+  await negotiateReplies(session, o);
+  let metaContexts: string[] = [];
+  if (o.listMetaContexts !== false && session.structuredReplies) {
+    const listed = await listMetaContexts(session, name, []);
+    if (listed !== "unsupported") metaContexts = listed;
+  }
+  const info: ExportDetails | "unsupported" = await infoOrGo(
+    session,
+    OPT_INFO,
+    name,
+    o.blockSizes !== false,
+  );
+  if (info === "unsupported") {
+    throw new NbdError(
+      "The server does not support NBD_OPT_INFO; connect() to learn about the export",
+    );
+  }
+  return {
+    exportName: info.name ?? name,
+    description: info.description ?? "",
+    size: info.size,
+    flags: info.flags,
+    blockSize: info.blockSize,
+    metaContexts,
+    protocol: "fixed newstyle",
+    tls: session.tls,
+    structuredReplies: session.structuredReplies,
+    extendedHeaders: session.extendedHeaders,
+  };
+}
+
+/**
+ * Describes an export with `NBD_OPT_INFO` (and lists its metadata contexts)
+ * without entering transmission, then leaves with `NBD_OPT_ABORT`.
+ *
+ * @param target An NBD URI or options object.
+ * @param options Options that override the target's.
+ * @returns What the server says about the export.
+ * @throws {NbdOptionError} when the server refuses (for example, no such export).
+ *
+ * @example
+ * ```ts
+ * import { probe } from "@nbd/client";
+ * const p = await probe("nbd://127.0.0.1/disk");
+ * console.log(p.size, p.metaContexts);
+ * ```
+ */
+export async function probe(
+  target: string | ConnectOptions,
+  options: ProbeOptions = {},
+): Promise<ExportProbe> {
+  const o: ProbeOptions = { ...resolveOptions(target, options), ...options };
+  const trace = makeTracer(o.debug);
+  const { transport, result } = await withConnection(o, async (t) => {
+    const session = await openSession(t, handshakeOptions(o, trace));
+    try {
+      return await probeSession(session, o);
+    } finally {
+      await session.abort();
+    }
+  });
+  transport.close();
+  return result;
+}
+
+/**
+ * A connection to one export. Get one from {@linkcode connect}.
+ *
+ * Every method checks its arguments against the export (bounds, alignment,
+ * advertised features) and fails before sending anything when they do not
+ * fit. Requests larger than the server's maximum are split; many requests
+ * may be in flight at once.
+ */
+export class NbdClient {
+  #info: ExportInfo;
+  #tx: Transmission;
+  #state: ClientState = "open";
+  #contexts: Map<number, string>;
+  #closing: Promise<void> | undefined;
+
+  /**
+   * Wraps a negotiated transport; {@linkcode connect} is the usual way in.
+   *
+   * @param transport A transport whose handshake has completed.
+   * @param info What the handshake negotiated.
+   * @param maxInFlight Requests in flight at once (default 64).
+   * @param trace Optional tracer.
+   */
+  constructor(
+    transport: Transport,
+    info: ExportInfo,
+    maxInFlight: number = DEFAULT_MAX_IN_FLIGHT,
+    trace?: Tracer,
+  ) {
+    this.#info = info;
+    this.#contexts = info.metaContexts;
+    this.#tx = new Transmission(transport, info, maxInFlight, trace);
+  }
+
+  /** Size in bytes. @throws {RangeError} beyond `Number.MAX_SAFE_INTEGER`. */
+  get size(): number {
+    if (this.#info.size > MAX_SAFE) {
+      throw new RangeError(
+        `The export's size ${this.#info.size} exceeds Number.MAX_SAFE_INTEGER; use sizeBigInt`,
+      );
+    }
+    return Number(this.#info.size);
+  }
+  /** Size in bytes, exactly. */
+  get sizeBigInt(): bigint {
+    return this.#info.size;
+  }
+  /** The export's name. */
+  get exportName(): string {
+    return this.#info.exportName;
+  }
+  /** The server's description of the export, or `""`. */
+  get description(): string {
+    return this.#info.description;
+  }
+  /** Block size constraints in force. */
+  get blockSize(): BlockSize {
+    return { ...this.#info.blockSize };
+  }
+  /** Transmission flags as sent by the server. */
+  get flags(): number {
+    return this.#info.flags;
+  }
+  /** Whether the export refuses writes. */
+  get readOnly(): boolean {
+    return (this.#info.flags & FLAG_READ_ONLY) !== 0;
+  }
+  /** Whether {@linkcode NbdClient.flush} is available. */
+  get canFlush(): boolean {
+    return (this.#info.flags & FLAG_SEND_FLUSH) !== 0;
+  }
+  /** Whether the `fua` option is available. */
+  get canFua(): boolean {
+    return (this.#info.flags & FLAG_SEND_FUA) !== 0;
+  }
+  /** Whether {@linkcode NbdClient.trim} is available. */
+  get canTrim(): boolean {
+    return !this.readOnly && (this.#info.flags & FLAG_SEND_TRIM) !== 0;
+  }
+  /** Whether {@linkcode NbdClient.writeZeroes} is available. */
+  get canWriteZeroes(): boolean {
+    return !this.readOnly &&
+      (this.#info.flags & FLAG_SEND_WRITE_ZEROES) !== 0;
+  }
+  /** Whether the `fastZero` option is available. */
+  get canFastZero(): boolean {
+    return this.canWriteZeroes &&
+      (this.#info.flags & FLAG_SEND_FAST_ZERO) !== 0;
+  }
+  /** Whether {@linkcode NbdClient.cache} is available. */
+  get canCache(): boolean {
+    return (this.#info.flags & FLAG_SEND_CACHE) !== 0;
+  }
+  /** Whether several connections to this export see each other's writes. */
+  get canMultiConn(): boolean {
+    return (this.#info.flags & FLAG_CAN_MULTI_CONN) !== 0;
+  }
+  /** Whether the `df` read option is available. */
+  get canDf(): boolean {
+    return this.#info.structuredReplies &&
+      (this.#info.flags & FLAG_SEND_DF) !== 0;
+  }
+  /** Whether {@linkcode NbdClient.blockStatus} is available. */
+  get canBlockStatus(): boolean {
+    return this.#info.structuredReplies && this.#contexts.size > 0;
+  }
+  /** Whether the server says the export behaves like a spinning disk. */
+  get rotational(): boolean {
+    return (this.#info.flags & FLAG_ROTATIONAL) !== 0;
+  }
+  /** Whether structured replies are in use. */
+  get structuredReplies(): boolean {
+    return this.#info.structuredReplies;
+  }
+  /** Whether extended headers are in use. */
+  get extendedHeaders(): boolean {
+    return this.#info.extendedHeaders;
+  }
+  /** Whether the connection runs over TLS. */
+  get tls(): boolean {
+    return this.#info.tls;
+  }
+  /** The handshake style the server spoke. */
+  get protocol(): Protocol {
+    return this.#info.protocol;
+  }
+  /** The metadata contexts negotiated, by name. */
+  get metaContexts(): string[] {
+    return [...this.#contexts.values()];
+  }
+  /** `"open"`, `"closing"` or `"closed"`. */
+  get state(): ClientState {
+    return this.#state;
+  }
+  /** The error that broke the connection, if one did. */
+  get failure(): Error | undefined {
+    return this.#tx.failure;
+  }
+
+  /** Largest read or write payload per request. */
+  get #maxIo(): number {
+    return Math.min(this.#info.blockSize.maximum, DEFAULT_MAX_PAYLOAD);
+  }
+
+  /** Largest effect length the request header can carry, aligned. */
+  get #maxEffect(): number {
+    const min = this.#info.blockSize.minimum;
+    const top = this.#info.extendedHeaders
+      ? Number.MAX_SAFE_INTEGER
+      : 0xffffffff;
+    return top - (top % min);
+  }
+
+  #guard(method: string): void {
+    if (this.#state !== "open") {
+      throw new NbdConnectionClosedError(
+        `Cannot call ${method}(): the client is ${this.#state}`,
+      );
+    }
+  }
+
+  #need(ok: boolean, feature: string, method: string, why: string): void {
+    if (!ok) {
+      throw new NbdUnsupportedError(feature, `${method}(): ${why}`);
+    }
+  }
+
+  /** Checks a range against the export: integer, non-empty, in bounds, aligned. */
+  #range(method: string, offset: number, length: number): void {
+    this.#guard(method);
+    if (!Number.isSafeInteger(offset) || offset < 0) {
+      throw new RangeError(
+        `${method}(): offset must be a non-negative integer, not ${offset}`,
+      );
+    }
+    if (!Number.isSafeInteger(length) || length <= 0) {
+      throw new RangeError(
+        `${method}(): length must be a positive integer, not ${length}`,
+      );
+    }
+    if (BigInt(offset) + BigInt(length) > this.#info.size) {
+      throw new RangeError(
+        `${method}(): range ${offset}+${length} lies beyond the end of the export (size ${this.#info.size})`,
+      );
+    }
+    const min = this.#info.blockSize.minimum;
+    if (offset % min !== 0 || length % min !== 0) {
+      throw new RangeError(
+        `${method}(): offset ${offset} and length ${length} must be multiples of the export's minimum block size ${min}`,
+      );
+    }
+  }
+
+  #fuaFlag(method: string, fua: boolean | undefined): number {
+    if (!fua) return 0;
+    this.#need(this.canFua, "fua", method, "the export does not support FUA");
+    return CMD_FLAG_FUA;
+  }
+
+  #writable(method: string): void {
+    this.#need(!this.readOnly, "write", method, "the export is read-only");
+  }
+
+  /** Splits [offset, offset+length) into requests of at most `step` bytes. */
+  async #split(
+    offset: number,
+    length: number,
+    step: number,
+    make: (offset: number, length: number, rel: number) => Command,
+  ): Promise<void> {
+    if (length <= step) {
+      await this.#tx.submit(make(offset, length, 0));
+      return;
+    }
+    const parts: Promise<unknown>[] = [];
+    for (let rel = 0; rel < length; rel += step) {
+      parts.push(
+        this.#tx.submit(make(offset + rel, Math.min(step, length - rel), rel)),
+      );
+    }
+    const settled = await Promise.allSettled(parts);
+    const failed = settled.find((s) => s.status === "rejected");
+    if (failed) throw (failed as PromiseRejectedResult).reason;
+  }
+
+  /**
+   * Reads `length` bytes at `offset`.
+   *
+   * @param offset Byte offset, a multiple of the minimum block size.
+   * @param length Byte count, a multiple of the minimum block size.
+   * @param options `signal`, `df`.
+   * @returns The bytes read.
+   * @throws {NbdCommandError} when the server fails the read.
+   * @throws {RangeError} for a range outside the export or misaligned.
+   *
+   * @example
+   * ```ts
+   * import { connect } from "@nbd/client";
+   * await using nbd = await connect("nbd://127.0.0.1/disk");
+   * const sector = await nbd.read(0, 512);
+   * ```
+   */
+  async read(
+    offset: number,
+    length: number,
+    options: ReadOptions = {},
+  ): Promise<Uint8Array> {
+    this.#range("read", offset, length);
+    const buffer = new Uint8Array(length);
+    await this.readInto(buffer, offset, options);
+    return buffer;
+  }
+
+  /**
+   * Reads into `buffer` (its whole length) from `offset`; the data lands
+   * there directly. If the read is aborted, the buffer may still be written
+   * until the server's reply arrives.
+   *
+   * @param buffer Destination; its length is the read's length.
+   * @param offset Byte offset.
+   * @param options `signal`, `df`.
+   * @throws {NbdCommandError} when the server fails the read.
+   *
+   * @example
+   * ```ts
+   * import { connect } from "@nbd/client";
+   * await using nbd = await connect("nbd://127.0.0.1/disk");
+   * const buf = new Uint8Array(4096);
+   * await nbd.readInto(buf, 8192);
+   * ```
+   */
+  async readInto(
+    buffer: Uint8Array,
+    offset: number,
+    options: ReadOptions = {},
+  ): Promise<void> {
+    if (!(buffer instanceof Uint8Array)) {
+      throw new TypeError("readInto(): buffer must be a Uint8Array");
+    }
+    this.#range("readInto", offset, buffer.length);
+    let flags = 0;
+    if (options.df) {
+      this.#need(
+        this.canDf,
+        "df",
+        "readInto",
+        "the export does not support DF",
+      );
+      flags |= CMD_FLAG_DF;
+    }
+    await this.#split(offset, buffer.length, this.#maxIo, (o, l, rel) => ({
+      type: CMD_READ,
+      flags,
+      offset: o,
+      length: l,
+      buffer: buffer.subarray(rel, rel + l),
+      signal: options.signal,
+    }));
+  }
+
+  /**
+   * Writes `data` at `offset`.
+   *
+   * @param offset Byte offset.
+   * @param data The bytes; their length must be a multiple of the minimum block size.
+   * @param options `fua`, `signal`.
+   * @throws {NbdUnsupportedError} on a read-only export, or `fua` unsupported.
+   * @throws {NbdCommandError} when the server fails the write.
+   *
+   * @example
+   * ```ts
+   * import { connect } from "@nbd/client";
+   * await using nbd = await connect("nbd://127.0.0.1/disk");
+   * await nbd.write(0, new Uint8Array(512).fill(1), { fua: true });
+   * ```
+   */
+  async write(
+    offset: number,
+    data: Uint8Array,
+    options: WriteOptions = {},
+  ): Promise<void> {
+    if (!(data instanceof Uint8Array)) {
+      throw new TypeError("write(): data must be a Uint8Array");
+    }
+    this.#range("write", offset, data.length);
+    this.#writable("write");
+    const flags = this.#fuaFlag("write", options.fua);
+    await this.#split(offset, data.length, this.#maxIo, (o, l, rel) => ({
+      type: CMD_WRITE,
+      flags,
+      offset: o,
+      length: l,
+      payload: data.subarray(rel, rel + l),
+      signal: options.signal,
+    }));
+  }
+
+  /**
+   * Makes every completed write durable (`NBD_CMD_FLUSH`).
+   *
+   * @param options `signal`.
+   * @throws {NbdUnsupportedError} when the export cannot flush.
+   *
+   * @example
+   * ```ts
+   * import { connect } from "@nbd/client";
+   * await using nbd = await connect("nbd://127.0.0.1/disk");
+   * await nbd.flush();
+   * ```
+   */
+  async flush(options: RequestOptions = {}): Promise<void> {
+    this.#guard("flush");
+    this.#need(
+      this.canFlush,
+      "flush",
+      "flush",
+      "the export does not support flush",
+    );
+    await this.#tx.submit({
+      type: CMD_FLUSH,
+      flags: 0,
+      offset: 0,
+      length: 0,
+      signal: options.signal,
+    });
+  }
+
+  /**
+   * Tells the server the range is no longer needed (`NBD_CMD_TRIM`).
+   *
+   * @param offset Byte offset.
+   * @param length Byte count.
+   * @param options `fua`, `signal`.
+   * @throws {NbdUnsupportedError} when the export cannot trim.
+   *
+   * @example
+   * ```ts
+   * import { connect } from "@nbd/client";
+   * await using nbd = await connect("nbd://127.0.0.1/disk");
+   * await nbd.trim(0, 1 << 20);
+   * ```
+   */
+  async trim(
+    offset: number,
+    length: number,
+    options: WriteOptions = {},
+  ): Promise<void> {
+    this.#range("trim", offset, length);
+    this.#writable("trim");
+    this.#need(
+      this.canTrim,
+      "trim",
+      "trim",
+      "the export does not support trim",
+    );
+    const flags = this.#fuaFlag("trim", options.fua);
+    await this.#split(offset, length, this.#maxEffect, (o, l) => ({
+      type: CMD_TRIM,
+      flags,
+      offset: o,
+      length: l,
+      signal: options.signal,
+    }));
+  }
+
+  /**
+   * Writes zeroes without sending them (`NBD_CMD_WRITE_ZEROES`).
+   *
+   * @param offset Byte offset.
+   * @param length Byte count.
+   * @param options `noHole`, `fastZero`, `fua`, `signal`.
+   * @throws {NbdUnsupportedError} when the export cannot write zeroes.
+   *
+   * @example
+   * ```ts
+   * import { connect } from "@nbd/client";
+   * await using nbd = await connect("nbd://127.0.0.1/disk");
+   * await nbd.writeZeroes(0, 1 << 20, { noHole: true });
+   * ```
+   */
+  async writeZeroes(
+    offset: number,
+    length: number,
+    options: WriteZeroesOptions = {},
+  ): Promise<void> {
+    this.#range("writeZeroes", offset, length);
+    this.#writable("writeZeroes");
+    this.#need(
+      this.canWriteZeroes,
+      "writeZeroes",
+      "writeZeroes",
+      "the export does not support write zeroes",
+    );
+    let flags = this.#fuaFlag("writeZeroes", options.fua);
+    if (options.noHole) flags |= CMD_FLAG_NO_HOLE;
+    if (options.fastZero) {
+      this.#need(
+        this.canFastZero,
+        "fastZero",
+        "writeZeroes",
+        "the export does not support fast zero",
+      );
+      flags |= CMD_FLAG_FAST_ZERO;
+    }
+    const step = options.fastZero
+      ? this.#maxEffect
+      : Math.min(this.#maxEffect, this.#info.blockSize.maximum);
+    await this.#split(offset, length, step, (o, l) => ({
+      type: CMD_WRITE_ZEROES,
+      flags,
+      offset: o,
+      length: l,
+      signal: options.signal,
+    }));
+  }
+
+  /**
+   * Asks the server to prefetch a range (`NBD_CMD_CACHE`).
+   *
+   * @param offset Byte offset.
+   * @param length Byte count.
+   * @param options `signal`.
+   * @throws {NbdUnsupportedError} when the export does not advertise cache.
+   *
+   * @example
+   * ```ts
+   * import { connect } from "@nbd/client";
+   * await using nbd = await connect("nbd://127.0.0.1/disk");
+   * await nbd.cache(0, 1 << 20);
+   * ```
+   */
+  async cache(
+    offset: number,
+    length: number,
+    options: RequestOptions = {},
+  ): Promise<void> {
+    this.#range("cache", offset, length);
+    this.#need(
+      this.canCache,
+      "cache",
+      "cache",
+      "the export does not support cache",
+    );
+    const step = Math.min(this.#maxEffect, this.#info.blockSize.maximum);
+    await this.#split(offset, length, step, (o, l) => ({
+      type: CMD_CACHE,
+      flags: 0,
+      offset: o,
+      length: l,
+      signal: options.signal,
+    }));
+  }
+
+  /**
+   * Asks for block status from `offset`, for every negotiated context. The
+   * server may describe less than `length` (ask again from where it ended)
+   * or, in the last extent, more.
+   *
+   * @param offset Byte offset.
+   * @param length Byte count of interest.
+   * @param options `reqOne`, `signal`.
+   * @returns Extents by context name, e.g. `{ "base:allocation": [...] }`.
+   * @throws {NbdUnsupportedError} when no metadata context was negotiated.
+   *
+   * @example
+   * ```ts
+   * import { connect } from "@nbd/client";
+   * await using nbd = await connect("nbd://127.0.0.1/disk", {
+   *   metaContexts: ["base:allocation"],
+   * });
+   * const map = await nbd.blockStatus(0, nbd.size);
+   * console.log(map["base:allocation"]);
+   * ```
+   */
+  async blockStatus(
+    offset: number,
+    length: number,
+    options: BlockStatusOptions = {},
+  ): Promise<BlockStatus> {
+    this.#range("blockStatus", offset, length);
+    this.#need(
+      this.canBlockStatus,
+      "blockStatus",
+      "blockStatus",
+      "no metadata context was negotiated (pass metaContexts to connect())",
+    );
+    const byId = await this.#tx.submit({
+      type: CMD_BLOCK_STATUS,
+      flags: options.reqOne ? CMD_FLAG_REQ_ONE : 0,
+      offset,
+      length: Math.min(length, this.#maxEffect),
+      signal: options.signal,
+    });
+    const out: BlockStatus = {};
+    for (const [id, extents] of byId) out[this.#contexts.get(id)!] = extents;
+    return out;
+  }
+
+  /**
+   * A byte stream over the export, reading ahead.
+   *
+   * @param options `offset`, `length`, `chunkSize`, `readAhead`, `signal`.
+   * @returns A `ReadableStream` of the export's bytes (BYOB capable).
+   *
+   * @example
+   * ```ts
+   * import { connect } from "@nbd/client";
+   * await using nbd = await connect("nbd://127.0.0.1/disk");
+   * const file = await Deno.create("/tmp/disk.img");
+   * await nbd.readable().pipeTo(file.writable);
+   * ```
+   */
+  readable(options: ReadableFromOptions = {}): ReadableStream<Uint8Array> {
+    this.#guard("readable");
+    return readableFrom(this, options);
+  }
+
+  /**
+   * A writable stream into the export that pipelines writes and flushes on
+   * close.
+   *
+   * @param options `offset`, `chunkSize`, `maxInFlight`, `fua`, `flush`, `signal`.
+   * @returns A `WritableStream` of bytes.
+   *
+   * @example
+   * ```ts
+   * import { connect } from "@nbd/client";
+   * await using nbd = await connect("nbd://127.0.0.1/disk");
+   * const file = await Deno.open("/tmp/disk.img");
+   * await file.readable.pipeTo(nbd.writable());
+   * ```
+   */
+  writable(options: WritableToOptions = {}): WritableStream<Uint8Array> {
+    this.#guard("writable");
+    this.#writable("writable");
+    return writableTo(this, options);
+  }
+
+  /**
+   * Waits for requests in flight, sends `NBD_CMD_DISC` and closes the
+   * connection. Calling it again waits for the same close.
+   *
+   * @example
+   * ```ts
+   * import { connect } from "@nbd/client";
+   * const nbd = await connect("nbd://127.0.0.1/disk");
+   * await nbd.close();
+   * ```
+   */
+  close(): Promise<void> {
+    if (!this.#closing) {
+      this.#state = "closing";
+      this.#closing = this.#tx.disconnect().finally(() => {
+        this.#state = "closed";
+      });
+    }
+    return this.#closing;
+  }
+
+  /** Closes the client at the end of an `await using` block. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+}

@@ -1,0 +1,61 @@
+/**
+ * `NBD_OPT_STARTTLS`: upgrade the connection before anything else is said,
+ * so that no option, and no export name, crosses the wire in clear text
+ * when TLS is wanted.
+ *
+ * @module
+ */
+
+import { OPT_STARTTLS, REP_ACK } from "../constants.ts";
+import type { TlsMode } from "../connect_options.ts";
+import { NbdError, NbdProtocolError } from "../errors.ts";
+import { isError, type OptionSession } from "../handshake.ts";
+import type { ByteStream } from "../transport.ts";
+
+/**
+ * Sends `NBD_OPT_STARTTLS` in `require` and `prefer` modes and, on ACK,
+ * upgrades the stream under the session.
+ *
+ * @throws {NbdOptionError} in `require` mode when the server refuses.
+ */
+export async function negotiateTls(
+  session: OptionSession,
+  mode: TlsMode,
+  upgrade: ((stream: ByteStream) => Promise<ByteStream>) | undefined,
+): Promise<void> {
+  if (mode === "disable") return;
+  if (!upgrade) {
+    throw new NbdError(
+      `TLS mode "${mode}" needs a TLS upgrade function, and none was given`,
+    );
+  }
+  await session.send(OPT_STARTTLS);
+  const reply = await session.reply(OPT_STARTTLS);
+  if (reply.type === REP_ACK) {
+    if (reply.payload.length !== 0) {
+      throw new NbdProtocolError(
+        "handshake",
+        `NBD_REP_ACK to NBD_OPT_STARTTLS carries ${reply.payload.length} unexpected bytes`,
+      );
+    }
+    const upgraded = await upgrade(session.transport.stream);
+    session.transport.replaceStream(upgraded);
+    session.tls = true;
+    session.trace?.("tls", { established: true });
+    return;
+  }
+  if (!isError(reply.type)) {
+    throw new NbdProtocolError(
+      "handshake",
+      `Unexpected reply type ${reply.type} to NBD_OPT_STARTTLS`,
+    );
+  }
+  if (mode === "require" || session.isFatal(reply)) {
+    throw session.refusal(
+      OPT_STARTTLS,
+      reply,
+      "TLS is required but the server will not start it",
+    );
+  }
+  session.trace?.("tls", { established: false, reason: "refused by server" });
+}

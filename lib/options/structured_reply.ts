@@ -1,0 +1,73 @@
+/**
+ * `NBD_OPT_EXTENDED_HEADERS` and `NBD_OPT_STRUCTURED_REPLY`: ask for the
+ * richest reply format the server has, falling back step by step.
+ *
+ * @module
+ */
+
+import {
+  OPT_EXTENDED_HEADERS,
+  OPT_STRUCTURED_REPLY,
+  OPTION_NAMES,
+  REP_ACK,
+} from "../constants.ts";
+import { NbdProtocolError } from "../errors.ts";
+import { isError, type OptionSession } from "../handshake.ts";
+
+/**
+ * Sends an option without data whose only success is a bare ACK.
+ *
+ * @returns `"ok"` on ACK, `"unsupported"` on any non-fatal error reply.
+ */
+export async function simpleOption(
+  session: OptionSession,
+  option: number,
+): Promise<"ok" | "unsupported"> {
+  await session.send(option);
+  const reply = await session.reply(option);
+  if (reply.type === REP_ACK) {
+    if (reply.payload.length !== 0) {
+      throw new NbdProtocolError(
+        "handshake",
+        `NBD_REP_ACK to ${
+          OPTION_NAMES[option]
+        } carries ${reply.payload.length} unexpected bytes`,
+      );
+    }
+    return "ok";
+  }
+  if (!isError(reply.type)) {
+    throw new NbdProtocolError(
+      "handshake",
+      `Unexpected reply type ${reply.type} to ${OPTION_NAMES[option]}`,
+    );
+  }
+  if (session.isFatal(reply)) throw session.refusal(option, reply);
+  session.trace?.("option unsupported", {
+    option: OPTION_NAMES[option],
+    reply: reply.type >>> 0,
+  });
+  return "unsupported";
+}
+
+/**
+ * Extended headers first (they imply structured replies), then structured
+ * replies; plain simple replies when the server has neither.
+ */
+export async function negotiateReplies(
+  session: OptionSession,
+  options: { structuredReplies?: boolean; extendedHeaders?: boolean },
+): Promise<void> {
+  if (options.structuredReplies === false) return;
+  if (
+    options.extendedHeaders !== false &&
+    await simpleOption(session, OPT_EXTENDED_HEADERS) === "ok"
+  ) {
+    session.extendedHeaders = true;
+    session.structuredReplies = true;
+    return;
+  }
+  if (await simpleOption(session, OPT_STRUCTURED_REPLY) === "ok") {
+    session.structuredReplies = true;
+  }
+}

@@ -1,0 +1,736 @@
+/**
+ * The transmission phase: requests out, replies in, matched by cookie in
+ * any order. One reader loop parses every reply (simple, structured or
+ * extended), checks each chunk against its request, and lands read data
+ * straight in the request's buffer. Read beside "Transmission" in
+ * `doc/proto.md`.
+ *
+ * @module
+ */
+
+import {
+  CHUNK_TYPE_NAMES,
+  CMD_BLOCK_STATUS,
+  CMD_DISC,
+  CMD_FLAG_REQ_ONE,
+  CMD_READ,
+  COMMAND_NAMES,
+  describe,
+  EINVAL,
+  ESHUTDOWN,
+  EXTENDED_REPLY_MAGIC,
+  MAX_STRING_LENGTH,
+  REPLY_FLAG_DONE,
+  REPLY_TYPE_BLOCK_STATUS,
+  REPLY_TYPE_BLOCK_STATUS_EXT,
+  REPLY_TYPE_ERROR,
+  REPLY_TYPE_ERROR_OFFSET,
+  REPLY_TYPE_FLAG_ERROR,
+  REPLY_TYPE_NONE,
+  REPLY_TYPE_OFFSET_DATA,
+  REPLY_TYPE_OFFSET_HOLE,
+  SIMPLE_REPLY_MAGIC,
+  STRUCTURED_REPLY_MAGIC,
+} from "./constants.ts";
+import type { Tracer } from "./debug.ts";
+import {
+  abortReason,
+  NbdCommandError,
+  NbdConnectionClosedError,
+  NbdError,
+  NbdProtocolError,
+} from "./errors.ts";
+import type { ExportInfo } from "./handshake.ts";
+import type { Transport } from "./transport.ts";
+import {
+  decodeExtendedReply,
+  decodeSimpleReply,
+  decodeStructuredReply,
+  encodeRequest,
+  Reader,
+  type ReplyHeader,
+  SIZES,
+  viewOf,
+} from "./wire.ts";
+
+/** One extent of a block status reply. */
+export interface Extent {
+  /** Where the extent starts, in bytes. */
+  offset: number;
+  /** Its length in bytes. */
+  length: number;
+  /** Flags whose meaning the context defines (`NBD_STATE_HOLE`, ...). */
+  flags: number;
+}
+
+/** A request as the client layer hands it over, already checked. */
+export interface Command {
+  type: number;
+  flags: number;
+  offset: number;
+  length: number;
+  /** Data to send (`NBD_CMD_WRITE`). */
+  payload?: Uint8Array;
+  /** Where read data lands (`NBD_CMD_READ`); `length` bytes. */
+  buffer?: Uint8Array;
+  signal?: AbortSignal | undefined;
+}
+
+/** Block status results by metadata context id. */
+export type ExtentsById = Map<number, Extent[]>;
+
+/** Error chunks carry at most a 4096-byte message and an offset. */
+const MAX_ERROR_CHUNK = 4 + 2 + MAX_STRING_LENGTH + 8;
+/** Bound on one block status chunk: 4 Mi extents of the compact kind. */
+const MAX_STATUS_CHUNK = 64 * 1024 * 1024;
+
+interface Pending {
+  cookie: bigint;
+  cmd: Command;
+  wireOffset: bigint;
+  wireLength: bigint;
+  /** Byte ranges of read data already received, sorted, disjoint. */
+  covered: Array<[number, number]>;
+  coveredBytes: number;
+  extents: ExtentsById;
+  error: NbdCommandError | undefined;
+  resolve: (extents: ExtentsById) => void;
+  reject: (e: Error) => void;
+}
+
+/** Inserts [start, end) into sorted disjoint ranges; false on overlap. */
+export function addRange(
+  ranges: Array<[number, number]>,
+  start: number,
+  end: number,
+): boolean {
+  let lo = 0;
+  let hi = ranges.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (ranges[mid]![0] < start) lo = mid + 1;
+    else hi = mid;
+  }
+  const before = ranges[lo - 1];
+  const after = ranges[lo];
+  if (before && before[1] > start) return false;
+  if (after && after[0] < end) return false;
+  ranges.splice(lo, 0, [start, end]);
+  return true;
+}
+
+/**
+ * Carries commands over a negotiated transport. Every command goes through
+ * {@linkcode Transmission.submit}; a protocol violation fails every pending
+ * request with the same error; a server errno fails one.
+ */
+export class Transmission {
+  #transport: Transport;
+  #info: ExportInfo;
+  #trace: Tracer;
+  #pending = new Map<bigint, Pending>();
+  #nextCookie = 1n;
+  #maxInFlight: number;
+  #inFlight = 0;
+  #waiters: Array<() => void> = [];
+  #header = new Uint8Array(SIZES.extendedReply);
+  #failure: Error | undefined;
+  #closing = false;
+  #shutdown = false;
+  #idle: Array<() => void> = [];
+  #loop: Promise<void>;
+
+  /**
+   * @param transport A transport whose handshake has finished.
+   * @param info What the handshake negotiated.
+   * @param maxInFlight How many requests may wait for replies at once.
+   * @param trace Optional tracer.
+   */
+  constructor(
+    transport: Transport,
+    info: ExportInfo,
+    maxInFlight: number,
+    trace: Tracer,
+  ) {
+    this.#transport = transport;
+    this.#info = info;
+    this.#maxInFlight = maxInFlight;
+    this.#trace = trace;
+    transport.phase = "transmission";
+    this.#loop = this.#readLoop();
+  }
+
+  /** The error that killed the connection, if one did. */
+  get failure(): Error | undefined {
+    return this.#failure;
+  }
+
+  /** Whether the server asked to shut down (`ESHUTDOWN`). */
+  get shuttingDown(): boolean {
+    return this.#shutdown;
+  }
+
+  /** Requests waiting for replies. */
+  get inFlight(): number {
+    return this.#pending.size;
+  }
+
+  /**
+   * Sends one command and waits for its whole reply.
+   *
+   * @returns Block status extents by context id (empty for other commands).
+   * @throws {NbdCommandError} when the server fails this command.
+   * @throws {NbdProtocolError} when the server breaks the protocol.
+   * @throws {NbdConnectionClosedError} when the connection is gone.
+   */
+  async submit(cmd: Command): Promise<ExtentsById> {
+    const signal = cmd.signal;
+    if (signal?.aborted) throw abortReason(signal);
+    await this.#acquire(signal);
+    let released = false;
+    const release = () => {
+      if (!released) {
+        released = true;
+        this.#release();
+      }
+    };
+    try {
+      this.#checkUsable(COMMAND_NAMES[cmd.type] ?? "command");
+    } catch (e) {
+      release();
+      throw e;
+    }
+    const cookie = this.#nextCookie++;
+    const extended = this.#info.extendedHeaders;
+    const wireLength = BigInt(cmd.payload ? cmd.payload.length : cmd.length);
+    const wireOffset = BigInt(cmd.offset);
+    const done = new Promise<ExtentsById>((resolve, reject) => {
+      this.#pending.set(cookie, {
+        cookie,
+        cmd,
+        wireOffset,
+        wireLength,
+        covered: [],
+        coveredBytes: 0,
+        extents: new Map(),
+        error: undefined,
+        resolve: (v) => {
+          release();
+          resolve(v);
+        },
+        reject: (e) => {
+          release();
+          reject(e);
+        },
+      });
+    });
+    // A caller that stops waiting must not leave a rejection unobserved.
+    done.catch(() => {});
+    const header = encodeRequest(
+      {
+        flags: cmd.flags,
+        type: cmd.type,
+        cookie,
+        offset: wireOffset,
+        length: wireLength,
+      },
+      extended,
+    );
+    this.#trace?.("send command", {
+      command: COMMAND_NAMES[cmd.type],
+      cookie,
+      offset: cmd.offset,
+      length: cmd.length,
+      flags: cmd.flags || undefined,
+    });
+    const sent = cmd.payload
+      ? this.#transport.write(header, cmd.payload)
+      : this.#transport.write(header);
+    sent.catch((e) => this.#fail(e));
+    if (!signal) return await done;
+    let onAbort: (() => void) | undefined;
+    const aborted = new Promise<never>((_, reject) => {
+      onAbort = () => reject(abortReason(signal));
+      signal.addEventListener("abort", onAbort, { once: true });
+    });
+    try {
+      return await Promise.race([done, aborted]);
+    } finally {
+      signal.removeEventListener("abort", onAbort!);
+    }
+  }
+
+  #checkUsable(what: string): void {
+    if (this.#failure) {
+      throw new NbdConnectionClosedError(
+        `Cannot send ${what}: the connection failed: ${this.#failure.message}`,
+        { cause: this.#failure },
+      );
+    }
+    if (this.#shutdown) {
+      throw new NbdConnectionClosedError(
+        `Cannot send ${what}: the server is shutting down (ESHUTDOWN)`,
+      );
+    }
+    if (this.#closing) {
+      throw new NbdConnectionClosedError(
+        `Cannot send ${what}: the connection is closing`,
+      );
+    }
+  }
+
+  async #acquire(signal: AbortSignal | undefined): Promise<void> {
+    if (this.#inFlight < this.#maxInFlight && this.#waiters.length === 0) {
+      this.#inFlight++;
+      return;
+    }
+    await new Promise<void>((resolve, reject) => {
+      const grant = () => {
+        signal?.removeEventListener("abort", onAbort);
+        this.#inFlight++;
+        resolve();
+      };
+      const onAbort = () => {
+        const i = this.#waiters.indexOf(grant);
+        if (i >= 0) this.#waiters.splice(i, 1);
+        reject(abortReason(signal!));
+      };
+      signal?.addEventListener("abort", onAbort, { once: true });
+      this.#waiters.push(grant);
+    });
+  }
+
+  #release(): void {
+    this.#inFlight--;
+    const next = this.#waiters.shift();
+    if (next) next();
+    if (this.#pending.size === 0) {
+      for (const wake of this.#idle.splice(0)) wake();
+    }
+  }
+
+  /** Resolves once no request is waiting for a reply. */
+  #whenIdle(): Promise<void> {
+    if (this.#pending.size === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#idle.push(resolve));
+  }
+
+  /**
+   * Fails every pending request and later call with `error`, and closes the
+   * transport. Only the first failure counts.
+   */
+  #fail(error: unknown): void {
+    if (this.#failure) return;
+    const err = error instanceof Error ? error : new NbdError(String(error));
+    if (this.#closing && this.#pending.size === 0) {
+      // The connection ended after a clean disconnect; nothing is lost.
+      this.#transport.close();
+      return;
+    }
+    this.#failure = err;
+    this.#trace?.("connection failed", { error: err.message });
+    const pending = [...this.#pending.values()];
+    this.#pending.clear();
+    for (const p of pending) p.reject(err);
+    for (const wake of this.#waiters.splice(0)) wake();
+    for (const wake of this.#idle.splice(0)) wake();
+    this.#transport.close(err);
+  }
+
+  /**
+   * Soft disconnect: waits for in-flight requests, sends `NBD_CMD_DISC`,
+   * and closes the transport. Safe to call more than once.
+   */
+  async disconnect(): Promise<void> {
+    if (!this.#closing) {
+      this.#closing = true;
+      await this.#whenIdle();
+      if (!this.#failure) {
+        const header = encodeRequest(
+          {
+            flags: 0,
+            type: CMD_DISC,
+            cookie: this.#nextCookie++,
+            offset: 0n,
+            length: 0n,
+          },
+          this.#info.extendedHeaders,
+        );
+        this.#trace?.("send command", { command: "NBD_CMD_DISC" });
+        try {
+          await this.#transport.write(header);
+          await this.#transport.drain();
+        } catch {
+          // The server may already have gone; we are closing anyway.
+        }
+      }
+      this.#transport.close();
+    }
+    await this.#loop;
+  }
+
+  /** Closes at once, failing whatever is pending with `reason`. */
+  async abort(reason: Error): Promise<void> {
+    this.#fail(reason);
+    this.#closing = true;
+    await this.#loop;
+  }
+
+  async #readLoop(): Promise<void> {
+    try {
+      while (true) {
+        const header = await this.#readHeader();
+        if (!header) break;
+        await this.#dispatch(header);
+      }
+      if (this.#pending.size > 0 || !this.#closing) {
+        this.#fail(
+          new NbdConnectionClosedError(
+            `Server closed the connection with ${this.#pending.size} requests in flight`,
+          ),
+        );
+      }
+    } catch (e) {
+      this.#fail(e);
+    }
+  }
+
+  /** Reads one reply header; `undefined` at a clean end of stream. */
+  async #readHeader(): Promise<ReplyHeader | undefined> {
+    const t = this.#transport;
+    const h = this.#header;
+    if (this.#info.extendedHeaders) {
+      if (!await t.readInto(h, "an extended reply header", true)) return;
+      const magic = viewOf(h).getUint32(0);
+      if (magic !== EXTENDED_REPLY_MAGIC) throw badMagic(magic, "extended");
+      return decodeExtendedReply(h);
+    }
+    const first = h.subarray(0, SIZES.simpleReply);
+    if (!await t.readInto(first, "a reply header", true)) return;
+    const magic = viewOf(h).getUint32(0);
+    if (magic === SIMPLE_REPLY_MAGIC) return decodeSimpleReply(first);
+    if (magic === STRUCTURED_REPLY_MAGIC && this.#info.structuredReplies) {
+      await t.readInto(
+        h.subarray(SIZES.simpleReply, SIZES.structuredReply),
+        "a structured reply header",
+      );
+      return decodeStructuredReply(h.subarray(0, SIZES.structuredReply));
+    }
+    throw badMagic(
+      magic,
+      this.#info.structuredReplies ? "structured" : "simple",
+    );
+  }
+
+  async #dispatch(h: ReplyHeader): Promise<void> {
+    const p = this.#pending.get(h.cookie);
+    if (!p) {
+      throw new NbdProtocolError(
+        "transmission",
+        `Server replied to unknown cookie ${h.cookie}`,
+      );
+    }
+    const name = COMMAND_NAMES[p.cmd.type] ?? String(p.cmd.type);
+    if (h.kind === "simple") {
+      this.#trace?.("recv simple reply", {
+        cookie: h.cookie,
+        command: name,
+        error: h.error || undefined,
+      });
+      if (h.error !== 0) {
+        p.error = this.#commandError(p, h.error);
+      } else if (p.cmd.type === CMD_READ) {
+        if (this.#info.structuredReplies) {
+          throw new NbdProtocolError(
+            "transmission",
+            `Server sent a simple reply with data to ${name} although structured replies were negotiated`,
+          );
+        }
+        await this.#transport.readInto(
+          p.cmd.buffer!,
+          `the ${p.cmd.length}-byte payload of a simple reply to ${name}`,
+        );
+      } else if (p.cmd.type === CMD_BLOCK_STATUS) {
+        throw new NbdProtocolError(
+          "transmission",
+          `Server sent a simple reply without extents to ${name}`,
+        );
+      }
+      this.#finish(p);
+      return;
+    }
+    if (h.kind === "extended" && h.offset !== p.wireOffset) {
+      throw new NbdProtocolError(
+        "transmission",
+        `Extended reply to ${name} names offset ${h.offset}, but the request was at ${p.wireOffset}`,
+      );
+    }
+    this.#trace?.("recv chunk", {
+      cookie: h.cookie,
+      command: name,
+      type: CHUNK_TYPE_NAMES[h.type] ?? h.type,
+      length: h.length,
+      done: (h.flags & REPLY_FLAG_DONE) !== 0,
+    });
+    await this.#chunk(p, h, name);
+    if (h.flags & REPLY_FLAG_DONE) this.#finish(p);
+  }
+
+  async #chunk(p: Pending, h: ReplyHeader, name: string): Promise<void> {
+    const t = this.#transport;
+    const type = h.type;
+    const chunkName = describe(CHUNK_TYPE_NAMES, type);
+    const violation = (text: string) =>
+      new NbdProtocolError(
+        "transmission",
+        `${chunkName} chunk for ${name} (offset ${p.cmd.offset}, length ${p.cmd.length}): ${text}`,
+      );
+    const needCommand = (type: number) => {
+      if (p.cmd.type !== type) {
+        throw violation(`not a valid reply to ${name}`);
+      }
+    };
+    const length = h.length;
+    if (type & REPLY_TYPE_FLAG_ERROR) {
+      if (length < 6n || length > BigInt(MAX_ERROR_CHUNK)) {
+        throw violation(`payload length ${length} is out of range`);
+      }
+      const r = new Reader(
+        await t.readExact(Number(length), `an error chunk for ${name}`),
+        `${chunkName} payload`,
+        "transmission",
+      );
+      let errno = r.u32();
+      const messageLength = r.u16();
+      if (messageLength > r.remaining) {
+        throw violation(
+          `message length ${messageLength} exceeds the ${r.remaining} bytes left`,
+        );
+      }
+      const message = new TextDecoder().decode(r.bytes(messageLength));
+      let errorOffset: number | undefined;
+      if (type === REPLY_TYPE_ERROR) {
+        r.expectEnd();
+      } else if (type === REPLY_TYPE_ERROR_OFFSET) {
+        const at = r.u64();
+        r.expectEnd();
+        if (at < p.wireOffset || at >= p.wireOffset + BigInt(p.cmd.length)) {
+          throw violation(`error offset ${at} lies outside the request`);
+        }
+        errorOffset = Number(at);
+      }
+      // A server that forgets the errno still reports failure.
+      if (errno === 0) errno = EINVAL;
+      p.error ??= this.#commandError(p, errno, message, errorOffset);
+      return;
+    }
+    switch (type) {
+      case REPLY_TYPE_NONE:
+        if (length !== 0n) {
+          throw violation(`payload length ${length}, expected 0`);
+        }
+        if (!(h.flags & REPLY_FLAG_DONE)) {
+          throw violation("NBD_REPLY_FLAG_DONE is not set");
+        }
+        return;
+      case REPLY_TYPE_OFFSET_DATA: {
+        needCommand(CMD_READ);
+        if (length <= 8n || length - 8n > p.wireLength) {
+          throw violation(`payload length ${length} does not fit the request`);
+        }
+        const head = await t.readExact(
+          8,
+          `the offset of a data chunk for ${name}`,
+        );
+        const at = viewOf(head).getBigUint64(0);
+        const size = Number(length - 8n);
+        const rel = this.#claim(p, at, size, violation);
+        await t.readInto(
+          p.cmd.buffer!.subarray(rel, rel + size),
+          `a ${size}-byte data chunk for ${name}`,
+        );
+        return;
+      }
+      case REPLY_TYPE_OFFSET_HOLE: {
+        needCommand(CMD_READ);
+        if (length !== 12n) {
+          throw violation(`payload length ${length}, expected 12`);
+        }
+        const r = new Reader(
+          await t.readExact(12, `a hole chunk for ${name}`),
+          "hole chunk",
+          "transmission",
+        );
+        const at = r.u64();
+        const size = r.u32();
+        if (size === 0) throw violation("hole of length 0");
+        const rel = this.#claim(p, at, size, violation);
+        p.cmd.buffer!.fill(0, rel, rel + size);
+        return;
+      }
+      case REPLY_TYPE_BLOCK_STATUS:
+      case REPLY_TYPE_BLOCK_STATUS_EXT: {
+        needCommand(CMD_BLOCK_STATUS);
+        const wide = type === REPLY_TYPE_BLOCK_STATUS_EXT;
+        if (wide && !this.#info.extendedHeaders) {
+          throw violation("sent without extended headers");
+        }
+        const head = wide ? 8n : 4n;
+        const each = wide ? 16n : 8n;
+        if (
+          length < head + each || (length - head) % each !== 0n ||
+          length > BigInt(MAX_STATUS_CHUNK)
+        ) {
+          throw violation(`payload length ${length} is invalid`);
+        }
+        const r = new Reader(
+          await t.readExact(Number(length), `a block status chunk for ${name}`),
+          `${chunkName} payload`,
+          "transmission",
+        );
+        this.#extents(p, r, wide, Number((length - head) / each), violation);
+        return;
+      }
+      default:
+        throw violation("unknown chunk type");
+    }
+  }
+
+  /** Checks a read chunk's range and records it; returns its buffer offset. */
+  #claim(
+    p: Pending,
+    at: bigint,
+    size: number,
+    violation: (text: string) => Error,
+  ): number {
+    const end = p.wireOffset + p.wireLength;
+    if (at < p.wireOffset || at + BigInt(size) > end) {
+      throw violation(`range ${at}+${size} lies outside the request`);
+    }
+    const rel = Number(at - p.wireOffset);
+    if (!addRange(p.covered, rel, rel + size)) {
+      throw violation(`range ${at}+${size} overlaps data already received`);
+    }
+    p.coveredBytes += size;
+    return rel;
+  }
+
+  #extents(
+    p: Pending,
+    r: Reader,
+    wide: boolean,
+    count: number,
+    violation: (text: string) => Error,
+  ): void {
+    const id = r.u32();
+    if (wide) {
+      const declared = r.u32();
+      if (declared !== 0 && declared !== count) {
+        throw violation(`descriptor count ${declared}, but ${count} follow`);
+      }
+    }
+    if (!this.#info.metaContexts.has(id)) {
+      throw violation(`unknown metadata context id ${id}`);
+    }
+    if (p.extents.has(id)) {
+      throw violation(`second chunk for metadata context id ${id}`);
+    }
+    const reqOne = (p.cmd.flags & CMD_FLAG_REQ_ONE) !== 0;
+    if (reqOne && count !== 1) {
+      throw violation(`${count} extents despite NBD_CMD_FLAG_REQ_ONE`);
+    }
+    const start = p.wireOffset;
+    const end = start + p.wireLength;
+    const limit = this.#info.size;
+    const out: Extent[] = [];
+    let pos = start;
+    for (let i = 0; i < count; i++) {
+      const len = wide ? r.u64() : BigInt(r.u32());
+      const flags = wide ? r.u64() : BigInt(r.u32());
+      if (len === 0n) throw violation(`extent ${i} has length 0`);
+      if (pos >= end) throw violation(`extent ${i} starts beyond the request`);
+      if (pos + len > limit) {
+        throw violation(`extent ${i} runs past the end of the export`);
+      }
+      if (reqOne && len > p.wireLength) {
+        throw violation("the single extent is longer than the request");
+      }
+      if (flags > BigInt(Number.MAX_SAFE_INTEGER)) {
+        throw violation(
+          `extent ${i} flags 0x${flags.toString(16)} are too wide`,
+        );
+      }
+      out.push({
+        offset: Number(pos),
+        length: Number(len),
+        flags: Number(flags),
+      });
+      pos += len;
+    }
+    r.expectEnd();
+    p.extents.set(id, out);
+  }
+
+  #commandError(
+    p: Pending,
+    errno: number,
+    message?: string,
+    errorOffset?: number,
+  ): NbdCommandError {
+    if (errno === ESHUTDOWN && !this.#shutdown) {
+      this.#shutdown = true;
+      this.#trace?.("server shutting down", {});
+    }
+    return new NbdCommandError({
+      command: COMMAND_NAMES[p.cmd.type] ?? String(p.cmd.type),
+      errno,
+      offset: p.cmd.offset,
+      length: p.cmd.length,
+      ...(message ? { serverMessage: message } : {}),
+      ...(errorOffset !== undefined ? { errorOffset } : {}),
+    });
+  }
+
+  #finish(p: Pending): void {
+    const name = COMMAND_NAMES[p.cmd.type];
+    if (!p.error && this.#info.structuredReplies) {
+      if (p.cmd.type === CMD_READ && p.coveredBytes !== p.cmd.length) {
+        throw new NbdProtocolError(
+          "transmission",
+          `Server's reply to ${name} (offset ${p.cmd.offset}) covered ${p.coveredBytes} of ${p.cmd.length} bytes`,
+        );
+      }
+      if (p.cmd.type === CMD_BLOCK_STATUS) {
+        for (const [id, ctx] of this.#info.metaContexts) {
+          if (!p.extents.has(id)) {
+            throw new NbdProtocolError(
+              "transmission",
+              `Server's reply to ${name} (offset ${p.cmd.offset}) has no extents for "${ctx}"`,
+            );
+          }
+        }
+      }
+    }
+    this.#pending.delete(p.cookie);
+    if (p.error) p.reject(p.error);
+    else p.resolve(p.extents);
+    if (this.#shutdown && this.#pending.size === 0 && !this.#closing) {
+      // The spec asks for a soft disconnect once the server says ESHUTDOWN.
+      this.disconnect().catch(() => {});
+    }
+  }
+
+  /** Waits for the reader loop to end (after close or failure). */
+  get finished(): Promise<void> {
+    return this.#loop;
+  }
+}
+
+function badMagic(magic: number, expected: string): NbdProtocolError {
+  return new NbdProtocolError(
+    "transmission",
+    `Bad reply magic 0x${
+      magic.toString(16).padStart(8, "0")
+    } (expected a ${expected} reply)`,
+  );
+}

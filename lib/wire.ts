@@ -1,0 +1,323 @@
+/**
+ * Byte-level codec: a big-endian reader cursor that fails with a protocol
+ * error instead of reading past the end, a writer, and the fixed-size
+ * headers of the protocol. No I/O happens here.
+ *
+ * @module
+ */
+
+import {
+  EXTENDED_REQUEST_MAGIC,
+  IHAVEOPT,
+  REQUEST_MAGIC,
+} from "./constants.ts";
+import { NbdProtocolError, type ProtocolPhase } from "./errors.ts";
+
+const decoder = new TextDecoder("utf-8", { fatal: true });
+const encoder = new TextEncoder();
+
+/** Sizes of the fixed parts of messages, as sums of their fields. */
+export const SIZES = {
+  /** NBDMAGIC + IHAVEOPT or cliserv magic */
+  greeting: 8 + 8,
+  /** size, flags, reserved zeroes (after the two magics) */
+  oldstyleRest: 8 + 4 + 124,
+  /** handshake flags */
+  handshakeFlags: 2,
+  /** client flags */
+  clientFlags: 4,
+  /** IHAVEOPT, option, length */
+  optionHeader: 8 + 4 + 4,
+  /** magic, option, reply type, length */
+  optionReplyHeader: 8 + 4 + 4 + 4,
+  /** size, transmission flags (NBD_OPT_EXPORT_NAME reply) */
+  exportNameReply: 8 + 2,
+  /** reserved zeroes after the NBD_OPT_EXPORT_NAME reply */
+  exportNameZeroes: 124,
+  /** magic, flags, type, cookie, offset, length */
+  request: 4 + 2 + 2 + 8 + 8 + 4,
+  /** magic, flags, type, cookie, offset, length (64-bit) */
+  extendedRequest: 4 + 2 + 2 + 8 + 8 + 8,
+  /** magic, error, cookie */
+  simpleReply: 4 + 4 + 8,
+  /** magic, flags, type, cookie, length */
+  structuredReply: 4 + 2 + 2 + 8 + 4,
+  /** magic, flags, type, cookie, offset, length (64-bit) */
+  extendedReply: 4 + 2 + 2 + 8 + 8 + 8,
+} as const;
+
+/** A DataView over exactly the bytes of `u8`, wherever they sit. */
+export function viewOf(u8: Uint8Array): DataView {
+  return new DataView(u8.buffer, u8.byteOffset, u8.byteLength);
+}
+
+/** Decodes UTF-8 that the spec requires to be valid. */
+export function decodeString(
+  bytes: Uint8Array,
+  what: string,
+  phase: ProtocolPhase,
+): string {
+  try {
+    return decoder.decode(bytes);
+  } catch {
+    throw new NbdProtocolError(phase, `${what} is not valid UTF-8`);
+  }
+}
+
+/** Encodes a string as UTF-8. */
+export function encodeString(s: string): Uint8Array {
+  return encoder.encode(s);
+}
+
+/**
+ * A cursor over one received message. Reading past its end is a protocol
+ * error that names the message.
+ */
+export class Reader {
+  #bytes: Uint8Array;
+  #view: DataView;
+  #pos = 0;
+  #what: string;
+  #phase: ProtocolPhase;
+
+  /**
+   * @param bytes The whole message.
+   * @param what Names the message in errors.
+   * @param phase The protocol phase, for errors.
+   */
+  constructor(bytes: Uint8Array, what: string, phase: ProtocolPhase) {
+    this.#bytes = bytes;
+    this.#view = viewOf(bytes);
+    this.#what = what;
+    this.#phase = phase;
+  }
+
+  /** Bytes not yet read. */
+  get remaining(): number {
+    return this.#bytes.length - this.#pos;
+  }
+
+  #need(n: number): number {
+    if (this.remaining < n) {
+      throw new NbdProtocolError(
+        this.#phase,
+        `${this.#what} is too short: ${this.#bytes.length} bytes, needed ${
+          this.#pos + n
+        }`,
+      );
+    }
+    const at = this.#pos;
+    this.#pos += n;
+    return at;
+  }
+
+  /** Reads an unsigned 16-bit integer. */
+  u16(): number {
+    return this.#view.getUint16(this.#need(2));
+  }
+
+  /** Reads an unsigned 32-bit integer. */
+  u32(): number {
+    return this.#view.getUint32(this.#need(4));
+  }
+
+  /** Reads an unsigned 64-bit integer. */
+  u64(): bigint {
+    return this.#view.getBigUint64(this.#need(8));
+  }
+
+  /** Returns the next `n` bytes (a view, not a copy). */
+  bytes(n: number): Uint8Array {
+    const at = this.#need(n);
+    return this.#bytes.subarray(at, at + n);
+  }
+
+  /** Reads an `n`-byte UTF-8 string. */
+  string(n: number, what = this.#what): string {
+    return decodeString(this.bytes(n), what, this.#phase);
+  }
+
+  /** Reads a 32-bit length, checks it against what is left, then the string. */
+  lengthPrefixedString(what: string): string {
+    const n = this.u32();
+    if (n > this.remaining) {
+      throw new NbdProtocolError(
+        this.#phase,
+        `${what} claims ${n} bytes but ${this.#what} has only ${this.remaining} left`,
+      );
+    }
+    return this.string(n, what);
+  }
+
+  /** Everything not yet read, as a string. */
+  restString(what = this.#what): string {
+    return this.string(this.remaining, what);
+  }
+
+  /** Fails unless every byte was consumed. */
+  expectEnd(): void {
+    if (this.remaining !== 0) {
+      throw new NbdProtocolError(
+        this.#phase,
+        `${this.#what} has ${this.remaining} unexpected trailing bytes`,
+      );
+    }
+  }
+}
+
+/** Builds a message of known size, big-endian. */
+export class Writer {
+  #bytes: Uint8Array;
+  #view: DataView;
+  #pos = 0;
+
+  /** @param size The exact size of the message. */
+  constructor(size: number) {
+    this.#bytes = new Uint8Array(size);
+    this.#view = viewOf(this.#bytes);
+  }
+
+  /** Appends an unsigned 16-bit integer. */
+  u16(v: number): this {
+    this.#view.setUint16(this.#pos, v);
+    this.#pos += 2;
+    return this;
+  }
+
+  /** Appends an unsigned 32-bit integer. */
+  u32(v: number): this {
+    this.#view.setUint32(this.#pos, v);
+    this.#pos += 4;
+    return this;
+  }
+
+  /** Appends an unsigned 64-bit integer. */
+  u64(v: bigint): this {
+    this.#view.setBigUint64(this.#pos, v);
+    this.#pos += 8;
+    return this;
+  }
+
+  /** Appends raw bytes. */
+  bytes(b: Uint8Array): this {
+    this.#bytes.set(b, this.#pos);
+    this.#pos += b.length;
+    return this;
+  }
+
+  /** The finished message; asserts it was filled exactly. */
+  done(): Uint8Array {
+    if (this.#pos !== this.#bytes.length) {
+      throw new Error(
+        `Internal error: message built with ${this.#pos} of ${this.#bytes.length} bytes`,
+      );
+    }
+    return this.#bytes;
+  }
+}
+
+/** Encodes a client option: IHAVEOPT, option, length, data. */
+export function encodeOption(option: number, data?: Uint8Array): Uint8Array {
+  const payload = data ?? new Uint8Array(0);
+  return new Writer(SIZES.optionHeader + payload.length)
+    .u64(IHAVEOPT)
+    .u32(option)
+    .u32(payload.length)
+    .bytes(payload)
+    .done();
+}
+
+/** A transmission request, before encoding. */
+export interface RequestHeader {
+  flags: number;
+  type: number;
+  cookie: bigint;
+  offset: bigint;
+  length: bigint;
+}
+
+/**
+ * Encodes a request header into `out` (28 bytes compact, 32 extended),
+ * returning the filled view. Lengths must already fit the header.
+ */
+export function encodeRequest(
+  req: RequestHeader,
+  extended: boolean,
+  out?: Uint8Array,
+): Uint8Array {
+  const size = extended ? SIZES.extendedRequest : SIZES.request;
+  const buf = out ? out.subarray(0, size) : new Uint8Array(size);
+  const v = viewOf(buf);
+  v.setUint32(0, extended ? EXTENDED_REQUEST_MAGIC : REQUEST_MAGIC);
+  v.setUint16(4, req.flags);
+  v.setUint16(6, req.type);
+  v.setBigUint64(8, req.cookie);
+  v.setBigUint64(16, req.offset);
+  if (extended) v.setBigUint64(24, req.length);
+  else v.setUint32(24, Number(req.length));
+  return buf;
+}
+
+/** A reply header of any of the three kinds, parsed. */
+export interface ReplyHeader {
+  kind: "simple" | "structured" | "extended";
+  /** Simple replies: the error; chunks: 0. */
+  error: number;
+  /** Chunk flags (NBD_REPLY_FLAG_DONE). */
+  flags: number;
+  /** Chunk type. */
+  type: number;
+  cookie: bigint;
+  /** Extended replies: the request's offset. */
+  offset: bigint;
+  /** Chunk payload length. */
+  length: bigint;
+}
+
+/** Decodes a 32-byte extended reply header (magic already checked). */
+export function decodeExtendedReply(b: Uint8Array): ReplyHeader {
+  const v = viewOf(b);
+  return {
+    kind: "extended",
+    error: 0,
+    flags: v.getUint16(4),
+    type: v.getUint16(6),
+    cookie: v.getBigUint64(8),
+    offset: v.getBigUint64(16),
+    length: v.getBigUint64(24),
+  };
+}
+
+/** Decodes a 16-byte simple reply header (magic already checked). */
+export function decodeSimpleReply(b: Uint8Array): ReplyHeader {
+  const v = viewOf(b);
+  return {
+    kind: "simple",
+    error: v.getUint32(4),
+    flags: 0,
+    type: 0,
+    cookie: v.getBigUint64(8),
+    offset: 0n,
+    length: 0n,
+  };
+}
+
+/** Decodes a 20-byte structured reply header (magic already checked). */
+export function decodeStructuredReply(b: Uint8Array): ReplyHeader {
+  const v = viewOf(b);
+  return {
+    kind: "structured",
+    error: 0,
+    flags: v.getUint16(4),
+    type: v.getUint16(6),
+    cookie: v.getBigUint64(8),
+    offset: 0n,
+    length: BigInt(v.getUint32(16)),
+  };
+}
+
+/** True when `x` is a power of two (and positive). */
+export function isPowerOfTwo(x: number): boolean {
+  return x > 0 && Number.isInteger(x) && (x & (x - 1)) === 0 &&
+    x <= 0x80000000;
+}
