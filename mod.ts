@@ -1,0 +1,81 @@
+/**
+ * A Network Block Device (NBD) client for Deno: TCP, Unix sockets and
+ * vsock; oldstyle, newstyle and fixed newstyle handshakes; TLS; structured
+ * replies and extended headers; block status; many requests in flight.
+ * No dependencies beyond Deno itself.
+ *
+ * The kernel handoff (`/dev/nbdX`) lives in the second entry point,
+ * `@nbd/client/ffi`, so that plain use never needs `--allow-ffi`.
+ *
+ * @example
+ * ```ts
+ * import { connect, NbdCommandError } from "@nbd/client";
+ *
+ * await using nbd = await connect("nbd+unix:///disk?socket=/run/nbd.sock", {
+ *   signal: AbortSignal.timeout(5000),
+ *   metaContexts: ["base:allocation"],
+ * });
+ * console.log(nbd.size, nbd.blockSize, nbd.canTrim);
+ * await nbd.write(0, new Uint8Array(4096).fill(0xab), { fua: nbd.canFua });
+ * const back = await nbd.read(0, 4096);
+ * const map = await nbd.blockStatus(0, nbd.size);
+ * try {
+ *   await nbd.flush();
+ * } catch (e) {
+ *   if (e instanceof NbdCommandError) console.error(e.errnoName);
+ * }
+ * ```
+ *
+ * @module
+ */
+
+export {
+  connect,
+  listExports,
+  NbdClient,
+  openTransport,
+  probe,
+} from "./lib/client.ts";
+export type {
+  BlockSize,
+  BlockStatus,
+  BlockStatusOptions,
+  ClientState,
+  ExportListing,
+  ExportProbe,
+  Extent,
+  ProbeOptions,
+  Protocol,
+  ReadOptions,
+  RequestOptions,
+  WriteOptions,
+  WriteZeroesOptions,
+} from "./lib/client.ts";
+export type {
+  ConnectOptions,
+  ConnectTarget,
+  DebugHook,
+  NegotiationOptions,
+  TlsMode,
+  TlsOptions,
+} from "./lib/connect_options.ts";
+export {
+  NbdCommandError,
+  NbdConnectionClosedError,
+  NbdError,
+  NbdOptionError,
+  NbdProtocolError,
+  NbdUnsupportedError,
+} from "./lib/errors.ts";
+export type { CommandErrorDetails, ProtocolPhase } from "./lib/errors.ts";
+export { formatUri, parseUri } from "./lib/uri.ts";
+export { NbdTlsError } from "./lib/tls.ts";
+export { readableFrom, writableTo } from "./lib/streams.ts";
+export type {
+  ReadableFromOptions,
+  StreamableClient,
+  WritableToOptions,
+} from "./lib/streams.ts";
+export { STATE_HOLE, STATE_ZERO } from "./lib/constants.ts";
+export type { ByteStream, Transport } from "./lib/transport.ts";
+export type { ExportInfo } from "./lib/handshake.ts";
