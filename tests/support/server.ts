@@ -510,7 +510,7 @@ export interface ExportConfig {
   name: string;
   /** Size in bytes (backing memory is allocated lazily). */
   size: number;
-  /** Initial contents from offset 0. */
+  /** Initial contents from offset 0; all-zero 64 KiB pages stay holes. */
   data?: Uint8Array;
   /** Text for `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`. */
   description?: string;
@@ -1776,6 +1776,14 @@ function clipExtents(map: Extent[], offset: number, length: number): Extent[] {
   return out;
 }
 
+/** Writes initial contents, leaving all-zero pages unallocated (holes). */
+function writeSparse(disk: TestDisk, data: Uint8Array): void {
+  for (let at = 0; at < data.length; at += PAGE_SIZE) {
+    const page = data.subarray(at, Math.min(at + PAGE_SIZE, data.length));
+    if (page.some((b) => b !== 0)) disk.write(at, page);
+  }
+}
+
 /** The export name inside an EXPORT_NAME, INFO or GO option, if any. */
 function optionExportName(opt: ReceivedOption): string | undefined {
   if (opt.option === OPT_EXPORT_NAME) return decoder.decode(opt.payload);
@@ -1813,7 +1821,7 @@ class ServerImpl implements TestServer {
     if (list.length === 0) throw new TypeError("At least one export needed");
     this.exports = list.map((c) => {
       const disk = new TestDisk(c.size);
-      if (c.data) disk.write(0, c.data);
+      if (c.data) writeSparse(disk, c.data);
       return { config: c, disk };
     });
   }
@@ -1868,6 +1876,8 @@ class ServerImpl implements TestServer {
   }
 
   get uri(): string {
+    // Oldstyle has no export names; qemu refuses a URI that gives one.
+    if (this.#config.style === "oldstyle") return this.uriFor("");
     return this.uriFor(this.exports[0]?.config.name ?? "");
   }
 
