@@ -1,0 +1,44 @@
+/**
+ * Kernel handoff: attach an NBD export to a Linux `/dev/nbdX` device, as
+ * `qemu-nbd -c` and `nbd-client` do, through Deno's FFI and glibc.
+ *
+ * This is a separate entry point so that a program that only speaks NBD
+ * over a socket never needs `--allow-ffi`. Attaching needs `--allow-ffi`,
+ * `--allow-net` (for TCP) and root (CAP_SYS_ADMIN); no file permissions:
+ * devices and sysfs are reached through libc.
+ *
+ * Plain TCP, Unix and vsock exports are handed to the kernel directly (the
+ * kernel owns the socket); TLS exports are relayed through a socketpair by
+ * this process, which must then stay alive.
+ *
+ * @example
+ * ```ts ignore
+ * import { attach, findFreeDevice } from "@nbd/client/ffi";
+ *
+ * const dev = await attach(
+ *   "nbd+unix:///?socket=/run/nbdkit.sock",
+ *   findFreeDevice(),
+ *   { timeout: 30 },
+ * );
+ * console.log(`${dev.device}: ${dev.size} bytes, block size ${dev.blockSize}`);
+ * // Stays attached until SIGINT/SIGTERM, dev.disconnect(), or the server
+ * // going away.
+ * const release = await dev.closed;
+ * console.log(release.message);
+ * Deno.exit(release.requested ? 0 : 1);
+ * ```
+ *
+ * @module
+ */
+
+export { attach } from "./attach.ts";
+export type {
+  AttachedDevice,
+  AttachOptions,
+  ReleaseInfo,
+  ReleaseReason,
+} from "./attach.ts";
+export { detach, findFreeDevice, isAttached } from "./device.ts";
+export type { DetachOptions } from "./device.ts";
+export { NbdKernelError, NbdSystemCallError } from "./errors.ts";
+export type { KernelErrorReason } from "./errors.ts";

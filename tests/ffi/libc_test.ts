@@ -1,0 +1,144 @@
+import assert from "node:assert/strict";
+import { FdStream } from "../../ffi/_fd_stream.ts";
+import {
+  cString,
+  describeErrno,
+  E,
+  errno,
+  F_OK,
+  libc,
+} from "../../ffi/_libc.ts";
+import { socketPair } from "../../ffi/_relay.ts";
+import {
+  deviceName,
+  devicePath,
+  ioctlName,
+  NBD_DO_IT,
+  pageSize,
+  readSmallFile,
+} from "../../ffi/_kernel.ts";
+import { chooseBlockSize } from "../../ffi/attach.ts";
+import { NbdKernelError } from "../../ffi/errors.ts";
+import { findFreeDevice, isAttached } from "../../ffi/mod.ts";
+
+Deno.test("libc() loads glibc and reads errno after a failed call", () => {
+  const c = libc();
+  assert.equal(c.access(cString("/nonexistent/nbd-test"), F_OK), -1);
+  assert.equal(errno(), E.ENOENT);
+  assert.match(describeErrno(E.ENOENT), /^2 \(ENOENT, No such file/);
+  assert.ok([4096, 16384, 65536].includes(pageSize()));
+});
+
+Deno.test("readSmallFile() reads procfs through libc", () => {
+  const text = readSmallFile("/proc/self/stat");
+  assert.ok(text !== null && /^\d+ /.test(text));
+  assert.equal(readSmallFile("/nonexistent/file"), null);
+});
+
+Deno.test("FdStream round-trips bytes over a socketpair", async () => {
+  const [a, b] = socketPair();
+  const left = new FdStream(a);
+  const right = new FdStream(b);
+  try {
+    const data = new Uint8Array(1024 * 1024);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 7) & 0xff;
+    const writing = (async () => {
+      let at = 0;
+      while (at < data.length) at += await left.write(data.subarray(at));
+    })();
+    const got = new Uint8Array(data.length);
+    let at = 0;
+    while (at < got.length) {
+      const n = await right.read(got.subarray(at));
+      assert.ok(n !== null);
+      at += n;
+    }
+    await writing;
+    assert.deepEqual(got, data);
+    left.close();
+    assert.equal(await right.read(new Uint8Array(8)), null);
+  } finally {
+    left.close();
+    right.close();
+  }
+});
+
+Deno.test("FdStream close() wakes a pending read", async () => {
+  const [a, b] = socketPair();
+  const left = new FdStream(a);
+  const right = new FdStream(b);
+  const reading = right.read(new Uint8Array(16));
+  right.close();
+  await assert.rejects(reading, /socket is closed/);
+  left.close();
+});
+
+Deno.test("FdStream release() hands the descriptor over unclosed", () => {
+  const [a, b] = socketPair();
+  const s = new FdStream(a);
+  assert.equal(s.release(), a);
+  assert.throws(() => s.release(), /closed/);
+  assert.equal(libc().close(a), 0);
+  assert.equal(libc().close(b), 0);
+});
+
+Deno.test("deviceName() accepts nbd devices only", () => {
+  assert.equal(deviceName("/dev/nbd0"), "nbd0");
+  assert.equal(deviceName("nbd12"), "nbd12");
+  assert.equal(devicePath("nbd3"), "/dev/nbd3");
+  assert.throws(() => deviceName("/dev/sda"), TypeError);
+  assert.equal(ioctlName(NBD_DO_IT), "NBD_DO_IT");
+});
+
+Deno.test("chooseBlockSize() clamps to [512, page] and keeps the export whole", async (t) => {
+  const info = (size: bigint, minimum: number, preferred: number) => ({
+    size,
+    blockSize: { minimum, preferred, maximum: 32 << 20 },
+  });
+  await t.step("the server's preferred size within range", () => {
+    assert.equal(chooseBlockSize(info(1n << 20n, 1, 4096), 4096), 4096);
+    assert.equal(chooseBlockSize(info(1n << 20n, 1, 65536), 4096), 4096);
+    assert.equal(chooseBlockSize(info(1n << 20n, 1, 1), 4096), 512);
+  });
+  await t.step("lowered while the size is not a multiple", () => {
+    assert.equal(chooseBlockSize(info((1n << 20n) + 512n, 1, 4096), 4096), 512);
+    assert.equal(chooseBlockSize(info((1n << 20n) + 1n, 1, 4096), 4096), 512);
+  });
+  await t.step("never below the server's minimum", () => {
+    assert.equal(
+      chooseBlockSize(info((1n << 20n) + 1024n, 2048, 4096), 4096),
+      2048,
+    );
+    assert.throws(
+      () => chooseBlockSize(info(1n << 20n, 8192, 8192), 4096),
+      RangeError,
+    );
+    assert.throws(
+      () => chooseBlockSize(info(1n << 20n, 4096, 4096), 4096, 512),
+      /minimum/,
+    );
+  });
+  await t.step("the caller's choice wins", () => {
+    assert.equal(chooseBlockSize(info(1n << 20n, 1, 4096), 4096, 1024), 1024);
+  });
+});
+
+Deno.test("findFreeDevice() and isAttached() say clearly when there is no nbd module", () => {
+  let hasNbd = false;
+  try {
+    hasNbd = readSmallFile("/sys/block/nbd0/size") !== null;
+  } catch {
+    hasNbd = false;
+  }
+  if (hasNbd) {
+    assert.match(findFreeDevice(), /^\/dev\/nbd\d+$/);
+    return;
+  }
+  assert.throws(
+    () => findFreeDevice(),
+    (e: unknown) =>
+      e instanceof NbdKernelError && e.reason === "no-module" &&
+      /modprobe nbd/.test(e.message),
+  );
+  assert.throws(() => isAttached("/dev/nbd0"), NbdKernelError);
+});
