@@ -1,0 +1,117 @@
+import assert from "node:assert/strict";
+import { FdStream } from "../../ffi/_fd_stream.ts";
+import { connectSocket, unixAddress } from "../../ffi/_socket.ts";
+import { NbdSystemCallError } from "../../ffi/errors.ts";
+import { negotiate } from "../../lib/handshake.ts";
+import { Transport } from "../../lib/transport.ts";
+import { FLAG_READ_ONLY, SIMPLE_REPLY_MAGIC } from "../../lib/constants.ts";
+
+/** Starts `nbdkit` on a private Unix socket; stops it on dispose. */
+async function startNbdkit(args: string[]) {
+  const dir = await Deno.makeTempDir({ prefix: "nbd-ffi-" });
+  const sock = `${dir}/nbdkit.sock`;
+  const child = new Deno.Command("nbdkit", {
+    args: ["-f", "-U", sock, "--exit-with-parent", ...args],
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    try {
+      await Deno.stat(sock);
+      break;
+    } catch {
+      if (Date.now() > deadline) throw new Error("nbdkit did not start");
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+  return {
+    sock,
+    async [Symbol.asyncDispose]() {
+      child.kill("SIGTERM");
+      await child.output();
+      await Deno.remove(dir, { recursive: true });
+    },
+  };
+}
+
+Deno.test("negotiate() runs over a socket connected through libc (the direct path minus the ioctls)", async (t) => {
+  await using server = await startNbdkit([
+    "--filter=blocksize-policy",
+    "memory",
+    "size=1M",
+    "blocksize-minimum=512",
+    "blocksize-preferred=4096",
+  ]);
+  await t.step(
+    "the kernel's options: no structured replies, block sizes",
+    async () => {
+      const fd = await connectSocket({ path: server.sock });
+      const stream = new FdStream(fd);
+      const transport = new Transport(stream);
+      try {
+        const info = await negotiate(transport, {
+          exportName: "",
+          structuredReplies: false,
+          extendedHeaders: false,
+          metaContexts: [],
+          blockSizes: true,
+        });
+        assert.equal(info.size, 1n << 20n);
+        assert.equal(info.structuredReplies, false);
+        assert.equal(info.extendedHeaders, false);
+        assert.equal(info.blockSizeAdvertised, true);
+        assert.equal(info.blockSize.minimum, 512);
+      assert.equal(info.blockSize.preferred, 4096);
+        assert.equal(info.flags & FLAG_READ_ONLY, 0);
+        assert.equal(transport.buffered, 0);
+
+        // One simple request over the raw descriptor: what the kernel sends.
+        const req = new Uint8Array(4 + 2 + 2 + 8 + 8 + 4); // magic, flags, type, cookie, offset, length
+        const v = new DataView(req.buffer);
+        v.setUint32(0, 0x25609513);
+        v.setUint16(6, 0); // NBD_CMD_READ
+        v.setBigUint64(8, 42n);
+        v.setUint32(24, 512);
+        await transport.write(req);
+        const reply = await transport.readExact(4 + 4 + 8 + 512, "a reply");
+        const rv = new DataView(reply.buffer);
+        assert.equal(rv.getUint32(0), SIMPLE_REPLY_MAGIC);
+        assert.equal(rv.getUint32(4), 0);
+        assert.equal(rv.getBigUint64(8), 42n);
+      } finally {
+        transport.close();
+      }
+    },
+  );
+});
+
+Deno.test("connectSocket() names the failure and errno", async () => {
+  await assert.rejects(
+    connectSocket({ path: "/nonexistent/nbd.sock" }),
+    (e: unknown) =>
+      e instanceof NbdSystemCallError && e.errnoName === "ENOENT" &&
+      /Cannot connect to \/nonexistent\/nbd\.sock: connect failed with 2/.test(
+        e.message,
+      ),
+  );
+  // A port nobody listens on, on loopback.
+  await assert.rejects(
+    connectSocket({ hostname: "127.0.0.1", port: 1 }),
+    (e: unknown) =>
+      e instanceof NbdSystemCallError && e.errnoName === "ECONNREFUSED",
+  );
+  await assert.rejects(
+    connectSocket({ hostname: "localhost", port: 1 }),
+    (e: unknown) =>
+      e instanceof NbdSystemCallError && e.errnoName === "ECONNREFUSED",
+  );
+});
+
+Deno.test("unixAddress() encodes paths and abstract names", () => {
+  const a = unixAddress("/x");
+  assert.deepEqual([...a.bytes], [1, 0, 0x2f, 0x78, 0]);
+  const b = unixAddress("\0x");
+  assert.deepEqual([...b.bytes], [1, 0, 0, 0x78]);
+  assert.throws(() => unixAddress("/" + "a".repeat(200)), RangeError);
+});
