@@ -25,6 +25,7 @@ import {
   negotiate,
 } from "../lib/handshake.ts";
 import { type ByteStream, errorText, Transport } from "../lib/transport.ts";
+import { startDoItWorker } from "./_do_it_worker.ts";
 import { FdStream } from "./_fd_stream.ts";
 import {
   checkDevice,
@@ -511,10 +512,7 @@ class Attachment implements AttachedDevice {
     if (this.#relayParts) {
       this.#relay = startRelay(this.#relayParts.local, this.#relayParts.remote);
     }
-    const worker = new Worker(
-      new URL("./_do_it_worker.ts", import.meta.url).href,
-      { type: "module" },
-    );
+    const worker = startDoItWorker();
     this.#worker = worker;
     let early: WorkerMessage | undefined;
     const started = new Promise<WorkerMessage>((resolve) => {

@@ -62,7 +62,7 @@ Deno.test("negotiate() runs over a socket connected through libc (the direct pat
         assert.equal(info.extendedHeaders, false);
         assert.equal(info.blockSizeAdvertised, true);
         assert.equal(info.blockSize.minimum, 512);
-      assert.equal(info.blockSize.preferred, 4096);
+        assert.equal(info.blockSize.preferred, 4096);
         assert.equal(info.flags & FLAG_READ_ONLY, 0);
         assert.equal(transport.buffered, 0);
 

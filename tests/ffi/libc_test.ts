@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { startDoItWorker } from "../../ffi/_do_it_worker.ts";
 import { FdStream } from "../../ffi/_fd_stream.ts";
 import {
   cString,
@@ -141,4 +142,31 @@ Deno.test("findFreeDevice() and isAttached() say clearly when there is no nbd mo
       /modprobe nbd/.test(e.message),
   );
   assert.throws(() => isAttached("/dev/nbd0"), NbdKernelError);
+});
+
+Deno.test("the NBD_DO_IT worker starts without read permission and reports errno", async () => {
+  const worker = startDoItWorker();
+  const messages: unknown[] = [];
+  const done = new Promise<void>((resolve) => {
+    worker.onmessage = (e) => {
+      messages.push(e.data);
+      if (e.data.type !== "started") resolve();
+    };
+  });
+  // A socket is no nbd device: the kernel answers ENOTTY.
+  const [a, b] = socketPair();
+  try {
+    worker.postMessage({ fd: a });
+    await done;
+  } finally {
+    worker.terminate();
+    libc().close(a);
+    libc().close(b);
+  }
+  assert.equal((messages[0] as { type: string }).type, "started");
+  assert.deepEqual(messages[1], {
+    type: "returned",
+    result: -1,
+    errno: E.ENOTTY,
+  });
 });
