@@ -1,0 +1,157 @@
+import assert from "node:assert/strict";
+import { NbdProtocolError } from "../lib/errors.ts";
+import {
+  decodeExtendedReply,
+  decodeStructuredReply,
+  encodeOption,
+  encodeRequest,
+  isPowerOfTwo,
+  Reader,
+  SIZES,
+} from "../lib/wire.ts";
+import { encodeInfoRequest } from "../lib/options/go.ts";
+import { encodeMetaContextRequest } from "../lib/options/meta_context.ts";
+import { addRange } from "../lib/transmission.ts";
+
+const hex = (b: Uint8Array) =>
+  [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
+
+Deno.test("SIZES match the spec's message layouts", () => {
+  assert.equal(SIZES.optionHeader, 16);
+  assert.equal(SIZES.optionReplyHeader, 20);
+  assert.equal(SIZES.request, 28);
+  assert.equal(SIZES.extendedRequest, 32);
+  assert.equal(SIZES.simpleReply, 16);
+  assert.equal(SIZES.structuredReply, 20);
+  assert.equal(SIZES.extendedReply, 32);
+  assert.equal(SIZES.oldstyleRest, 136);
+});
+
+Deno.test("encodeOption() golden bytes", () => {
+  assert.equal(
+    hex(encodeOption(7, Uint8Array.of(1, 2))),
+    "49484156454f5054" + "00000007" + "00000002" + "0102",
+  );
+  assert.equal(
+    hex(encodeOption(2)),
+    "49484156454f5054" + "00000002" + "00000000",
+  );
+});
+
+Deno.test("encodeRequest() golden bytes, compact and extended", () => {
+  const req = {
+    flags: 1,
+    type: 1,
+    cookie: 0x0102030405060708n,
+    offset: 0x1000n,
+    length: 0x200n,
+  };
+  assert.equal(
+    hex(encodeRequest(req, false)),
+    "25609513" + "0001" + "0001" + "0102030405060708" + "0000000000001000" +
+      "00000200",
+  );
+  assert.equal(
+    hex(encodeRequest(req, true)),
+    "21e41c71" + "0001" + "0001" + "0102030405060708" + "0000000000001000" +
+      "0000000000000200",
+  );
+});
+
+Deno.test("encodeInfoRequest() and encodeMetaContextRequest() golden bytes", () => {
+  assert.equal(
+    hex(encodeInfoRequest("ab", [3])),
+    "00000002" + "6162" + "0001" + "0003",
+  );
+  assert.equal(
+    hex(encodeMetaContextRequest("", ["base:allocation"])),
+    "00000000" + "00000001" + "0000000f" +
+      hex(new TextEncoder().encode("base:allocation")),
+  );
+  assert.throws(() => encodeInfoRequest("x".repeat(4097), []), RangeError);
+});
+
+Deno.test("reply header decoders read every field", () => {
+  const s = Uint8Array.from([
+    0x66,
+    0x8e,
+    0x33,
+    0xef,
+    0,
+    1,
+    0,
+    2,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    9,
+    0,
+    0,
+    1,
+    0,
+  ]);
+  const h = decodeStructuredReply(s);
+  assert.deepEqual([h.flags, h.type, h.cookie, h.length], [1, 2, 9n, 256n]);
+  const e = new Uint8Array(32);
+  e.set([0x6e, 0x8a, 0x27, 0x8c, 0, 1, 0, 6]);
+  e[15] = 3;
+  e[23] = 0x10;
+  e[31] = 0x18;
+  const x = decodeExtendedReply(e);
+  assert.deepEqual([x.flags, x.type, x.cookie, x.offset, x.length], [
+    1,
+    6,
+    3n,
+    16n,
+    24n,
+  ]);
+});
+
+Deno.test("Reader fails with a protocol error instead of reading past the end", async (t) => {
+  await t.step("short message", () => {
+    const r = new Reader(Uint8Array.of(0, 1), "NBD_REP_INFO", "handshake");
+    assert.equal(r.u16(), 1);
+    assert.throws(
+      () => r.u32(),
+      (e: unknown) =>
+        e instanceof NbdProtocolError && e.phase === "handshake" &&
+        /NBD_REP_INFO is too short/.test(e.message),
+    );
+  });
+  await t.step("length prefix larger than the message", () => {
+    const r = new Reader(
+      Uint8Array.of(0xff, 0xff, 0xff, 0xff, 0x61),
+      "NBD_REP_SERVER",
+      "handshake",
+    );
+    assert.throws(
+      () => r.lengthPrefixedString("export name"),
+      /claims 4294967295 bytes/,
+    );
+  });
+  await t.step("trailing bytes", () => {
+    const r = new Reader(Uint8Array.of(0, 0, 0), "x", "transmission");
+    r.u16();
+    assert.throws(() => r.expectEnd(), /1 unexpected trailing bytes/);
+  });
+  await t.step("invalid UTF-8", () => {
+    const r = new Reader(Uint8Array.of(0xff), "name", "handshake");
+    assert.throws(() => r.restString(), /not valid UTF-8/);
+  });
+});
+
+Deno.test("isPowerOfTwo() and addRange()", () => {
+  assert.ok(isPowerOfTwo(1) && isPowerOfTwo(4096) && isPowerOfTwo(0x80000000));
+  assert.ok(!isPowerOfTwo(0) && !isPowerOfTwo(3) && !isPowerOfTwo(0x100000000));
+  const ranges: Array<[number, number]> = [];
+  assert.ok(addRange(ranges, 10, 20));
+  assert.ok(addRange(ranges, 0, 10));
+  assert.ok(addRange(ranges, 20, 30));
+  assert.ok(!addRange(ranges, 5, 6));
+  assert.ok(!addRange(ranges, 29, 31));
+  assert.deepEqual(ranges, [[0, 10], [10, 20], [20, 30]]);
+});
