@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The one test command: installs what is missing (Deno from npm, the Debian
+# packages of the real servers), runs the quality gates, the unit and
+# interop tests, then the kernel test in its guest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/setup
+export DENO_NO_UPDATE_CHECK=1
+export PATH="$PATH:$(npm prefix -g 2>/dev/null)/bin"
+
+echo "== quality gates"
+deno fmt --check
+deno lint
+deno check mod.ts ffi/mod.ts examples/ tests/ bench/
+deno doc --lint mod.ts ffi/mod.ts
+deno publish --dry-run --allow-dirty >/dev/null
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+echo "== unit and interop tests"
+deno test --allow-all --parallel --ignore=tests/kernel tests/ 2>&1 | tee "$log" ||
+  status=$?
+echo "== kernel handoff (Debian kernel under qemu)"
+deno test --allow-all tests/kernel/ 2>&1 | tee -a "$log" || status=$?
+
+# One plain summary line over both runs.
+passed=$(grep -aoE '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -aoE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+echo "${passed} passed, ${failed} failed"
+exit "$status"
