@@ -263,8 +263,15 @@ export type ProgressMode =
   | { kind: "none" }
   /** A bar redrawn in place on a terminal. */
   | { kind: "bar"; out: { writeSync(p: Uint8Array): number }; width: number }
-  /** nbdcopy's machine format, `N/100\n`, written when N changes. */
-  | { kind: "fd"; out: { writeSync(p: Uint8Array): number } };
+  /**
+   * nbdcopy's machine format, `N/100\n`, written when N changes. `owned`
+   * means the reporter opened `out` and closes it when finished.
+   */
+  | {
+    kind: "fd";
+    out: { writeSync(p: Uint8Array): number; close(): void };
+    owned: boolean;
+  };
 
 /**
  * Reports how far a job has got: a bar with bytes, rate and time left on a
@@ -315,6 +322,7 @@ export class Progress {
     this.#finished = true;
     if (ok && this.#total !== undefined) this.#done = this.#total;
     this.#draw(true);
+    if (this.#mode.kind === "fd" && this.#mode.owned) this.#mode.out.close();
   }
 
   #draw(final: boolean): void {
@@ -378,12 +386,13 @@ export function progressMode(
   if (disabled) return { kind: "none" };
   if (typeof value === "string") {
     const fd = parseCount(value, "--progress", 1, 1 << 20);
-    if (fd === 1) return { kind: "fd", out: Deno.stdout };
-    if (fd === 2) return { kind: "fd", out: Deno.stderr };
+    if (fd === 1) return { kind: "fd", out: Deno.stdout, owned: false };
+    if (fd === 2) return { kind: "fd", out: Deno.stderr, owned: false };
     // Deno has no "open this descriptor"; on Linux /dev/fd/N reopens it.
     return {
       kind: "fd",
       out: Deno.openSync(`/dev/fd/${fd}`, { write: true }),
+      owned: true,
     };
   }
   if (!Deno.stderr.isTerminal()) return { kind: "none" };

@@ -1,0 +1,597 @@
+/**
+ * `info`: what `nbdinfo` shows about an NBD server and its exports, with the
+ * same `--json` field names wherever the two overlap.
+ *
+ * ```sh
+ * deno run --allow-net --allow-read examples/info.ts nbd+unix:///disk?socket=/tmp/nbd.sock
+ * deno run --allow-net --allow-read examples/info.ts --map --totals --json nbd://127.0.0.1/
+ * ```
+ *
+ * Output goes to stdout in one piece at the end, so a failure never leaves
+ * half a report; the failure itself is one line on stderr (`info: ...`) and
+ * exit status 1. `--can`/`--is` print nothing and exit 0 (yes) or 2 (no).
+ *
+ * @module
+ */
+
+import { connect, listExports, probe } from "../mod.ts";
+import {
+  FLAG_CAN_MULTI_CONN,
+  FLAG_READ_ONLY,
+  FLAG_ROTATIONAL,
+  FLAG_SEND_CACHE,
+  FLAG_SEND_DF,
+  FLAG_SEND_FAST_ZERO,
+  FLAG_SEND_FLUSH,
+  FLAG_SEND_FUA,
+  FLAG_SEND_TRIM,
+  FLAG_SEND_WRITE_ZEROES,
+  STATE_HOLE,
+  STATE_ZERO,
+  TRANSMISSION_FLAG_NAMES,
+} from "../lib/constants.ts";
+import {
+  errorLine,
+  exactSize,
+  type OptionSpec,
+  parseArgs,
+  UsageError,
+  warn,
+  writeAll,
+} from "./_cli.ts";
+
+const USAGE = `Usage:
+  info [--json] URI                      the export and the connection
+  info --list [--json] URI               every export the server lists
+  info --map[=CONTEXT] [--totals] [--json] URI
+                                         extents of base:allocation or CONTEXT
+  info --size [--json] URI               the size in bytes
+  info --can FEATURE URI                 exit 0 if the export can, 2 if not
+  info --is read-only|rotational|tls URI
+
+FEATURE: connect read write flush fua trim zero fast-zero cache df
+         multi-conn structured-reply extended-headers block-status
+Options:
+  --json        JSON output (field names as nbdinfo --json)
+  -L, --list    list all exports (the URI's export name is ignored)
+  --totals      with --map: bytes and percentage of each extent type
+  -h, --help    this text
+`;
+
+const OPTIONS: OptionSpec[] = [
+  { name: "json", kind: "flag" },
+  { name: "list", kind: "flag", short: "L" },
+  { name: "map", kind: "optional" },
+  { name: "totals", kind: "flag" },
+  { name: "size", kind: "flag" },
+  { name: "can", kind: "value" },
+  { name: "is", kind: "value" },
+  { name: "help", kind: "flag", short: "h" },
+  // Accepted for nbdinfo compatibility; this tool never probes content.
+  { name: "content", kind: "flag" },
+  { name: "no-content", kind: "flag" },
+];
+
+/** What a session negotiated, the same for every export of a server. */
+interface SessionFacts {
+  protocol: string;
+  tls: boolean;
+  structuredReplies: boolean;
+  extendedHeaders: boolean;
+}
+
+/** What the server says about one export. */
+interface ExportFacts {
+  exportName: string;
+  description: string;
+  size: number;
+  flags: number;
+  blockSize: { minimum: number; preferred: number; maximum: number } | null;
+  /** `null` when the server would not list its contexts. */
+  contexts: string[] | null;
+}
+
+/** nbdinfo's names for the protocol styles. */
+const PROTOCOL_NAMES: Readonly<Record<string, string>> = {
+  "oldstyle": "oldstyle",
+  "newstyle": "newstyle",
+  "fixed newstyle": "newstyle-fixed",
+};
+
+/**
+ * Asks the server about one export without entering transmission
+ * (`NBD_OPT_INFO` plus `NBD_OPT_LIST_META_CONTEXT`). An oldstyle server,
+ * or one that refuses `NBD_OPT_INFO`, is asked the long way: by connecting.
+ */
+async function gather(
+  uri: string,
+  exportName: string | undefined,
+): Promise<{ session: SessionFacts; export: ExportFacts }> {
+  let probeError: unknown;
+  try {
+    const p = await probe(uri, {
+      ...(exportName !== undefined ? { exportName } : {}),
+      listMetaContexts: true,
+    });
+    return {
+      session: {
+        protocol: PROTOCOL_NAMES[p.protocol] ?? p.protocol,
+        tls: p.tls,
+        structuredReplies: p.structuredReplies,
+        extendedHeaders: p.extendedHeaders,
+      },
+      export: {
+        exportName: p.exportName,
+        description: p.description,
+        size: toNumber(p.size),
+        flags: p.flags,
+        blockSize: p.blockSize ?? null,
+        // Contexts are only listed over structured replies.
+        contexts: p.structuredReplies ? p.metaContexts : null,
+      },
+    };
+  } catch (e) {
+    probeError = e;
+  }
+  let nbd;
+  try {
+    nbd = await connect(uri, {
+      ...(exportName !== undefined ? { exportName } : {}),
+    });
+  } catch {
+    throw probeError;
+  }
+  try {
+    return {
+      session: {
+        protocol: PROTOCOL_NAMES[nbd.protocol] ?? nbd.protocol,
+        tls: nbd.tls,
+        structuredReplies: nbd.structuredReplies,
+        extendedHeaders: nbd.extendedHeaders,
+      },
+      export: {
+        exportName: nbd.exportName,
+        description: nbd.description,
+        size: nbd.size,
+        flags: nbd.flags,
+        blockSize: nbd.blockSize,
+        contexts: null,
+      },
+    };
+  } finally {
+    await nbd.close();
+  }
+}
+
+function toNumber(size: bigint): number {
+  if (size > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new RangeError(`Export size ${size} is too large for this tool`);
+  }
+  return Number(size);
+}
+
+/** The URI of another export on the same server. */
+function exportUri(uri: string, name: string): string {
+  try {
+    const u = new URL(uri);
+    const path = "/" + encodeURIComponent(name).replaceAll("%2F", "/");
+    return `${u.protocol}//${u.host}${path}${u.search}`;
+  } catch {
+    return uri;
+  }
+}
+
+function flagNames(flags: number): string[] {
+  const names: string[] = [];
+  for (let bit = 1; bit !== 0 && bit <= flags; bit <<= 1) {
+    if (flags & bit) {
+      names.push(TRANSMISSION_FLAG_NAMES[bit] ?? `0x${bit.toString(16)}`);
+    }
+  }
+  return names;
+}
+
+/** The booleans nbdinfo reports, in its order, from the transmission flags. */
+function capabilities(flags: number): Array<[string, boolean]> {
+  return [
+    ["is_rotational", (flags & FLAG_ROTATIONAL) !== 0],
+    ["is_read_only", (flags & FLAG_READ_ONLY) !== 0],
+    ["can_cache", (flags & FLAG_SEND_CACHE) !== 0],
+    ["can_df", (flags & FLAG_SEND_DF) !== 0],
+    ["can_fast_zero", (flags & FLAG_SEND_FAST_ZERO) !== 0],
+    ["can_flush", (flags & FLAG_SEND_FLUSH) !== 0],
+    ["can_fua", (flags & FLAG_SEND_FUA) !== 0],
+    ["can_multi_conn", (flags & FLAG_CAN_MULTI_CONN) !== 0],
+    ["can_trim", (flags & FLAG_SEND_TRIM) !== 0],
+    ["can_zero", (flags & FLAG_SEND_WRITE_ZEROES) !== 0],
+  ];
+}
+
+/** One export as a JSON object: nbdinfo's fields, then ours. */
+function exportJson(uri: string, e: ExportFacts): Record<string, unknown> {
+  const o: Record<string, unknown> = { "export-name": e.exportName };
+  if (e.description) o["description"] = e.description;
+  o["uri"] = uri;
+  if (e.contexts) o["contexts"] = e.contexts;
+  for (const [name, value] of capabilities(e.flags)) o[name] = value;
+  if (e.blockSize) {
+    o["block_size_minimum"] = e.blockSize.minimum;
+    o["block_size_preferred"] = e.blockSize.preferred;
+    o["block_size_maximum"] = e.blockSize.maximum;
+  }
+  o["export-size"] = e.size;
+  o["export-size-str"] = exactSize(e.size).text;
+  o["transmission-flags"] = e.flags;
+  o["transmission-flag-names"] = flagNames(e.flags);
+  return o;
+}
+
+function sessionJson(s: SessionFacts): Record<string, unknown> {
+  return {
+    protocol: s.protocol,
+    TLS: s.tls,
+    structured: s.structuredReplies,
+    extended: s.extendedHeaders,
+  };
+}
+
+function sessionText(s: SessionFacts): string {
+  const packets = s.extendedHeaders
+    ? "extended"
+    : s.structuredReplies
+    ? "structured"
+    : "simple";
+  return `protocol: ${s.protocol} ${
+    s.tls ? "with" : "without"
+  } TLS, using ${packets} packets\n`;
+}
+
+function exportText(uri: string, e: ExportFacts): string {
+  const lines = [`export=${JSON.stringify(e.exportName)}:`];
+  if (e.description) lines.push(`\tdescription: ${e.description}`);
+  const size = exactSize(e.size);
+  lines.push(
+    `\texport-size: ${e.size}${size.scaled ? ` (${size.text})` : ""}`,
+  );
+  lines.push(`\turi: ${uri}`);
+  if (e.contexts) {
+    lines.push("\tcontexts:");
+    for (const c of e.contexts) lines.push(`\t\t${c}`);
+  }
+  for (const [name, value] of capabilities(e.flags)) {
+    lines.push(`\t${name}: ${value}`);
+  }
+  if (e.blockSize) {
+    lines.push(`\tblock_size_minimum: ${e.blockSize.minimum}`);
+    lines.push(`\tblock_size_preferred: ${e.blockSize.preferred}`);
+    lines.push(`\tblock_size_maximum: ${e.blockSize.maximum}`);
+  }
+  lines.push(`\ttransmission-flags: 0x${e.flags.toString(16)}`);
+  for (const name of flagNames(e.flags)) lines.push(`\t\t${name}`);
+  return lines.join("\n") + "\n";
+}
+
+/** Words for an extent's type, as nbdinfo prints them; `null` if unknown. */
+export function extentDescription(
+  context: string,
+  type: number,
+): string | null {
+  if (context === "base:allocation") {
+    const words = [];
+    if (type & STATE_HOLE) words.push("hole");
+    if (type & STATE_ZERO) words.push("zero");
+    const rest = type & ~(STATE_HOLE | STATE_ZERO);
+    if (rest) words.push(`unknown (${rest})`);
+    return words.length ? words.join(",") : "data";
+  }
+  if (context.startsWith("qemu:dirty-bitmap:")) {
+    return type === 0 ? "clean" : type === 1 ? "dirty" : null;
+  }
+  if (context === "qemu:allocation-depth") {
+    return type === 0
+      ? "absent"
+      : type === 1
+      ? "local"
+      : `backing depth ${type}`;
+  }
+  return null;
+}
+
+/** A run of extents of one type. */
+export interface MapRun {
+  offset: number;
+  length: number;
+  type: number;
+}
+
+/** Largest block status request: what a 32-bit length holds, aligned. */
+function maxStatusLength(align: number): number {
+  return 2 ** 32 - align;
+}
+
+/**
+ * Reads the whole extent map of `context`, merging neighbours of one type.
+ *
+ * @throws {Error} If the server does not offer the context, or answers a
+ * request with no extents (which would loop forever).
+ */
+async function readMap(uri: string, context: string): Promise<{
+  size: number;
+  runs: MapRun[];
+}> {
+  const nbd = await connect(uri, { metaContexts: [context] });
+  try {
+    if (!nbd.metaContexts.includes(context)) {
+      throw new Error(
+        `--map: server does not support metadata context "${context}"`,
+      );
+    }
+    const size = nbd.size;
+    const align = nbd.blockSize.minimum;
+    const runs: MapRun[] = [];
+    let offset = 0;
+    while (offset < size) {
+      const length = Math.min(size - offset, maxStatusLength(align));
+      const reply = await nbd.blockStatus(offset, length);
+      const extents = reply[context] ?? [];
+      const before = offset;
+      for (const e of extents) {
+        if (offset >= size) break;
+        const len = Math.min(e.length, size - offset);
+        const last = runs.at(-1);
+        if (last && last.type === e.flags) last.length += len;
+        else runs.push({ offset, length: len, type: e.flags });
+        offset += len;
+      }
+      if (offset === before) {
+        throw new Error(
+          `--map: server returned no extents for offset ${offset}`,
+        );
+      }
+    }
+    return { size, runs };
+  } finally {
+    await nbd.close();
+  }
+}
+
+function mapOutput(
+  context: string,
+  runs: MapRun[],
+  json: boolean,
+): string {
+  if (json) {
+    return JSON.stringify(
+      runs.map((r) => {
+        const d = extentDescription(context, r.type);
+        return d === null ? { ...r } : { ...r, description: d };
+      }),
+      null,
+      2,
+    ) + "\n";
+  }
+  return runs.map((r) => {
+    const d = extentDescription(context, r.type);
+    return `${String(r.offset).padStart(10)}  ${
+      String(r.length).padStart(10)
+    }  ${String(r.type).padStart(3)}${d === null ? "" : `  ${d}`}\n`;
+  }).join("");
+}
+
+function totalsOutput(
+  context: string,
+  size: number,
+  runs: MapRun[],
+  json: boolean,
+): string {
+  const byType = new Map<number, number>();
+  for (const r of runs) {
+    byType.set(r.type, (byType.get(r.type) ?? 0) + r.length);
+  }
+  const rows = [...byType].sort(([a], [b]) => a - b).map(([type, bytes]) => ({
+    size: bytes,
+    // nbdinfo prints "%g": six significant digits.
+    percent: size ? Number(((bytes * 100) / size).toPrecision(6)) : 0,
+    type,
+    description: extentDescription(context, type),
+  }));
+  if (json) {
+    return JSON.stringify(
+      rows.map((r) => {
+        const { description, ...rest } = r;
+        return description === null ? rest : { ...rest, description };
+      }),
+      null,
+      2,
+    ) + "\n";
+  }
+  return rows.map((r) =>
+    `${String(r.size).padStart(10)} ${r.percent.toFixed(1).padStart(5)}% ${
+      String(r.type).padStart(3)
+    }${r.description === null ? "" : ` ${r.description}`}\n`
+  ).join("");
+}
+
+/** `--can`/`--is` names, folded like nbdinfo's (case, dashes, underscores). */
+function feature(
+  name: string,
+  s: SessionFacts,
+  e: ExportFacts,
+): boolean {
+  const key = name.toLowerCase().replaceAll(/[-_ ]/g, "");
+  const f = e.flags;
+  switch (key) {
+    case "connect":
+    case "read":
+      return true;
+    case "write":
+      return (f & FLAG_READ_ONLY) === 0;
+    case "readonly":
+      return (f & FLAG_READ_ONLY) !== 0;
+    case "rotational":
+      return (f & FLAG_ROTATIONAL) !== 0;
+    case "tls":
+      return s.tls;
+    case "sr":
+    case "structured":
+    case "structuredreply":
+    case "structuredreplies":
+      return s.structuredReplies;
+    case "eh":
+    case "extended":
+    case "extendedheader":
+    case "extendedheaders":
+      return s.extendedHeaders;
+    case "blockstatus":
+      return s.structuredReplies &&
+        (e.contexts?.includes("base:allocation") ?? false);
+    case "cache":
+      return (f & FLAG_SEND_CACHE) !== 0;
+    case "df":
+      return (f & FLAG_SEND_DF) !== 0;
+    case "fastzero":
+      return (f & FLAG_SEND_FAST_ZERO) !== 0;
+    case "flush":
+      return (f & FLAG_SEND_FLUSH) !== 0;
+    case "fua":
+      return (f & FLAG_SEND_FUA) !== 0;
+    case "multiconn":
+      return (f & FLAG_CAN_MULTI_CONN) !== 0;
+    case "trim":
+      return (f & FLAG_SEND_TRIM) !== 0;
+    case "zero":
+      return (f & FLAG_SEND_WRITE_ZEROES) !== 0;
+  }
+  throw new UsageError(`unknown --can or --is option: ${name}`);
+}
+
+/** Everything `--list` shows: one probe per listed export. */
+async function listOutput(uri: string, json: boolean): Promise<{
+  text: string;
+  ok: boolean;
+}> {
+  let listed: Array<{ name: string; description?: string }>;
+  try {
+    listed = await listExports(uri);
+  } catch (e) {
+    // An oldstyle server has exactly one export and no list.
+    const one = await gather(uri, undefined).catch(() => {
+      throw e;
+    });
+    if (one.session.protocol !== "oldstyle") throw e;
+    listed = [{ name: one.export.exportName }];
+  }
+  let session: SessionFacts | undefined;
+  const shown: Array<{ uri: string; facts: ExportFacts }> = [];
+  let ok = true;
+  for (const item of listed) {
+    try {
+      const g = await gather(uri, item.name);
+      session ??= g.session;
+      if (item.description && !g.export.description) {
+        g.export.description = item.description;
+      }
+      shown.push({ uri: exportUri(uri, item.name), facts: g.export });
+    } catch (e) {
+      ok = false;
+      warn(`${errorLine("info", e)} for export: ${item.name}`);
+    }
+  }
+  if (json) {
+    const doc = {
+      ...(session ? sessionJson(session) : {}),
+      exports: shown.map((s) => exportJson(s.uri, s.facts)),
+    };
+    return { text: JSON.stringify(doc, null, 2) + "\n", ok };
+  }
+  let text = session ? sessionText(session) : "";
+  for (const s of shown) text += exportText(s.uri, s.facts);
+  return { text, ok };
+}
+
+/**
+ * Runs the tool.
+ *
+ * @param args Command-line arguments, without the program name.
+ * @returns The exit status: 0, 1 on failure, 2 for a `--can`/`--is` "no".
+ */
+export async function main(args: string[]): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs(args, OPTIONS);
+    const { options: o, positionals } = parsed;
+    if (o.has("help")) {
+      await writeAll(Deno.stdout, USAGE);
+      return 0;
+    }
+    if (positionals.length !== 1) {
+      throw new UsageError(
+        positionals.length === 0 ? "a URI is required" : "too many arguments",
+      );
+    }
+    const modes = ["list", "map", "size", "can", "is"].filter((m) => o.has(m));
+    if (modes.length > 1) {
+      throw new UsageError(
+        `you cannot use ${modes.map((m) => `--${m}`).join(" and ")} together`,
+      );
+    }
+    if (o.has("totals") && !o.has("map")) {
+      throw new UsageError("--totals needs --map");
+    }
+  } catch (e) {
+    if (!(e instanceof UsageError)) throw e;
+    warn(`info: ${e.message}`);
+    warn(USAGE.split("\n")[0] + " see info --help");
+    return 1;
+  }
+
+  const { options: o, positionals } = parsed;
+  const uri = positionals[0]!;
+  const json = o.has("json");
+  try {
+    let out: string;
+    let status = 0;
+    if (o.has("can") || o.has("is")) {
+      const name = String(o.get("can") ?? o.get("is"));
+      const g = await gather(uri, undefined);
+      return feature(name, g.session, g.export) ? 0 : 2;
+    } else if (o.has("size")) {
+      out = `${(await gather(uri, undefined)).export.size}\n`;
+    } else if (o.has("map")) {
+      const value = o.get("map");
+      const context = typeof value === "string" ? value : "base:allocation";
+      const { size, runs } = await readMap(uri, context);
+      out = o.has("totals")
+        ? totalsOutput(context, size, runs, json)
+        : mapOutput(context, runs, json);
+    } else if (o.has("list")) {
+      const r = await listOutput(uri, json);
+      out = r.text;
+      if (!r.ok) status = 1;
+    } else {
+      const g = await gather(uri, undefined);
+      const shownUri = exportUri(uri, g.export.exportName);
+      out = json
+        ? JSON.stringify(
+          {
+            ...sessionJson(g.session),
+            exports: [exportJson(shownUri, g.export)],
+          },
+          null,
+          2,
+        ) + "\n"
+        : sessionText(g.session) + exportText(shownUri, g.export);
+    }
+    await writeAll(Deno.stdout, out);
+    return status;
+  } catch (e) {
+    if (e instanceof UsageError) {
+      warn(`info: ${e.message}`);
+      return 1;
+    }
+    warn(errorLine("info", e));
+    return 1;
+  }
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -1,0 +1,296 @@
+import assert from "node:assert/strict";
+import { have, nbdkit, qemuNbd, runTool, sh } from "./_servers.ts";
+
+const haveNbdkit = have("nbdkit") && have("nbdinfo");
+const haveQemu = have("qemu-nbd") && have("qemu-img") && have("nbdinfo");
+
+type Json = Record<string, unknown>;
+
+/** nbdinfo's own answer, without probing content (we never do). */
+async function nbdinfo(args: string[]): Promise<Json> {
+  return JSON.parse(await sh("nbdinfo", ["--no-content", "--json", ...args]));
+}
+
+/** Every field nbdinfo printed must be in ours with the same value. */
+function assertCovers(ours: Json, theirs: Json, where: string): void {
+  for (const [key, value] of Object.entries(theirs)) {
+    if (key === "exports") continue;
+    assert.deepEqual(ours[key], value, `${where}: field "${key}"`);
+  }
+  const a = (ours.exports ?? []) as Json[];
+  const b = (theirs.exports ?? []) as Json[];
+  assert.equal(a.length, b.length, `${where}: number of exports`);
+  for (let i = 0; i < b.length; i++) {
+    for (const [key, value] of Object.entries(b[i]!)) {
+      if (key === "content") continue;
+      assert.deepEqual(
+        a[i]![key],
+        value,
+        `${where}: export ${i} field "${key}"`,
+      );
+    }
+  }
+}
+
+Deno.test({
+  name: "info --json carries nbdinfo --json's fields and values",
+  ignore: !haveNbdkit,
+  async fn(t) {
+    const server = await nbdkit([
+      "-e",
+      "disk",
+      "--filter=blocksize-policy",
+      "memory",
+      "1M",
+      "blocksize-minimum=512",
+      "blocksize-preferred=4096",
+      "blocksize-maximum=65536",
+    ]);
+    try {
+      const uri = server.uri("disk");
+      await t.step("default mode", async () => {
+        const ours = await runTool("info", ["--json", uri]);
+        assert.equal(ours.code, 0, ours.stderr);
+        const doc = JSON.parse(ours.text);
+        assertCovers(doc, await nbdinfo([uri]), "info --json");
+        const e = doc.exports[0];
+        assert.equal(e["export-size-str"], "1M");
+        assert.equal(e.block_size_minimum, 512);
+        assert.ok(e["transmission-flag-names"].includes("NBD_FLAG_HAS_FLAGS"));
+        assert.equal(typeof doc.extended, "boolean");
+      });
+      await t.step("--size matches nbdinfo --size", async () => {
+        const ours = await runTool("info", ["--size", uri]);
+        assert.equal(ours.code, 0, ours.stderr);
+        assert.equal(ours.text, await sh("nbdinfo", ["--size", uri]));
+      });
+      await t.step("text mode names every flag and block size", async () => {
+        const ours = await runTool("info", [uri]);
+        assert.equal(ours.code, 0, ours.stderr);
+        assert.match(
+          ours.text,
+          /^protocol: newstyle-fixed without TLS, using (structured|extended) packets$/m,
+        );
+        assert.match(ours.text, /^export="disk":$/m);
+        assert.match(ours.text, /^\texport-size: 1048576 \(1M\)$/m);
+        assert.match(ours.text, /^\t\tbase:allocation$/m);
+        assert.match(ours.text, /^\tcan_multi_conn: true$/m);
+        assert.match(ours.text, /^\tblock_size_maximum: 65536$/m);
+        assert.match(ours.text, /^\t\tNBD_FLAG_SEND_WRITE_ZEROES$/m);
+      });
+    } finally {
+      await server.stop();
+    }
+  },
+});
+
+Deno.test({
+  name: "info --can and --is exit 0 for yes and 2 for no, like nbdinfo",
+  ignore: !haveNbdkit,
+  async fn() {
+    const rw = await nbdkit(["memory", "1M"]);
+    const ro = await nbdkit(["-r", "memory", "1M"], rw.dir);
+    try {
+      const cases: Array<[string[], string]> = [
+        [["--can", "flush"], rw.uri()],
+        [["--can", "write"], rw.uri()],
+        [["--can", "write"], ro.uri()],
+        [["--is", "read-only"], ro.uri()],
+        [["--is", "read-only"], rw.uri()],
+        [["--is", "tls"], rw.uri()],
+        [["--can", "multi-conn"], rw.uri()],
+        [["--can", "structured-reply"], rw.uri()],
+        [["--can", "connect"], rw.uri()],
+      ];
+      for (const [args, uri] of cases) {
+        const ours = await runTool("info", [...args, uri]);
+        const theirs = await new Deno.Command("nbdinfo", {
+          args: [...args, uri],
+          stdout: "null",
+          stderr: "null",
+        }).output();
+        assert.equal(ours.code, theirs.code, `${args.join(" ")} ${uri}`);
+        assert.equal(ours.text, "");
+      }
+      const bad = await runTool("info", ["--can", "fly", rw.uri()]);
+      assert.equal(bad.code, 1);
+      assert.match(bad.stderr, /^info: unknown --can or --is option: fly\n/);
+    } finally {
+      await ro.stop();
+      await rw.stop();
+    }
+  },
+});
+
+Deno.test({
+  name: "info --map and --map --totals match nbdinfo on a sparse export",
+  ignore: !haveNbdkit,
+  async fn(t) {
+    const server = await nbdkit([
+      "data",
+      'data=@0x10000 1 2 3 @0x200000 "hello" @0x400000 0',
+      "size=8M",
+    ]);
+    try {
+      const uri = server.uri();
+      await t.step("--map --json", async () => {
+        const ours = await runTool("info", ["--map", "--json", uri]);
+        assert.equal(ours.code, 0, ours.stderr);
+        const theirs = JSON.parse(
+          await sh("nbdinfo", ["--map", "--json", uri]),
+        );
+        assert.deepEqual(JSON.parse(ours.text), theirs);
+        assert.ok(theirs.length > 2);
+      });
+      await t.step("--map text", async () => {
+        const ours = await runTool("info", ["--map", uri]);
+        assert.equal(ours.text, await sh("nbdinfo", ["--map", uri]));
+      });
+      await t.step("--map --totals", async () => {
+        const ours = await runTool("info", ["--map", "--totals", uri]);
+        assert.equal(
+          ours.text,
+          await sh("nbdinfo", ["--map", "--totals", uri]),
+        );
+        const json = await runTool("info", [
+          "--map",
+          "--totals",
+          "--json",
+          uri,
+        ]);
+        assert.deepEqual(
+          JSON.parse(json.text),
+          JSON.parse(
+            await sh("nbdinfo", ["--map", "--totals", "--json", uri]),
+          ),
+        );
+      });
+      await t.step("an unknown context fails with one line", async () => {
+        const ours = await runTool("info", ["--map=qemu:nope", uri]);
+        assert.equal(ours.code, 1);
+        assert.equal(
+          ours.stderr,
+          'info: --map: server does not support metadata context "qemu:nope"\n',
+        );
+        assert.equal(ours.text, "");
+      });
+    } finally {
+      await server.stop();
+    }
+  },
+});
+
+Deno.test({
+  name: "info --list shows every export as nbdinfo --list does",
+  ignore: !haveNbdkit,
+  async fn() {
+    const server = await nbdkit([
+      "--filter=exportname",
+      "memory",
+      "1M",
+      "exportname-list=explicit",
+      "exportname=a",
+      "exportname=b",
+      "exportdesc=fixed:a disk",
+    ]);
+    try {
+      const uri = server.uri();
+      const ours = await runTool("info", ["--list", "--json", uri]);
+      assert.equal(ours.code, 0, ours.stderr);
+      const doc = JSON.parse(ours.text);
+      assertCovers(doc, await nbdinfo(["--list", uri]), "info --list --json");
+      assert.deepEqual(doc.exports.map((e: Json) => e["export-name"]), [
+        "a",
+        "b",
+      ]);
+      const text = await runTool("info", ["--list", uri]);
+      assert.match(text.text, /^export="a":$/m);
+      assert.match(text.text, /^export="b":$/m);
+      assert.match(text.text, /^\tdescription: a disk$/m);
+    } finally {
+      await server.stop();
+    }
+  },
+});
+
+Deno.test({
+  name: "info against qemu-nbd shows qemu's contexts and allocation depth",
+  ignore: !haveQemu,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "nbd-info-" });
+    const image = `${dir}/disk.qcow2`;
+    await sh("qemu-img", ["create", "-q", "-f", "qcow2", image, "4M"]);
+    await sh("qemu-io", ["-f", "qcow2", "-c", "write -P 0x55 1M 64k", image]);
+    const server = await qemuNbd(
+      ["-f", "qcow2", "-x", "disk", "-D", "a qcow2", "-A", image],
+      dir,
+    );
+    try {
+      const uri = server.uri("disk");
+      const ours = await runTool("info", ["--json", uri]);
+      assert.equal(ours.code, 0, ours.stderr);
+      const doc = JSON.parse(ours.text);
+      assertCovers(doc, await nbdinfo([uri]), "info --json (qemu-nbd)");
+      assert.ok(doc.exports[0].contexts.includes("qemu:allocation-depth"));
+
+      const map = await runTool("info", ["--map=qemu:allocation-depth", uri]);
+      assert.equal(map.code, 0, map.stderr);
+      assert.equal(
+        map.text,
+        await sh("nbdinfo", ["--map=qemu:allocation-depth", uri]),
+      );
+    } finally {
+      await server.stop();
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "info fails with one line and status 1",
+  ignore: !haveNbdkit,
+  async fn(t) {
+    await t.step("no server at the socket", async () => {
+      const r = await runTool("info", [
+        "nbd+unix:///?socket=/nonexistent/nbd.sock",
+      ]);
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /^info: .+\n$/);
+      assert.equal(r.text, "");
+    });
+    await t.step("no such export", async () => {
+      const server = await nbdkit(["-e", "disk", "memory", "1M"]);
+      try {
+        // nbdkit serves any name unless told otherwise; the exportname
+        // filter is what makes an unknown name an error.
+        const strict = await nbdkit(
+          [
+            "--filter=exportname",
+            "memory",
+            "1M",
+            "exportname-strict=true",
+            "exportname=disk",
+          ],
+          server.dir,
+        );
+        try {
+          const r = await runTool("info", [strict.uri("missing")]);
+          assert.equal(r.code, 1);
+          assert.match(r.stderr, /^info: .+\n$/);
+        } finally {
+          await strict.stop();
+        }
+      } finally {
+        await server.stop();
+      }
+    });
+    await t.step("usage", async () => {
+      const r = await runTool("info", []);
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /^info: a URI is required\n/);
+      const both = await runTool("info", ["--size", "--list", "nbd://x"]);
+      assert.equal(both.code, 1);
+      assert.match(both.stderr, /you cannot use --list and --size together/);
+    });
+  },
+});
