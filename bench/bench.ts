@@ -1,0 +1,907 @@
+/**
+ * `deno task bench`: this client beside libnbd's own tools, against one
+ * `nbdkit pattern` server on a private Unix socket, in one run.
+ *
+ * - Sequential read of the whole export (2 GiB by default) in 256 KiB
+ *   requests, 16 in flight: ours with `readInto()` and with `readable()`,
+ *   `nbdcopy` with the same request size and queue depth on one connection,
+ *   `nbdcopy` with its defaults, and libnbd's `aio_pread` through `nbdsh`.
+ * - Random 4 KiB reads at queue depth 1 (await each / `h.pread` in a loop)
+ *   and 64 (a window of 64 / `h.aio_pread` reaped with `h.poll`), the same
+ *   offsets on both sides, from a seeded generator, written to a file that
+ *   the `nbdsh` script reads.
+ * - Command-line copies to `null:`: `examples/copy.ts` against `nbdcopy`,
+ *   1 and 4 connections, when `examples/copy.ts` exists.
+ *
+ * Every measurement is warmed up once and run `--runs` times (3); the table
+ * shows the median. Every request that our client completes has one word
+ * checked against the pattern plugin's formula (each 8-byte word is its own
+ * offset, big-endian), and the warm-up checks far more, so the benchmark
+ * cannot pass by not reading.
+ *
+ * ```sh
+ * deno task bench
+ * deno task bench --quick          # 256 MiB, fewer reads: a smoke test
+ * deno task bench --size=4G --runs=5 --threads=4
+ * ```
+ *
+ * Needs `nbdkit`, `nbdcopy` (libnbd-bin) and `nbdsh` (python3-libnbd) on
+ * PATH; a missing tool's rows are skipped with a note.
+ *
+ * @module
+ */
+
+import { connect, type NbdClient } from "../mod.ts";
+
+/** What one timed run did. */
+export interface Run {
+  /** Requests completed. */
+  ops: number;
+  /** Bytes read. */
+  bytes: number;
+  /** Wall-clock seconds around the I/O. */
+  seconds: number;
+}
+
+/** One line of the table. */
+export interface Row {
+  section: string;
+  client: string;
+  ours: boolean;
+  runs: Run[];
+  note?: string;
+}
+
+export interface Config {
+  size: number;
+  requestSize: number;
+  seqDepth: number;
+  runs: number;
+  seconds: number;
+  qd1Count: number;
+  qd64Count: number;
+  seed: number;
+  threads: number;
+  copy: boolean;
+  libnbd: boolean;
+}
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const GiB = 1024 * MiB;
+const RANDOM_SIZE = 4 * KiB;
+
+const USAGE = `Usage: deno task bench [OPTIONS]
+
+  --size=N        export size and bytes read sequentially (2G)
+  --runs=N        timed runs per measurement; the median is shown (3)
+  --seconds=S     stop issuing requests in a run after S seconds (10)
+  --qd1-count=N   random reads per run at queue depth 1 (20000)
+  --qd64-count=N  random reads per run at queue depth 64 (100000)
+  --seed=N        seed of the random offsets (1)
+  --threads=N     nbdkit --threads (16, nbdkit's default)
+  --no-copy       skip the command-line copy benchmark
+  --no-libnbd     skip nbdcopy and nbdsh
+  --quick         256 MiB, 2000 and 10000 random reads, 2 runs
+`;
+
+function parseSize(text: string): number {
+  const m = /^(\d+)([KMGT]?)$/i.exec(text);
+  if (!m) throw new RangeError(`Bad size ${text}`);
+  const unit = { "": 1, K: KiB, M: MiB, G: GiB, T: 1024 * GiB }[
+    m[2]!.toUpperCase() as "" | "K" | "M" | "G" | "T"
+  ];
+  return Number(m[1]) * unit;
+}
+
+function parseConfig(args: string[]): Config {
+  const c: Config = {
+    size: 2 * GiB,
+    requestSize: 256 * KiB,
+    seqDepth: 16,
+    runs: 3,
+    seconds: 10,
+    qd1Count: 20_000,
+    qd64Count: 100_000,
+    seed: 1,
+    threads: 16,
+    copy: true,
+    libnbd: true,
+  };
+  for (const arg of args) {
+    const [name, value = ""] = arg.split("=", 2) as [string, string?];
+    const int = () => {
+      const n = Number(value);
+      if (!Number.isSafeInteger(n) || n <= 0) {
+        throw new RangeError(
+          `${name} needs a positive integer, not "${value}"`,
+        );
+      }
+      return n;
+    };
+    switch (name) {
+      case "--size":
+        c.size = parseSize(value);
+        break;
+      case "--runs":
+        c.runs = int();
+        break;
+      case "--seconds":
+        c.seconds = Number(value);
+        break;
+      case "--qd1-count":
+        c.qd1Count = int();
+        break;
+      case "--qd64-count":
+        c.qd64Count = int();
+        break;
+      case "--seed":
+        c.seed = int();
+        break;
+      case "--threads":
+        c.threads = int();
+        break;
+      case "--no-copy":
+        c.copy = false;
+        break;
+      case "--no-libnbd":
+        c.libnbd = false;
+        break;
+      case "--quick":
+        c.size = 256 * MiB;
+        c.qd1Count = 2000;
+        c.qd64Count = 10_000;
+        c.runs = 2;
+        break;
+      case "-h":
+      case "--help":
+        console.log(USAGE);
+        Deno.exit(0);
+        break;
+      default:
+        throw new TypeError(`Unknown option ${arg}\n\n${USAGE}`);
+    }
+  }
+  if (c.size % c.requestSize !== 0) {
+    throw new RangeError(`--size must be a multiple of ${c.requestSize}`);
+  }
+  return c;
+}
+
+// ---------------------------------------------------------------------------
+// Data checks: nbdkit's pattern plugin stores, in each 8-byte word, that
+// word's own offset, big-endian.
+
+/** Checks the 8-byte word at `at` (relative, 8-aligned) of `buf`, read from `base`. */
+function checkWord(buf: Uint8Array, base: number, at: number): void {
+  const v = new DataView(buf.buffer, buf.byteOffset + at, 8);
+  const want = base + at;
+  const hi = v.getUint32(0);
+  const lo = v.getUint32(4);
+  if (hi !== Math.floor(want / 0x1_0000_0000) || lo !== want >>> 0) {
+    throw new Error(
+      `Data check failed at offset ${want}: read 0x${
+        hi.toString(16).padStart(8, "0")
+      }${lo.toString(16).padStart(8, "0")}, the pattern says ${want}`,
+    );
+  }
+}
+
+/** Checks one word of a request, a different one each time. */
+function checkOne(buf: Uint8Array, base: number, salt: number): void {
+  const words = buf.length >>> 3;
+  checkWord(buf, base, ((salt * 2654435761) >>> 0) % words * 8);
+}
+
+/** Checks up to `samples` words spread over `buf`, or all of them. */
+function checkMany(buf: Uint8Array, base: number, samples = Infinity): void {
+  const words = buf.length >>> 3;
+  const step = Math.max(1, Math.floor(words / samples));
+  for (let w = 0; w < words; w += step) checkWord(buf, base, w * 8);
+  checkWord(buf, base, (words - 1) * 8);
+}
+
+// ---------------------------------------------------------------------------
+// The random offsets, shared with the nbdsh script through a file.
+
+/** mulberry32: small, seedable, and good enough to scatter reads. */
+function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 0x1_0000_0000;
+  };
+}
+
+function randomOffsets(count: number, size: number, seed: number): number[] {
+  const next = mulberry32(seed);
+  const blocks = Math.floor(size / RANDOM_SIZE);
+  const out = new Array<number>(count);
+  for (let i = 0; i < count; i++) {
+    out[i] = Math.floor(next() * blocks) * RANDOM_SIZE;
+  }
+  return out;
+}
+
+/** Little-endian u64s, as `array("Q")` reads them on x86 and arm64. */
+async function writeOffsets(path: string, offsets: number[]): Promise<void> {
+  const bytes = new Uint8Array(offsets.length * 8);
+  const view = new DataView(bytes.buffer);
+  offsets.forEach((o, i) => view.setBigUint64(i * 8, BigInt(o), true));
+  await Deno.writeFile(path, bytes);
+}
+
+// ---------------------------------------------------------------------------
+// Our client.
+
+type Check = "one" | "full";
+
+/** Sequential read with `readInto()`, `depth` requests in flight. */
+async function oursSequential(
+  nbd: NbdClient,
+  size: number,
+  request: number,
+  depth: number,
+  seconds: number,
+  check: Check,
+): Promise<Run> {
+  let next = 0;
+  let stopAt = size;
+  let ops = 0;
+  const t0 = performance.now();
+  const deadline = t0 + seconds * 1000;
+  const worker = async (buf: Uint8Array) => {
+    while (next < stopAt) {
+      const at = next;
+      next += request;
+      await nbd.readInto(buf, at);
+      if (check === "full") checkMany(buf, at, 64);
+      else checkOne(buf, at, ops);
+      ops++;
+      if ((ops & 63) === 0 && performance.now() > deadline) stopAt = next;
+    }
+  };
+  const bufs = Array.from({ length: depth }, () => new Uint8Array(request));
+  await Promise.all(bufs.map(worker));
+  const elapsed = (performance.now() - t0) / 1000;
+  return { ops, bytes: ops * request, seconds: elapsed };
+}
+
+/** Sequential read through `readable()` with `readAhead` requests ahead. */
+async function oursStream(
+  nbd: NbdClient,
+  size: number,
+  request: number,
+  depth: number,
+  seconds: number,
+  check: Check,
+): Promise<Run> {
+  let pos = 0;
+  let ops = 0;
+  const t0 = performance.now();
+  const deadline = t0 + seconds * 1000;
+  const stream = nbd.readable({
+    length: size,
+    chunkSize: request,
+    readAhead: depth,
+  });
+  for await (const chunk of stream) {
+    // Chunks arrive as the requests returned them: request-sized, aligned.
+    if (check === "full") checkMany(chunk, pos, 64);
+    else checkOne(chunk, pos, ops);
+    pos += chunk.length;
+    ops++;
+    if ((ops & 63) === 0 && performance.now() > deadline) break;
+  }
+  const elapsed = (performance.now() - t0) / 1000;
+  return { ops, bytes: pos, seconds: elapsed };
+}
+
+/** 4 KiB reads at `offsets`, `depth` in flight (1: await each). */
+async function oursRandom(
+  nbd: NbdClient,
+  offsets: number[],
+  count: number,
+  depth: number,
+  seconds: number,
+  check: Check,
+): Promise<Run> {
+  let next = 0;
+  let stopAt = Math.min(count, offsets.length);
+  let ops = 0;
+  const t0 = performance.now();
+  const deadline = t0 + seconds * 1000;
+  const worker = async (buf: Uint8Array) => {
+    while (next < stopAt) {
+      const at = offsets[next++]!;
+      await nbd.readInto(buf, at);
+      if (check === "full") checkMany(buf, at);
+      else checkOne(buf, at, ops);
+      ops++;
+      if ((ops & 255) === 0 && performance.now() > deadline) stopAt = next;
+    }
+  };
+  const bufs = Array.from({ length: depth }, () => new Uint8Array(RANDOM_SIZE));
+  await Promise.all(bufs.map(worker));
+  const elapsed = (performance.now() - t0) / 1000;
+  return { ops, bytes: ops * RANDOM_SIZE, seconds: elapsed };
+}
+
+/** Warms up once with full checks, then times `runs` runs. */
+async function repeat(
+  runs: number,
+  measure: (check: Check, warm: boolean) => Promise<Run>,
+): Promise<Run[]> {
+  await measure("full", true);
+  const out: Run[] = [];
+  for (let i = 0; i < runs; i++) out.push(await measure("one", false));
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// libnbd: nbdcopy and nbdsh.
+
+/** A tool is usable when it runs with `--version`. */
+async function has(
+  cmd: string,
+  env?: Record<string, string>,
+): Promise<boolean> {
+  try {
+    const r = await new Deno.Command(cmd, {
+      args: ["--version"],
+      stdout: "null",
+      stderr: "null",
+      ...(env ? { env } : {}),
+    }).output();
+    return r.success;
+  } catch {
+    return false;
+  }
+}
+
+async function versionOf(cmd: string, args = ["--version"]): Promise<string> {
+  try {
+    const r = await new Deno.Command(cmd, { args, stderr: "null" }).output();
+    return new TextDecoder().decode(r.stdout).trim().split("\n")[0] ?? "?";
+  } catch {
+    return "not found";
+  }
+}
+
+/**
+ * nbdsh runs `python3 -m nbd` from PATH; where the first python3 on PATH
+ * (a pyenv shim, say) lacks the module, put the system one first.
+ */
+async function nbdshEnv(dir: string): Promise<Record<string, string> | null> {
+  const path = Deno.env.get("PATH") ?? "/usr/bin:/bin";
+  const imports = async (python: string) => {
+    try {
+      const r = await new Deno.Command(python, {
+        args: ["-c", "import nbd"],
+        stdout: "null",
+        stderr: "null",
+      }).output();
+      return r.success;
+    } catch {
+      return false;
+    }
+  };
+  if (await imports("python3")) return { PATH: path };
+  for (const python of ["/usr/bin/python3", "/usr/local/bin/python3"]) {
+    if (await imports(python)) {
+      const bin = `${dir}/bin`;
+      await Deno.mkdir(bin, { recursive: true });
+      await Deno.symlink(python, `${bin}/python3`);
+      return { PATH: `${bin}:${path}` };
+    }
+  }
+  return null;
+}
+
+/**
+ * Runs a command and times it from spawn to exit, so the figure includes
+ * the tool's start-up and handshake (a few milliseconds).
+ *
+ * This is the hook for the copy benchmark: {@linkcode benchCopies} times
+ * `examples/copy.ts` and `nbdcopy` through it, and any other command-line
+ * copy can be added the same way.
+ *
+ * @param argv The command and its arguments.
+ * @param bytes Bytes the command moves, for the throughput.
+ * @param requestSize The command's request size: `ops` counts requests of
+ *   this size, so that IOPS compare with the in-process rows.
+ * @param cwd Where to run it.
+ * @returns The timing.
+ * @throws {Error} when the command fails, with its stderr.
+ */
+export async function timeCommand(
+  argv: string[],
+  bytes: number,
+  requestSize: number,
+  cwd?: string,
+): Promise<Run> {
+  const [cmd, ...args] = argv as [string, ...string[]];
+  const t0 = performance.now();
+  const r = await new Deno.Command(cmd, {
+    args,
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+    ...(cwd ? { cwd } : {}),
+  }).output();
+  const seconds = (performance.now() - t0) / 1000;
+  if (!r.success) {
+    throw new Error(
+      `${argv.join(" ")} failed (exit ${r.code}): ${
+        new TextDecoder().decode(r.stderr).trim()
+      }`,
+    );
+  }
+  return { ops: bytes / requestSize, bytes, seconds };
+}
+
+interface NbdshJob {
+  mode: "seq" | "rand";
+  request: number;
+  depth: number;
+  runs: number;
+  seconds: number;
+  size?: number;
+  warmSize?: number;
+  count?: number;
+  warmCount?: number;
+  offsetsFile?: string;
+}
+
+/** Runs bench/_libnbd.py inside nbdsh; it warms up and times each run. */
+async function runNbdsh(
+  uri: string,
+  env: Record<string, string>,
+  job: NbdshJob,
+): Promise<Run[]> {
+  const script = new URL("./_libnbd.py", import.meta.url).pathname;
+  const vars: Record<string, string> = {
+    ...env,
+    NBD_BENCH_MODE: job.mode,
+    NBD_BENCH_REQUEST: String(job.request),
+    NBD_BENCH_QD: String(job.depth),
+    NBD_BENCH_RUNS: String(job.runs),
+    NBD_BENCH_SECONDS: String(job.seconds),
+    NBD_BENCH_SIZE: String(job.size ?? 0),
+    NBD_BENCH_WARM_SIZE: String(job.warmSize ?? 0),
+    NBD_BENCH_COUNT: String(job.count ?? 0),
+    NBD_BENCH_WARM_COUNT: String(job.warmCount ?? 0),
+    NBD_BENCH_OFFSETS: job.offsetsFile ?? "",
+  };
+  const r = await new Deno.Command("nbdsh", {
+    args: ["-u", uri, "-c", `exec(open(${JSON.stringify(script)}).read())`],
+    env: vars,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = new TextDecoder().decode(r.stdout).trim();
+  if (!r.success) {
+    throw new Error(
+      `nbdsh failed (exit ${r.code}): ${
+        new TextDecoder().decode(r.stderr).trim()
+      }`,
+    );
+  }
+  const last = text.split("\n").at(-1) ?? "";
+  return (JSON.parse(last) as { runs: Run[] }).runs;
+}
+
+// ---------------------------------------------------------------------------
+// The server.
+
+export interface Server {
+  uri: string;
+  path: string;
+  stop(): Promise<void>;
+}
+
+async function startServer(dir: string, c: Config): Promise<Server> {
+  const path = `${dir}/nbd.sock`;
+  const child = new Deno.Command("nbdkit", {
+    args: [
+      "-U",
+      path,
+      "-f",
+      "--exit-with-parent",
+      `--threads=${c.threads}`,
+      "pattern",
+      `size=${c.size}`,
+    ],
+    stdin: "null",
+    stdout: "null",
+    stderr: "inherit",
+  }).spawn();
+  const stop = async () => {
+    try {
+      child.kill("SIGTERM");
+    } catch {
+      // Already gone.
+    }
+    await child.status;
+  };
+  // Poll for the socket, bounded: nbdkit listens before it creates it.
+  for (let i = 0;; i++) {
+    try {
+      const conn = await Deno.connect({ transport: "unix", path });
+      conn.close();
+      break;
+    } catch {
+      if (i >= 200) {
+        await stop();
+        throw new Error(`nbdkit did not listen on ${path} within 10 s`);
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+  return { uri: `nbd+unix:///?socket=${path}`, path, stop };
+}
+
+// ---------------------------------------------------------------------------
+// The table.
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = s.length >> 1;
+  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
+}
+
+function rates(row: Row): { mibs: number; iops: number; secs: number } {
+  return {
+    mibs: median(row.runs.map((r) => r.bytes / MiB / r.seconds)),
+    iops: median(row.runs.map((r) => r.ops / r.seconds)),
+    secs: median(row.runs.map((r) => r.seconds)),
+  };
+}
+
+function fmt(n: number, digits = 0): string {
+  return n.toLocaleString("en-US", {
+    minimumFractionDigits: digits,
+    maximumFractionDigits: digits,
+  });
+}
+
+/** Prints the table: each section's first "ours" row is the reference. */
+function printTable(rows: Row[], c: Config): void {
+  const head = ["test", "client", "MiB/s", "IOPS", "median s", "ours/this"];
+  const lines: string[][] = [];
+  let section = "";
+  let ref: { mibs: number; iops: number } | undefined;
+  for (const row of rows) {
+    if (row.section !== section) {
+      section = row.section;
+      ref = undefined;
+    }
+    if (row.runs.length === 0) {
+      lines.push([section, row.client, "-", "-", "-", row.note ?? "skipped"]);
+      continue;
+    }
+    const r = rates(row);
+    ref ??= row.ours ? r : undefined;
+    const ratio = row.ours
+      ? (ref === r ? "(ref)" : "")
+      : ref
+      ? `${fmt(ref.mibs / r.mibs, 2)}x`
+      : "";
+    lines.push([
+      section,
+      row.client,
+      fmt(r.mibs, 1),
+      fmt(r.iops),
+      fmt(r.secs, 3),
+      ratio + (row.note ? ` ${row.note}` : ""),
+    ]);
+  }
+  const widths = head.map((h, i) =>
+    Math.max(h.length, ...lines.map((l) => l[i]!.length))
+  );
+  const numeric = [false, false, true, true, true, false];
+  const show = (cells: string[]) =>
+    "| " +
+    cells.map((x, i) =>
+      numeric[i] ? x.padStart(widths[i]!) : x.padEnd(widths[i]!)
+    ).join(" | ") + " |";
+  console.log(show(head));
+  console.log(
+    "|" +
+      widths.map((w, i) =>
+        numeric[i] ? "-".repeat(w + 1) + ":" : "-".repeat(w + 2)
+      ).join("|") + "|",
+  );
+  for (const l of lines) console.log(show(l));
+  console.log(
+    `\nMedian of ${c.runs} runs after one warm-up; "ours/this" is the ` +
+      "section's first row of ours divided by that row (above 1: ours is faster).",
+  );
+}
+
+// ---------------------------------------------------------------------------
+// The copy benchmark.
+
+/**
+ * `examples/copy.ts` against `nbdcopy`, source to `null:`, over 1 and 4
+ * connections, each timed from spawn to exit by {@linkcode timeCommand}.
+ * Rows are skipped when `examples/copy.ts` is not there yet.
+ *
+ * @param server The benchmark server.
+ * @param c The configuration.
+ * @param withNbdcopy Whether `nbdcopy` is installed.
+ * @returns Table rows.
+ */
+export async function benchCopies(
+  server: Server,
+  c: Config,
+  withNbdcopy: boolean,
+): Promise<Row[]> {
+  const root = new URL("..", import.meta.url).pathname;
+  const copyTs = `${root}examples/copy.ts`;
+  const rows: Row[] = [];
+  let present = true;
+  try {
+    await Deno.stat(copyTs);
+  } catch {
+    present = false;
+  }
+  for (const conns of [1, 4]) {
+    const section = `copy to null:, ${conns} conn`;
+    const deno = [
+      Deno.execPath(),
+      "run",
+      "-A",
+      "examples/copy.ts",
+      `--connections=${conns}`,
+      server.uri,
+      "null:",
+    ];
+    const tool = ["nbdcopy", `--connections=${conns}`, server.uri, "null:"];
+    const ours: Row = {
+      section,
+      client: `deno run -A examples/copy.ts -C ${conns}`,
+      ours: true,
+      runs: [],
+    };
+    const theirs: Row = {
+      section,
+      client: `nbdcopy -C ${conns}`,
+      ours: false,
+      runs: [],
+    };
+    if (!present) ours.note = "examples/copy.ts not found";
+    if (!withNbdcopy) theirs.note = "nbdcopy not found";
+    for (let i = 0; i < c.runs; i++) {
+      if (present) {
+        ours.runs.push(await timeCommand(deno, c.size, c.requestSize, root));
+      }
+      if (withNbdcopy) {
+        theirs.runs.push(await timeCommand(tool, c.size, c.requestSize));
+      }
+    }
+    rows.push(ours, theirs);
+  }
+  return rows;
+}
+
+// ---------------------------------------------------------------------------
+
+async function main(): Promise<void> {
+  const c = parseConfig(Deno.args);
+  const started = performance.now();
+  const dir = await Deno.makeTempDir({ prefix: "nbd-bench-" });
+  const rows: Row[] = [];
+  const progress = (text: string) =>
+    console.error(
+      `[${((performance.now() - started) / 1000).toFixed(1)}s] ${text}`,
+    );
+  let server: Server | undefined;
+  try {
+    const withNbdcopy = c.libnbd && await has("nbdcopy");
+    const shEnv = c.libnbd ? await nbdshEnv(dir) : null;
+    const withNbdsh = shEnv !== null && await has("nbdsh", shEnv);
+
+    console.log(
+      [
+        `deno ${Deno.version.deno} (V8 ${Deno.version.v8})`,
+        await versionOf("nbdkit"),
+        await versionOf("nbdcopy"),
+        `${navigator.hardwareConcurrency} CPUs`,
+      ].join(", "),
+    );
+    console.log(
+      `server: nbdkit -U SOCK -f --threads=${c.threads} pattern size=${c.size}` +
+        ` (${fmt(c.size / MiB)} MiB)\n`,
+    );
+
+    server = await startServer(dir, c);
+    const s = server;
+    const req = c.requestSize;
+    const qd = c.seqDepth;
+    const warmSize = Math.min(c.size, 256 * MiB);
+
+    // Sequential.
+    const seq = `seq read ${fmt(c.size / MiB)} MiB`;
+    const nbd = await connect({ path: s.path, maxInFlight: 64 });
+    try {
+      progress("ours: sequential readInto()");
+      rows.push({
+        section: seq,
+        client: `ours readInto() ${req / KiB}K x${qd}`,
+        ours: true,
+        runs: await repeat(c.runs, (check, warm) =>
+          oursSequential(
+            nbd,
+            warm ? warmSize : c.size,
+            req,
+            qd,
+            c.seconds,
+            check,
+          )),
+      });
+      progress("ours: sequential readable()");
+      rows.push({
+        section: seq,
+        client: `ours readable() ${req / KiB}K ahead ${qd}`,
+        ours: true,
+        runs: await repeat(
+          c.runs,
+          (check, warm) =>
+            oursStream(
+              nbd,
+              warm ? warmSize : c.size,
+              req,
+              qd,
+              c.seconds,
+              check,
+            ),
+        ),
+      });
+    } finally {
+      await nbd.close();
+    }
+    if (withNbdcopy) {
+      progress("nbdcopy: sequential");
+      const matched = [
+        "nbdcopy",
+        `--request-size=${req}`,
+        `--requests=${qd}`,
+        "--connections=1",
+        s.uri,
+        "null:",
+      ];
+      const defaults = ["nbdcopy", s.uri, "null:"];
+      const m: Run[] = [];
+      const d: Run[] = [];
+      await timeCommand(matched, c.size, req); // warm-up
+      for (let i = 0; i < c.runs; i++) {
+        m.push(await timeCommand(matched, c.size, req));
+        d.push(await timeCommand(defaults, c.size, req));
+      }
+      rows.push({
+        section: seq,
+        client: `nbdcopy --request-size=${req} --requests=${qd} -C 1`,
+        ours: false,
+        runs: m,
+      });
+      rows.push({
+        section: seq,
+        client: "nbdcopy (defaults)",
+        ours: false,
+        runs: d,
+      });
+    } else {
+      rows.push({
+        section: seq,
+        client: "nbdcopy",
+        ours: false,
+        runs: [],
+        note: "nbdcopy not found",
+      });
+    }
+    if (withNbdsh) {
+      progress("nbdsh: sequential aio_pread");
+      rows.push({
+        section: seq,
+        client: `nbdsh aio_pread ${req / KiB}K x${qd}`,
+        ours: false,
+        runs: await runNbdsh(s.uri, shEnv, {
+          mode: "seq",
+          request: req,
+          depth: qd,
+          runs: c.runs,
+          seconds: c.seconds,
+          size: c.size,
+          warmSize,
+        }),
+      });
+    }
+
+    // Random 4 KiB.
+    const offsets = randomOffsets(
+      Math.max(c.qd1Count, c.qd64Count),
+      c.size,
+      c.seed,
+    );
+    const offsetsFile = `${dir}/offsets.u64le`;
+    await writeOffsets(offsetsFile, offsets);
+    for (
+      const [depth, count] of [[1, c.qd1Count], [64, c.qd64Count]] as const
+    ) {
+      const section = `rand 4K QD${depth}, ${fmt(count)} reads`;
+      const warmCount = Math.min(count, Math.max(1000, count / 10));
+      const client = await connect({ path: s.path, maxInFlight: 64 });
+      try {
+        progress(`ours: random QD${depth}`);
+        rows.push({
+          section,
+          client: depth === 1
+            ? "ours readInto(), await each"
+            : `ours readInto(), window of ${depth}`,
+          ours: true,
+          runs: await repeat(c.runs, (check, warm) =>
+            oursRandom(
+              client,
+              offsets,
+              warm ? warmCount : count,
+              depth,
+              c.seconds,
+              check,
+            )),
+        });
+      } finally {
+        await client.close();
+      }
+      if (withNbdsh) {
+        progress(`nbdsh: random QD${depth}`);
+        rows.push({
+          section,
+          client: depth === 1
+            ? "nbdsh h.pread loop"
+            : `nbdsh h.aio_pread window of ${depth}`,
+          ours: false,
+          runs: await runNbdsh(s.uri, shEnv, {
+            mode: "rand",
+            request: RANDOM_SIZE,
+            depth,
+            runs: c.runs,
+            seconds: c.seconds,
+            count,
+            warmCount,
+            offsetsFile,
+          }),
+        });
+      } else {
+        rows.push({
+          section,
+          client: "nbdsh",
+          ours: false,
+          runs: [],
+          note: "nbdsh (python3-libnbd) not found",
+        });
+      }
+    }
+
+    if (c.copy) {
+      progress("copies to null:");
+      rows.push(...await benchCopies(s, c, withNbdcopy));
+    }
+  } finally {
+    await server?.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+  console.log("");
+  printTable(rows, c);
+  console.log(
+    `Whole benchmark: ${fmt((performance.now() - started) / 1000, 1)} s.`,
+  );
+}
+
+if (import.meta.main) {
+  await main();
+}
