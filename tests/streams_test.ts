@@ -4,6 +4,8 @@ import {
   type StreamableClient,
   writableTo,
 } from "../lib/streams.ts";
+import { connect } from "../mod.ts";
+import { exportHash, have, nbdkit, sha256 } from "./examples/_servers.ts";
 
 /**
  * An export in memory that enforces what a strict client would: bounds,
@@ -277,4 +279,50 @@ Deno.test("writableTo()", async (t) => {
     await readableFrom(a).pipeTo(writableTo(b));
     assert.deepEqual(b.data, a.data);
   });
+});
+
+Deno.test({
+  name: "streams pipe between a file and an nbdkit export",
+  ignore: !have("nbdkit"),
+  async fn(t) {
+    // A minimum block size of 512 makes writableTo merge the file's odd tail.
+    const server = await nbdkit([
+      "--filter=blocksize-policy",
+      "memory",
+      "4M",
+      "blocksize-minimum=512",
+      "blocksize-preferred=4096",
+      "blocksize-maximum=65536",
+    ]);
+    const source = `${server.dir}/in.bin`;
+    const copy = `${server.dir}/out.bin`;
+    const data = pattern(3 * 1024 * 1024 + 333, 11);
+    await Deno.writeFile(source, data);
+    const nbd = await connect(server.uri());
+    try {
+      await t.step("file.readable.pipeTo(writableTo(nbd))", async () => {
+        using file = await Deno.open(source);
+        await file.readable.pipeTo(writableTo(nbd, { offset: 4096 }));
+        const back = await nbd.read(4096, 3 * 1024 * 1024 + 512);
+        assert.deepEqual(back.subarray(0, data.length), data);
+        assert.ok(back.subarray(data.length).every((b) => b === 0));
+      });
+      await t.step("readableFrom(nbd).pipeTo(file.writable)", async () => {
+        const file = await Deno.create(copy);
+        await readableFrom(nbd, { offset: 4096, length: 3 * 1024 * 1024 })
+          .pipeTo(file.writable);
+        const got = await Deno.readFile(copy);
+        assert.deepEqual(got, data.subarray(0, 3 * 1024 * 1024));
+      });
+      await t.step("the same through the reference client", async () => {
+        const hash = await exportHash(server.uri());
+        const all = new Uint8Array(4 * 1024 * 1024);
+        all.set(data, 4096);
+        assert.equal(hash, await sha256(all));
+      });
+    } finally {
+      await nbd.close();
+      await server.stop();
+    }
+  },
 });
