@@ -19,6 +19,7 @@ import {
   W_OK,
 } from "./_libc.ts";
 import { NbdKernelError } from "./errors.ts";
+import type { ExportInfo } from "../lib/handshake.ts";
 
 // linux/nbd.h and linux/fs.h.
 export const NBD_SET_SOCK = 0xab00n;
@@ -200,4 +201,36 @@ export function deviceSize(device: string, fd: number): bigint {
     );
   }
   return out[0]!;
+}
+
+/**
+ * The block size for the kernel: the server's preferred size (or the
+ * caller's), within [512, page size] and at least the server's minimum;
+ * lowered while that keeps more of the export reachable.
+ */
+export function chooseBlockSize(
+  info: Pick<ExportInfo, "size" | "blockSize">,
+  page: number,
+  requested?: number,
+): number {
+  const minimum = Math.max(512, info.blockSize.minimum);
+  if (minimum > page) {
+    throw new RangeError(
+      `The export's minimum block size ${info.blockSize.minimum} is larger than the kernel's limit of ${page} bytes`,
+    );
+  }
+  if (requested !== undefined) {
+    if (requested < minimum) {
+      throw new RangeError(
+        `Block size ${requested} is below the export's minimum of ${info.blockSize.minimum}`,
+      );
+    }
+    return requested;
+  }
+  let size = Math.min(page, Math.max(minimum, info.blockSize.preferred));
+  // Powers of two only: round down.
+  size = 2 ** Math.floor(Math.log2(size));
+  if (size < minimum) size = minimum;
+  while (size > minimum && info.size % BigInt(size) !== 0n) size /= 2;
+  return size;
 }

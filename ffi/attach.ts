@@ -15,7 +15,12 @@
  * @module
  */
 
-import type { ConnectOptions } from "../lib/connect_options.ts";
+import { openTransport, resolveOptions } from "../lib/client.ts";
+import type {
+  ConnectOptions,
+  DebugHook,
+  TlsOptions,
+} from "../lib/connect_options.ts";
 import { FLAG_HAS_FLAGS, FLAG_READ_ONLY } from "../lib/constants.ts";
 import { makeTracer, type Tracer } from "../lib/debug.ts";
 import { abortReason, NbdProtocolError } from "../lib/errors.ts";
@@ -29,6 +34,7 @@ import { startDoItWorker } from "./_do_it_worker.ts";
 import { FdStream } from "./_fd_stream.ts";
 import {
   checkDevice,
+  chooseBlockSize,
   deviceInUse,
   deviceName,
   devicePath,
@@ -58,8 +64,13 @@ import { type Relay, socketPair, startRelay } from "./_relay.ts";
 import { connectSocket } from "./_socket.ts";
 import { NbdKernelError } from "./errors.ts";
 
-/** How to attach; everything about the server is in the target. */
-export interface AttachOptions {
+/**
+ * How to attach. The server and export come from the target; TLS settings
+ * and `debug` given here override the target's.
+ */
+export interface AttachOptions extends TlsOptions {
+  /** Trace the handshake and the kernel calls; `true` prints to stderr. */
+  debug?: boolean | DebugHook;
   /** Make the device read-only even if the export is writable. */
   readOnly?: boolean;
   /**
@@ -133,10 +144,29 @@ export interface AttachedDevice extends AsyncDisposable {
 /** Seconds after NBD_DISCONNECT before the socket is shut down by force. */
 const DISCONNECT_GRACE_MS = 5000;
 
-/** Turns a URI into options, through the library's URI parser. */
-async function parseTarget(uri: string): Promise<ConnectOptions> {
-  const { parseUri } = await import("../lib/uri.ts");
-  return parseUri(uri);
+const TLS_KEYS = [
+  "tls",
+  "tlsCertificates",
+  "caCerts",
+  "tlsClientCert",
+  "tlsClientKey",
+  "tlsHostname",
+  "tlsVerifyPeer",
+  "tlsUsername",
+  "tlsPskFile",
+  "debug",
+] as const;
+
+/** The target as options, with the TLS settings of `options` on top. */
+function resolveTarget(
+  target: string | ConnectOptions,
+  options: AttachOptions,
+): ConnectOptions {
+  const overrides: Record<string, unknown> = {};
+  for (const key of TLS_KEYS) {
+    if (options[key] !== undefined) overrides[key] = options[key];
+  }
+  return resolveOptions(target, overrides as ConnectOptions);
 }
 
 function handshakeOptions(
@@ -177,38 +207,6 @@ function validate(options: AttachOptions, page: number): void {
 }
 
 /**
- * The block size for the kernel: the server's preferred size (or the
- * caller's), within [512, page size] and at least the server's minimum;
- * lowered while that keeps more of the export reachable.
- */
-export function chooseBlockSize(
-  info: Pick<ExportInfo, "size" | "blockSize">,
-  page: number,
-  requested?: number,
-): number {
-  const minimum = Math.max(512, info.blockSize.minimum);
-  if (minimum > page) {
-    throw new RangeError(
-      `The export's minimum block size ${info.blockSize.minimum} is larger than the kernel's limit of ${page} bytes`,
-    );
-  }
-  if (requested !== undefined) {
-    if (requested < minimum) {
-      throw new RangeError(
-        `Block size ${requested} is below the export's minimum of ${info.blockSize.minimum}`,
-      );
-    }
-    return requested;
-  }
-  let size = Math.min(page, Math.max(minimum, info.blockSize.preferred));
-  // Powers of two only: round down.
-  size = 2 ** Math.floor(Math.log2(size));
-  if (size < minimum) size = minimum;
-  while (size > minimum && info.size % BigInt(size) !== 0n) size /= 2;
-  return size;
-}
-
-/**
  * Connects to the server and negotiates for the kernel.
  *
  * @returns the descriptor for the kernel, what was negotiated, and for
@@ -246,7 +244,6 @@ async function connectForKernel(
   }
   // TLS (or TLS if offered): the library makes the connection, the kernel
   // gets a socketpair.
-  const { openTransport } = await import("../lib/client.ts");
   const opened = await openTransport({
     ...target,
     structuredReplies: false,
@@ -324,9 +321,7 @@ export async function attach(
   libc();
   const page = pageSize();
   validate(options, page);
-  const connectOptions: ConnectOptions = typeof target === "string"
-    ? await parseTarget(target)
-    : { ...target };
+  const connectOptions = resolveTarget(target, options);
   const trace = makeTracer(connectOptions.debug);
   const signal = options.signal ?? connectOptions.signal;
   if (signal?.aborted) throw abortReason(signal);

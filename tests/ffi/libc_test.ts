@@ -11,6 +11,7 @@ import {
 } from "../../ffi/_libc.ts";
 import { socketPair } from "../../ffi/_relay.ts";
 import {
+  chooseBlockSize,
   deviceName,
   devicePath,
   ioctlName,
@@ -18,9 +19,9 @@ import {
   pageSize,
   readSmallFile,
 } from "../../ffi/_kernel.ts";
-import { chooseBlockSize } from "../../ffi/attach.ts";
+
 import { NbdKernelError } from "../../ffi/errors.ts";
-import { findFreeDevice, isAttached } from "../../ffi/mod.ts";
+import { findFreeDevice, isAttached } from "../../ffi/device.ts";
 
 Deno.test("libc() loads glibc and reads errno after a failed call", () => {
   const c = libc();

@@ -1,0 +1,218 @@
+#!/bin/sh
+# Runs inside the test guest (see harness.ts), in the repository root, as
+# root, with the host's root read-only and a fresh tmpfs on /tmp. Every
+# check writes one line to $KT_RESULTS/results.txt ("ok NAME: detail" or
+# "FAIL NAME: detail") and every phase its time to timings.txt; the host
+# asserts on those. Nothing here may wait without a bound.
+set -u
+
+R="${KT_RESULTS:?}"
+W=/tmp/kt
+mkdir -p "$W" "$W/mnt" "$HOME" "$DENO_DIR"
+: > "$R/results.txt"
+: > "$R/timings.txt"
+export PATH
+
+CONNECT="deno run --allow-net --allow-ffi examples/connect.ts"
+MiB=1048576
+
+now_ms() { date +%s%3N; }
+T0=$(now_ms)
+PHASE_START=$T0
+phase() { # name: records the time since the last phase
+  t=$(now_ms)
+  echo "$1 $((t - PHASE_START))" >> "$R/timings.txt"
+  PHASE_START=$t
+}
+ok() { echo "ok $1: $2" >> "$R/results.txt"; echo "kt: ok $1: $2"; }
+fail() { echo "FAIL $1: $2" >> "$R/results.txt"; echo "kt: FAIL $1: $2"; }
+check() { # name detail command...: ok when the command succeeds
+  name=$1 detail=$2
+  shift 2
+  if "$@"; then ok "$name" "$detail"; else fail "$name" "$detail"; fi
+}
+oneline() { tr '\n' ' ' < "$1" | cut -c1-400; }
+
+# wait_for SECONDS COMMAND...: polls every 0.1 s until COMMAND succeeds.
+wait_for() {
+  n=$(($1 * 10))
+  shift
+  while [ "$n" -gt 0 ]; do
+    if "$@"; then return 0; fi
+    sleep 0.1
+    n=$((n - 1))
+  done
+  return 1
+}
+attached() { [ -e "/sys/block/$1/pid" ]; }
+free() { [ ! -e "/sys/block/$1/pid" ]; }
+gone() { ! kill -0 "$1" 2>/dev/null; }
+
+# wait_exit PID SECONDS: the exit status of a background child, or 255
+# (after killing it) if it outlives the bound.
+wait_exit() {
+  if wait_for "$2" gone "$1"; then
+    wait "$1"
+    return $?
+  fi
+  kill -KILL "$1" 2>/dev/null
+  wait "$1" 2>/dev/null
+  return 255
+}
+
+# start_server NAME ARGS...: nbdkit on $W/NAME.sock, pid in $W/NAME.pid.
+start_server() {
+  name=$1
+  shift
+  nbdkit -U "$W/$name.sock" -P "$W/$name.pid" "$@" ||
+    { fail "server-$name" "nbdkit did not start"; return 1; }
+  wait_for 20 test -S "$W/$name.sock" ||
+    { fail "server-$name" "no socket"; return 1; }
+}
+uri() { echo "nbd+unix:///?socket=$W/$1.sock"; }
+
+echo "kt: guest script starting; kernel $(uname -r)"
+deno --version | head -1
+
+# Warm Deno's cache once, so later starts measure the client, not the
+# transpiler.
+deno cache examples/connect.ts tests/kernel/guest_probe.ts > "$W/cache.log" 2>&1 ||
+  fail cache "$(oneline "$W/cache.log")"
+phase deno-cache
+
+start_server mem memory size=64M
+start_server ro -r memory size=16M
+phase servers
+
+# --- attach a writable export to /dev/nbd0 ---------------------------------
+$CONNECT "$(uri mem)" /dev/nbd0 > "$W/c0.out" 2> "$W/c0.err" &
+C0=$!
+if wait_for 60 attached nbd0; then
+  ok attach "nbd0 up: $(oneline "$W/c0.out")"
+else
+  fail attach "nbd0 never came up: $(oneline "$W/c0.err")"
+fi
+phase attach
+
+size=$(blockdev --getsize64 /dev/nbd0 2>&1)
+check blkgetsize64 "BLKGETSIZE64 of nbd0 is $size" [ "$size" = $((64 * MiB)) ]
+ro=$(blockdev --getro /dev/nbd0 2>&1)
+check writable "BLKROGET of nbd0 is $ro" [ "$ro" = 0 ]
+deno run --allow-ffi tests/kernel/guest_probe.ts /dev/nbd0 > "$W/probe0.out" 2>&1
+check library-probe "$(oneline "$W/probe0.out")" \
+  grep -q '"attached":true,"size":"67108864","free":"/dev/nbd1"' "$W/probe0.out"
+phase probes
+
+# A busy device and a missing one, at the same time: two clear errors.
+$CONNECT "$(uri mem)" /dev/nbd0 > /dev/null 2> "$W/busy.err" &
+B=$!
+$CONNECT "$(uri mem)" /dev/nbd9 > /dev/null 2> "$W/missing.err" &
+M=$!
+wait_exit $B 60
+rc=$?
+check busy-error "exit $rc: $(oneline "$W/busy.err")" \
+  sh -c "[ $rc = 1 ] && grep -q 'already connected' '$W/busy.err'"
+wait_exit $M 60
+rc=$?
+check missing-error "exit $rc: $(oneline "$W/missing.err")" \
+  sh -c "[ $rc = 1 ] && grep -q 'modprobe nbd' '$W/missing.err'"
+phase errors
+
+# --- I/O through the kernel, checked from the server side too --------------
+head -c $((4 * MiB)) /dev/urandom > "$W/pattern"
+timeout 60 dd if="$W/pattern" of=/dev/nbd0 bs=1M seek=1 oflag=direct \
+  conv=fsync status=none 2> "$W/dd.err"
+check write "4 MiB at 1 MiB: $(oneline "$W/dd.err")" [ $? = 0 ]
+echo 3 > /proc/sys/vm/drop_caches
+timeout 60 dd if=/dev/nbd0 of="$W/readback" bs=1M skip=1 count=4 \
+  iflag=direct status=none 2> "$W/dd.err"
+check read-back "read 4 MiB back" cmp -s "$W/pattern" "$W/readback"
+timeout 60 nbdcopy "$(uri mem)" "$W/server.img" 2> "$W/nbdcopy.err"
+dd if="$W/server.img" of="$W/server-part" bs=1M skip=1 count=4 status=none
+check server-side "nbdcopy of the export matches: $(oneline "$W/nbdcopy.err")" \
+  cmp -s "$W/pattern" "$W/server-part"
+phase io
+
+timeout 60 mkfs.ext4 -q -F /dev/nbd0 > "$W/mkfs.log" 2>&1
+check mkfs "mkfs.ext4: $(oneline "$W/mkfs.log")" [ $? = 0 ]
+if timeout 60 mount -t ext4 /dev/nbd0 "$W/mnt" 2> "$W/mount.err"; then
+  cp "$W/pattern" "$W/mnt/pattern"
+  sync
+  umount "$W/mnt"
+  timeout 60 mount -t ext4 -o ro /dev/nbd0 "$W/mnt" 2>> "$W/mount.err"
+  check filesystem "a file survives umount and mount" \
+    cmp -s "$W/pattern" "$W/mnt/pattern"
+  umount "$W/mnt" 2>> "$W/mount.err"
+else
+  fail filesystem "mount: $(oneline "$W/mount.err")"
+fi
+phase filesystem
+
+# --- detach with -d, as nbd-client -d ---------------------------------------
+$CONNECT -d /dev/nbd0 > "$W/d.out" 2> "$W/d.err"
+rc=$?
+check detach "connect.ts -d exit $rc: $(oneline "$W/d.err")" [ $rc = 0 ]
+check detach-free "nbd0 has no pid file after -d" wait_for 20 free nbd0
+wait_exit $C0 30
+rc=$?
+check detach-client-exits "attached client exit $rc: $(oneline "$W/c0.err")" \
+  [ $rc != 255 ]
+phase detach
+
+# --- read-only: an -r export, and --read-only on a writable one -------------
+$CONNECT "$(uri ro)" /dev/nbd1 > "$W/c1.out" 2> "$W/c1.err" &
+C1=$!
+$CONNECT --read-only "$(uri mem)" /dev/nbd2 > "$W/c2.out" 2> "$W/c2.err" &
+C2=$!
+wait_for 60 attached nbd1 || fail attach-ro "nbd1: $(oneline "$W/c1.err")"
+wait_for 60 attached nbd2 || fail attach-ro "nbd2: $(oneline "$W/c2.err")"
+check read-only-export "BLKROGET of nbd1 is $(blockdev --getro /dev/nbd1)" \
+  [ "$(blockdev --getro /dev/nbd1)" = 1 ]
+check read-only-option "BLKROGET of nbd2 is $(blockdev --getro /dev/nbd2)" \
+  [ "$(blockdev --getro /dev/nbd2)" = 1 ]
+timeout 60 dd if="$W/pattern" of=/dev/nbd1 bs=4096 count=1 oflag=direct \
+  status=none 2> "$W/ro.err"
+rc=$?
+check read-only-write-fails "dd exit $rc: $(oneline "$W/ro.err")" [ $rc != 0 ]
+timeout 60 dd if=/dev/nbd1 of=/dev/null bs=1M count=1 iflag=direct \
+  status=none 2> "$W/ro.err"
+check read-only-read "reading nbd1: $(oneline "$W/ro.err")" [ $? = 0 ]
+phase read-only
+
+# --- signals: SIGTERM and SIGINT detach cleanly and exit 0 ------------------
+kill -TERM $C1
+kill -INT $C2
+wait_exit $C1 30
+rc=$?
+check sigterm "exit $rc: $(oneline "$W/c1.out") $(oneline "$W/c1.err")" [ $rc = 0 ]
+wait_exit $C2 30
+rc=$?
+check sigint "exit $rc: $(oneline "$W/c2.out") $(oneline "$W/c2.err")" [ $rc = 0 ]
+check signal-free "nbd1 and nbd2 free" wait_for 20 sh -c \
+  '[ ! -e /sys/block/nbd1/pid ] && [ ! -e /sys/block/nbd2/pid ]'
+phase signals
+
+# --- the server dies under an attached device --------------------------------
+start_server kill memory size=8M
+$CONNECT "$(uri kill)" /dev/nbd2 > "$W/c3.out" 2> "$W/c3.err" &
+C3=$!
+wait_for 60 attached nbd2 || fail attach-kill "nbd2: $(oneline "$W/c3.err")"
+# BLKROSET sticks to a device: the client must have cleared it.
+check read-only-reset "BLKROGET of nbd2 is $(blockdev --getro /dev/nbd2)" \
+  [ "$(blockdev --getro /dev/nbd2)" = 0 ]
+kill -KILL "$(cat "$W/kill.pid")"
+wait_exit $C3 60
+rc=$?
+check server-killed "exit $rc: $(oneline "$W/c3.err")" \
+  sh -c "[ $rc = 1 ] && grep -q 'released' '$W/c3.err'"
+check server-killed-free "nbd2 free" wait_for 20 free nbd2
+timeout 20 dd if=/dev/nbd2 of=/dev/null bs=4096 count=1 status=none 2>/dev/null
+rc=$?
+check dead-device-no-hang "reading the released device: dd exit $rc" [ $rc != 124 ]
+phase server-killed
+
+kill "$(cat "$W/mem.pid")" "$(cat "$W/ro.pid")" 2>/dev/null
+echo "total $(($(now_ms) - T0))" >> "$R/timings.txt"
+grep -c '^ok' "$R/results.txt" | sed 's/^/kt: passed /'
+if grep -q '^FAIL' "$R/results.txt"; then exit 1; fi
+exit 0
