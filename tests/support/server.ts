@@ -809,6 +809,8 @@ const MAX_OPTION_DATA = 1 << 20;
 /** Write payloads beyond this are not read; the server hangs up. */
 const MAX_WRITE_PAYLOAD = 64 * 1024 * 1024;
 const DEFAULT_BLOCK_STATUS_MAX = 0xffffffff;
+/** A stalled connection drops at most this much client data, then hangs up. */
+const STALL_DRAIN_LIMIT = 16 * 1024 * 1024;
 
 class Hangup extends Error {}
 
@@ -946,6 +948,32 @@ class Connection {
     });
   }
 
+  /**
+   * Waits until the server closes or the client hangs up, dropping whatever
+   * the client sends meanwhile (up to a bound), then closes.
+   */
+  async stallReading(): Promise<void> {
+    const scratch = new Uint8Array(4096);
+    const draining = (async () => {
+      for (let total = 0; total < STALL_DRAIN_LIMIT;) {
+        let n: number | null;
+        try {
+          n = await this.#conn.read(scratch);
+        } catch {
+          return;
+        }
+        if (n === null) {
+          this.log.notes.push("client closed during a stall");
+          return;
+        }
+        total += n;
+      }
+    })();
+    await Promise.race([this.#closed.promise, draining]);
+    this.close();
+    await draining;
+  }
+
   /** Reads exactly `n` bytes; `null` on a clean end before the first byte. */
   async readExact(n: number): Promise<Uint8Array | null> {
     const out = new Uint8Array(n);
@@ -1001,8 +1029,12 @@ class Connection {
       else if (a === "drop") {
         await this.#writeTail;
         this.close("dropped by hook");
-      } else if (a === "stall") await this.#closed.promise;
-      else if (a === "transmission") continue;
+      } else if (a === "stall") {
+        // In transmission the request loop notices a hang-up; before it,
+        // nothing is reading, so the stall reads (and drops) by itself.
+        if (this.phase === "handshake") await this.stallReading();
+        else await this.#closed.promise;
+      } else if (a === "transmission") continue;
       else await this.sleep(a.delay);
     }
   }
@@ -1074,7 +1106,7 @@ class Connection {
   async #handshake(): Promise<void> {
     const cfg = this.#config;
     if (cfg.stallHandshake) {
-      await this.#closed.promise;
+      await this.stallReading();
       return;
     }
     const style = cfg.style ?? "fixed";
@@ -1464,7 +1496,8 @@ class Connection {
     const size = this.extended ? 32 : 28;
     const h = await this.readExact(size);
     if (h === null) {
-      this.log.notes.push("client closed the connection");
+      // Replies still being prepared have no one to go to; stalls end too.
+      this.close("client closed the connection");
       return null;
     }
     const v = new DataView(h.buffer);
