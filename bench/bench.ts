@@ -330,15 +330,68 @@ async function oursRandom(
   return { ops, bytes: ops * RANDOM_SIZE, seconds: elapsed };
 }
 
-/** Warms up once with full checks, then times `runs` runs. */
-async function repeat(
+/** One client in a section: warmed up once, then timed once per round. */
+export interface Contender {
+  /** The row's label. */
+  client: string;
+  /** Whether this is our client (the first one is the section's reference). */
+  ours: boolean;
+  /** Why it has no figures, when it cannot run (a tool is missing). */
+  skip?: string;
+  /** One untimed run, checking more of the data where it can. */
+  warm?: () => Promise<unknown>;
+  /** One timed run. */
+  once: () => Promise<Run>;
+}
+
+/**
+ * Warms every contender up, then runs them round-robin, `runs` rounds,
+ * rotating who goes first: on a shared machine the load drifts, and this
+ * spreads the drift over all of them alike.
+ */
+async function runSection(
+  section: string,
+  contenders: Contender[],
   runs: number,
-  measure: (check: Check, warm: boolean) => Promise<Run>,
-): Promise<Run[]> {
-  await measure("full", true);
-  const out: Run[] = [];
-  for (let i = 0; i < runs; i++) out.push(await measure("one", false));
-  return out;
+  progress: (text: string) => void,
+): Promise<Row[]> {
+  const rows: Row[] = contenders.map((k) => ({
+    section,
+    client: k.client,
+    ours: k.ours,
+    runs: [],
+    ...(k.skip ? { note: k.skip } : {}),
+  }));
+  const live = contenders.map((_, i) => i).filter((i) => !contenders[i]!.skip);
+  // A contender that fails drops out with a note; the others go on.
+  const failed = new Set<number>();
+  const attempt = async (i: number, step: () => Promise<unknown>) => {
+    try {
+      await step();
+    } catch (e) {
+      failed.add(i);
+      const text = e instanceof Error ? e.message : String(e);
+      console.error(`${section}: ${contenders[i]!.client} failed: ${text}`);
+      rows[i]!.runs = [];
+      rows[i]!.note = `failed: ${text.split("\n")[0]!.slice(0, 60)}`;
+    }
+  };
+  progress(`${section}: warm-up`);
+  for (const i of live) {
+    const warm = contenders[i]!.warm;
+    if (warm) await attempt(i, warm);
+  }
+  for (let round = 0; round < runs; round++) {
+    progress(`${section}: round ${round + 1} of ${runs}`);
+    for (let k = 0; k < live.length; k++) {
+      const i = live[(k + round) % live.length]!;
+      if (failed.has(i)) continue;
+      await attempt(i, async () => {
+        rows[i]!.runs.push(await contenders[i]!.once());
+      });
+    }
+  }
+  return rows;
 }
 
 // ---------------------------------------------------------------------------
@@ -506,10 +559,13 @@ export interface Server {
 
 async function startServer(dir: string, c: Config): Promise<Server> {
   const path = `${dir}/nbd.sock`;
+  const pidFile = `${dir}/nbdkit.pid`;
   const child = new Deno.Command("nbdkit", {
     args: [
       "-U",
       path,
+      "-P",
+      pidFile,
       "-f",
       "--exit-with-parent",
       `--threads=${c.threads}`,
@@ -520,27 +576,23 @@ async function startServer(dir: string, c: Config): Promise<Server> {
     stdout: "null",
     stderr: "inherit",
   }).spawn();
+  let exited = false;
+  const status = child.status.finally(() => exited = true);
   const stop = async () => {
-    try {
-      child.kill("SIGTERM");
-    } catch {
-      // Already gone.
-    }
-    await child.status;
+    if (!exited) child.kill("SIGTERM");
+    await status;
   };
-  // Poll for the socket, bounded: nbdkit listens before it creates it.
+  // nbdkit writes its pid file once it accepts connections; poll, bounded.
   for (let i = 0;; i++) {
-    try {
-      const conn = await Deno.connect({ transport: "unix", path });
-      conn.close();
-      break;
-    } catch {
-      if (i >= 200) {
-        await stop();
-        throw new Error(`nbdkit did not listen on ${path} within 10 s`);
-      }
-      await new Promise((r) => setTimeout(r, 50));
+    const ready = await Deno.stat(pidFile).then((s) => s.size > 0, () => false);
+    if (ready) break;
+    if (exited || i >= 500) {
+      await stop();
+      throw new Error(
+        exited ? "nbdkit exited at start" : "nbdkit did not start within 10 s",
+      );
     }
+    await new Promise((r) => setTimeout(r, 20));
   }
   return { uri: `nbd+unix:///?socket=${path}`, path, stop };
 }
@@ -627,66 +679,59 @@ function printTable(rows: Row[], c: Config): void {
 // The copy benchmark.
 
 /**
- * `examples/copy.ts` against `nbdcopy`, source to `null:`, over 1 and 4
- * connections, each timed from spawn to exit by {@linkcode timeCommand}.
- * Rows are skipped when `examples/copy.ts` is not there yet.
+ * `examples/copy.ts` against `nbdcopy`, the whole export to `null:` over
+ * `connections` connections, each run timed from spawn to exit by
+ * {@linkcode timeCommand}. This is the hook for command-line copies: add a
+ * contender here to compare another tool.
  *
  * @param server The benchmark server.
  * @param c The configuration.
+ * @param connections Connections each tool may open.
  * @param withNbdcopy Whether `nbdcopy` is installed.
- * @returns Table rows.
+ * @returns The contenders of one section.
  */
-export async function benchCopies(
+export async function copyContenders(
   server: Server,
   c: Config,
+  connections: number,
   withNbdcopy: boolean,
-): Promise<Row[]> {
+): Promise<Contender[]> {
   const root = new URL("..", import.meta.url).pathname;
-  const copyTs = `${root}examples/copy.ts`;
-  const rows: Row[] = [];
-  let present = true;
-  try {
-    await Deno.stat(copyTs);
-  } catch {
-    present = false;
-  }
-  for (const conns of [1, 4]) {
-    const section = `copy to null:, ${conns} conn`;
-    const deno = [
-      Deno.execPath(),
-      "run",
-      "-A",
-      "examples/copy.ts",
-      `--connections=${conns}`,
-      server.uri,
-      "null:",
-    ];
-    const tool = ["nbdcopy", `--connections=${conns}`, server.uri, "null:"];
-    const ours: Row = {
-      section,
-      client: `deno run -A examples/copy.ts -C ${conns}`,
+  const present = await Deno.stat(`${root}examples/copy.ts`).then(
+    () => true,
+    () => false,
+  );
+  const deno = [
+    Deno.execPath(),
+    "run",
+    "-A",
+    "examples/copy.ts",
+    `--connections=${connections}`,
+    server.uri,
+    "null:",
+  ];
+  const tool = [
+    "nbdcopy",
+    `--connections=${connections}`,
+    server.uri,
+    "null:",
+  ];
+  return [
+    {
+      client: `deno run -A examples/copy.ts -C ${connections}`,
       ours: true,
-      runs: [],
-    };
-    const theirs: Row = {
-      section,
-      client: `nbdcopy -C ${conns}`,
+      ...(present ? {} : { skip: "examples/copy.ts not found" }),
+      // Compiles and caches the module graph, out of the timing.
+      warm: () => timeCommand(deno, c.size, c.requestSize, root),
+      once: () => timeCommand(deno, c.size, c.requestSize, root),
+    },
+    {
+      client: `nbdcopy -C ${connections}`,
       ours: false,
-      runs: [],
-    };
-    if (!present) ours.note = "examples/copy.ts not found";
-    if (!withNbdcopy) theirs.note = "nbdcopy not found";
-    for (let i = 0; i < c.runs; i++) {
-      if (present) {
-        ours.runs.push(await timeCommand(deno, c.size, c.requestSize, root));
-      }
-      if (withNbdcopy) {
-        theirs.runs.push(await timeCommand(tool, c.size, c.requestSize));
-      }
-    }
-    rows.push(ours, theirs);
-  }
-  return rows;
+      ...(withNbdcopy ? {} : { skip: "nbdcopy not found" }),
+      once: () => timeCommand(tool, c.size, c.requestSize),
+    },
+  ];
 }
 
 // ---------------------------------------------------------------------------
@@ -705,6 +750,10 @@ async function main(): Promise<void> {
     const withNbdcopy = c.libnbd && await has("nbdcopy");
     const shEnv = c.libnbd ? await nbdshEnv(dir) : null;
     const withNbdsh = shEnv !== null && await has("nbdsh", shEnv);
+    const noNbdsh = c.libnbd
+      ? "nbdsh (python3-libnbd) not found"
+      : "--no-libnbd";
+    const noNbdcopy = c.libnbd ? "nbdcopy not found" : "--no-libnbd";
 
     console.log(
       [
@@ -724,49 +773,29 @@ async function main(): Promise<void> {
     const req = c.requestSize;
     const qd = c.seqDepth;
     const warmSize = Math.min(c.size, 256 * MiB);
+    const nbdsh = (job: Omit<NbdshJob, "runs">) => ({
+      warm: () => runNbdsh(s.uri, shEnv!, { ...job, runs: 0 }),
+      once: async () => {
+        const [run] = await runNbdsh(s.uri, shEnv!, {
+          ...job,
+          runs: 1,
+          warmSize: 0,
+          warmCount: 0,
+        });
+        return run!;
+      },
+    });
 
-    // Sequential.
-    const seq = `seq read ${fmt(c.size / MiB)} MiB`;
+    const offsets = randomOffsets(
+      Math.max(c.qd1Count, c.qd64Count),
+      c.size,
+      c.seed,
+    );
+    const offsetsFile = `${dir}/offsets.u64le`;
+    await writeOffsets(offsetsFile, offsets);
+
     const nbd = await connect({ path: s.path, maxInFlight: 64 });
     try {
-      progress("ours: sequential readInto()");
-      rows.push({
-        section: seq,
-        client: `ours readInto() ${req / KiB}K x${qd}`,
-        ours: true,
-        runs: await repeat(c.runs, (check, warm) =>
-          oursSequential(
-            nbd,
-            warm ? warmSize : c.size,
-            req,
-            qd,
-            c.seconds,
-            check,
-          )),
-      });
-      progress("ours: sequential readable()");
-      rows.push({
-        section: seq,
-        client: `ours readable() ${req / KiB}K ahead ${qd}`,
-        ours: true,
-        runs: await repeat(
-          c.runs,
-          (check, warm) =>
-            oursStream(
-              nbd,
-              warm ? warmSize : c.size,
-              req,
-              qd,
-              c.seconds,
-              check,
-            ),
-        ),
-      });
-    } finally {
-      await nbd.close();
-    }
-    if (withNbdcopy) {
-      progress("nbdcopy: sequential");
       const matched = [
         "nbdcopy",
         `--request-size=${req}`,
@@ -776,120 +805,111 @@ async function main(): Promise<void> {
         "null:",
       ];
       const defaults = ["nbdcopy", s.uri, "null:"];
-      const m: Run[] = [];
-      const d: Run[] = [];
-      await timeCommand(matched, c.size, req); // warm-up
-      for (let i = 0; i < c.runs; i++) {
-        m.push(await timeCommand(matched, c.size, req));
-        d.push(await timeCommand(defaults, c.size, req));
-      }
-      rows.push({
-        section: seq,
-        client: `nbdcopy --request-size=${req} --requests=${qd} -C 1`,
-        ours: false,
-        runs: m,
-      });
-      rows.push({
-        section: seq,
-        client: "nbdcopy (defaults)",
-        ours: false,
-        runs: d,
-      });
-    } else {
-      rows.push({
-        section: seq,
-        client: "nbdcopy",
-        ours: false,
-        runs: [],
-        note: "nbdcopy not found",
-      });
-    }
-    if (withNbdsh) {
-      progress("nbdsh: sequential aio_pread");
-      rows.push({
-        section: seq,
-        client: `nbdsh aio_pread ${req / KiB}K x${qd}`,
-        ours: false,
-        runs: await runNbdsh(s.uri, shEnv, {
-          mode: "seq",
-          request: req,
-          depth: qd,
-          runs: c.runs,
-          seconds: c.seconds,
-          size: c.size,
-          warmSize,
-        }),
-      });
-    }
+      rows.push(
+        ...await runSection(
+          `seq read ${fmt(c.size / MiB)} MiB`,
+          [
+            {
+              client: `ours readInto() ${req / KiB}K x${qd}`,
+              ours: true,
+              warm: () =>
+                oursSequential(nbd, warmSize, req, qd, c.seconds, "full"),
+              once: () =>
+                oursSequential(nbd, c.size, req, qd, c.seconds, "one"),
+            },
+            {
+              client: `ours readable() ${req / KiB}K ahead ${qd}`,
+              ours: true,
+              warm: () => oursStream(nbd, warmSize, req, qd, c.seconds, "full"),
+              once: () => oursStream(nbd, c.size, req, qd, c.seconds, "one"),
+            },
+            {
+              client: `nbdcopy --request-size=${req} --requests=${qd} -C 1`,
+              ours: false,
+              ...(withNbdcopy ? {} : { skip: noNbdcopy }),
+              once: () => timeCommand(matched, c.size, req),
+            },
+            {
+              client: "nbdcopy (defaults)",
+              ours: false,
+              ...(withNbdcopy ? {} : { skip: noNbdcopy }),
+              once: () => timeCommand(defaults, c.size, req),
+            },
+            {
+              client: `nbdsh aio_pread ${req / KiB}K x${qd}`,
+              ours: false,
+              ...(withNbdsh ? {} : { skip: noNbdsh }),
+              ...nbdsh({
+                mode: "seq",
+                request: req,
+                depth: qd,
+                seconds: c.seconds,
+                size: c.size,
+                warmSize,
+              }),
+            },
+          ],
+          c.runs,
+          progress,
+        ),
+      );
 
-    // Random 4 KiB.
-    const offsets = randomOffsets(
-      Math.max(c.qd1Count, c.qd64Count),
-      c.size,
-      c.seed,
-    );
-    const offsetsFile = `${dir}/offsets.u64le`;
-    await writeOffsets(offsetsFile, offsets);
-    for (
-      const [depth, count] of [[1, c.qd1Count], [64, c.qd64Count]] as const
-    ) {
-      const section = `rand 4K QD${depth}, ${fmt(count)} reads`;
-      const warmCount = Math.min(count, Math.max(1000, count / 10));
-      const client = await connect({ path: s.path, maxInFlight: 64 });
-      try {
-        progress(`ours: random QD${depth}`);
-        rows.push({
-          section,
-          client: depth === 1
-            ? "ours readInto(), await each"
-            : `ours readInto(), window of ${depth}`,
-          ours: true,
-          runs: await repeat(c.runs, (check, warm) =>
-            oursRandom(
-              client,
-              offsets,
-              warm ? warmCount : count,
-              depth,
-              c.seconds,
-              check,
-            )),
-        });
-      } finally {
-        await client.close();
+      for (
+        const [depth, count] of [[1, c.qd1Count], [64, c.qd64Count]] as const
+      ) {
+        const warmCount = Math.min(count, Math.max(1000, count / 10));
+        const job = {
+          mode: "rand",
+          request: RANDOM_SIZE,
+          depth,
+          seconds: c.seconds,
+          count,
+          warmCount,
+          offsetsFile,
+        } as const;
+        rows.push(
+          ...await runSection(
+            `rand 4K QD${depth}, ${fmt(count)} reads`,
+            [
+              {
+                client: depth === 1
+                  ? "ours readInto(), await each"
+                  : `ours readInto(), window of ${depth}`,
+                ours: true,
+                warm: () =>
+                  oursRandom(nbd, offsets, warmCount, depth, c.seconds, "full"),
+                once: () =>
+                  oursRandom(nbd, offsets, count, depth, c.seconds, "one"),
+              },
+              {
+                client: depth === 1
+                  ? "nbdsh h.pread loop"
+                  : `nbdsh h.aio_pread window of ${depth}`,
+                ours: false,
+                ...(withNbdsh ? {} : { skip: noNbdsh }),
+                ...nbdsh(job),
+              },
+            ],
+            c.runs,
+            progress,
+          ),
+        );
       }
-      if (withNbdsh) {
-        progress(`nbdsh: random QD${depth}`);
-        rows.push({
-          section,
-          client: depth === 1
-            ? "nbdsh h.pread loop"
-            : `nbdsh h.aio_pread window of ${depth}`,
-          ours: false,
-          runs: await runNbdsh(s.uri, shEnv, {
-            mode: "rand",
-            request: RANDOM_SIZE,
-            depth,
-            runs: c.runs,
-            seconds: c.seconds,
-            count,
-            warmCount,
-            offsetsFile,
-          }),
-        });
-      } else {
-        rows.push({
-          section,
-          client: "nbdsh",
-          ours: false,
-          runs: [],
-          note: "nbdsh (python3-libnbd) not found",
-        });
-      }
+    } finally {
+      await nbd.close();
     }
 
     if (c.copy) {
-      progress("copies to null:");
-      rows.push(...await benchCopies(s, c, withNbdcopy));
+      for (const conns of [1, 4]) {
+        rows.push(
+          ...await runSection(
+            `copy ${fmt(c.size / MiB)} MiB to null:, ${conns} conn`,
+            await copyContenders(s, c, conns, withNbdcopy),
+            c.runs,
+            progress,
+          ),
+        );
+      }
     }
   } finally {
     await server?.stop();
