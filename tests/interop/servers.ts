@@ -1,0 +1,442 @@
+/**
+ * Real NBD servers for the interop suite: nbdkit, qemu-nbd and nbd-server,
+ * each started by the test on a private Unix socket (or a loopback port) in
+ * a fresh temporary directory, and stopped in `finally`.
+ *
+ * Readiness is polled (the socket appears, or a TCP connect succeeds), never
+ * slept for; every wait has a deadline; a server that dies early fails the
+ * test with its own stderr. Each server's stderr goes to a log file in its
+ * directory rather than a pipe: nbd-server forks a child per client, and a
+ * child holding a pipe open would keep the test waiting.
+ *
+ * @module
+ */
+
+import type { ConnectOptions } from "../../mod.ts";
+
+/** How long a server may take to start or to stop. */
+const START_DEADLINE_MS = 10_000;
+const STOP_DEADLINE_MS = 5_000;
+const POLL_MS = 10;
+
+/** A running server; stop it in `finally`. */
+export interface Server {
+  /** For messages: `"nbdkit memory"`. */
+  readonly program: string;
+  /** The server's private directory (socket, images, config, log). */
+  readonly dir: string;
+  /** The Unix socket, when the server listens on one. */
+  readonly socket: string | undefined;
+  /** The loopback port, when the server listens on TCP. */
+  readonly port: number | undefined;
+  /** The process id. */
+  readonly pid: number;
+  /** Where `connect()` should go for `exportName`. */
+  target(exportName?: string): ConnectOptions;
+  /** An NBD URI for `exportName`, for the reference tools. */
+  uri(exportName?: string): string;
+  /** Sends a signal to the server process. */
+  kill(signal: Deno.Signal): void;
+  /** Waits for the process to exit, at most `ms`; true if it did. */
+  waitForExit(ms: number): Promise<boolean>;
+  /** What the server wrote to stderr so far. */
+  log(): Promise<string>;
+  /** Stops the server (SIGTERM, then SIGKILL) and removes its directory. */
+  stop(): Promise<void>;
+}
+
+/** Whether a program is installed, so tests can be ignored when it is not. */
+export function have(program: string): boolean {
+  try {
+    return new Deno.Command("sh", {
+      args: ["-c", `command -v "$0"`, program],
+      stdout: "null",
+      stderr: "null",
+    }).outputSync().success;
+  } catch {
+    return false;
+  }
+}
+
+/** A fresh private directory for one server. */
+export function tempDir(): Promise<string> {
+  return Deno.makeTempDir({ prefix: "nbd-interop-" });
+}
+
+/**
+ * A loopback port nobody listens on: bind port 0, note the port, close.
+ * Another process could take it before the server does; the server then
+ * fails to start and says so, which is better than a silent collision.
+ */
+export function freePort(): number {
+  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (l.addr as Deno.NetAddr).port;
+  l.close();
+  return port;
+}
+
+/** Resolves after `ms`; only ever one step of a bounded poll. */
+function tick(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+async function isSocket(path: string): Promise<boolean> {
+  try {
+    return (await Deno.stat(path)).isSocket === true;
+  } catch {
+    return false;
+  }
+}
+
+async function accepts(port: number): Promise<boolean> {
+  try {
+    const c = await Deno.connect({ hostname: "127.0.0.1", port });
+    c.close();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** What to start and where it will listen. */
+interface Spawn {
+  program: string;
+  args: string[];
+  dir: string;
+  /** Remove `dir` on stop (true when the helper made it). */
+  ownDir: boolean;
+  socket?: string;
+  port?: number;
+  label: string;
+  /**
+   * The server daemonizes and writes its pid here (nbd-server: its `-d`
+   * serves a single connection and then exits, so it must fork per client).
+   */
+  pidFile?: string;
+}
+
+/** Whether a process is gone: no `/proc` entry, or a zombie nobody reaps. */
+async function processGone(pid: number): Promise<boolean> {
+  try {
+    const stat = await Deno.readTextFile(`/proc/${pid}/stat`);
+    return /^\d+ \(.*\) Z/.test(stat);
+  } catch {
+    return true;
+  }
+}
+
+/** The running process, however it was started. */
+interface Proc {
+  pid: number;
+  kill(signal: Deno.Signal): void;
+  /** Whether it has exited; never waits. */
+  gone(): Promise<boolean>;
+  /** Waits for exit, at most `ms`; true if it exited. */
+  wait(ms: number): Promise<boolean>;
+}
+
+function childProc(child: Deno.ChildProcess): Proc {
+  let exited = false;
+  const status = child.status.then(() => {
+    exited = true;
+  });
+  return {
+    pid: child.pid,
+    kill: (signal) => {
+      if (!exited) child.kill(signal);
+    },
+    gone: () => Promise.resolve(exited),
+    wait: async (ms) => {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const late = new Promise<void>((resolve) => {
+        timer = setTimeout(resolve, ms);
+      });
+      await Promise.race([status, late]);
+      clearTimeout(timer);
+      return exited;
+    },
+  };
+}
+
+function daemonProc(pid: number): Proc {
+  return {
+    pid,
+    kill: (signal) => {
+      try {
+        Deno.kill(pid, signal);
+      } catch {
+        // Already gone.
+      }
+    },
+    gone: () => processGone(pid),
+    wait: async (ms) => {
+      try {
+        await until(`process ${pid} to exit`, () => processGone(pid), ms);
+        return true;
+      } catch {
+        return false;
+      }
+    },
+  };
+}
+
+async function spawn(s: Spawn): Promise<Server> {
+  const logPath = `${s.dir}/${s.program}-${
+    crypto.randomUUID().slice(0, 8)
+  }.log`;
+  const log = () => Deno.readTextFile(logPath).catch(() => "");
+  // `exec` keeps the pid the server's own, so signals reach it directly.
+  const child = new Deno.Command("sh", {
+    args: [
+      "-c",
+      'log="$1"; shift; exec "$@" 2>"$log"',
+      "sh",
+      logPath,
+      s.program,
+      ...s.args,
+    ],
+    stdin: "null",
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  let proc = childProc(child);
+  const deadline = Date.now() + START_DEADLINE_MS;
+  const late = async (what: string) => {
+    if (Date.now() > deadline) {
+      throw new Error(
+        `${s.label} did not ${what} within ${START_DEADLINE_MS} ms: ${await log()}`,
+      );
+    }
+    await tick(POLL_MS);
+  };
+  let stopped: Promise<void> | undefined;
+  const stop = () => {
+    stopped ??= (async () => {
+      proc.kill("SIGTERM");
+      if (!await proc.wait(STOP_DEADLINE_MS)) {
+        proc.kill("SIGKILL");
+        await proc.wait(STOP_DEADLINE_MS);
+      }
+      // The launcher of a daemon has its own status to collect.
+      await child.status;
+      if (s.ownDir) {
+        await Deno.remove(s.dir, { recursive: true }).catch(() => {});
+      }
+    })();
+    return stopped;
+  };
+  try {
+    if (s.pidFile !== undefined) {
+      const status = await child.status;
+      if (!status.success) {
+        throw new Error(
+          `${s.label} exited with ${status.code} before listening: ${await log()}`,
+        );
+      }
+      let pid = NaN;
+      while (!(pid > 0)) {
+        pid = Number.parseInt(
+          await Deno.readTextFile(s.pidFile).catch(() => ""),
+          10,
+        );
+        if (!(pid > 0)) await late("write its pid file");
+      }
+      proc = daemonProc(pid);
+    }
+    while (true) {
+      if (await proc.gone()) {
+        throw new Error(`${s.label} exited before listening: ${await log()}`);
+      }
+      const ready = s.socket !== undefined
+        ? await isSocket(s.socket)
+        : await accepts(s.port!);
+      if (ready) break;
+      await late("listen");
+    }
+  } catch (e) {
+    await stop();
+    throw e;
+  }
+  return {
+    program: s.label,
+    dir: s.dir,
+    socket: s.socket,
+    port: s.port,
+    pid: proc.pid,
+    target: (exportName = "") =>
+      s.socket !== undefined
+        ? { path: s.socket, exportName }
+        : { hostname: "127.0.0.1", port: s.port!, exportName },
+    uri: (exportName = "") =>
+      s.socket !== undefined
+        ? `nbd+unix:///${encodeURIComponent(exportName)}?socket=${s.socket}`
+        : `nbd://127.0.0.1:${s.port}/${encodeURIComponent(exportName)}`,
+    kill: (signal) => proc.kill(signal),
+    waitForExit: (ms) => proc.wait(ms),
+    log,
+    stop,
+  };
+}
+
+/** Where a server should listen. */
+export interface Listen {
+  /** Put socket, images and log here instead of a new temporary directory. */
+  dir?: string;
+  /** Listen on a loopback TCP port instead of a Unix socket. */
+  tcp?: boolean;
+}
+
+async function place(
+  program: string,
+  where: Listen,
+): Promise<Pick<Spawn, "dir" | "ownDir" | "socket" | "port">> {
+  const ownDir = where.dir === undefined;
+  const dir = where.dir ?? await tempDir();
+  if (where.tcp) return { dir, ownDir, port: freePort() };
+  return {
+    dir,
+    ownDir,
+    socket: `${dir}/${program}-${crypto.randomUUID().slice(0, 8)}.sock`,
+  };
+}
+
+/**
+ * Starts `nbdkit` in the foreground.
+ *
+ * @param args Options, plugin, filters and parameters, e.g.
+ *   `["--filter=delay", "memory", "64M", "rdelay=50ms"]`.
+ */
+export async function nbdkit(
+  args: string[],
+  where: Listen = {},
+): Promise<Server> {
+  const p = await place("nbdkit", where);
+  const listen = p.socket !== undefined
+    ? ["-U", p.socket]
+    : ["-i", "127.0.0.1", "-p", String(p.port)];
+  return await spawn({
+    program: "nbdkit",
+    args: ["-f", "--exit-with-parent", ...listen, ...args],
+    ...p,
+    label: `nbdkit ${args.join(" ")}`,
+  });
+}
+
+/**
+ * Starts `qemu-nbd` serving an image, for any number of connections in turn
+ * (`--persistent`) and several at once (`--shared`).
+ *
+ * @param args Options and the image, e.g. `["-f", "qcow2", "-B", "b0", img]`.
+ */
+export async function qemuNbd(
+  args: string[],
+  where: Listen = {},
+): Promise<Server> {
+  const p = await place("qemu-nbd", where);
+  const listen = p.socket !== undefined
+    ? ["-k", p.socket]
+    : ["-b", "127.0.0.1", "-p", String(p.port)];
+  return await spawn({
+    program: "qemu-nbd",
+    args: ["--persistent", "--shared=8", ...listen, ...args],
+    ...p,
+    label: `qemu-nbd ${args.join(" ")}`,
+  });
+}
+
+/** One `[section]` of an nbd-server configuration file. */
+export type NbdServerExport = Record<string, string | number | boolean>;
+
+/**
+ * Starts `nbd-server` with a configuration file written into its directory.
+ * It runs as a daemon (found by its pid file): in the foreground (`-d`) it
+ * serves one connection and exits, while the suite connects many times.
+ *
+ * @param exports Export sections by name, e.g.
+ *   `{ disk: { exportname: "/tmp/x/disk.img", trim: true } }`.
+ */
+export async function nbdServer(
+  exports: Record<string, NbdServerExport>,
+  where: Listen = {},
+): Promise<Server> {
+  const p = await place("nbd-server", where);
+  const generic: NbdServerExport = {
+    allowlist: true,
+    ...(p.socket !== undefined
+      ? { unixsock: p.socket }
+      : { listenaddr: "127.0.0.1", port: p.port! }),
+  };
+  const section = (name: string, kv: NbdServerExport) =>
+    `[${name}]\n` +
+    Object.entries(kv).map(([k, v]) => `${k} = ${v}\n`).join("");
+  const conf = `${p.dir}/nbd-server.conf`;
+  const pidFile = `${p.dir}/nbd-server.pid`;
+  await Deno.writeTextFile(
+    conf,
+    section("generic", generic) +
+      Object.entries(exports).map(([n, kv]) => section(n, kv)).join(""),
+  );
+  return await spawn({
+    program: "nbd-server",
+    args: ["-C", conf, "-p", pidFile],
+    ...p,
+    pidFile,
+    label: `nbd-server (${Object.keys(exports).join(", ")})`,
+  });
+}
+
+/**
+ * Runs a program to prepare a fixture (`qemu-img`, `qemu-io`), with a
+ * deadline, and returns its stdout; a failure throws with its stderr.
+ */
+export async function run(program: string, args: string[]): Promise<string> {
+  const out = await new Deno.Command(program, {
+    args,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout(30_000),
+  }).output();
+  const text = new TextDecoder().decode(out.stdout);
+  if (!out.success) {
+    throw new Error(
+      `${program} ${args.join(" ")} failed with ${out.code}: ${
+        new TextDecoder().decode(out.stderr)
+      }`,
+    );
+  }
+  return text;
+}
+
+/** Makes a sparse file of `size` bytes. */
+export async function sparseFile(path: string, size: number): Promise<void> {
+  const f = await Deno.open(path, {
+    create: true,
+    write: true,
+    truncate: true,
+  });
+  try {
+    await f.truncate(size);
+  } finally {
+    f.close();
+  }
+}
+
+/**
+ * Waits until `condition()` holds, polling, for at most `ms`.
+ *
+ * @throws {Error} naming `what` when the deadline passes.
+ */
+export async function until(
+  what: string,
+  condition: () => boolean | Promise<boolean>,
+  ms = 5_000,
+): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!await condition()) {
+    if (Date.now() > deadline) {
+      throw new Error(`Gave up after ${ms} ms waiting for ${what}`);
+    }
+    await tick(POLL_MS);
+  }
+}
