@@ -216,7 +216,11 @@ function mulberry32(seed: number): () => number {
   };
 }
 
-function randomOffsets(count: number, size: number, seed: number): number[] {
+export function randomOffsets(
+  count: number,
+  size: number,
+  seed: number,
+): number[] {
   const next = mulberry32(seed);
   const blocks = Math.floor(size / RANDOM_SIZE);
   const out = new Array<number>(count);
@@ -237,10 +241,10 @@ async function writeOffsets(path: string, offsets: number[]): Promise<void> {
 // ---------------------------------------------------------------------------
 // Our client.
 
-type Check = "one" | "full";
+export type Check = "one" | "full";
 
 /** Sequential read with `readInto()`, `depth` requests in flight. */
-async function oursSequential(
+export async function oursSequential(
   nbd: NbdClient,
   size: number,
   request: number,
@@ -271,7 +275,7 @@ async function oursSequential(
 }
 
 /** Sequential read through `readable()` with `readAhead` requests ahead. */
-async function oursStream(
+export async function oursStream(
   nbd: NbdClient,
   size: number,
   request: number,
@@ -301,7 +305,7 @@ async function oursStream(
 }
 
 /** 4 KiB reads at `offsets`, `depth` in flight (1: await each). */
-async function oursRandom(
+export async function oursRandom(
   nbd: NbdClient,
   offsets: number[],
   count: number,
@@ -557,7 +561,19 @@ export interface Server {
   stop(): Promise<void>;
 }
 
-async function startServer(dir: string, c: Config): Promise<Server> {
+/**
+ * Starts `nbdkit pattern` on a Unix socket in `dir`.
+ *
+ * @param dir A private directory for the socket and pid file.
+ * @param size Export size in bytes.
+ * @param threads nbdkit's `--threads`.
+ * @returns The running server.
+ */
+export async function startServer(
+  dir: string,
+  size: number,
+  threads: number,
+): Promise<Server> {
   const path = `${dir}/nbd.sock`;
   const pidFile = `${dir}/nbdkit.pid`;
   const child = new Deno.Command("nbdkit", {
@@ -568,9 +584,9 @@ async function startServer(dir: string, c: Config): Promise<Server> {
       pidFile,
       "-f",
       "--exit-with-parent",
-      `--threads=${c.threads}`,
+      `--threads=${threads}`,
       "pattern",
-      `size=${c.size}`,
+      `size=${size}`,
     ],
     stdin: "null",
     stdout: "null",
@@ -768,7 +784,7 @@ async function main(): Promise<void> {
         ` (${fmt(c.size / MiB)} MiB)\n`,
     );
 
-    server = await startServer(dir, c);
+    server = await startServer(dir, c.size, c.threads);
     const s = server;
     const req = c.requestSize;
     const qd = c.seqDepth;
