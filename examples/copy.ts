@@ -342,9 +342,11 @@ class FileEndpoint implements Source, Destination {
   #device: boolean;
   #size: number | undefined;
   #knownSize = false;
+  #write: boolean;
   // Deno has no pread/pwrite: a seek and a read must not interleave with
-  // another's, so file I/O goes one request at a time.
-  #lock: Promise<void> = Promise.resolve();
+  // another's. Each lane has its own descriptor (its own file position),
+  // and requests on one descriptor go one at a time.
+  #handles: Array<{ file: Deno.FsFile; lock: Promise<void> }>;
 
   constructor(
     path: string,
@@ -352,9 +354,12 @@ class FileEndpoint implements Source, Destination {
     device: boolean,
     size: number | undefined,
     zeroMode: ZeroMode,
+    writable: boolean,
   ) {
     this.name = path;
     this.#file = file;
+    this.#handles = [{ file, lock: Promise.resolve() }];
+    this.#write = writable;
     this.#device = device;
     this.#size = size;
     this.zeroMode = zeroMode;
@@ -364,9 +369,10 @@ class FileEndpoint implements Source, Destination {
     return this.#size;
   }
 
-  #locked<T>(fn: () => Promise<T>): Promise<T> {
-    const run = this.#lock.then(fn);
-    this.#lock = run.then(() => {}, () => {});
+  #locked<T>(lane: number, fn: (file: Deno.FsFile) => Promise<T>): Promise<T> {
+    const h = this.#handles[lane % this.#handles.length]!;
+    const run = h.lock.then(() => fn(h.file));
+    h.lock = run.then(() => {}, () => {});
     return run;
   }
 
@@ -374,13 +380,13 @@ class FileEndpoint implements Source, Destination {
     return Promise.reject(new Error("files have no extent map here"));
   }
 
-  read(offset: number, length: number): Promise<Uint8Array> {
-    return this.#locked(async () => {
-      await this.#file.seek(offset, Deno.SeekMode.Start);
+  read(offset: number, length: number, lane: number): Promise<Uint8Array> {
+    return this.#locked(lane, async (file) => {
+      await file.seek(offset, Deno.SeekMode.Start);
       const buf = new Uint8Array(length);
       let got = 0;
       while (got < length) {
-        const n = await this.#file.read(buf.subarray(got));
+        const n = await file.read(buf.subarray(got));
         if (n === null) {
           throw new Error(
             `${this.name}: file ended at ${offset + got}, expected ${
@@ -415,10 +421,10 @@ class FileEndpoint implements Source, Destination {
     }
   }
 
-  write(offset: number, data: Uint8Array): Promise<void> {
-    return this.#locked(async () => {
-      await this.#file.seek(offset, Deno.SeekMode.Start);
-      await writeAll(this.#file, data);
+  write(offset: number, data: Uint8Array, lane: number): Promise<void> {
+    return this.#locked(lane, async (file) => {
+      await file.seek(offset, Deno.SeekMode.Start);
+      await writeAll(file, data);
     });
   }
 
@@ -433,13 +439,23 @@ class FileEndpoint implements Source, Destination {
     if (flush) await this.#file.sync();
   }
 
-  addLanes(): Promise<void> {
-    return Promise.resolve();
+  async addLanes(n: number): Promise<void> {
+    // Reopened without create or truncate: the first open did those.
+    while (this.#handles.length < n) {
+      const file = await Deno.open(
+        this.name,
+        this.#write ? { write: true } : { read: true },
+      );
+      this.#handles.push({ file, lock: Promise.resolve() });
+    }
   }
 
-  close(): Promise<void> {
-    this.#file.close();
-    return Promise.resolve();
+  async close(): Promise<void> {
+    // Wait for I/O still queued on a descriptor before closing it.
+    for (const h of this.#handles) {
+      await h.lock;
+      h.file.close();
+    }
   }
 
   static async openSource(path: string): Promise<Source> {
@@ -447,11 +463,11 @@ class FileEndpoint implements Source, Destination {
     try {
       const info = await file.stat();
       if (info.isFile) {
-        return new FileEndpoint(path, file, false, info.size, "write");
+        return new FileEndpoint(path, file, false, info.size, "write", false);
       }
       if (info.isBlockDevice) {
         const size = await file.seek(0, Deno.SeekMode.End);
-        return new FileEndpoint(path, file, true, size, "write");
+        return new FileEndpoint(path, file, true, size, "write", false);
       }
       return new StreamSource(path, file);
     } catch (e) {
@@ -479,6 +495,7 @@ class FileEndpoint implements Source, Destination {
         true,
         size,
         settings.destinationIsZero && !settings.allocated ? "skip" : "write",
+        true,
       );
     }
     if (info && !info.isFile) {
@@ -498,6 +515,7 @@ class FileEndpoint implements Source, Destination {
       false,
       undefined,
       settings.allocated ? "write" : "skip",
+      true,
     );
   }
 }
