@@ -1,0 +1,375 @@
+/**
+ * How the client fails against real servers that fail: nbdkit's error
+ * filter (an errno for one request; the connection carries on), a server
+ * killed with requests in flight (every one of them fails, nothing hangs),
+ * and nbdkit shutting down (ESHUTDOWN, then a soft disconnect).
+ */
+
+import assert from "node:assert/strict";
+import {
+  connect,
+  NbdCommandError,
+  NbdConnectionClosedError,
+  NbdProtocolError,
+} from "../../mod.ts";
+import { assertBytes, fill, Trace, within } from "./_support.ts";
+import { have, nbdkit, type Server, tempDir, until } from "./servers.ts";
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const haveNbdkit = have("nbdkit");
+
+/** Asserts `e` is the server's errno for one command. */
+function assertErrno(
+  e: unknown,
+  command: string,
+  errno: number,
+  name: string,
+): true {
+  assert.ok(e instanceof NbdCommandError, `got ${e}`);
+  assert.equal(e.command, command);
+  assert.equal(e.errno, errno);
+  assert.equal(e.errnoName, name);
+  assert.match(e.message, new RegExp(`failed with ${errno} \\(${name}\\)`));
+  return true;
+}
+
+for (const structured of [true, false]) {
+  const replies = structured ? "structured replies" : "simple replies";
+  Deno.test({
+    name:
+      `failures: a server errno fails one request (nbdkit error filter, ${replies})`,
+    ignore: !haveNbdkit,
+    async fn(t) {
+      const dir = await tempDir();
+      // Errors are injected only while these files exist.
+      const readErrors = `${dir}/fail-reads`;
+      const writeErrors = `${dir}/fail-writes`;
+      let server: Server | undefined;
+      try {
+        server = await nbdkit([
+          ...(structured ? [] : ["--no-sr"]),
+          "--filter=error",
+          "memory",
+          String(16 * MiB),
+          "error-pread=EIO",
+          "error-pread-rate=1",
+          `error-pread-file=${readErrors}`,
+          "error-pwrite=ENOSPC",
+          "error-pwrite-rate=1",
+          `error-pwrite-file=${writeErrors}`,
+        ], { dir });
+        const trace = new Trace();
+        await using client = await connect(server.target(), {
+          debug: trace.hook,
+        });
+        assert.equal(client.structuredReplies, structured);
+        const data = fill(11, 0, 64 * KiB);
+        await client.write(0, data);
+
+        await t.step(
+          "read() fails with NbdCommandError EIO when the server fails it",
+          async () => {
+            await Deno.writeTextFile(readErrors, "");
+            try {
+              await assert.rejects(
+                () => client.read(4 * KiB, 8 * KiB),
+                (e) => {
+                  assertErrno(e, "NBD_CMD_READ", 5, "EIO");
+                  assert.equal((e as NbdCommandError).offset, 4 * KiB);
+                  assert.equal((e as NbdCommandError).length, 8 * KiB);
+                  return true;
+                },
+              );
+            } finally {
+              await Deno.remove(readErrors);
+            }
+          },
+        );
+
+        await t.step(
+          "the connection stays usable after a command error",
+          async () => {
+            assert.equal(client.failure, undefined);
+            assert.equal(client.state, "open");
+            assertBytes(await client.read(0, 64 * KiB), data, "read after EIO");
+          },
+        );
+
+        await t.step(
+          "write() fails with NbdCommandError ENOSPC when the server fails it",
+          async () => {
+            await Deno.writeTextFile(writeErrors, "");
+            try {
+              await assert.rejects(
+                () => client.write(MiB, fill(12, MiB, 4 * KiB)),
+                (e) => assertErrno(e, "NBD_CMD_WRITE", 28, "ENOSPC"),
+              );
+            } finally {
+              await Deno.remove(writeErrors);
+            }
+            await client.write(MiB, fill(12, MiB, 4 * KiB));
+            assertBytes(
+              await client.read(MiB, 4 * KiB),
+              fill(12, MiB, 4 * KiB),
+              "write after ENOSPC",
+            );
+          },
+        );
+
+        await t.step(
+          "among many requests in flight only those the server fails are rejected",
+          async () => {
+            const block = 4 * KiB;
+            await Deno.writeTextFile(readErrors, "");
+            let results: PromiseSettledResult<unknown>[];
+            try {
+              const all: Promise<unknown>[] = [];
+              for (let i = 0; i < 64; i++) {
+                all.push(client.read(i * block, block));
+                const at = 2 * MiB + i * block;
+                all.push(client.write(at, fill(13, at, block)));
+              }
+              results = await within(
+                10_000,
+                "requests in flight",
+                Promise.allSettled(all),
+              );
+            } finally {
+              await Deno.remove(readErrors);
+            }
+            for (const [i, r] of results.entries()) {
+              if (i % 2 === 0) {
+                assert.equal(r.status, "rejected", `read ${i / 2}`);
+                assertErrno(
+                  (r as PromiseRejectedResult).reason,
+                  "NBD_CMD_READ",
+                  5,
+                  "EIO",
+                );
+              } else {
+                assert.equal(r.status, "fulfilled", `write ${(i - 1) / 2}`);
+              }
+            }
+            assert.equal(client.failure, undefined);
+            assertBytes(
+              await client.read(2 * MiB, 64 * block),
+              fill(13, 2 * MiB, 64 * block),
+              "the writes that went through",
+            );
+          },
+        );
+      } finally {
+        await server?.stop();
+        await Deno.remove(dir, { recursive: true }).catch(() => {});
+      }
+    },
+  });
+}
+
+Deno.test({
+  name: "failures: a server killed with requests in flight fails all of them",
+  ignore: !haveNbdkit,
+  async fn(t) {
+    let server: Server | undefined;
+    try {
+      // Reads sleep for a minute, so they are surely in flight at the kill.
+      server = await nbdkit([
+        "--filter=delay",
+        "memory",
+        String(16 * MiB),
+        "delay-read=60",
+      ]);
+      const trace = new Trace();
+      await using client = await connect(server.target(), {
+        debug: trace.hook,
+      });
+      const count = 32;
+      const pending: Promise<unknown>[] = [];
+      for (let i = 0; i < count; i++) pending.push(client.read(i * 4096, 4096));
+      // Observed, so a rejection before allSettled is not "unhandled".
+      for (const p of pending) p.catch(() => {});
+      await until(
+        "the reads to be sent",
+        () => trace.commands().length === count,
+      );
+      server.kill("SIGKILL");
+
+      await t.step(
+        "every pending request fails with the same connection error, promptly",
+        async () => {
+          const settled = await within(
+            5_000,
+            "requests after the kill",
+            Promise.allSettled(pending),
+          );
+          const reasons = settled.map((s) => {
+            assert.equal(s.status, "rejected");
+            return (s as PromiseRejectedResult).reason as unknown;
+          });
+          const first = reasons[0];
+          assert.ok(
+            first instanceof NbdConnectionClosedError ||
+              first instanceof NbdProtocolError,
+            `got ${first}`,
+          );
+          // EOF or, when the kernel had unread bytes at the kill, a reset.
+          assert.match(
+            (first as Error).message,
+            /Server closed the connection with 32 requests in flight|Connection failed while reading: Connection reset by peer/,
+          );
+          for (const r of reasons) assert.equal(r, first);
+          assert.equal(client.failure, first);
+        },
+      );
+
+      await t.step(
+        "later requests fail at once with NbdConnectionClosedError",
+        async () => {
+          await assert.rejects(
+            () => within(5_000, "read after the kill", client.read(0, 4096)),
+            (e: unknown) =>
+              e instanceof NbdConnectionClosedError &&
+              e.message.startsWith(
+                "Cannot send NBD_CMD_READ: the connection failed: ",
+              ) &&
+              e.cause === client.failure,
+          );
+        },
+      );
+
+      await t.step("close() still resolves", async () => {
+        await within(5_000, "close()", client.close());
+        assert.equal(client.state, "closed");
+      });
+    } finally {
+      await server?.stop();
+    }
+  },
+});
+
+Deno.test({
+  name: "failures: nbdkit shutting down fails requests with ESHUTDOWN",
+  ignore: !haveNbdkit,
+  async fn(t) {
+    let server: Server | undefined;
+    try {
+      // nbdkit's delay filter sleeps interruptibly: SIGTERM ends the sleep
+      // and the request fails with ESHUTDOWN instead of being served.
+      server = await nbdkit([
+        "--filter=delay",
+        "memory",
+        String(16 * MiB),
+        "delay-read=60",
+      ]);
+      const trace = new Trace();
+      await using client = await connect(server.target(), {
+        debug: trace.hook,
+      });
+      const pending = [0, 1, 2].map((i) => client.read(i * 4096, 4096));
+      for (const p of pending) p.catch(() => {});
+      await until("the reads to be sent", () => trace.commands().length === 3);
+      server.kill("SIGTERM");
+
+      await t.step(
+        "requests in flight fail with NbdCommandError ESHUTDOWN",
+        async () => {
+          const settled = await within(
+            5_000,
+            "requests after SIGTERM",
+            Promise.allSettled(pending),
+          );
+          for (const s of settled) {
+            assert.equal(s.status, "rejected");
+            assertErrno(
+              (s as PromiseRejectedResult).reason,
+              "NBD_CMD_READ",
+              108,
+              "ESHUTDOWN",
+            );
+          }
+        },
+      );
+
+      await t.step(
+        "the client then disconnects softly and refuses new requests",
+        async () => {
+          await until(
+            "NBD_CMD_DISC",
+            () => trace.commands().at(-1)?.command === "NBD_CMD_DISC",
+          );
+          await assert.rejects(
+            () => client.read(0, 4096),
+            (e: unknown) =>
+              e instanceof NbdConnectionClosedError &&
+              /the server is shutting down \(ESHUTDOWN\)/.test(e.message),
+          );
+          await within(5_000, "close()", client.close());
+          assert.equal(client.state, "closed");
+          assert.ok(
+            await server!.waitForExit(5_000),
+            "nbdkit should exit once the client has gone",
+          );
+        },
+      );
+    } finally {
+      await server?.stop();
+    }
+  },
+});
+
+Deno.test({
+  name: "failures: an aborted request leaves the connection usable",
+  ignore: !haveNbdkit,
+  async fn(t) {
+    let server: Server | undefined;
+    try {
+      server = await nbdkit([
+        "--filter=delay",
+        "memory",
+        String(16 * MiB),
+        "delay-read=200ms",
+      ]);
+      const trace = new Trace();
+      await using client = await connect(server.target(), {
+        debug: trace.hook,
+      });
+      const data = fill(21, 0, 64 * KiB);
+      await client.write(0, data);
+
+      await t.step(
+        "read() rejects with the signal's reason when aborted in flight",
+        async () => {
+          const controller = new AbortController();
+          const reading = client.read(0, 64 * KiB, {
+            signal: controller.signal,
+          });
+          await until(
+            "the read to be sent",
+            () => trace.commands().at(-1)?.command === "NBD_CMD_READ",
+          );
+          controller.abort();
+          await assert.rejects(
+            () => within(1_000, "aborted read", reading),
+            (e: unknown) =>
+              e instanceof DOMException && e.name === "AbortError",
+          );
+        },
+      );
+
+      await t.step(
+        "the late reply is absorbed and the next read gets its own data",
+        async () => {
+          assertBytes(
+            await within(5_000, "read", client.read(0, 64 * KiB)),
+            data,
+            "read after abort",
+          );
+          assert.equal(client.failure, undefined);
+        },
+      );
+    } finally {
+      await server?.stop();
+    }
+  },
+});
