@@ -91,6 +91,12 @@ export interface AttachOptions extends TlsOptions {
   handleSignals?: boolean;
   /** Aborts the attach while it runs; afterwards, disconnects. */
   signal?: AbortSignal;
+  /**
+   * Take the relay path even for a plain connection: this process copies
+   * the bytes, as it must for TLS. Slower; meant for tests and for servers
+   * only Deno can reach.
+   */
+  relay?: boolean;
   /** Milliseconds to connect to the server (default 30000). */
   connectTimeout?: number;
   /** Milliseconds for the device to come up once handed over (default 30000). */
@@ -222,7 +228,7 @@ async function connectForKernel(
   relay?: { local: FdStream; remote: ByteStream };
 }> {
   const signal = options.signal ?? target.signal;
-  if ((target.tls ?? "disable") === "disable") {
+  if (!options.relay && (target.tls ?? "disable") === "disable") {
     const fd = await connectSocket(target, {
       signal,
       timeoutMs: options.connectTimeout ?? 30_000,
@@ -242,8 +248,8 @@ async function connectForKernel(
       signal?.removeEventListener("abort", onAbort);
     }
   }
-  // TLS (or TLS if offered): the library makes the connection, the kernel
-  // gets a socketpair.
+  // TLS (or TLS if offered, or a relay by request): the library makes the
+  // connection, the kernel gets a socketpair.
   const opened = await openTransport({
     ...target,
     structuredReplies: false,

@@ -192,6 +192,18 @@ check signal-free "nbd1 and nbd2 free" wait_for 20 sh -c \
   '[ ! -e /sys/block/nbd1/pid ] && [ ! -e /sys/block/nbd2/pid ]'
 phase signals
 
+# --- the relay path (what TLS exports take), over a plain Unix socket ------
+deno run -A tests/kernel/guest_relay.ts "$W/mem.sock" /dev/nbd3 "$W/pattern" \
+  > "$W/relay.out" 2> "$W/relay.err"
+rc=$?
+relay="exit $rc: $(oneline "$W/relay.out") $(oneline "$W/relay.err")"
+check relay-attach "$relay" grep -q '"path":"relay","size":67108864' "$W/relay.out"
+check relay-io "$relay" grep -q '"io":true' "$W/relay.out"
+check relay-disconnect "$relay" \
+  grep -q '"reason":"disconnect","requested":true' "$W/relay.out"
+check relay-free "$relay" grep -q '"free":true' "$W/relay.out"
+phase relay
+
 # --- the server dies under an attached device --------------------------------
 start_server kill memory size=8M
 $CONNECT "$(uri kill)" /dev/nbd2 > "$W/c3.out" 2> "$W/c3.err" &

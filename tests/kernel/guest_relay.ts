@@ -1,0 +1,67 @@
+/**
+ * Run in the guest: attaches a Unix-socket export through the relay path
+ * (the path TLS exports take), writes and reads through the device with dd,
+ * disconnects, and prints one JSON line for guest.sh.
+ *
+ * Usage: deno run -A tests/kernel/guest_relay.ts SOCKET DEVICE PATTERN
+ *
+ * @module
+ */
+
+import { attach, isAttached } from "../../ffi/mod.ts";
+
+const [socket, device, pattern] = Deno.args;
+if (!socket || !device || !pattern) {
+  throw new Error("usage: guest_relay.ts SOCKET DEVICE PATTERN");
+}
+const out: Record<string, unknown> = {};
+
+async function run(cmd: string, args: string[]): Promise<boolean> {
+  const r = await new Deno.Command(cmd, { args, stderr: "piped" }).output();
+  if (!r.success) out[`${cmd}-error`] = new TextDecoder().decode(r.stderr);
+  return r.success;
+}
+
+const dev = await attach({ path: socket }, device, {
+  relay: true,
+  handleSignals: false,
+  timeout: 30,
+});
+out.path = dev.path;
+out.size = dev.size;
+const copy = `${pattern}.relay`;
+const wrote = await run("timeout", [
+  "60",
+  "dd",
+  `if=${pattern}`,
+  `of=${device}`,
+  "bs=1M",
+  "count=1",
+  "oflag=direct",
+  "conv=fsync",
+  "status=none",
+]);
+const read = await run("timeout", [
+  "60",
+  "dd",
+  `if=${device}`,
+  `of=${copy}`,
+  "bs=1M",
+  "count=1",
+  "iflag=direct",
+  "status=none",
+]);
+// 1 MiB: every byte crosses this process twice, slowly under emulation.
+const a = (await Deno.readFile(pattern)).subarray(0, 1 << 20);
+const b = read ? await Deno.readFile(copy) : new Uint8Array();
+out.io = wrote && read && a.length === b.length &&
+  a.every((v, i) => v === b[i]);
+const release = await dev.disconnect();
+out.reason = release.reason;
+out.requested = release.requested;
+const deadline = Date.now() + 20_000;
+while (isAttached(device) && Date.now() < deadline) {
+  await new Promise((r) => setTimeout(r, 50));
+}
+out.free = !isAttached(device);
+console.log(JSON.stringify(out));

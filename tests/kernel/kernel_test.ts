@@ -1,0 +1,107 @@
+/**
+ * The kernel handoff against a real nbd driver: boots Debian's kernel once
+ * under qemu (see harness.ts), runs guest.sh in it, and asserts on what it
+ * wrote to the results share. Needs root-free qemu and the Debian packages
+ * qemu-system-x86, linux-image-amd64 and busybox-static; under CI as root
+ * it installs them, elsewhere it fails saying how. It never skips.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import { boot, ensurePackages } from "./harness.ts";
+
+/** Every check guest.sh makes; one missing is a failure too. */
+const CHECKS = [
+  "attach",
+  "blkgetsize64",
+  "writable",
+  "library-probe",
+  "busy-error",
+  "missing-error",
+  "write",
+  "read-back",
+  "server-side",
+  "mkfs",
+  "filesystem",
+  "detach",
+  "detach-free",
+  "detach-client-exits",
+  "read-only-export",
+  "read-only-option",
+  "read-only-write-fails",
+  "read-only-read",
+  "sigterm",
+  "sigint",
+  "signal-free",
+  "relay-attach",
+  "relay-io",
+  "relay-disconnect",
+  "relay-free",
+  "read-only-reset",
+  "server-killed",
+  "server-killed-free",
+  "dead-device-no-hang",
+];
+
+/** Seconds the guest may run; the host allows a little more. */
+const GUEST_DEADLINE = 240;
+
+Deno.test({
+  name: "attach() drives the Linux nbd driver in a qemu guest",
+  // One boot runs every check; the steps only report them.
+  async fn(t) {
+    await ensurePackages();
+    const result = await boot({
+      command: "sh tests/kernel/guest.sh",
+      guestDeadline: GUEST_DEADLINE,
+      hostTimeout: GUEST_DEADLINE + 30,
+    });
+    let results = "";
+    let timings = "";
+    try {
+      results = await Deno.readTextFile(`${result.resultsDir}/results.txt`);
+      timings = await Deno.readTextFile(`${result.resultsDir}/timings.txt`);
+    } catch {
+      // Reported below with the console log.
+    }
+    const lines = new Map<string, string>();
+    for (const line of results.split("\n")) {
+      const m = /^(ok|FAIL) ([\w-]+): ?(.*)$/.exec(line);
+      if (m) lines.set(m[2]!, `${m[1]} ${m[3]}`);
+    }
+    const tail = result.console.split("\n").slice(-80).join("\n");
+    const where =
+      `console log: ${result.resultsDir}/console.log; last lines:\n${tail}`;
+    console.log(
+      `kernel test: ${result.wallMs} ms wall; guest phases (ms): ${
+        timings.trim().replaceAll("\n", ", ")
+      }`,
+    );
+
+    for (const name of CHECKS) {
+      await t.step(name, () => {
+        const line = lines.get(name);
+        assert.ok(
+          line !== undefined,
+          `guest.sh did not report "${name}"\n${where}`,
+        );
+        assert.ok(line.startsWith("ok"), `${name}: ${line}\n${where}`);
+      });
+    }
+    await t.step("the guest finished in time", () => {
+      assert.equal(
+        result.guestExitCode,
+        0,
+        `guest exit ${result.guestExitCode}, qemu exit ${result.qemuExitCode}\n${where}`,
+      );
+    });
+    // A passing run leaves nothing behind; a failing one keeps its logs.
+    if (
+      result.guestExitCode === 0 &&
+      [...lines.values()].every((l) => l.startsWith("ok"))
+    ) {
+      await Deno.remove(result.resultsDir, { recursive: true });
+    }
+  },
+});
