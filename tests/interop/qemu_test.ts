@@ -1,0 +1,367 @@
+/**
+ * What only qemu-nbd offers: block status beyond `base:allocation` (a
+ * persistent dirty bitmap and the allocation depth of a backing chain),
+ * named and described exports, and read-only serving. Expected extents
+ * come from what the test wrote with qemu-io, and are cross-checked with
+ * the reference client (`nbdinfo --map`) and `qemu-nbd --list`.
+ */
+
+import assert from "node:assert/strict";
+import {
+  connect,
+  type Extent,
+  listExports,
+  NbdOptionError,
+  probe,
+  STATE_HOLE,
+  STATE_ZERO,
+} from "../../mod.ts";
+import {
+  assertBytes,
+  extentsOf,
+  isZero,
+  rejectsBeforeTraffic,
+  Trace,
+} from "./_support.ts";
+import { have, qemuNbd, run, type Server, tempDir } from "./servers.ts";
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const SIZE = 64 * MiB;
+const BITMAP = "qemu:dirty-bitmap:bitmap0";
+const DEPTH = "qemu:allocation-depth";
+const ALLOCATION = "base:allocation";
+const HOLE = STATE_HOLE | STATE_ZERO;
+const haveQemu = ["qemu-nbd", "qemu-img", "qemu-io"].every(have);
+
+/** Extents from a list of [offset, length, flags], for readable tables. */
+function extents(...rows: Array<[number, number, number]>): Extent[] {
+  return rows.map(([offset, length, flags]) => ({ offset, length, flags }));
+}
+
+/** One entry of `nbdinfo --map --json`. */
+interface MapEntry {
+  offset: number;
+  length: number;
+  type: number;
+}
+
+/** The reference client's map of one context, merged like ours. */
+async function referenceMap(uri: string, context: string): Promise<Extent[]> {
+  const map: MapEntry[] = JSON.parse(
+    await run("nbdinfo", [`--map=${context}`, "--json", uri]),
+  );
+  const out: Extent[] = [];
+  for (const m of map) {
+    const last = out.at(-1);
+    if (last && last.flags === m.type) last.length += m.length;
+    else out.push({ offset: m.offset, length: m.length, flags: m.type });
+  }
+  return out;
+}
+
+/** Exports as `qemu-nbd --list` prints them: name and description. */
+async function qemuList(
+  server: Server,
+): Promise<Array<{ name: string; description: string; contexts: string[] }>> {
+  const text = await run("qemu-nbd", ["--list", "-k", server.socket!]);
+  const out: Array<{ name: string; description: string; contexts: string[] }> =
+    [];
+  for (const line of text.split("\n")) {
+    const name = line.match(/^ export: '(.*)'$/);
+    if (name) out.push({ name: name[1]!, description: "", contexts: [] });
+    const description = line.match(/^ {2}description: (.*)$/);
+    if (description && out.length) out.at(-1)!.description = description[1]!;
+    const context = line.match(/^ {3}(\S+:\S+)$/);
+    if (context && out.length) out.at(-1)!.contexts.push(context[1]!);
+  }
+  return out;
+}
+
+Deno.test({
+  name: "qemu-nbd: a qcow2 overlay with a dirty bitmap and allocation depth",
+  ignore: !haveQemu || !have("nbdinfo"),
+  async fn(t) {
+    const dir = await tempDir();
+    let server: Server | undefined;
+    try {
+      // base: 0xcd at [0, 64K). top (backing base): bitmap0 enabled, then
+      // 0xab at [1M, 1M+64K), which the bitmap records as dirty.
+      const base = `${dir}/base.qcow2`;
+      const top = `${dir}/top.qcow2`;
+      await run("qemu-img", ["create", "-q", "-f", "qcow2", base, "64M"]);
+      await run("qemu-io", ["-f", "qcow2", "-c", "write -P 0xcd 0 64k", base]);
+      await run("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base,
+        "-F",
+        "qcow2",
+        top,
+      ]);
+      await run("qemu-img", ["bitmap", "--add", "--enable", top, "bitmap0"]);
+      await run("qemu-io", ["-f", "qcow2", "-c", "write -P 0xab 1M 64k", top]);
+      server = await qemuNbd([
+        "-f",
+        "qcow2",
+        "-B",
+        "bitmap0",
+        "-A",
+        "-x",
+        "top",
+        "-D",
+        "overlay",
+        top,
+      ], { dir });
+      const trace = new Trace();
+      await using client = await connect(server.target("top"), {
+        metaContexts: [ALLOCATION, BITMAP, DEPTH],
+        debug: trace.hook,
+      });
+
+      await t.step(
+        "connect() negotiates base:allocation, the dirty bitmap and the allocation depth",
+        async () => {
+          assert.deepEqual(
+            [...client.metaContexts].sort(),
+            [ALLOCATION, DEPTH, BITMAP],
+          );
+          const p = await probe(server!.target("top"));
+          assert.deepEqual([...p.metaContexts].sort(), [
+            ALLOCATION,
+            DEPTH,
+            BITMAP,
+          ]);
+          const listed = await qemuList(server!);
+          assert.deepEqual([...listed[0]!.contexts].sort(), [
+            ALLOCATION,
+            DEPTH,
+            BITMAP,
+          ]);
+        },
+      );
+
+      await t.step(
+        "read() sees the backing file's data through the overlay",
+        async () => {
+          assertBytes(
+            await client.read(0, 64 * KiB),
+            new Uint8Array(64 * KiB).fill(0xcd),
+            "from base",
+          );
+          assertBytes(
+            await client.read(MiB, 64 * KiB),
+            new Uint8Array(64 * KiB).fill(0xab),
+            "from top",
+          );
+          assert.ok(isZero(await client.read(64 * KiB, MiB - 64 * KiB)));
+        },
+      );
+
+      await t.step(
+        "blockStatus() reports the dirty extents qemu-io left in bitmap0",
+        async () => {
+          assert.deepEqual(
+            await extentsOf(client, BITMAP, 0, SIZE),
+            extents(
+              [0, MiB, 0],
+              [MiB, 64 * KiB, 1],
+              [MiB + 64 * KiB, SIZE - MiB - 64 * KiB, 0],
+            ),
+          );
+        },
+      );
+
+      await t.step(
+        "blockStatus() reports allocation depth 2 in the backing file, 1 in the overlay, 0 elsewhere",
+        async () => {
+          assert.deepEqual(
+            await extentsOf(client, DEPTH, 0, SIZE),
+            extents(
+              [0, 64 * KiB, 2],
+              [64 * KiB, MiB - 64 * KiB, 0],
+              [MiB, 64 * KiB, 1],
+              [MiB + 64 * KiB, SIZE - MiB - 64 * KiB, 0],
+            ),
+          );
+          assert.deepEqual(
+            await extentsOf(client, ALLOCATION, 0, SIZE),
+            extents(
+              [0, 64 * KiB, 0],
+              [64 * KiB, MiB - 64 * KiB, HOLE],
+              [MiB, 64 * KiB, 0],
+              [MiB + 64 * KiB, SIZE - MiB - 64 * KiB, HOLE],
+            ),
+          );
+        },
+      );
+
+      await t.step(
+        "writes through NBD dirty the enabled bitmap and allocate in the overlay",
+        async () => {
+          await client.write(2 * MiB, new Uint8Array(64 * KiB).fill(1));
+          await client.writeZeroes(3 * MiB, 64 * KiB);
+          const dirty = (await extentsOf(client, BITMAP, 0, SIZE)).filter((e) =>
+            e.flags === 1
+          );
+          assert.deepEqual(
+            dirty,
+            extents(
+              [MiB, 64 * KiB, 1],
+              [2 * MiB, 64 * KiB, 1],
+              [3 * MiB, 64 * KiB, 1],
+            ),
+          );
+          const depth = await extentsOf(client, DEPTH, 2 * MiB, 2 * MiB);
+          assert.deepEqual(
+            depth,
+            extents(
+              [2 * MiB, 64 * KiB, 1],
+              [2 * MiB + 64 * KiB, MiB - 64 * KiB, 0],
+              [3 * MiB, 64 * KiB, 1],
+              [3 * MiB + 64 * KiB, MiB - 64 * KiB, 0],
+            ),
+          );
+          for (
+            const e of await extentsOf(client, ALLOCATION, 3 * MiB, 64 * KiB)
+          ) {
+            assert.ok(e.flags & STATE_ZERO, "zeroed range reads as zero");
+          }
+        },
+      );
+
+      await t.step(
+        "blockStatus() with reqOne returns one extent per context",
+        async () => {
+          const one = await client.blockStatus(0, SIZE, { reqOne: true });
+          assert.deepEqual(one[ALLOCATION], extents([0, 64 * KiB, 0]));
+          assert.deepEqual(one[DEPTH], extents([0, 64 * KiB, 2]));
+          assert.deepEqual(one[BITMAP], extents([0, MiB, 0]));
+        },
+      );
+
+      await t.step(
+        "blockStatus() agrees with the reference client (nbdinfo --map)",
+        async () => {
+          for (const context of [ALLOCATION, DEPTH, BITMAP]) {
+            assert.deepEqual(
+              await extentsOf(client, context, 0, SIZE),
+              await referenceMap(server!.uri("top"), context),
+              context,
+            );
+          }
+        },
+      );
+    } finally {
+      await server?.stop();
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+});
+
+Deno.test({
+  name: "qemu-nbd: a read-only raw image as a named, described export",
+  ignore: !haveQemu,
+  async fn(t) {
+    const dir = await tempDir();
+    let server: Server | undefined;
+    try {
+      const img = `${dir}/disk.raw`;
+      await run("qemu-img", ["create", "-q", "-f", "raw", img, "16M"]);
+      await run("qemu-io", ["-f", "raw", "-c", "write -P 0x5a 0 1M", img]);
+      server = await qemuNbd(
+        ["-f", "raw", "-r", "-x", "disk", "-D", "a raw disk", img],
+        { dir },
+      );
+
+      await t.step(
+        "listExports() returns what qemu-nbd --list shows",
+        async () => {
+          const ours = await listExports(server!.target());
+          assert.deepEqual(ours, [{ name: "disk", description: "a raw disk" }]);
+          const theirs = await qemuList(server!);
+          assert.deepEqual(
+            theirs.map(({ name, description }) => ({ name, description })),
+            ours,
+          );
+        },
+      );
+
+      await t.step(
+        "connect() to an export qemu-nbd does not serve fails with NBD_REP_ERR_UNKNOWN",
+        async () => {
+          for (const name of ["", "nope"]) {
+            await assert.rejects(
+              () => connect(server!.target(name)),
+              (e: unknown) => {
+                assert.ok(e instanceof NbdOptionError, `got ${e}`);
+                assert.equal(e.replyName, "NBD_REP_ERR_UNKNOWN");
+                assert.equal(e.option, 7);
+                assert.match(e.message, /NBD_OPT_GO/);
+                assert.match(e.serverMessage, new RegExp(`'${name}'`));
+                return true;
+              },
+            );
+          }
+        },
+      );
+
+      await t.step(
+        "connect() takes the nbd+unix URI of the export",
+        async () => {
+          await using byUri = await connect(server!.uri("disk"));
+          assert.equal(byUri.exportName, "disk");
+          assert.equal(byUri.size, 16 * MiB);
+        },
+      );
+
+      await t.step(
+        "a read-only export (-r) refuses writes before sending them",
+        async () => {
+          const trace = new Trace();
+          await using client = await connect(server!.target("disk"), {
+            debug: trace.hook,
+          });
+          assert.equal(client.readOnly, true);
+          const why = /the export is read-only/;
+          await rejectsBeforeTraffic(
+            trace,
+            () => client.write(0, new Uint8Array(512)),
+            "write",
+            why,
+          );
+          await rejectsBeforeTraffic(
+            trace,
+            () => client.trim(0, 512),
+            "write",
+            why,
+          );
+          await rejectsBeforeTraffic(
+            trace,
+            () => client.writeZeroes(0, 512),
+            "write",
+            why,
+          );
+          assert.throws(
+            () => client.writable(),
+            (e: unknown) =>
+              e instanceof Error && e.name === "NbdUnsupportedError" &&
+              why.test(e.message),
+          );
+          assertBytes(
+            await client.read(0, MiB),
+            new Uint8Array(MiB).fill(0x5a),
+            "what qemu-io wrote",
+          );
+          assert.ok(isZero(await client.read(MiB, MiB)));
+        },
+      );
+    } finally {
+      await server?.stop();
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+});
