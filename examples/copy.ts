@@ -203,13 +203,11 @@ class NbdEndpoint implements Source, Destination {
     this.#requests = requests;
     this.#contexts = contexts;
     this.hasExtents = first.metaContexts.includes("base:allocation");
-    if (settings.allocated) {
-      this.zeroMode = first.canWriteZeroes ? "command" : "write";
-    } else if (settings.destinationIsZero) {
-      this.zeroMode = "skip";
-    } else {
-      this.zeroMode = first.canWriteZeroes ? "command" : "write";
-    }
+    this.zeroMode = settings.destinationIsZero && !settings.allocated
+      ? "skip"
+      : first.canWriteZeroes
+      ? "command"
+      : "write";
     this.#allocated = settings.allocated;
   }
 
@@ -996,6 +994,11 @@ export async function main(args: string[]): Promise<number> {
     await dst.addLanes(lanes);
 
     const size = src.size;
+    if (size !== undefined && size % dst.alignment !== 0) {
+      throw new Error(
+        `the source's size ${size} is not a multiple of the destination's block size ${dst.alignment}`,
+      );
+    }
     await dst.prepare(size);
     const align = Math.max(src.alignment, dst.alignment);
     const requestSize = alignUp(settings.requestSize, align);
