@@ -12,25 +12,33 @@ import type { ConnectOptions } from "../lib/connect_options.ts";
 import {
   CMD_BLOCK_STATUS,
   CMD_DISC,
+  CMD_FLUSH,
   CMD_READ,
   CMD_WRITE,
   EIO,
   ENOSPC,
   EPERM,
   ESHUTDOWN,
+  FLAG_SEND_FLUSH,
+  FLAG_SEND_TRIM,
   IHAVEOPT,
   NBDMAGIC,
   OPT_ABORT,
   OPT_EXPORT_NAME,
+  OPT_EXTENDED_HEADERS,
   OPT_GO,
   OPT_LIST,
+  OPT_SET_META_CONTEXT,
   OPT_STARTTLS,
+  OPT_STRUCTURED_REPLY,
   REP_ACK,
   REP_ERR_POLICY,
   REP_ERR_SHUTDOWN,
   REP_ERR_UNKNOWN,
   REP_ERR_UNSUP,
   REP_INFO,
+  REP_META_CONTEXT,
+  REP_SERVER,
   REPLY_FLAG_DONE,
   REPLY_TYPE_BLOCK_STATUS,
   REPLY_TYPE_ERROR,
@@ -47,6 +55,7 @@ import {
   NbdError,
   NbdOptionError,
   NbdProtocolError,
+  NbdUnsupportedError,
 } from "../lib/errors.ts";
 import {
   type Action,
@@ -56,11 +65,16 @@ import {
   errorOffsetPayload,
   errorPayload,
   extendedChunk,
+  infoBlockSizePayload,
   infoExportPayload,
+  metaContextPayload,
+  newstyleGreeting,
   offsetDataPayload,
   offsetHolePayload,
+  oldstyleGreeting,
   optionReply,
   type ReceivedRequest,
+  repServerPayload,
   simpleReply,
   startTestServer,
   structuredChunk,
@@ -101,9 +115,13 @@ function tick(): Promise<void> {
 }
 
 /** Settles `p` and returns its error, failing if it resolved. */
-async function rejection(p: Promise<unknown>, what: string): Promise<Error> {
+async function rejection(
+  p: Promise<unknown>,
+  what: string,
+  bound = BOUND_MS,
+): Promise<Error> {
   try {
-    await within(BOUND_MS, p, what);
+    await within(bound, p, what);
   } catch (e) {
     assert.ok(e instanceof Error, `${what}: threw a non-Error ${String(e)}`);
     assert.doesNotMatch(e.message, /\(hang\)$/, `${what} hung`);
@@ -232,10 +250,11 @@ async function steps(t: Deno.TestContext): Promise<void> {
     name: string,
     cfg: TestServerConfig,
     body: (server: TestServer) => Promise<void>,
+    bound = BOUND_MS * 2,
   ) =>
     t.step(name, async () => {
       await using server = await startTestServer(cfg);
-      await within(BOUND_MS * 2, body(server), name);
+      await within(bound, body(server), name);
       await tick();
       assert.deepEqual(unhandled.splice(0), [], "unhandled rejections");
     });
@@ -567,6 +586,174 @@ async function steps(t: Deno.TestContext): Promise<void> {
       for (const o of [OPT_EXPORT_NAME, OPT_GO, OPT_LIST, 6, 9, 10]) {
         assert.ok(!sent.includes(o), `option ${o} sent in clear`);
       }
+    },
+  );
+
+  await step(
+    "connect() fails with a handshake NbdProtocolError when the greeting is cut short",
+    config({ greeting: [newstyleGreeting().subarray(0, 11), "drop"] }),
+    async (server) => {
+      const e = await rejection(open(server), "connect()");
+      assertProtocol(e, "handshake", /11 of 16/);
+    },
+  );
+
+  await step(
+    "connect() fails when an oldstyle greeting is cut short",
+    config({
+      style: "oldstyle",
+      greeting: [oldstyleGreeting(MiB, 1).subarray(0, 40), "drop"],
+    }),
+    async (server) => {
+      const e = await rejection(open(server), "connect()");
+      assertProtocol(e, "handshake");
+    },
+  );
+
+  await step(
+    "connect() fails with NbdConnectionClosedError when the server hangs up at once",
+    config({ greeting: ["drop"] }),
+    async (server) => {
+      const e = await rejection(open(server), "connect()");
+      assert.ok(
+        e instanceof NbdConnectionClosedError,
+        `${e.name}: ${e.message}`,
+      );
+    },
+  );
+
+  await step(
+    "connect() falls back from extended headers to structured replies",
+    config(),
+    async (server) => {
+      await withClient(server, {}, (client) => {
+        assert.equal(client.extendedHeaders, false);
+        assert.equal(client.structuredReplies, true);
+        return Promise.resolve();
+      });
+      await server.settled();
+      const sent = server.log[0]!.options.map((o) => o.option);
+      assert.deepEqual(sent.slice(0, 2), [
+        OPT_EXTENDED_HEADERS,
+        OPT_STRUCTURED_REPLY,
+      ]);
+    },
+  );
+
+  await step(
+    "negotiate() reports a missing export when GO and LIST are both unsupported",
+    config({
+      optionReplies: { [OPT_GO]: REP_ERR_UNSUP, [OPT_LIST]: REP_ERR_UNSUP },
+    }),
+    async (server) => {
+      const e = await rejection(
+        open(server, { exportName: "nope" }),
+        "connect()",
+      );
+      assert.ok(e instanceof NbdError, `${e.name}: ${e.message}`);
+      assert.match(e.message, /"nope"/);
+      await server.settled();
+      assert.equal(server.log[0]!.options.at(-1)?.option, OPT_EXPORT_NAME);
+    },
+  );
+
+  await step(
+    "connect() keeps an export size beyond 2^53 exact in sizeBigInt",
+    config({
+      onOption: (opt) =>
+        opt.option === OPT_GO
+          ? [
+            optionReply(OPT_GO, REP_INFO, infoExportPayload(1n << 60n, 1)),
+            optionReply(OPT_GO, REP_ACK),
+            "transmission",
+          ]
+          : undefined,
+    }),
+    async (server) => {
+      await withClient(server, {}, (client) => {
+        assert.equal(client.sizeBigInt, 1n << 60n);
+        assert.throws(() => client.size, RangeError);
+        return Promise.resolve();
+      });
+    },
+  );
+
+  await step(
+    "connect() rejects an invalid NBD_INFO_BLOCK_SIZE",
+    config({
+      onOption: (opt) =>
+        opt.option === OPT_GO
+          ? [
+            optionReply(OPT_GO, REP_INFO, infoBlockSizePayload(3, 4096, 65536)),
+            optionReply(OPT_GO, REP_INFO, infoExportPayload(MiB, 1)),
+            optionReply(OPT_GO, REP_ACK),
+            "transmission",
+          ]
+          : undefined,
+    }),
+    async (server) => {
+      const e = await rejection(open(server), "connect()");
+      assertProtocol(e, "handshake", /minimum/);
+    },
+  );
+
+  await step(
+    "connect() rejects an unexpected reply type to NBD_OPT_GO",
+    config({
+      onOption: (opt) =>
+        opt.option === OPT_GO
+          ? optionReply(OPT_GO, REP_SERVER, repServerPayload("disk"))
+          : undefined,
+    }),
+    async (server) => {
+      const e = await rejection(open(server), "connect()");
+      assertProtocol(e, "handshake");
+    },
+  );
+
+  await step(
+    "connect() bounds the number of NBD_REP_INFO replies",
+    config({
+      unknownInfos: Array.from({ length: 65540 }, () => ({ type: 0x4444 })),
+    }),
+    async (server) => {
+      // 1.4 MB of replies: slower than the other steps, but still bounded.
+      const e = await rejection(
+        connect({ path: server.path!, exportName: "disk" }),
+        "connect()",
+        30_000,
+      );
+      assertProtocol(e, "handshake", /more than/);
+    },
+    40_000,
+  );
+
+  await step(
+    "connect() rejects one metadata context id given to two contexts",
+    config({
+      onOption: (opt) =>
+        opt.option === OPT_SET_META_CONTEXT
+          ? [
+            optionReply(
+              opt.option,
+              REP_META_CONTEXT,
+              metaContextPayload(1, "base:allocation"),
+            ),
+            optionReply(
+              opt.option,
+              REP_META_CONTEXT,
+              metaContextPayload(1, "qemu:dirty-bitmap:x"),
+            ),
+            optionReply(opt.option, REP_ACK),
+          ]
+          : undefined,
+    }),
+    async (server) => {
+      const e = await rejection(
+        open(server, { metaContexts: ["base:allocation"] }),
+        "connect()",
+      );
+      assertProtocol(e, "handshake", /id 1/);
     },
   );
 
@@ -1097,6 +1284,136 @@ async function steps(t: Deno.TestContext): Promise<void> {
           "close() after an abandoned request",
         );
       }
+    },
+  );
+
+  await step(
+    "write() on a read-only export fails before any traffic",
+    {
+      extendedHeaders: false,
+      exports: [{ name: "disk", size: MiB, readOnly: true }],
+    },
+    async (server) => {
+      await withClient(server, {}, async (client) => {
+        assert.equal(client.readOnly, true);
+        const e = await rejection(
+          client.write(0, new Uint8Array(512)),
+          "write()",
+        );
+        assert.ok(e instanceof NbdUnsupportedError, `${e.name}: ${e.message}`);
+        await assert.rejects(
+          () => client.trim(0, 512),
+          NbdUnsupportedError,
+        );
+      });
+      await server.settled();
+      const types = server.log[0]!.requests.map((r) => r.type);
+      assert.deepEqual(types, [CMD_DISC]);
+    },
+  );
+
+  await step(
+    "transmission flags without NBD_FLAG_HAS_FLAGS advertise nothing",
+    config({
+      onOption: (opt) =>
+        opt.option === OPT_GO
+          ? [
+            optionReply(
+              OPT_GO,
+              REP_INFO,
+              infoExportPayload(MiB, FLAG_SEND_FLUSH | FLAG_SEND_TRIM),
+            ),
+            optionReply(OPT_GO, REP_ACK),
+            "transmission",
+          ]
+          : undefined,
+    }),
+    async (server) => {
+      await withClient(server, {}, async (client) => {
+        assert.equal(client.canFlush, false);
+        await assert.rejects(() => client.flush(), NbdUnsupportedError);
+      });
+      await server.settled();
+      assert.ok(!server.log[0]!.requests.some((r) => r.type === CMD_FLUSH));
+    },
+  );
+
+  await step(
+    "a reply that arrives after its caller gave up is absorbed",
+    config({ delay: (req) => req.index === 0 ? 600 : 0 }),
+    async (server) => {
+      await withClient(server, {}, async (client) => {
+        const e = await rejection(
+          client.read(0, 512, { signal: AbortSignal.timeout(100) }),
+          "read()",
+        );
+        assert.equal(e.name, "TimeoutError", e.message);
+        assert.deepEqual(await client.read(512, 512), DATA.slice(512, 1024));
+        // Let the late reply arrive, then the connection must still be fine.
+        for (let i = 0; i < 100 && server.log[0]!.requests.length < 2; i++) {
+          await new Promise((r) => setTimeout(r, 10));
+        }
+        await new Promise((r) => setTimeout(r, 700));
+        assert.equal(client.failure, undefined);
+        assert.deepEqual(await client.read(1024, 512), DATA.slice(1024, 1536));
+      });
+    },
+  );
+
+  await step(
+    "an error chunk fails a read even when data and DONE follow",
+    config({
+      onCommand: onRead((req) =>
+        req.offset === 0n
+          ? [
+            structuredChunk(
+              req.cookie,
+              0,
+              REPLY_TYPE_ERROR,
+              errorPayload(EIO, "early error"),
+            ),
+            structuredChunk(
+              req.cookie,
+              0,
+              REPLY_TYPE_OFFSET_DATA,
+              offsetDataPayload(req.offset, DATA.slice(0, Number(req.length))),
+            ),
+            structuredChunk(req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE),
+          ]
+          : undefined
+      ),
+    }),
+    async (server) => {
+      await withClient(server, {}, async (client) => {
+        const e = await rejection(client.read(0, 512), "read()");
+        assertCommand(e, EIO, "EIO");
+        assert.equal(client.failure, undefined);
+        assert.deepEqual(await client.read(512, 512), DATA.slice(512, 1024));
+      });
+    },
+  );
+
+  await step(
+    "write() fails with a protocol error on a data chunk",
+    config({
+      onCommand: (req) =>
+        req.type === CMD_WRITE
+          ? structuredChunk(
+            req.cookie,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            offsetDataPayload(req.offset, new Uint8Array(512)),
+          )
+          : undefined,
+    }),
+    async (server) => {
+      await withClient(server, {}, async (client) => {
+        const e = await rejection(
+          client.write(0, new Uint8Array(512)),
+          "write()",
+        );
+        assertProtocol(e, "transmission");
+      });
     },
   );
 

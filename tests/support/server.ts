@@ -687,8 +687,11 @@ export interface TestServerConfig {
    * fixed newstyle, 0 for newstyle.
    */
   handshakeFlags?: number;
-  /** Raw bytes sent instead of the greeting (the rest goes on as usual). */
-  greeting?: Uint8Array;
+  /**
+   * Raw bytes sent instead of the greeting (the rest goes on as usual), or
+   * actions, e.g. `[bytes.subarray(0, 11), "drop"]`.
+   */
+  greeting?: Uint8Array | Action[];
   /** Accept connections but send nothing until closed. */
   stallHandshake?: boolean;
   /** Accept `NBD_OPT_STRUCTURED_REPLY` (default true). */
@@ -809,6 +812,8 @@ const MAX_OPTION_DATA = 1 << 20;
 /** Write payloads beyond this are not read; the server hangs up. */
 const MAX_WRITE_PAYLOAD = 64 * 1024 * 1024;
 const DEFAULT_BLOCK_STATUS_MAX = 0xffffffff;
+/** Messages are joined into writes of up to this many bytes. */
+const COALESCE_LIMIT = 256 * 1024;
 /** A stalled connection drops at most this much client data, then hangs up. */
 const STALL_DRAIN_LIMIT = 16 * 1024 * 1024;
 
@@ -1005,7 +1010,7 @@ class Connection {
   /** Queues one message; messages never interleave. */
   send(...messages: Uint8Array[]): Promise<void> {
     const run = this.#writeTail.then(async () => {
-      for (const m of messages) {
+      for (const m of coalesce(messages)) {
         let at = 0;
         while (at < m.length) {
           if (this.#isClosed) throw new Hangup();
@@ -1103,6 +1108,12 @@ class Connection {
 
   // --- Handshake -----------------------------------------------------------
 
+  /** Sends the greeting, or what the configuration has instead. */
+  async #greet(standard: Uint8Array): Promise<void> {
+    const g = this.#config.greeting ?? standard;
+    await this.act(g instanceof Uint8Array ? [g] : g);
+  }
+
   async #handshake(): Promise<void> {
     const cfg = this.#config;
     if (cfg.stallHandshake) {
@@ -1113,17 +1124,18 @@ class Connection {
     if (style === "oldstyle") {
       const ex = this.#server.defaultExport();
       this.current = ex;
-      await this.send(
-        cfg.greeting ??
-          oldstyleGreeting(ex.config.size, this.#transmissionFlags(ex)),
+      await this.#greet(
+        oldstyleGreeting(ex.config.size, this.#transmissionFlags(ex)),
       );
+      if (this.#isClosed) return;
       this.log.exportName = ex.config.name;
       this.phase = "transmission";
       return;
     }
     const advertised = cfg.handshakeFlags ??
       (style === "fixed" ? FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES : 0);
-    await this.send(cfg.greeting ?? newstyleGreeting(advertised));
+    await this.#greet(newstyleGreeting(advertised));
+    if (this.#isClosed) return;
     const flagBytes = await this.mustRead(4);
     const clientFlags = new DataView(flagBytes.buffer).getUint32(0);
     this.log.clientFlags = clientFlags;
@@ -1355,13 +1367,7 @@ class Connection {
       };
     }
     const replies: Uint8Array[] = [];
-    for (const info of cfg.unknownInfos ?? []) {
-      const payload = concat(
-        new Builder().u16(info.type).done(),
-        info.data ?? new Uint8Array(0),
-      );
-      replies.push(optionReply(o, REP_INFO, payload));
-    }
+    replies.push(...this.#server.unknownInfoReplies(o));
     if (requested.includes(INFO_NAME)) {
       replies.push(
         optionReply(o, REP_INFO, infoStringPayload(INFO_NAME, c.name)),
@@ -1809,6 +1815,27 @@ function clipExtents(map: Extent[], offset: number, length: number): Extent[] {
   return out;
 }
 
+/** Joins runs of small messages so that thousands cost few writes. */
+function coalesce(messages: Uint8Array[]): Uint8Array[] {
+  if (messages.length < 2) return messages;
+  const out: Uint8Array[] = [];
+  let run: Uint8Array[] = [];
+  let size = 0;
+  const flush = () => {
+    if (run.length === 1) out.push(run[0]!);
+    else if (run.length > 1) out.push(concat(...run));
+    run = [];
+    size = 0;
+  };
+  for (const m of messages) {
+    if (size + m.length > COALESCE_LIMIT) flush();
+    run.push(m);
+    size += m.length;
+  }
+  flush();
+  return out;
+}
+
 /** Writes initial contents, leaving all-zero pages unallocated (holes). */
 function writeSparse(disk: TestDisk, data: Uint8Array): void {
   for (let at = 0; at < data.length; at += PAGE_SIZE) {
@@ -1847,6 +1874,7 @@ class ServerImpl implements TestServer {
   #running = new Set<Promise<void>>();
   #acceptLoops: Promise<void>[] = [];
   #closing: Promise<void> | undefined;
+  #infoCache = new Map<number, Uint8Array[]>();
 
   constructor(config: TestServerConfig) {
     this.#config = config;
@@ -1921,6 +1949,25 @@ class ServerImpl implements TestServer {
     }
     if (this.#port === undefined) throw new TypeError("Not listening on TCP");
     return `nbd://127.0.0.1:${this.#port}/${name}`;
+  }
+
+  /** The configured unknown NBD_REP_INFO replies, built once per option. */
+  unknownInfoReplies(option: number): Uint8Array[] {
+    let replies = this.#infoCache.get(option);
+    if (!replies) {
+      replies = (this.#config.unknownInfos ?? []).map((info) =>
+        optionReply(
+          option,
+          REP_INFO,
+          concat(
+            new Builder().u16(info.type).done(),
+            info.data ?? new Uint8Array(0),
+          ),
+        )
+      );
+      this.#infoCache.set(option, replies);
+    }
+    return replies;
   }
 
   findExport(name: string): ExportState | undefined {
