@@ -105,7 +105,7 @@ export function checkDevice(path: string, name: string): void {
   if (!pathExists(`/sys/block/${name}`) && !pathExists(path)) {
     throw new NbdKernelError(
       path,
-      "access",
+      "",
       E.ENOENT,
       `No such device ${path}`,
       "no-module",

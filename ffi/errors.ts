@@ -30,7 +30,9 @@ export class NbdSystemCallError extends NbdError {
   readonly errnoName: string;
 
   /**
-   * @param call The call that failed.
+   * Builds the message from what was being done, the call and its errno.
+   *
+   * @param call The call that failed; `""` to name only the errno.
    * @param errno The errno it left.
    * @param message What was being done; the errno is appended.
    * @param advice What to do about it, appended last.
@@ -89,6 +91,8 @@ export class NbdKernelError extends NbdSystemCallError {
   readonly reason: KernelErrorReason;
 
   /**
+   * Builds the message and classifies the reason from errno if not given.
+   *
    * @param device The device path.
    * @param call The call or ioctl that failed.
    * @param errno The errno it left, 0 if none.

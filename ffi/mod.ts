@@ -42,3 +42,14 @@ export { detach, findFreeDevice, isAttached } from "./device.ts";
 export type { DetachOptions } from "./device.ts";
 export { NbdKernelError, NbdSystemCallError } from "./errors.ts";
 export type { KernelErrorReason } from "./errors.ts";
+// What the signatures above mention, so this entry point documents alone.
+export { NbdError } from "../lib/errors.ts";
+export type {
+  ConnectOptions,
+  ConnectTarget,
+  DebugHook,
+  NegotiationOptions,
+  TlsMode,
+  TlsOptions,
+} from "../lib/connect_options.ts";
+export type { BlockSize, ExportInfo, Protocol } from "../lib/handshake.ts";

@@ -162,7 +162,8 @@ phase detach
 # --- read-only: an -r export, and --read-only on a writable one -------------
 $CONNECT "$(uri ro)" /dev/nbd1 > "$W/c1.out" 2> "$W/c1.err" &
 C1=$!
-$CONNECT --read-only "$(uri mem)" /dev/nbd2 > "$W/c2.out" 2> "$W/c2.err" &
+$CONNECT --read-only --block-size 1024 --timeout 20 "$(uri mem)" /dev/nbd2 \
+  > "$W/c2.out" 2> "$W/c2.err" &
 C2=$!
 wait_for 60 attached nbd1 || fail attach-ro "nbd1: $(oneline "$W/c1.err")"
 wait_for 60 attached nbd2 || fail attach-ro "nbd2: $(oneline "$W/c2.err")"
@@ -170,6 +171,8 @@ check read-only-export "BLKROGET of nbd1 is $(blockdev --getro /dev/nbd1)" \
   [ "$(blockdev --getro /dev/nbd1)" = 1 ]
 check read-only-option "BLKROGET of nbd2 is $(blockdev --getro /dev/nbd2)" \
   [ "$(blockdev --getro /dev/nbd2)" = 1 ]
+check block-size-option "logical block size of nbd2 is $(blockdev --getss /dev/nbd2)" \
+  [ "$(blockdev --getss /dev/nbd2)" = 1024 ]
 timeout 60 dd if="$W/pattern" of=/dev/nbd1 bs=4096 count=1 oflag=direct \
   status=none 2> "$W/ro.err"
 rc=$?

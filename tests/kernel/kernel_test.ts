@@ -29,6 +29,7 @@ const CHECKS = [
   "detach-client-exits",
   "read-only-export",
   "read-only-option",
+  "block-size-option",
   "read-only-write-fails",
   "read-only-read",
   "sigterm",

@@ -1,0 +1,61 @@
+import assert from "node:assert/strict";
+import { FdStream } from "../../ffi/_fd_stream.ts";
+import { socketPair, startRelay } from "../../ffi/_relay.ts";
+
+async function readN(s: FdStream, n: number): Promise<Uint8Array> {
+  const out = new Uint8Array(n);
+  let at = 0;
+  while (at < n) {
+    const got = await s.read(out.subarray(at));
+    if (got === null) throw new Error(`EOF after ${at} of ${n} bytes`);
+    at += got;
+  }
+  return out;
+}
+
+async function writeAll(s: FdStream, p: Uint8Array): Promise<void> {
+  let at = 0;
+  while (at < p.length) at += await s.write(p.subarray(at));
+}
+
+Deno.test("startRelay() copies both ways and ends when the server's side closes", async () => {
+  // kernel <-> [ours | relay | server stream] <-> server
+  const [kernelFd, oursFd] = socketPair();
+  const [serverStreamFd, serverFd] = socketPair();
+  const kernel = new FdStream(kernelFd);
+  const server = new FdStream(serverFd);
+  const relay = startRelay(new FdStream(oursFd), new FdStream(serverStreamFd));
+  try {
+    const request = new Uint8Array(300_000).map((_, i) => i % 251);
+    const writing = writeAll(kernel, request);
+    assert.deepEqual(await readN(server, request.length), request);
+    await writing;
+    const reply = new Uint8Array(70_000).map((_, i) => (i * 3) % 256);
+    const replying = writeAll(server, reply);
+    assert.deepEqual(await readN(kernel, reply.length), reply);
+    await replying;
+
+    server.close();
+    await relay.done;
+    // The kernel sees the server go: end of stream on its socket.
+    assert.equal(await kernel.read(new Uint8Array(1)), null);
+    assert.equal(relay.error, undefined);
+  } finally {
+    relay.stop();
+    await relay.done;
+    kernel.close();
+    server.close();
+  }
+});
+
+Deno.test("startRelay() stops both sides when the kernel's side closes", async () => {
+  const [kernelFd, oursFd] = socketPair();
+  const [serverStreamFd, serverFd] = socketPair();
+  const kernel = new FdStream(kernelFd);
+  const server = new FdStream(serverFd);
+  const relay = startRelay(new FdStream(oursFd), new FdStream(serverStreamFd));
+  kernel.close();
+  await relay.done;
+  assert.equal(await server.read(new Uint8Array(1)), null);
+  server.close();
+});
