@@ -18,15 +18,7 @@
  * @module
  */
 
-/** The block sizes an export asks clients to respect. */
-export interface StreamBlockSize {
-  /** Every offset and length must be a multiple of this (1 if none). */
-  minimum: number;
-  /** The size the server handles best. */
-  preferred: number;
-  /** The largest payload the server accepts in one request. */
-  maximum: number;
-}
+import type { BlockSize } from "./options/go.ts";
 
 /**
  * What the streams need from a client. The library's client has this shape;
@@ -36,7 +28,7 @@ export interface StreamableClient {
   /** Size of the export in bytes. */
   readonly size: number;
   /** The export's block size constraints. */
-  readonly blockSize: StreamBlockSize;
+  readonly blockSize: BlockSize;
   /** Whether the export accepts `NBD_CMD_FLUSH`. */
   readonly canFlush: boolean;
   /** Whether the export accepts the FUA flag on writes. */
