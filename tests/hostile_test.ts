@@ -757,6 +757,47 @@ async function steps(t: Deno.TestContext): Promise<void> {
     },
   );
 
+  await step(
+    "connect() takes the server's nbd+unix:// and nbd:// URIs",
+    config({ listen: "both" }),
+    async (server) => {
+      for (const uri of [server.uriFor("disk"), server.uriFor("disk", "tcp")]) {
+        const client = await within(BOUND_MS, connect(uri), `connect(${uri})`);
+        try {
+          assert.equal(client.exportName, "disk");
+          assert.deepEqual(await client.read(0, 512), DATA.slice(0, 512));
+        } finally {
+          await closeClient(client);
+        }
+      }
+    },
+  );
+
+  await step(
+    "connect() with tls: prefer goes on in clear when STARTTLS is refused",
+    config({ starttls: { reply: REP_ERR_POLICY } }),
+    async (server) => {
+      await withClient(server, { tls: "prefer" }, async (client) => {
+        assert.equal(client.tls, false);
+        assert.deepEqual(await client.read(0, 512), DATA.slice(0, 512));
+      });
+      await server.settled();
+      assert.equal(server.log[0]!.options[0]?.option, OPT_STARTTLS);
+    },
+  );
+
+  await step(
+    "connect() fails cleanly when STARTTLS is acknowledged but no TLS follows",
+    config({ starttls: { reply: REP_ACK } }),
+    async (server) => {
+      const e = await rejection(open(server, { tls: "require" }), "connect()");
+      assert.ok(e instanceof NbdError, `${e.name}: ${e.message}`);
+      await server.settled();
+      const sent = server.log[0]!.options.map((o) => o.option);
+      assert.deepEqual(sent, [OPT_STARTTLS], "nothing sent in clear after ACK");
+    },
+  );
+
   // --- Transmission: typed errors that keep the connection ------------------
 
   await step(
