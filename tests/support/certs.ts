@@ -1,0 +1,228 @@
+/**
+ * A throwaway PKI for the TLS tests, made with `openssl` in a private
+ * temporary directory, in the layout qemu, nbdkit and libnbd share:
+ *
+ * - `server/`: `ca-cert.pem`, `server-cert.pem`, `server-key.pem` (for
+ *   `nbdkit --tls-certificates` and qemu's `tls-creds-x509,dir=`).
+ * - `client/`: `ca-cert.pem`, `client-cert.pem`, `client-key.pem`.
+ * - `client-nocert/`: `ca-cert.pem` only.
+ * - `other/`: a second, unrelated CA with its own client certificate, to be
+ *   distrusted by both sides.
+ *
+ * The server certificate is for `localhost`, `127.0.0.1` and `::1`.
+ *
+ * @module
+ */
+
+/** The files of a test PKI; see the module doc for the layout. */
+export interface TestPki extends AsyncDisposable {
+  /** The temporary directory holding everything. */
+  readonly root: string;
+  /** Server credentials: CA, server certificate and key. */
+  readonly serverDir: string;
+  /** Client credentials: CA and client certificate and key. */
+  readonly clientDir: string;
+  /** The CA alone, for clients without a certificate. */
+  readonly clientNoCertDir: string;
+  /** A second CA and a client certificate it signed. */
+  readonly otherDir: string;
+  /** The CA certificate, PEM. */
+  readonly caCert: string;
+  /** The client certificate, PEM. */
+  readonly clientCert: string;
+  /** The client key, PEM. */
+  readonly clientKey: string;
+  /** Removes the directory. */
+  remove(): Promise<void>;
+}
+
+const OPENSSL_TIMEOUT_MS = 30_000;
+
+async function openssl(cwd: string, ...args: string[]): Promise<void> {
+  const out = await new Deno.Command("openssl", {
+    args,
+    cwd,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout(OPENSSL_TIMEOUT_MS),
+  }).output();
+  if (!out.success) {
+    throw new Error(
+      `openssl ${args.join(" ")} failed: ${
+        new TextDecoder().decode(out.stderr)
+      }`,
+    );
+  }
+}
+
+function config(cn: string, extensions: string[]): string {
+  return [
+    "[req]",
+    "distinguished_name = dn",
+    "prompt = no",
+    "[dn]",
+    `CN = ${cn}`,
+    "[ext]",
+    ...extensions,
+    "",
+  ].join("\n");
+}
+
+async function makeCa(dir: string, name: string): Promise<void> {
+  await Deno.writeTextFile(
+    `${dir}/${name}.cnf`,
+    config(`NBD test CA ${name}`, [
+      "basicConstraints = critical, CA:TRUE",
+      "keyUsage = critical, keyCertSign, cRLSign",
+      "subjectKeyIdentifier = hash",
+    ]),
+  );
+  await openssl(
+    dir,
+    "req",
+    "-x509",
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+    "-keyout",
+    `${name}-key.pem`,
+    "-out",
+    `${name}-cert.pem`,
+    "-days",
+    "2",
+    "-config",
+    `${name}.cnf`,
+    "-extensions",
+    "ext",
+  );
+}
+
+async function makeLeaf(
+  dir: string,
+  ca: string,
+  name: string,
+  usage: "serverAuth" | "clientAuth",
+): Promise<void> {
+  await Deno.writeTextFile(
+    `${dir}/${name}.cnf`,
+    config("localhost", [
+      "basicConstraints = critical, CA:FALSE",
+      "keyUsage = critical, digitalSignature, keyEncipherment",
+      `extendedKeyUsage = ${usage}`,
+      "subjectAltName = DNS:localhost, IP:127.0.0.1, IP:::1",
+    ]),
+  );
+  await openssl(
+    dir,
+    "req",
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+    "-keyout",
+    `${name}-key.pem`,
+    "-out",
+    `${name}.csr`,
+    "-config",
+    `${name}.cnf`,
+  );
+  await openssl(
+    dir,
+    "x509",
+    "-req",
+    "-in",
+    `${name}.csr`,
+    "-CA",
+    `${ca}-cert.pem`,
+    "-CAkey",
+    `${ca}-key.pem`,
+    "-CAcreateserial",
+    "-out",
+    `${name}-cert.pem`,
+    "-days",
+    "2",
+    "-extfile",
+    `${name}.cnf`,
+    "-extensions",
+    "ext",
+  );
+}
+
+async function place(
+  from: string,
+  to: string,
+  files: Record<string, string>,
+): Promise<void> {
+  await Deno.mkdir(to);
+  for (const [name, source] of Object.entries(files)) {
+    await Deno.copyFile(`${from}/${source}`, `${to}/${name}`);
+  }
+}
+
+/**
+ * Makes a CA, a server and a client certificate, and a second CA with its
+ * own client certificate.
+ *
+ * @returns The directories; `await using` removes them.
+ */
+export async function makeTestPki(): Promise<TestPki> {
+  const root = await Deno.makeTempDir({ prefix: "nbd-tls-" });
+  try {
+    const work = `${root}/work`;
+    await Deno.mkdir(work);
+    await makeCa(work, "ca");
+    await makeLeaf(work, "ca", "server", "serverAuth");
+    await makeLeaf(work, "ca", "client", "clientAuth");
+    await makeCa(work, "other-ca");
+    await makeLeaf(work, "other-ca", "other-client", "clientAuth");
+
+    const serverDir = `${root}/server`;
+    const clientDir = `${root}/client`;
+    const clientNoCertDir = `${root}/client-nocert`;
+    const otherDir = `${root}/other`;
+    await place(work, serverDir, {
+      "ca-cert.pem": "ca-cert.pem",
+      "server-cert.pem": "server-cert.pem",
+      "server-key.pem": "server-key.pem",
+    });
+    await place(work, clientDir, {
+      "ca-cert.pem": "ca-cert.pem",
+      "client-cert.pem": "client-cert.pem",
+      "client-key.pem": "client-key.pem",
+    });
+    await place(work, clientNoCertDir, { "ca-cert.pem": "ca-cert.pem" });
+    await place(work, otherDir, {
+      "ca-cert.pem": "other-ca-cert.pem",
+      "client-cert.pem": "other-client-cert.pem",
+      "client-key.pem": "other-client-key.pem",
+    });
+    // qemu refuses key files others can read.
+    for (const dir of [serverDir, clientDir, otherDir]) {
+      for await (const entry of Deno.readDir(dir)) {
+        if (entry.name.endsWith("-key.pem")) {
+          await Deno.chmod(`${dir}/${entry.name}`, 0o600);
+        }
+      }
+    }
+    const remove = () => Deno.remove(root, { recursive: true });
+    return {
+      root,
+      serverDir,
+      clientDir,
+      clientNoCertDir,
+      otherDir,
+      caCert: await Deno.readTextFile(`${clientDir}/ca-cert.pem`),
+      clientCert: await Deno.readTextFile(`${clientDir}/client-cert.pem`),
+      clientKey: await Deno.readTextFile(`${clientDir}/client-key.pem`),
+      remove,
+      [Symbol.asyncDispose]: remove,
+    };
+  } catch (e) {
+    await Deno.remove(root, { recursive: true });
+    throw e;
+  }
+}

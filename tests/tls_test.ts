@@ -1,0 +1,466 @@
+/**
+ * `lib/tls.ts` on its own: credentials, refusals, and `upgradeToTls` over a
+ * connection whose fixed-newstyle greeting and `NBD_OPT_STARTTLS` are done by
+ * hand here, against nbdkit with a throwaway PKI.
+ */
+
+import assert from "node:assert/strict";
+import {
+  IHAVEOPT,
+  OPT_ABORT,
+  OPT_STARTTLS,
+  OPTION_REPLY_MAGIC,
+  REP_ACK,
+} from "../lib/constants.ts";
+import { NbdConnectionClosedError } from "../lib/errors.ts";
+import {
+  loadTlsCredentials,
+  NbdTlsError,
+  refuseUnsupportedTls,
+  type TlsStream,
+  upgradeToTls,
+} from "../lib/tls.ts";
+import type { ByteStream } from "../lib/transport.ts";
+import { have, nbdkit, type Server } from "./interop/servers.ts";
+import { makeTestPki } from "./support/certs.ts";
+
+const tools = have("nbdkit") && have("openssl");
+
+async function readExact(s: ByteStream, n: number): Promise<Uint8Array> {
+  const out = new Uint8Array(n);
+  let got = 0;
+  while (got < n) {
+    const r = await s.read(out.subarray(got));
+    if (r === null) throw new Error(`EOF after ${got} of ${n} bytes`);
+    got += r;
+  }
+  return out;
+}
+
+async function writeAll(s: ByteStream, bytes: Uint8Array): Promise<void> {
+  let at = 0;
+  while (at < bytes.length) at += await s.write(bytes.subarray(at));
+}
+
+function option(opt: number): Uint8Array {
+  const b = new Uint8Array(8 + 4 + 4); // magic, option, length
+  const v = new DataView(b.buffer);
+  v.setBigUint64(0, IHAVEOPT);
+  v.setUint32(8, opt);
+  v.setUint32(12, 0);
+  return b;
+}
+
+/** Reads one option reply header and asserts it is an empty ACK to `opt`. */
+async function expectAck(s: ByteStream, opt: number): Promise<void> {
+  const r = await readExact(s, 8 + 4 + 4 + 4); // magic, option, type, length
+  const v = new DataView(r.buffer);
+  assert.equal(v.getBigUint64(0), OPTION_REPLY_MAGIC);
+  assert.equal(v.getUint32(8), opt);
+  assert.equal(v.getUint32(12), REP_ACK);
+  assert.equal(v.getUint32(16), 0);
+}
+
+/** Greets a fixed-newstyle server and gets NBD_OPT_STARTTLS acknowledged. */
+async function startTls(conn: Deno.Conn): Promise<void> {
+  await readExact(conn, 8 + 8 + 2); // NBDMAGIC, IHAVEOPT, handshake flags
+  await writeAll(conn, new Uint8Array([0, 0, 0, 3])); // FIXED_NEWSTYLE|NO_ZEROES
+  await writeAll(conn, option(OPT_STARTTLS));
+  await expectAck(conn, OPT_STARTTLS);
+}
+
+async function openTcp(server: Server): Promise<Deno.TcpConn> {
+  const conn = await Deno.connect({
+    hostname: "127.0.0.1",
+    port: server.port!,
+  });
+  await startTls(conn);
+  return conn;
+}
+
+async function openUnix(server: Server): Promise<Deno.UnixConn> {
+  const conn = await Deno.connect({ transport: "unix", path: server.socket! });
+  await startTls(conn);
+  return conn;
+}
+
+/** Proves the TLS stream carries NBD: NBD_OPT_ABORT is acknowledged. */
+async function abortOverTls(secure: ByteStream): Promise<void> {
+  await writeAll(secure, option(OPT_ABORT));
+  await expectAck(secure, OPT_ABORT);
+}
+
+function assertTlsError(code: string | undefined, message: RegExp) {
+  return (e: unknown): boolean => {
+    assert.ok(e instanceof NbdTlsError, `expected NbdTlsError, got ${e}`);
+    if (code !== undefined) assert.equal(e.code, code);
+    assert.match(e.message, message);
+    return true;
+  };
+}
+
+Deno.test("loadTlsCredentials()", { ignore: !have("openssl") }, async (t) => {
+  await using pki = await makeTestPki();
+
+  await t.step(
+    "reads ca-cert.pem and the client pair from the directory",
+    async () => {
+      const c = await loadTlsCredentials({ tlsCertificates: pki.clientDir });
+      assert.deepEqual(c, {
+        ca: [pki.caCert],
+        cert: pki.clientCert,
+        key: pki.clientKey,
+      });
+    },
+  );
+
+  await t.step(
+    "sends no certificate when the directory has only the CA",
+    async () => {
+      const c = await loadTlsCredentials({
+        tlsCertificates: pki.clientNoCertDir,
+      });
+      assert.deepEqual(c, { ca: [pki.caCert] });
+    },
+  );
+
+  await t.step("adds caCerts to the directory's CA", async () => {
+    const c = await loadTlsCredentials({
+      tlsCertificates: pki.clientNoCertDir,
+      caCerts: ["extra"],
+    });
+    assert.deepEqual(c.ca, ["extra", pki.caCert]);
+  });
+
+  await t.step(
+    "prefers tlsClientCert and tlsClientKey to the directory's pair",
+    async () => {
+      const c = await loadTlsCredentials({
+        tlsCertificates: pki.clientDir,
+        tlsClientCert: "C",
+        tlsClientKey: "K",
+      });
+      assert.equal(c.cert, "C");
+      assert.equal(c.key, "K");
+    },
+  );
+
+  await t.step("uses the default roots when nothing names a CA", async () => {
+    assert.deepEqual(await loadTlsCredentials({}), {});
+  });
+
+  await t.step("refuses a directory that does not exist", async () => {
+    await assert.rejects(
+      loadTlsCredentials({ tlsCertificates: `${pki.root}/nowhere` }),
+      assertTlsError(
+        undefined,
+        /^Cannot use TLS certificates directory ".*\/nowhere": /,
+      ),
+    );
+  });
+
+  await t.step("refuses a client certificate without its key", async () => {
+    const dir = `${pki.root}/half`;
+    await Deno.mkdir(dir);
+    await Deno.copyFile(
+      `${pki.clientDir}/client-cert.pem`,
+      `${dir}/client-cert.pem`,
+    );
+    await assert.rejects(
+      loadTlsCredentials({ tlsCertificates: dir }),
+      assertTlsError(undefined, /has client-cert\.pem but no client-key\.pem$/),
+    );
+    await assert.rejects(
+      loadTlsCredentials({ tlsClientKey: "K" }),
+      assertTlsError(
+        undefined,
+        /^tlsClientKey was given without tlsClientCert$/,
+      ),
+    );
+  });
+
+  await t.step(
+    "refuses ca-crl.pem rather than ignore revocations",
+    async () => {
+      const dir = `${pki.root}/crl`;
+      await Deno.mkdir(dir);
+      await Deno.writeTextFile(`${dir}/ca-crl.pem`, "");
+      await assert.rejects(
+        loadTlsCredentials({ tlsCertificates: dir }),
+        assertTlsError(
+          undefined,
+          /certificate revocation lists are not supported/,
+        ),
+      );
+    },
+  );
+});
+
+Deno.test("refuseUnsupportedTls() refuses TLS-PSK by name", () => {
+  assert.throws(
+    () => refuseUnsupportedTls({ tlsPskFile: "/etc/keys.psk" }),
+    assertTlsError(
+      undefined,
+      /^TLS-PSK \(tlsPskFile "\/etc\/keys\.psk"\) is not supported: Deno's TLS \(rustls\) has no pre-shared-key cipher suites/,
+    ),
+  );
+  refuseUnsupportedTls({ tlsCertificates: "/etc/pki/nbd" });
+});
+
+Deno.test("upgradeToTls()", { ignore: !tools }, async (t) => {
+  await using pki = await makeTestPki();
+  const tls = ["--tls=require", `--tls-certificates=${pki.serverDir}`];
+  const tcp = await nbdkit([...tls, "memory", "1M"], { tcp: true });
+  const unix = await nbdkit([...tls, "memory", "1M"]);
+  const verifying = await nbdkit(
+    [...tls, "--tls-verify-peer", "memory", "1M"],
+    { tcp: true },
+  );
+  try {
+    await t.step(
+      "verifies chain and host name over TCP and carries options",
+      async () => {
+        const secure = await upgradeToTls(await openTcp(tcp), {
+          hostname: "localhost",
+          tlsCertificates: pki.clientNoCertDir,
+        });
+        try {
+          assert.equal(secure.verified, true);
+          assert.match(secure.protocol ?? "", /^TLSv1\.[23]$/);
+          await abortOverTls(secure);
+        } finally {
+          secure.close();
+        }
+      },
+    );
+
+    await t.step(
+      "checks an IP address against the certificate's IP names",
+      async () => {
+        const secure = await upgradeToTls(await openTcp(tcp), {
+          hostname: "127.0.0.1",
+          caCerts: [pki.caCert],
+        });
+        try {
+          await abortOverTls(secure);
+        } finally {
+          secure.close();
+        }
+      },
+    );
+
+    await t.step("rejects a certificate from an unknown CA", async () => {
+      await assert.rejects(
+        upgradeToTls(await openTcp(tcp), {
+          hostname: "localhost",
+          tlsCertificates: pki.otherDir,
+        }),
+        assertTlsError(
+          "UNABLE_TO_VERIFY_LEAF_SIGNATURE",
+          /^TLS handshake with localhost failed: the server's certificate is not signed by a trusted CA/,
+        ),
+      );
+    });
+
+    await t.step("rejects a certificate for another name", async () => {
+      await assert.rejects(
+        upgradeToTls(await openTcp(tcp), {
+          hostname: "localhost",
+          tlsHostname: "nbd.example.com",
+          tlsCertificates: pki.clientNoCertDir,
+        }),
+        assertTlsError(
+          "ERR_TLS_CERT_ALTNAME_INVALID",
+          /^TLS handshake with nbd\.example\.com failed: the server's certificate is not valid for the name "nbd\.example\.com"; set tlsHostname/,
+        ),
+      );
+    });
+
+    await t.step("accepts anything with tlsVerifyPeer: false", async () => {
+      const secure = await upgradeToTls(await openTcp(tcp), {
+        hostname: "nbd.example.com",
+        tlsCertificates: pki.otherDir,
+        tlsVerifyPeer: false,
+      });
+      try {
+        assert.equal(secure.verified, false);
+        await abortOverTls(secure);
+      } finally {
+        secure.close();
+      }
+    });
+
+    await t.step("works over a Unix socket, checking the chain", async () => {
+      const secure = await upgradeToTls(await openUnix(unix), {
+        path: unix.socket!,
+        tlsCertificates: pki.clientNoCertDir,
+      });
+      try {
+        assert.equal(secure.verified, true);
+        await abortOverTls(secure);
+      } finally {
+        secure.close();
+      }
+      await assert.rejects(
+        upgradeToTls(await openUnix(unix), {
+          path: unix.socket!,
+          tlsCertificates: pki.otherDir,
+        }),
+        assertTlsError(
+          "UNABLE_TO_VERIFY_LEAF_SIGNATURE",
+          /^TLS handshake with the server failed/,
+        ),
+      );
+    });
+
+    await t.step("checks tlsHostname over a Unix socket", async () => {
+      await assert.rejects(
+        upgradeToTls(await openUnix(unix), {
+          path: unix.socket!,
+          tlsHostname: "nbd.example.com",
+          tlsCertificates: pki.clientNoCertDir,
+        }),
+        assertTlsError("ERR_TLS_CERT_ALTNAME_INVALID", /nbd\.example\.com/),
+      );
+      const secure = await upgradeToTls(await openUnix(unix), {
+        path: unix.socket!,
+        tlsHostname: "localhost",
+        tlsCertificates: pki.clientNoCertDir,
+      });
+      secure.close();
+    });
+
+    await t.step(
+      "sends the client certificate a verifying server asks for",
+      async () => {
+        const secure = await upgradeToTls(await openTcp(verifying), {
+          hostname: "localhost",
+          tlsCertificates: pki.clientDir,
+        });
+        try {
+          await abortOverTls(secure);
+        } finally {
+          secure.close();
+        }
+      },
+    );
+
+    await t.step(
+      "reports a verifying server that wanted a client certificate",
+      async () => {
+        // TLS 1.3: the client's side of the handshake completes; the server's
+        // refusal arrives with the first read.
+        const secure = await upgradeToTls(await openTcp(verifying), {
+          hostname: "localhost",
+          tlsCertificates: pki.clientNoCertDir,
+        }).catch((e) => e);
+        try {
+          const failure = secure instanceof Error
+            ? secure
+            : await abortOverTls(secure).then(() => undefined, (e) => e);
+          assertTlsError(undefined, /it may require a client certificate/)(
+            failure,
+          );
+        } finally {
+          if (!(secure instanceof Error)) secure.close();
+        }
+      },
+    );
+
+    await t.step(
+      "reports a client certificate the server does not trust",
+      async () => {
+        const secure = await upgradeToTls(await openTcp(verifying), {
+          hostname: "localhost",
+          caCerts: [pki.caCert],
+          tlsCertificates: pki.otherDir,
+          tlsVerifyPeer: true,
+        }).catch((e) => e);
+        try {
+          // The other directory's CA cannot verify the server; trust ours too.
+          const failure = secure instanceof Error
+            ? secure
+            : await abortOverTls(secure).then(() => undefined, (e) => e);
+          assertTlsError(
+            undefined,
+            /it may not trust the client certificate that was sent/,
+          )(failure);
+        } finally {
+          if (!(secure instanceof Error)) secure.close();
+        }
+      },
+    );
+
+    await t.step(
+      "refuses TLS-PSK before the handshake and closes the stream",
+      async () => {
+        const conn = await openTcp(tcp);
+        await assert.rejects(
+          upgradeToTls(conn, { hostname: "localhost", tlsPskFile: "keys.psk" }),
+          assertTlsError(undefined, /^TLS-PSK/),
+        );
+        await assert.rejects(
+          conn.read(new Uint8Array(1)),
+          Deno.errors.BadResource,
+        );
+      },
+    );
+
+    await t.step(
+      "reads and writes at once, and close() fails a pending read",
+      async () => {
+        const secure: TlsStream = await upgradeToTls(await openTcp(tcp), {
+          hostname: "localhost",
+          tlsCertificates: pki.clientNoCertDir,
+        });
+        const header = new Uint8Array(20);
+        const reading = readExact(secure, 20).then((b) => header.set(b));
+        await writeAll(secure, option(OPT_ABORT));
+        await reading;
+        assert.equal(new DataView(header.buffer).getUint32(12), REP_ACK);
+        const pending = secure.read(new Uint8Array(1));
+        secure.close();
+        await assert.rejects(pending, NbdConnectionClosedError);
+        await assert.rejects(
+          secure.write(option(OPT_ABORT)),
+          NbdConnectionClosedError,
+        );
+      },
+    );
+  } finally {
+    await Promise.all([tcp.stop(), unix.stop(), verifying.stop()]);
+  }
+});
+
+Deno.test(
+  "upgradeToTls() gives up when the signal aborts",
+  { ignore: !tools },
+  async () => {
+    // A peer that never answers the ClientHello.
+    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const accepted = listener.accept();
+    const conn = await Deno.connect({
+      hostname: "127.0.0.1",
+      port: (listener.addr as Deno.NetAddr).port,
+    });
+    const peer = await accepted;
+    const controller = new AbortController();
+    const timer = setTimeout(
+      () => controller.abort(new Error("gave up")),
+      100,
+    );
+    try {
+      await assert.rejects(
+        upgradeToTls(conn, {
+          hostname: "localhost",
+          signal: controller.signal,
+        }),
+        /^Error: gave up$/,
+      );
+    } finally {
+      clearTimeout(timer);
+      peer.close();
+      listener.close();
+    }
+  },
+);
