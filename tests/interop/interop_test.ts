@@ -64,6 +64,8 @@ const R_ZERO_NO_HOLE = 49 * MiB;
 const R_FAST_ZERO = 50 * MiB;
 const R_TRIM = 51 * MiB;
 const R_FUA = 52 * MiB;
+const R_STREAM = 53 * MiB;
+const R_MULTI = 58 * MiB;
 const R_UNTOUCHED = 60 * MiB;
 
 /** What a server configuration offers, as the checks expect it. */
@@ -92,6 +94,8 @@ interface Expect {
   zeroStatus: boolean;
   /** `base:allocation` flags of a range nobody wrote. */
   untouchedFlags?: number;
+  /** `NBD_FLAG_CAN_MULTI_CONN`: connections see each other's flushed writes. */
+  multiConn: boolean;
   /** Replies to a mix of slow and fast requests arrive out of order. */
   reorders?: boolean;
   /** `probe()` (NBD_OPT_INFO) reports this size instead of the real one. */
@@ -132,6 +136,7 @@ const ALL_FEATURES = {
   trimReadsZeroes: true,
   zeroStatus: true,
   untouchedFlags: STATE_HOLE | STATE_ZERO,
+  multiConn: true,
 } as const satisfies Expect;
 
 const NO_STRUCTURED_REPLIES = {
@@ -325,6 +330,38 @@ const CONFIGS: Config[] = [
         },
         spare: { exportname: `${dir}/spare.img`, readonly: true },
       }, { dir });
+    },
+    exportName: "disk",
+    expect: {
+      ...ALL_FEATURES,
+      ...NO_STRUCTURED_REPLIES,
+      fastZero: false,
+      cache: false,
+      exports: [
+        { name: "disk", description: "" },
+        { name: "spare", description: "" },
+      ],
+      trimReadsZeroes: false,
+      // nbd-server 3.24 answers NBD_OPT_INFO before it opens the file and
+      // so reports size 0 (nbdinfo shows the same); NBD_OPT_GO is right.
+      probeSize: 0,
+    },
+  },
+  {
+    name: "nbd-server over loopback TCP",
+    programs: ["nbd-server"],
+    start: async (dir) => {
+      await sparseFile(`${dir}/disk.img`, SIZE);
+      await sparseFile(`${dir}/spare.img`, MiB);
+      return await nbdServer({
+        disk: {
+          exportname: `${dir}/disk.img`,
+          flush: true,
+          fua: true,
+          trim: true,
+        },
+        spare: { exportname: `${dir}/spare.img`, readonly: true },
+      }, { dir, tcp: true });
     },
     exportName: "disk",
     expect: {
@@ -986,6 +1023,100 @@ async function runChecks(
               e.event === "recv chunk" &&
               e.fields.type === "NBD_REPLY_TYPE_OFFSET_DATA"
             ),
+          );
+        }
+      },
+    );
+
+    await t.step(
+      writable
+        ? "readable() and writable() stream bytes in order through the export"
+        : "readable() streams the export's bytes in order",
+      async () => {
+        const length = 4 * MiB + 3 * KiB;
+        const expected = writable
+          ? fill(9, R_STREAM, length)
+          : content(R_STREAM, length);
+        if (writable) {
+          // Odd-sized pieces, so the stream must realign them.
+          const pieces = ReadableStream.from(
+            (function* () {
+              for (let at = 0; at < length; at += 100_000) {
+                yield expected.slice(at, Math.min(length, at + 100_000));
+              }
+            })(),
+          );
+          await within(
+            30_000,
+            "writable()",
+            pieces.pipeTo(
+              client.writable({
+                offset: R_STREAM,
+                flush: x.flush && !x.refusesAdvertised,
+              }),
+            ),
+          );
+        }
+        const chunks: Uint8Array[] = [];
+        const reader = client.readable({ offset: R_STREAM, length })
+          .getReader();
+        let total = 0;
+        while (true) {
+          const { value, done } = await within(
+            10_000,
+            "readable()",
+            reader.read(),
+          );
+          if (done) break;
+          chunks.push(value);
+          total += value.length;
+        }
+        const joined = new Uint8Array(total);
+        let at = 0;
+        for (const chunk of chunks) {
+          joined.set(chunk, at);
+          at += chunk.length;
+        }
+        assertBytes(joined, expected, "streamed bytes");
+      },
+    );
+
+    await t.step(
+      x.multiConn
+        ? "a second connection sees the first one's flushed writes (NBD_FLAG_CAN_MULTI_CONN)"
+        : "NBD_FLAG_CAN_MULTI_CONN is clear",
+      async () => {
+        assert.equal(client.canMultiConn, x.multiConn);
+        if (!x.multiConn) return;
+        await using other = await within(
+          10_000,
+          "second connection",
+          connect(server.target(c.exportName), c.options ?? {}),
+        );
+        const block = 64 * KiB;
+        if (writable) {
+          const data = fill(10, R_MULTI, block);
+          await client.write(R_MULTI, data);
+          if (x.flush && !x.refusesAdvertised) await client.flush();
+          assertBytes(
+            await other.read(R_MULTI, block),
+            data,
+            "other connection",
+          );
+          // And the other way round, with both connections still open.
+          const back = fill(11, R_MULTI, block);
+          await other.write(R_MULTI, back);
+          if (x.flush && !x.refusesAdvertised) await other.flush();
+          assertBytes(
+            await client.read(R_MULTI, block),
+            back,
+            "first connection",
+          );
+        } else {
+          assertBytes(
+            await other.read(R_MULTI, block),
+            await client.read(R_MULTI, block),
+            "both connections",
           );
         }
       },
