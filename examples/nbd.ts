@@ -16,7 +16,7 @@
 
 import { main as copy } from "./copy.ts";
 import { main as info } from "./info.ts";
-import { warn, writeAll } from "./_cli.ts";
+import { errorLine, warn, writeAll } from "./_cli.ts";
 
 /** A subcommand: arguments in, exit status out. */
 type Tool = (args: string[]) => Promise<number>;
@@ -74,7 +74,14 @@ export async function main(args: string[]): Promise<number> {
     warn(USAGE.trimEnd());
     return 1;
   }
-  return await tool.run(rest);
+  try {
+    return await tool.run(rest);
+  } catch (e) {
+    // Each tool reports its own failures; this is the net under a tool
+    // whose main() lets one escape.
+    warn(errorLine(name!, e));
+    return 1;
+  }
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));
