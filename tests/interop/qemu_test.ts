@@ -20,6 +20,7 @@ import {
   assertBytes,
   extentsOf,
   isZero,
+  referenceMap,
   rejectsBeforeTraffic,
   Trace,
 } from "./_support.ts";
@@ -37,27 +38,6 @@ const haveQemu = ["qemu-nbd", "qemu-img", "qemu-io"].every(have);
 /** Extents from a list of [offset, length, flags], for readable tables. */
 function extents(...rows: Array<[number, number, number]>): Extent[] {
   return rows.map(([offset, length, flags]) => ({ offset, length, flags }));
-}
-
-/** One entry of `nbdinfo --map --json`. */
-interface MapEntry {
-  offset: number;
-  length: number;
-  type: number;
-}
-
-/** The reference client's map of one context, merged like ours. */
-async function referenceMap(uri: string, context: string): Promise<Extent[]> {
-  const map: MapEntry[] = JSON.parse(
-    await run("nbdinfo", [`--map=${context}`, "--json", uri]),
-  );
-  const out: Extent[] = [];
-  for (const m of map) {
-    const last = out.at(-1);
-    if (last && last.flags === m.type) last.length += m.length;
-    else out.push({ offset: m.offset, length: m.length, flags: m.type });
-  }
-  return out;
 }
 
 /** Exports as `qemu-nbd --list` prints them: name and description. */
@@ -157,7 +137,32 @@ Deno.test({
             new Uint8Array(64 * KiB).fill(0xab),
             "from top",
           );
-          assert.ok(isZero(await client.read(64 * KiB, MiB - 64 * KiB)));
+        },
+      );
+
+      await t.step(
+        "read() of an unallocated range takes NBD_REPLY_TYPE_OFFSET_HOLE chunks as zeroes",
+        async () => {
+          const from = trace.events.length;
+          const back = await client.read(0, 2 * MiB);
+          const chunks = trace.events.slice(from).filter((e) =>
+            e.event === "recv chunk"
+          ).map((e) => e.fields.type);
+          // qemu-nbd sends holes for what block status calls zero.
+          assert.ok(chunks.includes("NBD_REPLY_TYPE_OFFSET_HOLE"), `${chunks}`);
+          assert.ok(chunks.includes("NBD_REPLY_TYPE_OFFSET_DATA"), `${chunks}`);
+          assertBytes(
+            back.subarray(0, 64 * KiB),
+            new Uint8Array(64 * KiB).fill(0xcd),
+            "data before the hole",
+          );
+          assert.ok(isZero(back.subarray(64 * KiB, MiB)), "the hole");
+          assertBytes(
+            back.subarray(MiB, MiB + 64 * KiB),
+            new Uint8Array(64 * KiB).fill(0xab),
+            "data after the hole",
+          );
+          assert.ok(isZero(back.subarray(MiB + 64 * KiB)), "the tail");
         },
       );
 
