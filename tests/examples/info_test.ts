@@ -214,15 +214,17 @@ Deno.test({
 });
 
 Deno.test({
-  name: "info against qemu-nbd shows qemu's contexts and allocation depth",
+  name:
+    "info against qemu-nbd shows qemu's contexts, allocation depth and dirty bitmaps",
   ignore: !haveQemu,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "nbd-info-" });
     const image = `${dir}/disk.qcow2`;
     await sh("qemu-img", ["create", "-q", "-f", "qcow2", image, "4M"]);
+    await sh("qemu-img", ["bitmap", "--add", image, "b0"]);
     await sh("qemu-io", ["-f", "qcow2", "-c", "write -P 0x55 1M 64k", image]);
     const server = await qemuNbd(
-      ["-f", "qcow2", "-x", "disk", "-D", "a qcow2", "-A", image],
+      ["-f", "qcow2", "-x", "disk", "-D", "a qcow2", "-A", "-B", "b0", image],
       dir,
     );
     try {
@@ -239,6 +241,14 @@ Deno.test({
         map.text,
         await sh("nbdinfo", ["--map=qemu:allocation-depth", uri]),
       );
+
+      const dirty = await runTool("info", ["--map=qemu:dirty-bitmap:b0", uri]);
+      assert.equal(dirty.code, 0, dirty.stderr);
+      assert.equal(
+        dirty.text,
+        await sh("nbdinfo", ["--map=qemu:dirty-bitmap:b0", uri]),
+      );
+      assert.match(dirty.text, / 1  dirty\n/);
     } finally {
       await server.stop();
       await Deno.remove(dir, { recursive: true });
