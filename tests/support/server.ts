@@ -811,7 +811,8 @@ class Cursor {
 const MAX_OPTION_DATA = 1 << 20;
 /** Write payloads beyond this are not read; the server hangs up. */
 const MAX_WRITE_PAYLOAD = 64 * 1024 * 1024;
-const DEFAULT_BLOCK_STATUS_MAX = 0xffffffff;
+/** Longest compact descriptor: a u32, kept 512-aligned. */
+const DEFAULT_BLOCK_STATUS_MAX = 0xfffffe00;
 /** Messages are joined into writes of up to this many bytes. */
 const COALESCE_LIMIT = 256 * 1024;
 /** A stalled connection drops at most this much client data, then hangs up. */
@@ -1738,8 +1739,8 @@ class Connection {
           : ex.config.contexts?.[ctx.name] ?? [];
         extents = clipExtents(map, offset, length);
       }
-      extents = extents.filter((e) => e.length > 0 && e.length <= limit);
       if (one) extents = extents.slice(0, 1);
+      extents = splitExtents(extents, limit, one);
       const last = i === this.contexts.length - 1 ? REPLY_FLAG_DONE : 0;
       replies.push(
         this.extended
@@ -1797,6 +1798,28 @@ class Connection {
     }
     return [simpleReply(req.cookie, errno)];
   }
+}
+
+/**
+ * Drops empty extents and cuts long ones to fit the descriptor's length
+ * field; with REQ_ONE only the first piece is kept.
+ */
+function splitExtents(
+  extents: Extent[],
+  limit: number,
+  one: boolean,
+): Extent[] {
+  const out: Extent[] = [];
+  for (const e of extents) {
+    // Bounded by the request length over `limit` (at most a few pieces).
+    for (let left = e.length; left > 0;) {
+      const n = Math.min(left, limit);
+      out.push({ length: n, flags: e.flags });
+      if (one) return out;
+      left -= n;
+    }
+  }
+  return out;
 }
 
 /** Cuts a map that starts at offset 0 down to [offset, offset + length). */

@@ -169,6 +169,7 @@ Deno.test({
       assert.equal(disk.block_size_preferred, 4096);
       assert.equal(disk.block_size_maximum, MiB);
       assert.equal(second.is_read_only, true);
+      assert.ok(disk.contexts.includes("base:allocation"));
       assert.equal(second["export-size"], MiB);
       await server.settled();
       const log = server.log[0];
@@ -216,6 +217,30 @@ Deno.test({
       assert.deepEqual(map.map((e) => [e.offset, e.length, e.type]), [
         [0, 4096, 1],
         [4096, MiB - 4096, 0],
+      ]);
+    });
+
+    await t.step("nbdinfo --map on an 8 GiB sparse export", async () => {
+      const GiB = 1024 * MiB;
+      await using server = await startTestServer({
+        exports: [{ name: "big", size: 8 * GiB }],
+      });
+      server.disk().write(5 * GiB, new Uint8Array(4096).fill(1));
+      const map = JSON.parse(
+        await ok("nbdinfo", ["--json", "--map", server.uri]),
+      ) as { offset: number; length: number; type: number }[];
+      const hz = STATE_HOLE | STATE_ZERO;
+      // Merge what the client saw (holes arrive in pieces under 4 GiB).
+      const merged: number[][] = [];
+      for (const e of map) {
+        const last = merged[merged.length - 1];
+        if (last && last[2] === e.type) last[1]! += e.length;
+        else merged.push([e.offset, e.length, e.type]);
+      }
+      assert.deepEqual(merged, [
+        [0, 5 * GiB, hz],
+        [5 * GiB, 64 * 1024, 0],
+        [5 * GiB + 64 * 1024, 3 * GiB - 64 * 1024, hz],
       ]);
     });
 
