@@ -161,7 +161,7 @@ export function parseUri(uri: string): ConnectOptions {
     out.port = port === undefined ? DEFAULT_PORT : parsePort(port, MAX_U32);
   } else {
     if (host !== "" || port !== undefined) {
-      const what = host !== "" ? `a host ("${host}")` : `a port (":${port}")`;
+      const what = host !== "" ? `host ("${host}")` : `port (":${port}")`;
       throw invalid(
         `${schemeName}:// takes no ${what}; the socket is named by socket=, and tls-hostname= names the server for TLS`,
       );
