@@ -154,7 +154,10 @@ async function gather(
         description: nbd.description,
         size: nbd.size,
         flags: nbd.flags,
-        blockSize: nbd.blockSize,
+        // Only NBD_OPT_INFO/GO carry block sizes; a server that got here
+        // (oldstyle, or without NBD_OPT_INFO) sent none, and the client's
+        // defaults are not the server's word.
+        blockSize: null,
         contexts: null,
       },
     };

@@ -304,3 +304,28 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name: "info --json matches nbdinfo on oldstyle and simple-reply servers",
+  ignore: !haveNbdkit,
+  async fn(t) {
+    for (const [label, flag] of [["oldstyle", "-o"], ["no SR", "--no-sr"]]) {
+      await t.step(label!, async () => {
+        const server = await nbdkit([flag!, "pattern", "4M"]);
+        try {
+          const ours = await runTool("info", ["--json", server.uri()]);
+          assert.equal(ours.code, 0, ours.stderr);
+          const doc = JSON.parse(ours.text);
+          assertCovers(doc, await nbdinfo([server.uri()]), label!);
+          assert.equal(doc.exports[0].contexts, undefined);
+          assert.equal(doc.exports[0].block_size_minimum, undefined);
+          const map = await runTool("info", ["--map", server.uri()]);
+          assert.equal(map.code, 1);
+          assert.match(map.stderr, /does not support metadata context/);
+        } finally {
+          await server.stop();
+        }
+      });
+    }
+  },
+});
