@@ -22,6 +22,7 @@ import {
   FLAG_SEND_FLUSH,
   FLAG_SEND_TRIM,
   IHAVEOPT,
+  INFO_NAME,
   NBDMAGIC,
   OPT_ABORT,
   OPT_EXPORT_NAME,
@@ -34,6 +35,7 @@ import {
   REP_ACK,
   REP_ERR_POLICY,
   REP_ERR_SHUTDOWN,
+  REP_ERR_TLS_REQD,
   REP_ERR_UNKNOWN,
   REP_ERR_UNSUP,
   REP_INFO,
@@ -64,9 +66,11 @@ import {
   Builder,
   errorOffsetPayload,
   errorPayload,
+  exportNameReply,
   extendedChunk,
   infoBlockSizePayload,
   infoExportPayload,
+  infoStringPayload,
   metaContextPayload,
   newstyleGreeting,
   offsetDataPayload,
@@ -795,6 +799,89 @@ async function steps(t: Deno.TestContext): Promise<void> {
       await server.settled();
       const sent = server.log[0]!.options.map((o) => o.option);
       assert.deepEqual(sent, [OPT_STARTTLS], "nothing sent in clear after ACK");
+    },
+  );
+
+  await step(
+    "zeroes sent despite NO_ZEROES surface as a transmission protocol error",
+    config({
+      optionReplies: { [OPT_GO]: REP_ERR_UNSUP },
+      onOption: (opt) =>
+        opt.option === OPT_EXPORT_NAME
+          ? [exportNameReply(MiB, 1 | FLAG_SEND_FLUSH, false), "transmission"]
+          : undefined,
+    }),
+    async (server) => {
+      await withClient(server, {}, async (client) => {
+        // The zeroes arrive before any request, so the reader fails first
+        // and the read reports the closed connection with that cause.
+        const e = await rejection(client.read(0, 512), "read()");
+        assertProtocol(rootCause(e), "transmission", /magic/i);
+      });
+      await server.settled();
+      assert.equal(server.log[0]!.clientFlags! & 2, 2, "NO_ZEROES was asked");
+    },
+  );
+
+  await step(
+    "connect() goes on without block status when SET_META_CONTEXT is unsupported",
+    config({ optionReplies: { [OPT_SET_META_CONTEXT]: REP_ERR_UNSUP } }),
+    async (server) => {
+      await withClient(
+        server,
+        { metaContexts: ["base:allocation"] },
+        async (client) => {
+          assert.equal(client.canBlockStatus, false);
+          await assert.rejects(
+            () => client.blockStatus(0, 512),
+            NbdUnsupportedError,
+          );
+        },
+      );
+      await server.settled();
+      assert.ok(
+        !server.log[0]!.requests.some((r) => r.type === CMD_BLOCK_STATUS),
+      );
+    },
+  );
+
+  await step(
+    "connect() reports NBD_REP_ERR_TLS_REQD with the option and reply",
+    config({
+      optionReplies: {
+        [OPT_GO]: { reply: REP_ERR_TLS_REQD, message: "TLS first" },
+      },
+    }),
+    async (server) => {
+      const e = await rejection(open(server), "connect()");
+      assert.ok(e instanceof NbdOptionError, `${e.name}: ${e.message}`);
+      assert.equal(e.option, OPT_GO);
+      assert.equal(e.reply, REP_ERR_TLS_REQD);
+      assert.equal(e.replyName, "NBD_REP_ERR_TLS_REQD");
+      assert.equal(e.serverMessage, "TLS first");
+    },
+  );
+
+  await step(
+    "connect() bounds an NBD_INFO_NAME longer than 4096 bytes",
+    config({
+      onOption: (opt) =>
+        opt.option === OPT_GO
+          ? [
+            optionReply(
+              OPT_GO,
+              REP_INFO,
+              infoStringPayload(INFO_NAME, "n".repeat(5000)),
+            ),
+            optionReply(OPT_GO, REP_INFO, infoExportPayload(MiB, 1)),
+            optionReply(OPT_GO, REP_ACK),
+            "transmission",
+          ]
+          : undefined,
+    }),
+    async (server) => {
+      const e = await rejection(open(server), "connect()");
+      assertProtocol(e, "handshake", /4096/);
     },
   );
 
