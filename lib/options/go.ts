@@ -16,7 +16,6 @@ import {
   MAX_STRING_LENGTH,
   OPT_EXPORT_NAME,
   OPT_GO,
-  OPT_INFO,
   OPTION_NAMES,
   REP_ACK,
   REP_ERR_UNKNOWN,
@@ -159,7 +158,7 @@ export function parseInfo(
  */
 export async function infoOrGo(
   session: OptionSession,
-  option: typeof OPT_INFO | typeof OPT_GO,
+  option: number,
   exportName: string,
   blockSizes: boolean,
 ): Promise<ExportDetails | "unsupported"> {
