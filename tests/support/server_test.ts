@@ -134,6 +134,8 @@ const variants: { name: string; config: TestServerConfig }[] = [
       readHoles: true,
       reorder: true,
       noneChunks: true,
+      unknownInfos: [{ type: 0x7f00, data: new Uint8Array(9) }],
+      blockSizeRequired: true,
     },
   },
   {
