@@ -284,7 +284,7 @@ export class Progress {
   #total: number | undefined;
   #done = 0;
   #start = performance.now();
-  #lastDraw = 0;
+  #lastDraw = -Infinity;
   #lastPercent = -1;
   #finished = false;
 

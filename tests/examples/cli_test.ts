@@ -1,0 +1,159 @@
+import assert from "node:assert/strict";
+import {
+  clock,
+  errorLine,
+  exactSize,
+  humanBytes,
+  parseArgs,
+  parseCount,
+  parseSize,
+  Progress,
+  UsageError,
+} from "../../examples/_cli.ts";
+import { isZero } from "../../examples/copy.ts";
+import { extentDescription } from "../../examples/info.ts";
+
+const SPECS = [
+  { name: "json", kind: "flag" as const },
+  { name: "map", kind: "optional" as const },
+  { name: "connections", kind: "value" as const, short: "C" },
+  { name: "progress", kind: "optional" as const, short: "p" },
+  { name: "verbose", kind: "flag" as const, short: "v" },
+];
+
+Deno.test("parseArgs() reads options the getopt_long way", async (t) => {
+  await t.step("options before, between and after positionals", () => {
+    const r = parseArgs(["--json", "a", "-C", "3", "b", "--map=qemu:x"], SPECS);
+    assert.deepEqual(r.positionals, ["a", "b"]);
+    assert.equal(r.options.get("json"), true);
+    assert.equal(r.options.get("connections"), "3");
+    assert.equal(r.options.get("map"), "qemu:x");
+  });
+  await t.step("an optional value never takes the next word", () => {
+    const r = parseArgs(["--map", "nbd://x"], SPECS);
+    assert.equal(r.options.get("map"), true);
+    assert.deepEqual(r.positionals, ["nbd://x"]);
+  });
+  await t.step("short clusters, attached values, -- and a lone -", () => {
+    const r = parseArgs(["-vpC4", "-", "--", "--json"], SPECS);
+    assert.equal(r.options.get("verbose"), true);
+    assert.equal(r.options.get("progress"), true);
+    assert.equal(r.options.get("connections"), "4");
+    assert.deepEqual(r.positionals, ["-", "--json"]);
+  });
+  await t.step("mistakes are UsageErrors", () => {
+    assert.throws(() => parseArgs(["--nope"], SPECS), UsageError);
+    assert.throws(() => parseArgs(["-x"], SPECS), /unknown option -x/);
+    assert.throws(() => parseArgs(["--connections"], SPECS), /needs a value/);
+    assert.throws(() => parseArgs(["--json=1"], SPECS), /takes no value/);
+  });
+});
+
+Deno.test("parseSize() and parseCount() take what people type", () => {
+  assert.equal(parseSize("4096", "x"), 4096);
+  assert.equal(parseSize("256k", "x"), 256 * 1024);
+  assert.equal(parseSize("32M", "x"), 32 * 1024 * 1024);
+  assert.equal(parseSize("1GiB", "x"), 1024 ** 3);
+  assert.throws(() => parseSize("1.5M", "--request-size"), /--request-size/);
+  assert.throws(() => parseSize("-1", "x"), UsageError);
+  assert.equal(parseCount("8", "x", 1, 64), 8);
+  assert.throws(() => parseCount("0", "-C", 1, 64), /from 1 to 64/);
+  assert.throws(() => parseCount("4x", "-C", 1, 64), UsageError);
+});
+
+Deno.test("exactSize() writes sizes as nbdinfo's export-size-str", () => {
+  // Values checked against nbdinfo --json on nbdkit null of these sizes.
+  const cases: Array<[number, string, boolean]> = [
+    [0, "0", false],
+    [1000, "1000", false],
+    [1024, "1K", true],
+    [1536, "1536", false],
+    [3145728, "3M", true],
+    [1073741824, "1G", true],
+    [2125119488, "2075312K", true],
+  ];
+  for (const [n, text, scaled] of cases) {
+    assert.deepEqual(exactSize(n), { text, scaled }, String(n));
+  }
+});
+
+Deno.test("humanBytes() and clock() round for people", () => {
+  assert.equal(humanBytes(512), "512 B");
+  assert.equal(humanBytes(1536), "1.50 KiB");
+  assert.equal(humanBytes(111 * 1024 * 1024 + 5), "111 MiB");
+  assert.equal(clock(5), "0:05");
+  assert.equal(clock(3725), "1:02:05");
+});
+
+Deno.test("errorLine() is one line and keeps the cause", () => {
+  const e = new Error("reading x", { cause: new Error("EIO\nmore") });
+  assert.equal(errorLine("copy", e), "copy: reading x: EIO more");
+  assert.equal(errorLine("info", "plain"), "info: plain");
+});
+
+Deno.test("Progress", async (t) => {
+  const sink = () => {
+    const lines: string[] = [];
+    return {
+      lines,
+      out: {
+        writeSync(p: Uint8Array) {
+          lines.push(new TextDecoder().decode(p));
+          return p.length;
+        },
+        close() {},
+      },
+    };
+  };
+  await t.step("fd mode writes N/100 when N changes, ending at 100", () => {
+    const s = sink();
+    const p = new Progress({ kind: "fd", out: s.out, owned: false }, 1000);
+    p.add(500); // first draw happens at once
+    p.add(1);
+    p.finish(true);
+    assert.deepEqual(s.lines, ["50/100\n", "100/100\n"]);
+  });
+  await t.step("a failed job never reports 100", () => {
+    const s = sink();
+    const p = new Progress({ kind: "fd", out: s.out, owned: false }, 1000);
+    p.add(300);
+    p.finish(false);
+    assert.deepEqual(s.lines, ["30/100\n"]);
+  });
+  await t.step("bar mode redraws one line and ends it", () => {
+    const s = sink();
+    const p = new Progress({ kind: "bar", out: s.out, width: 80 }, 2048);
+    p.add(1024);
+    p.finish(true);
+    assert.match(s.lines[0]!, /^\r 50% \[#+\.+\] 1\.00 KiB \/ 2\.00 KiB/);
+    assert.match(
+      s.lines.at(-1)!,
+      /^\r100% \[#+\] 2\.00 KiB \/ 2\.00 KiB .*\n$/,
+    );
+  });
+});
+
+Deno.test("isZero() checks every byte at any alignment", () => {
+  const buf = new Uint8Array(4099);
+  for (let start = 0; start < 4; start++) {
+    const view = buf.subarray(start, start + 4093);
+    assert.equal(isZero(view), true);
+    for (const at of [0, 1, 2, 3, 100, 4092]) {
+      view[at] = 7;
+      assert.equal(isZero(view), false, `start ${start}, byte ${at}`);
+      view[at] = 0;
+    }
+  }
+  assert.equal(isZero(new Uint8Array(0)), true);
+});
+
+Deno.test("extentDescription() uses nbdinfo's words", () => {
+  assert.equal(extentDescription("base:allocation", 0), "data");
+  assert.equal(extentDescription("base:allocation", 3), "hole,zero");
+  assert.equal(extentDescription("qemu:dirty-bitmap:b0", 1), "dirty");
+  assert.equal(
+    extentDescription("qemu:allocation-depth", 2),
+    "backing depth 2",
+  );
+  assert.equal(extentDescription("other:ctx", 5), null);
+});
