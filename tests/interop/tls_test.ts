@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import {
   connect,
   type ConnectOptions,
-  NbdClient,
+  type NbdClient,
   NbdError,
   NbdOptionError,
   NbdTlsError,
@@ -101,6 +101,37 @@ Deno.test("TLS with nbdkit", { ignore: !nbdkitReady }, async (t) => {
             bounded(),
           ),
         );
+      },
+    );
+
+    await t.step(
+      "reads and writes over an abstract Unix socket (socket=%00…)",
+      async () => {
+        // nbdkit listens on a path; a relay puts it in the abstract namespace.
+        const name = `nbd-tls-${crypto.randomUUID()}`;
+        const listener = Deno.listen({ transport: "unix", path: `\0${name}` });
+        const relay = (async () => {
+          const inbound = await listener.accept();
+          const outbound = await Deno.connect({
+            transport: "unix",
+            path: unix.socket!,
+          });
+          await Promise.allSettled([
+            inbound.readable.pipeTo(outbound.writable),
+            outbound.readable.pipeTo(inbound.writable),
+          ]);
+        })();
+        try {
+          await roundTrip(
+            await connect(
+              `nbds+unix:///?socket=%00${name}&tls-certificates=${pki.clientNoCertDir}&tls-hostname=localhost`,
+              bounded(),
+            ),
+          );
+          await relay;
+        } finally {
+          listener.close();
+        }
       },
     );
 
