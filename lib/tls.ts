@@ -51,8 +51,10 @@ export class NbdTlsError extends NbdError {
   readonly code: string | undefined;
 
   /**
+   * Creates the error.
+   *
    * @param message What failed, with the underlying error's text.
-   * @param options The underlying error, if any.
+   * @param options The underlying error (`cause`) and the TLS error code.
    */
   constructor(message: string, options?: ErrorOptions & { code?: string }) {
     super(message, options);
