@@ -977,6 +977,15 @@ export async function main(args: string[]): Promise<number> {
   }
 
   const controller = new AbortController();
+  const interrupted = new Error("interrupted");
+  // The first ^C stops the copy and closes the connections cleanly; a
+  // second one, for a source that will not stop (stdin), exits at once.
+  const onSignal = () => {
+    if (controller.signal.aborted) Deno.exit(130);
+    controller.abort(interrupted);
+  };
+  const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
+  for (const s of signals) Deno.addSignalListener(s, onSignal);
   let src: Source | undefined;
   let dst: Destination | undefined;
   let progress: Progress | undefined;
@@ -1049,11 +1058,17 @@ export async function main(args: string[]): Promise<number> {
     }
     return 0;
   } catch (e) {
+    const wasInterrupted = controller.signal.reason === interrupted;
     controller.abort(e);
     progress?.finish(false);
+    if (wasInterrupted) {
+      warn("copy: interrupted");
+      return 130;
+    }
     warn(errorLine("copy", e instanceof UsageError ? e.message : e));
     return 1;
   } finally {
+    for (const s of signals) Deno.removeSignalListener(s, onSignal);
     await src?.close().catch(() => {});
     await dst?.close().catch(() => {});
   }

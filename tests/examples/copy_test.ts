@@ -361,3 +361,53 @@ Deno.test("copy: usage errors exit 1 with one line", async () => {
   assert.equal(bad.code, 1);
   assert.match(bad.stderr, /^copy: --request-size/);
 });
+
+Deno.test({
+  name: "copy: SIGINT stops the copy with status 130, not success",
+  ignore: !haveNbdkit,
+  async fn() {
+    // 100 Mbit/s: the 256 MiB copy takes 20 s unless it is stopped.
+    const src = await nbdkit(["--filter=rate", "pattern", "256M", "rate=100M"]);
+    const dst = await nbdkit(["memory", "256M"], src.dir);
+    try {
+      const script = new URL("../../examples/copy.ts", import.meta.url);
+      const child = new Deno.Command(Deno.execPath(), {
+        args: [
+          "run",
+          "-A",
+          "--quiet",
+          script.pathname,
+          "--progress=2",
+          src.uri(),
+          dst.uri(),
+        ],
+        stdin: "null",
+        stdout: "null",
+        stderr: "piped",
+        signal: AbortSignal.timeout(60_000),
+      }).spawn();
+      const decoder = new TextDecoder();
+      let stderr = "";
+      const reader = child.stderr.getReader();
+      // Wait (bounded by the timeout above) until the copy is under way.
+      while (!/\d+\/100\n/.test(stderr)) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        stderr += decoder.decode(value, { stream: true });
+      }
+      child.kill("SIGINT");
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        stderr += decoder.decode(value, { stream: true });
+      }
+      const status = await child.status;
+      assert.equal(status.code, 130, stderr);
+      assert.match(stderr, /\ncopy: interrupted\n$/);
+      assert.doesNotMatch(stderr, /100\/100/);
+    } finally {
+      await dst.stop();
+      await src.stop();
+    }
+  },
+});
