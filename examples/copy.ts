@@ -43,6 +43,7 @@ DESTINATION += null:
 Options:
   -C, --connections=N     NBD connections when multi-conn is offered (4)
   -R, --requests=N        requests in flight per connection (64)
+      --queue-size=N      bytes in flight per connection (16M)
       --request-size=N    bytes per read or write request (256k)
   -S, --sparse=N          detect all-zero blocks of N bytes (4k; 0 = off)
       --allocated         write every byte: no holes on the destination
@@ -60,6 +61,7 @@ Options:
 const OPTIONS: OptionSpec[] = [
   { name: "connections", kind: "value", short: "C" },
   { name: "requests", kind: "value", short: "R" },
+  { name: "queue-size", kind: "value" },
   { name: "request-size", kind: "value" },
   { name: "sparse", kind: "value", short: "S" },
   { name: "allocated", kind: "flag" },
@@ -165,6 +167,7 @@ interface Destination {
 interface Settings {
   connections: number;
   requests: number;
+  queueSize: number;
   requestSize: number;
   sparse: number | undefined;
   allocated: boolean;
@@ -915,6 +918,7 @@ function readSettings(o: Map<string, string | true>): Settings {
   };
   const connections = str("connections");
   const requests = str("requests");
+  const queueSize = str("queue-size");
   const requestSize = str("request-size");
   const sparse = str("sparse");
   const settings: Settings = {
@@ -924,6 +928,9 @@ function readSettings(o: Map<string, string | true>): Settings {
     requests: requests === undefined
       ? 64
       : parseCount(requests, "--requests", 1, 1024),
+    queueSize: queueSize === undefined
+      ? 16 * 1024 * 1024
+      : parseSize(queueSize, "--queue-size"),
     requestSize: requestSize === undefined
       ? 256 * 1024
       : parseSize(requestSize, "--request-size"),
@@ -1032,7 +1039,15 @@ export async function main(args: string[]): Promise<number> {
       );
     const total = await pump(src, dst, plan, {
       lanes,
-      limit: lanes * settings.requests,
+      // As nbdcopy: at most --requests, and at most --queue-size bytes, in
+      // flight per connection (but always at least one request).
+      limit: lanes * Math.max(
+        1,
+        Math.min(
+          settings.requests,
+          Math.floor(settings.queueSize / requestSize),
+        ),
+      ),
       requestSize,
       sparse,
       progress,
