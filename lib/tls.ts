@@ -601,10 +601,11 @@ export class TlsStream implements ByteStream {
       : e.message;
     const who = this.#name ?? "the server";
     if (!this.#secure) {
+      const meaning = explain(codeText, this.#name);
       return new NbdTlsError(
         `TLS handshake with ${who} failed: ${
-          explain(codeText, this.#name)
-        }(${detail})`,
+          meaning ? `${meaning} (${detail})` : detail
+        }`,
         { cause: e, ...(codeText ? { code: codeText } : {}) },
       );
     }
@@ -628,13 +629,13 @@ function explain(code: string | undefined, name: string | undefined): string {
     case "DEPTH_ZERO_SELF_SIGNED_CERT":
     case "CERT_UNTRUSTED":
     case "CERT_SIGNATURE_FAILURE":
-      return "the server's certificate is not signed by a trusted CA; give the CA with tlsCertificates (ca-cert.pem) or caCerts ";
+      return "the server's certificate is not signed by a trusted CA; give the CA with tlsCertificates (ca-cert.pem) or caCerts";
     case "ERR_TLS_CERT_ALTNAME_INVALID":
-      return `the server's certificate is not valid for the name "${name}"; set tlsHostname to a name the certificate carries `;
+      return `the server's certificate is not valid for the name "${name}"; set tlsHostname to a name the certificate carries`;
     case "CERT_HAS_EXPIRED":
-      return "the server's certificate has expired ";
+      return "the server's certificate has expired";
     case "CERT_NOT_YET_VALID":
-      return "the server's certificate is not valid yet ";
+      return "the server's certificate is not valid yet";
     default:
       return "";
   }
