@@ -1024,7 +1024,12 @@ export class NbdClient {
 
   /**
    * Waits for requests in flight, sends `NBD_CMD_DISC` and closes the
-   * connection. Calling it again waits for the same close.
+   * connection. Requests whose callers gave up (their signal aborted) do
+   * not hold it up; `options.signal` cuts the wait for the others short,
+   * failing them with {@linkcode NbdConnectionClosedError}. Calling it again
+   * waits for the same close.
+   *
+   * @param options `signal` bounds the wait for requests in flight.
    *
    * @example
    * ```ts
@@ -1033,10 +1038,10 @@ export class NbdClient {
    * await nbd.close();
    * ```
    */
-  close(): Promise<void> {
+  close(options: RequestOptions = {}): Promise<void> {
     if (!this.#closing) {
       this.#state = "closing";
-      this.#closing = this.#tx.disconnect().finally(() => {
+      this.#closing = this.#tx.disconnect(options.signal).finally(() => {
         this.#state = "closed";
       });
     }

@@ -237,6 +237,14 @@ export function describe(
   return `${value} (${table[value] ?? "unknown"})`;
 }
 
+/** The name of a value for traces: its name, or "99 (unknown)". */
+export function nameOf(
+  table: Readonly<Record<number, string>>,
+  value: number,
+): string {
+  return table[value] ?? describe(table, value);
+}
+
 /** Names the bits of a flags word: "NBD_FLAG_HAS_FLAGS|NBD_FLAG_SEND_FLUSH". */
 export function describeFlags(
   table: Readonly<Record<number, string>>,

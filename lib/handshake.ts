@@ -15,6 +15,7 @@ import {
   FLAG_HAS_FLAGS,
   FLAG_NO_ZEROES,
   IHAVEOPT,
+  nameOf,
   NBDMAGIC,
   OPT_ABORT,
   OPTION_NAMES,
@@ -117,7 +118,7 @@ export class OptionSession {
   /** Sends one option with its data. */
   async send(option: number, data?: Uint8Array): Promise<void> {
     this.trace?.("send option", {
-      option: OPTION_NAMES[option] ?? option,
+      option: nameOf(OPTION_NAMES, option),
       length: data?.length ?? 0,
     });
     await this.transport.write(encodeOption(option, data));
@@ -165,8 +166,8 @@ export class OptionSession {
       `the ${length}-byte payload of a reply to ${name}`,
     );
     this.trace?.("recv option reply", {
-      option: OPTION_NAMES[option] ?? option,
-      reply: REPLY_TYPE_NAMES[type] ?? type,
+      option: nameOf(OPTION_NAMES, option),
+      reply: nameOf(REPLY_TYPE_NAMES, type),
       length,
     });
     return { type, payload };

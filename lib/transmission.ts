@@ -20,6 +20,7 @@ import {
   ESHUTDOWN,
   EXTENDED_REPLY_MAGIC,
   MAX_STRING_LENGTH,
+  nameOf,
   REPLY_FLAG_DONE,
   REPLY_TYPE_BLOCK_STATUS,
   REPLY_TYPE_BLOCK_STATUS_EXT,
@@ -94,6 +95,8 @@ interface Pending {
   coveredBytes: number;
   extents: ExtentsById;
   error: NbdCommandError | undefined;
+  /** The caller stopped waiting (its signal aborted); close() need not wait. */
+  abandoned: boolean;
   resolve: (extents: ExtentsById) => void;
   reject: (e: Error) => void;
 }
@@ -204,8 +207,9 @@ export class Transmission {
     const extended = this.#info.extendedHeaders;
     const wireLength = BigInt(cmd.payload ? cmd.payload.length : cmd.length);
     const wireOffset = BigInt(cmd.offset);
+    let entry: Pending | undefined;
     const done = new Promise<ExtentsById>((resolve, reject) => {
-      this.#pending.set(cookie, {
+      entry = {
         cookie,
         cmd,
         wireOffset,
@@ -214,6 +218,7 @@ export class Transmission {
         coveredBytes: 0,
         extents: new Map(),
         error: undefined,
+        abandoned: false,
         resolve: (v) => {
           release();
           resolve(v);
@@ -222,7 +227,8 @@ export class Transmission {
           release();
           reject(e);
         },
-      });
+      };
+      this.#pending.set(cookie, entry);
     });
     // A caller that stops waiting must not leave a rejection unobserved.
     done.catch(() => {});
@@ -250,7 +256,11 @@ export class Transmission {
     if (!signal) return await done;
     let onAbort: (() => void) | undefined;
     const aborted = new Promise<never>((_, reject) => {
-      onAbort = () => reject(abortReason(signal));
+      onAbort = () => {
+        entry!.abandoned = true;
+        this.#wakeIfIdle();
+        reject(abortReason(signal));
+      };
       signal.addEventListener("abort", onAbort, { once: true });
     });
     try {
@@ -304,14 +314,22 @@ export class Transmission {
     this.#inFlight--;
     const next = this.#waiters.shift();
     if (next) next();
-    if (this.#pending.size === 0) {
-      for (const wake of this.#idle.splice(0)) wake();
-    }
+    this.#wakeIfIdle();
   }
 
-  /** Resolves once no request is waiting for a reply. */
+  /** No reply is awaited by anyone (abandoned requests do not count). */
+  #isIdle(): boolean {
+    for (const p of this.#pending.values()) if (!p.abandoned) return false;
+    return true;
+  }
+
+  #wakeIfIdle(): void {
+    if (this.#isIdle()) { for (const wake of this.#idle.splice(0)) wake(); }
+  }
+
+  /** Resolves once no caller is waiting for a reply. */
   #whenIdle(): Promise<void> {
-    if (this.#pending.size === 0) return Promise.resolve();
+    if (this.#isIdle()) return Promise.resolve();
     return new Promise((resolve) => this.#idle.push(resolve));
   }
 
@@ -338,13 +356,28 @@ export class Transmission {
   }
 
   /**
-   * Soft disconnect: waits for in-flight requests, sends `NBD_CMD_DISC`,
-   * and closes the transport. Safe to call more than once.
+   * Soft disconnect: waits for requests whose callers still wait (until
+   * `signal` aborts), sends `NBD_CMD_DISC`, and closes the transport.
+   * Requests abandoned through their signals do not hold it up. Safe to
+   * call more than once.
    */
-  async disconnect(): Promise<void> {
+  async disconnect(signal?: AbortSignal): Promise<void> {
     if (!this.#closing) {
       this.#closing = true;
-      await this.#whenIdle();
+      if (signal) {
+        let onAbort: (() => void) | undefined;
+        await Promise.race([
+          this.#whenIdle(),
+          new Promise<void>((resolve) => {
+            onAbort = resolve;
+            if (signal.aborted) resolve();
+            else signal.addEventListener("abort", onAbort, { once: true });
+          }),
+        ]);
+        signal.removeEventListener("abort", onAbort!);
+      } else {
+        await this.#whenIdle();
+      }
       if (!this.#failure) {
         const header = encodeRequest(
           {
@@ -363,6 +396,17 @@ export class Transmission {
         } catch {
           // The server may already have gone; we are closing anyway.
         }
+      }
+      const left = [...this.#pending.values()];
+      this.#pending.clear();
+      for (const p of left) {
+        p.reject(
+          new NbdConnectionClosedError(
+            `The connection was closed before the server replied to ${
+              COMMAND_NAMES[p.cmd.type]
+            } (offset ${p.cmd.offset}, length ${p.cmd.length})`,
+          ),
+        );
       }
       this.#transport.close();
     }
@@ -468,7 +512,7 @@ export class Transmission {
     this.#trace?.("recv chunk", {
       cookie: h.cookie,
       command: name,
-      type: CHUNK_TYPE_NAMES[h.type] ?? h.type,
+      type: nameOf(CHUNK_TYPE_NAMES, h.type),
       length: h.length,
       done: (h.flags & REPLY_FLAG_DONE) !== 0,
     });

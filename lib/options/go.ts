@@ -14,6 +14,7 @@ import {
   INFO_NAME,
   INFO_NAMES,
   MAX_STRING_LENGTH,
+  nameOf,
   OPT_EXPORT_NAME,
   OPT_GO,
   OPTION_NAMES,
@@ -144,7 +145,7 @@ export function parseInfo(
       details.blockSize = validateBlockSize(r.u32(), r.u32(), r.u32());
       break;
     default:
-      session.trace?.("skip unknown info", { type });
+      session.trace?.("skip unknown info", { type: nameOf(INFO_NAMES, type) });
       return;
   }
   session.trace?.("info", { type: INFO_NAMES[type], ...details });

@@ -8,6 +8,7 @@
 
 import {
   MAX_STRING_LENGTH,
+  nameOf,
   OPT_LIST_META_CONTEXT,
   OPT_SET_META_CONTEXT,
   REP_ACK,
@@ -64,7 +65,7 @@ async function exchange(
     if (isError(reply.type)) {
       if (session.isFatal(reply)) throw session.refusal(option, reply);
       session.trace?.("meta context refused", {
-        reply: REPLY_TYPE_NAMES[reply.type >>> 0] ?? reply.type,
+        reply: nameOf(REPLY_TYPE_NAMES, reply.type >>> 0),
       });
       return "unsupported";
     }

@@ -6,10 +6,12 @@
  */
 
 import {
+  nameOf,
   OPT_EXTENDED_HEADERS,
   OPT_STRUCTURED_REPLY,
   OPTION_NAMES,
   REP_ACK,
+  REPLY_TYPE_NAMES,
 } from "../constants.ts";
 import { NbdProtocolError } from "../errors.ts";
 import { isError, type OptionSession } from "../handshake.ts";
@@ -45,7 +47,7 @@ export async function simpleOption(
   if (session.isFatal(reply)) throw session.refusal(option, reply);
   session.trace?.("option unsupported", {
     option: OPTION_NAMES[option],
-    reply: reply.type >>> 0,
+    reply: nameOf(REPLY_TYPE_NAMES, reply.type >>> 0),
   });
   return "unsupported";
 }
