@@ -196,8 +196,9 @@ export const CHUNK_TYPE_NAMES: Readonly<Record<number, string>> = {
   [REPLY_TYPE_ERROR_OFFSET]: "NBD_REPLY_TYPE_ERROR_OFFSET",
 };
 
-// base:allocation extent flags.
+/** `base:allocation` extent flag: the extent is not allocated. */
 export const STATE_HOLE = 1 << 0;
+/** `base:allocation` extent flag: the extent reads as zeroes. */
 export const STATE_ZERO = 1 << 1;
 
 // Error numbers on the wire (not the host's errno values).

@@ -28,6 +28,8 @@ import {
  */
 export class NbdError extends Error {
   /**
+   * Creates an error.
+   *
    * @param message What failed, then the state it was in.
    * @param options The underlying cause, if any.
    */
@@ -52,6 +54,8 @@ export class NbdOptionError extends NbdError {
   readonly serverMessage: string;
 
   /**
+   * Creates the error for a refused option.
+   *
    * @param option The option number.
    * @param reply The error reply type.
    * @param serverMessage The text the server sent.
@@ -114,7 +118,11 @@ export class NbdCommandError extends NbdError {
   /** The offset the server blamed, if it sent `NBD_REPLY_TYPE_ERROR_OFFSET`. */
   readonly errorOffset: number | undefined;
 
-  /** @param details What failed and how. */
+  /**
+   * Creates the error for a failed command.
+   *
+   * @param details What failed and how.
+   */
   constructor(details: CommandErrorDetails) {
     const name = ERRNO_NAMES[details.errno] ?? "unknown";
     const at = details.errorOffset !== undefined
@@ -148,6 +156,8 @@ export class NbdProtocolError extends NbdError {
   readonly phase: ProtocolPhase;
 
   /**
+   * Creates the error for a protocol violation.
+   *
    * @param phase Where it happened.
    * @param message What was wrong.
    * @param options The cause, if any.
@@ -165,6 +175,8 @@ export class NbdProtocolError extends NbdError {
  */
 export class NbdConnectionClosedError extends NbdError {
   /**
+   * Creates the error for a closed connection.
+   *
    * @param message What was attempted and why it cannot go on.
    * @param options The error that closed the connection, if any.
    */
@@ -193,6 +205,8 @@ export class NbdUnsupportedError extends NbdError {
   readonly feature: string;
 
   /**
+   * Creates the error for a missing feature.
+   *
    * @param feature The missing feature.
    * @param message What was attempted and why it cannot be.
    */

@@ -48,7 +48,11 @@ export class Transport {
   /** Used to name the phase in protocol errors raised here. */
   phase: ProtocolPhase = "handshake";
 
-  /** @param stream The stream to speak over. */
+  /**
+   * Wraps a stream.
+   *
+   * @param stream The stream to speak over.
+   */
   constructor(stream: ByteStream) {
     this.#stream = stream;
   }
