@@ -119,7 +119,9 @@ async function main(args: string[]): Promise<number> {
     const bs = nbd.blockSize;
     row(
       "block sizes:",
-      `minimum ${bs.minimum}, preferred ${bs.preferred}, maximum ${bs.maximum}`,
+      `minimum ${bs.minimum}, preferred ${bs.preferred}, maximum ${bs.maximum}${
+        nbd.blockSizeAdvertised ? "" : " (not advertised: defaults)"
+      }`,
     );
     row("contexts:", nbd.metaContexts.join(", ") || "(none)");
 

@@ -503,6 +503,13 @@ export class NbdClient {
   get blockSize(): BlockSize {
     return { ...this.#info.blockSize };
   }
+  /**
+   * Whether the server advertised its block sizes; if not, `blockSize`
+   * holds the spec's defaults (reads and writes are still split at 32 MiB).
+   */
+  get blockSizeAdvertised(): boolean {
+    return this.#info.blockSizeAdvertised;
+  }
   /** Transmission flags as sent by the server. */
   get flags(): number {
     return this.#info.flags;
