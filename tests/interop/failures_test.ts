@@ -385,3 +385,74 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "failures: close() is not held up by a stalled server",
+  ignore: !haveNbdkit,
+  async fn(t) {
+    let server: Server | undefined;
+    try {
+      // Every read stalls for a minute; close() must not wait that long.
+      server = await nbdkit([
+        "--filter=delay",
+        "memory",
+        String(16 * MiB),
+        "delay-read=60",
+      ]);
+
+      await t.step(
+        "close() does not wait for a request whose caller aborted it",
+        async () => {
+          const client = await connect(server!.target());
+          try {
+            const controller = new AbortController();
+            const reading = client.read(0, 4096, { signal: controller.signal });
+            await behind(client);
+            controller.abort();
+            await assert.rejects(
+              () => reading,
+              (e: unknown) =>
+                e instanceof DOMException && e.name === "AbortError",
+            );
+            await within(5_000, "close()", client.close());
+            assert.equal(client.state, "closed");
+          } finally {
+            await client.close();
+          }
+        },
+      );
+
+      await t.step(
+        "close({ signal }) cuts the wait short and fails what is left",
+        async () => {
+          const client = await connect(server!.target());
+          try {
+            const reading = client.read(0, 4096);
+            reading.catch(() => {});
+            await behind(client);
+            const controller = new AbortController();
+            const timer = setTimeout(() => controller.abort(), 100);
+            try {
+              await within(
+                5_000,
+                "close({ signal })",
+                client.close({ signal: controller.signal }),
+              );
+            } finally {
+              clearTimeout(timer);
+            }
+            await assert.rejects(
+              () => within(5_000, "the stalled read", reading),
+              (e: unknown) => e instanceof NbdConnectionClosedError,
+            );
+            assert.equal(client.state, "closed");
+          } finally {
+            await client.close();
+          }
+        },
+      );
+    } finally {
+      await server?.stop();
+    }
+  },
+});

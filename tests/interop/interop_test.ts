@@ -995,8 +995,6 @@ async function runChecks(
           for (const key of ["option", "command", "reply", "type"]) {
             if (!(key in fields) || fields[key] === undefined) continue;
             // Known numbers must arrive as their names (NBD_OPT_GO, not 7).
-            // FAILS: lib/options/structured_reply.ts traces "option
-            // unsupported" with `reply: reply.type >>> 0` (a number).
             assert.equal(
               typeof fields[key],
               "string",
