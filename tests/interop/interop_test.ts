@@ -84,8 +84,11 @@ interface Expect {
   blockStatus: boolean;
   /** Block sizes in force (advertised, or the defaults). */
   blockSize: BlockSize;
-  /** What `listExports()` returns, or `"oldstyle"` when it cannot. */
-  exports: Array<{ name: string; description: string }> | "oldstyle";
+  /**
+   * What `listExports()` returns, or `"unlistable"` for handshakes without
+   * options (oldstyle, non-fixed newstyle).
+   */
+  exports: Array<{ name: string; description: string }> | "unlistable";
   /** For read-only exports: what the export holds. */
   content?: (offset: number, length: number) => Uint8Array;
   /** A trimmed range reads back as zeroes (not required by the spec). */
@@ -186,8 +189,60 @@ const CONFIGS: Config[] = [
       ...ALL_FEATURES,
       ...NO_STRUCTURED_REPLIES,
       protocol: "oldstyle",
-      exports: "oldstyle",
+      exports: "unlistable",
       refusesAdvertised: true,
+    },
+  },
+  {
+    name: "nbdkit memory with plain newstyle and zeroes (--mask-handshake=0)",
+    programs: ["nbdkit"],
+    start: (dir) =>
+      nbdkit(["--mask-handshake=0", "memory", String(SIZE)], { dir }),
+    exportName: "",
+    expect: {
+      ...ALL_FEATURES,
+      ...NO_STRUCTURED_REPLIES,
+      protocol: "newstyle",
+      exports: "unlistable",
+    },
+  },
+  {
+    name: "nbdkit memory with plain newstyle, no zeroes (--mask-handshake=2)",
+    programs: ["nbdkit"],
+    start: (dir) =>
+      nbdkit(["--mask-handshake=2", "memory", String(SIZE)], { dir }),
+    exportName: "",
+    expect: {
+      ...ALL_FEATURES,
+      ...NO_STRUCTURED_REPLIES,
+      protocol: "newstyle",
+      exports: "unlistable",
+    },
+  },
+  {
+    name: "nbdkit memory without FUA, zeroes, cache or multi-conn (filters)",
+    programs: ["nbdkit"],
+    start: (dir) =>
+      nbdkit([
+        "--filter=fua",
+        "--filter=nozero",
+        "--filter=nocache",
+        "--filter=multi-conn",
+        "memory",
+        String(SIZE),
+        // The fua filter's default fuamode=none hides FUA.
+        "zeromode=none",
+        "cachemode=none",
+        "multi-conn-mode=disable",
+      ], { dir }),
+    exportName: "",
+    expect: {
+      ...ALL_FEATURES,
+      fua: false,
+      writeZeroes: false,
+      fastZero: false,
+      cache: false,
+      multiConn: false,
     },
   },
   {
@@ -348,6 +403,29 @@ const CONFIGS: Config[] = [
     },
   },
   {
+    name: "nbd-server with its defaults (no flush, FUA or trim)",
+    programs: ["nbd-server"],
+    start: async (dir) => {
+      await sparseFile(`${dir}/disk.img`, SIZE);
+      return await nbdServer({ plain: { exportname: `${dir}/disk.img` } }, {
+        dir,
+      });
+    },
+    exportName: "plain",
+    expect: {
+      ...ALL_FEATURES,
+      ...NO_STRUCTURED_REPLIES,
+      flush: false,
+      fua: false,
+      trim: false,
+      fastZero: false,
+      cache: false,
+      exports: [{ name: "plain", description: "" }],
+      trimReadsZeroes: false,
+      probeSize: 0,
+    },
+  },
+  {
     name: "nbd-server over loopback TCP",
     programs: ["nbd-server"],
     start: async (dir) => {
@@ -411,6 +489,11 @@ async function failsWithEinval(
   });
   assert.equal(client.failure, undefined);
   assert.equal((await client.read(0, 512)).length, 512);
+}
+
+/** "the oldstyle", "non-fixed newstyle": how the client names a handshake. */
+function article(protocol: Protocol): string {
+  return protocol === "oldstyle" ? "the oldstyle" : "non-fixed newstyle";
 }
 
 /** Cookies in the order their replies completed. */
@@ -918,15 +1001,16 @@ async function runChecks(
     );
 
     await t.step(
-      x.exports === "oldstyle"
-        ? "listExports() fails clearly against an oldstyle server"
+      x.exports === "unlistable"
+        ? `listExports() fails clearly against ${x.protocol} handshakes`
         : "listExports() names the server's exports",
       async () => {
-        if (x.exports === "oldstyle") {
+        if (x.exports === "unlistable") {
           await assert.rejects(
             () => listExports(server.target()),
             (e: unknown) =>
-              e instanceof NbdError && /oldstyle handshake/.test(e.message),
+              e instanceof NbdError &&
+              e.message.includes(`speaks ${article(x.protocol)} handshake`),
           );
           return;
         }
@@ -945,15 +1029,16 @@ async function runChecks(
     );
 
     await t.step(
-      x.exports === "oldstyle"
-        ? "probe() fails clearly against an oldstyle server"
+      x.exports === "unlistable"
+        ? `probe() fails clearly against ${x.protocol} handshakes`
         : "probe() describes the export as connect() found it",
       async () => {
-        if (x.exports === "oldstyle") {
+        if (x.exports === "unlistable") {
           await assert.rejects(
             () => probe(server.target(c.exportName)),
             (e: unknown) =>
-              e instanceof NbdError && /oldstyle handshake/.test(e.message),
+              e instanceof NbdError &&
+              e.message.includes(`speaks ${article(x.protocol)} handshake`),
           );
           return;
         }
@@ -1006,10 +1091,15 @@ async function runChecks(
         if (x.protocol === "oldstyle") {
           assert.ok(names.has("recv oldstyle greeting"));
         } else {
+          // Plain newstyle has one option only; fixed newstyle ends in GO.
+          const last = x.protocol === "newstyle"
+            ? "NBD_OPT_EXPORT_NAME"
+            : "NBD_OPT_GO";
           assert.ok(
             trace.events.some((e) =>
-              e.event === "send option" && e.fields.option === "NBD_OPT_GO"
+              e.event === "send option" && e.fields.option === last
             ),
+            `no ${last} sent`,
           );
         }
         const commands = new Set(trace.commands().map((c) => c.command));
