@@ -415,57 +415,52 @@ function totalsOutput(
   ).join("");
 }
 
-/** `--can`/`--is` names, folded like nbdinfo's (case, dashes, underscores). */
-function feature(
-  name: string,
-  s: SessionFacts,
-  e: ExportFacts,
-): boolean {
+type FeatureTest = (s: SessionFacts, e: ExportFacts) => boolean;
+
+const flag = (bit: number): FeatureTest => (_s, e) => (e.flags & bit) !== 0;
+
+/** `--can`/`--is` answers by name, with the spellings nbdinfo accepts. */
+const FEATURES: Readonly<Record<string, FeatureTest>> = {
+  connect: () => true,
+  read: () => true,
+  write: (_s, e) => (e.flags & FLAG_READ_ONLY) === 0,
+  readonly: flag(FLAG_READ_ONLY),
+  rotational: flag(FLAG_ROTATIONAL),
+  tls: (s) => s.tls,
+  structuredreply: (s) => s.structuredReplies,
+  extendedheaders: (s) => s.extendedHeaders,
+  blockstatus: (s, e) =>
+    s.structuredReplies && (e.contexts?.includes("base:allocation") ?? false),
+  cache: flag(FLAG_SEND_CACHE),
+  df: flag(FLAG_SEND_DF),
+  fastzero: flag(FLAG_SEND_FAST_ZERO),
+  flush: flag(FLAG_SEND_FLUSH),
+  fua: flag(FLAG_SEND_FUA),
+  multiconn: flag(FLAG_CAN_MULTI_CONN),
+  trim: flag(FLAG_SEND_TRIM),
+  zero: flag(FLAG_SEND_WRITE_ZEROES),
+};
+
+const FEATURE_ALIASES: Readonly<Record<string, string>> = {
+  sr: "structuredreply",
+  structured: "structuredreply",
+  structuredreplies: "structuredreply",
+  eh: "extendedheaders",
+  extended: "extendedheaders",
+  extendedheader: "extendedheaders",
+};
+
+/**
+ * Finds the test for a `--can`/`--is` name, folded as nbdinfo folds it
+ * (case, dashes, underscores and spaces do not matter).
+ *
+ * @throws {UsageError} For a name nbdinfo would not know either.
+ */
+function featureTest(name: string): FeatureTest {
   const key = name.toLowerCase().replaceAll(/[-_ ]/g, "");
-  const f = e.flags;
-  switch (key) {
-    case "connect":
-    case "read":
-      return true;
-    case "write":
-      return (f & FLAG_READ_ONLY) === 0;
-    case "readonly":
-      return (f & FLAG_READ_ONLY) !== 0;
-    case "rotational":
-      return (f & FLAG_ROTATIONAL) !== 0;
-    case "tls":
-      return s.tls;
-    case "sr":
-    case "structured":
-    case "structuredreply":
-    case "structuredreplies":
-      return s.structuredReplies;
-    case "eh":
-    case "extended":
-    case "extendedheader":
-    case "extendedheaders":
-      return s.extendedHeaders;
-    case "blockstatus":
-      return s.structuredReplies &&
-        (e.contexts?.includes("base:allocation") ?? false);
-    case "cache":
-      return (f & FLAG_SEND_CACHE) !== 0;
-    case "df":
-      return (f & FLAG_SEND_DF) !== 0;
-    case "fastzero":
-      return (f & FLAG_SEND_FAST_ZERO) !== 0;
-    case "flush":
-      return (f & FLAG_SEND_FLUSH) !== 0;
-    case "fua":
-      return (f & FLAG_SEND_FUA) !== 0;
-    case "multiconn":
-      return (f & FLAG_CAN_MULTI_CONN) !== 0;
-    case "trim":
-      return (f & FLAG_SEND_TRIM) !== 0;
-    case "zero":
-      return (f & FLAG_SEND_WRITE_ZEROES) !== 0;
-  }
-  throw new UsageError(`unknown --can or --is option: ${name}`);
+  const test = FEATURES[FEATURE_ALIASES[key] ?? key];
+  if (!test) throw new UsageError(`unknown --can or --is option: ${name}`);
+  return test;
 }
 
 /** Everything `--list` shows: one probe per listed export. */
@@ -512,6 +507,100 @@ async function listOutput(uri: string, json: boolean): Promise<{
   return { text, ok };
 }
 
+/** What the command line asks for. */
+type Request =
+  | { mode: "help" }
+  | { mode: "show" | "list" | "size"; uri: string; json: boolean }
+  | {
+    mode: "map";
+    uri: string;
+    json: boolean;
+    context: string;
+    totals: boolean;
+  }
+  | { mode: "can"; uri: string; test: FeatureTest };
+
+/**
+ * Reads the command line.
+ *
+ * @throws {UsageError} For anything nbdinfo would refuse too.
+ */
+function parseRequest(args: string[]): Request {
+  const { options: o, positionals } = parseArgs(args, OPTIONS);
+  if (o.has("help")) return { mode: "help" };
+  if (positionals.length !== 1) {
+    throw new UsageError(
+      positionals.length === 0 ? "a URI is required" : "too many arguments",
+    );
+  }
+  const modes = ["list", "map", "size", "can", "is"].filter((m) => o.has(m));
+  if (modes.length > 1) {
+    throw new UsageError(
+      `you cannot use ${modes.map((m) => `--${m}`).join(" and ")} together`,
+    );
+  }
+  if (o.has("totals") && !o.has("map")) {
+    throw new UsageError("--totals needs --map");
+  }
+  const uri = positionals[0]!;
+  const json = o.has("json");
+  const can = o.get("can") ?? o.get("is");
+  if (can !== undefined) {
+    return { mode: "can", uri, test: featureTest(String(can)) };
+  }
+  const map = o.get("map");
+  if (map !== undefined) {
+    return {
+      mode: "map",
+      uri,
+      json,
+      context: typeof map === "string" ? map : "base:allocation",
+      totals: o.has("totals"),
+    };
+  }
+  const mode = o.has("list") ? "list" : o.has("size") ? "size" : "show";
+  return { mode, uri, json };
+}
+
+/** Does what was asked: the text for stdout and the exit status. */
+async function run(
+  r: Exclude<Request, { mode: "help" }>,
+): Promise<{ out: string; status: number }> {
+  switch (r.mode) {
+    case "can": {
+      const g = await gather(r.uri, undefined);
+      return { out: "", status: r.test(g.session, g.export) ? 0 : 2 };
+    }
+    case "size": {
+      const g = await gather(r.uri, undefined);
+      return { out: `${g.export.size}\n`, status: 0 };
+    }
+    case "map": {
+      const { size, runs } = await readMap(r.uri, r.context);
+      const out = r.totals
+        ? totalsOutput(r.context, size, runs, r.json)
+        : mapOutput(r.context, runs, r.json);
+      return { out, status: 0 };
+    }
+    case "list": {
+      const { text, ok } = await listOutput(r.uri, r.json);
+      return { out: text, status: ok ? 0 : 1 };
+    }
+    case "show": {
+      const g = await gather(r.uri, undefined);
+      const uri = exportUri(r.uri, g.export.exportName);
+      const out = r.json
+        ? JSON.stringify(
+          { ...sessionJson(g.session), exports: [exportJson(uri, g.export)] },
+          null,
+          2,
+        ) + "\n"
+        : sessionText(g.session) + exportText(uri, g.export);
+      return { out, status: 0 };
+    }
+  }
+}
+
 /**
  * Runs the tool.
  *
@@ -519,79 +608,25 @@ async function listOutput(uri: string, json: boolean): Promise<{
  * @returns The exit status: 0, 1 on failure, 2 for a `--can`/`--is` "no".
  */
 export async function main(args: string[]): Promise<number> {
-  let parsed;
+  let request: Request;
   try {
-    parsed = parseArgs(args, OPTIONS);
-    const { options: o, positionals } = parsed;
-    if (o.has("help")) {
-      await writeAll(Deno.stdout, USAGE);
-      return 0;
-    }
-    if (positionals.length !== 1) {
-      throw new UsageError(
-        positionals.length === 0 ? "a URI is required" : "too many arguments",
-      );
-    }
-    const modes = ["list", "map", "size", "can", "is"].filter((m) => o.has(m));
-    if (modes.length > 1) {
-      throw new UsageError(
-        `you cannot use ${modes.map((m) => `--${m}`).join(" and ")} together`,
-      );
-    }
-    if (o.has("totals") && !o.has("map")) {
-      throw new UsageError("--totals needs --map");
-    }
+    request = parseRequest(args);
   } catch (e) {
     if (!(e instanceof UsageError)) throw e;
     warn(`info: ${e.message}`);
-    warn(USAGE.split("\n")[0] + " see info --help");
+    warn("Try 'info --help'.");
     return 1;
   }
-
-  const { options: o, positionals } = parsed;
-  const uri = positionals[0]!;
-  const json = o.has("json");
+  if (request.mode === "help") {
+    await writeAll(Deno.stdout, USAGE);
+    return 0;
+  }
   try {
-    let out: string;
-    let status = 0;
-    if (o.has("can") || o.has("is")) {
-      const name = String(o.get("can") ?? o.get("is"));
-      const g = await gather(uri, undefined);
-      return feature(name, g.session, g.export) ? 0 : 2;
-    } else if (o.has("size")) {
-      out = `${(await gather(uri, undefined)).export.size}\n`;
-    } else if (o.has("map")) {
-      const value = o.get("map");
-      const context = typeof value === "string" ? value : "base:allocation";
-      const { size, runs } = await readMap(uri, context);
-      out = o.has("totals")
-        ? totalsOutput(context, size, runs, json)
-        : mapOutput(context, runs, json);
-    } else if (o.has("list")) {
-      const r = await listOutput(uri, json);
-      out = r.text;
-      if (!r.ok) status = 1;
-    } else {
-      const g = await gather(uri, undefined);
-      const shownUri = exportUri(uri, g.export.exportName);
-      out = json
-        ? JSON.stringify(
-          {
-            ...sessionJson(g.session),
-            exports: [exportJson(shownUri, g.export)],
-          },
-          null,
-          2,
-        ) + "\n"
-        : sessionText(g.session) + exportText(shownUri, g.export);
-    }
-    await writeAll(Deno.stdout, out);
+    const { out, status } = await run(request);
+    // All at once at the end: a failure never leaves half a report.
+    if (out) await writeAll(Deno.stdout, out);
     return status;
   } catch (e) {
-    if (e instanceof UsageError) {
-      warn(`info: ${e.message}`);
-      return 1;
-    }
     warn(errorLine("info", e));
     return 1;
   }
