@@ -3,9 +3,9 @@
  * each started by the test on a private Unix socket (or a loopback port) in
  * a fresh temporary directory, and stopped in `finally`.
  *
- * Readiness is polled (the socket appears, or a TCP connect succeeds), never
- * slept for; every wait has a deadline; a server that dies early fails the
- * test with its own stderr. Each server's stderr goes to a log file in its
+ * Readiness is polled (until a connect succeeds), never slept for; every
+ * wait has a deadline; a server that dies early fails the test with its
+ * own stderr. Each server's stderr goes to a log file in its
  * directory rather than a pipe: nbd-server forks a child per client, and a
  * child holding a pipe open would keep the test waiting.
  *
@@ -88,9 +88,18 @@ async function isSocket(path: string): Promise<boolean> {
   }
 }
 
-async function accepts(port: number): Promise<boolean> {
+/**
+ * Whether something accepts connections there. The socket file appears at
+ * bind(), a moment before listen(): a connect in between is refused, so
+ * the file alone does not say the server is ready.
+ */
+async function accepts(
+  where: { path: string } | { port: number },
+): Promise<boolean> {
   try {
-    const c = await Deno.connect({ hostname: "127.0.0.1", port });
+    const c = "path" in where
+      ? await Deno.connect({ transport: "unix", path: where.path })
+      : await Deno.connect({ hostname: "127.0.0.1", port: where.port });
     c.close();
     return true;
   } catch {
@@ -248,8 +257,8 @@ async function spawn(s: Spawn): Promise<Server> {
         throw new Error(`${s.label} exited before listening: ${await log()}`);
       }
       const ready = s.socket !== undefined
-        ? await isSocket(s.socket)
-        : await accepts(s.port!);
+        ? await isSocket(s.socket) && await accepts({ path: s.socket })
+        : await accepts({ port: s.port! });
       if (ready) break;
       await late("listen");
     }
