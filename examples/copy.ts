@@ -952,35 +952,145 @@ function readSettings(o: Map<string, string | true>): Settings {
   return settings;
 }
 
+/** What the command line asks for. */
+interface Request {
+  source: string;
+  destination: string;
+  settings: Settings;
+  progress: string | true | undefined;
+  noProgress: boolean;
+}
+
+/**
+ * Reads the command line.
+ *
+ * @returns The request, or `"help"`.
+ * @throws {UsageError} On a malformed option or a missing endpoint.
+ */
+function parseRequest(args: string[]): Request | "help" {
+  const { options, positionals } = parseArgs(args, OPTIONS);
+  if (options.has("help")) return "help";
+  if (positionals.length !== 2) {
+    throw new UsageError("expected a SOURCE and a DESTINATION");
+  }
+  const progress = options.get("progress");
+  if (typeof progress === "string") {
+    parseCount(progress, "--progress", 1, 1 << 20);
+  }
+  return {
+    source: positionals[0]!,
+    destination: positionals[1]!,
+    settings: readSettings(options),
+    progress,
+    noProgress: options.has("no-progress"),
+  };
+}
+
+/**
+ * Copies `src` to `dst` as the settings say.
+ *
+ * @returns The one-line summary for `--verbose`.
+ * @throws The first failure, after everything in flight has settled.
+ */
+async function transfer(
+  src: Source,
+  dst: Destination,
+  request: Request,
+  controller: AbortController,
+  onProgress: (p: Progress) => void,
+): Promise<string> {
+  const settings = request.settings;
+  // Multi-conn only where every NBD side offers it (files count as
+  // unlimited); a stream on either side keeps to one of everything.
+  const lanes = Math.max(
+    1,
+    Math.min(settings.connections, src.maxLanes, dst.maxLanes),
+  );
+  await src.addLanes(lanes);
+  await dst.addLanes(lanes);
+
+  const size = src.size;
+  if (size !== undefined && size % dst.alignment !== 0) {
+    throw new Error(
+      `the source's size ${size} is not a multiple of the destination's block size ${dst.alignment}`,
+    );
+  }
+  await dst.prepare(size);
+  const align = Math.max(src.alignment, dst.alignment);
+  const requestSize = alignUp(settings.requestSize, align);
+  const sparse = settings.sparse === undefined
+    ? Math.max(4096, dst.preferred)
+    : settings.sparse === 0
+    ? 0
+    : alignUp(settings.sparse, align);
+  // As nbdcopy: at most --requests, and at most --queue-size bytes, in
+  // flight per connection (but always at least one request).
+  const perLane = Math.max(
+    1,
+    Math.min(settings.requests, Math.floor(settings.queueSize / requestSize)),
+  );
+
+  const progress = new Progress(
+    progressMode(request.progress, request.noProgress),
+    size,
+  );
+  onProgress(progress);
+  const stats: Stats = { read: 0, written: 0, zeroed: 0 };
+  const started = performance.now();
+  const plan = size === undefined
+    ? planStream(src, requestSize, dst.size)
+    : planRange(
+      src,
+      size,
+      requestSize,
+      align,
+      settings.extents && src.hasExtents,
+      controller.signal,
+    );
+  const total = await pump(src, dst, plan, {
+    lanes,
+    limit: lanes * perLane,
+    requestSize,
+    sparse,
+    progress,
+    stats,
+    signal: controller.signal,
+    abort: (reason) => controller.abort(reason),
+  });
+  try {
+    await dst.finish(size ?? total, settings.flush);
+  } catch (e) {
+    throw wrap(`finishing ${dst.name}`, e);
+  }
+  progress.finish(true);
+  const seconds = (performance.now() - started) / 1000;
+  return `copy: ${size ?? total} bytes in ${
+    seconds.toFixed(3)
+  } s over ${lanes} connection(s): read ${stats.read}, wrote ${stats.written}, zeroed ${stats.zeroed} (${
+    humanBytes((size ?? total) / (seconds || 1))
+  }/s)`;
+}
+
 /**
  * Runs the tool.
  *
  * @param args Command-line arguments, without the program name.
- * @returns The exit status: 0 when every byte was copied, 1 otherwise.
+ * @returns The exit status: 0 when every byte was copied, 1 otherwise, 130
+ * when interrupted.
  */
 export async function main(args: string[]): Promise<number> {
-  let settings: Settings;
-  let words: string[];
-  let progressOption: string | true | undefined;
-  let noProgress: boolean;
+  let request: Request | "help";
   try {
-    const { options, positionals } = parseArgs(args, OPTIONS);
-    if (options.has("help")) {
-      await writeAll(Deno.stdout, USAGE);
-      return 0;
-    }
-    if (positionals.length !== 2) {
-      throw new UsageError("expected a SOURCE and a DESTINATION");
-    }
-    settings = readSettings(options);
-    words = positionals;
-    progressOption = options.get("progress");
-    noProgress = options.has("no-progress");
+    request = parseRequest(args);
   } catch (e) {
     if (!(e instanceof UsageError)) throw e;
     warn(`copy: ${e.message}`);
-    warn("Usage: copy [OPTIONS] SOURCE DESTINATION (see copy --help)");
+    warn("Try 'copy --help'.");
     return 1;
+  }
+  if (request === "help") {
+    await writeAll(Deno.stdout, USAGE);
+    return 0;
   }
 
   const controller = new AbortController();
@@ -997,80 +1107,16 @@ export async function main(args: string[]): Promise<number> {
   let dst: Destination | undefined;
   let progress: Progress | undefined;
   try {
-    src = await openSource(words[0]!, settings);
-    dst = await openDestination(words[1]!, settings);
-
-    // Multi-conn only where every NBD side offers it (files count as
-    // unlimited); a stream on either side keeps to one of everything.
-    const lanes = Math.max(
-      1,
-      Math.min(settings.connections, src.maxLanes, dst.maxLanes),
+    src = await openSource(request.source, request.settings);
+    dst = await openDestination(request.destination, request.settings);
+    const summary = await transfer(
+      src,
+      dst,
+      request,
+      controller,
+      (p) => progress = p,
     );
-    await src.addLanes(lanes);
-    await dst.addLanes(lanes);
-
-    const size = src.size;
-    if (size !== undefined && size % dst.alignment !== 0) {
-      throw new Error(
-        `the source's size ${size} is not a multiple of the destination's block size ${dst.alignment}`,
-      );
-    }
-    await dst.prepare(size);
-    const align = Math.max(src.alignment, dst.alignment);
-    const requestSize = alignUp(settings.requestSize, align);
-    const sparse = settings.sparse === undefined
-      ? Math.max(4096, dst.preferred)
-      : settings.sparse === 0
-      ? 0
-      : alignUp(settings.sparse, align);
-
-    progress = new Progress(progressMode(progressOption, noProgress), size);
-    const stats: Stats = { read: 0, written: 0, zeroed: 0 };
-    const started = performance.now();
-    const plan = size === undefined
-      ? planStream(src, requestSize, dst.size)
-      : planRange(
-        src,
-        size,
-        requestSize,
-        align,
-        settings.extents && src.hasExtents,
-        controller.signal,
-      );
-    const total = await pump(src, dst, plan, {
-      lanes,
-      // As nbdcopy: at most --requests, and at most --queue-size bytes, in
-      // flight per connection (but always at least one request).
-      limit: lanes * Math.max(
-        1,
-        Math.min(
-          settings.requests,
-          Math.floor(settings.queueSize / requestSize),
-        ),
-      ),
-      requestSize,
-      sparse,
-      progress,
-      stats,
-      signal: controller.signal,
-      abort: (reason) => controller.abort(reason),
-    });
-    try {
-      await dst.finish(size ?? total, settings.flush);
-    } catch (e) {
-      throw wrap(`finishing ${dst.name}`, e);
-    }
-    progress.finish(true);
-    if (settings.verbose) {
-      const seconds = (performance.now() - started) / 1000;
-      warn(
-        `copy: ${size ?? total} bytes in ${
-          seconds.toFixed(3)
-        } s over ${lanes} connection(s): ` +
-          `read ${stats.read}, wrote ${stats.written}, zeroed ${stats.zeroed} ` +
-          `(${humanBytes((size ?? total) / (seconds || 1))}/s)`,
-      );
-    }
+    if (request.settings.verbose) warn(summary);
     return 0;
   } catch (e) {
     const wasInterrupted = controller.signal.reason === interrupted;
@@ -1080,7 +1126,7 @@ export async function main(args: string[]): Promise<number> {
       warn("copy: interrupted");
       return 130;
     }
-    warn(errorLine("copy", e instanceof UsageError ? e.message : e));
+    warn(errorLine("copy", e));
     return 1;
   } finally {
     for (const s of signals) Deno.removeSignalListener(s, onSignal);
