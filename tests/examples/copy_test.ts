@@ -411,3 +411,51 @@ Deno.test({
     }
   },
 });
+
+/** Whether loop devices can be made here (root, and a kernel that has them). */
+function canLoop(): boolean {
+  if (!have("losetup") || Deno.uid?.() !== 0) return false;
+  try {
+    return Deno.statSync("/dev/loop-control").isCharDevice === true;
+  } catch {
+    return false;
+  }
+}
+
+Deno.test({
+  name: "copy: to and from a block device",
+  ignore: !haveNbdkit || !canLoop(),
+  async fn() {
+    const src = await nbdkit(SPARSE);
+    const backing = `${src.dir}/loop.img`;
+    await Deno.writeFile(backing, new Uint8Array(0));
+    await Deno.truncate(backing, 64 * 1024 * 1024);
+    const device = (await sh("losetup", ["-f", "--show", backing])).trim();
+    try {
+      const expected = await exportHash(src.uri());
+      const down = await runTool("copy", ["-v", "--flush", src.uri(), device]);
+      assert.equal(down.code, 0, down.stderr);
+      // A device cannot be made sparse by skipping: its zeroes are written.
+      assert.equal(
+        stats(down.stderr).wrote + stats(down.stderr).zeroed,
+        64 << 20,
+      );
+      const file = `${src.dir}/from-device.img`;
+      const up = await runTool("copy", [device, file]);
+      assert.equal(up.code, 0, up.stderr);
+      assert.equal(await sha256(await Deno.readFile(file)), expected);
+
+      const big = await nbdkit(["pattern", "128M"], src.dir);
+      try {
+        const r = await runTool("copy", [big.uri(), device]);
+        assert.equal(r.code, 1);
+        assert.match(r.stderr, /^copy: destination is too small/);
+      } finally {
+        await big.stop();
+      }
+    } finally {
+      await sh("losetup", ["-d", device]);
+      await src.stop();
+    }
+  },
+});
