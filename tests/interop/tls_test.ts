@@ -135,6 +135,34 @@ Deno.test("TLS with nbdkit", { ignore: !nbdkitReady }, async (t) => {
       },
     );
 
+    await t.step("verifies an IPv6 address: nbds://[::1]:port/", async () => {
+      // nbdkit listens on 127.0.0.1; a relay on ::1 forwards to it.
+      const listener = Deno.listen({ hostname: "::1", port: 0 });
+      const relay = (async () => {
+        const inbound = await listener.accept();
+        const outbound = await Deno.connect({
+          hostname: "127.0.0.1",
+          port: tcp.port!,
+        });
+        await Promise.allSettled([
+          inbound.readable.pipeTo(outbound.writable),
+          outbound.readable.pipeTo(inbound.writable),
+        ]);
+      })();
+      try {
+        const port = (listener.addr as Deno.NetAddr).port;
+        await roundTrip(
+          await connect(
+            `nbds://[::1]:${port}/?tls-certificates=${pki.clientNoCertDir}`,
+            bounded(),
+          ),
+        );
+        await relay;
+      } finally {
+        listener.close();
+      }
+    });
+
     await t.step(
       "takes caCerts as PEM text instead of a directory",
       async () => {
