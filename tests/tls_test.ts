@@ -234,6 +234,23 @@ Deno.test("upgradeToTls()", { ignore: !tools }, async (t) => {
       },
     );
 
+    await t.step("tells the debug hook what was negotiated", async () => {
+      const events: Array<[string, Record<string, unknown>]> = [];
+      const secure = await upgradeToTls(await openTcp(tcp), {
+        hostname: "localhost",
+        tlsCertificates: pki.clientNoCertDir,
+        debug: (event, fields) => events.push([event, fields]),
+      });
+      secure.close();
+      assert.deepEqual(events, [["tls.handshake", {
+        hostname: "localhost",
+        protocol: secure.protocol,
+        cipher: secure.cipher,
+        verified: true,
+        clientCertificate: false,
+      }]]);
+    });
+
     await t.step(
       "checks an IP address against the certificate's IP names",
       async () => {
