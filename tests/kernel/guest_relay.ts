@@ -1,16 +1,17 @@
 /**
  * Run in the guest: attaches a Unix-socket export through the relay path
- * (the path TLS exports take), writes and reads through the device with dd,
- * disconnects, and prints one JSON line for guest.sh.
+ * (over TLS when given a certificate directory, else a plain relay), writes
+ * and reads through the device with dd, disconnects, and prints one JSON
+ * line for guest.sh.
  *
- * Usage: deno run -A tests/kernel/guest_relay.ts SOCKET DEVICE PATTERN
+ * Usage: deno run -A tests/kernel/guest_relay.ts SOCKET DEVICE PATTERN [CERTDIR]
  *
  * @module
  */
 
 import { attach, isAttached } from "../../ffi/mod.ts";
 
-const [socket, device, pattern] = Deno.args;
+const [socket, device, pattern, certificates] = Deno.args;
 if (!socket || !device || !pattern) {
   throw new Error("usage: guest_relay.ts SOCKET DEVICE PATTERN");
 }
@@ -22,13 +23,24 @@ async function run(cmd: string, args: string[]): Promise<boolean> {
   return r.success;
 }
 
-const dev = await attach({ path: socket }, device, {
-  relay: true,
-  handleSignals: false,
-  timeout: 30,
-});
+const started = performance.now();
+const ms = () => Math.round(performance.now() - started);
+const dev = await attach(
+  certificates
+    ? {
+      path: socket,
+      tls: "require",
+      tlsCertificates: certificates,
+      tlsHostname: "localhost",
+    }
+    : { path: socket },
+  device,
+  { relay: true, handleSignals: false, timeout: 30 },
+);
 out.path = dev.path;
 out.size = dev.size;
+out.tls = dev.info.tls;
+out.attachMs = ms();
 const copy = `${pattern}.relay`;
 const wrote = await run("timeout", [
   "60",
@@ -56,7 +68,9 @@ const a = (await Deno.readFile(pattern)).subarray(0, 1 << 20);
 const b = read ? await Deno.readFile(copy) : new Uint8Array();
 out.io = wrote && read && a.length === b.length &&
   a.every((v, i) => v === b[i]);
+out.ioMs = ms();
 const release = await dev.disconnect();
+out.disconnectMs = ms();
 out.reason = release.reason;
 out.requested = release.requested;
 const deadline = Date.now() + 20_000;

@@ -9,6 +9,7 @@
  */
 
 import assert from "node:assert/strict";
+import { makeTestPki } from "../support/certs.ts";
 import { boot, ensurePackages } from "./harness.ts";
 
 /** Every check guest.sh makes; one missing is a failure too. */
@@ -36,6 +37,7 @@ const CHECKS = [
   "sigint",
   "signal-free",
   "relay-attach",
+  "relay-tls",
   "relay-io",
   "relay-disconnect",
   "relay-free",
@@ -46,17 +48,40 @@ const CHECKS = [
 ];
 
 /** Seconds the guest may run; the host allows a little more. */
-const GUEST_DEADLINE = 240;
+const GUEST_DEADLINE = 270;
 
 Deno.test({
   name: "attach() drives the Linux nbd driver in a qemu guest",
   // One boot runs every check; the steps only report them.
   async fn(t) {
     await ensurePackages();
+    const resultsDir = await Deno.makeTempDir({
+      dir: "/var/tmp",
+      prefix: "nbd-kernel-",
+    });
+    // The guest's nbdkit serves TLS with these; /tmp is hidden in there.
+    {
+      await using pki = await makeTestPki();
+      for (
+        const [from, to] of [[pki.serverDir, "server"], [
+          pki.clientNoCertDir,
+          "client",
+        ]]
+      ) {
+        await Deno.mkdir(`${resultsDir}/pki/${to}`, { recursive: true });
+        for await (const e of Deno.readDir(from!)) {
+          await Deno.copyFile(
+            `${from}/${e.name}`,
+            `${resultsDir}/pki/${to}/${e.name}`,
+          );
+        }
+      }
+    }
     const result = await boot({
       command: "sh tests/kernel/guest.sh",
       guestDeadline: GUEST_DEADLINE,
       hostTimeout: GUEST_DEADLINE + 30,
+      resultsDir,
     });
     let results = "";
     let timings = "";
