@@ -11,6 +11,8 @@ import {
   connect,
   type Extent,
   listExports,
+  NbdCommandError,
+  NbdConnectionClosedError,
   NbdOptionError,
   probe,
   STATE_HOLE,
@@ -163,6 +165,15 @@ Deno.test({
             "data after the hole",
           );
           assert.ok(isZero(back.subarray(MiB + 64 * KiB)), "the tail");
+
+          // With df the server must not fragment: one data chunk, holes and all.
+          const dfFrom = trace.events.length;
+          const whole = await client.read(0, 2 * MiB, { df: true });
+          const dfChunks = trace.events.slice(dfFrom).filter((e) =>
+            e.event === "recv chunk"
+          ).map((e) => e.fields.type);
+          assert.deepEqual(dfChunks, ["NBD_REPLY_TYPE_OFFSET_DATA"]);
+          assertBytes(whole, back, "the same bytes with df");
         },
       );
 
@@ -362,6 +373,130 @@ Deno.test({
             "what qemu-io wrote",
           );
           assert.ok(isZero(await client.read(MiB, MiB)));
+        },
+      );
+    } finally {
+      await server?.stop();
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+});
+
+Deno.test({
+  name: "qemu-nbd: I/O errors from the image (blkdebug) reach the caller",
+  ignore: !haveQemu,
+  async fn(t) {
+    const dir = await tempDir();
+    let server: Server | undefined;
+    try {
+      const img = `${dir}/disk.raw`;
+      await run("qemu-img", ["create", "-q", "-f", "raw", img, "1M"]);
+      await run("qemu-io", ["-f", "raw", "-c", "write -P 0x11 0 1M", img]);
+      // Reads of sector 16 (offset 8 KiB) fail with EIO, writes of sector
+      // 32 (offset 16 KiB) with ENOSPC, every time.
+      server = await qemuNbd([
+        "--image-opts",
+        [
+          "driver=raw",
+          "file.driver=blkdebug",
+          `file.image.filename=${img}`,
+          "file.inject-error.0.event=read_aio",
+          "file.inject-error.0.errno=5",
+          "file.inject-error.0.sector=16",
+          "file.inject-error.1.event=write_aio",
+          "file.inject-error.1.errno=28",
+          "file.inject-error.1.sector=32",
+        ].join(","),
+      ], { dir });
+      const expectError = (
+        command: string,
+        errno: number,
+        name: string,
+        message: string,
+      ) =>
+      (e: unknown) => {
+        assert.ok(e instanceof NbdCommandError, `got ${e}`);
+        assert.equal(e.command, command);
+        assert.equal(e.errno, errno);
+        assert.equal(e.errnoName, name);
+        assert.equal(e.serverMessage, message);
+        assert.match(
+          e.message,
+          new RegExp(`failed with ${errno} \\(${name}\\)`),
+        );
+        return true;
+      };
+
+      await t.step(
+        "with simple replies, a failed read and write each fail alone",
+        async () => {
+          await using client = await connect(server!.target(), {
+            structuredReplies: false,
+          });
+          await assert.rejects(
+            () => client.read(8 * KiB, 4 * KiB),
+            expectError("NBD_CMD_READ", 5, "EIO", ""),
+          );
+          await assert.rejects(
+            () => client.write(16 * KiB, new Uint8Array(4 * KiB)),
+            expectError("NBD_CMD_WRITE", 28, "ENOSPC", ""),
+          );
+          assertBytes(
+            await client.read(0, 4 * KiB),
+            new Uint8Array(4 * KiB).fill(0x11),
+            "after the errors",
+          );
+        },
+      );
+
+      await t.step(
+        "with structured replies, error chunks carry qemu's message",
+        async () => {
+          await using client = await connect(server!.target());
+          assert.equal(client.structuredReplies, true);
+          // df takes qemu's plain read path, which answers an I/O error with
+          // an error chunk.
+          await assert.rejects(
+            () => client.read(8 * KiB, 4 * KiB, { df: true }),
+            expectError("NBD_CMD_READ", 5, "EIO", "reading from file failed"),
+          );
+          await assert.rejects(
+            () => client.write(16 * KiB, new Uint8Array(4 * KiB)),
+            expectError(
+              "NBD_CMD_WRITE",
+              28,
+              "ENOSPC",
+              "writing to file failed",
+            ),
+          );
+          assert.equal(client.failure, undefined);
+          assertBytes(
+            await client.read(0, 4 * KiB),
+            new Uint8Array(4 * KiB).fill(0x11),
+            "after the errors",
+          );
+        },
+      );
+
+      await t.step(
+        "qemu-nbd 7.2 hangs up on a failed sparse read; the client fails it without hanging",
+        async () => {
+          // Without df, qemu 7.2 treats the read error as a failure to send
+          // the reply and disconnects ("Failed to send reply: reading from
+          // file failed"); libnbd sees the same.
+          await using client = await connect(server!.target());
+          await assert.rejects(
+            () => client.read(8 * KiB, 4 * KiB),
+            (e: unknown) =>
+              e instanceof NbdConnectionClosedError &&
+              /Server closed the connection/.test(e.message),
+          );
+          await assert.rejects(
+            () => client.read(0, 4 * KiB),
+            (e: unknown) =>
+              e instanceof NbdConnectionClosedError &&
+              /the connection failed/.test(e.message),
+          );
         },
       );
     } finally {
