@@ -416,6 +416,9 @@ export class TlsStream implements ByteStream {
   #readers: Waiter[] = [];
   #writers = new Set<(e: Error) => void>();
   #handshake: Waiter | undefined;
+  #protocol: string | undefined;
+  #cipher: string | undefined;
+  #verified = false;
 
   /** @internal Use {@linkcode upgradeToTls}. */
   constructor(socket: TLSSocket, name: string | undefined, sentCert: boolean) {
@@ -424,6 +427,10 @@ export class TlsStream implements ByteStream {
     this.#sentCertificate = sentCert;
     socket.on("secureConnect", () => {
       this.#secure = true;
+      // Read once: the socket forgets all this when it is destroyed.
+      this.#protocol = socket.getProtocol() ?? undefined;
+      this.#cipher = socket.getCipher()?.standardName;
+      this.#verified = socket.authorized;
       this.#handshake?.resolve();
     });
     socket.on("data", (chunk: Uint8Array) => {
@@ -447,19 +454,19 @@ export class TlsStream implements ByteStream {
     });
   }
 
-  /** The TLS version, e.g. `"TLSv1.3"`. */
+  /** The TLS version, e.g. `"TLSv1.3"`; kept after close. */
   get protocol(): string | undefined {
-    return this.#socket.getProtocol() ?? undefined;
+    return this.#protocol;
   }
 
-  /** The cipher suite's standard name. */
+  /** The cipher suite's standard name; kept after close. */
   get cipher(): string | undefined {
-    return this.#socket.getCipher()?.standardName;
+    return this.#cipher;
   }
 
-  /** Whether the server's certificate chain was verified. */
+  /** Whether the server's certificate chain was verified; kept after close. */
   get verified(): boolean {
-    return this.#socket.authorized;
+    return this.#verified;
   }
 
   /** @internal Waits for the handshake; {@linkcode upgradeToTls} calls it. */
