@@ -126,8 +126,8 @@ function quiet<T>(p: Promise<T>): Promise<T> {
  * @param client The connection to read from.
  * @param options The range, request size, read-ahead and abort signal.
  * @returns A stream of the range's bytes, in order.
- * @throws {RangeError} If the range is outside the export or a size is not
- * a positive integer.
+ * @throws {RangeError} If the range is outside the export, not aligned to
+ * its minimum block size, or a size is not a positive integer.
  *
  * @example Hash an export
  * ```ts ignore
@@ -147,6 +147,11 @@ export function readableFrom(
   const length = options.length ?? client.size - start;
   checkRange(client.size, start, length);
   const { minimum, preferred, maximum } = client.blockSize;
+  if (minimum > 1 && (start % minimum !== 0 || length % minimum !== 0)) {
+    throw new RangeError(
+      `Offset ${start} and length ${length} must be multiples of the export's minimum block size ${minimum}`,
+    );
+  }
   let chunkSize = options.chunkSize ??
     Math.min(Math.max(preferred, DEFAULT_READ_CHUNK), maximum);
   checkPositive("chunkSize", chunkSize);

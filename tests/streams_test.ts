@@ -176,6 +176,15 @@ Deno.test("readableFrom()", async (t) => {
     );
   });
 
+  await t.step("rejects a range off the minimum block size", () => {
+    const exp = new MemoryExport(4096, 512, 4096);
+    assert.throws(
+      () => readableFrom(exp, { offset: 100 }),
+      /minimum block size 512/,
+    );
+    assert.throws(() => readableFrom(exp, { length: 1000 }), RangeError);
+  });
+
   await t.step("rejects a range beyond the end", () => {
     const exp = new MemoryExport(4096);
     assert.throws(
