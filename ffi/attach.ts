@@ -147,7 +147,7 @@ export interface AttachedDevice extends AsyncDisposable {
   disconnect(): Promise<ReleaseInfo>;
 }
 
-/** Seconds after NBD_DISCONNECT before the socket is shut down by force. */
+/** Milliseconds after NBD_DISCONNECT before the socket is cut by force. */
 const DISCONNECT_GRACE_MS = 5000;
 
 const TLS_KEYS = [
@@ -252,6 +252,7 @@ async function connectForKernel(
   // connection, the kernel gets a socketpair.
   const opened = await openTransport({
     ...target,
+    ...(signal ? { signal } : {}),
     structuredReplies: false,
     extendedHeaders: false,
     metaContexts: [],
@@ -601,7 +602,11 @@ class Attachment implements AttachedDevice {
 
   /** Disconnects on signals and on `signal`; undone when released. */
   watch(handleSignals: boolean, signal: AbortSignal | undefined): void {
-    const onSignal = () => void this.disconnect();
+    // A second signal does not wait for the server: the socket is cut.
+    const onSignal = () => {
+      if (this.#requested) this.#cut();
+      else void this.disconnect();
+    };
     const signals: Deno.Signal[] = handleSignals ? ["SIGINT", "SIGTERM"] : [];
     for (const s of signals) Deno.addSignalListener(s, onSignal);
     signal?.addEventListener("abort", onSignal, { once: true });
@@ -622,12 +627,17 @@ class Attachment implements AttachedDevice {
     this.#pendingIoctls.push(c.ioctl_nb(this.#devFd, NBD_DISCONNECT, 0n));
     // A server that never closes its end is cut off, as `nbd-client -d`
     // does.
-    this.#graceTimer = setTimeout(() => {
-      if (!this.#finished) {
-        this.#pendingIoctls.push(c.ioctl_nb(this.#devFd, NBD_CLEAR_SOCK, 0n));
-      }
-    }, DISCONNECT_GRACE_MS);
+    this.#graceTimer = setTimeout(() => this.#cut(), DISCONNECT_GRACE_MS);
     return this.closed;
+  }
+
+  /** Shuts the socket down without waiting for the server. */
+  #cut(): void {
+    if (this.#finished) return;
+    clearTimeout(this.#graceTimer);
+    this.#pendingIoctls.push(
+      libc().ioctl_nb(this.#devFd, NBD_CLEAR_SOCK, 0n),
+    );
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
