@@ -363,14 +363,17 @@ export type NbdServerExport = Record<string, string | number | boolean>;
  *
  * @param exports Export sections by name, e.g.
  *   `{ disk: { exportname: "/tmp/x/disk.img", trim: true } }`.
+ * @param settings More of the `[generic]` section, e.g. `{ allowlist: false }`.
  */
 export async function nbdServer(
   exports: Record<string, NbdServerExport>,
   where: Listen = {},
+  settings: NbdServerExport = {},
 ): Promise<Server> {
   const p = await place("nbd-server", where);
   const generic: NbdServerExport = {
     allowlist: true,
+    ...settings,
     ...(p.socket !== undefined
       ? { unixsock: p.socket }
       : { listenaddr: "127.0.0.1", port: p.port! }),
