@@ -69,7 +69,12 @@ export {
 } from "./lib/errors.ts";
 export type { CommandErrorDetails, ProtocolPhase } from "./lib/errors.ts";
 export { formatUri, parseUri } from "./lib/uri.ts";
-export { NbdTlsError } from "./lib/tls.ts";
+export {
+  loadTlsCredentials,
+  NbdTlsError,
+  refuseUnsupportedTls,
+} from "./lib/tls.ts";
+export type { TlsCredentials, TlsStream, UpgradeOptions } from "./lib/tls.ts";
 export { readableFrom, writableTo } from "./lib/streams.ts";
 export type {
   ReadableFromOptions,

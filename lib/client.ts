@@ -62,7 +62,7 @@ import {
 import { type Command, type Extent, Transmission } from "./transmission.ts";
 import { type ByteStream, errorText, Transport } from "./transport.ts";
 import { formatUri, parseUri } from "./uri.ts";
-import { upgradeToTls } from "./tls.ts";
+import { refuseUnsupportedTls, upgradeToTls } from "./tls.ts";
 
 export type { BlockSize, ExportListing, Extent, Protocol };
 
@@ -165,6 +165,8 @@ export function resolveOptions(
       `maxInFlight must be an integer from 1 to 65536, not ${o.maxInFlight}`,
     );
   }
+  // PSK and anonymous TLS cannot be done here: say so before any traffic.
+  if ((o.tls ?? "disable") !== "disable") refuseUnsupportedTls(o);
   return o;
 }
 
@@ -178,7 +180,7 @@ function handshakeOptions(o: ConnectOptions, trace: Tracer): HandshakeOptions {
         upgradeTls: (stream: ByteStream) =>
           upgradeToTls(stream, {
             ...o,
-            ...(o.hostname !== undefined ? { hostname: o.hostname } : {}),
+            ...(trace ? { debug: trace } : {}),
           }),
       }
       : {}),

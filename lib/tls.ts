@@ -94,7 +94,7 @@ export interface TlsCredentials {
  * @throws {NbdTlsError} when `tlsPskFile` is set.
  *
  * @example
- * ```ts ignore
+ * ```ts
  * import { refuseUnsupportedTls } from "@nbd/client";
  * import assert from "node:assert/strict";
  *
@@ -128,7 +128,7 @@ export function refuseUnsupportedTls(options: TlsOptions): void {
  *   certificate.
  *
  * @example
- * ```ts ignore
+ * ```ts
  * import { loadTlsCredentials } from "@nbd/client";
  *
  * const credentials = await loadTlsCredentials({

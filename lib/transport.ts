@@ -9,6 +9,7 @@
 
 import {
   NbdConnectionClosedError,
+  NbdError,
   NbdProtocolError,
   type ProtocolPhase,
 } from "./errors.ts";
@@ -164,6 +165,8 @@ export class Transport {
       return await this.#stream.read(p);
     } catch (e) {
       if (this.#closed) throw this.#closedError();
+      // A stream that speaks in NBD errors (TLS) is already precise.
+      if (e instanceof NbdError) throw e;
       throw new NbdConnectionClosedError(
         `Connection failed while reading: ${errorText(e)}`,
         { cause: e },
@@ -203,6 +206,7 @@ export class Transport {
           at += await this.#stream.write(part.subarray(at));
         } catch (e) {
           if (this.#closed) throw this.#closedError();
+          if (e instanceof NbdError) throw e;
           throw new NbdConnectionClosedError(
             `Connection failed while writing: ${errorText(e)}`,
             { cause: e },
