@@ -142,6 +142,21 @@ Deno.test({
         }
       });
 
+      await t.step("into an export without WRITE_ZEROES", async () => {
+        const dst = await nbdkit(
+          ["--filter=nozero", "memory", "64M"],
+          src.dir,
+        );
+        try {
+          const r = await runTool("copy", ["-v", src.uri(), dst.uri()]);
+          assert.equal(r.code, 0, r.stderr);
+          assert.equal(stats(r.stderr).read, data);
+          assert.equal(await exportHash(dst.uri()), expected);
+        } finally {
+          await dst.stop();
+        }
+      });
+
       await t.step("--allocated writes every byte", async () => {
         const file = `${src.dir}/full.img`;
         const r = await runTool("copy", ["--allocated", src.uri(), file]);
