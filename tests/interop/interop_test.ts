@@ -931,7 +931,7 @@ async function runChecks(
 
     await t.step(
       x.blockStatus
-        ? "blockStatus() reports data, zeroes and holes as written"
+        ? "blockStatus() reports data, and zeroes where zeroed or trimmed"
         : "blockStatus() fails before traffic when no metadata context was negotiated",
       async () => {
         if (!x.blockStatus) {
@@ -956,6 +956,14 @@ async function runChecks(
             assert.ok(
               e.flags & STATE_ZERO,
               `zeroed extent ${e.offset}+${e.length} has flags ${e.flags}`,
+            );
+          }
+        }
+        if (writable && x.trim && x.trimReadsZeroes && !x.refusesAdvertised) {
+          for (const e of await extentsOf(client, ctx, R_TRIM, MiB)) {
+            assert.ok(
+              e.flags & STATE_ZERO,
+              `trimmed extent ${e.offset}+${e.length} has flags ${e.flags}`,
             );
           }
         }
