@@ -52,7 +52,7 @@ import {
 import { type ExportListing, listExports as optList } from "./options/list.ts";
 import { listMetaContexts } from "./options/meta_context.ts";
 import { type ExportDetails, infoOrGo } from "./options/go.ts";
-import { OPT_INFO } from "./constants.ts";
+import { OPT_INFO, OPT_LIST } from "./constants.ts";
 import {
   readableFrom,
   type ReadableFromOptions,
@@ -333,8 +333,8 @@ export async function listExports(
     const session = await openSession(t, handshakeOptions(o, trace));
     try {
       const listed = await optList(session);
-      if (listed === "unsupported") {
-        throw new NbdError("The server does not support NBD_OPT_LIST");
+      if (!Array.isArray(listed)) {
+        throw session.refusal(OPT_LIST, listed, "Cannot list exports");
       }
       return listed;
     } finally {
@@ -597,13 +597,18 @@ export class NbdClient {
     return Math.min(this.#info.blockSize.maximum, DEFAULT_MAX_PAYLOAD);
   }
 
-  /** Largest effect length the request header can carry, aligned. */
+  /**
+   * Largest effect length the request header can carry, kept to multiples
+   * of 512 even when the server allows bytes: the spec's advice for
+   * interoperable clients, and what libnbd does (nbdkit 1.32 aborts on a
+   * block status of 2^32 - 1 bytes).
+   */
   get #maxEffect(): number {
-    const min = this.#info.blockSize.minimum;
+    const align = Math.max(this.#info.blockSize.minimum, 512);
     const top = this.#info.extendedHeaders
       ? Number.MAX_SAFE_INTEGER
       : 0xffffffff;
-    return top - (top % min);
+    return top - (top % align);
   }
 
   #guard(method: string): void {

@@ -266,7 +266,8 @@ export async function enterTransmission(
     to: "NBD_OPT_EXPORT_NAME",
   });
   const listed = await listExports(session);
-  if (listed !== "unsupported" && !listed.some((e) => e.name === name)) {
+  // A server that will not list cannot confirm the name; try it anyway.
+  if (Array.isArray(listed) && !listed.some((e) => e.name === name)) {
     const names = listed.map((e) => JSON.stringify(e.name)).join(", ");
     throw new NbdOptionError(
       OPT_GO,

@@ -6,7 +6,7 @@
 
 import { OPT_LIST, REP_ACK, REP_SERVER } from "../constants.ts";
 import { NbdProtocolError } from "../errors.ts";
-import { isError, type OptionSession } from "../handshake.ts";
+import { isError, type OptionReply, type OptionSession } from "../handshake.ts";
 import { Reader } from "../wire.ts";
 import { MAX_REPLIES } from "./meta_context.ts";
 
@@ -21,12 +21,13 @@ export interface ExportListing {
 /**
  * Lists exports.
  *
- * @returns The exports, or `"unsupported"` when the server will not list.
+ * @returns The exports, or the server's error reply when it will not list
+ *   (the caller decides whether that is fatal).
  * @throws {NbdOptionError} for a fatal refusal (TLS required, shutdown).
  */
 export async function listExports(
   session: OptionSession,
-): Promise<ExportListing[] | "unsupported"> {
+): Promise<ExportListing[] | OptionReply> {
   await session.send(OPT_LIST);
   const out: ExportListing[] = [];
   for (let i = 0; i < MAX_REPLIES; i++) {
@@ -34,7 +35,7 @@ export async function listExports(
     if (reply.type === REP_ACK) return out;
     if (isError(reply.type)) {
       if (session.isFatal(reply)) throw session.refusal(OPT_LIST, reply);
-      return "unsupported";
+      return reply;
     }
     if (reply.type !== REP_SERVER) {
       throw new NbdProtocolError(
