@@ -80,16 +80,23 @@ export async function rejectsBeforeTraffic(
  * from the wrong place or the wrong request never matches by accident.
  */
 export function fill(seed: number, offset: number, length: number): Uint8Array {
-  const out = new Uint8Array(length);
-  // xorshift32 per 4-byte word, seeded from the word's own offset.
-  for (let i = 0; i < length; i++) {
-    let x = (((offset + i) >>> 2) * 2654435761 + seed * 40503 + 1) >>> 0;
+  // xorshift32 per 4-byte word, seeded from the word's own offset; byte i of
+  // the export is byte (i & 3), little-endian, of its word's value, so any
+  // window of the same seed agrees with any other.
+  const first = Math.floor(offset / 4);
+  const words = Math.ceil((offset + length) / 4) - first;
+  const out = new Uint8Array(words * 4);
+  const view = new DataView(out.buffer);
+  const salt = Math.imul(seed, 40503) + 1;
+  for (let w = 0; w < words; w++) {
+    let x = (Math.imul(first + w, 2654435761 | 0) + salt) >>> 0;
     x ^= x << 13;
     x ^= x >>> 17;
     x ^= x << 5;
-    out[i] = (x >>> (((offset + i) & 3) * 8)) & 0xff;
+    view.setUint32(w * 4, x >>> 0, true);
   }
-  return out;
+  const skip = offset - first * 4;
+  return out.subarray(skip, skip + length);
 }
 
 /** nbdkit-pattern-plugin's content: each 8-byte word holds its offset. */
