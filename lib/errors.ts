@@ -70,9 +70,9 @@ export class NbdOptionError extends NbdError {
     const what = context ? `${context}: ` : "";
     const text = serverMessage ? `: ${serverMessage}` : "";
     super(
-      `${what}Server refused option ${describe(OPTION_NAMES, option)} with ${
-        describe(REPLY_TYPE_NAMES, reply >>> 0)
-      }${text}`,
+      `${what}Server refused option ${describe(OPTION_NAMES, option)} with 0x${
+        (reply >>> 0).toString(16)
+      } (${REPLY_TYPE_NAMES[reply >>> 0] ?? "unknown"})${text}`,
     );
     this.name = "NbdOptionError";
     this.option = option;
