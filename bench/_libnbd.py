@@ -5,8 +5,9 @@
 #
 # Parameters come in the environment (NBD_BENCH_*) so that nbdsh's own
 # command line stays as its manual shows it. One JSON object is printed on
-# stdout: {"runs": [{"ops": N, "bytes": N, "seconds": S}, ...]}, the warm-up
-# excluded. Timing is taken here, around the I/O only, like the Deno side.
+# stdout: {"runs": [{"ops": N, "bytes": N, "seconds": S, "cpu": S}, ...]},
+# the warm-up excluded; cpu is this process's user + system seconds. Timing
+# is taken here, around the I/O only, like the Deno side.
 
 import array
 import json
@@ -47,6 +48,7 @@ def _qd1(count):
     offs = _offsets if _mode == "rand" else None
     done = 0
     t0 = time.perf_counter()
+    c0 = time.process_time()
     deadline = t0 + _budget
     while done < count:
         off = offs[done] if offs is not None else done * req
@@ -54,7 +56,7 @@ def _qd1(count):
         done += 1
         if (done & 255) == 0 and time.perf_counter() > deadline:
             break
-    return done, time.perf_counter() - t0
+    return done, time.perf_counter() - t0, time.process_time() - c0
 
 
 def _window(count):
@@ -70,6 +72,7 @@ def _window(count):
     issued = 0
     done = 0
     t0 = time.perf_counter()
+    c0 = time.process_time()
     deadline = t0 + _budget
     stop = count
     while done < issued or issued < stop:
@@ -86,7 +89,7 @@ def _window(count):
         completed(cookie)
         free.append(inflight.pop(cookie))
         done += 1
-    return done, time.perf_counter() - t0
+    return done, time.perf_counter() - t0, time.process_time() - c0
 
 
 def _measure(count):
@@ -102,6 +105,8 @@ def _count_for(size_or_count):
 _measure(_count_for(_warm_size if _mode == "seq" else _warm_count))
 _results = []
 for _ in range(_runs):
-    _ops, _secs = _measure(_count_for(_size if _mode == "seq" else _count))
-    _results.append({"ops": _ops, "bytes": _ops * _req, "seconds": _secs})
+    _ops, _secs, _cpu = _measure(_count_for(_size if _mode == "seq" else _count))
+    _results.append(
+        {"ops": _ops, "bytes": _ops * _req, "seconds": _secs, "cpu": _cpu}
+    )
 print(json.dumps({"runs": _results}))

@@ -31,6 +31,7 @@
  * @module
  */
 
+import { cpuUsage } from "node:process";
 import { connect, type NbdClient } from "../mod.ts";
 
 /** What one timed run did. */
@@ -41,6 +42,8 @@ export interface Run {
   bytes: number;
   /** Wall-clock seconds around the I/O. */
   seconds: number;
+  /** CPU seconds (user + system) the client spent, where known. */
+  cpu?: number;
 }
 
 /** One line of the table. */
@@ -77,7 +80,7 @@ const USAGE = `Usage: deno task bench [OPTIONS]
   --runs=N        timed runs per measurement; the median is shown (3)
   --seconds=S     stop issuing requests in a run after S seconds (10)
   --qd1-count=N   random reads per run at queue depth 1 (20000)
-  --qd64-count=N  random reads per run at queue depth 64 (100000)
+  --qd64-count=N  random reads per run at queue depth 64 (50000)
   --seed=N        seed of the random offsets (1)
   --threads=N     nbdkit --threads (16, nbdkit's default)
   --no-copy       skip the command-line copy benchmark
@@ -102,7 +105,7 @@ function parseConfig(args: string[]): Config {
     runs: 3,
     seconds: 10,
     qd1Count: 20_000,
-    qd64Count: 100_000,
+    qd64Count: 50_000,
     seed: 1,
     threads: 16,
     copy: true,
@@ -243,6 +246,12 @@ async function writeOffsets(path: string, offsets: number[]): Promise<void> {
 
 export type Check = "one" | "full";
 
+/** CPU seconds of this process (every thread: V8's and Deno's I/O) since `from`. */
+function cpuSince(from: { user: number; system: number }): number {
+  const d = cpuUsage(from);
+  return (d.user + d.system) / 1e6;
+}
+
 /** Sequential read with `readInto()`, `depth` requests in flight. */
 export async function oursSequential(
   nbd: NbdClient,
@@ -256,6 +265,7 @@ export async function oursSequential(
   let stopAt = size;
   let ops = 0;
   const t0 = performance.now();
+  const cpu0 = cpuUsage();
   const deadline = t0 + seconds * 1000;
   const worker = async (buf: Uint8Array) => {
     while (next < stopAt) {
@@ -271,7 +281,7 @@ export async function oursSequential(
   const bufs = Array.from({ length: depth }, () => new Uint8Array(request));
   await Promise.all(bufs.map(worker));
   const elapsed = (performance.now() - t0) / 1000;
-  return { ops, bytes: ops * request, seconds: elapsed };
+  return { ops, bytes: ops * request, seconds: elapsed, cpu: cpuSince(cpu0) };
 }
 
 /** Sequential read through `readable()` with `readAhead` requests ahead. */
@@ -286,6 +296,7 @@ export async function oursStream(
   let pos = 0;
   let ops = 0;
   const t0 = performance.now();
+  const cpu0 = cpuUsage();
   const deadline = t0 + seconds * 1000;
   const stream = nbd.readable({
     length: size,
@@ -301,7 +312,7 @@ export async function oursStream(
     if ((ops & 63) === 0 && performance.now() > deadline) break;
   }
   const elapsed = (performance.now() - t0) / 1000;
-  return { ops, bytes: pos, seconds: elapsed };
+  return { ops, bytes: pos, seconds: elapsed, cpu: cpuSince(cpu0) };
 }
 
 /** 4 KiB reads at `offsets`, `depth` in flight (1: await each). */
@@ -317,6 +328,7 @@ export async function oursRandom(
   let stopAt = Math.min(count, offsets.length);
   let ops = 0;
   const t0 = performance.now();
+  const cpu0 = cpuUsage();
   const deadline = t0 + seconds * 1000;
   const worker = async (buf: Uint8Array) => {
     while (next < stopAt) {
@@ -331,7 +343,12 @@ export async function oursRandom(
   const bufs = Array.from({ length: depth }, () => new Uint8Array(RANDOM_SIZE));
   await Promise.all(bufs.map(worker));
   const elapsed = (performance.now() - t0) / 1000;
-  return { ops, bytes: ops * RANDOM_SIZE, seconds: elapsed };
+  return {
+    ops,
+    bytes: ops * RANDOM_SIZE,
+    seconds: elapsed,
+    cpu: cpuSince(cpu0),
+  };
 }
 
 /** One client in a section: warmed up once, then timed once per round. */
@@ -391,7 +408,14 @@ async function runSection(
       const i = live[(k + round) % live.length]!;
       if (failed.has(i)) continue;
       await attempt(i, async () => {
-        rows[i]!.runs.push(await contenders[i]!.once());
+        const run = await contenders[i]!.once();
+        rows[i]!.runs.push(run);
+        progress(
+          `  ${
+            contenders[i]!.client
+          }: ${run.ops} requests, ${run.bytes} bytes` +
+            ` in ${run.seconds.toFixed(3)} s, CPU ${run.cpu?.toFixed(3)} s`,
+        );
       });
     }
   }
@@ -480,12 +504,12 @@ export async function timeCommand(
   requestSize: number,
   cwd?: string,
 ): Promise<Run> {
-  const [cmd, ...args] = argv as [string, ...string[]];
+  // bash's `times` reports the CPU its children used: the tool's own cost.
   const t0 = performance.now();
-  const r = await new Deno.Command(cmd, {
-    args,
+  const r = await new Deno.Command("bash", {
+    args: ["-c", '"$@" >/dev/null; rc=$?; times; exit $rc', "bash", ...argv],
     stdin: "null",
-    stdout: "null",
+    stdout: "piped",
     stderr: "piped",
     ...(cwd ? { cwd } : {}),
   }).output();
@@ -497,7 +521,12 @@ export async function timeCommand(
       }`,
     );
   }
-  return { ops: bytes / requestSize, bytes, seconds };
+  const children = new TextDecoder().decode(r.stdout).trim().split("\n").at(-1);
+  let cpu = 0;
+  for (const m of children?.matchAll(/(\d+)m([\d.]+)s/g) ?? []) {
+    cpu += Number(m[1]) * 60 + Number(m[2]);
+  }
+  return { ops: bytes / requestSize, bytes, seconds, cpu };
 }
 
 interface NbdshJob {
@@ -622,11 +651,23 @@ function median(xs: number[]): number {
   return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
 }
 
-function rates(row: Row): { mibs: number; iops: number; secs: number } {
+interface Rates {
+  mibs: number;
+  iops: number;
+  secs: number;
+  /** Client CPU microseconds per request, when every run measured it. */
+  cpuPerOp: number | undefined;
+}
+
+function rates(row: Row): Rates {
+  const cpu = row.runs.every((r) => r.cpu !== undefined)
+    ? median(row.runs.map((r) => r.cpu! / r.ops * 1e6))
+    : undefined;
   return {
     mibs: median(row.runs.map((r) => r.bytes / MiB / r.seconds)),
     iops: median(row.runs.map((r) => r.ops / r.seconds)),
     secs: median(row.runs.map((r) => r.seconds)),
+    cpuPerOp: cpu,
   };
 }
 
@@ -637,25 +678,36 @@ function fmt(n: number, digits = 0): string {
   });
 }
 
-/** Prints the table: each section's first "ours" row is the reference. */
-function printTable(rows: Row[], c: Config): void {
-  const head = ["test", "client", "MiB/s", "IOPS", "median s", "ours/this"];
+/** The table, as Markdown: each section's first row of ours is the reference. */
+export function formatTable(rows: Row[], runs: number): string {
+  const head = [
+    "test",
+    "client",
+    "MiB/s",
+    "IOPS",
+    "median s",
+    "CPU us/req",
+    "ref/this",
+  ];
+  const numeric = [false, false, true, true, true, true, true];
   const lines: string[][] = [];
+  const notes: string[] = [];
   let section = "";
-  let ref: { mibs: number; iops: number } | undefined;
+  let ref: Rates | undefined;
   for (const row of rows) {
     if (row.section !== section) {
       section = row.section;
       ref = undefined;
     }
     if (row.runs.length === 0) {
-      lines.push([section, row.client, "-", "-", "-", row.note ?? "skipped"]);
+      lines.push([section, row.client, "-", "-", "-", "-", "-"]);
+      notes.push(`${row.client}: ${row.note ?? "skipped"}`);
       continue;
     }
     const r = rates(row);
-    ref ??= row.ours ? r : undefined;
-    const ratio = row.ours
-      ? (ref === r ? "(ref)" : "")
+    if (row.ours && !ref) ref = r;
+    const ratio = ref === r
+      ? "ref"
       : ref
       ? `${fmt(ref.mibs / r.mibs, 2)}x`
       : "";
@@ -665,30 +717,37 @@ function printTable(rows: Row[], c: Config): void {
       fmt(r.mibs, 1),
       fmt(r.iops),
       fmt(r.secs, 3),
-      ratio + (row.note ? ` ${row.note}` : ""),
+      r.cpuPerOp === undefined ? "-" : fmt(r.cpuPerOp, 1),
+      ratio,
     ]);
   }
   const widths = head.map((h, i) =>
     Math.max(h.length, ...lines.map((l) => l[i]!.length))
   );
-  const numeric = [false, false, true, true, true, false];
   const show = (cells: string[]) =>
     "| " +
     cells.map((x, i) =>
       numeric[i] ? x.padStart(widths[i]!) : x.padEnd(widths[i]!)
     ).join(" | ") + " |";
-  console.log(show(head));
-  console.log(
-    "|" +
-      widths.map((w, i) =>
-        numeric[i] ? "-".repeat(w + 1) + ":" : "-".repeat(w + 2)
-      ).join("|") + "|",
-  );
-  for (const l of lines) console.log(show(l));
-  console.log(
-    `\nMedian of ${c.runs} runs after one warm-up; "ours/this" is the ` +
-      "section's first row of ours divided by that row (above 1: ours is faster).",
-  );
+  const rule = "|" +
+    widths.map((w, i) =>
+      numeric[i] ? "-".repeat(w + 1) + ":" : "-".repeat(w + 2)
+    )
+      .join("|") +
+    "|";
+  return [
+    show(head),
+    rule,
+    ...lines.map(show),
+    "",
+    `Median of ${runs} runs after one warm-up, clients taking turns. ` +
+    '"ref/this": MiB/s of the section\'s "ref" row (our client) over ' +
+    "this row's (above 1: ours is faster). CPU us/req: the client process's user + " +
+    "system time per request (nbdkit's excluded); for command lines, the " +
+    "whole process, start-up included, per 256 KiB of data. Command lines " +
+    "(nbdcopy, deno run) are timed from spawn to exit.",
+    ...notes.map((n) => `Skipped: ${n}`),
+  ].join("\n");
 }
 
 // ---------------------------------------------------------------------------
@@ -737,8 +796,15 @@ export async function copyContenders(
       client: `deno run -A examples/copy.ts -C ${connections}`,
       ours: true,
       ...(present ? {} : { skip: "examples/copy.ts not found" }),
-      // Compiles and caches the module graph, out of the timing.
-      warm: () => timeCommand(deno, c.size, c.requestSize, root),
+      // Type-checks and caches the module graph, out of the timing; the
+      // server needs no warming by now.
+      warm: () =>
+        timeCommand(
+          [Deno.execPath(), "cache", "examples/copy.ts"],
+          c.size,
+          c.requestSize,
+          root,
+        ),
       once: () => timeCommand(deno, c.size, c.requestSize, root),
     },
     {
@@ -752,9 +818,20 @@ export async function copyContenders(
 
 // ---------------------------------------------------------------------------
 
+/** The 1, 5 and 15 minute load averages, where /proc has them. */
+async function loadAverage(): Promise<string> {
+  try {
+    const text = await Deno.readTextFile("/proc/loadavg");
+    return text.split(" ").slice(0, 3).join(" ");
+  } catch {
+    return "unknown";
+  }
+}
+
 async function main(): Promise<void> {
   const c = parseConfig(Deno.args);
   const started = performance.now();
+  const load0 = await loadAverage();
   const dir = await Deno.makeTempDir({ prefix: "nbd-bench-" });
   const rows: Row[] = [];
   const progress = (text: string) =>
@@ -932,7 +1009,11 @@ async function main(): Promise<void> {
     await Deno.remove(dir, { recursive: true });
   }
   console.log("");
-  printTable(rows, c);
+  console.log(formatTable(rows, c.runs));
+  // Other work on the machine moves these figures; say how busy it was.
+  console.log(
+    `Load average at start: ${load0}; at end: ${await loadAverage()}.`,
+  );
   console.log(
     `Whole benchmark: ${fmt((performance.now() - started) / 1000, 1)} s.`,
   );

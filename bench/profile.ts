@@ -9,11 +9,14 @@
  * ```
  *
  * Workloads: `seq` (readInto, 256 KiB x16), `stream` (readable()), `qd1`
- * and `qd64` (random 4 KiB reads). `--size=N` (1G), `--count=N` (50000).
+ * and `qd64` (random 4 KiB reads). `--size=N` (1G), `--count=N` (50000),
+ * `--socket=PATH` to use a running server of that size instead of starting
+ * one (so that `strace -f` sees the client alone).
  *
  * @module
  */
 
+import { cpuUsage } from "node:process";
 import { connect } from "../mod.ts";
 import {
   oursRandom,
@@ -87,13 +90,18 @@ async function main(): Promise<void> {
   };
   const size = flag("size", 1024 * 1024 * 1024);
   const count = flag("count", 50_000);
+  // --socket=PATH uses a server started by hand (to strace the client alone).
+  const given = args.find((x) => x.startsWith("--socket="))?.slice(9);
   const dir = await Deno.makeTempDir({ prefix: "nbd-prof-" });
-  const server = await startServer(dir, size, 16);
+  const server = given
+    ? { path: given, stop: () => Promise.resolve() }
+    : await startServer(dir, size, 16);
   try {
     const nbd = await connect({ path: server.path, maxInFlight: 64 });
     try {
       const offsets = randomOffsets(count, size, 1);
       let run: Run;
+      const cpu0 = cpuUsage();
       switch (workload) {
         case "seq":
           run = await oursSequential(nbd, size, 256 * 1024, 16, 60, "one");
@@ -110,10 +118,14 @@ async function main(): Promise<void> {
         default:
           throw new TypeError(`Unknown workload ${workload}`);
       }
+      // CPU time per request moves less than wall time on a busy machine.
+      const cpu = cpuUsage(cpu0);
       console.log(
         `${workload}: ${run.ops} requests, ${
           (run.bytes / 1048576 / run.seconds).toFixed(1)
-        } MiB/s, ${(run.ops / run.seconds).toFixed(0)} IOPS`,
+        } MiB/s, ${(run.ops / run.seconds).toFixed(0)} IOPS, CPU per request ${
+          (cpu.user / run.ops).toFixed(1)
+        } us user + ${(cpu.system / run.ops).toFixed(1)} us system`,
       );
     } finally {
       await nbd.close();
