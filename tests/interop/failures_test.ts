@@ -456,3 +456,48 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "failures: connect() gives up when its signal aborts mid-handshake",
+  ignore: !haveNbdkit,
+  async fn(t) {
+    let server: Server | undefined;
+    try {
+      // nbdkit opens the export while answering NBD_OPT_GO; the delay
+      // filter holds that open for a minute.
+      server = await nbdkit([
+        "--filter=delay",
+        "memory",
+        String(MiB),
+        "delay-open=60",
+      ]);
+      await t.step(
+        "connect() rejects with the signal's reason, promptly",
+        async () => {
+          const trace = new Trace();
+          const controller = new AbortController();
+          const connecting = connect(server!.target(), {
+            signal: controller.signal,
+            debug: trace.hook,
+          });
+          connecting.catch(() => {});
+          await until(
+            "NBD_OPT_GO to be sent",
+            () =>
+              trace.events.some((e) =>
+                e.event === "send option" && e.fields.option === "NBD_OPT_GO"
+              ),
+          );
+          const reason = new Error("gave up on the handshake");
+          controller.abort(reason);
+          await assert.rejects(
+            () => within(2_000, "the aborted connect()", connecting),
+            (e: unknown) => e === reason,
+          );
+        },
+      );
+    } finally {
+      await server?.stop();
+    }
+  },
+});
