@@ -8,6 +8,7 @@
 
 import {
   describe,
+  describeFlags,
   INFO_BLOCK_SIZE,
   INFO_DESCRIPTION,
   INFO_EXPORT,
@@ -22,6 +23,7 @@ import {
   REP_ERR_UNKNOWN,
   REP_ERR_UNSUP,
   REP_INFO,
+  TRANSMISSION_FLAG_NAMES,
 } from "../constants.ts";
 import {
   NbdConnectionClosedError,
@@ -128,27 +130,35 @@ export function parseInfo(
     }
     return r.restString(field);
   };
+  let fields: Record<string, unknown>;
   switch (type) {
     case INFO_EXPORT:
       expectLength(2 + 8 + 2);
       details.size = r.u64();
       details.flags = r.u16();
+      fields = {
+        size: details.size,
+        flags: describeFlags(TRANSMISSION_FLAG_NAMES, details.flags),
+      };
       break;
     case INFO_NAME:
       details.name = boundedString("export name");
+      fields = { name: details.name };
       break;
     case INFO_DESCRIPTION:
       details.description = boundedString("description");
+      fields = { description: details.description };
       break;
     case INFO_BLOCK_SIZE:
       expectLength(2 + 4 + 4 + 4);
       details.blockSize = validateBlockSize(r.u32(), r.u32(), r.u32());
+      fields = { ...details.blockSize };
       break;
     default:
       session.trace?.("skip unknown info", { type: nameOf(INFO_NAMES, type) });
       return;
   }
-  session.trace?.("info", { type: INFO_NAMES[type], ...details });
+  session.trace?.("info", { type: INFO_NAMES[type], ...fields });
 }
 
 /**
@@ -240,7 +250,10 @@ export async function exportName(
   const r = new Reader(reply, "NBD_OPT_EXPORT_NAME reply", "handshake");
   const size = r.u64();
   const flags = r.u16();
-  session.trace?.("export", { size, flags });
+  session.trace?.("export", {
+    size,
+    flags: describeFlags(TRANSMISSION_FLAG_NAMES, flags),
+  });
   return { size, flags };
 }
 
