@@ -346,6 +346,11 @@ export async function attach(
   const devFd = openDevice(path);
   let sockFd = -1;
   let relay: { local: FdStream; remote: ByteStream } | undefined;
+  // What the failure path must undo: our own configuration of the device
+  // (not another process's), and the descriptors until the attachment
+  // owns them.
+  let configured = false;
+  let handedOver = false;
   try {
     const conn = await connectForKernel(connectOptions, options, trace);
     sockFd = conn.sockFd;
@@ -405,6 +410,7 @@ export async function attach(
     step(NBD_SET_BLKSIZE, BigInt(blockSize), "NBD_SET_BLKSIZE");
     step(NBD_SET_SIZE_BLOCKS, blocks, "NBD_SET_SIZE_BLOCKS");
     step(NBD_CLEAR_SOCK, 0n, "NBD_CLEAR_SOCK");
+    configured = true;
     const kernelFlags = FLAG_HAS_FLAGS | info.flags |
       (readOnly ? FLAG_READ_ONLY : 0);
     try {
@@ -434,6 +440,7 @@ export async function attach(
       trace,
     });
     // From here on the attachment owns the descriptors.
+    handedOver = true;
     sockFd = -1;
     relay = undefined;
     await attachment.start(options.startTimeout ?? 30_000);
@@ -449,9 +456,11 @@ export async function attach(
       }
     }
     if (sockFd >= 0) libc().close(sockFd);
-    // Undo a half-done setup, so the device is not left holding a socket.
-    libc().ioctl(devFd, NBD_CLEAR_SOCK, 0n);
-    libc().close(devFd);
+    if (!handedOver) {
+      // Undo a half-done setup, so the device is not left holding a socket.
+      if (configured) libc().ioctl(devFd, NBD_CLEAR_SOCK, 0n);
+      libc().close(devFd);
+    }
     throw e;
   }
 }
@@ -649,7 +658,8 @@ class Attachment implements AttachedDevice {
     this.#requested = true;
     libc().ioctl(this.#devFd, NBD_CLEAR_SOCK, 0n);
     await Promise.race([this.closed, delay(5000)]);
-    this.#worker?.terminate();
+    // NBD_DO_IT never started or never returned: release what we hold.
+    await this.#finish({ type: "failed", message: "abandoned" });
   }
 
   async #finish(m: WorkerMessage): Promise<void> {
