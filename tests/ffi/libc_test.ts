@@ -171,3 +171,45 @@ Deno.test("the NBD_DO_IT worker starts without read permission and reports errno
     errno: E.ENOTTY,
   });
 });
+
+Deno.test("NbdKernelError classifies errno and says what to do", async (t) => {
+  await t.step("EBUSY is a busy device", () => {
+    const e = new NbdKernelError(
+      "/dev/nbd0",
+      "NBD_SET_SOCK",
+      E.EBUSY,
+      "Cannot set up /dev/nbd0",
+    );
+    assert.equal(e.reason, "busy");
+    assert.equal(e.errnoName, "EBUSY");
+    assert.match(
+      e.message,
+      /^Cannot set up \/dev\/nbd0: NBD_SET_SOCK failed with 16 \(EBUSY, .*\)\. The device is in use/,
+    );
+  });
+  await t.step("EACCES and EPERM need root", () => {
+    for (const errno of [E.EACCES, E.EPERM]) {
+      const e = new NbdKernelError(
+        "/dev/nbd0",
+        "open",
+        errno,
+        "Cannot open /dev/nbd0",
+      );
+      assert.equal(e.reason, "permission");
+      assert.match(e.message, /needs root \(CAP_SYS_ADMIN\)$/);
+    }
+  });
+  await t.step("ENOENT suggests modprobe nbd", () => {
+    const e = new NbdKernelError(
+      "/dev/nbd0",
+      "",
+      E.ENOENT,
+      "No such device /dev/nbd0",
+    );
+    assert.equal(e.reason, "no-module");
+    assert.match(
+      e.message,
+      /^No such device \/dev\/nbd0: 2 \(ENOENT, .*\)\. .*modprobe nbd$/,
+    );
+  });
+});

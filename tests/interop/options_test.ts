@@ -57,11 +57,8 @@ Deno.test({
             { dir },
             { allowlist: false },
           );
-          // FAILS: lib/options/list.ts turns every non-fatal error reply into
-          // "unsupported" and lib/client.ts then throws a plain NbdError
-          // ("The server does not support NBD_OPT_LIST"), losing the reply
-          // type and nbd-server's text, though listExports() documents
-          // NbdOptionError for a refusal.
+          // A refusal is not "unsupported": the caller gets the reply type
+          // and nbd-server's text, as listExports() documents.
           await assert.rejects(
             () => listExports(server!.target()),
             refusedList("NBD_REP_ERR_POLICY", /./),
@@ -87,7 +84,6 @@ Deno.test({
             String(MiB),
             "exportname-list=error",
           ]);
-          // FAILS: as above, for NBD_REP_ERR_PLATFORM.
           await assert.rejects(
             () => listExports(server!.target()),
             refusedList("NBD_REP_ERR_PLATFORM", /.*/),

@@ -120,6 +120,12 @@ deno run --allow-ffi tests/kernel/guest_probe.ts /dev/nbd0 /dev/nbd9 \
 P=$!
 $CONNECT "$(uri mem)" /dev/nbd0 > /dev/null 2> "$W/busy.err" &
 B=$!
+# Not root: the device node is root's.
+mkdir -p "$W/nobody/deno" && chmod -R 777 "$W/nobody"
+HOME="$W/nobody" DENO_DIR="$W/nobody/deno" \
+  setpriv --reuid=65534 --regid=65534 --clear-groups \
+  $CONNECT "$(uri mem)" /dev/nbd1 > /dev/null 2> "$W/perm.err" &
+N=$!
 wait_exit $P 60
 check library-probe "$(oneline "$W/probe0.out")" \
   grep -q '"attached":true,"size":"67108864","free":"/dev/nbd1"' "$W/probe0.out"
@@ -130,6 +136,10 @@ wait_exit $B 60
 rc=$?
 check busy-error "exit $rc: $(oneline "$W/busy.err")" \
   sh -c "[ $rc = 1 ] && grep -q 'already connected' '$W/busy.err'"
+wait_exit $N 90
+rc=$?
+check permission-error "exit $rc: $(oneline "$W/perm.err")" \
+  sh -c "[ $rc = 1 ] && grep -q 'EACCES.*needs root' '$W/perm.err'"
 phase probes
 
 # --- I/O through the kernel, checked from the server side too --------------

@@ -20,6 +20,7 @@ const CHECKS = [
   "library-probe",
   "busy-error",
   "missing-error",
+  "permission-error",
   "write",
   "read-back",
   "server-side",
