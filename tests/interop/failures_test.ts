@@ -132,6 +132,41 @@ for (const structured of [true, false]) {
         );
 
         await t.step(
+          "readable() and writable() fail with the server's errno",
+          async () => {
+            await Deno.writeTextFile(readErrors, "");
+            try {
+              const reader = client.readable({ offset: 0, length: MiB })
+                .getReader();
+              await assert.rejects(
+                () => within(5_000, "readable()", reader.read()),
+                (e) => assertErrno(e, "NBD_CMD_READ", 5, "EIO"),
+              );
+            } finally {
+              await Deno.remove(readErrors);
+            }
+            await Deno.writeTextFile(writeErrors, "");
+            try {
+              await assert.rejects(
+                () =>
+                  within(
+                    5_000,
+                    "writable()",
+                    ReadableStream.from([fill(14, 0, 256 * KiB)]).pipeTo(
+                      client.writable({ offset: 3 * MiB }),
+                    ),
+                  ),
+                (e) => assertErrno(e, "NBD_CMD_WRITE", 28, "ENOSPC"),
+              );
+            } finally {
+              await Deno.remove(writeErrors);
+            }
+            assert.equal(client.failure, undefined);
+            assertBytes(await client.read(0, 64 * KiB), data, "after streams");
+          },
+        );
+
+        await t.step(
           "among many requests in flight only those the server fails are rejected",
           async () => {
             const block = 4 * KiB;
