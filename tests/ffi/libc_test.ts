@@ -21,7 +21,7 @@ import {
 } from "../../ffi/_kernel.ts";
 
 import { NbdKernelError } from "../../ffi/errors.ts";
-import { findFreeDevice, isAttached } from "../../ffi/device.ts";
+import { attach, findFreeDevice, isAttached } from "../../ffi/mod.ts";
 
 Deno.test("libc() loads glibc and reads errno after a failed call", () => {
   const c = libc();
@@ -212,4 +212,25 @@ Deno.test("NbdKernelError classifies errno and says what to do", async (t) => {
       /^No such device \/dev\/nbd0: 2 \(ENOENT, .*\)\. .*modprobe nbd$/,
     );
   });
+});
+
+Deno.test("attach() rejects bad options and a missing device before any traffic", async () => {
+  await assert.rejects(
+    attach({ path: "/nonexistent.sock" }, "/dev/nbd0", { blockSize: 1000 }),
+    RangeError,
+  );
+  await assert.rejects(
+    attach({ path: "/nonexistent.sock" }, "/dev/nbd0", { timeout: -1 }),
+    RangeError,
+  );
+  await assert.rejects(
+    attach({ path: "/nonexistent.sock" }, "/dev/sda"),
+    TypeError,
+  );
+  if (readSmallFile("/sys/block/nbd0/size") === null) {
+    await assert.rejects(
+      attach({ path: "/nonexistent.sock" }, "/dev/nbd0"),
+      (e: unknown) => e instanceof NbdKernelError && e.reason === "no-module",
+    );
+  }
 });
