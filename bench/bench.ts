@@ -13,11 +13,19 @@
  * - Command-line copies to `null:`: `examples/copy.ts` against `nbdcopy`,
  *   1 and 4 connections, when `examples/copy.ts` exists.
  *
- * Every measurement is warmed up once and run `--runs` times (3); the table
- * shows the median. Every request that our client completes has one word
+ * Every client is warmed up once, then the clients of a section take turns
+ * for `--runs` rounds (3), so that other load on the machine falls on all
+ * of them alike; the table shows medians, with the client's own CPU time per
+ * request beside the wall-clock figures (steadier on a busy machine), and
+ * the load average. Every request that our client completes has one word
  * checked against the pattern plugin's formula (each 8-byte word is its own
  * offset, big-endian), and the warm-up checks far more, so the benchmark
  * cannot pass by not reading.
+ *
+ * To compare another command-line copy, add a {@linkcode Contender} in
+ * {@linkcode copyContenders}, timed by {@linkcode timeCommand}. To see where
+ * our time goes, `bench/profile.ts` runs one workload alone under
+ * `--cpu-prof` and summarises the profile.
  *
  * ```sh
  * deno task bench
@@ -48,24 +56,41 @@ export interface Run {
 
 /** One line of the table. */
 export interface Row {
+  /** The measurement, shared by the rows compared with each other. */
   section: string;
+  /** Who ran it, and how. */
   client: string;
+  /** Whether it is our client. */
   ours: boolean;
+  /** The timed runs. */
   runs: Run[];
+  /** Why there are no runs. */
   note?: string;
 }
 
+/** What the command line chose (see `USAGE`). */
 export interface Config {
+  /** Export size, and bytes read sequentially. */
   size: number;
+  /** Bytes per sequential request. */
   requestSize: number;
+  /** Sequential requests in flight. */
   seqDepth: number;
+  /** Timed runs per client. */
   runs: number;
+  /** Budget of one run: no request is issued after it. */
   seconds: number;
+  /** Random reads per run at queue depth 1. */
   qd1Count: number;
+  /** Random reads per run at queue depth 64. */
   qd64Count: number;
+  /** Seed of the random offsets. */
   seed: number;
+  /** nbdkit's `--threads`. */
   threads: number;
+  /** Whether to run the copy sections. */
   copy: boolean;
+  /** Whether to run nbdcopy and nbdsh. */
   libnbd: boolean;
 }
 
@@ -219,6 +244,14 @@ function mulberry32(seed: number): () => number {
   };
 }
 
+/**
+ * 4 KiB-aligned offsets inside the export, the same for every seed.
+ *
+ * @param count How many.
+ * @param size Export size in bytes.
+ * @param seed Generator seed.
+ * @returns The offsets.
+ */
 export function randomOffsets(
   count: number,
   size: number,
@@ -244,6 +277,7 @@ async function writeOffsets(path: string, offsets: number[]): Promise<void> {
 // ---------------------------------------------------------------------------
 // Our client.
 
+/** How much read data to check: one word per request, or many. */
 export type Check = "one" | "full";
 
 /** CPU seconds of this process (every thread: V8's and Deno's I/O) since `from`. */
@@ -584,9 +618,13 @@ async function runNbdsh(
 // ---------------------------------------------------------------------------
 // The server.
 
+/** A running benchmark server. */
 export interface Server {
+  /** Its NBD URI. */
   uri: string;
+  /** Its Unix socket. */
   path: string;
+  /** Stops it and waits for it to exit. */
   stop(): Promise<void>;
 }
 
