@@ -58,7 +58,8 @@ const INTEROP_MAX_PAYLOAD = 32 * MiB;
 // Where each check writes, so that no check sees another's data.
 const R_DATA = 0;
 const R_MANY = 4 * MiB;
-const R_SPLIT = 8 * MiB;
+const R_SPLIT = 8 * MiB; // up to 32 MiB + 64 KiB long
+const R_RANDOM = 41 * MiB; // 4 MiB
 const R_ZERO = 48 * MiB;
 const R_ZERO_NO_HOLE = 49 * MiB;
 const R_FAST_ZERO = 50 * MiB;
@@ -1123,6 +1124,69 @@ async function runChecks(
         }
       },
     );
+
+    if (writable) {
+      await t.step(
+        "a random mix of requests in flight matches a shadow copy of the export",
+        async () => {
+          const block = Math.max(4 * KiB, x.blockSize.minimum);
+          const blocks = (4 * MiB) / block;
+          const shadow = await client.read(R_RANDOM, 4 * MiB);
+          const ops = ["read", "write"];
+          if (x.writeZeroes && !x.refusesAdvertised) ops.push("zero");
+          if (x.trim && x.trimReadsZeroes && !x.refusesAdvertised) {
+            ops.push("trim");
+          }
+          let seed = 0x2545f491;
+          const random = (n: number) => {
+            seed ^= seed << 13;
+            seed ^= seed >>> 17;
+            seed ^= seed << 5;
+            return (seed >>> 0) % n;
+          };
+          for (let round = 0; round < 8; round++) {
+            // Distinct blocks, so requests of one round commute.
+            const chosen = new Set<number>();
+            while (chosen.size < 64) chosen.add(random(blocks));
+            const before = shadow.slice();
+            const pending: Promise<void>[] = [];
+            for (const b of chosen) {
+              const at = R_RANDOM + b * block;
+              const rel = b * block;
+              const op = ops[random(ops.length)];
+              if (op === "read") {
+                pending.push(
+                  client.read(at, block).then((got) =>
+                    assertBytes(
+                      got,
+                      before.subarray(rel, rel + block),
+                      `round ${round}: read of block ${b}`,
+                    )
+                  ),
+                );
+              } else if (op === "write") {
+                const data = fill(100 + round, at, block);
+                shadow.set(data, rel);
+                pending.push(client.write(at, data));
+              } else {
+                shadow.fill(0, rel, rel + block);
+                pending.push(
+                  op === "zero"
+                    ? client.writeZeroes(at, block)
+                    : client.trim(at, block),
+                );
+              }
+            }
+            await within(30_000, `round ${round}`, Promise.all(pending));
+          }
+          assertBytes(
+            await client.read(R_RANDOM, 4 * MiB),
+            shadow,
+            "the region after every round",
+          );
+        },
+      );
+    }
 
     await t.step(
       writable
