@@ -101,8 +101,12 @@ export interface BlockStatusOptions extends RequestOptions {
 /** Block status by metadata context name. */
 export type BlockStatus = Record<string, Extent[]>;
 
-/** The client's state, as its guards name it. */
-export type ClientState = "open" | "closing" | "closed";
+/**
+ * The client's state, as its guards name it: `"failed"` once the
+ * connection broke (see `failure`), `"closing"` while a disconnect waits for
+ * requests in flight (also after the server said `ESHUTDOWN`).
+ */
+export type ClientState = "open" | "closing" | "closed" | "failed";
 
 const DEFAULT_MAX_IN_FLIGHT = 64;
 const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
@@ -583,9 +587,12 @@ export class NbdClient {
   get metaContexts(): string[] {
     return [...this.#contexts.values()];
   }
-  /** `"open"`, `"closing"` or `"closed"`. */
+  /** `"open"`, `"closing"`, `"closed"` or `"failed"`. */
   get state(): ClientState {
-    return this.#state;
+    if (this.#state !== "open") return this.#state;
+    if (this.#tx.failure) return "failed";
+    if (this.#tx.shuttingDown) return this.#tx.ended ? "closed" : "closing";
+    return "open";
   }
   /** The error that broke the connection, if one did. */
   get failure(): Error | undefined {
@@ -612,9 +619,22 @@ export class NbdClient {
   }
 
   #guard(method: string): void {
-    if (this.#state !== "open") {
+    const state = this.state;
+    if (state === "failed") {
+      const failure = this.#tx.failure!;
       throw new NbdConnectionClosedError(
-        `Cannot call ${method}(): the client is ${this.#state}`,
+        `Cannot call ${method}(): the connection failed: ${failure.message}`,
+        { cause: failure },
+      );
+    }
+    if (state !== "open" && this.#state === "open") {
+      throw new NbdConnectionClosedError(
+        `Cannot call ${method}(): the server is shutting down (ESHUTDOWN)`,
+      );
+    }
+    if (state !== "open") {
+      throw new NbdConnectionClosedError(
+        `Cannot call ${method}(): the client is ${state}`,
       );
     }
   }

@@ -142,6 +142,7 @@ export class Transmission {
   #shutdown = false;
   #idle: Array<() => void> = [];
   #loop: Promise<void>;
+  #ended = false;
 
   /**
    * @param transport A transport whose handshake has finished.
@@ -160,7 +161,9 @@ export class Transmission {
     this.#maxInFlight = maxInFlight;
     this.#trace = trace;
     transport.phase = "transmission";
-    this.#loop = this.#readLoop();
+    this.#loop = this.#readLoop().finally(() => {
+      this.#ended = true;
+    });
   }
 
   /** The error that killed the connection, if one did. */
@@ -767,6 +770,11 @@ export class Transmission {
   /** Waits for the reader loop to end (after close or failure). */
   get finished(): Promise<void> {
     return this.#loop;
+  }
+
+  /** Whether the reader loop has ended. */
+  get ended(): boolean {
+    return this.#ended;
   }
 }
 

@@ -278,10 +278,11 @@ Deno.test({
             (e: unknown) =>
               e instanceof NbdConnectionClosedError &&
               e.message.startsWith(
-                "Cannot send NBD_CMD_READ: the connection failed: ",
+                "Cannot call read(): the connection failed: ",
               ) &&
               e.cause === client.failure,
           );
+          assert.equal(client.state, "failed");
         },
       );
 
