@@ -103,6 +103,7 @@ RELAY=$!
 $CONNECT "$(uri mem)" /dev/nbd0 > "$W/c0.out" 2> "$W/c0.err" &
 C0=$!
 if wait_for 60 attached nbd0; then
+  wait_for 10 grep -q attached "$W/c0.out"
   ok attach "nbd0 up: $(oneline "$W/c0.out")"
 else
   fail attach "nbd0 never came up: $(oneline "$W/c0.err")"
@@ -218,11 +219,23 @@ check signal-free "nbd1 and nbd2 free" wait_for 20 sh -c \
   '[ ! -e /sys/block/nbd1/pid ] && [ ! -e /sys/block/nbd2/pid ]'
 phase signals
 
-# --- the server dies under an attached device --------------------------------
-start_server kill memory size=8M
-$CONNECT "$(uri kill)" /dev/nbd2 > "$W/c3.out" 2> "$W/c3.err" &
+# --- the server dies under an attached device (over TCP on loopback: the
+# guest has no network device, only lo) ---------------------------------------
+nbdkit -i 127.0.0.1 -p 10810 -P "$W/kill.pid" memory size=8M ||
+  fail server-kill "nbdkit did not start"
+wait_for 20 sh -c 'nbdinfo --size nbd://127.0.0.1:10810 > /dev/null 2>&1' ||
+  fail server-kill "nbdkit does not answer on 127.0.0.1:10810"
+# "localhost" resolves to ::1 first, where nobody listens: the client must
+# move on to 127.0.0.1.
+$CONNECT nbd://localhost:10810 /dev/nbd2 > "$W/c3.out" 2> "$W/c3.err" &
 C3=$!
-wait_for 60 attached nbd2 || fail attach-kill "nbd2: $(oneline "$W/c3.err")"
+if wait_for 60 attached nbd2; then
+  # The client prints its line just after the kernel shows the device.
+  wait_for 10 grep -q '(direct)' "$W/c3.out"
+  check tcp-attach "$(oneline "$W/c3.out")" grep -q '(direct)' "$W/c3.out"
+else
+  fail tcp-attach "nbd2: $(oneline "$W/c3.err")"
+fi
 # BLKROSET sticks to a device: the client must have cleared it.
 check read-only-reset "BLKROGET of nbd2 is $(blockdev --getro /dev/nbd2)" \
   [ "$(blockdev --getro /dev/nbd2)" = 0 ]

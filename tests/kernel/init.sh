@@ -8,6 +8,8 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# Loopback only: there is no network device (-nic none).
+ip link set lo up
 
 for ko in $(cat /modules.order); do
   case "$ko" in

@@ -42,6 +42,7 @@ const CHECKS = [
   "relay-io",
   "relay-disconnect",
   "relay-free",
+  "tcp-attach",
   "read-only-reset",
   "server-killed",
   "server-killed-free",
