@@ -292,6 +292,25 @@ function delay(ms: number): Promise<void> {
 }
 
 /**
+ * `promise`, or `undefined` after `ms`; the timer is cleared either way, so
+ * nothing is left to keep the process alive.
+ */
+async function within<T>(
+  promise: Promise<T>,
+  ms: number,
+): Promise<T | undefined> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<undefined>((resolve) => {
+    timer = setTimeout(() => resolve(undefined), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
  * Attaches an export to an nbd device and returns once the device is up.
  * The device stays attached until {@linkcode AttachedDevice.disconnect},
  * SIGINT/SIGTERM (unless `handleSignals` is false), or the server going
@@ -550,10 +569,7 @@ class Attachment implements AttachedDevice {
     worker.postMessage({ fd: this.#devFd });
 
     const deadline = performance.now() + timeoutMs;
-    const first = await Promise.race([
-      started,
-      delay(timeoutMs).then(() => undefined),
-    ]);
+    const first = await within(started, timeoutMs);
     // The sysfs pid file appears once the kernel has the device up.
     while (!early && first?.type === "started") {
       if (deviceInUse(this.#name)) break;
@@ -657,7 +673,7 @@ class Attachment implements AttachedDevice {
   async #abandon(): Promise<void> {
     this.#requested = true;
     libc().ioctl(this.#devFd, NBD_CLEAR_SOCK, 0n);
-    await Promise.race([this.closed, delay(5000)]);
+    await within(this.closed, 5000);
     // NBD_DO_IT never started or never returned: release what we hold.
     await this.#finish({ type: "failed", message: "abandoned" });
   }
@@ -665,6 +681,18 @@ class Attachment implements AttachedDevice {
   async #finish(m: WorkerMessage): Promise<void> {
     if (this.#finished || m.type === "started") return;
     this.#finished = true;
+    let cleanupError: unknown;
+    try {
+      await this.#release();
+    } catch (e) {
+      // `closed` must settle whatever happens; the error goes in it.
+      cleanupError = e;
+    }
+    this.#resolveClosed(this.#describe(m, cleanupError));
+  }
+
+  /** Hands everything back once NBD_DO_IT has returned. */
+  async #release(): Promise<void> {
     clearTimeout(this.#graceTimer);
     this.#unwatch?.();
     const c = libc();
@@ -687,7 +715,13 @@ class Attachment implements AttachedDevice {
     // Closing the last reference releases the device (its pid file goes).
     await c.close_nb(this.#devFd);
     this.#worker?.terminate();
+  }
 
+  /** What `closed` says about a release. */
+  #describe(
+    m: Exclude<WorkerMessage, { type: "started" }>,
+    cleanupError: unknown,
+  ): ReleaseInfo {
     let release: ReleaseInfo;
     const relayError = this.#relay?.error;
     if (m.type === "failed") {
@@ -731,10 +765,15 @@ class Attachment implements AttachedDevice {
         error: relayError instanceof Error ? relayError : undefined,
       };
     }
+    if (cleanupError !== undefined && release.error === undefined) {
+      release.error = cleanupError instanceof Error
+        ? cleanupError
+        : new Error(String(cleanupError));
+    }
     this.#trace?.("kernel.released", {
       device: this.device,
       reason: release.reason,
     });
-    this.#resolveClosed(release);
+    return release;
   }
 }
