@@ -179,8 +179,9 @@ async function kernelImage(version: string, vmlinuz: string): Promise<string> {
   ) {
     return vmlinuz;
   }
-  await Deno.writeFile(`${target}.part`, out.stdout);
-  await Deno.rename(`${target}.part`, target);
+  // Runs may build at once: each writes its own file, then renames.
+  await Deno.writeFile(`${target}.part-${Deno.pid}`, out.stdout);
+  await Deno.rename(`${target}.part-${Deno.pid}`, target);
   return target;
 }
 
@@ -216,10 +217,15 @@ async function cpio(dir: string, out: string): Promise<void> {
   ]);
 }
 
-/** Builds (or reuses) the initramfs: base cpio plus a cpio with deno. */
+/**
+ * Builds (or reuses) the initramfs: base cpio plus a cpio with deno. The
+ * initrd is this run's own file (runs may overlap); the caller removes it.
+ */
 export async function buildInitramfs(): Promise<
   { kernel: string; initrd: string; version: string }
 > {
+  const run_ = `run-${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`;
+  const base = `${CACHE}/${run_}-base.cpio`;
   await Deno.mkdir(CACHE, { recursive: true });
   const { version, vmlinuz } = await findKernel();
   const kernel = await kernelImage(version, vmlinuz);
@@ -245,7 +251,7 @@ export async function buildInitramfs(): Promise<
       order.push(base);
     }
     await Deno.writeTextFile(`${root}/modules.order`, order.join("\n") + "\n");
-    await cpio(root, `${CACHE}/base.cpio`);
+    await cpio(root, base);
   } finally {
     await Deno.remove(root, { recursive: true });
   }
@@ -266,22 +272,26 @@ export async function buildInitramfs(): Promise<
       await Deno.mkdir(`${dir}/deno`);
       await Deno.copyFile(denoPath, `${dir}/deno/deno`);
       await Deno.chmod(`${dir}/deno/deno`, 0o755);
-      await cpio(dir, `${denoCpio}.part`);
-      await Deno.rename(`${denoCpio}.part`, denoCpio);
+      await cpio(dir, `${denoCpio}.part-${Deno.pid}`);
+      await Deno.rename(`${denoCpio}.part-${Deno.pid}`, denoCpio);
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
   }
 
-  const initrd = `${CACHE}/initrd.cpio`;
-  await run("sh", [
-    "-c",
-    `cat "$1" "$2" > "$3"`,
-    "sh",
-    `${CACHE}/base.cpio`,
-    denoCpio,
-    initrd,
-  ]);
+  const initrd = `${CACHE}/${run_}-initrd.cpio`;
+  try {
+    await run("sh", [
+      "-c",
+      `cat "$1" "$2" > "$3"`,
+      "sh",
+      base,
+      denoCpio,
+      initrd,
+    ]);
+  } finally {
+    await Deno.remove(base);
+  }
   return { kernel, initrd, version };
 }
 
@@ -349,12 +359,17 @@ export async function boot(options: BootOptions): Promise<BootResult> {
     ...fs("fsrw", resultsDir, "rw", false),
     ...(sharedRepo ? fs("fsrepo", sharedRepo, "repo", true) : []),
   ];
-  const out = await new Deno.Command("timeout", {
-    args,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
+  let out: Deno.CommandOutput;
+  try {
+    out = await new Deno.Command("timeout", {
+      args,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+  } finally {
+    await Deno.remove(initrd);
+  }
   const console = new TextDecoder().decode(out.stdout) +
     new TextDecoder().decode(out.stderr);
   await Deno.writeTextFile(`${resultsDir}/console.log`, console);
