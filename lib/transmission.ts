@@ -48,6 +48,7 @@ import {
   decodeSimpleReply,
   decodeStructuredReply,
   encodeRequest,
+  getU64,
   Reader,
   type ReplyHeader,
   SIZES,
@@ -80,20 +81,25 @@ export interface Command {
 /** Block status results by metadata context id. */
 export type ExtentsById = Map<number, Extent[]>;
 
+/** What commands other than block status resolve with. */
+const NO_EXTENTS: ExtentsById = new Map();
+
 /** Error chunks carry at most a 4096-byte message and an offset. */
 const MAX_ERROR_CHUNK = 4 + 2 + MAX_STRING_LENGTH + 8;
 /** Bound on one block status chunk: 4 Mi extents of the compact kind. */
 const MAX_STATUS_CHUNK = 64 * 1024 * 1024;
 
 interface Pending {
-  cookie: bigint;
+  cookie: number;
   cmd: Command;
-  wireOffset: bigint;
-  wireLength: bigint;
+  /** Offset and length as sent (for writes, the payload's length). */
+  wireOffset: number;
+  wireLength: number;
   /** Byte ranges of read data already received, sorted, disjoint. */
-  covered: Array<[number, number]>;
+  covered: Array<[number, number]> | undefined;
   coveredBytes: number;
-  extents: ExtentsById;
+  /** Block status received so far (block status commands only). */
+  extents: ExtentsById | undefined;
   error: NbdCommandError | undefined;
   /** The caller stopped waiting (its signal aborted); close() need not wait. */
   abandoned: boolean;
@@ -131,8 +137,10 @@ export class Transmission {
   #transport: Transport;
   #info: ExportInfo;
   #trace: Tracer;
-  #pending = new Map<bigint, Pending>();
-  #nextCookie = 1n;
+  #pending = new Map<number, Pending>();
+  #nextCookie = 1;
+  /** Scratch for the 8-byte offset at the head of a data chunk. */
+  #offsetField = new Uint8Array(8);
   #maxInFlight: number;
   #inFlight = 0;
   #waiters: Array<() => void> = [];
@@ -161,8 +169,11 @@ export class Transmission {
     this.#maxInFlight = maxInFlight;
     this.#trace = trace;
     transport.phase = "transmission";
+    transport.cork();
     this.#loop = this.#readLoop().finally(() => {
       this.#ended = true;
+      // Nothing may stay held once no reader will flush it.
+      transport.flush();
     });
   }
 
@@ -192,7 +203,12 @@ export class Transmission {
   async submit(cmd: Command): Promise<ExtentsById> {
     const signal = cmd.signal;
     if (signal?.aborted) throw abortReason(signal);
-    await this.#acquire(signal);
+    // The common case takes a free slot without a trip through the queue.
+    if (this.#inFlight < this.#maxInFlight && this.#waiters.length === 0) {
+      this.#inFlight++;
+    } else {
+      await this.#acquire(signal);
+    }
     let released = false;
     const release = () => {
       if (!released) {
@@ -208,8 +224,8 @@ export class Transmission {
     }
     const cookie = this.#nextCookie++;
     const extended = this.#info.extendedHeaders;
-    const wireLength = BigInt(cmd.payload ? cmd.payload.length : cmd.length);
-    const wireOffset = BigInt(cmd.offset);
+    const wireLength = cmd.payload ? cmd.payload.length : cmd.length;
+    const wireOffset = cmd.offset;
     let entry: Pending | undefined;
     const done = new Promise<ExtentsById>((resolve, reject) => {
       entry = {
@@ -217,9 +233,9 @@ export class Transmission {
         cmd,
         wireOffset,
         wireLength,
-        covered: [],
+        covered: undefined,
         coveredBytes: 0,
-        extents: new Map(),
+        extents: cmd.type === CMD_BLOCK_STATUS ? new Map() : undefined,
         error: undefined,
         abandoned: false,
         resolve: (v) => {
@@ -293,10 +309,6 @@ export class Transmission {
   }
 
   async #acquire(signal: AbortSignal | undefined): Promise<void> {
-    if (this.#inFlight < this.#maxInFlight && this.#waiters.length === 0) {
-      this.#inFlight++;
-      return;
-    }
     await new Promise<void>((resolve, reject) => {
       const grant = () => {
         signal?.removeEventListener("abort", onAbort);
@@ -387,8 +399,8 @@ export class Transmission {
             flags: 0,
             type: CMD_DISC,
             cookie: this.#nextCookie++,
-            offset: 0n,
-            length: 0n,
+            offset: 0,
+            length: 0,
           },
           this.#info.extendedHeaders,
         );
@@ -523,95 +535,76 @@ export class Transmission {
     if (h.flags & REPLY_FLAG_DONE) this.#finish(p);
   }
 
+  /** A protocol error about one chunk, built only when thrown. */
+  #violation(p: Pending, type: number, text: string): NbdProtocolError {
+    const name = COMMAND_NAMES[p.cmd.type] ?? String(p.cmd.type);
+    return new NbdProtocolError(
+      "transmission",
+      `${
+        describe(CHUNK_TYPE_NAMES, type)
+      } chunk for ${name} (offset ${p.cmd.offset}, length ${p.cmd.length}): ${text}`,
+    );
+  }
+
   async #chunk(p: Pending, h: ReplyHeader, name: string): Promise<void> {
     const t = this.#transport;
     const type = h.type;
-    const chunkName = describe(CHUNK_TYPE_NAMES, type);
-    const violation = (text: string) =>
-      new NbdProtocolError(
-        "transmission",
-        `${chunkName} chunk for ${name} (offset ${p.cmd.offset}, length ${p.cmd.length}): ${text}`,
-      );
-    const needCommand = (type: number) => {
-      if (p.cmd.type !== type) {
-        throw violation(`not a valid reply to ${name}`);
-      }
-    };
     const length = h.length;
     if (type & REPLY_TYPE_FLAG_ERROR) {
-      if (length < 6n || length > BigInt(MAX_ERROR_CHUNK)) {
-        throw violation(`payload length ${length} is out of range`);
-      }
-      const r = new Reader(
-        await t.readExact(Number(length), `an error chunk for ${name}`),
-        `${chunkName} payload`,
-        "transmission",
-      );
-      let errno = r.u32();
-      const messageLength = r.u16();
-      if (messageLength > r.remaining) {
-        throw violation(
-          `message length ${messageLength} exceeds the ${r.remaining} bytes left`,
-        );
-      }
-      const message = new TextDecoder().decode(r.bytes(messageLength));
-      let errorOffset: number | undefined;
-      if (type === REPLY_TYPE_ERROR) {
-        r.expectEnd();
-      } else if (type === REPLY_TYPE_ERROR_OFFSET) {
-        const at = r.u64();
-        r.expectEnd();
-        if (at < p.wireOffset || at >= p.wireOffset + BigInt(p.cmd.length)) {
-          throw violation(`error offset ${at} lies outside the request`);
-        }
-        errorOffset = Number(at);
-      }
-      // A server that forgets the errno still reports failure.
-      if (errno === 0) errno = EINVAL;
-      p.error ??= this.#commandError(p, errno, message, errorOffset);
+      await this.#errorChunk(p, type, length, name);
       return;
     }
+    const needCommand = (command: number) => {
+      if (p.cmd.type !== command) {
+        throw this.#violation(p, type, `not a valid reply to ${name}`);
+      }
+    };
     switch (type) {
       case REPLY_TYPE_NONE:
-        if (length !== 0n) {
-          throw violation(`payload length ${length}, expected 0`);
+        if (length !== 0) {
+          throw this.#violation(
+            p,
+            type,
+            `payload length ${length}, expected 0`,
+          );
         }
         if (!(h.flags & REPLY_FLAG_DONE)) {
-          throw violation("NBD_REPLY_FLAG_DONE is not set");
+          throw this.#violation(p, type, "NBD_REPLY_FLAG_DONE is not set");
         }
         return;
       case REPLY_TYPE_OFFSET_DATA: {
         needCommand(CMD_READ);
-        if (length <= 8n || length - 8n > p.wireLength) {
-          throw violation(`payload length ${length} does not fit the request`);
+        if (length <= 8 || length - 8 > p.wireLength) {
+          throw this.#violation(
+            p,
+            type,
+            `payload length ${length} does not fit the request`,
+          );
         }
-        const head = await t.readExact(
-          8,
-          `the offset of a data chunk for ${name}`,
-        );
-        const at = viewOf(head).getBigUint64(0);
-        const size = Number(length - 8n);
-        const rel = this.#claim(p, at, size, violation);
+        const head = this.#offsetField;
+        await t.readInto(head, "the offset of a data chunk");
+        const size = length - 8;
+        const rel = this.#claim(p, type, getU64(viewOf(head), 0), size);
         await t.readInto(
           p.cmd.buffer!.subarray(rel, rel + size),
-          `a ${size}-byte data chunk for ${name}`,
+          "a data chunk",
         );
         return;
       }
       case REPLY_TYPE_OFFSET_HOLE: {
         needCommand(CMD_READ);
-        if (length !== 12n) {
-          throw violation(`payload length ${length}, expected 12`);
+        if (length !== 12) {
+          throw this.#violation(
+            p,
+            type,
+            `payload length ${length}, expected 12`,
+          );
         }
-        const r = new Reader(
-          await t.readExact(12, `a hole chunk for ${name}`),
-          "hole chunk",
-          "transmission",
-        );
-        const at = r.u64();
-        const size = r.u32();
-        if (size === 0) throw violation("hole of length 0");
-        const rel = this.#claim(p, at, size, violation);
+        const head = await t.readExact(12, "a hole chunk");
+        const v = viewOf(head);
+        const size = v.getUint32(8);
+        if (size === 0) throw this.#violation(p, type, "hole of length 0");
+        const rel = this.#claim(p, type, getU64(v, 0), size);
         p.cmd.buffer!.fill(0, rel, rel + size);
         return;
       }
@@ -620,43 +613,96 @@ export class Transmission {
         needCommand(CMD_BLOCK_STATUS);
         const wide = type === REPLY_TYPE_BLOCK_STATUS_EXT;
         if (wide && !this.#info.extendedHeaders) {
-          throw violation("sent without extended headers");
+          throw this.#violation(p, type, "sent without extended headers");
         }
-        const head = wide ? 8n : 4n;
-        const each = wide ? 16n : 8n;
+        const head = wide ? 8 : 4;
+        const each = wide ? 16 : 8;
         if (
-          length < head + each || (length - head) % each !== 0n ||
-          length > BigInt(MAX_STATUS_CHUNK)
+          length < head + each || (length - head) % each !== 0 ||
+          length > MAX_STATUS_CHUNK
         ) {
-          throw violation(`payload length ${length} is invalid`);
+          throw this.#violation(p, type, `payload length ${length} is invalid`);
         }
         const r = new Reader(
-          await t.readExact(Number(length), `a block status chunk for ${name}`),
-          `${chunkName} payload`,
+          await t.readExact(length, `a block status chunk for ${name}`),
+          `${CHUNK_TYPE_NAMES[type]} payload`,
           "transmission",
         );
-        this.#extents(p, r, wide, Number((length - head) / each), violation);
+        this.#extents(p, type, r, wide, (length - head) / each);
         return;
       }
       default:
-        throw violation("unknown chunk type");
+        throw this.#violation(p, type, "unknown chunk type");
     }
   }
 
-  /** Checks a read chunk's range and records it; returns its buffer offset. */
-  #claim(
+  async #errorChunk(
     p: Pending,
-    at: bigint,
-    size: number,
-    violation: (text: string) => Error,
-  ): number {
-    const end = p.wireOffset + p.wireLength;
-    if (at < p.wireOffset || at + BigInt(size) > end) {
-      throw violation(`range ${at}+${size} lies outside the request`);
+    type: number,
+    length: number,
+    name: string,
+  ): Promise<void> {
+    if (length < 6 || length > MAX_ERROR_CHUNK) {
+      throw this.#violation(
+        p,
+        type,
+        `payload length ${length} is out of range`,
+      );
     }
-    const rel = Number(at - p.wireOffset);
-    if (!addRange(p.covered, rel, rel + size)) {
-      throw violation(`range ${at}+${size} overlaps data already received`);
+    const r = new Reader(
+      await this.#transport.readExact(length, `an error chunk for ${name}`),
+      `${describe(CHUNK_TYPE_NAMES, type)} payload`,
+      "transmission",
+    );
+    let errno = r.u32();
+    const messageLength = r.u16();
+    if (messageLength > r.remaining) {
+      throw this.#violation(
+        p,
+        type,
+        `message length ${messageLength} exceeds the ${r.remaining} bytes left`,
+      );
+    }
+    const message = new TextDecoder().decode(r.bytes(messageLength));
+    let errorOffset: number | undefined;
+    if (type === REPLY_TYPE_ERROR) {
+      r.expectEnd();
+    } else if (type === REPLY_TYPE_ERROR_OFFSET) {
+      const at = r.u64();
+      r.expectEnd();
+      const start = BigInt(p.wireOffset);
+      if (at < start || at >= start + BigInt(p.cmd.length)) {
+        throw this.#violation(
+          p,
+          type,
+          `error offset ${at} lies outside the request`,
+        );
+      }
+      errorOffset = Number(at);
+    }
+    // A server that forgets the errno still reports failure.
+    if (errno === 0) errno = EINVAL;
+    p.error ??= this.#commandError(p, errno, message, errorOffset);
+  }
+
+  /** Checks a read chunk's range and records it; returns its buffer offset. */
+  #claim(p: Pending, type: number, at: number, size: number): number {
+    const start = p.wireOffset;
+    if (at < start || at + size > start + p.wireLength) {
+      throw this.#violation(
+        p,
+        type,
+        `range ${at}+${size} lies outside the request`,
+      );
+    }
+    const rel = at - start;
+    const covered = p.covered ??= [];
+    if (!addRange(covered, rel, rel + size)) {
+      throw this.#violation(
+        p,
+        type,
+        `range ${at}+${size} overlaps data already received`,
+      );
     }
     p.coveredBytes += size;
     return rel;
@@ -664,48 +710,49 @@ export class Transmission {
 
   #extents(
     p: Pending,
+    type: number,
     r: Reader,
     wide: boolean,
     count: number,
-    violation: (text: string) => Error,
   ): void {
+    const bad = (text: string) => this.#violation(p, type, text);
     const id = r.u32();
     if (wide) {
       const declared = r.u32();
       if (declared !== 0 && declared !== count) {
-        throw violation(`descriptor count ${declared}, but ${count} follow`);
+        throw bad(`descriptor count ${declared}, but ${count} follow`);
       }
     }
     if (!this.#info.metaContexts.has(id)) {
-      throw violation(`unknown metadata context id ${id}`);
+      throw bad(`unknown metadata context id ${id}`);
     }
-    if (p.extents.has(id)) {
-      throw violation(`second chunk for metadata context id ${id}`);
+    const extents = p.extents!;
+    if (extents.has(id)) {
+      throw bad(`second chunk for metadata context id ${id}`);
     }
     const reqOne = (p.cmd.flags & CMD_FLAG_REQ_ONE) !== 0;
     if (reqOne && count !== 1) {
-      throw violation(`${count} extents despite NBD_CMD_FLAG_REQ_ONE`);
+      throw bad(`${count} extents despite NBD_CMD_FLAG_REQ_ONE`);
     }
-    const start = p.wireOffset;
-    const end = start + p.wireLength;
+    // Exact arithmetic: a hostile 64-bit length must not round into range.
+    const start = BigInt(p.wireOffset);
+    const end = start + BigInt(p.wireLength);
     const limit = this.#info.size;
     const out: Extent[] = [];
     let pos = start;
     for (let i = 0; i < count; i++) {
       const len = wide ? r.u64() : BigInt(r.u32());
       const flags = wide ? r.u64() : BigInt(r.u32());
-      if (len === 0n) throw violation(`extent ${i} has length 0`);
-      if (pos >= end) throw violation(`extent ${i} starts beyond the request`);
+      if (len === 0n) throw bad(`extent ${i} has length 0`);
+      if (pos >= end) throw bad(`extent ${i} starts beyond the request`);
       if (pos + len > limit) {
-        throw violation(`extent ${i} runs past the end of the export`);
+        throw bad(`extent ${i} runs past the end of the export`);
       }
-      if (reqOne && len > p.wireLength) {
-        throw violation("the single extent is longer than the request");
+      if (reqOne && len > BigInt(p.wireLength)) {
+        throw bad("the single extent is longer than the request");
       }
       if (flags > BigInt(Number.MAX_SAFE_INTEGER)) {
-        throw violation(
-          `extent ${i} flags 0x${flags.toString(16)} are too wide`,
-        );
+        throw bad(`extent ${i} flags 0x${flags.toString(16)} are too wide`);
       }
       out.push({
         offset: Number(pos),
@@ -715,7 +762,7 @@ export class Transmission {
       pos += len;
     }
     r.expectEnd();
-    p.extents.set(id, out);
+    extents.set(id, out);
   }
 
   #commandError(
@@ -749,7 +796,7 @@ export class Transmission {
       }
       if (p.cmd.type === CMD_BLOCK_STATUS) {
         for (const [id, ctx] of this.#info.metaContexts) {
-          if (!p.extents.has(id)) {
+          if (!p.extents!.has(id)) {
             throw new NbdProtocolError(
               "transmission",
               `Server's reply to ${name} (offset ${p.cmd.offset}) has no extents for "${ctx}"`,
@@ -760,7 +807,7 @@ export class Transmission {
     }
     this.#pending.delete(p.cookie);
     if (p.error) p.reject(p.error);
-    else p.resolve(p.extents);
+    else p.resolve(p.extents ?? NO_EXTENTS);
     if (this.#shutdown && this.#pending.size === 0 && !this.#closing) {
       // The spec asks for a soft disconnect once the server says ESHUTDOWN.
       this.disconnect().catch(() => {});

@@ -28,6 +28,10 @@ export interface ByteStream {
 }
 
 const BUFFER_SIZE = 256 * 1024;
+/** Reads at least this large skip the buffer. */
+const DIRECT_READ = 16 * 1024;
+/** How much to fetch for a header that follows a large payload. */
+const SMALL_FILL = 4 * 1024;
 /** Below this size a message's parts are copied into one write. */
 const COALESCE_LIMIT = 64 * 1024;
 
@@ -44,7 +48,13 @@ export class Transport {
   #start = 0;
   #end = 0;
   #writeTail: Promise<void> = Promise.resolve();
+  /** Corking: hold writes while the reader works through buffered replies. */
+  #corking = false;
+  #readerWaiting = false;
+  #held: Uint8Array[] = [];
+  #heldDone: Array<[() => void, (e: unknown) => void]> = [];
   #closed = false;
+  #afterLarge = false;
   #closeReason: unknown = undefined;
   /** Used to name the phase in protocol errors raised here. */
   phase: ProtocolPhase = "handshake";
@@ -115,8 +125,15 @@ export class Transport {
       this.#start = this.#end = 0;
       const remaining = want - got;
       // A large payload goes straight to its destination, skipping a copy.
-      const direct = remaining >= BUFFER_SIZE / 4;
-      const target = direct ? dst.subarray(got) : this.#buf;
+      const direct = remaining >= DIRECT_READ;
+      // After a large payload the next header is likely followed by another:
+      // fetch a little, so that the payload lands in place, not via a copy.
+      const target = direct
+        ? dst.subarray(got)
+        : this.#afterLarge
+        ? this.#buf.subarray(0, SMALL_FILL)
+        : this.#buf;
+      this.#afterLarge = direct;
       const n = await this.#read(target);
       if (n === null) {
         if (got === 0 && eofOk) return false;
@@ -161,6 +178,9 @@ export class Transport {
 
   async #read(p: Uint8Array): Promise<number | null> {
     if (this.#closed) throw this.#closedError();
+    // About to wait for the server: everything held goes out first.
+    this.flush();
+    this.#readerWaiting = true;
     try {
       return await this.#stream.read(p);
     } catch (e) {
@@ -171,7 +191,34 @@ export class Transport {
         `Connection failed while reading: ${errorText(e)}`,
         { cause: e },
       );
+    } finally {
+      this.#readerWaiting = false;
     }
+  }
+
+  /**
+   * From now on, writes made while a reader is busy with replies already
+   * received are held and sent together just before it next waits for the
+   * server: one system call for many requests when replies arrive in bursts.
+   * Only for transmission, where a reader always runs.
+   */
+  cork(): void {
+    this.#corking = true;
+  }
+
+  /** Sends everything held by corking. */
+  flush(): void {
+    if (this.#held.length === 0) return;
+    const parts = this.#held;
+    const done = this.#heldDone;
+    this.#held = [];
+    this.#heldDone = [];
+    const run = this.#writeTail.then(() => this.#writeParts(parts));
+    this.#writeTail = run.catch(() => {});
+    run.then(
+      () => done.forEach(([resolve]) => resolve()),
+      (e) => done.forEach(([, reject]) => reject(e)),
+    );
   }
 
   /**
@@ -180,6 +227,12 @@ export class Transport {
    * @throws {NbdConnectionClosedError} if the stream is closed or fails.
    */
   write(...parts: Uint8Array[]): Promise<void> {
+    if (this.#corking && !this.#readerWaiting && !this.#closed) {
+      for (const p of parts) this.#held.push(p);
+      return new Promise((resolve, reject) => {
+        this.#heldDone.push([resolve, reject]);
+      });
+    }
     const run = this.#writeTail.then(() => this.#writeParts(parts));
     // Later writes must run even if this one fails; they fail on their own.
     this.#writeTail = run.catch(() => {});
@@ -187,37 +240,61 @@ export class Transport {
   }
 
   async #writeParts(parts: Uint8Array[]): Promise<void> {
-    let total = 0;
-    for (const p of parts) total += p.length;
-    if (parts.length > 1 && total <= COALESCE_LIMIT) {
-      const joined = new Uint8Array(total);
-      let at = 0;
-      for (const p of parts) {
-        joined.set(p, at);
-        at += p.length;
-      }
-      parts = [joined];
-    }
+    // Runs of small parts are joined so that headers and small payloads go
+    // out in one system call; large payloads are written as they are.
+    let run: Uint8Array[] = [];
+    let runBytes = 0;
     for (const part of parts) {
-      let at = 0;
-      while (at < part.length) {
+      if (part.length >= COALESCE_LIMIT) {
+        await this.#writeJoined(run, runBytes);
+        run = [];
+        runBytes = 0;
+        await this.#writeAll(part);
+        continue;
+      }
+      if (runBytes + part.length > COALESCE_LIMIT) {
+        await this.#writeJoined(run, runBytes);
+        run = [];
+        runBytes = 0;
+      }
+      run.push(part);
+      runBytes += part.length;
+    }
+    await this.#writeJoined(run, runBytes);
+  }
+
+  async #writeJoined(run: Uint8Array[], bytes: number): Promise<void> {
+    if (run.length === 0) return;
+    if (run.length === 1) return await this.#writeAll(run[0]!);
+    const joined = new Uint8Array(bytes);
+    let at = 0;
+    for (const p of run) {
+      joined.set(p, at);
+      at += p.length;
+    }
+    await this.#writeAll(joined);
+  }
+
+  async #writeAll(part: Uint8Array): Promise<void> {
+    let at = 0;
+    while (at < part.length) {
+      if (this.#closed) throw this.#closedError();
+      try {
+        at += await this.#stream.write(part.subarray(at));
+      } catch (e) {
         if (this.#closed) throw this.#closedError();
-        try {
-          at += await this.#stream.write(part.subarray(at));
-        } catch (e) {
-          if (this.#closed) throw this.#closedError();
-          if (e instanceof NbdError) throw e;
-          throw new NbdConnectionClosedError(
-            `Connection failed while writing: ${errorText(e)}`,
-            { cause: e },
-          );
-        }
+        if (e instanceof NbdError) throw e;
+        throw new NbdConnectionClosedError(
+          `Connection failed while writing: ${errorText(e)}`,
+          { cause: e },
+        );
       }
     }
   }
 
-  /** Waits until every queued write has reached the stream. */
+  /** Waits until every queued write (held ones too) has reached the stream. */
   drain(): Promise<void> {
+    this.flush();
     return this.#writeTail;
   }
 
@@ -229,6 +306,10 @@ export class Transport {
     if (this.#closed) return;
     this.#closed = true;
     this.#closeReason = reason;
+    const held = this.#heldDone;
+    this.#held = [];
+    this.#heldDone = [];
+    for (const [, reject] of held) reject(this.#closedError());
     try {
       this.#stream.close();
     } catch {

@@ -227,13 +227,36 @@ export function encodeOption(option: number, data?: Uint8Array): Uint8Array {
     .done();
 }
 
-/** A transmission request, before encoding. */
+/**
+ * A transmission request, before encoding. The 64-bit fields are numbers:
+ * on the hot path a bigint per field costs allocations, and no offset,
+ * length or cookie this client sends exceeds `Number.MAX_SAFE_INTEGER`.
+ */
 export interface RequestHeader {
   flags: number;
   type: number;
-  cookie: bigint;
-  offset: bigint;
-  length: bigint;
+  cookie: number;
+  offset: number;
+  length: number;
+}
+
+const TWO_32 = 0x1_0000_0000;
+
+/** Writes a safe integer as an unsigned 64-bit big-endian field. */
+export function setU64(v: DataView, at: number, value: number): void {
+  v.setUint32(at, Math.floor(value / TWO_32));
+  v.setUint32(at + 4, value >>> 0);
+}
+
+/**
+ * Reads an unsigned 64-bit field as a number: exact up to
+ * `Number.MAX_SAFE_INTEGER`, and `Infinity` beyond, so that a range check
+ * against any real offset or length fails instead of passing by rounding.
+ */
+export function getU64(v: DataView, at: number): number {
+  const hi = v.getUint32(at);
+  if (hi >= 0x20_0000) return Infinity;
+  return hi * TWO_32 + v.getUint32(at + 4);
 }
 
 /**
@@ -251,14 +274,17 @@ export function encodeRequest(
   v.setUint32(0, extended ? EXTENDED_REQUEST_MAGIC : REQUEST_MAGIC);
   v.setUint16(4, req.flags);
   v.setUint16(6, req.type);
-  v.setBigUint64(8, req.cookie);
-  v.setBigUint64(16, req.offset);
-  if (extended) v.setBigUint64(24, req.length);
-  else v.setUint32(24, Number(req.length));
+  setU64(v, 8, req.cookie);
+  setU64(v, 16, req.offset);
+  if (extended) setU64(v, 24, req.length);
+  else v.setUint32(24, req.length);
   return buf;
 }
 
-/** A reply header of any of the three kinds, parsed. */
+/**
+ * A reply header of any of the three kinds, parsed. 64-bit fields are
+ * numbers from {@linkcode getU64}: `Infinity` when too large to be valid.
+ */
 export interface ReplyHeader {
   kind: "simple" | "structured" | "extended";
   /** Simple replies: the error; chunks: 0. */
@@ -267,11 +293,11 @@ export interface ReplyHeader {
   flags: number;
   /** Chunk type. */
   type: number;
-  cookie: bigint;
+  cookie: number;
   /** Extended replies: the request's offset. */
-  offset: bigint;
+  offset: number;
   /** Chunk payload length. */
-  length: bigint;
+  length: number;
 }
 
 /** Decodes a 32-byte extended reply header (magic already checked). */
@@ -282,9 +308,9 @@ export function decodeExtendedReply(b: Uint8Array): ReplyHeader {
     error: 0,
     flags: v.getUint16(4),
     type: v.getUint16(6),
-    cookie: v.getBigUint64(8),
-    offset: v.getBigUint64(16),
-    length: v.getBigUint64(24),
+    cookie: getU64(v, 8),
+    offset: getU64(v, 16),
+    length: getU64(v, 24),
   };
 }
 
@@ -296,9 +322,9 @@ export function decodeSimpleReply(b: Uint8Array): ReplyHeader {
     error: v.getUint32(4),
     flags: 0,
     type: 0,
-    cookie: v.getBigUint64(8),
-    offset: 0n,
-    length: 0n,
+    cookie: getU64(v, 8),
+    offset: 0,
+    length: 0,
   };
 }
 
@@ -310,9 +336,9 @@ export function decodeStructuredReply(b: Uint8Array): ReplyHeader {
     error: 0,
     flags: v.getUint16(4),
     type: v.getUint16(6),
-    cookie: v.getBigUint64(8),
-    offset: 0n,
-    length: BigInt(v.getUint32(16)),
+    cookie: getU64(v, 8),
+    offset: 0,
+    length: v.getUint32(16),
   };
 }
 
