@@ -5,7 +5,7 @@ import {
   writableTo,
 } from "../lib/streams.ts";
 import { connect } from "../mod.ts";
-import { exportHash, have, nbdkit, sha256 } from "./examples/_servers.ts";
+import { exportHash, nbdkit, sha256 } from "./examples/_servers.ts";
 
 /**
  * An export in memory that enforces what a strict client would: bounds,
@@ -292,7 +292,6 @@ Deno.test("writableTo()", async (t) => {
 
 Deno.test({
   name: "streams pipe between a file and an nbdkit export",
-  ignore: !have("nbdkit"),
   async fn(t) {
     // A minimum block size of 512 makes writableTo merge the file's odd tail.
     const server = await nbdkit([

@@ -21,10 +21,8 @@ import {
   upgradeToTls,
 } from "../lib/tls.ts";
 import type { ByteStream } from "../lib/transport.ts";
-import { have, nbdkit, type Server } from "./interop/servers.ts";
+import { nbdkit, type Server } from "./interop/servers.ts";
 import { makeTestPki } from "./support/certs.ts";
-
-const tools = have("nbdkit") && have("openssl");
 
 async function readExact(s: ByteStream, n: number): Promise<Uint8Array> {
   const out = new Uint8Array(n);
@@ -99,7 +97,7 @@ function assertTlsError(code: string | undefined, message: RegExp) {
   };
 }
 
-Deno.test("loadTlsCredentials()", { ignore: !have("openssl") }, async (t) => {
+Deno.test("loadTlsCredentials()", async (t) => {
   await using pki = await makeTestPki();
 
   await t.step(
@@ -207,7 +205,7 @@ Deno.test("refuseUnsupportedTls() refuses TLS-PSK by name", () => {
   refuseUnsupportedTls({ tlsCertificates: "/etc/pki/nbd" });
 });
 
-Deno.test("upgradeToTls()", { ignore: !tools }, async (t) => {
+Deno.test("upgradeToTls()", async (t) => {
   await using pki = await makeTestPki();
   const tls = ["--tls=require", `--tls-certificates=${pki.serverDir}`];
   const tcp = await nbdkit([...tls, "memory", "1M"], { tcp: true });
@@ -451,7 +449,6 @@ Deno.test("upgradeToTls()", { ignore: !tools }, async (t) => {
 
 Deno.test(
   "upgradeToTls() gives up when the signal aborts",
-  { ignore: !tools },
   async () => {
     // A peer that never answers the ClientHello.
     const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });

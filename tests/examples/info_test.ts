@@ -1,9 +1,6 @@
 import assert from "node:assert/strict";
 import { makeTestPki } from "../support/certs.ts";
-import { have, nbdkit, qemuNbd, runTool, sh } from "./_servers.ts";
-
-const haveNbdkit = have("nbdkit") && have("nbdinfo");
-const haveQemu = have("qemu-nbd") && have("qemu-img") && have("nbdinfo");
+import { nbdkit, qemuNbd, runTool, sh } from "./_servers.ts";
 
 type Json = Record<string, unknown>;
 
@@ -43,7 +40,6 @@ function assertCovers(
 
 Deno.test({
   name: "info --json carries nbdinfo --json's fields and values",
-  ignore: !haveNbdkit,
   async fn(t) {
     const server = await nbdkit([
       "-e",
@@ -95,7 +91,6 @@ Deno.test({
 
 Deno.test({
   name: "info --can and --is exit 0 for yes and 2 for no, like nbdinfo",
-  ignore: !haveNbdkit,
   async fn() {
     const rw = await nbdkit(["memory", "1M"]);
     const ro = await nbdkit(["-r", "memory", "1M"], rw.dir);
@@ -133,7 +128,6 @@ Deno.test({
 
 Deno.test({
   name: "info --map and --map --totals match nbdinfo on a sparse export",
-  ignore: !haveNbdkit,
   async fn(t) {
     const server = await nbdkit([
       "data",
@@ -191,7 +185,6 @@ Deno.test({
 
 Deno.test({
   name: "info --list shows every export as nbdinfo --list does",
-  ignore: !haveNbdkit,
   async fn() {
     const server = await nbdkit([
       "--filter=exportname",
@@ -225,7 +218,6 @@ Deno.test({
 Deno.test({
   name:
     "info against qemu-nbd shows qemu's contexts, allocation depth and dirty bitmaps",
-  ignore: !haveQemu,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "nbd-info-" });
     const image = `${dir}/disk.qcow2`;
@@ -267,7 +259,6 @@ Deno.test({
 
 Deno.test({
   name: "info fails with one line and status 1",
-  ignore: !haveNbdkit,
   async fn(t) {
     await t.step("no server at the socket", async () => {
       const r = await runTool("info", [
@@ -316,7 +307,6 @@ Deno.test({
 
 Deno.test({
   name: "info --json matches nbdinfo on oldstyle and simple-reply servers",
-  ignore: !haveNbdkit,
   async fn(t) {
     for (const [label, flag] of [["oldstyle", "-o"], ["no SR", "--no-sr"]]) {
       await t.step(label!, async () => {
@@ -341,7 +331,6 @@ Deno.test({
 
 Deno.test({
   name: "info and copy over TLS: nbds+unix:// with a certificate directory",
-  ignore: !haveNbdkit || !have("openssl"),
   async fn() {
     const pki = await makeTestPki();
     try {

@@ -14,11 +14,10 @@ import {
   NbdProtocolError,
 } from "../../mod.ts";
 import { assertBytes, fill, Trace, within } from "./_support.ts";
-import { have, nbdkit, type Server, tempDir, until } from "./servers.ts";
+import { nbdkit, type Server, tempDir, until } from "./servers.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const haveNbdkit = have("nbdkit");
 
 /** Asserts `e` is the server's errno for one command. */
 function assertErrno(
@@ -53,7 +52,6 @@ for (const structured of [true, false]) {
   Deno.test({
     name:
       `failures: a server errno fails one request (nbdkit error filter, ${replies})`,
-    ignore: !haveNbdkit,
     async fn(t) {
       const dir = await tempDir();
       // Errors are injected only while these files exist.
@@ -218,7 +216,6 @@ for (const structured of [true, false]) {
 
 Deno.test({
   name: "failures: a server killed with requests in flight fails all of them",
-  ignore: !haveNbdkit,
   async fn(t) {
     let server: Server | undefined;
     try {
@@ -298,7 +295,6 @@ Deno.test({
 
 Deno.test({
   name: "failures: nbdkit shutting down fails requests with ESHUTDOWN",
-  ignore: !haveNbdkit,
   async fn(t) {
     let server: Server | undefined;
     try {
@@ -368,7 +364,6 @@ Deno.test({
 
 Deno.test({
   name: "failures: an aborted request leaves the connection usable",
-  ignore: !haveNbdkit,
   async fn(t) {
     let server: Server | undefined;
     try {
@@ -424,7 +419,6 @@ Deno.test({
 
 Deno.test({
   name: "failures: close() is not held up by a stalled server",
-  ignore: !haveNbdkit,
   async fn(t) {
     let server: Server | undefined;
     try {
@@ -495,7 +489,6 @@ Deno.test({
 
 Deno.test({
   name: "failures: connect() gives up when its signal aborts mid-handshake",
-  ignore: !haveNbdkit,
   async fn(t) {
     let server: Server | undefined;
     try {

@@ -34,7 +34,6 @@ import {
   within,
 } from "./_support.ts";
 import {
-  have,
   nbdkit,
   nbdServer,
   qemuNbd,
@@ -1317,7 +1316,6 @@ async function runChecks(
 for (const c of CONFIGS) {
   Deno.test({
     name: `interop: ${c.name}`,
-    ignore: !c.programs.every(have),
     async fn(t) {
       const dir = await tempDir();
       let server: Server | undefined;

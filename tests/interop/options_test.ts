@@ -15,7 +15,6 @@ import {
 } from "../../mod.ts";
 import { Trace } from "./_support.ts";
 import {
-  have,
   nbdkit,
   nbdServer,
   qemuNbd,
@@ -43,7 +42,6 @@ function refusedList(replyName: string, text: RegExp) {
 
 Deno.test({
   name: "options: listExports() refused by the server",
-  ignore: !have("nbdkit") || !have("nbd-server"),
   async fn(t) {
     await t.step(
       "listExports() fails with NbdOptionError NBD_REP_ERR_POLICY when nbd-server disallows listing",
@@ -117,7 +115,6 @@ Deno.test({
 Deno.test({
   name:
     "options: the server's canonical export name (nbdkit exportname filter)",
-  ignore: !have("nbdkit"),
   async fn(t) {
     const dir = await tempDir();
     let server: Server | undefined;
@@ -160,7 +157,6 @@ Deno.test({
 
 Deno.test({
   name: "options: metadata contexts the server does not have (qemu-nbd)",
-  ignore: !have("qemu-nbd") || !have("qemu-img"),
   async fn(t) {
     const dir = await tempDir();
     let server: Server | undefined;

@@ -26,7 +26,7 @@ import {
   rejectsBeforeTraffic,
   Trace,
 } from "./_support.ts";
-import { have, qemuNbd, run, type Server, tempDir } from "./servers.ts";
+import { qemuNbd, run, type Server, tempDir } from "./servers.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -35,7 +35,6 @@ const BITMAP = "qemu:dirty-bitmap:bitmap0";
 const DEPTH = "qemu:allocation-depth";
 const ALLOCATION = "base:allocation";
 const HOLE = STATE_HOLE | STATE_ZERO;
-const haveQemu = ["qemu-nbd", "qemu-img", "qemu-io"].every(have);
 
 /** Extents from a list of [offset, length, flags], for readable tables. */
 function extents(...rows: Array<[number, number, number]>): Extent[] {
@@ -62,7 +61,6 @@ async function qemuList(
 
 Deno.test({
   name: "qemu-nbd: a qcow2 overlay with a dirty bitmap and allocation depth",
-  ignore: !haveQemu || !have("nbdinfo"),
   async fn(t) {
     const dir = await tempDir();
     let server: Server | undefined;
@@ -280,7 +278,6 @@ Deno.test({
 
 Deno.test({
   name: "qemu-nbd: a read-only raw image as a named, described export",
-  ignore: !haveQemu,
   async fn(t) {
     const dir = await tempDir();
     let server: Server | undefined;
@@ -384,7 +381,6 @@ Deno.test({
 
 Deno.test({
   name: "qemu-nbd: I/O errors from the image (blkdebug) reach the caller",
-  ignore: !haveQemu,
   async fn(t) {
     const dir = await tempDir();
     let server: Server | undefined;

@@ -17,11 +17,9 @@ import {
 import { OPT_STARTTLS, REP_ERR_POLICY } from "../../lib/constants.ts";
 import { makeTestPki } from "../support/certs.ts";
 import { startTestServer } from "../support/server.ts";
-import { have, nbdkit, qemuNbd, type Server } from "./servers.ts";
+import { nbdkit, qemuNbd, type Server } from "./servers.ts";
 
 const BOUND_MS = 15_000;
-const nbdkitReady = have("nbdkit") && have("openssl");
-const qemuReady = have("qemu-nbd") && have("openssl");
 
 /** Every wait in here is bounded by a signal. */
 function bounded(options: ConnectOptions = {}): ConnectOptions {
@@ -65,7 +63,7 @@ function unixUri(server: Server, query: string): string {
   return `nbds+unix:///?socket=${server.socket}&${query}`;
 }
 
-Deno.test("TLS with nbdkit", { ignore: !nbdkitReady }, async (t) => {
+Deno.test("TLS with nbdkit", async (t) => {
   await using pki = await makeTestPki();
   const tls = ["--tls=require", `--tls-certificates=${pki.serverDir}`];
   const tcp = await nbdkit([...tls, "memory", "1M"], { tcp: true });
@@ -324,7 +322,7 @@ Deno.test("TLS with nbdkit", { ignore: !nbdkitReady }, async (t) => {
   }
 });
 
-Deno.test("TLS with qemu-nbd", { ignore: !qemuReady }, async (t) => {
+Deno.test("TLS with qemu-nbd", async (t) => {
   await using pki = await makeTestPki();
   const dir = await Deno.makeTempDir({ prefix: "nbd-tls-qemu-" });
   const image = `${dir}/disk.raw`;

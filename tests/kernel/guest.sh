@@ -116,8 +116,16 @@ ro=$(blockdev --getro /dev/nbd0 2>&1)
 check writable "BLKROGET of nbd0 is $ro" [ "$ro" = 0 ]
 # The library's own view (and a missing device), beside a busy device
 # through the command line: two clear errors.
+# A server that accepts and never says a word.
+/usr/bin/python3 -c 'import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen()
+time.sleep(120)' "$W/silent.sock" &
+SILENT=$!
+wait_for 20 test -S "$W/silent.sock"
 deno run --allow-ffi tests/kernel/guest_probe.ts /dev/nbd0 /dev/nbd9 \
-  > "$W/probe0.out" 2>&1 &
+  "$W/silent.sock" /dev/nbd1 > "$W/probe0.out" 2>&1 &
 P=$!
 $CONNECT "$(uri mem)" /dev/nbd0 > /dev/null 2> "$W/busy.err" &
 B=$!
@@ -133,6 +141,10 @@ check library-probe "$(oneline "$W/probe0.out")" \
 check missing-error "$(oneline "$W/probe0.out")" \
   grep -q '"missing":"no-module: No such device /dev/nbd9: 2 (ENOENT, No such file or directory). Is the nbd module loaded? Try: modprobe nbd"' \
   "$W/probe0.out"
+check silent-server "$(oneline "$W/probe0.out")" \
+  grep -q '"silent":"[23]s: Cannot connect and negotiate within 2000 ms' \
+  "$W/probe0.out"
+kill $SILENT 2>/dev/null
 wait_exit $B 60
 rc=$?
 check busy-error "exit $rc: $(oneline "$W/busy.err")" \

@@ -4,7 +4,10 @@
  * attach() gives for a device that does not exist, as one JSON line for
  * guest.sh to compare with blockdev's answers.
  *
- * Usage: deno run --allow-ffi tests/kernel/guest_probe.ts DEVICE [MISSING]
+ * With SILENT, a Unix socket whose server accepts and never answers, it
+ * also checks that attach() gives up on it in time.
+ *
+ * Usage: deno run --allow-ffi tests/kernel/guest_probe.ts DEVICE MISSING SILENT FREE
  *
  * @module
  */
@@ -19,7 +22,7 @@ import {
 } from "../../ffi/mod.ts";
 
 const device = Deno.args[0] ?? "/dev/nbd0";
-const missing = Deno.args[1];
+const [, missing, silent, free] = Deno.args;
 const fd = await openDeviceAsync(device);
 let size: bigint;
 try {
@@ -40,6 +43,17 @@ if (missing) {
     out.missing = e instanceof NbdKernelError
       ? `${e.reason}: ${e.message}`
       : `unexpected: ${e}`;
+  }
+}
+if (silent && free) {
+  const started = performance.now();
+  try {
+    await attach({ path: silent }, free, { connectTimeout: 2000 });
+    out.silent = "attached?!";
+  } catch (e) {
+    out.silent = `${Math.round((performance.now() - started) / 1000)}s: ${
+      e instanceof Error ? e.message : e
+    }`;
   }
 }
 console.log(JSON.stringify(out));

@@ -21,6 +21,7 @@ const CHECKS = [
   "busy-error",
   "missing-error",
   "permission-error",
+  "silent-server",
   "write",
   "read-back",
   "server-side",
