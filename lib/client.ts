@@ -51,6 +51,7 @@ import {
 } from "./handshake.ts";
 import { type ExportListing, listExports as optList } from "./options/list.ts";
 import { listMetaContexts } from "./options/meta_context.ts";
+import { negotiateReplies } from "./options/structured_reply.ts";
 import { type ExportDetails, infoOrGo } from "./options/go.ts";
 import { OPT_INFO, OPT_LIST } from "./constants.ts";
 import {
@@ -237,7 +238,11 @@ async function withConnection<T>(
     }
     transport = new Transport(stream);
     if (signal?.aborted) throw abortReason(signal);
-    const result = await Promise.race([step(transport), aborted]);
+    const stepping = step(transport);
+    // If the signal wins the race, the step still ends (its transport is
+    // closed); its rejection must not go unobserved.
+    stepping.catch(() => {});
+    const result = await Promise.race([stepping, aborted]);
     return { transport, result };
   } catch (e) {
     transport?.close();
@@ -384,7 +389,6 @@ async function probeSession(
   o: ProbeOptions,
 ): Promise<ExportProbe> {
   const name = o.exportName ?? "";
-  const { negotiateReplies } = await import("./options/structured_reply.ts");
   await negotiateReplies(session, o);
   let metaContexts: string[] = [];
   if (o.listMetaContexts !== false && session.structuredReplies) {
