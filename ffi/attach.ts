@@ -23,7 +23,7 @@ import type {
 } from "../lib/connect_options.ts";
 import { FLAG_HAS_FLAGS, FLAG_READ_ONLY } from "../lib/constants.ts";
 import { makeTracer, type Tracer } from "../lib/debug.ts";
-import { abortReason, NbdProtocolError } from "../lib/errors.ts";
+import { abortReason, NbdError, NbdProtocolError } from "../lib/errors.ts";
 import {
   type ExportInfo,
   type HandshakeOptions,
@@ -97,7 +97,10 @@ export interface AttachOptions extends TlsOptions {
    * only Deno can reach.
    */
   relay?: boolean;
-  /** Milliseconds to connect to the server (default 30000). */
+  /**
+   * Milliseconds to connect to the server and negotiate (default 30000).
+   * A server that accepts but never answers cannot hang the attach.
+   */
   connectTimeout?: number;
   /** Milliseconds for the device to come up once handed over (default 30000). */
   startTimeout?: number;
@@ -227,16 +230,50 @@ async function connectForKernel(
   info: ExportInfo;
   relay?: { local: FdStream; remote: ByteStream };
 }> {
-  const signal = options.signal ?? target.signal;
+  const ms = options.connectTimeout ?? 30_000;
+  const outer = options.signal ?? target.signal;
+  const controller = new AbortController();
+  const timer = setTimeout(
+    () =>
+      controller.abort(
+        new NbdError(
+          `Cannot connect and negotiate within ${ms} ms: the server did not answer in time`,
+        ),
+      ),
+    ms,
+  );
+  const forward = () => controller.abort(outer && abortReason(outer));
+  outer?.addEventListener("abort", forward, { once: true });
+  if (outer?.aborted) forward();
+  try {
+    return await connectAndNegotiate(target, options, trace, controller.signal);
+  } catch (e) {
+    // An abort says why in its reason; the error thrown may only say
+    // "the connection is closed".
+    if (controller.signal.aborted) throw abortReason(controller.signal);
+    throw e;
+  } finally {
+    clearTimeout(timer);
+    outer?.removeEventListener("abort", forward);
+  }
+}
+
+async function connectAndNegotiate(
+  target: ConnectOptions,
+  options: AttachOptions,
+  trace: Tracer,
+  signal: AbortSignal,
+): Promise<{
+  sockFd: number;
+  info: ExportInfo;
+  relay?: { local: FdStream; remote: ByteStream };
+}> {
   if (!options.relay && (target.tls ?? "disable") === "disable") {
-    const fd = await connectSocket(target, {
-      signal,
-      timeoutMs: options.connectTimeout ?? 30_000,
-    });
+    const fd = await connectSocket(target, { signal });
     const stream = new FdStream(fd);
     const transport = new Transport(stream);
-    const onAbort = () => transport.close(signal && abortReason(signal));
-    signal?.addEventListener("abort", onAbort, { once: true });
+    const onAbort = () => transport.close(abortReason(signal));
+    signal.addEventListener("abort", onAbort, { once: true });
     try {
       const info = await negotiate(transport, handshakeOptions(target, trace));
       checkNothingBuffered(transport);
@@ -245,14 +282,14 @@ async function connectForKernel(
       transport.close();
       throw e;
     } finally {
-      signal?.removeEventListener("abort", onAbort);
+      signal.removeEventListener("abort", onAbort);
     }
   }
   // TLS (or TLS if offered, or a relay by request): the library makes the
   // connection, the kernel gets a socketpair.
   const opened = await openTransport({
     ...target,
-    ...(signal ? { signal } : {}),
+    signal,
     structuredReplies: false,
     extendedHeaders: false,
     metaContexts: [],
