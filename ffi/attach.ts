@@ -15,7 +15,8 @@
  * @module
  */
 
-import { openTransport, resolveOptions } from "../lib/client.ts";
+import { resolveOptions } from "../lib/client.ts";
+import { refuseUnsupportedTls, upgradeToTls } from "../lib/tls.ts";
 import type {
   ConnectOptions,
   DebugHook,
@@ -178,18 +179,30 @@ function resolveTarget(
   return resolveOptions(target, overrides as ConnectOptions);
 }
 
+/**
+ * What the kernel can take: simple replies only, so no structured replies,
+ * extended headers or metadata contexts; block sizes asked for. TLS, when
+ * wanted, upgrades the libc socket itself (no `Deno.connect`, so no file
+ * permissions even for a Unix socket).
+ */
 function handshakeOptions(
   target: ConnectOptions,
   trace: Tracer,
+  signal: AbortSignal,
 ): HandshakeOptions {
+  const tls = target.tls ?? "disable";
   const options: HandshakeOptions = {
     exportName: target.exportName ?? "",
-    tls: "disable",
+    tls,
     structuredReplies: false,
     extendedHeaders: false,
     metaContexts: [],
     blockSizes: true,
   };
+  if (tls !== "disable") {
+    options.upgradeTls = (stream) =>
+      upgradeToTls(stream, { ...target, signal });
+  }
   if (trace) options.trace = trace;
   return options;
 }
@@ -268,36 +281,24 @@ async function connectAndNegotiate(
   info: ExportInfo;
   relay?: { local: FdStream; remote: ByteStream };
 }> {
-  if (!options.relay && (target.tls ?? "disable") === "disable") {
-    const fd = await connectSocket(target, { signal });
-    const stream = new FdStream(fd);
-    const transport = new Transport(stream);
-    const onAbort = () => transport.close(abortReason(signal));
-    signal.addEventListener("abort", onAbort, { once: true });
-    try {
-      const info = await negotiate(transport, handshakeOptions(target, trace));
-      checkNothingBuffered(transport);
-      return { sockFd: stream.release(), info };
-    } catch (e) {
-      transport.close();
-      throw e;
-    } finally {
-      signal.removeEventListener("abort", onAbort);
-    }
-  }
-  // TLS (or TLS if offered, or a relay by request): the library makes the
-  // connection, the kernel gets a socketpair.
-  const opened = await openTransport({
-    ...target,
-    signal,
-    structuredReplies: false,
-    extendedHeaders: false,
-    metaContexts: [],
-    blockSizes: true,
-  });
-  const { transport, info } = opened;
+  if ((target.tls ?? "disable") !== "disable") refuseUnsupportedTls(target);
+  const fd = await connectSocket(target, { signal });
+  const stream = new FdStream(fd);
+  const transport = new Transport(stream);
+  const onAbort = () => transport.close(abortReason(signal));
+  signal.addEventListener("abort", onAbort, { once: true });
   try {
+    const info = await negotiate(
+      transport,
+      handshakeOptions(target, trace, signal),
+    );
     checkNothingBuffered(transport);
+    if (!info.tls && !options.relay) {
+      // The direct path: the kernel gets the very socket we negotiated on.
+      return { sockFd: stream.release(), info };
+    }
+    // The relay path: the kernel gets one end of a socketpair, and this
+    // process copies between the other end and the TLS stream.
     const [kernelEnd, ourEnd] = socketPair();
     return {
       sockFd: kernelEnd,
@@ -307,6 +308,8 @@ async function connectAndNegotiate(
   } catch (e) {
     transport.close();
     throw e;
+  } finally {
+    signal.removeEventListener("abort", onAbort);
   }
 }
 

@@ -5,6 +5,8 @@ import { NbdSystemCallError } from "../../ffi/errors.ts";
 import { negotiate } from "../../lib/handshake.ts";
 import { Transport } from "../../lib/transport.ts";
 import { FLAG_READ_ONLY, SIMPLE_REPLY_MAGIC } from "../../lib/constants.ts";
+import { upgradeToTls } from "../../lib/tls.ts";
+import { makeTestPki } from "../support/certs.ts";
 
 /** Starts `nbdkit` on a private Unix socket; stops it on dispose. */
 async function startNbdkit(args: string[]) {
@@ -114,4 +116,46 @@ Deno.test("unixAddress() encodes paths and abstract names", () => {
   const b = unixAddress("\0x");
   assert.deepEqual([...b.bytes], [1, 0, 0, 0x78]);
   assert.throws(() => unixAddress("/" + "a".repeat(200)), RangeError);
+});
+
+Deno.test("negotiate() upgrades a libc socket to TLS (the relay path minus the ioctls)", async () => {
+  await using pki = await makeTestPki();
+  await using server = await startNbdkit([
+    "--tls=require",
+    `--tls-certificates=${pki.serverDir}`,
+    "memory",
+    "size=1M",
+  ]);
+  const fd = await connectSocket({ path: server.sock });
+  const transport = new Transport(new FdStream(fd));
+  try {
+    const info = await negotiate(transport, {
+      tls: "require",
+      upgradeTls: (stream) =>
+        upgradeToTls(stream, {
+          tlsCertificates: pki.clientNoCertDir,
+          tlsHostname: "localhost",
+        }),
+      structuredReplies: false,
+      extendedHeaders: false,
+      metaContexts: [],
+      blockSizes: true,
+    });
+    assert.equal(info.tls, true);
+    assert.equal(info.size, 1n << 20n);
+    assert.equal(transport.buffered, 0);
+    const req = new Uint8Array(4 + 2 + 2 + 8 + 8 + 4); // magic, flags, type, cookie, offset, length
+    const v = new DataView(req.buffer);
+    v.setUint32(0, 0x25609513);
+    v.setBigUint64(8, 7n);
+    v.setUint32(24, 4096);
+    await transport.write(req);
+    const reply = await transport.readExact(4 + 4 + 8 + 4096, "a reply");
+    const rv = new DataView(reply.buffer);
+    assert.equal(rv.getUint32(0), SIMPLE_REPLY_MAGIC);
+    assert.equal(rv.getUint32(4), 0);
+    assert.equal(rv.getBigUint64(8), 7n);
+  } finally {
+    transport.close();
+  }
 });

@@ -1,8 +1,8 @@
 /**
  * Run in the guest: attaches a Unix-socket export through the relay path
- * (over TLS when given a certificate directory, else a plain relay), writes
- * and reads through the device with dd, disconnects, and prints one JSON
- * line for guest.sh.
+ * (over TLS when given a certificate directory, else a plain relay by
+ * request), writes and reads through the device with dd, disconnects with
+ * `disconnect()`, and prints one JSON line for guest.sh.
  *
  * Usage: deno run -A tests/kernel/guest_relay.ts SOCKET DEVICE PATTERN [CERTDIR]
  *

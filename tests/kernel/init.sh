@@ -13,7 +13,7 @@ ip link set lo up
 
 for ko in $(cat /modules.order); do
   case "$ko" in
-    nbd.ko) insmod "/lib/modules/$ko" nbds_max=4 max_part=8 ;;
+    nbd.ko) insmod "/lib/modules/$ko" nbds_max=6 max_part=8 ;;
     *) insmod "/lib/modules/$ko" ;;
   esac
 done
