@@ -356,7 +356,9 @@ async function within<T>(
  * SIGINT/SIGTERM (unless `handleSignals` is false), or the server going
  * away; {@linkcode AttachedDevice.closed} tells which.
  *
- * Needs `--allow-ffi`, `--allow-net` for TCP, and root (CAP_SYS_ADMIN).
+ * Needs `--allow-ffi`, `--allow-read` for a TLS certificate directory,
+ * and root (CAP_SYS_ADMIN). Sockets, devices and sysfs are reached through
+ * libc, which Deno's other permissions do not cover.
  *
  * @param target An `nbd://`, `nbds://`, `nbd+unix://` ... URI, or options
  *   naming the server and export.

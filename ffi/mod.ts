@@ -3,9 +3,11 @@
  * `qemu-nbd -c` and `nbd-client` do, through Deno's FFI and glibc.
  *
  * This is a separate entry point so that a program that only speaks NBD
- * over a socket never needs `--allow-ffi`. Attaching needs `--allow-ffi`,
- * `--allow-net` (for TCP) and root (CAP_SYS_ADMIN); no file permissions:
- * devices and sysfs are reached through libc.
+ * over a socket never needs `--allow-ffi`. Attaching needs `--allow-ffi`
+ * and root (CAP_SYS_ADMIN), plus `--allow-read` for a TLS certificate
+ * directory. Sockets, devices and sysfs are reached through libc, which
+ * Deno's other permissions do not cover (FFI can do anything the process
+ * can); `examples/connect.ts` is documented with `--allow-net --allow-ffi`.
  *
  * Plain TCP, Unix and vsock exports are handed to the kernel directly (the
  * kernel owns the socket); TLS exports are relayed through a socketpair by
