@@ -505,6 +505,11 @@ export async function attach(
     sockFd = -1;
     relay = undefined;
     await attachment.start(options.startTimeout ?? 30_000);
+    if (signal?.aborted) {
+      // Aborted while the device came up: take it down again.
+      await attachment.disconnect();
+      throw abortReason(signal);
+    }
     attachment.watch(options.handleSignals ?? true, signal);
     return attachment;
   } catch (e) {
