@@ -5,7 +5,8 @@ import {
   writableTo,
 } from "../lib/streams.ts";
 import { connect } from "../mod.ts";
-import { exportHash, nbdkit, sha256 } from "./examples/_servers.ts";
+import { exportHash, sha256 } from "./examples/_tools.ts";
+import { nbdkit } from "./support/servers.ts";
 
 /**
  * An export in memory that enforces what a strict client would: bounds,

@@ -21,7 +21,7 @@ import {
   upgradeToTls,
 } from "../lib/tls.ts";
 import type { ByteStream } from "../lib/transport.ts";
-import { nbdkit, type Server } from "./interop/servers.ts";
+import { nbdkit, type Server } from "./support/servers.ts";
 import { makeTestPki } from "./support/certs.ts";
 
 async function readExact(s: ByteStream, n: number): Promise<Uint8Array> {

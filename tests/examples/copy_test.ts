@@ -1,13 +1,6 @@
 import assert from "node:assert/strict";
-import {
-  exportHash,
-  nbdkit,
-  qemuNbd,
-  referenceMap,
-  runTool,
-  sh,
-  sha256,
-} from "./_servers.ts";
+import { nbdkit, qemuNbd, run } from "../support/servers.ts";
+import { exportHash, referenceMap, runTool, sha256 } from "./_tools.ts";
 
 const SPARSE = [
   "sparse-random",
@@ -57,7 +50,7 @@ Deno.test({
   name: "copy: an export to a file and back gives the same bytes",
   async fn() {
     const src = await nbdkit(["pattern", "8M"]);
-    const dst = await nbdkit(["memory", "8M"], src.dir);
+    const dst = await nbdkit(["memory", "8M"], { dir: src.dir });
     try {
       const file = `${src.dir}/disk.img`;
       const expected = await exportHash(src.uri());
@@ -88,7 +81,7 @@ Deno.test({
       assert.ok(data > 0 && data < size / 2, `source has ${data} data bytes`);
 
       await t.step("into a fresh nbdkit memory export", async () => {
-        const dst = await nbdkit(["memory", "64M"], src.dir);
+        const dst = await nbdkit(["memory", "64M"], { dir: src.dir });
         try {
           const r = await runTool("copy", ["-v", src.uri(), dst.uri()]);
           assert.equal(r.code, 0, r.stderr);
@@ -121,7 +114,7 @@ Deno.test({
         );
 
         // Back from the file: zero blocks are detected by reading.
-        const dst = await nbdkit(["memory", "64M"], src.dir);
+        const dst = await nbdkit(["memory", "64M"], { dir: src.dir });
         try {
           const up = await runTool("copy", ["-v", file, dst.uri()]);
           assert.equal(up.code, 0, up.stderr);
@@ -139,7 +132,7 @@ Deno.test({
       await t.step("into an export without WRITE_ZEROES", async () => {
         const dst = await nbdkit(
           ["--filter=nozero", "memory", "64M"],
-          src.dir,
+          { dir: src.dir },
         );
         try {
           const r = await runTool("copy", ["-v", src.uri(), dst.uri()]);
@@ -180,7 +173,7 @@ Deno.test({
   name: "copy: NBD to NBD over several connections when multi-conn is offered",
   async fn() {
     const src = await nbdkit(["pattern", "16M"]);
-    const dst = await nbdkit(["memory", "16M"], src.dir);
+    const dst = await nbdkit(["memory", "16M"], { dir: src.dir });
     try {
       const r = await runTool("copy", [
         "-v",
@@ -204,7 +197,7 @@ Deno.test({
   name: "copy: stdin and stdout stream in order",
   async fn() {
     const src = await nbdkit(SPARSE);
-    const dst = await nbdkit(["memory", "64M"], src.dir);
+    const dst = await nbdkit(["memory", "64M"], { dir: src.dir });
     try {
       const out = await runTool("copy", [src.uri(), "-"]);
       assert.equal(out.code, 0, out.stderr);
@@ -233,14 +226,14 @@ Deno.test({
     const dir = await Deno.makeTempDir({ prefix: "nbd-copy-" });
     try {
       const image = `${dir}/src.qcow2`;
-      await sh("qemu-img", ["create", "-q", "-f", "qcow2", image, "32M"]);
+      await run("qemu-img", ["create", "-q", "-f", "qcow2", image, "32M"]);
       for (const cmd of ["write -P 0x11 0 1M", "write -P 0x22 5M 300k"]) {
-        await sh("qemu-io", ["-f", "qcow2", "-c", cmd, image]);
+        await run("qemu-io", ["-f", "qcow2", "-c", cmd, image]);
       }
-      await sh("qemu-img", ["convert", "-O", "raw", image, `${dir}/ref.raw`]);
+      await run("qemu-img", ["convert", "-O", "raw", image, `${dir}/ref.raw`]);
       const expected = await sha256(await Deno.readFile(`${dir}/ref.raw`));
 
-      const src = await qemuNbd(["-r", "-f", "qcow2", image], dir);
+      const src = await qemuNbd(["-r", "-f", "qcow2", image], { dir });
       try {
         const r = await runTool("copy", ["-v", src.uri(), `${dir}/out.raw`]);
         assert.equal(r.code, 0, r.stderr);
@@ -254,8 +247,8 @@ Deno.test({
       }
 
       const target = `${dir}/dst.qcow2`;
-      await sh("qemu-img", ["create", "-q", "-f", "qcow2", target, "32M"]);
-      const dst = await qemuNbd(["-f", "qcow2", target], dir);
+      await run("qemu-img", ["create", "-q", "-f", "qcow2", target, "32M"]);
+      const dst = await qemuNbd(["-f", "qcow2", target], { dir });
       try {
         const r = await runTool("copy", [
           "--flush",
@@ -266,7 +259,7 @@ Deno.test({
       } finally {
         await dst.stop();
       }
-      await sh("qemu-img", ["compare", "-q", image, target]);
+      await run("qemu-img", ["compare", "-q", image, target]);
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
@@ -303,7 +296,7 @@ Deno.test({
           "error=ENOSPC",
           "error-pwrite-rate=0.05",
         ],
-        src.dir,
+        { dir: src.dir },
       );
       try {
         const r = await runTool("copy", [src.uri(), dst.uri()]);
@@ -316,7 +309,7 @@ Deno.test({
     });
     await t.step("a destination smaller than the source", async () => {
       const src = await nbdkit(["pattern", "2M"]);
-      const dst = await nbdkit(["memory", "1M"], src.dir);
+      const dst = await nbdkit(["memory", "1M"], { dir: src.dir });
       try {
         const r = await runTool("copy", [src.uri(), dst.uri()]);
         assert.equal(r.code, 1);
@@ -328,7 +321,7 @@ Deno.test({
     });
     await t.step("a read-only destination", async () => {
       const src = await nbdkit(["pattern", "1M"]);
-      const dst = await nbdkit(["-r", "memory", "1M"], src.dir);
+      const dst = await nbdkit(["-r", "memory", "1M"], { dir: src.dir });
       try {
         const r = await runTool("copy", [src.uri(), dst.uri()]);
         assert.equal(r.code, 1);
@@ -371,7 +364,7 @@ Deno.test({
   async fn() {
     // 100 Mbit/s: the 256 MiB copy takes 20 s unless it is stopped.
     const src = await nbdkit(["--filter=rate", "pattern", "256M", "rate=100M"]);
-    const dst = await nbdkit(["memory", "256M"], src.dir);
+    const dst = await nbdkit(["memory", "256M"], { dir: src.dir });
     try {
       const script = new URL("../../examples/copy.ts", import.meta.url);
       const child = new Deno.Command(Deno.execPath(), {
@@ -424,7 +417,7 @@ Deno.test({
     const backing = `${src.dir}/loop.img`;
     await Deno.writeFile(backing, new Uint8Array(0));
     await Deno.truncate(backing, 64 * 1024 * 1024);
-    const device = (await sh("losetup", ["-f", "--show", backing])).trim();
+    const device = (await run("losetup", ["-f", "--show", backing])).trim();
     try {
       const expected = await exportHash(src.uri());
       const down = await runTool("copy", ["-v", "--flush", src.uri(), device]);
@@ -439,7 +432,7 @@ Deno.test({
       assert.equal(up.code, 0, up.stderr);
       assert.equal(await sha256(await Deno.readFile(file)), expected);
 
-      const big = await nbdkit(["pattern", "128M"], src.dir);
+      const big = await nbdkit(["pattern", "128M"], { dir: src.dir });
       try {
         const r = await runTool("copy", [big.uri(), device]);
         assert.equal(r.code, 1);
@@ -448,7 +441,7 @@ Deno.test({
         await big.stop();
       }
     } finally {
-      await sh("losetup", ["-d", device]);
+      await run("losetup", ["-d", device]);
       await src.stop();
     }
   },

@@ -1,12 +1,13 @@
 import assert from "node:assert/strict";
 import { makeTestPki } from "../support/certs.ts";
-import { nbdkit, qemuNbd, runTool, sh } from "./_servers.ts";
+import { nbdkit, qemuNbd, run } from "../support/servers.ts";
+import { runTool } from "./_tools.ts";
 
 type Json = Record<string, unknown>;
 
 /** nbdinfo's own answer, without probing content (we never do). */
 async function nbdinfo(args: string[]): Promise<Json> {
-  return JSON.parse(await sh("nbdinfo", ["--no-content", "--json", ...args]));
+  return JSON.parse(await run("nbdinfo", ["--no-content", "--json", ...args]));
 }
 
 /**
@@ -67,7 +68,7 @@ Deno.test({
       await t.step("--size matches nbdinfo --size", async () => {
         const ours = await runTool("info", ["--size", uri]);
         assert.equal(ours.code, 0, ours.stderr);
-        assert.equal(ours.text, await sh("nbdinfo", ["--size", uri]));
+        assert.equal(ours.text, await run("nbdinfo", ["--size", uri]));
       });
       await t.step("text mode names every flag and block size", async () => {
         const ours = await runTool("info", [uri]);
@@ -93,7 +94,7 @@ Deno.test({
   name: "info --can and --is exit 0 for yes and 2 for no, like nbdinfo",
   async fn() {
     const rw = await nbdkit(["memory", "1M"]);
-    const ro = await nbdkit(["-r", "memory", "1M"], rw.dir);
+    const ro = await nbdkit(["-r", "memory", "1M"], { dir: rw.dir });
     try {
       const cases: Array<[string[], string]> = [
         [["--can", "flush"], rw.uri()],
@@ -140,20 +141,20 @@ Deno.test({
         const ours = await runTool("info", ["--map", "--json", uri]);
         assert.equal(ours.code, 0, ours.stderr);
         const theirs = JSON.parse(
-          await sh("nbdinfo", ["--map", "--json", uri]),
+          await run("nbdinfo", ["--map", "--json", uri]),
         );
         assert.deepEqual(JSON.parse(ours.text), theirs);
         assert.ok(theirs.length > 2);
       });
       await t.step("--map text", async () => {
         const ours = await runTool("info", ["--map", uri]);
-        assert.equal(ours.text, await sh("nbdinfo", ["--map", uri]));
+        assert.equal(ours.text, await run("nbdinfo", ["--map", uri]));
       });
       await t.step("--map --totals", async () => {
         const ours = await runTool("info", ["--map", "--totals", uri]);
         assert.equal(
           ours.text,
-          await sh("nbdinfo", ["--map", "--totals", uri]),
+          await run("nbdinfo", ["--map", "--totals", uri]),
         );
         const json = await runTool("info", [
           "--map",
@@ -164,7 +165,7 @@ Deno.test({
         assert.deepEqual(
           JSON.parse(json.text),
           JSON.parse(
-            await sh("nbdinfo", ["--map", "--totals", "--json", uri]),
+            await run("nbdinfo", ["--map", "--totals", "--json", uri]),
           ),
         );
       });
@@ -221,12 +222,12 @@ Deno.test({
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "nbd-info-" });
     const image = `${dir}/disk.qcow2`;
-    await sh("qemu-img", ["create", "-q", "-f", "qcow2", image, "4M"]);
-    await sh("qemu-img", ["bitmap", "--add", image, "b0"]);
-    await sh("qemu-io", ["-f", "qcow2", "-c", "write -P 0x55 1M 64k", image]);
+    await run("qemu-img", ["create", "-q", "-f", "qcow2", image, "4M"]);
+    await run("qemu-img", ["bitmap", "--add", image, "b0"]);
+    await run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x55 1M 64k", image]);
     const server = await qemuNbd(
       ["-f", "qcow2", "-x", "disk", "-D", "a qcow2", "-A", "-B", "b0", image],
-      dir,
+      { dir },
     );
     try {
       const uri = server.uri("disk");
@@ -240,14 +241,14 @@ Deno.test({
       assert.equal(map.code, 0, map.stderr);
       assert.equal(
         map.text,
-        await sh("nbdinfo", ["--map=qemu:allocation-depth", uri]),
+        await run("nbdinfo", ["--map=qemu:allocation-depth", uri]),
       );
 
       const dirty = await runTool("info", ["--map=qemu:dirty-bitmap:b0", uri]);
       assert.equal(dirty.code, 0, dirty.stderr);
       assert.equal(
         dirty.text,
-        await sh("nbdinfo", ["--map=qemu:dirty-bitmap:b0", uri]),
+        await run("nbdinfo", ["--map=qemu:dirty-bitmap:b0", uri]),
       );
       assert.match(dirty.text, / 1 {2}dirty\n/);
     } finally {
@@ -281,7 +282,7 @@ Deno.test({
             "exportname-strict=true",
             "exportname=disk",
           ],
-          server.dir,
+          { dir: server.dir },
         );
         try {
           const r = await runTool("info", [strict.uri("missing")]);

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
-import { nbdkit, runTool } from "./_servers.ts";
+import { nbdkit } from "../support/servers.ts";
+import { runTool } from "./_tools.ts";
 
 Deno.test({
   name: "nbd dispatches to info and copy",

@@ -9,7 +9,7 @@
 
 import assert from "node:assert/strict";
 import { type Extent, type NbdClient, NbdUnsupportedError } from "../../mod.ts";
-import { run } from "./servers.ts";
+import { run } from "../support/servers.ts";
 
 /** One call of the `debug` hook. */
 export interface TraceEvent {

@@ -14,7 +14,7 @@ import {
   NbdProtocolError,
 } from "../../mod.ts";
 import { assertBytes, fill, Trace, within } from "./_support.ts";
-import { nbdkit, type Server, tempDir, until } from "./servers.ts";
+import { nbdkit, type Server, tempDir, until } from "../support/servers.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

@@ -41,7 +41,7 @@ import {
   type Server,
   sparseFile,
   tempDir,
-} from "./servers.ts";
+} from "../support/servers.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

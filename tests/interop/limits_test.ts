@@ -14,7 +14,13 @@ import {
   STATE_ZERO,
 } from "../../mod.ts";
 import { isZero, Trace } from "./_support.ts";
-import { nbdkit, qemuNbd, run, type Server, tempDir } from "./servers.ts";
+import {
+  nbdkit,
+  qemuNbd,
+  run,
+  type Server,
+  tempDir,
+} from "../support/servers.ts";
 
 const KiB = 1024;
 const GiB = 1024 * 1024 * KiB;

@@ -14,7 +14,7 @@ import {
   STATE_ZERO,
 } from "../../mod.ts";
 import { extentsOf, isZero, referenceMap, within } from "./_support.ts";
-import { nbdkit, type Server } from "./servers.ts";
+import { nbdkit, type Server } from "../support/servers.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

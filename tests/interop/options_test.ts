@@ -22,7 +22,7 @@ import {
   type Server,
   sparseFile,
   tempDir,
-} from "./servers.ts";
+} from "../support/servers.ts";
 
 const MiB = 1024 * 1024;
 const OPT_LIST = 3;

@@ -26,7 +26,7 @@ import {
   rejectsBeforeTraffic,
   Trace,
 } from "./_support.ts";
-import { qemuNbd, run, type Server, tempDir } from "./servers.ts";
+import { qemuNbd, run, type Server, tempDir } from "../support/servers.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

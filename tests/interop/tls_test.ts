@@ -17,7 +17,7 @@ import {
 import { OPT_STARTTLS, REP_ERR_POLICY } from "../../lib/constants.ts";
 import { makeTestPki } from "../support/certs.ts";
 import { startTestServer } from "../support/server.ts";
-import { nbdkit, qemuNbd, type Server } from "./servers.ts";
+import { nbdkit, qemuNbd, type Server } from "../support/servers.ts";
 
 const BOUND_MS = 15_000;
 

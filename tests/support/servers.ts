@@ -1,7 +1,8 @@
 /**
- * Real NBD servers for the interop suite: nbdkit, qemu-nbd and nbd-server,
- * each started by the test on a private Unix socket (or a loopback port) in
- * a fresh temporary directory, and stopped in `finally`.
+ * Real NBD servers for the interop suite, the tools' tests and the stream
+ * tests: nbdkit, qemu-nbd and nbd-server, each started by the test on a
+ * private Unix socket (or a loopback port) in a fresh temporary directory,
+ * and stopped in `finally`.
  *
  * Readiness is polled (until a connect succeeds), never slept for; every
  * wait has a deadline; a server that dies early fails the test with its
@@ -60,7 +61,7 @@ export function have(program: string): boolean {
 
 /** A fresh private directory for one server. */
 export function tempDir(): Promise<string> {
-  return Deno.makeTempDir({ prefix: "nbd-interop-" });
+  return Deno.makeTempDir({ prefix: "nbd-test-" });
 }
 
 /**
