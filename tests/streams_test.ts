@@ -5,7 +5,7 @@ import {
   writableTo,
 } from "../lib/streams.ts";
 import { connect } from "../mod.ts";
-import { exportHash, sha256 } from "./examples/_tools.ts";
+import { exportHash, sha256 } from "./support/reference.ts";
 import { nbdkit } from "./support/servers.ts";
 
 /**

@@ -1,12 +1,10 @@
 /**
  * The tools run as subprocesses, so that exit codes and output are the real
- * ones, and what the reference tools say about an export. The servers they
- * run against come from `tests/support/servers.ts`.
+ * ones. The servers they run against come from `tests/support/servers.ts`,
+ * what the reference client sees from `tests/support/reference.ts`.
  *
  * @module
  */
-
-import { run } from "../support/servers.ts";
 
 const ROOT = new URL("../../", import.meta.url);
 
@@ -53,48 +51,4 @@ export async function runTool(
     stderr: new TextDecoder().decode(out.stderr),
     text: new TextDecoder().decode(out.stdout),
   };
-}
-
-/** SHA-256 of bytes, in hex. */
-export async function sha256(data: Uint8Array): Promise<string> {
-  const digest = await crypto.subtle.digest(
-    "SHA-256",
-    data as Uint8Array<ArrayBuffer>,
-  );
-  return Array.from(
-    new Uint8Array(digest),
-    (b) => b.toString(16).padStart(2, "0"),
-  )
-    .join("");
-}
-
-/** Reads a whole export with `nbdcopy` (the reference client) and hashes it. */
-export async function exportHash(uri: string): Promise<string> {
-  const out = await new Deno.Command("nbdcopy", {
-    args: [uri, "-"],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(60_000),
-  }).output();
-  if (!out.success) {
-    throw new Error(`nbdcopy failed: ${new TextDecoder().decode(out.stderr)}`);
-  }
-  return await sha256(out.stdout);
-}
-
-/** One entry of `nbdinfo --map --json`. */
-export interface MapEntry {
-  offset: number;
-  length: number;
-  type: number;
-  description?: string;
-}
-
-/** The reference client's extent map of an export. */
-export async function referenceMap(
-  uri: string,
-  context = "base:allocation",
-): Promise<MapEntry[]> {
-  return JSON.parse(await run("nbdinfo", [`--map=${context}`, "--json", uri]));
 }

@@ -1,6 +1,8 @@
 import assert from "node:assert/strict";
+import type { Extent } from "../../mod.ts";
 import { nbdkit, qemuNbd, run } from "../support/servers.ts";
-import { exportHash, referenceMap, runTool, sha256 } from "./_tools.ts";
+import { exportHash, referenceMap, sha256 } from "../support/reference.ts";
+import { runTool } from "./_tools.ts";
 
 const SPARSE = [
   "sparse-random",
@@ -12,8 +14,8 @@ const SPARSE = [
 ];
 
 /** Bytes of data (not holes or zeroes) in a base:allocation map. */
-function dataBytes(map: Array<{ length: number; type: number }>): number {
-  return map.filter((e) => (e.type & 2) === 0).reduce(
+function dataBytes(map: Extent[]): number {
+  return map.filter((e) => (e.flags & 2) === 0).reduce(
     (n, e) => n + e.length,
     0,
   );
@@ -25,12 +27,12 @@ function dataBytes(map: Array<{ length: number; type: number }>): number {
  * written to it.
  */
 function pagedDataBytes(
-  map: Array<{ offset: number; length: number; type: number }>,
+  map: Extent[],
   page: number,
 ): number {
   const pages = new Set<number>();
   for (const e of map) {
-    if (e.type & 2) continue;
+    if (e.flags & 2) continue;
     const last = Math.floor((e.offset + e.length - 1) / page);
     for (let p = Math.floor(e.offset / page); p <= last; p++) pages.add(p);
   }

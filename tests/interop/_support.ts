@@ -2,14 +2,14 @@
  * Client-side helpers shared by the interop tests: a debug-hook recorder
  * (which doubles as a wire tap: "was anything sent?", "how many requests
  * were in flight at once?"), deterministic data, and block status over a
- * whole range.
+ * whole range. What the reference client sees is in
+ * `tests/support/reference.ts`.
  *
  * @module
  */
 
 import assert from "node:assert/strict";
 import { type Extent, type NbdClient, NbdUnsupportedError } from "../../mod.ts";
-import { run } from "../support/servers.ts";
 
 /** One call of the `debug` hook. */
 export interface TraceEvent {
@@ -188,28 +188,4 @@ export async function within<T>(
   } finally {
     clearTimeout(timer);
   }
-}
-
-/** One entry of `nbdinfo --map --json`. */
-interface MapEntry {
-  offset: number;
-  length: number;
-  type: number;
-}
-
-/** The reference client's (libnbd's) map of one context, merged like ours. */
-export async function referenceMap(
-  uri: string,
-  context: string,
-): Promise<Extent[]> {
-  const map: MapEntry[] = JSON.parse(
-    await run("nbdinfo", [`--map=${context}`, "--json", uri]),
-  );
-  const out: Extent[] = [];
-  for (const m of map) {
-    const last = out.at(-1);
-    if (last && last.flags === m.type) last.length += m.length;
-    else out.push({ offset: m.offset, length: m.length, flags: m.type });
-  }
-  return out;
 }

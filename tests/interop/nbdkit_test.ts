@@ -13,35 +13,12 @@ import {
   STATE_HOLE,
   STATE_ZERO,
 } from "../../mod.ts";
-import { extentsOf, isZero, referenceMap, within } from "./_support.ts";
+import { extentsOf, isZero, within } from "./_support.ts";
+import { referenceBytes, referenceMap, sha256 } from "../support/reference.ts";
 import { nbdkit, type Server } from "../support/servers.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-
-async function sha256(bytes: Uint8Array): Promise<string> {
-  const digest = await crypto.subtle.digest(
-    "SHA-256",
-    bytes as Uint8Array<ArrayBuffer>,
-  );
-  return Array.from(
-    new Uint8Array(digest),
-    (b) => b.toString(16).padStart(2, "0"),
-  ).join("");
-}
-
-/** The whole export as `nbdcopy` (libnbd) reads it. */
-async function referenceBytes(uri: string): Promise<Uint8Array> {
-  const out = await new Deno.Command("nbdcopy", {
-    args: [uri, "-"],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(30_000),
-  }).output();
-  assert.ok(out.success, new TextDecoder().decode(out.stderr));
-  return out.stdout;
-}
 
 Deno.test({
   name: "nbdkit sparse-random: block status agrees with the bytes",

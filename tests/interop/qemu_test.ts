@@ -22,10 +22,10 @@ import {
   assertBytes,
   extentsOf,
   isZero,
-  referenceMap,
   rejectsBeforeTraffic,
   Trace,
 } from "./_support.ts";
+import { referenceMap } from "../support/reference.ts";
 import { qemuNbd, run, type Server, tempDir } from "../support/servers.ts";
 
 const KiB = 1024;

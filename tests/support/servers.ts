@@ -399,10 +399,14 @@ export async function nbdServer(
 }
 
 /**
- * Runs a program to prepare a fixture (`qemu-img`, `qemu-io`), with a
- * deadline, and returns its stdout; a failure throws with its stderr.
+ * Runs a program to prepare a fixture (`qemu-img`, `qemu-io`) or to ask a
+ * reference tool (`nbdcopy`), with a deadline, and returns its stdout as
+ * bytes; a failure throws with its stderr.
  */
-export async function run(program: string, args: string[]): Promise<string> {
+export async function runBytes(
+  program: string,
+  args: string[],
+): Promise<Uint8Array> {
   const out = await new Deno.Command(program, {
     args,
     stdin: "null",
@@ -410,7 +414,6 @@ export async function run(program: string, args: string[]): Promise<string> {
     stderr: "piped",
     signal: AbortSignal.timeout(30_000),
   }).output();
-  const text = new TextDecoder().decode(out.stdout);
   if (!out.success) {
     throw new Error(
       `${program} ${args.join(" ")} failed with ${out.code}: ${
@@ -418,7 +421,12 @@ export async function run(program: string, args: string[]): Promise<string> {
       }`,
     );
   }
-  return text;
+  return out.stdout;
+}
+
+/** {@linkcode runBytes}, with stdout as text. */
+export async function run(program: string, args: string[]): Promise<string> {
+  return new TextDecoder().decode(await runBytes(program, args));
 }
 
 /** Makes a sparse file of `size` bytes. */
