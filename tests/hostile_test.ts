@@ -198,6 +198,28 @@ async function withClient(
   }
 }
 
+/** connect() fails in the handshake with an NbdProtocolError. */
+async function handshakeFails(
+  server: TestServer,
+  message?: RegExp,
+  options: ConnectOptions = {},
+): Promise<void> {
+  const e = await rejection(open(server, options), "connect()");
+  assertProtocol(e, "handshake", message);
+}
+
+/** read(0, length) fails with a transmission NbdProtocolError. */
+async function readBreaks(
+  server: TestServer,
+  length: number,
+  message: RegExp,
+): Promise<void> {
+  await withClient(server, {}, async (client) => {
+    const e = await rejection(client.read(0, length), "read()");
+    assertProtocol(e, "transmission", message);
+  });
+}
+
 /** Polls (bounded) until the client records a fatal failure. */
 async function failureOf(client: NbdClient): Promise<Error> {
   for (let i = 0; i < 200; i++) {
@@ -271,10 +293,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
       greeting: new Builder().u64(0x4e42444d41474943n + 1n).u64(IHAVEOPT)
         .u16(3).done(),
     }),
-    async (server) => {
-      const e = await rejection(open(server), "connect()");
-      assertProtocol(e, "handshake");
-    },
+    (server) => handshakeFails(server),
   );
 
   await step(
@@ -282,10 +301,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
     config({
       greeting: new Builder().u64(NBDMAGIC).u64(0x1234n).u16(3).done(),
     }),
-    async (server) => {
-      const e = await rejection(open(server), "connect()");
-      assertProtocol(e, "handshake");
-    },
+    (server) => handshakeFails(server),
   );
 
   await step(
@@ -297,10 +313,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
             .u32(0).done()
           : undefined,
     }),
-    async (server) => {
-      const e = await rejection(open(server), "connect()");
-      assertProtocol(e, "handshake", /magic/i);
-    },
+    (server) => handshakeFails(server, /magic/i),
   );
 
   await step(
@@ -309,14 +322,11 @@ async function steps(t: Deno.TestContext): Promise<void> {
       onOption: (opt) =>
         opt.option === OPT_GO ? optionReply(OPT_LIST, REP_ACK) : undefined,
     }),
-    async (server) => {
-      const e = await rejection(open(server), "connect()");
-      assertProtocol(
-        e,
-        "handshake",
+    (server) =>
+      handshakeFails(
+        server,
         /Unexpected option reply 3 \(NBD_OPT_LIST\), expected 7 \(NBD_OPT_GO\)/,
-      );
-    },
+      ),
   );
 
   await step(
@@ -328,10 +338,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
             .u32(0xffffffff).done()
           : undefined,
     }),
-    async (server) => {
-      const e = await rejection(open(server), "connect()");
-      assertProtocol(e, "handshake", /4294967295/);
-    },
+    (server) => handshakeFails(server, /4294967295/),
   );
 
   await step(
@@ -342,10 +349,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
           ? [optionReply(OPT_GO, REP_ACK).subarray(0, 7), "drop"]
           : undefined,
     }),
-    async (server) => {
-      const e = await rejection(open(server), "connect()");
-      assertProtocol(e, "handshake", /7 of 20 bytes/);
-    },
+    (server) => handshakeFails(server, /7 of 20 bytes/),
   );
 
   await step(
@@ -551,10 +555,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
           ? [optionReply(OPT_GO, REP_ACK), "transmission"]
           : undefined,
     }),
-    async (server) => {
-      const e = await rejection(open(server), "connect()");
-      assertProtocol(e, "handshake", /NBD_INFO_EXPORT/);
-    },
+    (server) => handshakeFails(server, /NBD_INFO_EXPORT/),
   );
 
   await step(
@@ -572,10 +573,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
           ]
           : undefined,
     }),
-    async (server) => {
-      const e = await rejection(open(server), "connect()");
-      assertProtocol(e, "handshake");
-    },
+    (server) => handshakeFails(server),
   );
 
   await step(
@@ -596,10 +594,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
   await step(
     "connect() fails with a handshake NbdProtocolError when the greeting is cut short",
     config({ greeting: [newstyleGreeting().subarray(0, 11), "drop"] }),
-    async (server) => {
-      const e = await rejection(open(server), "connect()");
-      assertProtocol(e, "handshake", /11 of 16/);
-    },
+    (server) => handshakeFails(server, /11 of 16/),
   );
 
   await step(
@@ -608,10 +603,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
       style: "oldstyle",
       greeting: [oldstyleGreeting(MiB, 1).subarray(0, 40), "drop"],
     }),
-    async (server) => {
-      const e = await rejection(open(server), "connect()");
-      assertProtocol(e, "handshake");
-    },
+    (server) => handshakeFails(server),
   );
 
   await step(
@@ -695,10 +687,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
           ]
           : undefined,
     }),
-    async (server) => {
-      const e = await rejection(open(server), "connect()");
-      assertProtocol(e, "handshake", /minimum/);
-    },
+    (server) => handshakeFails(server, /minimum/),
   );
 
   await step(
@@ -709,10 +698,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
           ? optionReply(OPT_GO, REP_SERVER, repServerPayload("disk"))
           : undefined,
     }),
-    async (server) => {
-      const e = await rejection(open(server), "connect()");
-      assertProtocol(e, "handshake");
-    },
+    (server) => handshakeFails(server),
   );
 
   await step(
@@ -752,13 +738,8 @@ async function steps(t: Deno.TestContext): Promise<void> {
           ]
           : undefined,
     }),
-    async (server) => {
-      const e = await rejection(
-        open(server, { metaContexts: ["base:allocation"] }),
-        "connect()",
-      );
-      assertProtocol(e, "handshake", /id 1/);
-    },
+    (server) =>
+      handshakeFails(server, /id 1/, { metaContexts: ["base:allocation"] }),
   );
 
   await step(
@@ -879,10 +860,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
           ]
           : undefined,
     }),
-    async (server) => {
-      const e = await rejection(open(server), "connect()");
-      assertProtocol(e, "handshake", /4096/);
-    },
+    (server) => handshakeFails(server, /4096/),
   );
 
   // --- Transmission: typed errors that keep the connection ------------------
@@ -1279,12 +1257,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
         )
       ),
     }),
-    async (server) => {
-      await withClient(server, {}, async (client) => {
-        const e = await rejection(client.read(0, 512), "read()");
-        assertProtocol(e, "transmission", /magic/i);
-      });
-    },
+    (server) => readBreaks(server, 512, /magic/i),
   );
 
   await step(
@@ -1344,12 +1317,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
         "drop",
       ]),
     }),
-    async (server) => {
-      await withClient(server, {}, async (client) => {
-        const e = await rejection(client.read(0, 4096), "read()");
-        assertProtocol(e, "transmission", /100 of 4096/);
-      });
-    },
+    (server) => readBreaks(server, 4096, /100 of 4096/),
   );
 
   await step(
@@ -1361,12 +1329,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
         "drop",
       ]),
     }),
-    async (server) => {
-      await withClient(server, {}, async (client) => {
-        const e = await rejection(client.read(0, 4096), "read()");
-        assertProtocol(e, "transmission", /7 of 16/);
-      });
-    },
+    (server) => readBreaks(server, 4096, /7 of 16/),
   );
 
   await step(
