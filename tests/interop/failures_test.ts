@@ -47,6 +47,39 @@ async function behind(client: NbdClient): Promise<void> {
   );
 }
 
+/**
+ * nbdkit serving 16 MiB whose reads sleep for a minute. The delay filter
+ * sleeps interruptibly: SIGTERM ends the sleep and the request fails with
+ * ESHUTDOWN instead of being served.
+ *
+ * @param options nbdkit options before the filter, e.g. `--threads=64`.
+ */
+function stallingNbdkit(...options: string[]): Promise<Server> {
+  return nbdkit([
+    ...options,
+    "--filter=delay",
+    "memory",
+    String(16 * MiB),
+    "delay-read=60",
+  ]);
+}
+
+/**
+ * Sends `count` 4 KiB reads and returns once all of them are inside the
+ * server. Each is observed, so a rejection before the test awaits it is
+ * not "unhandled".
+ */
+async function readsInFlight(
+  client: NbdClient,
+  count: number,
+): Promise<Promise<Uint8Array>[]> {
+  const pending: Promise<Uint8Array>[] = [];
+  for (let i = 0; i < count; i++) pending.push(client.read(i * 4096, 4096));
+  for (const p of pending) p.catch(() => {});
+  await behind(client);
+  return pending;
+}
+
 for (const structured of [true, false]) {
   const replies = structured ? "structured replies" : "simple replies";
   Deno.test({
@@ -221,23 +254,12 @@ Deno.test({
     try {
       // Reads sleep for a minute, so they are surely in flight at the kill;
       // enough threads that every one of them is inside the server.
-      server = await nbdkit([
-        "--threads=64",
-        "--filter=delay",
-        "memory",
-        String(16 * MiB),
-        "delay-read=60",
-      ]);
+      server = await stallingNbdkit("--threads=64");
       const trace = new Trace();
       await using client = await connect(server.target(), {
         debug: trace.hook,
       });
-      const count = 32;
-      const pending: Promise<unknown>[] = [];
-      for (let i = 0; i < count; i++) pending.push(client.read(i * 4096, 4096));
-      // Observed, so a rejection before allSettled is not "unhandled".
-      for (const p of pending) p.catch(() => {});
-      await behind(client);
+      const pending = await readsInFlight(client, 32);
       server.kill("SIGKILL");
 
       await t.step(
@@ -298,21 +320,12 @@ Deno.test({
   async fn(t) {
     let server: Server | undefined;
     try {
-      // nbdkit's delay filter sleeps interruptibly: SIGTERM ends the sleep
-      // and the request fails with ESHUTDOWN instead of being served.
-      server = await nbdkit([
-        "--filter=delay",
-        "memory",
-        String(16 * MiB),
-        "delay-read=60",
-      ]);
+      server = await stallingNbdkit();
       const trace = new Trace();
       await using client = await connect(server.target(), {
         debug: trace.hook,
       });
-      const pending = [0, 1, 2].map((i) => client.read(i * 4096, 4096));
-      for (const p of pending) p.catch(() => {});
-      await behind(client);
+      const pending = await readsInFlight(client, 3);
       server.kill("SIGTERM");
 
       await t.step(
@@ -423,12 +436,7 @@ Deno.test({
     let server: Server | undefined;
     try {
       // Every read stalls for a minute; close() must not wait that long.
-      server = await nbdkit([
-        "--filter=delay",
-        "memory",
-        String(16 * MiB),
-        "delay-read=60",
-      ]);
+      server = await stallingNbdkit();
 
       await t.step(
         "close() does not wait for a request whose caller aborted it",
