@@ -22,7 +22,12 @@ import type {
   DebugHook,
   TlsOptions,
 } from "../lib/connect_options.ts";
-import { FLAG_HAS_FLAGS, FLAG_READ_ONLY } from "../lib/constants.ts";
+import {
+  CMD_DISC,
+  FLAG_HAS_FLAGS,
+  FLAG_READ_ONLY,
+  REQUEST_MAGIC,
+} from "../lib/constants.ts";
 import { makeTracer, type Tracer } from "../lib/debug.ts";
 import { abortReason, NbdError, NbdProtocolError } from "../lib/errors.ts";
 import {
@@ -58,6 +63,7 @@ import {
   describeErrno,
   E,
   libc,
+  MSG_NOSIGNAL,
   O_CLOEXEC,
   O_RDONLY,
 } from "./_libc.ts";
@@ -322,6 +328,21 @@ function checkNothingBuffered(transport: Transport): void {
   }
 }
 
+/** Sends `NBD_CMD_DISC`, best effort and bounded: the attach failed anyway. */
+async function sayGoodbye(
+  write: (p: Uint8Array<ArrayBuffer>) => Promise<number>,
+): Promise<void> {
+  const req = new Uint8Array(4 + 2 + 2 + 8 + 8 + 4); // magic, flags, type, cookie, offset, length
+  const view = new DataView(req.buffer);
+  view.setUint32(0, REQUEST_MAGIC);
+  view.setUint16(6, CMD_DISC);
+  try {
+    await within(write(req), 1000);
+  } catch {
+    // The connection may already be gone; nothing more to do.
+  }
+}
+
 type WorkerMessage =
   | { type: "started"; tid: number }
   | { type: "returned"; result: number; errno: number }
@@ -513,7 +534,10 @@ export async function attach(
     attachment.watch(options.handleSignals ?? true, signal);
     return attachment;
   } catch (e) {
+    // The server is in transmission by now: say goodbye, as a client that
+    // changes its mind should, before hanging up.
     if (relay) {
+      await sayGoodbye((p) => relay!.remote.write(p));
       relay.local.close();
       try {
         relay.remote.close();
@@ -521,7 +545,18 @@ export async function attach(
         // Already closed.
       }
     }
-    if (sockFd >= 0) libc().close(sockFd);
+    if (sockFd >= 0) {
+      const fd = sockFd;
+      // Not when sockFd is the kernel's end of a socketpair (relay above).
+      if (!relay) {
+        await sayGoodbye(async (p) =>
+          Number(
+            await libc().send(fd, p, BigInt(p.length), MSG_NOSIGNAL),
+          )
+        );
+      }
+      libc().close(fd);
+    }
     if (!handedOver) {
       // Undo a half-done setup, so the device is not left holding a socket.
       if (configured) libc().ioctl(devFd, NBD_CLEAR_SOCK, 0n);

@@ -38,13 +38,16 @@ export class NbdSystemCallError extends NbdError {
    * @param advice What to do about it, appended last.
    */
   constructor(call: string, errno: number, message: string, advice?: string) {
-    // Without a call, the errno alone says what the kernel answered.
+    // Without a call, the errno alone says what the kernel answered; with
+    // neither, the message says it all.
     const failed = call
       ? (errno
         ? `${call} failed with ${describeErrno(errno)}`
         : `${call} failed`)
-      : describeErrno(errno);
-    super(`${message}: ${failed}${advice ? `. ${advice}` : ""}`);
+      : (errno ? describeErrno(errno) : "");
+    super(
+      `${message}${failed ? `: ${failed}` : ""}${advice ? `. ${advice}` : ""}`,
+    );
     this.name = "NbdSystemCallError";
     this.call = call;
     this.errno = errno;

@@ -234,3 +234,9 @@ Deno.test("attach() rejects bad options and a missing device before any traffic"
     );
   }
 });
+
+Deno.test("NbdKernelError without call or errno is the message alone", () => {
+  const e = new NbdKernelError("/dev/nbd0", "", 0, "Too small", "size");
+  assert.equal(e.message, "Too small");
+  assert.equal(e.errnoName, "unknown");
+});

@@ -124,8 +124,9 @@ s.listen()
 time.sleep(120)' "$W/silent.sock" &
 SILENT=$!
 wait_for 20 test -S "$W/silent.sock"
+start_server tiny memory size=100
 deno run --allow-ffi tests/kernel/guest_probe.ts /dev/nbd0 /dev/nbd9 \
-  "$W/silent.sock" /dev/nbd1 > "$W/probe0.out" 2>&1 &
+  "$W/silent.sock" /dev/nbd1 "$W/tiny.sock" > "$W/probe0.out" 2>&1 &
 P=$!
 $CONNECT "$(uri mem)" /dev/nbd0 > /dev/null 2> "$W/busy.err" &
 B=$!
@@ -145,7 +146,10 @@ check missing-error "$(oneline "$W/probe0.out")" \
 check silent-server "$(oneline "$W/probe0.out")" grep -Eq \
   '"silent":"[0-9]{1,2}s: Cannot connect and negotiate within 2000 ms' \
   "$W/probe0.out"
-kill $SILENT 2>/dev/null
+check size-error "$(oneline "$W/probe0.out")" grep -q \
+  '"tiny":"size: Cannot attach to /dev/nbd1: the export (100 bytes) is smaller than one block of 512 bytes","tinyLeftFree":true' \
+  "$W/probe0.out"
+kill $SILENT "$(cat "$W/tiny.pid")" 2>/dev/null
 wait_exit $B 60
 rc=$?
 check busy-error "exit $rc: $(oneline "$W/busy.err")" \

@@ -7,7 +7,10 @@
  * With SILENT, a Unix socket whose server accepts and never answers, it
  * also checks that attach() gives up on it in time.
  *
- * Usage: deno run --allow-ffi tests/kernel/guest_probe.ts DEVICE MISSING SILENT FREE
+ * With TINY, a socket serving an export smaller than a block, it checks
+ * that attach() refuses it (and leaves the device free).
+ *
+ * Usage: deno run --allow-ffi tests/kernel/guest_probe.ts DEVICE MISSING SILENT FREE TINY
  *
  * @module
  */
@@ -22,7 +25,7 @@ import {
 } from "../../ffi/mod.ts";
 
 const device = Deno.args[0] ?? "/dev/nbd0";
-const [, missing, silent, free] = Deno.args;
+const [, missing, silent, free, tiny] = Deno.args;
 const fd = await openDeviceAsync(device);
 let size: bigint;
 try {
@@ -55,5 +58,16 @@ if (silent && free) {
       e instanceof Error ? e.message : e
     }`;
   }
+}
+if (tiny && free) {
+  try {
+    await attach({ path: tiny }, free);
+    out.tiny = "attached?!";
+  } catch (e) {
+    out.tiny = e instanceof NbdKernelError
+      ? `${e.reason}: ${e.message}`
+      : `unexpected: ${e}`;
+  }
+  out.tinyLeftFree = !isAttached(free);
 }
 console.log(JSON.stringify(out));

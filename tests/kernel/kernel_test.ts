@@ -22,6 +22,7 @@ const CHECKS = [
   "missing-error",
   "permission-error",
   "silent-server",
+  "size-error",
   "write",
   "read-back",
   "server-side",
