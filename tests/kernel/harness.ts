@@ -21,11 +21,25 @@ const CACHE = `${HERE}.cache`;
 
 /** Modules the guest loads, in order, with their dependencies. */
 const MODULES = ["virtio_pci", "9pnet_virtio", "9p", "nbd", "ext4"];
-/** Debian packages the harness needs. */
+/** Debian packages that make the guest. */
 export const PACKAGES = [
   "qemu-system-x86",
   "linux-image-amd64",
   "busybox-static",
+];
+/** Commands guest.sh uses from the host root, and their Debian packages. */
+const GUEST_TOOLS: [string, string][] = [
+  ["nbdkit", "nbdkit"],
+  ["nbdcopy", "libnbd-bin"],
+  ["nbdinfo", "libnbd-bin"],
+  ["openssl", "openssl"],
+  ["mkfs.ext4", "e2fsprogs"],
+  ["blockdev", "util-linux"],
+  ["setpriv", "util-linux"],
+  ["/usr/bin/python3", "python3"],
+  ["xz", "xz-utils"],
+  ["cpio", "cpio"],
+  ["modprobe", "kmod"],
 ];
 
 /** What a boot produced. */
@@ -113,26 +127,34 @@ async function findKernel(): Promise<{ version: string; vmlinuz: string }> {
  * and otherwise fails with the command to run. Never skips.
  */
 export async function ensurePackages(): Promise<void> {
-  const missing: string[] = [];
-  if (!await which("qemu-system-x86_64")) missing.push("qemu-system-x86");
-  if (!await exists("/bin/busybox")) missing.push("busybox-static");
+  const missing = new Set<string>();
+  if (!await which("qemu-system-x86_64")) missing.add("qemu-system-x86");
+  if (!await exists("/bin/busybox")) missing.add("busybox-static");
   try {
     await findKernel();
   } catch {
-    missing.push("linux-image-amd64");
+    missing.add("linux-image-amd64");
   }
-  if (missing.length === 0) return;
+  // What guest.sh runs from the host root it mounts.
+  for (const [command, pkg] of GUEST_TOOLS) {
+    const found = command.startsWith("/")
+      ? await exists(command)
+      : await which(command);
+    if (!found) missing.add(pkg);
+  }
+  if (missing.size === 0) return;
+  const packages = [...missing];
   const isRoot = Deno.uid() === 0;
   if (!Deno.env.get("CI") || !isRoot) {
     throw new Error(
-      `The kernel test needs ${missing.join(", ")}: run ` +
-        `"apt-get install -y ${PACKAGES.join(" ")}" as root ` +
+      `The kernel test needs ${packages.join(", ")}: run ` +
+        `"apt-get install -y ${packages.join(" ")}" as root ` +
         `(CI installs them itself)`,
     );
   }
   await run("apt-get", ["update"], { stdout: "null" });
   const out = await new Deno.Command("apt-get", {
-    args: ["install", "-y", "--no-install-recommends", ...PACKAGES],
+    args: ["install", "-y", "--no-install-recommends", ...packages],
     env: { DEBIAN_FRONTEND: "noninteractive" },
     stdout: "null",
     stderr: "piped",
