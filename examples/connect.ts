@@ -69,7 +69,29 @@ function say(line: string): void {
   Deno.stdout.writeSync(new TextEncoder().encode(line + "\n"));
 }
 
-async function main(args: string[]): Promise<number> {
+/**
+ * Runs the tool: attaches and waits for the release, or detaches with `-d`.
+ *
+ * @param args Command-line arguments, without the program name.
+ * @returns The exit status: 0 after a requested disconnect (SIGINT/SIGTERM)
+ *   or a detach, 1 on failure or when the server went away, 2 for a usage
+ *   mistake.
+ */
+export async function main(args: string[]): Promise<number> {
+  try {
+    return await run(args);
+  } catch (e) {
+    if (e instanceof UsageError) {
+      warn(`connect: ${e.message}`);
+      warn("Try 'connect --help'.");
+      return 2;
+    }
+    warn(errorLine("connect", e));
+    return 1;
+  }
+}
+
+async function run(args: string[]): Promise<number> {
   const { options, positionals } = parseArgs(args, SPECS);
   if (options.has("help")) {
     say(USAGE);
@@ -129,18 +151,4 @@ async function main(args: string[]): Promise<number> {
   return 1;
 }
 
-if (import.meta.main) {
-  let code: number;
-  try {
-    code = await main(Deno.args);
-  } catch (e) {
-    if (e instanceof UsageError) {
-      warn(`connect: ${e.message}\n${USAGE}`);
-      code = 2;
-    } else {
-      warn(errorLine("connect", e));
-      code = 1;
-    }
-  }
-  Deno.exit(code);
-}
+if (import.meta.main) Deno.exit(await main(Deno.args));
