@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import type { Extent } from "../../mod.ts";
-import { nbdkit, qemuNbd, run } from "../support/servers.ts";
+import { nbdkit, qemuNbd, run, type Server } from "../support/servers.ts";
 import { exportHash, referenceMap, sha256 } from "../support/reference.ts";
 import { runTool } from "./_tools.ts";
 
@@ -81,6 +81,18 @@ Deno.test({
       const size = 64 * 1024 * 1024;
       const data = dataBytes(srcMap);
       assert.ok(data > 0 && data < size / 2, `source has ${data} data bytes`);
+      /**
+       * `dst` holds the source's bytes, and data only in the pages the
+       * source's data touches (nbdkit's sparse array uses 32 KiB pages);
+       * everything else is still a hole.
+       */
+      const assertSparseCopy = async (dst: Server) => {
+        assert.equal(await exportHash(dst.uri()), expected);
+        assert.equal(
+          dataBytes(await referenceMap(dst.uri())),
+          pagedDataBytes(srcMap, 32768),
+        );
+      };
 
       await t.step("into a fresh nbdkit memory export", async () => {
         const dst = await nbdkit(["memory", "64M"], { dir: src.dir });
@@ -90,13 +102,7 @@ Deno.test({
           const s = stats(r.stderr);
           assert.equal(s.read, data, "only the data extents were read");
           assert.equal(s.wrote + s.zeroed, size);
-          assert.equal(await exportHash(dst.uri()), expected);
-          // The destination's own map: data only in the pages the source's
-          // data touches; everything else is still a hole.
-          assert.equal(
-            dataBytes(await referenceMap(dst.uri())),
-            pagedDataBytes(srcMap, 32768),
-          );
+          await assertSparseCopy(dst);
         } finally {
           await dst.stop();
         }
@@ -121,11 +127,7 @@ Deno.test({
           const up = await runTool("copy", ["-v", file, dst.uri()]);
           assert.equal(up.code, 0, up.stderr);
           assert.equal(stats(up.stderr).wrote, data);
-          assert.equal(await exportHash(dst.uri()), expected);
-          assert.equal(
-            dataBytes(await referenceMap(dst.uri())),
-            pagedDataBytes(srcMap, 32768),
-          );
+          await assertSparseCopy(dst);
         } finally {
           await dst.stop();
         }
@@ -288,51 +290,46 @@ Deno.test({
         await src.stop();
       }
     });
-    await t.step("a write error on the destination", async () => {
-      const src = await nbdkit(["pattern", "64M"]);
-      const dst = await nbdkit(
-        [
+    const destinations = [
+      {
+        name: "a write error on the destination",
+        src: ["pattern", "64M"],
+        dst: [
           "--filter=error",
           "memory",
           "64M",
           "error=ENOSPC",
           "error-pwrite-rate=0.05",
         ],
-        { dir: src.dir },
-      );
-      try {
-        const r = await runTool("copy", [src.uri(), dst.uri()]);
-        assert.equal(r.code, 1);
-        assert.match(r.stderr, /^copy: writing nbd\+unix:.*ENOSPC.*\n$/);
-      } finally {
-        await dst.stop();
-        await src.stop();
-      }
-    });
-    await t.step("a destination smaller than the source", async () => {
-      const src = await nbdkit(["pattern", "2M"]);
-      const dst = await nbdkit(["memory", "1M"], { dir: src.dir });
-      try {
-        const r = await runTool("copy", [src.uri(), dst.uri()]);
-        assert.equal(r.code, 1);
-        assert.match(r.stderr, /^copy: destination is too small/);
-      } finally {
-        await dst.stop();
-        await src.stop();
-      }
-    });
-    await t.step("a read-only destination", async () => {
-      const src = await nbdkit(["pattern", "1M"]);
-      const dst = await nbdkit(["-r", "memory", "1M"], { dir: src.dir });
-      try {
-        const r = await runTool("copy", [src.uri(), dst.uri()]);
-        assert.equal(r.code, 1);
-        assert.match(r.stderr, /read-only/);
-      } finally {
-        await dst.stop();
-        await src.stop();
-      }
-    });
+        message: /^copy: writing nbd\+unix:.*ENOSPC.*\n$/,
+      },
+      {
+        name: "a destination smaller than the source",
+        src: ["pattern", "2M"],
+        dst: ["memory", "1M"],
+        message: /^copy: destination is too small/,
+      },
+      {
+        name: "a read-only destination",
+        src: ["pattern", "1M"],
+        dst: ["-r", "memory", "1M"],
+        message: /read-only/,
+      },
+    ];
+    for (const d of destinations) {
+      await t.step(d.name, async () => {
+        const src = await nbdkit(d.src);
+        const dst = await nbdkit(d.dst, { dir: src.dir });
+        try {
+          const r = await runTool("copy", [src.uri(), dst.uri()]);
+          assert.equal(r.code, 1);
+          assert.match(r.stderr, d.message);
+        } finally {
+          await dst.stop();
+          await src.stop();
+        }
+      });
+    }
   },
 });
 
