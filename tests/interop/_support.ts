@@ -75,6 +75,38 @@ export async function rejectsBeforeTraffic(
   assert.equal(trace.commands().length, sent, "a command was sent anyway");
 }
 
+/** What the client says when a read-only export is asked to change. */
+export const READ_ONLY = /the export is read-only/;
+
+/**
+ * write(), trim() and writeZeroes() of `length` bytes at offset 0, which a
+ * read-only export must refuse before any command reaches the wire.
+ */
+export async function refusesWritesBeforeTraffic(
+  trace: Trace,
+  client: NbdClient,
+  length: number,
+): Promise<void> {
+  await rejectsBeforeTraffic(
+    trace,
+    () => client.write(0, new Uint8Array(length)),
+    "write",
+    READ_ONLY,
+  );
+  await rejectsBeforeTraffic(
+    trace,
+    () => client.trim(0, length),
+    "write",
+    READ_ONLY,
+  );
+  await rejectsBeforeTraffic(
+    trace,
+    () => client.writeZeroes(0, length),
+    "write",
+    READ_ONLY,
+  );
+}
+
 /**
  * Bytes that depend on `seed` and on the absolute offset, so that data read
  * from the wrong place or the wrong request never matches by accident.

@@ -29,6 +29,7 @@ import {
   fill,
   isZero,
   pattern,
+  refusesWritesBeforeTraffic,
   rejectsBeforeTraffic,
   Trace,
   within,
@@ -602,25 +603,7 @@ async function runChecks(
       await t.step(
         "write(), trim() and writeZeroes() on a read-only export fail before traffic",
         async () => {
-          const why = /the export is read-only/;
-          await rejectsBeforeTraffic(
-            trace,
-            () => client.write(0, new Uint8Array(4096)),
-            "write",
-            why,
-          );
-          await rejectsBeforeTraffic(
-            trace,
-            () => client.trim(0, 4096),
-            "write",
-            why,
-          );
-          await rejectsBeforeTraffic(
-            trace,
-            () => client.writeZeroes(0, 4096),
-            "write",
-            why,
-          );
+          await refusesWritesBeforeTraffic(trace, client, 4096);
         },
       );
       await t.step("read() returns what the export holds", async () => {

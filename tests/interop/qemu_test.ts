@@ -22,7 +22,8 @@ import {
   assertBytes,
   extentsOf,
   isZero,
-  rejectsBeforeTraffic,
+  READ_ONLY,
+  refusesWritesBeforeTraffic,
   Trace,
 } from "./_support.ts";
 import { referenceMap } from "../support/reference.ts";
@@ -339,30 +340,12 @@ Deno.test({
             debug: trace.hook,
           });
           assert.equal(client.readOnly, true);
-          const why = /the export is read-only/;
-          await rejectsBeforeTraffic(
-            trace,
-            () => client.write(0, new Uint8Array(512)),
-            "write",
-            why,
-          );
-          await rejectsBeforeTraffic(
-            trace,
-            () => client.trim(0, 512),
-            "write",
-            why,
-          );
-          await rejectsBeforeTraffic(
-            trace,
-            () => client.writeZeroes(0, 512),
-            "write",
-            why,
-          );
+          await refusesWritesBeforeTraffic(trace, client, 512);
           assert.throws(
             () => client.writable(),
             (e: unknown) =>
               e instanceof Error && e.name === "NbdUnsupportedError" &&
-              why.test(e.message),
+              READ_ONLY.test(e.message),
           );
           assertBytes(
             await client.read(0, MiB),
