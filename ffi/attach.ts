@@ -22,12 +22,7 @@ import type {
   DebugHook,
   TlsOptions,
 } from "../lib/connect_options.ts";
-import {
-  CMD_DISC,
-  FLAG_HAS_FLAGS,
-  FLAG_READ_ONLY,
-  REQUEST_MAGIC,
-} from "../lib/constants.ts";
+import { CMD_DISC, FLAG_HAS_FLAGS, FLAG_READ_ONLY } from "../lib/constants.ts";
 import { makeTracer, type Tracer } from "../lib/debug.ts";
 import { abortReason, NbdError, NbdProtocolError } from "../lib/errors.ts";
 import {
@@ -36,6 +31,7 @@ import {
   negotiate,
 } from "../lib/handshake.ts";
 import { type ByteStream, errorText, Transport } from "../lib/transport.ts";
+import { encodeRequest, SIZES } from "../lib/wire.ts";
 import { startDoItWorker } from "./_do_it_worker.ts";
 import { FdStream } from "./_fd_stream.ts";
 import {
@@ -332,10 +328,13 @@ function checkNothingBuffered(transport: Transport): void {
 async function sayGoodbye(
   write: (p: Uint8Array<ArrayBuffer>) => Promise<number>,
 ): Promise<void> {
-  const req = new Uint8Array(4 + 2 + 2 + 8 + 8 + 4); // magic, flags, type, cookie, offset, length
-  const view = new DataView(req.buffer);
-  view.setUint32(0, REQUEST_MAGIC);
-  view.setUint16(6, CMD_DISC);
+  // The kernel negotiated without extended headers: a compact request.
+  const req = new Uint8Array(SIZES.request);
+  encodeRequest(
+    { flags: 0, type: CMD_DISC, cookie: 0, offset: 0, length: 0 },
+    false,
+    req,
+  );
   try {
     await within(write(req), 1000);
   } catch {
