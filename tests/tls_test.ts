@@ -21,8 +21,8 @@ import {
   upgradeToTls,
 } from "../lib/tls.ts";
 import type { ByteStream } from "../lib/transport.ts";
-import { nbdkit, type Server } from "./support/servers.ts";
-import { makeTestPki } from "./support/certs.ts";
+import type { Server } from "./support/servers.ts";
+import { makeTestPki, startTlsNbdkits } from "./support/certs.ts";
 
 async function readExact(s: ByteStream, n: number): Promise<Uint8Array> {
   const out = new Uint8Array(n);
@@ -207,244 +207,235 @@ Deno.test("refuseUnsupportedTls() refuses TLS-PSK by name", () => {
 
 Deno.test("upgradeToTls()", async (t) => {
   await using pki = await makeTestPki();
-  const tls = ["--tls=require", `--tls-certificates=${pki.serverDir}`];
-  const tcp = await nbdkit([...tls, "memory", "1M"], { tcp: true });
-  const unix = await nbdkit([...tls, "memory", "1M"]);
-  const verifying = await nbdkit(
-    [...tls, "--tls-verify-peer", "memory", "1M"],
-    { tcp: true },
-  );
-  try {
-    await t.step(
-      "verifies chain and host name over TCP and carries options",
-      async () => {
-        const secure = await upgradeToTls(await openTcp(tcp), {
-          hostname: "localhost",
-          tlsCertificates: pki.clientNoCertDir,
-        });
-        try {
-          assert.equal(secure.verified, true);
-          assert.match(secure.protocol ?? "", /^TLSv1\.[23]$/);
-          await abortOverTls(secure);
-        } finally {
-          secure.close();
-        }
-      },
-    );
-
-    await t.step("tells the debug hook what was negotiated", async () => {
-      const events: Array<[string, Record<string, unknown>]> = [];
+  await using servers = await startTlsNbdkits(pki);
+  const { tcp, unix, verifying } = servers;
+  await t.step(
+    "verifies chain and host name over TCP and carries options",
+    async () => {
       const secure = await upgradeToTls(await openTcp(tcp), {
         hostname: "localhost",
-        tlsCertificates: pki.clientNoCertDir,
-        debug: (event, fields) => events.push([event, fields]),
-      });
-      secure.close();
-      assert.deepEqual(events, [["tls.handshake", {
-        hostname: "localhost",
-        protocol: secure.protocol,
-        cipher: secure.cipher,
-        verified: true,
-        clientCertificate: false,
-      }]]);
-    });
-
-    await t.step(
-      "checks an IP address against the certificate's IP names",
-      async () => {
-        const secure = await upgradeToTls(await openTcp(tcp), {
-          hostname: "127.0.0.1",
-          caCerts: [pki.caCert],
-        });
-        try {
-          await abortOverTls(secure);
-        } finally {
-          secure.close();
-        }
-      },
-    );
-
-    await t.step("rejects a certificate from an unknown CA", async () => {
-      await assert.rejects(
-        upgradeToTls(await openTcp(tcp), {
-          hostname: "localhost",
-          tlsCertificates: pki.otherDir,
-        }),
-        assertTlsError(
-          "UNABLE_TO_VERIFY_LEAF_SIGNATURE",
-          /^TLS handshake with localhost failed: the server's certificate is not signed by a trusted CA/,
-        ),
-      );
-    });
-
-    await t.step("rejects a certificate for another name", async () => {
-      await assert.rejects(
-        upgradeToTls(await openTcp(tcp), {
-          hostname: "localhost",
-          tlsHostname: "nbd.example.com",
-          tlsCertificates: pki.clientNoCertDir,
-        }),
-        assertTlsError(
-          "ERR_TLS_CERT_ALTNAME_INVALID",
-          /^TLS handshake with nbd\.example\.com failed: the server's certificate is not valid for the name "nbd\.example\.com"; set tlsHostname/,
-        ),
-      );
-    });
-
-    await t.step("accepts anything with tlsVerifyPeer: false", async () => {
-      const secure = await upgradeToTls(await openTcp(tcp), {
-        hostname: "nbd.example.com",
-        tlsCertificates: pki.otherDir,
-        tlsVerifyPeer: false,
-      });
-      try {
-        assert.equal(secure.verified, false);
-        await abortOverTls(secure);
-      } finally {
-        secure.close();
-      }
-    });
-
-    await t.step("works over a Unix socket, checking the chain", async () => {
-      const secure = await upgradeToTls(await openUnix(unix), {
-        path: unix.socket!,
         tlsCertificates: pki.clientNoCertDir,
       });
       try {
         assert.equal(secure.verified, true);
+        assert.match(secure.protocol ?? "", /^TLSv1\.[23]$/);
         await abortOverTls(secure);
       } finally {
         secure.close();
       }
-      await assert.rejects(
-        upgradeToTls(await openUnix(unix), {
-          path: unix.socket!,
-          tlsCertificates: pki.otherDir,
-        }),
-        assertTlsError(
-          "UNABLE_TO_VERIFY_LEAF_SIGNATURE",
-          /^TLS handshake with the server failed/,
-        ),
-      );
-    });
+    },
+  );
 
-    await t.step("checks tlsHostname over a Unix socket", async () => {
-      await assert.rejects(
-        upgradeToTls(await openUnix(unix), {
-          path: unix.socket!,
-          tlsHostname: "nbd.example.com",
-          tlsCertificates: pki.clientNoCertDir,
-        }),
-        assertTlsError("ERR_TLS_CERT_ALTNAME_INVALID", /nbd\.example\.com/),
-      );
-      const secure = await upgradeToTls(await openUnix(unix), {
+  await t.step("tells the debug hook what was negotiated", async () => {
+    const events: Array<[string, Record<string, unknown>]> = [];
+    const secure = await upgradeToTls(await openTcp(tcp), {
+      hostname: "localhost",
+      tlsCertificates: pki.clientNoCertDir,
+      debug: (event, fields) => events.push([event, fields]),
+    });
+    secure.close();
+    assert.deepEqual(events, [["tls.handshake", {
+      hostname: "localhost",
+      protocol: secure.protocol,
+      cipher: secure.cipher,
+      verified: true,
+      clientCertificate: false,
+    }]]);
+  });
+
+  await t.step(
+    "checks an IP address against the certificate's IP names",
+    async () => {
+      const secure = await upgradeToTls(await openTcp(tcp), {
+        hostname: "127.0.0.1",
+        caCerts: [pki.caCert],
+      });
+      try {
+        await abortOverTls(secure);
+      } finally {
+        secure.close();
+      }
+    },
+  );
+
+  await t.step("rejects a certificate from an unknown CA", async () => {
+    await assert.rejects(
+      upgradeToTls(await openTcp(tcp), {
+        hostname: "localhost",
+        tlsCertificates: pki.otherDir,
+      }),
+      assertTlsError(
+        "UNABLE_TO_VERIFY_LEAF_SIGNATURE",
+        /^TLS handshake with localhost failed: the server's certificate is not signed by a trusted CA/,
+      ),
+    );
+  });
+
+  await t.step("rejects a certificate for another name", async () => {
+    await assert.rejects(
+      upgradeToTls(await openTcp(tcp), {
+        hostname: "localhost",
+        tlsHostname: "nbd.example.com",
+        tlsCertificates: pki.clientNoCertDir,
+      }),
+      assertTlsError(
+        "ERR_TLS_CERT_ALTNAME_INVALID",
+        /^TLS handshake with nbd\.example\.com failed: the server's certificate is not valid for the name "nbd\.example\.com"; set tlsHostname/,
+      ),
+    );
+  });
+
+  await t.step("accepts anything with tlsVerifyPeer: false", async () => {
+    const secure = await upgradeToTls(await openTcp(tcp), {
+      hostname: "nbd.example.com",
+      tlsCertificates: pki.otherDir,
+      tlsVerifyPeer: false,
+    });
+    try {
+      assert.equal(secure.verified, false);
+      await abortOverTls(secure);
+    } finally {
+      secure.close();
+    }
+  });
+
+  await t.step("works over a Unix socket, checking the chain", async () => {
+    const secure = await upgradeToTls(await openUnix(unix), {
+      path: unix.socket!,
+      tlsCertificates: pki.clientNoCertDir,
+    });
+    try {
+      assert.equal(secure.verified, true);
+      await abortOverTls(secure);
+    } finally {
+      secure.close();
+    }
+    await assert.rejects(
+      upgradeToTls(await openUnix(unix), {
         path: unix.socket!,
-        tlsHostname: "localhost",
+        tlsCertificates: pki.otherDir,
+      }),
+      assertTlsError(
+        "UNABLE_TO_VERIFY_LEAF_SIGNATURE",
+        /^TLS handshake with the server failed/,
+      ),
+    );
+  });
+
+  await t.step("checks tlsHostname over a Unix socket", async () => {
+    await assert.rejects(
+      upgradeToTls(await openUnix(unix), {
+        path: unix.socket!,
+        tlsHostname: "nbd.example.com",
+        tlsCertificates: pki.clientNoCertDir,
+      }),
+      assertTlsError("ERR_TLS_CERT_ALTNAME_INVALID", /nbd\.example\.com/),
+    );
+    const secure = await upgradeToTls(await openUnix(unix), {
+      path: unix.socket!,
+      tlsHostname: "localhost",
+      tlsCertificates: pki.clientNoCertDir,
+    });
+    secure.close();
+  });
+
+  await t.step(
+    "sends the client certificate a verifying server asks for",
+    async () => {
+      const secure = await upgradeToTls(await openTcp(verifying), {
+        hostname: "localhost",
+        tlsCertificates: pki.clientDir,
+      });
+      try {
+        await abortOverTls(secure);
+      } finally {
+        secure.close();
+      }
+    },
+  );
+
+  await t.step(
+    "reports a verifying server that wanted a client certificate",
+    async () => {
+      // TLS 1.3: the client's side of the handshake completes; the server's
+      // refusal arrives with the first read.
+      const secure = await upgradeToTls(await openTcp(verifying), {
+        hostname: "localhost",
+        tlsCertificates: pki.clientNoCertDir,
+      }).catch((e) => e);
+      try {
+        const failure = secure instanceof Error
+          ? secure
+          : await abortOverTls(secure).then(() => undefined, (e) => e);
+        assertTlsError(undefined, /it may require a client certificate/)(
+          failure,
+        );
+      } finally {
+        if (!(secure instanceof Error)) secure.close();
+      }
+    },
+  );
+
+  await t.step(
+    "reports a client certificate the server does not trust",
+    async () => {
+      const secure = await upgradeToTls(await openTcp(verifying), {
+        hostname: "localhost",
+        caCerts: [pki.caCert],
+        tlsCertificates: pki.otherDir,
+        tlsVerifyPeer: true,
+      }).catch((e) => e);
+      try {
+        // The other directory's CA cannot verify the server; trust ours too.
+        const failure = secure instanceof Error
+          ? secure
+          : await abortOverTls(secure).then(() => undefined, (e) => e);
+        assertTlsError(
+          undefined,
+          /it may not trust the client certificate that was sent/,
+        )(failure);
+      } finally {
+        if (!(secure instanceof Error)) secure.close();
+      }
+    },
+  );
+
+  await t.step(
+    "refuses TLS-PSK before the handshake and closes the stream",
+    async () => {
+      const conn = await openTcp(tcp);
+      await assert.rejects(
+        upgradeToTls(conn, { hostname: "localhost", tlsPskFile: "keys.psk" }),
+        assertTlsError(undefined, /^TLS-PSK/),
+      );
+      await assert.rejects(
+        conn.read(new Uint8Array(1)),
+        Deno.errors.BadResource,
+      );
+    },
+  );
+
+  await t.step(
+    "reads and writes at once, and close() fails a pending read",
+    async () => {
+      const secure: TlsStream = await upgradeToTls(await openTcp(tcp), {
+        hostname: "localhost",
         tlsCertificates: pki.clientNoCertDir,
       });
+      const header = new Uint8Array(20);
+      const reading = readExact(secure, 20).then((b) => header.set(b));
+      await writeAll(secure, option(OPT_ABORT));
+      await reading;
+      assert.equal(new DataView(header.buffer).getUint32(12), REP_ACK);
+      const pending = secure.read(new Uint8Array(1));
       secure.close();
-    });
-
-    await t.step(
-      "sends the client certificate a verifying server asks for",
-      async () => {
-        const secure = await upgradeToTls(await openTcp(verifying), {
-          hostname: "localhost",
-          tlsCertificates: pki.clientDir,
-        });
-        try {
-          await abortOverTls(secure);
-        } finally {
-          secure.close();
-        }
-      },
-    );
-
-    await t.step(
-      "reports a verifying server that wanted a client certificate",
-      async () => {
-        // TLS 1.3: the client's side of the handshake completes; the server's
-        // refusal arrives with the first read.
-        const secure = await upgradeToTls(await openTcp(verifying), {
-          hostname: "localhost",
-          tlsCertificates: pki.clientNoCertDir,
-        }).catch((e) => e);
-        try {
-          const failure = secure instanceof Error
-            ? secure
-            : await abortOverTls(secure).then(() => undefined, (e) => e);
-          assertTlsError(undefined, /it may require a client certificate/)(
-            failure,
-          );
-        } finally {
-          if (!(secure instanceof Error)) secure.close();
-        }
-      },
-    );
-
-    await t.step(
-      "reports a client certificate the server does not trust",
-      async () => {
-        const secure = await upgradeToTls(await openTcp(verifying), {
-          hostname: "localhost",
-          caCerts: [pki.caCert],
-          tlsCertificates: pki.otherDir,
-          tlsVerifyPeer: true,
-        }).catch((e) => e);
-        try {
-          // The other directory's CA cannot verify the server; trust ours too.
-          const failure = secure instanceof Error
-            ? secure
-            : await abortOverTls(secure).then(() => undefined, (e) => e);
-          assertTlsError(
-            undefined,
-            /it may not trust the client certificate that was sent/,
-          )(failure);
-        } finally {
-          if (!(secure instanceof Error)) secure.close();
-        }
-      },
-    );
-
-    await t.step(
-      "refuses TLS-PSK before the handshake and closes the stream",
-      async () => {
-        const conn = await openTcp(tcp);
-        await assert.rejects(
-          upgradeToTls(conn, { hostname: "localhost", tlsPskFile: "keys.psk" }),
-          assertTlsError(undefined, /^TLS-PSK/),
-        );
-        await assert.rejects(
-          conn.read(new Uint8Array(1)),
-          Deno.errors.BadResource,
-        );
-      },
-    );
-
-    await t.step(
-      "reads and writes at once, and close() fails a pending read",
-      async () => {
-        const secure: TlsStream = await upgradeToTls(await openTcp(tcp), {
-          hostname: "localhost",
-          tlsCertificates: pki.clientNoCertDir,
-        });
-        const header = new Uint8Array(20);
-        const reading = readExact(secure, 20).then((b) => header.set(b));
-        await writeAll(secure, option(OPT_ABORT));
-        await reading;
-        assert.equal(new DataView(header.buffer).getUint32(12), REP_ACK);
-        const pending = secure.read(new Uint8Array(1));
-        secure.close();
-        await assert.rejects(pending, NbdConnectionClosedError);
-        await assert.rejects(
-          secure.write(option(OPT_ABORT)),
-          NbdConnectionClosedError,
-        );
-      },
-    );
-  } finally {
-    await Promise.all([tcp.stop(), unix.stop(), verifying.stop()]);
-  }
+      await assert.rejects(pending, NbdConnectionClosedError);
+      await assert.rejects(
+        secure.write(option(OPT_ABORT)),
+        NbdConnectionClosedError,
+      );
+    },
+  );
 });
 
 Deno.test(

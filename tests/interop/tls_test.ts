@@ -15,7 +15,7 @@ import {
   NbdTlsError,
 } from "../../mod.ts";
 import { OPT_STARTTLS, REP_ERR_POLICY } from "../../lib/constants.ts";
-import { makeTestPki } from "../support/certs.ts";
+import { makeTestPki, startTlsNbdkits } from "../support/certs.ts";
 import { startTestServer } from "../support/server.ts";
 import { nbdkit, qemuNbd, type Server } from "../support/servers.ts";
 
@@ -65,13 +65,8 @@ function unixUri(server: Server, query: string): string {
 
 Deno.test("TLS with nbdkit", async (t) => {
   await using pki = await makeTestPki();
-  const tls = ["--tls=require", `--tls-certificates=${pki.serverDir}`];
-  const tcp = await nbdkit([...tls, "memory", "1M"], { tcp: true });
-  const unix = await nbdkit([...tls, "memory", "1M"]);
-  const verifying = await nbdkit(
-    [...tls, "--tls-verify-peer", "memory", "1M"],
-    { tcp: true },
-  );
+  await using servers = await startTlsNbdkits(pki);
+  const { tcp, unix, verifying } = servers;
   const optional = await nbdkit(
     ["--tls=on", `--tls-certificates=${pki.serverDir}`, "memory", "1M"],
     { tcp: true },
@@ -316,9 +311,7 @@ Deno.test("TLS with nbdkit", async (t) => {
       );
     });
   } finally {
-    await Promise.all(
-      [tcp, unix, verifying, optional, plain].map((s) => s.stop()),
-    );
+    await Promise.all([optional, plain].map((s) => s.stop()));
   }
 });
 

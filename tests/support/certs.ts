@@ -10,9 +10,13 @@
  *   distrusted by both sides.
  *
  * The server certificate is for `localhost`, `127.0.0.1` and `::1`.
+ * {@linkcode startTlsNbdkits} starts the nbdkit servers both TLS suites
+ * use with it.
  *
  * @module
  */
+
+import { nbdkit, type Server } from "./servers.ts";
 
 /** The files of a test PKI; see the module doc for the layout. */
 export interface TestPki extends AsyncDisposable {
@@ -223,6 +227,46 @@ export async function makeTestPki(): Promise<TestPki> {
     };
   } catch (e) {
     await Deno.remove(root, { recursive: true });
+    throw e;
+  }
+}
+
+/** nbdkit servers of 1 MiB of memory that require TLS; all stop on dispose. */
+export interface TlsNbdkits extends AsyncDisposable {
+  /** Over loopback TCP. */
+  readonly tcp: Server;
+  /** Over a Unix socket. */
+  readonly unix: Server;
+  /** Over loopback TCP, demanding a client certificate signed by the CA. */
+  readonly verifying: Server;
+}
+
+/**
+ * Starts nbdkit with the PKI's server credentials, `--tls=require`, over
+ * TCP and a Unix socket, and once more with `--tls-verify-peer`.
+ *
+ * @returns The servers; `await using` stops them.
+ */
+export async function startTlsNbdkits(pki: TestPki): Promise<TlsNbdkits> {
+  const tls = ["--tls=require", `--tls-certificates=${pki.serverDir}`];
+  const started: Server[] = [];
+  const stop = async () => {
+    await Promise.all(started.map((s) => s.stop()));
+  };
+  const start = async (args: string[], tcp: boolean) => {
+    const server = await nbdkit([...tls, ...args, "memory", "1M"], { tcp });
+    started.push(server);
+    return server;
+  };
+  try {
+    return {
+      tcp: await start([], true),
+      unix: await start([], false),
+      verifying: await start(["--tls-verify-peer"], true),
+      [Symbol.asyncDispose]: stop,
+    };
+  } catch (e) {
+    await stop();
     throw e;
   }
 }
