@@ -18,6 +18,7 @@ import {
   NbdTlsError,
   refuseUnsupportedTls,
   type TlsStream,
+  type UpgradeOptions,
   upgradeToTls,
 } from "../lib/tls.ts";
 import type { ByteStream } from "../lib/transport.ts";
@@ -86,6 +87,42 @@ async function openUnix(server: Server): Promise<Deno.UnixConn> {
 async function abortOverTls(secure: ByteStream): Promise<void> {
   await writeAll(secure, option(OPT_ABORT));
   await expectAck(secure, OPT_ABORT);
+}
+
+/**
+ * Upgrades `conn`, lets `check` look at the TLS stream, proves that the
+ * stream carries NBD, and closes it.
+ */
+async function carriesNbd(
+  conn: Deno.Conn,
+  options: UpgradeOptions,
+  check: (secure: TlsStream) => void = () => {},
+): Promise<void> {
+  const secure = await upgradeToTls(conn, options);
+  try {
+    check(secure);
+    await abortOverTls(secure);
+  } finally {
+    secure.close();
+  }
+}
+
+/**
+ * How a TLS session the server refuses fails: in the handshake, or (TLS
+ * 1.3, where the client's side of the handshake completes first) with the
+ * first exchange after it; `undefined` if neither failed.
+ */
+async function sessionFailure(
+  conn: Deno.Conn,
+  options: UpgradeOptions,
+): Promise<unknown> {
+  const secure = await upgradeToTls(conn, options).catch((e) => e);
+  if (secure instanceof Error) return secure;
+  try {
+    return await abortOverTls(secure).then(() => undefined, (e) => e);
+  } finally {
+    secure.close();
+  }
 }
 
 function assertTlsError(code: string | undefined, message: RegExp) {
@@ -212,17 +249,13 @@ Deno.test("upgradeToTls()", async (t) => {
   await t.step(
     "verifies chain and host name over TCP and carries options",
     async () => {
-      const secure = await upgradeToTls(await openTcp(tcp), {
+      await carriesNbd(await openTcp(tcp), {
         hostname: "localhost",
         tlsCertificates: pki.clientNoCertDir,
-      });
-      try {
+      }, (secure) => {
         assert.equal(secure.verified, true);
         assert.match(secure.protocol ?? "", /^TLSv1\.[23]$/);
-        await abortOverTls(secure);
-      } finally {
-        secure.close();
-      }
+      });
     },
   );
 
@@ -246,15 +279,10 @@ Deno.test("upgradeToTls()", async (t) => {
   await t.step(
     "checks an IP address against the certificate's IP names",
     async () => {
-      const secure = await upgradeToTls(await openTcp(tcp), {
+      await carriesNbd(await openTcp(tcp), {
         hostname: "127.0.0.1",
         caCerts: [pki.caCert],
       });
-      try {
-        await abortOverTls(secure);
-      } finally {
-        secure.close();
-      }
     },
   );
 
@@ -286,30 +314,18 @@ Deno.test("upgradeToTls()", async (t) => {
   });
 
   await t.step("accepts anything with tlsVerifyPeer: false", async () => {
-    const secure = await upgradeToTls(await openTcp(tcp), {
+    await carriesNbd(await openTcp(tcp), {
       hostname: "nbd.example.com",
       tlsCertificates: pki.otherDir,
       tlsVerifyPeer: false,
-    });
-    try {
-      assert.equal(secure.verified, false);
-      await abortOverTls(secure);
-    } finally {
-      secure.close();
-    }
+    }, (secure) => assert.equal(secure.verified, false));
   });
 
   await t.step("works over a Unix socket, checking the chain", async () => {
-    const secure = await upgradeToTls(await openUnix(unix), {
+    await carriesNbd(await openUnix(unix), {
       path: unix.socket!,
       tlsCertificates: pki.clientNoCertDir,
-    });
-    try {
-      assert.equal(secure.verified, true);
-      await abortOverTls(secure);
-    } finally {
-      secure.close();
-    }
+    }, (secure) => assert.equal(secure.verified, true));
     await assert.rejects(
       upgradeToTls(await openUnix(unix), {
         path: unix.socket!,
@@ -342,15 +358,10 @@ Deno.test("upgradeToTls()", async (t) => {
   await t.step(
     "sends the client certificate a verifying server asks for",
     async () => {
-      const secure = await upgradeToTls(await openTcp(verifying), {
+      await carriesNbd(await openTcp(verifying), {
         hostname: "localhost",
         tlsCertificates: pki.clientDir,
       });
-      try {
-        await abortOverTls(secure);
-      } finally {
-        secure.close();
-      }
     },
   );
 
@@ -359,44 +370,30 @@ Deno.test("upgradeToTls()", async (t) => {
     async () => {
       // TLS 1.3: the client's side of the handshake completes; the server's
       // refusal arrives with the first read.
-      const secure = await upgradeToTls(await openTcp(verifying), {
+      const failure = await sessionFailure(await openTcp(verifying), {
         hostname: "localhost",
         tlsCertificates: pki.clientNoCertDir,
-      }).catch((e) => e);
-      try {
-        const failure = secure instanceof Error
-          ? secure
-          : await abortOverTls(secure).then(() => undefined, (e) => e);
-        assertTlsError(undefined, /it may require a client certificate/)(
-          failure,
-        );
-      } finally {
-        if (!(secure instanceof Error)) secure.close();
-      }
+      });
+      assertTlsError(undefined, /it may require a client certificate/)(
+        failure,
+      );
     },
   );
 
   await t.step(
     "reports a client certificate the server does not trust",
     async () => {
-      const secure = await upgradeToTls(await openTcp(verifying), {
+      // The other directory's CA cannot verify the server; trust ours too.
+      const failure = await sessionFailure(await openTcp(verifying), {
         hostname: "localhost",
         caCerts: [pki.caCert],
         tlsCertificates: pki.otherDir,
         tlsVerifyPeer: true,
-      }).catch((e) => e);
-      try {
-        // The other directory's CA cannot verify the server; trust ours too.
-        const failure = secure instanceof Error
-          ? secure
-          : await abortOverTls(secure).then(() => undefined, (e) => e);
-        assertTlsError(
-          undefined,
-          /it may not trust the client certificate that was sent/,
-        )(failure);
-      } finally {
-        if (!(secure instanceof Error)) secure.close();
-      }
+      });
+      assertTlsError(
+        undefined,
+        /it may not trust the client certificate that was sent/,
+      )(failure);
     },
   );
 
