@@ -9,7 +9,6 @@ import assert from "node:assert/strict";
 import {
   connect,
   type ConnectOptions,
-  type NbdClient,
   NbdError,
   NbdOptionError,
   NbdTlsError,
@@ -26,8 +25,15 @@ function bounded(options: ConnectOptions = {}): ConnectOptions {
   return { signal: AbortSignal.timeout(BOUND_MS), ...options };
 }
 
-/** Writes a pattern, reads it back, and checks that TLS was used. */
-async function roundTrip(client: NbdClient): Promise<void> {
+/**
+ * Connects (bounded), writes a pattern, reads it back, checks that TLS was
+ * used, and closes.
+ */
+async function roundTrip(
+  target: string | ConnectOptions,
+  options?: ConnectOptions,
+): Promise<void> {
+  const client = await connect(target, bounded(options));
   try {
     assert.equal(client.tls, true, "TLS was not negotiated");
     const data = new Uint8Array(64 * 1024).map((_, i) => (i * 7 + 3) & 0xff);
@@ -55,6 +61,23 @@ function tlsFailure(code: string | undefined, message: RegExp) {
   };
 }
 
+/**
+ * Forwards the first connection `listener` accepts to the one `connectTo`
+ * opens, both ways, until both directions end: it puts a server that
+ * listens on one address at another.
+ */
+async function relayOnce(
+  listener: Deno.Listener,
+  connectTo: () => Promise<Deno.Conn>,
+): Promise<void> {
+  const inbound = await listener.accept();
+  const outbound = await connectTo();
+  await Promise.allSettled([
+    inbound.readable.pipeTo(outbound.writable),
+    outbound.readable.pipeTo(inbound.writable),
+  ]);
+}
+
 function tcpUri(server: Server, query: string, exportName = ""): string {
   return `nbds://localhost:${server.port}/${exportName}?${query}`;
 }
@@ -75,10 +98,7 @@ Deno.test("TLS with nbdkit", async (t) => {
   try {
     await t.step("reads and writes over nbds:// (TCP)", async () => {
       await roundTrip(
-        await connect(
-          tcpUri(tcp, `tls-certificates=${pki.clientNoCertDir}`),
-          bounded(),
-        ),
+        tcpUri(tcp, `tls-certificates=${pki.clientNoCertDir}`),
       );
     });
 
@@ -86,12 +106,9 @@ Deno.test("TLS with nbdkit", async (t) => {
       "reads and writes over nbds+unix:// with tls-hostname",
       async () => {
         await roundTrip(
-          await connect(
-            unixUri(
-              unix,
-              `tls-certificates=${pki.clientNoCertDir}&tls-hostname=localhost`,
-            ),
-            bounded(),
+          unixUri(
+            unix,
+            `tls-certificates=${pki.clientNoCertDir}&tls-hostname=localhost`,
           ),
         );
       },
@@ -103,23 +120,13 @@ Deno.test("TLS with nbdkit", async (t) => {
         // nbdkit listens on a path; a relay puts it in the abstract namespace.
         const name = `nbd-tls-${crypto.randomUUID()}`;
         const listener = Deno.listen({ transport: "unix", path: `\0${name}` });
-        const relay = (async () => {
-          const inbound = await listener.accept();
-          const outbound = await Deno.connect({
-            transport: "unix",
-            path: unix.socket!,
-          });
-          await Promise.allSettled([
-            inbound.readable.pipeTo(outbound.writable),
-            outbound.readable.pipeTo(inbound.writable),
-          ]);
-        })();
+        const relay = relayOnce(
+          listener,
+          () => Deno.connect({ transport: "unix", path: unix.socket! }),
+        );
         try {
           await roundTrip(
-            await connect(
-              `nbds+unix:///?socket=%00${name}&tls-certificates=${pki.clientNoCertDir}&tls-hostname=localhost`,
-              bounded(),
-            ),
+            `nbds+unix:///?socket=%00${name}&tls-certificates=${pki.clientNoCertDir}&tls-hostname=localhost`,
           );
           await relay;
         } finally {
@@ -131,24 +138,14 @@ Deno.test("TLS with nbdkit", async (t) => {
     await t.step("verifies an IPv6 address: nbds://[::1]:port/", async () => {
       // nbdkit listens on 127.0.0.1; a relay on ::1 forwards to it.
       const listener = Deno.listen({ hostname: "::1", port: 0 });
-      const relay = (async () => {
-        const inbound = await listener.accept();
-        const outbound = await Deno.connect({
-          hostname: "127.0.0.1",
-          port: tcp.port!,
-        });
-        await Promise.allSettled([
-          inbound.readable.pipeTo(outbound.writable),
-          outbound.readable.pipeTo(inbound.writable),
-        ]);
-      })();
+      const relay = relayOnce(
+        listener,
+        () => Deno.connect({ hostname: "127.0.0.1", port: tcp.port! }),
+      );
       try {
         const port = (listener.addr as Deno.NetAddr).port;
         await roundTrip(
-          await connect(
-            `nbds://[::1]:${port}/?tls-certificates=${pki.clientNoCertDir}`,
-            bounded(),
-          ),
+          `nbds://[::1]:${port}/?tls-certificates=${pki.clientNoCertDir}`,
         );
         await relay;
       } finally {
@@ -160,10 +157,8 @@ Deno.test("TLS with nbdkit", async (t) => {
       "takes caCerts as PEM text instead of a directory",
       async () => {
         await roundTrip(
-          await connect(
-            { hostname: "127.0.0.1", port: tcp.port!, tls: "require" },
-            bounded({ caCerts: [pki.caCert] }),
-          ),
+          { hostname: "127.0.0.1", port: tcp.port!, tls: "require" },
+          { caCerts: [pki.caCert] },
         );
       },
     );
@@ -201,12 +196,9 @@ Deno.test("TLS with nbdkit", async (t) => {
       "connects to an untrusted server only with tls-verify-peer=false",
       async () => {
         await roundTrip(
-          await connect(
-            tcpUri(
-              tcp,
-              `tls-certificates=${pki.otherDir}&tls-hostname=wrong.example&tls-verify-peer=false`,
-            ),
-            bounded(),
+          tcpUri(
+            tcp,
+            `tls-certificates=${pki.otherDir}&tls-hostname=wrong.example&tls-verify-peer=false`,
           ),
         );
       },
@@ -216,20 +208,15 @@ Deno.test("TLS with nbdkit", async (t) => {
       "sends the client certificate a verifying server demands",
       async () => {
         await roundTrip(
-          await connect(
-            tcpUri(verifying, `tls-certificates=${pki.clientDir}`),
-            bounded(),
-          ),
+          tcpUri(verifying, `tls-certificates=${pki.clientDir}`),
         );
         await roundTrip(
-          await connect(
-            { hostname: "localhost", port: verifying.port!, tls: "require" },
-            bounded({
-              caCerts: [pki.caCert],
-              tlsClientCert: pki.clientCert,
-              tlsClientKey: pki.clientKey,
-            }),
-          ),
+          { hostname: "localhost", port: verifying.port!, tls: "require" },
+          {
+            caCerts: [pki.caCert],
+            tlsClientCert: pki.clientCert,
+            tlsClientKey: pki.clientKey,
+          },
         );
       },
     );
@@ -251,10 +238,8 @@ Deno.test("TLS with nbdkit", async (t) => {
       "upgrades in prefer mode when the server offers TLS",
       async () => {
         await roundTrip(
-          await connect(
-            `nbd://localhost:${optional.port}/?tls-certificates=${pki.clientNoCertDir}`,
-            bounded({ tls: "prefer" }),
-          ),
+          `nbd://localhost:${optional.port}/?tls-certificates=${pki.clientNoCertDir}`,
+          { tls: "prefer" },
         );
       },
     );
@@ -340,10 +325,7 @@ Deno.test("TLS with qemu-nbd", async (t) => {
       "reads and writes with a client certificate (TCP)",
       async () => {
         await roundTrip(
-          await connect(
-            tcpUri(verifyingTcp, `tls-certificates=${pki.clientDir}`),
-            bounded(),
-          ),
+          tcpUri(verifyingTcp, `tls-certificates=${pki.clientDir}`),
         );
       },
     );
@@ -352,10 +334,7 @@ Deno.test("TLS with qemu-nbd", async (t) => {
       "reads and writes with a client certificate (Unix)",
       async () => {
         await roundTrip(
-          await connect(
-            unixUri(verifyingUnix, `tls-certificates=${pki.clientDir}`),
-            bounded(),
-          ),
+          unixUri(verifyingUnix, `tls-certificates=${pki.clientDir}`),
         );
       },
     );
@@ -390,10 +369,7 @@ Deno.test("TLS with qemu-nbd", async (t) => {
       "reads and writes without a client certificate when allowed",
       async () => {
         await roundTrip(
-          await connect(
-            tcpUri(open, `tls-certificates=${pki.clientNoCertDir}`),
-            bounded(),
-          ),
+          tcpUri(open, `tls-certificates=${pki.clientNoCertDir}`),
         );
       },
     );
