@@ -31,21 +31,38 @@ import {
 } from "../lib/errors.ts";
 import { negotiate } from "../lib/handshake.ts";
 import { Transport } from "../lib/transport.ts";
-import { Bytes, ScriptedStream } from "./support/byte_script.ts";
+import { ScriptedStream } from "./support/byte_script.ts";
+import {
+  Builder,
+  infoExportPayload,
+  newstyleGreeting,
+  optionReply,
+} from "./support/server.ts";
 
-function greeting(flags = 3): Bytes {
-  return new Bytes().u64(NBDMAGIC).u64(IHAVEOPT).u16(flags);
+// The server's side of a script, appended to one builder in order; the
+// messages come from the scripted server's encoders.
+
+function greeting(flags = 3): Builder {
+  return new Builder().bytes(newstyleGreeting(flags));
 }
 
-function reply(b: Bytes, option: number, type: number, payload?: Bytes): Bytes {
-  const p = payload?.done() ?? new Uint8Array(0);
-  return b.u64(OPTION_REPLY_MAGIC).u32(option).u32(type >>> 0).u32(p.length)
-    .raw(p);
+function reply(
+  b: Builder,
+  option: number,
+  type: number,
+  payload?: Builder | Uint8Array,
+): Builder {
+  return b.bytes(
+    optionReply(
+      option,
+      type,
+      payload instanceof Builder ? payload.done() : payload,
+    ),
+  );
 }
 
-function info(b: Bytes, size = 1n << 20n, flags = 0x0d6d): Bytes {
-  reply(b, OPT_GO, REP_INFO, new Bytes().u16(INFO_EXPORT).u64(size).u16(flags));
-  return b;
+function info(b: Builder, size = 1n << 20n, flags = 0x0d6d): Builder {
+  return reply(b, OPT_GO, REP_INFO, infoExportPayload(size, flags));
 }
 
 /** A fixed-newstyle server with structured replies and base:allocation. */
@@ -57,17 +74,22 @@ function fullServer(): Uint8Array {
     b,
     OPT_SET_META_CONTEXT,
     REP_META_CONTEXT,
-    new Bytes().u32(7).str("base:allocation"),
+    new Builder().u32(7).string("base:allocation"),
   );
   reply(b, OPT_SET_META_CONTEXT, REP_ACK);
-  reply(b, OPT_GO, REP_INFO, new Bytes().u16(99).str("future info"));
+  reply(b, OPT_GO, REP_INFO, new Builder().u16(99).string("future info"));
   reply(
     b,
     OPT_GO,
     REP_INFO,
-    new Bytes().u16(INFO_BLOCK_SIZE).u32(512).u32(4096).u32(1 << 20),
+    new Builder().u16(INFO_BLOCK_SIZE).u32(512).u32(4096).u32(1 << 20),
   );
-  reply(b, OPT_GO, REP_INFO, new Bytes().u16(INFO_DESCRIPTION).str("a disk"));
+  reply(
+    b,
+    OPT_GO,
+    REP_INFO,
+    new Builder().u16(INFO_DESCRIPTION).string("a disk"),
+  );
   info(b);
   reply(b, OPT_GO, REP_ACK);
   return b.done();
@@ -162,7 +184,7 @@ Deno.test("negotiate() with a fixed-newstyle server", async (t) => {
 });
 
 Deno.test("negotiate() with an oldstyle server", async () => {
-  const b = new Bytes().u64(NBDMAGIC).u64(CLISERV_MAGIC).u64(4096).u32(3)
+  const b = new Builder().u64(NBDMAGIC).u64(CLISERV_MAGIC).u64(4096).u32(3)
     .zeroes(124);
   const { result, stream } = await run(b.done());
   assert.equal(result.protocol, "oldstyle");
@@ -190,7 +212,12 @@ Deno.test("negotiate() falls back to NBD_OPT_EXPORT_NAME when NBD_OPT_GO is unsu
     reply(b, OPT_EXTENDED_HEADERS, REP_ERR_UNSUP);
     reply(b, OPT_STRUCTURED_REPLY, REP_ERR_UNSUP);
     reply(b, OPT_GO, REP_ERR_UNSUP);
-    reply(b, OPT_LIST, REP_SERVER, new Bytes().u32(4).str("disk").str("desc"));
+    reply(
+      b,
+      OPT_LIST,
+      REP_SERVER,
+      new Builder().u32(4).string("disk").string("desc"),
+    );
     reply(b, OPT_LIST, REP_ACK);
     return b;
   };
@@ -240,7 +267,12 @@ Deno.test("negotiate() turns NBD_REP_ERR_* into NbdOptionError with the server's
   const b = greeting();
   reply(b, OPT_EXTENDED_HEADERS, REP_ERR_UNSUP);
   reply(b, OPT_STRUCTURED_REPLY, REP_ACK);
-  reply(b, OPT_GO, REP_ERR_UNKNOWN, new Bytes().str("no export named foo"));
+  reply(
+    b,
+    OPT_GO,
+    REP_ERR_UNKNOWN,
+    new Builder().string("no export named foo"),
+  );
   // The client then sends NBD_OPT_ABORT once; the server may or may not ack.
   const { promise, stream } = (() => {
     const stream = new ScriptedStream(b.done());
@@ -291,7 +323,7 @@ Deno.test("negotiate() rejects hostile option replies before allocating", async 
   });
   await t.step("a bad greeting", async () => {
     await assert.rejects(
-      run(new Bytes().str("HTTP/1.1 200 OK\r\n\r\n").done()),
+      run(new Builder().string("HTTP/1.1 200 OK\r\n\r\n").done()),
       /Bad greeting magic .*does not speak NBD/,
     );
   });
@@ -299,7 +331,7 @@ Deno.test("negotiate() rejects hostile option replies before allocating", async 
     const b = greeting();
     reply(b, OPT_EXTENDED_HEADERS, REP_ERR_UNSUP);
     reply(b, OPT_STRUCTURED_REPLY, REP_ERR_UNSUP);
-    reply(b, OPT_GO, REP_INFO, new Bytes().u16(INFO_EXPORT).u64(1));
+    reply(b, OPT_GO, REP_INFO, new Builder().u16(INFO_EXPORT).u64(1));
     await assert.rejects(run(b.done()), /has length 10, expected 12/);
   });
   await t.step("ACK without NBD_INFO_EXPORT", async () => {
@@ -329,7 +361,7 @@ Deno.test("negotiate() rejects hostile option replies before allocating", async 
         b,
         OPT_GO,
         REP_INFO,
-        new Bytes().u16(INFO_BLOCK_SIZE).u32(min).u32(pref).u32(max),
+        new Builder().u16(INFO_BLOCK_SIZE).u32(min).u32(pref).u32(max),
       );
       await assert.rejects(
         run(b.done()),
@@ -345,7 +377,12 @@ Deno.test("negotiate() and TLS modes", async (t) => {
     "require: STARTTLS is the first option and a refusal ends it",
     async () => {
       const b = greeting();
-      reply(b, OPT_STARTTLS, REP_ERR_POLICY, new Bytes().str("no TLS here"));
+      reply(
+        b,
+        OPT_STARTTLS,
+        REP_ERR_POLICY,
+        new Builder().string("no TLS here"),
+      );
       const stream = new ScriptedStream(b.done());
       const transport = new Transport(stream);
       await assert.rejects(

@@ -5,7 +5,6 @@ import {
   CMD_FLAG_REQ_ONE,
   CMD_READ,
   CMD_WRITE,
-  EXTENDED_REPLY_MAGIC,
   REPLY_FLAG_DONE,
   REPLY_TYPE_BLOCK_STATUS,
   REPLY_TYPE_BLOCK_STATUS_EXT,
@@ -14,7 +13,6 @@ import {
   REPLY_TYPE_NONE,
   REPLY_TYPE_OFFSET_DATA,
   REPLY_TYPE_OFFSET_HOLE,
-  SIMPLE_REPLY_MAGIC,
   STRUCTURED_REPLY_MAGIC,
 } from "../lib/constants.ts";
 import {
@@ -25,7 +23,13 @@ import {
 import type { ExportInfo } from "../lib/handshake.ts";
 import { type Command, Transmission } from "../lib/transmission.ts";
 import { Transport } from "../lib/transport.ts";
-import { Bytes, ScriptedStream } from "./support/byte_script.ts";
+import { ScriptedStream } from "./support/byte_script.ts";
+import {
+  Builder,
+  extendedChunk,
+  simpleReply,
+  structuredChunk,
+} from "./support/server.ts";
 
 const DONE = REPLY_FLAG_DONE;
 
@@ -65,35 +69,34 @@ async function written(stream: ScriptedStream, n: number): Promise<void> {
   assert.ok(stream.written.length >= n, `expected ${n} writes`);
 }
 
-function simple(b: Bytes, cookie: number, error = 0): Bytes {
-  return b.u32(SIMPLE_REPLY_MAGIC).u32(error).u64(cookie);
+// Replies appended to one builder in order; the messages come from the
+// scripted server's encoders.
+
+function simple(b: Builder, cookie: number, error = 0): Builder {
+  return b.bytes(simpleReply(BigInt(cookie), error));
 }
 
 function chunk(
-  b: Bytes,
+  b: Builder,
   flags: number,
   type: number,
   cookie: number,
-  payload: Bytes | Uint8Array,
-): Bytes {
+  payload: Builder | Uint8Array,
+): Builder {
   const p = payload instanceof Uint8Array ? payload : payload.done();
-  return b.u32(STRUCTURED_REPLY_MAGIC).u16(flags).u16(type).u64(cookie).u32(
-    p.length,
-  ).raw(p);
+  return b.bytes(structuredChunk(BigInt(cookie), flags, type, p));
 }
 
 function ext(
-  b: Bytes,
+  b: Builder,
   flags: number,
   type: number,
   cookie: number,
   offset: number,
-  payload: Bytes | Uint8Array,
-): Bytes {
+  payload: Builder | Uint8Array,
+): Builder {
   const p = payload instanceof Uint8Array ? payload : payload.done();
-  return b.u32(EXTENDED_REPLY_MAGIC).u16(flags).u16(type).u64(cookie).u64(
-    offset,
-  ).u64(p.length).raw(p);
+  return b.bytes(extendedChunk(BigInt(cookie), flags, type, offset, p));
 }
 
 const pattern = (n: number, seed = 1) =>
@@ -126,30 +129,30 @@ async function expectProtocolError(
 
 Deno.test("Transmission reads a structured reply split at every byte boundary", async () => {
   const data = pattern(64);
-  const replies = new Bytes();
+  const replies = new Builder();
   // Out of order: second half first, a hole in the middle, DONE on NONE.
   chunk(
     replies,
     0,
     REPLY_TYPE_OFFSET_DATA,
     1,
-    new Bytes().u64(4096 + 32).raw(data.subarray(32, 48)),
+    new Builder().u64(4096 + 32).bytes(data.subarray(32, 48)),
   );
   chunk(
     replies,
     0,
     REPLY_TYPE_OFFSET_HOLE,
     1,
-    new Bytes().u64(4096 + 48).u32(16),
+    new Builder().u64(4096 + 48).u32(16),
   );
   chunk(
     replies,
     0,
     REPLY_TYPE_OFFSET_DATA,
     1,
-    new Bytes().u64(4096).raw(data.subarray(0, 32)),
+    new Builder().u64(4096).bytes(data.subarray(0, 32)),
   );
-  chunk(replies, DONE, REPLY_TYPE_NONE, 1, new Bytes());
+  chunk(replies, DONE, REPLY_TYPE_NONE, 1, new Builder());
   const bytes = replies.done();
   const expected = data.slice();
   expected.fill(0, 48);
@@ -167,7 +170,7 @@ Deno.test("Transmission reads a structured reply split at every byte boundary", 
 
 Deno.test("Transmission reads simple replies split at every byte boundary", async () => {
   const data = pattern(40);
-  const bytes = simple(new Bytes(), 1).raw(data).done();
+  const bytes = simple(new Builder(), 1).bytes(data).done();
   for (let cut = 0; cut < bytes.length; cut++) {
     const { stream, tx } = setup({
       structuredReplies: false,
@@ -190,22 +193,34 @@ Deno.test("Transmission matches replies by cookie in any order, interleaved", as
   const pa = tx.submit(a.cmd);
   const pb = tx.submit(b.cmd);
   await written(stream, 2);
-  const r = new Bytes();
-  chunk(r, 0, REPLY_TYPE_OFFSET_DATA, 2, new Bytes().u64(8).raw(pattern(4, 2)));
-  chunk(r, 0, REPLY_TYPE_OFFSET_DATA, 1, new Bytes().u64(4).raw(pattern(4, 1)));
+  const r = new Builder();
+  chunk(
+    r,
+    0,
+    REPLY_TYPE_OFFSET_DATA,
+    2,
+    new Builder().u64(8).bytes(pattern(4, 2)),
+  );
+  chunk(
+    r,
+    0,
+    REPLY_TYPE_OFFSET_DATA,
+    1,
+    new Builder().u64(4).bytes(pattern(4, 1)),
+  );
   chunk(
     r,
     DONE,
     REPLY_TYPE_OFFSET_DATA,
     2,
-    new Bytes().u64(12).raw(pattern(4, 3)),
+    new Builder().u64(12).bytes(pattern(4, 3)),
   );
   chunk(
     r,
     DONE,
     REPLY_TYPE_OFFSET_DATA,
     1,
-    new Bytes().u64(0).raw(pattern(4, 4)),
+    new Builder().u64(0).bytes(pattern(4, 4)),
   );
   stream.feed(r.done());
   await Promise.all([pa, pb]);
@@ -221,11 +236,11 @@ Deno.test("Transmission: a server errno fails one request and the connection sta
     await written(stream, 1);
     stream.feed(
       chunk(
-        new Bytes(),
+        new Builder(),
         DONE,
         REPLY_TYPE_ERROR,
         1,
-        new Bytes().u32(5).u16(9).str("disk died"),
+        new Builder().u32(5).u16(9).string("disk died"),
       )
         .done(),
     );
@@ -243,11 +258,11 @@ Deno.test("Transmission: a server errno fails one request and the connection sta
     await written(stream, 2);
     stream.feed(
       chunk(
-        new Bytes(),
+        new Builder(),
         DONE,
         REPLY_TYPE_OFFSET_DATA,
         2,
-        new Bytes().u64(0).raw([1, 2, 3, 4]),
+        new Builder().u64(0).bytes(Uint8Array.of(1, 2, 3, 4)),
       ).done(),
     );
     await p;
@@ -260,11 +275,11 @@ Deno.test("Transmission: a server errno fails one request and the connection sta
     await written(stream, 1);
     stream.feed(
       chunk(
-        new Bytes(),
+        new Builder(),
         DONE,
         REPLY_TYPE_ERROR_OFFSET,
         1,
-        new Bytes().u32(28).u16(0).u64(120),
+        new Builder().u32(28).u16(0).u64(120),
       ).done(),
     );
     await assert.rejects(
@@ -288,7 +303,7 @@ Deno.test("Transmission: a server errno fails one request and the connection sta
       payload: pattern(4),
     });
     await written(stream, 1);
-    stream.feed(simple(new Bytes(), 1, 1).done());
+    stream.feed(simple(new Builder(), 1, 1).done());
     await assert.rejects(
       p,
       (e: unknown) =>
@@ -300,7 +315,7 @@ Deno.test("Transmission: a server errno fails one request and the connection sta
 });
 
 Deno.test("Transmission: a protocol violation fails every pending request with the same error", async (t) => {
-  const cases: Array<[string, (b: Bytes) => void, RegExp]> = [
+  const cases: Array<[string, (b: Builder) => void, RegExp]> = [
     ["unknown cookie", (b) => simple(b, 99), /unknown cookie 99/],
     [
       "bad magic",
@@ -322,7 +337,7 @@ Deno.test("Transmission: a protocol violation fails every pending request with t
           DONE,
           REPLY_TYPE_OFFSET_DATA,
           1,
-          new Bytes().u64(4).raw(pattern(8)),
+          new Builder().u64(4).bytes(pattern(8)),
         ),
       /lies outside the request/,
     ],
@@ -334,14 +349,14 @@ Deno.test("Transmission: a protocol violation fails every pending request with t
           0,
           REPLY_TYPE_OFFSET_DATA,
           1,
-          new Bytes().u64(0).raw(pattern(6)),
+          new Builder().u64(0).bytes(pattern(6)),
         );
         chunk(
           b,
           DONE,
           REPLY_TYPE_OFFSET_DATA,
           1,
-          new Bytes().u64(4).raw(pattern(4)),
+          new Builder().u64(4).bytes(pattern(4)),
         );
       },
       /overlaps data already received/,
@@ -354,13 +369,13 @@ Deno.test("Transmission: a protocol violation fails every pending request with t
           DONE,
           REPLY_TYPE_OFFSET_DATA,
           1,
-          new Bytes().u64(0).raw(pattern(4)),
+          new Builder().u64(0).bytes(pattern(4)),
         ),
       /covered 4 of 8 bytes/,
     ],
     [
       "an unknown chunk type",
-      (b) => chunk(b, DONE, 77, 1, new Bytes()),
+      (b) => chunk(b, DONE, 77, 1, new Builder()),
       /77 \(unknown\) chunk .*unknown chunk type/,
     ],
     [
@@ -371,7 +386,7 @@ Deno.test("Transmission: a protocol violation fails every pending request with t
           DONE,
           REPLY_TYPE_BLOCK_STATUS,
           1,
-          new Bytes().u32(7).u32(8).u32(0),
+          new Builder().u32(7).u32(8).u32(0),
         ),
       /not a valid reply to NBD_CMD_READ/,
     ],
@@ -383,7 +398,7 @@ Deno.test("Transmission: a protocol violation fails every pending request with t
           DONE,
           REPLY_TYPE_ERROR,
           1,
-          new Bytes().u32(5).u16(100).str("x"),
+          new Builder().u32(5).u16(100).string("x"),
         ),
       /message length 100 exceeds/,
     ],
@@ -399,7 +414,7 @@ Deno.test("Transmission: a protocol violation fails every pending request with t
       const first = tx.submit(read(0, 8).cmd);
       const second = tx.submit(read(8, 8).cmd);
       await written(stream, 2);
-      const b = new Bytes();
+      const b = new Builder();
       script(b);
       stream.feed(b.done());
       let err1: unknown, err2: unknown;
@@ -421,15 +436,15 @@ Deno.test("Transmission: a protocol violation fails every pending request with t
     const first = tx.submit(read(0, 8).cmd);
     const second = tx.submit(read(8, 8).cmd);
     await written(stream, 2);
-    const b = new Bytes();
+    const b = new Builder();
     chunk(
       b,
       DONE,
       REPLY_TYPE_OFFSET_DATA,
       1,
-      new Bytes().u64(0).raw(pattern(8)),
+      new Builder().u64(0).bytes(pattern(8)),
     );
-    chunk(b, DONE, REPLY_TYPE_NONE, 1, new Bytes());
+    chunk(b, DONE, REPLY_TYPE_NONE, 1, new Builder());
     stream.feed(b.done());
     await first;
     await expectProtocolError(second, /unknown cookie 1/);
@@ -442,7 +457,7 @@ Deno.test("Transmission: a protocol violation fails every pending request with t
     });
     const p = tx.submit(read(0, 16).cmd);
     await written(stream, 1);
-    stream.feed(simple(new Bytes(), 1).raw(pattern(7)).done());
+    stream.feed(simple(new Builder(), 1).bytes(pattern(7)).done());
     stream.end();
     await expectProtocolError(
       p,
@@ -476,20 +491,20 @@ Deno.test("Transmission: block status", async (t) => {
     const { stream, tx } = setup();
     const p = tx.submit(bs());
     await written(stream, 1);
-    const r = new Bytes();
+    const r = new Builder();
     chunk(
       r,
       0,
       REPLY_TYPE_BLOCK_STATUS,
       1,
-      new Bytes().u32(9).u32(8192).u32(1),
+      new Builder().u32(9).u32(8192).u32(1),
     );
     chunk(
       r,
       DONE,
       REPLY_TYPE_BLOCK_STATUS,
       1,
-      new Bytes().u32(7).u32(4096).u32(0).u32(65536).u32(3),
+      new Builder().u32(7).u32(4096).u32(0).u32(65536).u32(3),
     );
     stream.feed(r.done());
     const byId = await p;
@@ -500,7 +515,7 @@ Deno.test("Transmission: block status", async (t) => {
     assert.deepEqual(byId.get(9), [{ offset: 0, length: 8192, flags: 1 }]);
     await tx.disconnect();
   });
-  const bad: Array<[string, (b: Bytes) => void, RegExp, number?]> = [
+  const bad: Array<[string, (b: Builder) => void, RegExp, number?]> = [
     [
       "unknown context id",
       (b) =>
@@ -509,7 +524,7 @@ Deno.test("Transmission: block status", async (t) => {
           DONE,
           REPLY_TYPE_BLOCK_STATUS,
           1,
-          new Bytes().u32(3).u32(512).u32(0),
+          new Builder().u32(3).u32(512).u32(0),
         ),
       /unknown metadata context id 3/,
     ],
@@ -521,7 +536,7 @@ Deno.test("Transmission: block status", async (t) => {
           DONE,
           REPLY_TYPE_BLOCK_STATUS,
           1,
-          new Bytes().u32(7).u32(512).u32(0),
+          new Builder().u32(7).u32(512).u32(0),
         ),
       /no extents for "qemu:x"/,
     ],
@@ -533,7 +548,7 @@ Deno.test("Transmission: block status", async (t) => {
           DONE,
           REPLY_TYPE_BLOCK_STATUS,
           1,
-          new Bytes().u32(7).u32(512).u32(0).u32(512).u32(0),
+          new Builder().u32(7).u32(512).u32(0).u32(512).u32(0),
         ),
       /2 extents despite NBD_CMD_FLAG_REQ_ONE/,
       CMD_FLAG_REQ_ONE,
@@ -546,7 +561,7 @@ Deno.test("Transmission: block status", async (t) => {
           DONE,
           REPLY_TYPE_BLOCK_STATUS,
           1,
-          new Bytes().u32(7).u32(0).u32(0),
+          new Builder().u32(7).u32(0).u32(0),
         ),
       /extent 0 has length 0/,
     ],
@@ -558,7 +573,7 @@ Deno.test("Transmission: block status", async (t) => {
           DONE,
           REPLY_TYPE_BLOCK_STATUS,
           1,
-          new Bytes().u32(7).u32(8192).u32(0).u32(512).u32(0),
+          new Builder().u32(7).u32(8192).u32(0).u32(512).u32(0),
         ),
       /extent 1 starts beyond the request/,
     ],
@@ -570,14 +585,20 @@ Deno.test("Transmission: block status", async (t) => {
           DONE,
           REPLY_TYPE_BLOCK_STATUS_EXT,
           1,
-          new Bytes().u32(7).u32(1).u64(512).u64(0),
+          new Builder().u32(7).u32(1).u64(512).u64(0),
         ),
       /sent without extended headers/,
     ],
     [
       "a length that is not 4 + 8n",
       (b) =>
-        chunk(b, DONE, REPLY_TYPE_BLOCK_STATUS, 1, new Bytes().u32(7).u32(512)),
+        chunk(
+          b,
+          DONE,
+          REPLY_TYPE_BLOCK_STATUS,
+          1,
+          new Builder().u32(7).u32(512),
+        ),
       /payload length 8 is invalid/,
     ],
   ];
@@ -586,7 +607,7 @@ Deno.test("Transmission: block status", async (t) => {
       const { stream, tx } = setup();
       const p = tx.submit(bs(flags));
       await written(stream, 1);
-      const b = new Bytes();
+      const b = new Builder();
       script(b);
       stream.feed(b.done());
       await expectProtocolError(p, pattern);
@@ -604,14 +625,14 @@ Deno.test("Transmission with extended headers", async (t) => {
     "sends 32-byte requests and reads 32-byte replies split anywhere",
     async () => {
       const data = pattern(24);
-      const r = new Bytes();
+      const r = new Builder();
       ext(
         r,
         0,
         REPLY_TYPE_OFFSET_HOLE,
         1,
         512,
-        new Bytes().u64(512 + 16).u32(8),
+        new Builder().u64(512 + 16).u32(8),
       );
       ext(
         r,
@@ -619,7 +640,7 @@ Deno.test("Transmission with extended headers", async (t) => {
         REPLY_TYPE_OFFSET_DATA,
         1,
         512,
-        new Bytes().u64(512).raw(data.subarray(0, 16)),
+        new Builder().u64(512).bytes(data.subarray(0, 16)),
       );
       const bytes = r.done();
       for (let cut = 0; cut < bytes.length; cut += 3) {
@@ -657,12 +678,12 @@ Deno.test("Transmission with extended headers", async (t) => {
       await written(stream, 1);
       stream.feed(
         ext(
-          new Bytes(),
+          new Builder(),
           DONE,
           REPLY_TYPE_BLOCK_STATUS_EXT,
           1,
           0,
-          new Bytes().u32(7).u32(1).u64(2 ** 35).u64(3),
+          new Builder().u32(7).u32(1).u64(2 ** 35).u64(3),
         )
           .done(),
       );
@@ -679,7 +700,7 @@ Deno.test("Transmission with extended headers", async (t) => {
     const p = tx.submit(read(512, 8).cmd);
     await written(stream, 1);
     stream.feed(
-      ext(new Bytes(), DONE, REPLY_TYPE_NONE, 1, 0, new Bytes()).done(),
+      ext(new Builder(), DONE, REPLY_TYPE_NONE, 1, 0, new Builder()).done(),
     );
     await expectProtocolError(p, /names offset 0, but the request was at 512/);
     await tx.disconnect();
@@ -688,7 +709,7 @@ Deno.test("Transmission with extended headers", async (t) => {
     const { stream, tx } = setup(over);
     const p = tx.submit(read(0, 8).cmd);
     await written(stream, 1);
-    stream.feed(simple(new Bytes(), 1).zeroes(16).done());
+    stream.feed(simple(new Builder(), 1).zeroes(16).done());
     await expectProtocolError(
       p,
       /Bad reply magic 0x67446698 \(expected a extended reply\)/,
@@ -702,7 +723,13 @@ Deno.test("Transmission: ESHUTDOWN leads to a soft disconnect", async () => {
   const p = tx.submit(read(0, 8).cmd);
   await written(stream, 1);
   stream.feed(
-    chunk(new Bytes(), DONE, REPLY_TYPE_ERROR, 1, new Bytes().u32(108).u16(0))
+    chunk(
+      new Builder(),
+      DONE,
+      REPLY_TYPE_ERROR,
+      1,
+      new Builder().u32(108).u16(0),
+    )
       .done(),
   );
   await assert.rejects(
@@ -729,11 +756,11 @@ Deno.test("Transmission: requests in flight are bounded", async () => {
     await written(stream, Math.min(cookie + 1, 4));
     stream.feed(
       chunk(
-        new Bytes(),
+        new Builder(),
         DONE,
         REPLY_TYPE_OFFSET_DATA,
         cookie,
-        new Bytes().u64((cookie - 1) * 8).raw(pattern(8)),
+        new Builder().u64((cookie - 1) * 8).bytes(pattern(8)),
       ).done(),
     );
   }
@@ -750,11 +777,11 @@ Deno.test("Transmission: an aborted request rejects at once and its late reply i
   await assert.rejects(p, /gave up/);
   stream.feed(
     chunk(
-      new Bytes(),
+      new Builder(),
       DONE,
       REPLY_TYPE_OFFSET_DATA,
       1,
-      new Bytes().u64(0).raw(pattern(8)),
+      new Builder().u64(0).bytes(pattern(8)),
     ).done(),
   );
   const next = read(0, 8);
@@ -762,11 +789,11 @@ Deno.test("Transmission: an aborted request rejects at once and its late reply i
   await written(stream, 2);
   stream.feed(
     chunk(
-      new Bytes(),
+      new Builder(),
       DONE,
       REPLY_TYPE_OFFSET_DATA,
       2,
-      new Bytes().u64(0).raw(pattern(8, 5)),
+      new Builder().u64(0).bytes(pattern(8, 5)),
     ).done(),
   );
   await q;

@@ -1,47 +1,12 @@
 /**
  * An in-memory ByteStream that plays back a server's bytes cut at chosen
  * points and records what the client wrote: the way to feed every reply
- * split at every byte boundary (pg-protocol's habit).
+ * split at every byte boundary (pg-protocol's habit). The bytes themselves
+ * come from the scripted server's encoders (`Builder` and the rest in
+ * `server.ts`).
  */
 
 import type { ByteStream } from "../../lib/transport.ts";
-
-/** Big-endian byte builder for scripting server messages. */
-export class Bytes {
-  #parts: number[] = [];
-  u8(v: number): this {
-    this.#parts.push(v & 0xff);
-    return this;
-  }
-  u16(v: number): this {
-    return this.u8(v >>> 8).u8(v);
-  }
-  u32(v: number): this {
-    return this.u16(v >>> 16).u16(v & 0xffff);
-  }
-  u64(v: bigint | number): this {
-    const b = BigInt(v);
-    return this.u32(Number(b >> 32n)).u32(Number(b & 0xffffffffn));
-  }
-  str(s: string): this {
-    for (const b of new TextEncoder().encode(s)) this.u8(b);
-    return this;
-  }
-  raw(bytes: Uint8Array | number[]): this {
-    for (const b of bytes) this.u8(b);
-    return this;
-  }
-  zeroes(n: number): this {
-    for (let i = 0; i < n; i++) this.u8(0);
-    return this;
-  }
-  get length(): number {
-    return this.#parts.length;
-  }
-  done(): Uint8Array {
-    return Uint8Array.from(this.#parts);
-  }
-}
 
 /** Plays `data` back in pieces cut at `cuts`; records writes. */
 export class ScriptedStream implements ByteStream {
