@@ -258,6 +258,18 @@ export function warn(line: string): void {
   Deno.stderr.writeSync(encoder.encode(line + "\n"));
 }
 
+/**
+ * Reports a usage error the way every tool does: `tool: message`, then
+ * where to read the usage. The exit status is the tool's to choose.
+ *
+ * @param tool The tool's name.
+ * @param error The usage error.
+ */
+export function warnUsage(tool: string, error: UsageError): void {
+  warn(`${tool}: ${error.message}`);
+  warn(`Try '${tool} --help'.`);
+}
+
 /** Where progress goes. */
 export type ProgressMode =
   | { kind: "none" }

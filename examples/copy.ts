@@ -32,6 +32,7 @@ import {
   progressMode,
   UsageError,
   warn,
+  warnUsage,
   writeAll,
 } from "./_cli.ts";
 
@@ -1086,8 +1087,7 @@ export async function main(args: string[]): Promise<number> {
     request = parseRequest(args);
   } catch (e) {
     if (!(e instanceof UsageError)) throw e;
-    warn(`copy: ${e.message}`);
-    warn("Try 'copy --help'.");
+    warnUsage("copy", e);
     return 1;
   }
   if (request === "help") {

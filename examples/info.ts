@@ -37,6 +37,7 @@ import {
   parseArgs,
   UsageError,
   warn,
+  warnUsage,
   writeAll,
 } from "./_cli.ts";
 
@@ -613,8 +614,7 @@ export async function main(args: string[]): Promise<number> {
     request = parseRequest(args);
   } catch (e) {
     if (!(e instanceof UsageError)) throw e;
-    warn(`info: ${e.message}`);
-    warn("Try 'info --help'.");
+    warnUsage("info", e);
     return 1;
   }
   if (request.mode === "help") {
