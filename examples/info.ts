@@ -99,6 +99,16 @@ const PROTOCOL_NAMES: Readonly<Record<string, string>> = {
   "fixed newstyle": "newstyle-fixed",
 };
 
+/** The session facts of a probe or a connection, in nbdinfo's words. */
+function sessionFacts(s: SessionFacts): SessionFacts {
+  return {
+    protocol: PROTOCOL_NAMES[s.protocol] ?? s.protocol,
+    tls: s.tls,
+    structuredReplies: s.structuredReplies,
+    extendedHeaders: s.extendedHeaders,
+  };
+}
+
 /**
  * Asks the server about one export without entering transmission
  * (`NBD_OPT_INFO` plus `NBD_OPT_LIST_META_CONTEXT`). An oldstyle server,
@@ -115,12 +125,7 @@ async function gather(
       listMetaContexts: true,
     });
     return {
-      session: {
-        protocol: PROTOCOL_NAMES[p.protocol] ?? p.protocol,
-        tls: p.tls,
-        structuredReplies: p.structuredReplies,
-        extendedHeaders: p.extendedHeaders,
-      },
+      session: sessionFacts(p),
       export: {
         exportName: p.exportName,
         description: p.description,
@@ -144,12 +149,7 @@ async function gather(
   }
   try {
     return {
-      session: {
-        protocol: PROTOCOL_NAMES[nbd.protocol] ?? nbd.protocol,
-        tls: nbd.tls,
-        structuredReplies: nbd.structuredReplies,
-        extendedHeaders: nbd.extendedHeaders,
-      },
+      session: sessionFacts(nbd),
       export: {
         exportName: nbd.exportName,
         description: nbd.description,
