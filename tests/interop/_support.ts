@@ -202,6 +202,32 @@ export async function extentsOf(
   return out;
 }
 
+/**
+ * Reads `stream` to its end, each read bounded (10 s) so that a stalled
+ * stream fails the test, and returns its bytes joined.
+ */
+export async function readAll(
+  stream: ReadableStream<Uint8Array>,
+  what: string,
+): Promise<Uint8Array> {
+  const chunks: Uint8Array[] = [];
+  const reader = stream.getReader();
+  let total = 0;
+  while (true) {
+    const { value, done } = await within(10_000, what, reader.read());
+    if (done) break;
+    chunks.push(value);
+    total += value.length;
+  }
+  const joined = new Uint8Array(total);
+  let at = 0;
+  for (const chunk of chunks) {
+    joined.set(chunk, at);
+    at += chunk.length;
+  }
+  return joined;
+}
+
 /** Races `promise` against a deadline, so a hang fails instead of stalling. */
 export async function within<T>(
   ms: number,

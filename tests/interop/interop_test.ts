@@ -29,6 +29,7 @@ import {
   fill,
   isZero,
   pattern,
+  readAll,
   refusesWritesBeforeTraffic,
   rejectsBeforeTraffic,
   Trace,
@@ -1157,26 +1158,10 @@ async function runChecks(
             ),
           );
         }
-        const chunks: Uint8Array[] = [];
-        const reader = client.readable({ offset: R_STREAM, length })
-          .getReader();
-        let total = 0;
-        while (true) {
-          const { value, done } = await within(
-            10_000,
-            "readable()",
-            reader.read(),
-          );
-          if (done) break;
-          chunks.push(value);
-          total += value.length;
-        }
-        const joined = new Uint8Array(total);
-        let at = 0;
-        for (const chunk of chunks) {
-          joined.set(chunk, at);
-          at += chunk.length;
-        }
+        const joined = await readAll(
+          client.readable({ offset: R_STREAM, length }),
+          "readable()",
+        );
         assertBytes(joined, expected, "streamed bytes");
       },
     );
