@@ -11,6 +11,18 @@ async function nbdinfo(args: string[]): Promise<Json> {
 }
 
 /**
+ * `info ARGS` succeeds and prints exactly what `nbdinfo ARGS` prints.
+ *
+ * @returns Our output, for further checks.
+ */
+async function printsAsNbdinfo(args: string[]): Promise<string> {
+  const ours = await runTool("info", args);
+  assert.equal(ours.code, 0, ours.stderr);
+  assert.equal(ours.text, await run("nbdinfo", args));
+  return ours.text;
+}
+
+/**
  * Every field nbdinfo printed must be in ours with the same value, but for
  * `skip` (and `content`: nbdinfo runs file(1) on the data, we do not).
  */
@@ -66,9 +78,7 @@ Deno.test({
         assert.equal(typeof doc.extended, "boolean");
       });
       await t.step("--size matches nbdinfo --size", async () => {
-        const ours = await runTool("info", ["--size", uri]);
-        assert.equal(ours.code, 0, ours.stderr);
-        assert.equal(ours.text, await run("nbdinfo", ["--size", uri]));
+        await printsAsNbdinfo(["--size", uri]);
       });
       await t.step("text mode names every flag and block size", async () => {
         const ours = await runTool("info", [uri]);
@@ -147,15 +157,10 @@ Deno.test({
         assert.ok(theirs.length > 2);
       });
       await t.step("--map text", async () => {
-        const ours = await runTool("info", ["--map", uri]);
-        assert.equal(ours.text, await run("nbdinfo", ["--map", uri]));
+        await printsAsNbdinfo(["--map", uri]);
       });
       await t.step("--map --totals", async () => {
-        const ours = await runTool("info", ["--map", "--totals", uri]);
-        assert.equal(
-          ours.text,
-          await run("nbdinfo", ["--map", "--totals", uri]),
-        );
+        await printsAsNbdinfo(["--map", "--totals", uri]);
         const json = await runTool("info", [
           "--map",
           "--totals",
@@ -237,20 +242,9 @@ Deno.test({
       assertCovers(doc, await nbdinfo([uri]), "info --json (qemu-nbd)");
       assert.ok(doc.exports[0].contexts.includes("qemu:allocation-depth"));
 
-      const map = await runTool("info", ["--map=qemu:allocation-depth", uri]);
-      assert.equal(map.code, 0, map.stderr);
-      assert.equal(
-        map.text,
-        await run("nbdinfo", ["--map=qemu:allocation-depth", uri]),
-      );
-
-      const dirty = await runTool("info", ["--map=qemu:dirty-bitmap:b0", uri]);
-      assert.equal(dirty.code, 0, dirty.stderr);
-      assert.equal(
-        dirty.text,
-        await run("nbdinfo", ["--map=qemu:dirty-bitmap:b0", uri]),
-      );
-      assert.match(dirty.text, / 1 {2}dirty\n/);
+      await printsAsNbdinfo(["--map=qemu:allocation-depth", uri]);
+      const dirty = await printsAsNbdinfo(["--map=qemu:dirty-bitmap:b0", uri]);
+      assert.match(dirty, / 1 {2}dirty\n/);
     } finally {
       await server.stop();
       await Deno.remove(dir, { recursive: true });
