@@ -85,6 +85,7 @@ import {
   type TestServer,
   type TestServerConfig,
 } from "./support/server.ts";
+import { within } from "./support/wait.ts";
 
 /** Generous for a Unix socket; a step that takes this long has hung. */
 const BOUND_MS = 5000;
@@ -95,22 +96,6 @@ const unhandled: unknown[] = [];
 function onUnhandled(e: PromiseRejectionEvent): void {
   e.preventDefault();
   unhandled.push(e.reason);
-}
-
-/** Races `p` against a timer that is always cleared. */
-async function within<T>(ms: number, p: Promise<T>, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(
-      () => reject(new Error(`${what}: no result after ${ms} ms (hang)`)),
-      ms,
-    );
-  });
-  try {
-    return await Promise.race([p, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 /** Lets pending rejection events fire. */
@@ -125,7 +110,7 @@ async function rejection(
   bound = BOUND_MS,
 ): Promise<Error> {
   try {
-    await within(bound, p, what);
+    await within(bound, what, p);
   } catch (e) {
     assert.ok(e instanceof Error, `${what}: threw a non-Error ${String(e)}`);
     assert.doesNotMatch(e.message, /\(hang\)$/, `${what} hung`);
@@ -170,7 +155,7 @@ function rootCause(e: Error): Error {
 
 /** Closes a client, bounded; errors from an already broken client are fine. */
 async function closeClient(client: NbdClient): Promise<void> {
-  await within(BOUND_MS, client.close().catch(() => {}), "close()");
+  await within(BOUND_MS, "close()", client.close().catch(() => {}));
 }
 
 async function open(
@@ -179,8 +164,8 @@ async function open(
 ): Promise<NbdClient> {
   return await within(
     BOUND_MS,
-    connect({ path: server.path!, exportName: "disk", ...options }),
     "connect()",
+    connect({ path: server.path!, exportName: "disk", ...options }),
   );
 }
 
@@ -192,7 +177,7 @@ async function withClient(
 ): Promise<void> {
   const client = await open(server, options);
   try {
-    await within(BOUND_MS, body(client), "step body");
+    await within(BOUND_MS, "step body", body(client));
   } finally {
     await closeClient(client);
   }
@@ -280,7 +265,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
   ) =>
     t.step(name, async () => {
       await using server = await startTestServer(cfg);
-      await within(bound, body(server), name);
+      await within(bound, name, body(server));
       await tick();
       assert.deepEqual(unhandled.splice(0), [], "unhandled rejections");
     });
@@ -747,7 +732,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
     config({ listen: "both" }),
     async (server) => {
       for (const uri of [server.uriFor("disk"), server.uriFor("disk", "tcp")]) {
-        const client = await within(BOUND_MS, connect(uri), `connect(${uri})`);
+        const client = await within(BOUND_MS, `connect(${uri})`, connect(uri));
         try {
           assert.equal(client.exportName, "disk");
           assert.deepEqual(await client.read(0, 512), DATA.slice(0, 512));
@@ -1013,7 +998,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
           later instanceof NbdConnectionClosedError,
           `${later.name}: ${later.message}`,
         );
-        await within(BOUND_MS, server.settled(), "server sees the disconnect");
+        await within(BOUND_MS, "server sees the disconnect", server.settled());
         assert.equal(server.log[0]?.requests.at(-1)?.type, CMD_DISC);
       } finally {
         await closeClient(client);
@@ -1038,12 +1023,12 @@ async function steps(t: Deno.TestContext): Promise<void> {
       try {
         const results = await within(
           BOUND_MS,
+          "three reads",
           Promise.allSettled([
             client.read(0, 512),
             client.read(512, 512),
             client.read(1024, 512),
           ]),
-          "three reads",
         );
         const reasons = results.map((r) => {
           assert.equal(r.status, "rejected");
@@ -1240,7 +1225,7 @@ async function steps(t: Deno.TestContext): Promise<void> {
         } finally {
           await closeClient(client);
         }
-        await within(BOUND_MS, server.settled(), "the client hangs up");
+        await within(BOUND_MS, "the client hangs up", server.settled());
       },
     );
   }
@@ -1371,8 +1356,8 @@ async function steps(t: Deno.TestContext): Promise<void> {
         // The server never answers; close() must not wait for it forever.
         await within(
           BOUND_MS,
-          client.close().catch(() => {}),
           "close() after an abandoned request",
+          client.close().catch(() => {}),
         );
       }
     },

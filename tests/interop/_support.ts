@@ -10,6 +10,7 @@
 
 import assert from "node:assert/strict";
 import { type Extent, type NbdClient, NbdUnsupportedError } from "../../mod.ts";
+import { within } from "../support/wait.ts";
 
 /** One call of the `debug` hook. */
 export interface TraceEvent {
@@ -226,24 +227,4 @@ export async function readAll(
     at += chunk.length;
   }
   return joined;
-}
-
-/** Races `promise` against a deadline, so a hang fails instead of stalling. */
-export async function within<T>(
-  ms: number,
-  what: string,
-  promise: Promise<T>,
-): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const late = new Promise<never>((_, reject) => {
-    timer = setTimeout(
-      () => reject(new Error(`${what} did not settle within ${ms} ms`)),
-      ms,
-    );
-  });
-  try {
-    return await Promise.race([promise, late]);
-  } finally {
-    clearTimeout(timer);
-  }
 }

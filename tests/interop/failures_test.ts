@@ -13,8 +13,9 @@ import {
   NbdConnectionClosedError,
   NbdProtocolError,
 } from "../../mod.ts";
-import { assertBytes, fill, Trace, within } from "./_support.ts";
-import { nbdkit, type Server, tempDir, until } from "../support/servers.ts";
+import { assertBytes, fill, Trace } from "./_support.ts";
+import { nbdkit, type Server, tempDir } from "../support/servers.ts";
+import { until, within } from "../support/wait.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

@@ -33,7 +33,6 @@ import {
   refusesWritesBeforeTraffic,
   rejectsBeforeTraffic,
   Trace,
-  within,
 } from "./_support.ts";
 import {
   nbdkit,
@@ -44,6 +43,7 @@ import {
   sparseFile,
   tempDir,
 } from "../support/servers.ts";
+import { within } from "../support/wait.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

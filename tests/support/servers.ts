@@ -14,6 +14,7 @@
  */
 
 import type { ConnectOptions } from "../../mod.ts";
+import { until } from "./wait.ts";
 
 /** How long a server may take to start or to stop. */
 const START_DEADLINE_MS = 10_000;
@@ -440,24 +441,5 @@ export async function sparseFile(path: string, size: number): Promise<void> {
     await f.truncate(size);
   } finally {
     f.close();
-  }
-}
-
-/**
- * Waits until `condition()` holds, polling, for at most `ms`.
- *
- * @throws {Error} naming `what` when the deadline passes.
- */
-export async function until(
-  what: string,
-  condition: () => boolean | Promise<boolean>,
-  ms = 5_000,
-): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!await condition()) {
-    if (Date.now() > deadline) {
-      throw new Error(`Gave up after ${ms} ms waiting for ${what}`);
-    }
-    await tick(POLL_MS);
   }
 }
