@@ -6,7 +6,6 @@
 
 import assert from "node:assert/strict";
 import {
-  IHAVEOPT,
   OPT_ABORT,
   OPT_STARTTLS,
   OPTION_REPLY_MAGIC,
@@ -22,6 +21,7 @@ import {
   upgradeToTls,
 } from "../lib/tls.ts";
 import type { ByteStream } from "../lib/transport.ts";
+import { encodeOption } from "../lib/wire.ts";
 import type { Server } from "./support/servers.ts";
 import { makeTestPki, startTlsNbdkits } from "./support/certs.ts";
 
@@ -41,15 +41,6 @@ async function writeAll(s: ByteStream, bytes: Uint8Array): Promise<void> {
   while (at < bytes.length) at += await s.write(bytes.subarray(at));
 }
 
-function option(opt: number): Uint8Array {
-  const b = new Uint8Array(8 + 4 + 4); // magic, option, length
-  const v = new DataView(b.buffer);
-  v.setBigUint64(0, IHAVEOPT);
-  v.setUint32(8, opt);
-  v.setUint32(12, 0);
-  return b;
-}
-
 /** Reads one option reply header and asserts it is an empty ACK to `opt`. */
 async function expectAck(s: ByteStream, opt: number): Promise<void> {
   const r = await readExact(s, 8 + 4 + 4 + 4); // magic, option, type, length
@@ -64,7 +55,7 @@ async function expectAck(s: ByteStream, opt: number): Promise<void> {
 async function startTls(conn: Deno.Conn): Promise<void> {
   await readExact(conn, 8 + 8 + 2); // NBDMAGIC, IHAVEOPT, handshake flags
   await writeAll(conn, new Uint8Array([0, 0, 0, 3])); // FIXED_NEWSTYLE|NO_ZEROES
-  await writeAll(conn, option(OPT_STARTTLS));
+  await writeAll(conn, encodeOption(OPT_STARTTLS));
   await expectAck(conn, OPT_STARTTLS);
 }
 
@@ -85,7 +76,7 @@ async function openUnix(server: Server): Promise<Deno.UnixConn> {
 
 /** Proves the TLS stream carries NBD: NBD_OPT_ABORT is acknowledged. */
 async function abortOverTls(secure: ByteStream): Promise<void> {
-  await writeAll(secure, option(OPT_ABORT));
+  await writeAll(secure, encodeOption(OPT_ABORT));
   await expectAck(secure, OPT_ABORT);
 }
 
@@ -421,14 +412,14 @@ Deno.test("upgradeToTls()", async (t) => {
       });
       const header = new Uint8Array(20);
       const reading = readExact(secure, 20).then((b) => header.set(b));
-      await writeAll(secure, option(OPT_ABORT));
+      await writeAll(secure, encodeOption(OPT_ABORT));
       await reading;
       assert.equal(new DataView(header.buffer).getUint32(12), REP_ACK);
       const pending = secure.read(new Uint8Array(1));
       secure.close();
       await assert.rejects(pending, NbdConnectionClosedError);
       await assert.rejects(
-        secure.write(option(OPT_ABORT)),
+        secure.write(encodeOption(OPT_ABORT)),
         NbdConnectionClosedError,
       );
     },
