@@ -47,19 +47,6 @@ export interface Server {
   stop(): Promise<void>;
 }
 
-/** Whether a program is installed, so tests can be ignored when it is not. */
-export function have(program: string): boolean {
-  try {
-    return new Deno.Command("sh", {
-      args: ["-c", `command -v "$0"`, program],
-      stdout: "null",
-      stderr: "null",
-    }).outputSync().success;
-  } catch {
-    return false;
-  }
-}
-
 /** A fresh private directory for one server. */
 export function tempDir(): Promise<string> {
   return Deno.makeTempDir({ prefix: "nbd-test-" });
