@@ -20,6 +20,7 @@ import {
   OPT_ABORT,
   OPTION_NAMES,
   OPTION_REPLY_MAGIC,
+  REP_ACK,
   REP_ERR_SHUTDOWN,
   REP_ERR_TLS_REQD,
   REP_FLAG_ERROR,
@@ -161,6 +162,12 @@ export class OptionSession {
         } to ${name} claims ${length} bytes, more than the limit of ${MAX_OPTION_REPLY}`,
       );
     }
+    if (type === REP_ACK && length !== 0) {
+      throw new NbdProtocolError(
+        "handshake",
+        `NBD_REP_ACK to ${name} carries ${length} unexpected bytes`,
+      );
+    }
     const payload = await this.transport.readExact(
       length,
       `the ${length}-byte payload of a reply to ${name}`,
@@ -189,6 +196,16 @@ export class OptionSession {
         `connect with tls: "require" (or an nbds:// URI)`;
     }
     return new NbdOptionError(option, reply.type, text, what);
+  }
+
+  /** The error for a reply type that `option` cannot have. */
+  unexpected(option: number, reply: OptionReply): NbdProtocolError {
+    return new NbdProtocolError(
+      "handshake",
+      `Unexpected reply type ${
+        describe(REPLY_TYPE_NAMES, reply.type >>> 0)
+      } to ${describe(OPTION_NAMES, option)}`,
+    );
   }
 
   /** True for replies that end the whole negotiation, whatever the option. */

@@ -184,13 +184,7 @@ export class Transport {
     try {
       return await this.#stream.read(p);
     } catch (e) {
-      if (this.#closed) throw this.#closedError();
-      // A stream that speaks in NBD errors (TLS) is already precise.
-      if (e instanceof NbdError) throw e;
-      throw new NbdConnectionClosedError(
-        `Connection failed while reading: ${errorText(e)}`,
-        { cause: e },
-      );
+      throw this.#streamError(e, "reading");
     } finally {
       this.#readerWaiting = false;
     }
@@ -282,12 +276,7 @@ export class Transport {
       try {
         at += await this.#stream.write(part.subarray(at));
       } catch (e) {
-        if (this.#closed) throw this.#closedError();
-        if (e instanceof NbdError) throw e;
-        throw new NbdConnectionClosedError(
-          `Connection failed while writing: ${errorText(e)}`,
-          { cause: e },
-        );
+        throw this.#streamError(e, "writing");
       }
     }
   }
@@ -315,6 +304,17 @@ export class Transport {
     } catch {
       // Already closed by the other side; nothing left to release.
     }
+  }
+
+  /** What a failed stream read or write becomes. */
+  #streamError(e: unknown, doing: string): Error {
+    if (this.#closed) return this.#closedError();
+    // A stream that speaks in NBD errors (TLS) is already precise.
+    if (e instanceof NbdError) return e;
+    return new NbdConnectionClosedError(
+      `Connection failed while ${doing}: ${errorText(e)}`,
+      { cause: e },
+    );
   }
 
   #closedError(): Error {

@@ -195,10 +195,7 @@ export async function infoOrGo(
       return details as ExportDetails;
     }
     if (!isError(reply.type)) {
-      throw new NbdProtocolError(
-        "handshake",
-        `Unexpected reply type ${reply.type} to ${OPTION_NAMES[option]}`,
-      );
+      throw session.unexpected(option, reply);
     }
     if (reply.type === REP_ERR_UNSUP) return "unsupported";
     throw session.refusal(

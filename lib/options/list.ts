@@ -38,10 +38,7 @@ export async function listExports(
       return reply;
     }
     if (reply.type !== REP_SERVER) {
-      throw new NbdProtocolError(
-        "handshake",
-        `Unexpected reply type ${reply.type} to NBD_OPT_LIST`,
-      );
+      throw session.unexpected(OPT_LIST, reply);
     }
     const r = new Reader(reply.payload, "NBD_REP_SERVER", "handshake");
     const name = r.lengthPrefixedString("export name");

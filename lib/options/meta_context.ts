@@ -70,10 +70,7 @@ async function exchange(
       return "unsupported";
     }
     if (reply.type !== REP_META_CONTEXT) {
-      throw new NbdProtocolError(
-        "handshake",
-        `Unexpected reply type ${reply.type} to a meta context option`,
-      );
+      throw session.unexpected(option, reply);
     }
     const r = new Reader(reply.payload, "NBD_REP_META_CONTEXT", "handshake");
     const id = r.u32();

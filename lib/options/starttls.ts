@@ -8,7 +8,7 @@
 
 import { OPT_STARTTLS, REP_ACK } from "../constants.ts";
 import type { TlsMode } from "../connect_options.ts";
-import { NbdError, NbdProtocolError } from "../errors.ts";
+import { NbdError } from "../errors.ts";
 import { isError, type OptionSession } from "../handshake.ts";
 import type { ByteStream } from "../transport.ts";
 
@@ -32,24 +32,13 @@ export async function negotiateTls(
   await session.send(OPT_STARTTLS);
   const reply = await session.reply(OPT_STARTTLS);
   if (reply.type === REP_ACK) {
-    if (reply.payload.length !== 0) {
-      throw new NbdProtocolError(
-        "handshake",
-        `NBD_REP_ACK to NBD_OPT_STARTTLS carries ${reply.payload.length} unexpected bytes`,
-      );
-    }
     const upgraded = await upgrade(session.transport.stream);
     session.transport.replaceStream(upgraded);
     session.tls = true;
     session.trace?.("tls", { established: true });
     return;
   }
-  if (!isError(reply.type)) {
-    throw new NbdProtocolError(
-      "handshake",
-      `Unexpected reply type ${reply.type} to NBD_OPT_STARTTLS`,
-    );
-  }
+  if (!isError(reply.type)) throw session.unexpected(OPT_STARTTLS, reply);
   if (mode === "require" || session.isFatal(reply)) {
     throw session.refusal(
       OPT_STARTTLS,

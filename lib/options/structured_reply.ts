@@ -13,7 +13,6 @@ import {
   REP_ACK,
   REPLY_TYPE_NAMES,
 } from "../constants.ts";
-import { NbdProtocolError } from "../errors.ts";
 import { isError, type OptionSession } from "../handshake.ts";
 
 /**
@@ -27,23 +26,8 @@ export async function simpleOption(
 ): Promise<"ok" | "unsupported"> {
   await session.send(option);
   const reply = await session.reply(option);
-  if (reply.type === REP_ACK) {
-    if (reply.payload.length !== 0) {
-      throw new NbdProtocolError(
-        "handshake",
-        `NBD_REP_ACK to ${
-          OPTION_NAMES[option]
-        } carries ${reply.payload.length} unexpected bytes`,
-      );
-    }
-    return "ok";
-  }
-  if (!isError(reply.type)) {
-    throw new NbdProtocolError(
-      "handshake",
-      `Unexpected reply type ${reply.type} to ${OPTION_NAMES[option]}`,
-    );
-  }
+  if (reply.type === REP_ACK) return "ok";
+  if (!isError(reply.type)) throw session.unexpected(option, reply);
   if (session.isFatal(reply)) throw session.refusal(option, reply);
   session.trace?.("option unsupported", {
     option: OPTION_NAMES[option],
