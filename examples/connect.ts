@@ -34,6 +34,7 @@ import {
   parseSize,
   UsageError,
   warn,
+  warnUsage,
 } from "./_cli.ts";
 
 const USAGE = `Usage:
@@ -82,8 +83,7 @@ export async function main(args: string[]): Promise<number> {
     return await run(args);
   } catch (e) {
     if (e instanceof UsageError) {
-      warn(`connect: ${e.message}`);
-      warn("Try 'connect --help'.");
+      warnUsage("connect", e);
       return 2;
     }
     warn(errorLine("connect", e));
