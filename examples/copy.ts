@@ -113,11 +113,16 @@ interface Source {
     length: number,
     signal: AbortSignal,
   ): Promise<Extent[]>;
+  /**
+   * Reads `length` bytes at `offset`, into `into` (at least `length` bytes
+   * long) when given, so that buffers can be reused.
+   */
   read(
     offset: number,
     length: number,
     lane: number,
     signal: AbortSignal,
+    into?: Uint8Array,
   ): Promise<Uint8Array>;
   /** For streams: up to `length` bytes, shorter only at the end; null at EOF. */
   next(length: number): Promise<Uint8Array | null>;
@@ -270,13 +275,17 @@ class NbdEndpoint implements Source, Destination {
     }));
   }
 
-  read(
+  async read(
     offset: number,
     length: number,
     lane: number,
     signal: AbortSignal,
+    into?: Uint8Array,
   ): Promise<Uint8Array> {
-    return this.#lane(lane).read(offset, length, { signal });
+    if (!into) return await this.#lane(lane).read(offset, length, { signal });
+    const buf = into.subarray(0, length);
+    await this.#lane(lane).readInto(buf, offset, { signal });
+    return buf;
   }
 
   next(): Promise<Uint8Array | null> {
@@ -382,10 +391,16 @@ class FileEndpoint implements Source, Destination {
     return Promise.reject(new Error("files have no extent map here"));
   }
 
-  read(offset: number, length: number, lane: number): Promise<Uint8Array> {
+  read(
+    offset: number,
+    length: number,
+    lane: number,
+    _signal: AbortSignal,
+    into?: Uint8Array,
+  ): Promise<Uint8Array> {
     return this.#locked(lane, async (file) => {
       await file.seek(offset, Deno.SeekMode.Start);
-      const buf = new Uint8Array(length);
+      const buf = into ? into.subarray(0, length) : new Uint8Array(length);
       let got = 0;
       while (got < length) {
         const n = await file.read(buf.subarray(got));
@@ -771,6 +786,30 @@ export function isZero(bytes: Uint8Array): boolean {
   return true;
 }
 
+/**
+ * A test for "bytes [from, to) of `data` are all zero" that views the
+ * buffer as words once, instead of once per block.
+ */
+function blockTester(data: Uint8Array): (from: number, to: number) => boolean {
+  if (data.byteOffset % 4 !== 0) {
+    return (from, to) => isZero(data.subarray(from, to));
+  }
+  const words = new Uint32Array(
+    data.buffer,
+    data.byteOffset,
+    Math.floor(data.length / 4),
+  );
+  return (from, to) => {
+    if (from % 4 !== 0 || (to % 4 !== 0 && to !== data.length)) {
+      return isZero(data.subarray(from, to));
+    }
+    const whole = Math.floor(to / 4);
+    for (let w = from / 4; w < whole; w++) if (words[w] !== 0) return false;
+    for (let b = whole * 4; b < to; b++) if (data[b] !== 0) return false;
+    return true;
+  };
+}
+
 /** Totals for `--verbose`. */
 interface Stats {
   read: number;
@@ -802,6 +841,9 @@ async function pump(
   const zeroes = dst.zeroMode === "write"
     ? new Uint8Array(requestSize)
     : new Uint8Array(0);
+  // Read buffers are reused once their data has been written; a buffer whose
+  // item failed is dropped, since an abandoned write may still hold it.
+  const pool: Uint8Array[] = [];
 
   const putZero = async (offset: number, length: number, lane: number) => {
     stats.zeroed += length;
@@ -830,13 +872,14 @@ async function pump(
       return;
     }
     // Runs of all-zero blocks become zero requests (or holes).
+    const zeroBlock = blockTester(data);
     let i = 0;
     while (i < data.length) {
-      const zero = isZero(data.subarray(i, Math.min(i + sparse, data.length)));
+      const zero = zeroBlock(i, Math.min(i + sparse, data.length));
       let j = Math.min(i + sparse, data.length);
       while (
         j < data.length &&
-        isZero(data.subarray(j, Math.min(j + sparse, data.length))) === zero
+        zeroBlock(j, Math.min(j + sparse, data.length)) === zero
       ) {
         j = Math.min(j + sparse, data.length);
       }
@@ -858,9 +901,13 @@ async function pump(
 
   const run = async (item: Item, lane: number, after: Promise<void> | null) => {
     let data = item.data;
+    let pooled: Uint8Array | undefined;
     if (!item.zero && data === undefined) {
+      if (item.length <= requestSize) {
+        pooled = pool.pop() ?? new Uint8Array(requestSize);
+      }
       try {
-        data = await src.read(item.offset, item.length, lane, signal);
+        data = await src.read(item.offset, item.length, lane, signal, pooled);
       } catch (e) {
         throw wrap(`reading ${src.name}`, e);
       }
@@ -876,6 +923,7 @@ async function pump(
     } catch (e) {
       throw wrap(`writing ${dst.name}`, e);
     }
+    if (pooled) pool.push(pooled);
     progress.add(item.length);
   };
 
