@@ -110,6 +110,8 @@ export type BlockStatus = Record<string, Extent[]>;
 export type ClientState = "open" | "closing" | "closed" | "failed";
 
 const DEFAULT_MAX_IN_FLIGHT = 64;
+/** Connecting and negotiating may take this long unless told otherwise. */
+const DEFAULT_CONNECT_TIMEOUT = 30_000;
 const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
 
 /** Opens the byte stream to the server that `options` names. */
@@ -162,6 +164,14 @@ export function resolveOptions(
     throw new TypeError("exportName must be a string");
   }
   if (
+    o.connectTimeout !== undefined &&
+    (!Number.isFinite(o.connectTimeout) || o.connectTimeout < 0)
+  ) {
+    throw new RangeError(
+      `connectTimeout must be a number of milliseconds, not ${o.connectTimeout}`,
+    );
+  }
+  if (
     o.maxInFlight !== undefined &&
     (!Number.isInteger(o.maxInFlight) || o.maxInFlight < 1 ||
       o.maxInFlight > 65536)
@@ -209,8 +219,23 @@ async function withConnection<T>(
   o: ConnectOptions,
   step: (transport: Transport) => Promise<T>,
 ): Promise<{ transport: Transport; result: T }> {
-  const signal = o.signal;
-  if (signal?.aborted) throw abortReason(signal);
+  if (o.signal?.aborted) throw abortReason(o.signal);
+  // The caller's signal and the connect timeout, as one signal.
+  const gate = new AbortController();
+  const signal = gate.signal;
+  const forward = () => gate.abort(abortReason(o.signal!));
+  o.signal?.addEventListener("abort", forward, { once: true });
+  const limit = o.connectTimeout ?? DEFAULT_CONNECT_TIMEOUT;
+  const timer = limit > 0
+    ? setTimeout(() =>
+      gate.abort(
+        new NbdError(
+          `Connecting to ${
+            describeTarget(o)
+          } and negotiating took longer than ${limit} ms`,
+        ),
+      ), limit)
+    : undefined;
   let transport: Transport | undefined;
   let onAbort: (() => void) | undefined;
   const aborted = new Promise<never>((_, reject) => {
@@ -219,7 +244,7 @@ async function withConnection<T>(
       transport?.close(reason);
       reject(reason);
     };
-    signal?.addEventListener("abort", onAbort, { once: true });
+    signal.addEventListener("abort", onAbort, { once: true });
   });
   aborted.catch(() => {});
   try {
@@ -249,7 +274,9 @@ async function withConnection<T>(
     if (signal?.aborted) throw abortReason(signal);
     throw e;
   } finally {
-    if (onAbort) signal?.removeEventListener("abort", onAbort);
+    if (onAbort) signal.removeEventListener("abort", onAbort);
+    o.signal?.removeEventListener("abort", forward);
+    clearTimeout(timer);
   }
 }
 

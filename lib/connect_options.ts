@@ -83,4 +83,10 @@ export interface ConnectOptions
   extends ConnectTarget, TlsOptions, NegotiationOptions {
   /** Requests in flight at once on this connection (default 64). */
   maxInFlight?: number;
+  /**
+   * Milliseconds allowed for connecting and negotiating (default 30000; 0
+   * for no limit), so that a server that accepts and then says nothing
+   * cannot hang the caller even without a `signal`.
+   */
+  connectTimeout?: number;
 }

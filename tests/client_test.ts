@@ -1,0 +1,128 @@
+import assert from "node:assert/strict";
+import { connect, NbdClient } from "../lib/client.ts";
+import {
+  NbdConnectionClosedError,
+  NbdError,
+  NbdUnsupportedError,
+} from "../lib/errors.ts";
+import { startTestServer } from "./support/server.ts";
+
+const KiB = 1024;
+
+Deno.test("connect() bounds the handshake by connectTimeout without a signal", async () => {
+  await using server = await startTestServer({ stallHandshake: true });
+  const started = Date.now();
+  await assert.rejects(
+    connect(server.uri, { connectTimeout: 300 }),
+    (e: unknown) =>
+      e instanceof NbdError &&
+      /and negotiating took longer than 300 ms/.test(e.message),
+  );
+  assert.ok(Date.now() - started < 3000, "gave up promptly");
+  await server.settled();
+});
+
+Deno.test("connect() refuses bad options before opening anything", async (t) => {
+  const cases: Array<[string, Parameters<typeof connect>[1], RegExp]> = [
+    [
+      "two places",
+      { hostname: "h", path: "/p" },
+      /only one of hostname, path and cid/,
+    ],
+    ["port", { hostname: "h", port: 70000.5 }, /Invalid port/],
+    [
+      "maxInFlight",
+      { path: "/p", maxInFlight: 0 },
+      /maxInFlight must be an integer/,
+    ],
+    [
+      "connectTimeout",
+      { path: "/p", connectTimeout: -1 },
+      /connectTimeout must be/,
+    ],
+  ];
+  for (const [name, options, message] of cases) {
+    await t.step(name, async () => {
+      await assert.rejects(
+        connect(options!),
+        (e: unknown) =>
+          (e instanceof TypeError || e instanceof RangeError) &&
+          message.test(e.message),
+      );
+    });
+  }
+  await t.step("a server that is not there", async () => {
+    await assert.rejects(
+      connect({ path: "/nonexistent/nbd.sock" }),
+      (e: unknown) =>
+        e instanceof NbdError && /^Cannot connect to /.test(e.message),
+    );
+  });
+});
+
+Deno.test("NbdClient checks every call against the export before sending", async (t) => {
+  await using server = await startTestServer({
+    exports: [{
+      name: "",
+      size: 64 * KiB,
+      blockSize: { minimum: 512, preferred: 4096, maximum: 16 * KiB },
+      flags: 0,
+    }],
+  });
+  const nbd = await connect(server.uri);
+  assert.ok(nbd instanceof NbdClient);
+  const sent = () => server.log.flatMap((c) => c.requests).length;
+  const before = sent();
+  await t.step("ranges: zero, negative, past the end, misaligned", async () => {
+    await assert.rejects(nbd.read(0, 0), RangeError);
+    await assert.rejects(nbd.read(-512, 512), RangeError);
+    await assert.rejects(
+      nbd.read(63 * KiB, 2 * KiB),
+      /beyond the end of the export/,
+    );
+    await assert.rejects(
+      nbd.read(100, 512),
+      /multiples of the export's minimum block size 512/,
+    );
+  });
+  await t.step("features the export does not advertise", async () => {
+    for (
+      const [call, feature] of [
+        [() => nbd.flush(), "flush"],
+        [() => nbd.trim(0, 512), "trim"],
+        [() => nbd.writeZeroes(0, 512), "writeZeroes"],
+        [() => nbd.cache(0, 512), "cache"],
+        [() => nbd.write(0, new Uint8Array(512), { fua: true }), "fua"],
+        [() => nbd.blockStatus(0, 512), "blockStatus"],
+      ] as const
+    ) {
+      await assert.rejects(
+        call(),
+        (e: unknown) =>
+          e instanceof NbdUnsupportedError && e.feature === feature,
+      );
+    }
+  });
+  assert.equal(sent(), before, "nothing reached the server");
+  await t.step("reads larger than the maximum are split to it", async () => {
+    const data = new Uint8Array(48 * KiB).map((_, i) => i % 251);
+    await nbd.write(0, data);
+    assert.deepEqual(await nbd.read(0, 48 * KiB), data);
+    const lengths = server.log.flatMap((c) => c.requests).map((r) =>
+      Number(r.length)
+    );
+    assert.ok(lengths.every((l) => l <= 16 * KiB), `lengths ${lengths}`);
+  });
+  await t.step("state follows the connection", async () => {
+    assert.equal(nbd.state, "open");
+    assert.equal(nbd.blockSizeAdvertised, true);
+    await nbd.close();
+    assert.equal(nbd.state, "closed");
+    await assert.rejects(
+      nbd.read(0, 512),
+      (e: unknown) =>
+        e instanceof NbdConnectionClosedError &&
+        e.message === "Cannot call read(): the client is closed",
+    );
+  });
+});
