@@ -433,3 +433,43 @@ Deno.test("negotiate() and TLS modes", async (t) => {
     assert.equal(result.tls, false);
   });
 });
+
+Deno.test("negotiate() turns random server bytes into a typed error, never a hang", async () => {
+  let seed = 0x1b873593;
+  const next = () => {
+    seed ^= seed << 13;
+    seed ^= seed >>> 17;
+    seed ^= seed << 5;
+    return seed >>> 0;
+  };
+  const head = greeting().done();
+  for (let round = 0; round < 300; round++) {
+    // A valid greeting, then option replies with the right magic and random
+    // fields most of the time, so the checks behind the magic run too.
+    const junk = new Uint8Array(20 + (next() % 300));
+    for (let i = 0; i < junk.length; i++) junk[i] = next() & 0xff;
+    if (next() % 4 !== 0) {
+      new DataView(junk.buffer).setBigUint64(0, OPTION_REPLY_MAGIC);
+      new DataView(junk.buffer).setUint32(8, OPT_EXTENDED_HEADERS);
+    }
+    const bytes = new Uint8Array(head.length + junk.length);
+    bytes.set(head);
+    bytes.set(junk, head.length);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const outcome = await Promise.race([
+      run(bytes, [next() % bytes.length]).then(
+        () => "ok",
+        (e: unknown) => e,
+      ),
+      new Promise<"hang">((r) => timer = setTimeout(() => r("hang"), 3000)),
+    ]);
+    clearTimeout(timer);
+    assert.notEqual(outcome, "hang", `round ${round} hung`);
+    if (outcome !== "ok") {
+      assert.ok(
+        outcome instanceof NbdError,
+        `round ${round}: ${outcome}`,
+      );
+    }
+  }
+});

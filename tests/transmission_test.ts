@@ -800,3 +800,60 @@ Deno.test("Transmission: an aborted request rejects at once and its late reply i
   assert.deepEqual(next.buffer, pattern(8, 5));
   await tx.disconnect();
 });
+
+Deno.test("Transmission: random server bytes end in a typed error, never a hang", async () => {
+  // A seeded generator, so a failure can be replayed.
+  let seed = 0x2545f491;
+  const next = () => {
+    seed ^= seed << 13;
+    seed ^= seed >>> 17;
+    seed ^= seed << 5;
+    return seed >>> 0;
+  };
+  const magics = [
+    0x67446698, // simple
+    0x668e33ef, // structured
+    0x6e8a278c, // extended
+  ];
+  for (let round = 0; round < 300; round++) {
+    const extendedHeaders = round % 3 === 2;
+    const { stream, tx } = setup({
+      extendedHeaders,
+      metaContexts: new Map([[7, "base:allocation"]]),
+    });
+    const reads = [read(0, 4096).cmd, read(8192, 512).cmd].map((c) =>
+      tx.submit(c)
+    );
+    await written(stream, 2);
+    // Mostly plausible headers (right magic, live cookies) with random
+    // fields and payloads, so the checks past the magic get exercised.
+    const junk = new Uint8Array(64 + (next() % 512));
+    for (let i = 0; i < junk.length; i++) junk[i] = next() & 0xff;
+    const v = new DataView(junk.buffer);
+    if (next() % 4 !== 0) {
+      v.setUint32(0, magics[extendedHeaders ? 2 : next() % 2]!);
+      v.setUint32(8, 0);
+      v.setUint32(12, 1 + (next() % 2));
+    }
+    stream.feed(junk, [next() % junk.length]);
+    stream.end();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const settled = await Promise.race([
+      Promise.allSettled(reads),
+      new Promise<"hang">((r) => timer = setTimeout(() => r("hang"), 2000)),
+    ]);
+    clearTimeout(timer);
+    assert.notEqual(settled, "hang", `round ${round} hung`);
+    for (const s of settled as PromiseSettledResult<unknown>[]) {
+      if (s.status === "rejected") {
+        assert.ok(
+          s.reason instanceof NbdProtocolError ||
+            s.reason instanceof NbdConnectionClosedError ||
+            s.reason instanceof NbdCommandError,
+          `round ${round}: ${s.reason}`,
+        );
+      }
+    }
+    await tx.disconnect();
+  }
+});
