@@ -32,6 +32,7 @@ import {
 import { negotiate } from "../lib/handshake.ts";
 import { Transport } from "../lib/transport.ts";
 import { ScriptedStream } from "./support/byte_script.ts";
+import { seeded } from "./support/random.ts";
 import {
   Builder,
   infoExportPayload,
@@ -435,13 +436,7 @@ Deno.test("negotiate() and TLS modes", async (t) => {
 });
 
 Deno.test("negotiate() turns random server bytes into a typed error, never a hang", async () => {
-  let seed = 0x1b873593;
-  const next = () => {
-    seed ^= seed << 13;
-    seed ^= seed >>> 17;
-    seed ^= seed << 5;
-    return seed >>> 0;
-  };
+  const next = seeded(0x1b873593);
   const head = greeting().done();
   for (let round = 0; round < 300; round++) {
     // A valid greeting, then option replies with the right magic and random

@@ -24,6 +24,7 @@ import type { ExportInfo } from "../lib/handshake.ts";
 import { type Command, Transmission } from "../lib/transmission.ts";
 import { Transport } from "../lib/transport.ts";
 import { ScriptedStream } from "./support/byte_script.ts";
+import { seeded } from "./support/random.ts";
 import {
   Builder,
   extendedChunk,
@@ -802,14 +803,7 @@ Deno.test("Transmission: an aborted request rejects at once and its late reply i
 });
 
 Deno.test("Transmission: random server bytes end in a typed error, never a hang", async () => {
-  // A seeded generator, so a failure can be replayed.
-  let seed = 0x2545f491;
-  const next = () => {
-    seed ^= seed << 13;
-    seed ^= seed >>> 17;
-    seed ^= seed << 5;
-    return seed >>> 0;
-  };
+  const next = seeded(0x2545f491);
   const magics = [
     0x67446698, // simple
     0x668e33ef, // structured
