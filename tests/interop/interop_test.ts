@@ -7,6 +7,7 @@
  * anything (libnbd's `interop/`, redis's per-connector loop).
  */
 
+import { seeded } from "../support/random.ts";
 import assert from "node:assert/strict";
 import {
   type BlockSize,
@@ -1078,13 +1079,8 @@ async function runChecks(
           if (x.trim && x.trimReadsZeroes && !x.refusesAdvertised) {
             ops.push("trim");
           }
-          let seed = 0x2545f491;
-          const random = (n: number) => {
-            seed ^= seed << 13;
-            seed ^= seed >>> 17;
-            seed ^= seed << 5;
-            return (seed >>> 0) % n;
-          };
+          const next = seeded(0x2545f491);
+          const random = (n: number) => next() % n;
           for (let round = 0; round < 8; round++) {
             // Distinct blocks, so requests of one round commute.
             const chosen = new Set<number>();
