@@ -288,26 +288,45 @@ function describeTarget(o: ConnectOptions): string {
   }
 }
 
+/** Connects as `o` says and runs the whole handshake. */
+async function negotiated(
+  o: ConnectOptions,
+  trace: Tracer,
+): Promise<{ transport: Transport; info: ExportInfo }> {
+  const { transport, result } = await withConnection(
+    o,
+    (t) => negotiate(t, handshakeOptions(o, trace)),
+  );
+  return { transport, info: result };
+}
+
 /**
  * Opens a connection and runs the whole handshake, returning the transport
- * ready for transmission. The kernel handoff in `ffi/` builds on this.
+ * ready for transmission, for code that carries the transmission phase
+ * itself (a relay, a proxy, a kernel handoff of its own).
  *
  * @param target An NBD URI or options object.
  * @param options Options that override the target's.
  * @returns The transport and what was negotiated.
  * @throws {NbdError} when the connection or the handshake fails.
+ *
+ * @example
+ * ```ts
+ * import { openTransport } from "@nbd/client";
+ * const { transport, info } = await openTransport(
+ *   "nbd+unix:///?socket=/tmp/nbd.sock",
+ *   { structuredReplies: false },
+ * );
+ * console.log(info.size, info.flags);
+ * transport.close();
+ * ```
  */
 export async function openTransport(
   target: string | ConnectOptions,
   options: ConnectOptions = {},
 ): Promise<{ transport: Transport; info: ExportInfo }> {
   const o = resolveOptions(target, options);
-  const trace = makeTracer(o.debug);
-  const { transport, result } = await withConnection(
-    o,
-    (t) => negotiate(t, handshakeOptions(o, trace)),
-  );
-  return { transport, info: result };
+  return await negotiated(o, makeTracer(o.debug));
 }
 
 /**
@@ -337,11 +356,8 @@ export async function connect(
 ): Promise<NbdClient> {
   const o = resolveOptions(target, options);
   const trace = makeTracer(o.debug);
-  const { transport, result } = await withConnection(
-    o,
-    (t) => negotiate(t, handshakeOptions(o, trace)),
-  );
-  return new NbdClient(transport, result, o.maxInFlight, trace);
+  const { transport, info } = await negotiated(o, trace);
+  return new NbdClient(transport, info, o.maxInFlight, trace);
 }
 
 /**

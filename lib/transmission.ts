@@ -187,11 +187,6 @@ export class Transmission {
     return this.#shutdown;
   }
 
-  /** Requests waiting for replies. */
-  get inFlight(): number {
-    return this.#pending.size;
-  }
-
   /**
    * Sends one command and waits for its whole reply.
    *
@@ -425,13 +420,6 @@ export class Transmission {
       }
       this.#transport.close();
     }
-    await this.#loop;
-  }
-
-  /** Closes at once, failing whatever is pending with `reason`. */
-  async abort(reason: Error): Promise<void> {
-    this.#fail(reason);
-    this.#closing = true;
     await this.#loop;
   }
 
@@ -812,11 +800,6 @@ export class Transmission {
       // The spec asks for a soft disconnect once the server says ESHUTDOWN.
       this.disconnect().catch(() => {});
     }
-  }
-
-  /** Waits for the reader loop to end (after close or failure). */
-  get finished(): Promise<void> {
-    return this.#loop;
   }
 
   /** Whether the reader loop has ended. */

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { connect, NbdClient } from "../lib/client.ts";
+import { connect, NbdClient, openTransport } from "../lib/client.ts";
 import {
   NbdConnectionClosedError,
   NbdError,
@@ -125,4 +125,22 @@ Deno.test("NbdClient checks every call against the export before sending", async
         e.message === "Cannot call read(): the client is closed",
     );
   });
+});
+
+Deno.test("openTransport() negotiates and hands over the transport with nothing buffered", async () => {
+  await using server = await startTestServer();
+  const { transport, info } = await openTransport(server.uri, {
+    structuredReplies: false,
+  });
+  try {
+    assert.equal(info.protocol, "fixed newstyle");
+    assert.equal(info.structuredReplies, false);
+    assert.equal(info.extendedHeaders, false);
+    assert.ok(info.size > 0n);
+    assert.equal(transport.buffered, 0);
+    assert.equal(transport.phase, "handshake");
+  } finally {
+    transport.close();
+  }
+  await server.settled();
 });
