@@ -7,33 +7,17 @@ import { Transport } from "../../lib/transport.ts";
 import { FLAG_READ_ONLY, SIMPLE_REPLY_MAGIC } from "../../lib/constants.ts";
 import { upgradeToTls } from "../../lib/tls.ts";
 import { makeTestPki } from "../support/certs.ts";
+import { nbdkit } from "../support/servers.ts";
 
-/** Starts `nbdkit` on a private Unix socket; stops it on dispose. */
+/**
+ * Starts `nbdkit` on a private Unix socket through the shared support, which
+ * waits until the server accepts (the socket file appears before `listen()`).
+ */
 async function startNbdkit(args: string[]) {
-  const dir = await Deno.makeTempDir({ prefix: "nbd-ffi-" });
-  const sock = `${dir}/nbdkit.sock`;
-  const child = new Deno.Command("nbdkit", {
-    args: ["-f", "-U", sock, "--exit-with-parent", ...args],
-    stdout: "null",
-    stderr: "piped",
-  }).spawn();
-  const deadline = Date.now() + 10_000;
-  for (;;) {
-    try {
-      await Deno.stat(sock);
-      break;
-    } catch {
-      if (Date.now() > deadline) throw new Error("nbdkit did not start");
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  }
+  const server = await nbdkit(args);
   return {
-    sock,
-    async [Symbol.asyncDispose]() {
-      child.kill("SIGTERM");
-      await child.output();
-      await Deno.remove(dir, { recursive: true });
-    },
+    sock: server.socket!,
+    [Symbol.asyncDispose]: () => server.stop(),
   };
 }
 
