@@ -37,15 +37,11 @@ export {
   probe,
 } from "./lib/client.ts";
 export type {
-  BlockSize,
   BlockStatus,
   BlockStatusOptions,
   ClientState,
-  ExportListing,
   ExportProbe,
-  Extent,
   ProbeOptions,
-  Protocol,
   ReadOptions,
   RequestOptions,
   WriteOptions,
@@ -83,4 +79,6 @@ export type {
 } from "./lib/streams.ts";
 export { STATE_HOLE, STATE_ZERO } from "./lib/constants.ts";
 export type { ByteStream, Transport } from "./lib/transport.ts";
-export type { ExportInfo } from "./lib/handshake.ts";
+export type { BlockSize, ExportInfo, Protocol } from "./lib/export.ts";
+export type { ExportListing } from "./lib/options/list.ts";
+export type { Extent } from "./lib/transmission.ts";

@@ -19,7 +19,7 @@ import {
   W_OK,
 } from "./_libc.ts";
 import { NbdKernelError } from "./errors.ts";
-import type { ExportInfo } from "../lib/handshake.ts";
+import type { ExportInfo } from "../lib/export.ts";
 
 // linux/nbd.h and linux/fs.h.
 export const NBD_SET_SOCK = 0xab00n;

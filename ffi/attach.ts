@@ -24,13 +24,15 @@ import type {
 } from "../lib/connect_options.ts";
 import { CMD_DISC, FLAG_HAS_FLAGS, FLAG_READ_ONLY } from "../lib/constants.ts";
 import { makeTracer, type Tracer } from "../lib/debug.ts";
-import { abortReason, NbdError, NbdProtocolError } from "../lib/errors.ts";
 import {
-  type ExportInfo,
-  type HandshakeOptions,
-  negotiate,
-} from "../lib/handshake.ts";
-import { type ByteStream, errorText, Transport } from "../lib/transport.ts";
+  abortReason,
+  errorText,
+  NbdError,
+  NbdProtocolError,
+} from "../lib/errors.ts";
+import type { ExportInfo } from "../lib/export.ts";
+import { type HandshakeOptions, negotiate } from "../lib/handshake.ts";
+import { type ByteStream, Transport } from "../lib/transport.ts";
 import { encodeRequest, SIZES } from "../lib/wire.ts";
 import { startDoItWorker } from "./_do_it_worker.ts";
 import { FdStream } from "./_fd_stream.ts";

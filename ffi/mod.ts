@@ -54,4 +54,4 @@ export type {
   TlsMode,
   TlsOptions,
 } from "../lib/connect_options.ts";
-export type { BlockSize, ExportInfo, Protocol } from "../lib/handshake.ts";
+export type { BlockSize, ExportInfo, Protocol } from "../lib/export.ts";

@@ -36,19 +36,14 @@ import type { ConnectOptions } from "./connect_options.ts";
 import { makeTracer, type Tracer } from "./debug.ts";
 import {
   abortReason,
+  errorText,
   NbdConnectionClosedError,
   NbdError,
   NbdUnsupportedError,
 } from "./errors.ts";
-import {
-  type BlockSize,
-  type ExportInfo,
-  type HandshakeOptions,
-  negotiate,
-  openSession,
-  type OptionSession,
-  type Protocol,
-} from "./handshake.ts";
+import type { BlockSize, ExportInfo, Protocol } from "./export.ts";
+import { type HandshakeOptions, negotiate, openSession } from "./handshake.ts";
+import type { OptionSession } from "./options/session.ts";
 import { type ExportListing, listExports as optList } from "./options/list.ts";
 import { listMetaContexts } from "./options/meta_context.ts";
 import { negotiateReplies } from "./options/structured_reply.ts";
@@ -61,11 +56,9 @@ import {
   type WritableToOptions,
 } from "./streams.ts";
 import { type Command, type Extent, Transmission } from "./transmission.ts";
-import { type ByteStream, errorText, Transport } from "./transport.ts";
+import { type ByteStream, Transport } from "./transport.ts";
 import { formatUri, parseUri } from "./uri.ts";
 import { refuseUnsupportedTls, upgradeToTls } from "./tls.ts";
-
-export type { BlockSize, ExportListing, Extent, Protocol };
 
 /** Options every request takes. */
 export interface RequestOptions {

@@ -231,7 +231,7 @@ export const DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024;
  * Formats a number with its name from a table: "3 (NBD_OPT_LIST)", or
  * "12 (unknown)" when the table has no entry.
  */
-export function describe(
+export function numberAndName(
   table: Readonly<Record<number, string>>,
   value: number,
 ): string {
@@ -239,15 +239,15 @@ export function describe(
 }
 
 /** The name of a value for traces: its name, or "99 (unknown)". */
-export function nameOf(
+export function nameOrNumber(
   table: Readonly<Record<number, string>>,
   value: number,
 ): string {
-  return table[value] ?? describe(table, value);
+  return table[value] ?? numberAndName(table, value);
 }
 
 /** Names the bits of a flags word: "NBD_FLAG_HAS_FLAGS|NBD_FLAG_SEND_FLUSH". */
-export function describeFlags(
+export function flagNames(
   table: Readonly<Record<number, string>>,
   flags: number,
 ): string {

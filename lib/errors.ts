@@ -7,8 +7,8 @@
  */
 
 import {
-  describe,
   ERRNO_NAMES,
+  numberAndName,
   OPTION_NAMES,
   REPLY_TYPE_NAMES,
 } from "./constants.ts";
@@ -70,9 +70,11 @@ export class NbdOptionError extends NbdError {
     const what = context ? `${context}: ` : "";
     const text = serverMessage ? `: ${serverMessage}` : "";
     super(
-      `${what}Server refused option ${describe(OPTION_NAMES, option)} with 0x${
-        (reply >>> 0).toString(16)
-      } (${REPLY_TYPE_NAMES[reply >>> 0] ?? "unknown"})${text}`,
+      `${what}Server refused option ${
+        numberAndName(OPTION_NAMES, option)
+      } with 0x${(reply >>> 0).toString(16)} (${
+        REPLY_TYPE_NAMES[reply >>> 0] ?? "unknown"
+      })${text}`,
     );
     this.name = "NbdOptionError";
     this.option = option;
@@ -215,4 +217,9 @@ export class NbdUnsupportedError extends NbdError {
     this.name = "NbdUnsupportedError";
     this.feature = feature;
   }
+}
+
+/** A short text for any thrown value, for messages that wrap a cause. */
+export function errorText(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
 }

@@ -18,7 +18,7 @@
  * @module
  */
 
-import type { BlockSize } from "./options/go.ts";
+import type { BlockSize } from "./export.ts";
 
 /**
  * What the streams need from a client. The library's client has this shape;

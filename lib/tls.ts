@@ -19,7 +19,12 @@
  */
 
 import type { DebugHook, TlsOptions } from "./connect_options.ts";
-import { abortReason, NbdConnectionClosedError, NbdError } from "./errors.ts";
+import {
+  abortReason,
+  errorText,
+  NbdConnectionClosedError,
+  NbdError,
+} from "./errors.ts";
 import type { ByteStream } from "./transport.ts";
 
 type NodeTls = typeof import("node:tls");
@@ -650,8 +655,4 @@ function explain(code: string | undefined, name: string | undefined): string {
 
 function closedError(): NbdConnectionClosedError {
   return new NbdConnectionClosedError("The TLS connection is closed");
-}
-
-function errorText(e: unknown): string {
-  return e instanceof Error ? e.message : String(e);
 }

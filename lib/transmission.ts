@@ -15,12 +15,12 @@ import {
   CMD_FLAG_REQ_ONE,
   CMD_READ,
   COMMAND_NAMES,
-  describe,
   EINVAL,
   ESHUTDOWN,
   EXTENDED_REPLY_MAGIC,
   MAX_STRING_LENGTH,
-  nameOf,
+  nameOrNumber,
+  numberAndName,
   REPLY_FLAG_DONE,
   REPLY_TYPE_BLOCK_STATUS,
   REPLY_TYPE_BLOCK_STATUS_EXT,
@@ -41,7 +41,7 @@ import {
   NbdError,
   NbdProtocolError,
 } from "./errors.ts";
-import type { ExportInfo } from "./handshake.ts";
+import type { ExportInfo } from "./export.ts";
 import type { Transport } from "./transport.ts";
 import {
   decodeExtendedReply,
@@ -515,7 +515,7 @@ export class Transmission {
     this.#trace?.("recv chunk", {
       cookie: h.cookie,
       command: name,
-      type: nameOf(CHUNK_TYPE_NAMES, h.type),
+      type: nameOrNumber(CHUNK_TYPE_NAMES, h.type),
       length: h.length,
       done: (h.flags & REPLY_FLAG_DONE) !== 0,
     });
@@ -529,7 +529,7 @@ export class Transmission {
     return new NbdProtocolError(
       "transmission",
       `${
-        describe(CHUNK_TYPE_NAMES, type)
+        numberAndName(CHUNK_TYPE_NAMES, type)
       } chunk for ${name} (offset ${p.cmd.offset}, length ${p.cmd.length}): ${text}`,
     );
   }
@@ -639,7 +639,7 @@ export class Transmission {
     }
     const r = new Reader(
       await this.#transport.readExact(length, `an error chunk for ${name}`),
-      `${describe(CHUNK_TYPE_NAMES, type)} payload`,
+      `${numberAndName(CHUNK_TYPE_NAMES, type)} payload`,
       "transmission",
     );
     let errno = r.u32();

@@ -8,6 +8,7 @@
  */
 
 import {
+  errorText,
   NbdConnectionClosedError,
   NbdError,
   NbdProtocolError,
@@ -321,9 +322,4 @@ export class Transport {
     if (this.#closeReason instanceof Error) return this.#closeReason;
     return new NbdConnectionClosedError("The connection is closed");
   }
-}
-
-/** A short text for any thrown value. */
-export function errorText(e: unknown): string {
-  return e instanceof Error ? e.message : String(e);
 }

@@ -20,7 +20,7 @@ import {
   NbdConnectionClosedError,
   NbdProtocolError,
 } from "../lib/errors.ts";
-import type { ExportInfo } from "../lib/handshake.ts";
+import type { ExportInfo } from "../lib/export.ts";
 import { type Command, Transmission } from "../lib/transmission.ts";
 import { Transport } from "../lib/transport.ts";
 import { ScriptedStream } from "./support/byte_script.ts";

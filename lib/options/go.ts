@@ -7,15 +7,15 @@
  */
 
 import {
-  describe,
-  describeFlags,
+  flagNames,
   INFO_BLOCK_SIZE,
   INFO_DESCRIPTION,
   INFO_EXPORT,
   INFO_NAME,
   INFO_NAMES,
   MAX_STRING_LENGTH,
-  nameOf,
+  nameOrNumber,
+  numberAndName,
   OPT_EXPORT_NAME,
   OPT_GO,
   OPTION_NAMES,
@@ -31,20 +31,10 @@ import {
   NbdOptionError,
   NbdProtocolError,
 } from "../errors.ts";
-import { isError, type OptionSession } from "../handshake.ts";
+import type { BlockSize } from "../export.ts";
 import { encodeString, isPowerOfTwo, Reader, SIZES, Writer } from "../wire.ts";
 import { listExports } from "./list.ts";
-import { MAX_REPLIES } from "./meta_context.ts";
-
-/** Block size constraints, in bytes. */
-export interface BlockSize {
-  /** Smallest addressable unit; offsets and lengths are multiples of it. */
-  minimum: number;
-  /** Size at which I/O is efficient. */
-  preferred: number;
-  /** Largest payload the server takes in one request. */
-  maximum: number;
-}
+import { isError, MAX_REPLIES, type OptionSession } from "./session.ts";
 
 /** What `NBD_OPT_INFO`/`NBD_OPT_GO` (or `NBD_OPT_EXPORT_NAME`) told us. */
 export interface ExportDetails {
@@ -112,7 +102,7 @@ export function parseInfo(
 ): void {
   const r = new Reader(payload, "NBD_REP_INFO", "handshake");
   const type = r.u16();
-  const what = `NBD_REP_INFO ${describe(INFO_NAMES, type)}`;
+  const what = `NBD_REP_INFO ${numberAndName(INFO_NAMES, type)}`;
   const expectLength = (n: number) => {
     if (payload.length !== n) {
       throw new NbdProtocolError(
@@ -138,7 +128,7 @@ export function parseInfo(
       details.flags = r.u16();
       fields = {
         size: details.size,
-        flags: describeFlags(TRANSMISSION_FLAG_NAMES, details.flags),
+        flags: flagNames(TRANSMISSION_FLAG_NAMES, details.flags),
       };
       break;
     case INFO_NAME:
@@ -155,7 +145,9 @@ export function parseInfo(
       fields = { ...details.blockSize };
       break;
     default:
-      session.trace?.("skip unknown info", { type: nameOf(INFO_NAMES, type) });
+      session.trace?.("skip unknown info", {
+        type: nameOrNumber(INFO_NAMES, type),
+      });
       return;
   }
   session.trace?.("info", { type: INFO_NAMES[type], ...fields });
@@ -249,7 +241,7 @@ export async function exportName(
   const flags = r.u16();
   session.trace?.("export", {
     size,
-    flags: describeFlags(TRANSMISSION_FLAG_NAMES, flags),
+    flags: flagNames(TRANSMISSION_FLAG_NAMES, flags),
   });
   return { size, flags };
 }

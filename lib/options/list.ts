@@ -6,9 +6,13 @@
 
 import { OPT_LIST, REP_ACK, REP_SERVER } from "../constants.ts";
 import { NbdProtocolError } from "../errors.ts";
-import { isError, type OptionReply, type OptionSession } from "../handshake.ts";
 import { Reader } from "../wire.ts";
-import { MAX_REPLIES } from "./meta_context.ts";
+import {
+  isError,
+  MAX_REPLIES,
+  type OptionReply,
+  type OptionSession,
+} from "./session.ts";
 
 /** One export as `NBD_OPT_LIST` describes it. */
 export interface ExportListing {

@@ -8,7 +8,7 @@
 
 import {
   MAX_STRING_LENGTH,
-  nameOf,
+  nameOrNumber,
   OPT_LIST_META_CONTEXT,
   OPT_SET_META_CONTEXT,
   REP_ACK,
@@ -16,11 +16,8 @@ import {
   REPLY_TYPE_NAMES,
 } from "../constants.ts";
 import { NbdProtocolError } from "../errors.ts";
-import { isError, type OptionSession } from "../handshake.ts";
 import { encodeString, Reader, Writer } from "../wire.ts";
-
-/** A bound on replies to one option, so a hostile server cannot loop us. */
-export const MAX_REPLIES = 65536;
+import { isError, MAX_REPLIES, type OptionSession } from "./session.ts";
 
 /** Encodes export name and queries, as both meta-context options take. */
 export function encodeMetaContextRequest(
@@ -65,7 +62,7 @@ async function exchange(
     if (isError(reply.type)) {
       if (session.isFatal(reply)) throw session.refusal(option, reply);
       session.trace?.("meta context refused", {
-        reply: nameOf(REPLY_TYPE_NAMES, reply.type >>> 0),
+        reply: nameOrNumber(REPLY_TYPE_NAMES, reply.type >>> 0),
       });
       return "unsupported";
     }

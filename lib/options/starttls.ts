@@ -9,7 +9,7 @@
 import { OPT_STARTTLS, REP_ACK } from "../constants.ts";
 import type { TlsMode } from "../connect_options.ts";
 import { NbdError } from "../errors.ts";
-import { isError, type OptionSession } from "../handshake.ts";
+import { isError, type OptionSession } from "./session.ts";
 import type { ByteStream } from "../transport.ts";
 
 /**

@@ -6,14 +6,14 @@
  */
 
 import {
-  nameOf,
+  nameOrNumber,
   OPT_EXTENDED_HEADERS,
   OPT_STRUCTURED_REPLY,
   OPTION_NAMES,
   REP_ACK,
   REPLY_TYPE_NAMES,
 } from "../constants.ts";
-import { isError, type OptionSession } from "../handshake.ts";
+import { isError, type OptionSession } from "./session.ts";
 
 /**
  * Sends an option without data whose only success is a bare ACK.
@@ -31,7 +31,7 @@ export async function simpleOption(
   if (session.isFatal(reply)) throw session.refusal(option, reply);
   session.trace?.("option unsupported", {
     option: OPTION_NAMES[option],
-    reply: nameOf(REPLY_TYPE_NAMES, reply.type >>> 0),
+    reply: nameOrNumber(REPLY_TYPE_NAMES, reply.type >>> 0),
   });
   return "unsupported";
 }

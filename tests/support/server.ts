@@ -35,7 +35,6 @@ import {
   CMD_WRITE,
   CMD_WRITE_ZEROES,
   COMMAND_NAMES,
-  describe,
   EINVAL,
   ENOSPC,
   EOVERFLOW,
@@ -62,6 +61,7 @@ import {
   INFO_EXPORT,
   INFO_NAME,
   NBDMAGIC,
+  numberAndName,
   OPT_ABORT,
   OPT_EXPORT_NAME,
   OPT_EXTENDED_HEADERS,
@@ -1173,7 +1173,7 @@ class Connection {
       const payload = await this.mustRead(length);
       const received: ReceivedOption = {
         option,
-        name: describe(OPTION_NAMES, option),
+        name: numberAndName(OPTION_NAMES, option),
         payload,
       };
       this.log.options.push(received);
@@ -1520,7 +1520,7 @@ class Connection {
       extended: this.extended,
       flags,
       type,
-      name: describe(COMMAND_NAMES, type),
+      name: numberAndName(COMMAND_NAMES, type),
       cookie,
       offset,
       length,
