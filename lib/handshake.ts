@@ -25,7 +25,7 @@ import { Reader, SIZES, viewOf } from "./wire.ts";
 import { enterTransmission } from "./options/go.ts";
 import { setMetaContexts } from "./options/meta_context.ts";
 import { OptionSession } from "./options/session.ts";
-import { negotiateTls } from "./options/starttls.ts";
+import { negotiateTls, upgradingOnDemand } from "./options/starttls.ts";
 import { negotiateReplies } from "./options/structured_reply.ts";
 
 /** How to negotiate; see `ConnectOptions` for the user-facing names. */
@@ -34,6 +34,12 @@ export interface HandshakeOptions {
   tls?: TlsMode;
   /** Upgrades the stream after the server accepts `NBD_OPT_STARTTLS`. */
   upgradeTls?: (stream: ByteStream) => Promise<ByteStream>;
+  /**
+   * With `tls` left at `"disable"`: when the server answers
+   * `NBD_REP_ERR_TLS_REQD`, send `NBD_OPT_STARTTLS` and start over under TLS
+   * (the NBD URI spec's "opportunistically TLS encrypted" `nbd:`).
+   */
+  tlsOnDemand?: boolean;
   structuredReplies?: boolean;
   extendedHeaders?: boolean;
   metaContexts?: string[];
@@ -73,7 +79,16 @@ export async function greet(
       "handshake",
     );
     const size = rest.u64();
-    const flags = rest.u32() & 0xffff;
+    const flags = rest.u32();
+    // Only the 16 transmission-flag bits exist; QEMU's client refuses more.
+    if (flags > 0xffff) {
+      throw new NbdProtocolError(
+        "handshake",
+        `Unexpected export flags 0x${
+          flags.toString(16)
+        } in the oldstyle greeting: only the low 16 bits are defined`,
+      );
+    }
     trace?.("recv oldstyle greeting", { size, flags });
     return { style: "oldstyle", size, flags };
   }
@@ -150,15 +165,21 @@ export async function negotiate(
         "TLS is required but the server does not support fixed newstyle negotiation, which TLS needs",
       );
     }
-    if (session.fixed) {
-      await negotiateTls(session, mode, options.upgradeTls);
-      await negotiateReplies(session, options);
-    }
-    const wanted = options.metaContexts ?? [];
-    const contexts = session.structuredReplies && wanted.length > 0
-      ? await setMetaContexts(session, exportName, wanted)
-      : new Map<number, string>();
-    const details = await enterTransmission(session, exportName, options);
+    if (session.fixed) await negotiateTls(session, mode, options.upgradeTls);
+    const { contexts, details } = await upgradingOnDemand(
+      session,
+      mode === "disable" && options.tlsOnDemand === true,
+      options.upgradeTls,
+      async () => {
+        if (session.fixed) await negotiateReplies(session, options);
+        const wanted = options.metaContexts ?? [];
+        const contexts = session.structuredReplies && wanted.length > 0
+          ? await setMetaContexts(session, exportName, wanted)
+          : new Map<number, string>();
+        const details = await enterTransmission(session, exportName, options);
+        return { contexts, details };
+      },
+    );
     session.ended = true;
     return {
       exportName: details.name ?? exportName,

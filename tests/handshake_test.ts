@@ -198,6 +198,17 @@ Deno.test("negotiate() with an oldstyle server", async () => {
   );
 });
 
+Deno.test("negotiate() refuses oldstyle flags beyond the 16 transmission bits", async () => {
+  const b = new Builder().u64(NBDMAGIC).u64(CLISERV_MAGIC).u64(4096)
+    .u32(0x10003).zeroes(124);
+  await assert.rejects(
+    run(b.done()),
+    (e: unknown) =>
+      e instanceof NbdProtocolError && e.phase === "handshake" &&
+      /Unexpected export flags 0x10003/.test(e.message),
+  );
+});
+
 Deno.test("negotiate() with a non-fixed newstyle server sends only NBD_OPT_EXPORT_NAME", async () => {
   const b = greeting(0).u64(8192).u16(1).zeroes(124);
   const { result, stream } = await run(b.done(), [], { exportName: "disk" });
@@ -417,6 +428,66 @@ Deno.test("negotiate() and TLS modes", async (t) => {
           e instanceof NbdOptionError &&
           e.replyName === "NBD_REP_ERR_TLS_REQD" &&
           /The server requires TLS/.test(e.message),
+      );
+    },
+  );
+  await t.step(
+    "on demand: NBD_REP_ERR_TLS_REQD upgrades with STARTTLS and starts over",
+    async () => {
+      const clear = greeting();
+      reply(clear, OPT_EXTENDED_HEADERS, REP_ERR_TLS_REQD);
+      reply(clear, OPT_STARTTLS, REP_ACK);
+      // What the TLS session carries, as plaintext.
+      const secure = new Builder();
+      reply(secure, OPT_EXTENDED_HEADERS, REP_ERR_UNSUP);
+      reply(secure, OPT_STRUCTURED_REPLY, REP_ERR_UNSUP);
+      info(secure);
+      reply(secure, OPT_GO, REP_ACK);
+      const before = new ScriptedStream(clear.done());
+      const after = new ScriptedStream(secure.done());
+      const transport = new Transport(before);
+      let upgrades = 0;
+      try {
+        const result = await negotiate(transport, {
+          tlsOnDemand: true,
+          upgradeTls: () => {
+            upgrades++;
+            return Promise.resolve(after);
+          },
+        });
+        assert.equal(result.tls, true);
+        assert.equal(upgrades, 1);
+      } finally {
+        transport.close();
+      }
+      assert.deepEqual(sentOptions(before.sent), [
+        OPT_EXTENDED_HEADERS,
+        OPT_STARTTLS,
+      ]);
+      assert.deepEqual(
+        sentOptions(new Uint8Array([0, 0, 0, 0, ...after.sent])),
+        [
+          OPT_EXTENDED_HEADERS,
+          OPT_STRUCTURED_REPLY,
+          OPT_GO,
+        ],
+      );
+    },
+  );
+  await t.step(
+    "on demand: a server that refuses under TLS too fails with its reply",
+    async () => {
+      const b = greeting();
+      reply(b, OPT_EXTENDED_HEADERS, REP_ERR_TLS_REQD);
+      reply(b, OPT_STARTTLS, REP_ERR_POLICY, new Builder().string("no"));
+      await assert.rejects(
+        run(b.done(), [], {
+          tlsOnDemand: true,
+          upgradeTls: () => Promise.reject(new Error("not reached")),
+        }),
+        (e: unknown) =>
+          e instanceof NbdOptionError && e.option === OPT_STARTTLS &&
+          e.serverMessage === "no",
       );
     },
   );

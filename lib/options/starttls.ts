@@ -6,9 +6,14 @@
  * @module
  */
 
-import { OPT_STARTTLS, REP_ACK } from "../constants.ts";
+import {
+  OPT_STARTTLS,
+  OPTION_NAMES,
+  REP_ACK,
+  REP_ERR_TLS_REQD,
+} from "../constants.ts";
 import type { TlsMode } from "../connect_options.ts";
-import { NbdError } from "../errors.ts";
+import { NbdError, NbdOptionError } from "../errors.ts";
 import { isError, type OptionSession } from "./session.ts";
 import type { ByteStream } from "../transport.ts";
 
@@ -47,4 +52,36 @@ export async function negotiateTls(
     );
   }
   session.trace?.("tls", { established: false, reason: "refused by server" });
+}
+
+/**
+ * Runs the options of `steps`; when `onDemand` is set and the server answers
+ * one of them with `NBD_REP_ERR_TLS_REQD`, upgrades with `NBD_OPT_STARTTLS`
+ * (verification as configured in `upgrade`) and runs `steps` again from the
+ * start, since nothing said in clear text carries over into TLS.
+ *
+ * @throws {NbdOptionError} when the server refuses, in clear or under TLS.
+ */
+export async function upgradingOnDemand<T>(
+  session: OptionSession,
+  onDemand: boolean,
+  upgrade: ((stream: ByteStream) => Promise<ByteStream>) | undefined,
+  steps: () => Promise<T>,
+): Promise<T> {
+  try {
+    return await steps();
+  } catch (e) {
+    if (
+      !onDemand || upgrade === undefined || session.tls ||
+      !(e instanceof NbdOptionError) || e.reply !== REP_ERR_TLS_REQD
+    ) {
+      throw e;
+    }
+    session.trace?.("tls", {
+      onDemand: true,
+      reason: `${OPTION_NAMES[e.option] ?? e.option} needs TLS`,
+    });
+    await negotiateTls(session, "require", upgrade);
+    return await steps();
+  }
 }
