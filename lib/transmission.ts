@@ -182,6 +182,11 @@ export class Transmission {
     return this.#failure;
   }
 
+  /** Settles once the reader has stopped, for whatever reason. */
+  get finished(): Promise<void> {
+    return this.#loop;
+  }
+
   /** Whether the server asked to shut down (`ESHUTDOWN`). */
   get shuttingDown(): boolean {
     return this.#shutdown;

@@ -143,9 +143,12 @@ export class Transport {
             `Connection closed by the server while waiting for ${what}`,
           );
         }
+        // The stream ended inside a message: broken framing to a parser,
+        // a lost connection (the cause) to whoever might reconnect.
         throw new NbdProtocolError(
           this.phase,
           `Connection closed after ${got} of ${want} bytes of ${what}`,
+          { cause: new NbdConnectionClosedError("End of stream") },
         );
       }
       if (direct) got += n;

@@ -1,0 +1,447 @@
+/**
+ * The connections a client carries its requests over: one, or several to an
+ * export that allows it (`NBD_FLAG_CAN_MULTI_CONN`), each with its own
+ * {@linkcode Transmission}. Requests go to the connection with the fewest
+ * outstanding. With a reconnect policy, a lost connection is dialled again
+ * with the same negotiation; its requests are held meanwhile and replayed in
+ * their original order once the new connection is known to reach the same
+ * export (`reconnect.ts` holds those rules).
+ *
+ * One connection without reconnecting costs nothing here: requests go
+ * straight to its transmission.
+ *
+ * @module
+ */
+
+import { CMD_BLOCK_STATUS, CMD_FLUSH } from "./constants.ts";
+import type { Tracer } from "./debug.ts";
+import { abortReason, errorText, NbdConnectionClosedError } from "./errors.ts";
+import type { ExportInfo } from "./export.ts";
+import {
+  backoff,
+  exportChanges,
+  gaveUp,
+  isConnectionLoss,
+  modifiesData,
+  NbdExportChangedError,
+  type ReconnectPolicy,
+} from "./reconnect.ts";
+import {
+  type Command,
+  type ExtentsById,
+  Transmission,
+} from "./transmission.ts";
+import type { Transport } from "./transport.ts";
+
+/** A negotiated connection, ready for transmission. */
+export interface Link {
+  transport: Transport;
+  info: ExportInfo;
+}
+
+/** Makes a new connection with the same negotiation as the first. */
+export type Dialer = (signal: AbortSignal) => Promise<Link>;
+
+/** How the connections behave. */
+export interface ConnectionsOptions {
+  /** Requests in flight at once on each connection. */
+  maxInFlight: number;
+  trace: Tracer;
+  /** Reconnect lost connections; without it a loss fails the client. */
+  reconnect?: ReconnectPolicy | undefined;
+  /** How to connect again; needed with `reconnect`. */
+  dial?: Dialer | undefined;
+}
+
+/** `"reconnecting"` while no connection is up but one is being dialled. */
+export type ConnectionsState = "open" | "reconnecting" | "failed";
+
+/** A request is replayed at most this often, so a server that dies at every
+ * attempt cannot keep one request going forever. */
+const MAX_REPLAYS = 16;
+
+interface Slot {
+  readonly index: number;
+  tx: Transmission;
+  info: ExportInfo;
+  outstanding: number;
+  /** The reconnect in progress, if one is. */
+  redial: Promise<void> | undefined;
+  /** Reconnecting gave up on this one. */
+  dead: boolean;
+}
+
+/** The connections of one client; see the module doc. */
+export class Connections {
+  readonly #slots: Slot[];
+  readonly #original: ExportInfo;
+  readonly #byName = new Map<string, number>();
+  readonly #options: ConnectionsOptions;
+  readonly #policy: ReconnectPolicy | undefined;
+  readonly #stop = new AbortController();
+  /** Requests waiting for a connection to come up, in arrival order. */
+  #waiting: Array<() => void> = [];
+  /** Data-changing requests in flight, which a multi-conn flush waits for. */
+  readonly #modifying = new Set<Promise<unknown>>();
+  #failure: Error | undefined;
+  #closed = false;
+  #reconnects = 0;
+
+  /**
+   * @param links The negotiated connections; the first one's export is the
+   *   one every later connection must match.
+   * @param options Limits, tracing and the reconnect policy.
+   */
+  constructor(links: Link[], options: ConnectionsOptions) {
+    if (links.length === 0) throw new RangeError("No connection given");
+    this.#options = options;
+    this.#policy = options.dial ? options.reconnect : undefined;
+    this.#original = links[0]!.info;
+    for (const [id, name] of this.#original.metaContexts) {
+      this.#byName.set(name, id);
+    }
+    this.#slots = links.map((link, index) => this.#slot(index, link));
+  }
+
+  #slot(index: number, link: Link): Slot {
+    const slot: Slot = {
+      index,
+      tx: new Transmission(
+        link.transport,
+        link.info,
+        this.#options.maxInFlight,
+        this.#options.trace,
+      ),
+      info: link.info,
+      outstanding: 0,
+      redial: undefined,
+      dead: false,
+    };
+    this.#watch(slot, slot.tx);
+    return slot;
+  }
+
+  /** Notices a connection that dies while idle, so it comes back at once. */
+  #watch(slot: Slot, tx: Transmission): void {
+    if (!this.#policy) return;
+    tx.finished.then(() => {
+      if (slot.tx === tx && tx.failure && isConnectionLoss(tx.failure)) {
+        this.#lose(slot, tx, tx.failure);
+      }
+    });
+  }
+
+  /** What the first connection negotiated. */
+  get info(): ExportInfo {
+    return this.#original;
+  }
+
+  /** How many connections the client runs. */
+  get count(): number {
+    return this.#slots.length;
+  }
+
+  /** How many times a lost connection was replaced. */
+  get reconnects(): number {
+    return this.#reconnects;
+  }
+
+  /** Whether any connection is up, one is being dialled, or all is lost. */
+  get state(): ConnectionsState {
+    if (this.#failure) return "failed";
+    if (this.#slots.some((s) => this.#live(s))) return "open";
+    if (this.#policy && this.#slots.some((s) => !s.dead)) {
+      return "reconnecting";
+    }
+    return "failed";
+  }
+
+  /** The error that ended the client's connections, if one did. */
+  get failure(): Error | undefined {
+    if (this.#failure) return this.#failure;
+    if (this.#policy) return undefined;
+    return this.#slots.find((s) => s.tx.failure)?.tx.failure;
+  }
+
+  /** Whether the server said `ESHUTDOWN` and nothing will replace it. */
+  get shuttingDown(): boolean {
+    return !this.#policy && this.#slots.some((s) => s.tx.shuttingDown);
+  }
+
+  /** Whether every connection's reader has stopped. */
+  get ended(): boolean {
+    return this.#slots.every((s) => s.tx.ended);
+  }
+
+  #live(s: Slot): boolean {
+    return !s.dead && s.redial === undefined && !s.tx.failure &&
+      !s.tx.shuttingDown;
+  }
+
+  /**
+   * Sends `cmd` on the least busy connection and waits for its reply,
+   * replaying it on a new connection when the old one is lost.
+   *
+   * @returns Block status extents by the context ids of the first
+   *   connection (empty for other commands).
+   */
+  submit(cmd: Command): Promise<ExtentsById> {
+    const slots = this.#slots;
+    if (slots.length === 1 && !this.#policy) return slots[0]!.tx.submit(cmd);
+    if (slots.length > 1) {
+      if (cmd.type === CMD_FLUSH) return this.#flush(cmd);
+      if (modifiesData(cmd.type)) {
+        const done = this.#carry(cmd);
+        this.#modifying.add(done);
+        const forget = () => this.#modifying.delete(done);
+        done.then(forget, forget);
+        return done;
+      }
+    }
+    return this.#carry(cmd);
+  }
+
+  /**
+   * A flush on one of several connections covers the writes that completed
+   * before it was sent, on any of them (`doc/proto.md`, multi-conn): so the
+   * writes already in flight finish first.
+   */
+  async #flush(cmd: Command): Promise<ExtentsById> {
+    if (this.#modifying.size > 0) {
+      await Promise.allSettled([...this.#modifying]);
+    }
+    return await this.#carry(cmd);
+  }
+
+  async #carry(cmd: Command): Promise<ExtentsById> {
+    for (let replays = 0;; replays++) {
+      const slot = this.#pick() ?? await this.#awaitSlot(cmd.signal);
+      const tx = slot.tx;
+      slot.outstanding++;
+      try {
+        const result = await tx.submit(cmd);
+        return cmd.type === CMD_BLOCK_STATUS && slot.info !== this.#original
+          ? this.#remap(result, slot.info)
+          : result;
+      } catch (e) {
+        if (
+          !this.#policy || this.#closed || this.#failure ||
+          cmd.signal?.aborted || !isConnectionLoss(e)
+        ) {
+          if (!this.#policy && tx.failure && this.#slots.length > 1) {
+            this.#failAll(tx.failure);
+          }
+          throw e;
+        }
+        this.#lose(slot, tx, e);
+        if (replays >= MAX_REPLAYS) {
+          throw new NbdConnectionClosedError(
+            `The connection was lost ${
+              replays + 1
+            } times while this request was in flight: ${errorText(e)}`,
+            { cause: e },
+          );
+        }
+        this.#options.trace?.("replay", {
+          offset: cmd.offset,
+          length: cmd.length,
+          replays: replays + 1,
+        });
+      } finally {
+        slot.outstanding--;
+      }
+    }
+  }
+
+  /** The live connection with the fewest requests outstanding. */
+  #pick(): Slot | undefined {
+    let best: Slot | undefined;
+    for (const s of this.#slots) {
+      if (!this.#live(s)) continue;
+      if (!best || s.outstanding < best.outstanding) best = s;
+    }
+    return best;
+  }
+
+  /** Waits, in arrival order, until a connection is up again. */
+  async #awaitSlot(signal: AbortSignal | undefined): Promise<Slot> {
+    while (true) {
+      this.#throwIfOver();
+      if (signal?.aborted) throw abortReason(signal);
+      const slot = this.#pick();
+      if (slot) return slot;
+      await new Promise<void>((resolve) => {
+        const wake = () => {
+          signal?.removeEventListener("abort", onAbort);
+          resolve();
+        };
+        const onAbort = () => {
+          const i = this.#waiting.indexOf(wake);
+          if (i >= 0) this.#waiting.splice(i, 1);
+          resolve();
+        };
+        signal?.addEventListener("abort", onAbort, { once: true });
+        this.#waiting.push(wake);
+      });
+    }
+  }
+
+  #throwIfOver(): void {
+    if (this.#failure) {
+      throw new NbdConnectionClosedError(
+        `Cannot send the request: ${this.#failure.message}`,
+        { cause: this.#failure },
+      );
+    }
+    if (this.#closed) {
+      throw new NbdConnectionClosedError(
+        "The client was closed while the request waited for a new connection",
+      );
+    }
+    if (this.#slots.every((s) => s.dead)) {
+      throw new NbdConnectionClosedError("Every connection is lost");
+    }
+  }
+
+  #wake(): void {
+    for (const wake of this.#waiting.splice(0)) wake();
+  }
+
+  /** Starts replacing `slot`'s connection `tx`, once per loss. */
+  #lose(slot: Slot, tx: Transmission, cause: unknown): void {
+    if (slot.tx !== tx || slot.redial || slot.dead || this.#closed) return;
+    this.#options.trace?.("connection lost", {
+      connection: slot.index,
+      error: errorText(cause),
+    });
+    // What the old connection still owes comes back here as a loss and is
+    // replayed; a short grace lets replies already on their way arrive.
+    tx.disconnect(AbortSignal.timeout(200)).catch(() => {});
+    slot.redial = this.#redial(slot, cause).finally(() => {
+      slot.redial = undefined;
+      this.#wake();
+    });
+  }
+
+  async #redial(slot: Slot, cause: unknown): Promise<void> {
+    const policy = this.#policy!;
+    const dial = this.#options.dial!;
+    const deadline = Date.now() + policy.timeout;
+    let last = cause;
+    for (let attempt = 0;; attempt++) {
+      const left = deadline - Date.now();
+      if (left <= 0 || this.#closed || this.#failure) break;
+      if (attempt > 0) await this.#pause(backoff(attempt - 1, policy, left));
+      if (this.#closed || this.#failure) return;
+      let link: Link;
+      try {
+        link = await dial(
+          AbortSignal.any([
+            this.#stop.signal,
+            AbortSignal.timeout(Math.max(1, deadline - Date.now())),
+          ]),
+        );
+      } catch (e) {
+        last = e;
+        this.#options.trace?.("reconnect attempt failed", {
+          connection: slot.index,
+          attempt: attempt + 1,
+          error: errorText(e),
+        });
+        continue;
+      }
+      if (this.#closed || this.#failure) {
+        link.transport.close();
+        return;
+      }
+      const changes = exportChanges(
+        this.#original,
+        link.info,
+        this.#slots.length > 1,
+      );
+      if (changes.length > 0) {
+        // Nothing was sent to it; say goodbye politely and stop for good.
+        const stranger = new Transmission(
+          link.transport,
+          link.info,
+          1,
+          undefined,
+        );
+        await stranger.disconnect(AbortSignal.timeout(1000)).catch(() => {});
+        this.#failAll(new NbdExportChangedError(changes));
+        return;
+      }
+      slot.tx = new Transmission(
+        link.transport,
+        link.info,
+        this.#options.maxInFlight,
+        this.#options.trace,
+      );
+      slot.info = link.info;
+      this.#watch(slot, slot.tx);
+      this.#reconnects++;
+      this.#options.trace?.("reconnected", {
+        connection: slot.index,
+        attempts: attempt + 1,
+        reconnects: this.#reconnects,
+      });
+      return;
+    }
+    if (this.#closed || this.#failure) return;
+    slot.dead = true;
+    if (this.#slots.every((s) => s.dead)) this.#failAll(gaveUp(policy, last));
+  }
+
+  /** Waits `ms`, or less if the client closes. */
+  #pause(ms: number): Promise<void> {
+    const stop = this.#stop.signal;
+    if (ms <= 0 || stop.aborted) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        stop.removeEventListener("abort", done);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      stop.addEventListener("abort", done, { once: true });
+    });
+  }
+
+  /** Ends every connection with `error`; held and later requests get it. */
+  #failAll(error: Error): void {
+    if (this.#failure) return;
+    this.#failure = error;
+    this.#options.trace?.("connections failed", { error: error.message });
+    this.#stop.abort(error);
+    this.#wake();
+    for (const s of this.#slots) {
+      s.tx.disconnect(AbortSignal.timeout(0)).catch(() => {});
+    }
+  }
+
+  /** Re-keys block status from a new connection's context ids. */
+  #remap(byId: ExtentsById, info: ExportInfo): ExtentsById {
+    const out: ExtentsById = new Map();
+    for (const [id, extents] of byId) {
+      const original = this.#byName.get(info.metaContexts.get(id)!);
+      if (original !== undefined) out.set(original, extents);
+    }
+    return out;
+  }
+
+  /**
+   * Closes every connection: waits for requests in flight (bounded by
+   * `signal`), sends `NBD_CMD_DISC` on each, and fails requests still held
+   * for a reconnect at once.
+   */
+  async disconnect(signal?: AbortSignal): Promise<void> {
+    if (!this.#closed) {
+      this.#closed = true;
+      this.#stop.abort();
+      this.#wake();
+    }
+    const redials = this.#slots.map((s) => s.redial);
+    await Promise.all(this.#slots.map((s) => s.tx.disconnect(signal)));
+    await Promise.all(redials);
+  }
+}

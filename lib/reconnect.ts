@@ -1,0 +1,231 @@
+/**
+ * Surviving a lost connection, the rules without the I/O: which failures are
+ * worth a new connection, how long to wait between attempts, and whether the
+ * server reached again still serves the same export. `connections.ts` runs
+ * the loop; everything here is pure, so it is tested on its own.
+ *
+ * Modelled on QEMU's NBD block driver (`reconnect-delay`, `open-timeout`):
+ * an I/O failure is retried, a server that broke the protocol is not.
+ *
+ * @module
+ */
+
+import {
+  CMD_TRIM,
+  CMD_WRITE,
+  CMD_WRITE_ZEROES,
+  ESHUTDOWN,
+  FLAG_BLOCK_STAT_PAYLOAD,
+  FLAG_CAN_MULTI_CONN,
+  FLAG_READ_ONLY,
+  FLAG_SEND_CACHE,
+  FLAG_SEND_DF,
+  FLAG_SEND_FAST_ZERO,
+  FLAG_SEND_FLUSH,
+  FLAG_SEND_FUA,
+  FLAG_SEND_TRIM,
+  FLAG_SEND_WRITE_ZEROES,
+  TRANSMISSION_FLAG_NAMES,
+} from "./constants.ts";
+import {
+  NbdCommandError,
+  NbdConnectionClosedError,
+  NbdProtocolError,
+} from "./errors.ts";
+import type { ExportInfo } from "./export.ts";
+
+/** How a client survives a lost connection; see `ConnectOptions.reconnect`. */
+export interface ReconnectOptions {
+  /**
+   * How long to keep dialling after the connection is lost, in milliseconds,
+   * before every held request fails. Default 30000.
+   */
+  timeout?: number;
+  /** The first pause between attempts, in milliseconds. Default 50. */
+  delay?: number;
+  /** The longest pause between attempts, in milliseconds. Default 2000. */
+  maxDelay?: number;
+}
+
+/** A {@linkcode ReconnectOptions} with every field settled. */
+export interface ReconnectPolicy {
+  timeout: number;
+  delay: number;
+  maxDelay: number;
+}
+
+/** What `reconnect: true` means. */
+export const DEFAULT_RECONNECT: Readonly<ReconnectPolicy> = Object.freeze({
+  timeout: 30_000,
+  delay: 50,
+  maxDelay: 2_000,
+});
+
+/**
+ * The pause before attempt `attempt` (0-based): doubling from `delay` up to
+ * `maxDelay`, and never past what is left of the deadline.
+ */
+export function backoff(
+  attempt: number,
+  policy: ReconnectPolicy,
+  left: number,
+): number {
+  const grown = policy.delay * 2 ** Math.min(attempt, 30);
+  return Math.max(0, Math.min(grown, policy.maxDelay, left));
+}
+
+/**
+ * Whether a failure means "the connection went away" (and a new one may
+ * carry on) rather than "the server answered" or "the server is broken".
+ *
+ * Lost: end of stream, reset, broken pipe, a stream cut inside a message
+ * (the server died mid-reply), and a server's `ESHUTDOWN` soft disconnect.
+ * Not lost: a protocol violation, a server's errno, an abort.
+ */
+export function isConnectionLoss(e: unknown): boolean {
+  if (e instanceof NbdConnectionClosedError) return true;
+  if (e instanceof NbdCommandError) return e.errno === ESHUTDOWN;
+  if (e instanceof NbdProtocolError) {
+    return e.cause instanceof NbdConnectionClosedError;
+  }
+  return false;
+}
+
+/** The flags a client may have promised its callers, and may not lose. */
+const RELIED_ON = FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_TRIM |
+  FLAG_SEND_WRITE_ZEROES | FLAG_SEND_DF | FLAG_SEND_CACHE |
+  FLAG_SEND_FAST_ZERO | FLAG_BLOCK_STAT_PAYLOAD;
+
+/**
+ * What differs between the export a client was using and the one a new
+ * connection reached, in words; empty when it is safe to carry on. Data must
+ * never go to another disk, so anything that could mean one is a change:
+ * another size, read-only now, a command flag withdrawn, block sizes that
+ * requests already checked would break, a metadata context gone, or a reply
+ * format that cannot carry the requests already sized for the old one.
+ *
+ * @param before What the first connection negotiated.
+ * @param after What the new connection negotiated.
+ * @param several Whether the client runs several connections (then
+ *   `NBD_FLAG_CAN_MULTI_CONN` is relied on too).
+ */
+export function exportChanges(
+  before: ExportInfo,
+  after: ExportInfo,
+  several = false,
+): string[] {
+  const out: string[] = [];
+  if (after.size !== before.size) {
+    out.push(`size ${before.size} is now ${after.size}`);
+  }
+  if (!(before.flags & FLAG_READ_ONLY) && after.flags & FLAG_READ_ONLY) {
+    out.push("the export is read-only now");
+  }
+  const relied = RELIED_ON | (several ? FLAG_CAN_MULTI_CONN : 0);
+  const lost = before.flags & relied & ~after.flags;
+  for (let bit = 1; bit <= lost; bit <<= 1) {
+    if (lost & bit) {
+      out.push(
+        `${
+          TRANSMISSION_FLAG_NAMES[bit] ?? `flag 0x${bit.toString(16)}`
+        } withdrawn`,
+      );
+    }
+  }
+  const b = before.blockSize;
+  const a = after.blockSize;
+  if (b.minimum % a.minimum !== 0) {
+    out.push(`minimum block size ${b.minimum} is now ${a.minimum}`);
+  }
+  if (a.maximum < b.maximum) {
+    out.push(`maximum block size ${b.maximum} is now ${a.maximum}`);
+  }
+  if (before.extendedHeaders && !after.extendedHeaders) {
+    out.push("extended headers are no longer negotiated");
+  }
+  if (before.structuredReplies && !after.structuredReplies) {
+    out.push("structured replies are no longer negotiated");
+  }
+  const now = new Set(after.metaContexts.values());
+  for (const name of before.metaContexts.values()) {
+    if (!now.has(name)) out.push(`metadata context ${name} is gone`);
+  }
+  return out;
+}
+
+/**
+ * The new connection reached an export that is not the one the client was
+ * using; nothing was sent to it. `changes` says what differs.
+ */
+export class NbdExportChangedError extends NbdConnectionClosedError {
+  /** What differs, one phrase each ("size 1048576 is now 2097152"). */
+  readonly changes: readonly string[];
+
+  /**
+   * Creates the error.
+   *
+   * @param changes What differs, as {@linkcode exportChanges} lists it.
+   */
+  constructor(changes: readonly string[]) {
+    super(
+      `Reconnected to a different export, so no request was replayed: ${
+        changes.join("; ")
+      }`,
+    );
+    this.name = "NbdExportChangedError";
+    this.changes = changes;
+  }
+}
+
+/** The commands that change data; a multi-conn flush waits for them. */
+export function modifiesData(type: number): boolean {
+  return type === CMD_WRITE || type === CMD_WRITE_ZEROES || type === CMD_TRIM;
+}
+
+/** Checks a user's `reconnect` option and settles its defaults. */
+export function reconnectPolicy(
+  value: boolean | ReconnectOptions | undefined,
+): ReconnectPolicy | undefined {
+  if (value === undefined || value === false) return undefined;
+  if (value === true) return { ...DEFAULT_RECONNECT };
+  if (typeof value !== "object" || value === null) {
+    throw new TypeError(
+      `reconnect must be a boolean or { timeout, delay, maxDelay }, not ${typeof value}`,
+    );
+  }
+  const field = (name: keyof ReconnectOptions, min: number): number => {
+    const v = value[name];
+    if (v === undefined) return DEFAULT_RECONNECT[name];
+    if (typeof v !== "number" || !Number.isFinite(v)) {
+      throw new TypeError(`reconnect.${name} must be a number, not ${v}`);
+    }
+    if (v < min || v > MAX_TIMER_MS) {
+      throw new RangeError(
+        `reconnect.${name} must be between ${min} and ${MAX_TIMER_MS} ms, not ${v}`,
+      );
+    }
+    return v;
+  };
+  const policy = {
+    timeout: field("timeout", 1),
+    delay: field("delay", 0),
+    maxDelay: field("maxDelay", 0),
+  };
+  if (policy.maxDelay < policy.delay) policy.maxDelay = policy.delay;
+  return policy;
+}
+
+/** Timers in Deno (and browsers) hold at most a signed 32-bit delay. */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** The error every held request gets when no new connection came in time. */
+export function gaveUp(
+  policy: ReconnectPolicy,
+  last: unknown,
+): NbdConnectionClosedError {
+  const why = last instanceof Error ? last.message : String(last);
+  return new NbdConnectionClosedError(
+    `Could not reconnect to the server within ${policy.timeout} ms: ${why}`,
+    { cause: last },
+  );
+}

@@ -1,0 +1,134 @@
+/**
+ * A server that a test can kill and start again on the same Unix socket, as
+ * an administrator restarting `nbdkit` or `qemu-nbd` would: what the
+ * reconnect tests need and `servers.ts` (one start per server) does not do.
+ *
+ * @module
+ */
+
+import { until } from "./wait.ts";
+
+/** How long a start may take before the test fails. */
+const START_MS = 10_000;
+/** How long a signalled server may take to exit. */
+const EXIT_MS = 10_000;
+
+/** A server process bound to one socket path across restarts. */
+export interface Restartable {
+  /** The socket every incarnation listens on. */
+  readonly socket: string;
+  /** The private directory (socket, images, logs). */
+  readonly dir: string;
+  /** How many times the server was started. */
+  readonly starts: number;
+  /** Starts it (again), with `args` for this incarnation if given. */
+  start(args?: string[]): Promise<void>;
+  /** Sends `signal` and waits until the process has exited. */
+  kill(signal: Deno.Signal): Promise<void>;
+  /** What the current incarnation wrote to stderr. */
+  log(): Promise<string>;
+  /** Stops the server if it runs and removes the directory. */
+  [Symbol.asyncDispose](): Promise<void>;
+}
+
+async function accepts(path: string): Promise<boolean> {
+  try {
+    (await Deno.connect({ transport: "unix", path })).close();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Prepares a restartable server; call `start()` to run it.
+ *
+ * @param program `"nbdkit"` or `"qemu-nbd"`.
+ * @param argsFor The arguments for a socket path (listening options
+ *   included), e.g. `(s) => ["-f", "-U", s, "memory", "1M"]`.
+ * @param dir An existing directory to use instead of a new one.
+ */
+export async function restartable(
+  program: string,
+  argsFor: (socket: string, dir: string) => string[],
+  dir?: string,
+): Promise<Restartable> {
+  const own = dir === undefined;
+  const home = dir ?? await Deno.makeTempDir({ prefix: "nbd-restart-" });
+  const socket = `${home}/server.sock`;
+  let child: Deno.ChildProcess | undefined;
+  let logPath = "";
+  let starts = 0;
+  const exited = async () => {
+    if (!child) return;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<"late">((r) => {
+      timer = setTimeout(() => r("late"), EXIT_MS);
+    });
+    const outcome = await Promise.race([child.status, late]);
+    clearTimeout(timer);
+    if (outcome === "late") {
+      child.kill("SIGKILL");
+      await child.status;
+    }
+    child = undefined;
+  };
+  return {
+    socket,
+    dir: home,
+    get starts() {
+      return starts;
+    },
+    async start(args) {
+      if (child) throw new Error(`${program} is already running`);
+      await Deno.remove(socket).catch(() => {});
+      starts++;
+      logPath = `${home}/${program}-${starts}.log`;
+      child = new Deno.Command("sh", {
+        args: [
+          "-c",
+          'log="$1"; shift; exec "$@" 2>"$log"',
+          "sh",
+          logPath,
+          program,
+          ...(args ?? argsFor(socket, home)),
+        ],
+        stdin: "null",
+        stdout: "null",
+        stderr: "null",
+      }).spawn();
+      const running = child;
+      let gone = false;
+      running.status.then(() => gone = true);
+      await until(`${program} to accept on ${socket}`, async () => {
+        if (gone) {
+          throw new Error(
+            `${program} exited before listening: ${await this.log()}`,
+          );
+        }
+        return await accepts(socket);
+      }, START_MS);
+    },
+    async kill(signal) {
+      if (!child) return;
+      try {
+        child.kill(signal);
+      } catch {
+        // Already gone.
+      }
+      await exited();
+    },
+    log: () => Deno.readTextFile(logPath).catch(() => ""),
+    async [Symbol.asyncDispose]() {
+      if (child) {
+        try {
+          child.kill("SIGTERM");
+        } catch {
+          // Already gone.
+        }
+        await exited();
+      }
+      if (own) await Deno.remove(home, { recursive: true }).catch(() => {});
+    },
+  };
+}
