@@ -14,7 +14,7 @@
 import assert from "node:assert/strict";
 import { connect, type NbdClient } from "../../lib/client.ts";
 import type { ConnectOptions } from "../../lib/connect_options.ts";
-import { CMD_READ } from "../../lib/constants.ts";
+import { CMD_READ, OPT_GO } from "../../lib/constants.ts";
 import {
   NbdCommandError,
   NbdConnectionClosedError,
@@ -22,12 +22,13 @@ import {
 } from "../../lib/errors.ts";
 import {
   type Action,
+  type OptionAction,
   type ReceivedRequest,
   startTestServer,
   type TestServer,
   type TestServerConfig,
 } from "../support/server.ts";
-import { within } from "../support/wait.ts";
+import { until, within } from "../support/wait.ts";
 
 /** Generous for a Unix socket; a step that takes this long has hung. */
 export const BOUND_MS = 5000;
@@ -191,11 +192,8 @@ export async function readBreaks(
 
 /** Polls (bounded) until the client records a fatal failure. */
 export async function failureOf(client: NbdClient): Promise<Error> {
-  for (let i = 0; i < 200; i++) {
-    if (client.failure) return client.failure;
-    await new Promise((r) => setTimeout(r, 10));
-  }
-  assert.fail("the client never recorded a failure");
+  await until("the client to record a failure", () => !!client.failure, 2000);
+  return client.failure!;
 }
 
 /**
@@ -213,6 +211,18 @@ export function config(extra: TestServerConfig = {}): TestServerConfig {
     }],
     ...extra,
   };
+}
+
+/** Answers NBD_OPT_GO with `reply` and every other option correctly. */
+export function onGo(
+  reply: OptionAction | OptionAction[],
+): NonNullable<TestServerConfig["onOption"]> {
+  return (opt) => opt.option === OPT_GO ? reply : undefined;
+}
+
+/** The option numbers the first connection sent, in order. */
+export function optionsSent(server: TestServer): number[] {
+  return server.log[0]!.options.map((o) => o.option);
 }
 
 /** Answers READs with `reply(req)` and everything else correctly. */

@@ -25,6 +25,7 @@ import {
   handshakeFails,
   hostileTest,
   MiB,
+  onGo,
   rejection,
   withClient,
 } from "./_helpers.ts";
@@ -51,14 +52,11 @@ hostileTest(
     await step(
       "connect() keeps an export size beyond 2^53 exact in sizeBigInt",
       config({
-        onOption: (opt) =>
-          opt.option === OPT_GO
-            ? [
-              optionReply(OPT_GO, REP_INFO, infoExportPayload(1n << 60n, 1)),
-              optionReply(OPT_GO, REP_ACK),
-              "transmission",
-            ]
-            : undefined,
+        onOption: onGo([
+          optionReply(OPT_GO, REP_INFO, infoExportPayload(1n << 60n, 1)),
+          optionReply(OPT_GO, REP_ACK),
+          "transmission",
+        ]),
       }),
       async (server) => {
         await withClient(server, {}, (client) => {
@@ -77,10 +75,7 @@ hostileTest(
     await step(
       "connect() fails when NBD_OPT_GO succeeds without NBD_INFO_EXPORT",
       config({
-        onOption: (opt) =>
-          opt.option === OPT_GO
-            ? [optionReply(OPT_GO, REP_ACK), "transmission"]
-            : undefined,
+        onOption: onGo([optionReply(OPT_GO, REP_ACK), "transmission"]),
       }),
       (server) => handshakeFails(server, /NBD_INFO_EXPORT/),
     );
@@ -88,17 +83,14 @@ hostileTest(
     await step(
       "connect() fails on a short NBD_INFO_EXPORT",
       config({
-        onOption: (opt) =>
-          opt.option === OPT_GO
-            ? [
-              optionReply(
-                OPT_GO,
-                REP_INFO,
-                infoExportPayload(MiB, 1).subarray(0, 10),
-              ),
-              optionReply(OPT_GO, REP_ACK),
-            ]
-            : undefined,
+        onOption: onGo([
+          optionReply(
+            OPT_GO,
+            REP_INFO,
+            infoExportPayload(MiB, 1).subarray(0, 10),
+          ),
+          optionReply(OPT_GO, REP_ACK),
+        ]),
       }),
       (server) => handshakeFails(server),
     );
@@ -106,19 +98,16 @@ hostileTest(
     await step(
       "connect() rejects an invalid NBD_INFO_BLOCK_SIZE",
       config({
-        onOption: (opt) =>
-          opt.option === OPT_GO
-            ? [
-              optionReply(
-                OPT_GO,
-                REP_INFO,
-                infoBlockSizePayload(3, 4096, 65536),
-              ),
-              optionReply(OPT_GO, REP_INFO, infoExportPayload(MiB, 1)),
-              optionReply(OPT_GO, REP_ACK),
-              "transmission",
-            ]
-            : undefined,
+        onOption: onGo([
+          optionReply(
+            OPT_GO,
+            REP_INFO,
+            infoBlockSizePayload(3, 4096, 65536),
+          ),
+          optionReply(OPT_GO, REP_INFO, infoExportPayload(MiB, 1)),
+          optionReply(OPT_GO, REP_ACK),
+          "transmission",
+        ]),
       }),
       (server) => handshakeFails(server, /minimum/),
     );
@@ -126,10 +115,9 @@ hostileTest(
     await step(
       "connect() rejects an unexpected reply type to NBD_OPT_GO",
       config({
-        onOption: (opt) =>
-          opt.option === OPT_GO
-            ? optionReply(OPT_GO, REP_SERVER, repServerPayload("disk"))
-            : undefined,
+        onOption: onGo(
+          optionReply(OPT_GO, REP_SERVER, repServerPayload("disk")),
+        ),
       }),
       (server) => handshakeFails(server),
     );
@@ -154,19 +142,16 @@ hostileTest(
     await step(
       "connect() bounds an NBD_INFO_NAME longer than 4096 bytes",
       config({
-        onOption: (opt) =>
-          opt.option === OPT_GO
-            ? [
-              optionReply(
-                OPT_GO,
-                REP_INFO,
-                infoStringPayload(INFO_NAME, "n".repeat(5000)),
-              ),
-              optionReply(OPT_GO, REP_INFO, infoExportPayload(MiB, 1)),
-              optionReply(OPT_GO, REP_ACK),
-              "transmission",
-            ]
-            : undefined,
+        onOption: onGo([
+          optionReply(
+            OPT_GO,
+            REP_INFO,
+            infoStringPayload(INFO_NAME, "n".repeat(5000)),
+          ),
+          optionReply(OPT_GO, REP_INFO, infoExportPayload(MiB, 1)),
+          optionReply(OPT_GO, REP_ACK),
+          "transmission",
+        ]),
       }),
       (server) => handshakeFails(server, /4096/),
     );

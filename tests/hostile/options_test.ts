@@ -31,7 +31,9 @@ import {
   handshakeFails,
   hostileTest,
   MiB,
+  onGo,
   open,
+  optionsSent,
   rejection,
   withClient,
 } from "./_helpers.ts";
@@ -54,8 +56,7 @@ hostileTest(
     await step(
       "connect() fails on a reply to the wrong option",
       config({
-        onOption: (opt) =>
-          opt.option === OPT_GO ? optionReply(OPT_LIST, REP_ACK) : undefined,
+        onOption: onGo(optionReply(OPT_LIST, REP_ACK)),
       }),
       (server) =>
         handshakeFails(
@@ -67,11 +68,10 @@ hostileTest(
     await step(
       "connect() refuses an option reply claiming 0xffffffff bytes",
       config({
-        onOption: (opt) =>
-          opt.option === OPT_GO
-            ? new Builder().u64(0x3e889045565a9n).u32(OPT_GO).u32(REP_INFO)
-              .u32(0xffffffff).done()
-            : undefined,
+        onOption: onGo(
+          new Builder().u64(0x3e889045565a9n).u32(OPT_GO).u32(REP_INFO)
+            .u32(0xffffffff).done(),
+        ),
       }),
       (server) => handshakeFails(server, /4294967295/),
     );
@@ -79,10 +79,7 @@ hostileTest(
     await step(
       "connect() fails when the server drops mid option reply",
       config({
-        onOption: (opt) =>
-          opt.option === OPT_GO
-            ? [optionReply(OPT_GO, REP_ACK).subarray(0, 7), "drop"]
-            : undefined,
+        onOption: onGo([optionReply(OPT_GO, REP_ACK).subarray(0, 7), "drop"]),
       }),
       (server) => handshakeFails(server, /7 of 20 bytes/),
     );
@@ -90,7 +87,7 @@ hostileTest(
     await step(
       "connect() fails with NbdConnectionClosedError when the server hangs up between replies",
       config({
-        onOption: (opt) => opt.option === OPT_GO ? "drop" : undefined,
+        onOption: onGo("drop"),
       }),
       async (server) => {
         const e = await rejection(open(server), "connect()");
@@ -104,7 +101,7 @@ hostileTest(
     await step(
       "connect() gives up on a stall after NBD_OPT_GO when its signal aborts",
       config({
-        onOption: (opt) => opt.option === OPT_GO ? "stall" : undefined,
+        onOption: onGo("stall"),
       }),
       async (server) => {
         const e = await rejection(
@@ -138,7 +135,7 @@ hostileTest(
           },
         );
         await server.settled();
-        const sent = server.log[0]!.options.map((o) => o.option);
+        const sent = optionsSent(server);
         assert.ok(!sent.includes(10), "no SET_META_CONTEXT without structured");
       },
     );
@@ -152,7 +149,7 @@ hostileTest(
           assert.deepEqual(await client.read(0, 512), DATA.slice(0, 512));
         });
         await server.settled();
-        const sent = server.log[0]!.options.map((o) => o.option);
+        const sent = optionsSent(server);
         assert.equal(sent.at(-1), OPT_EXPORT_NAME);
         assert.ok(sent.includes(OPT_GO));
       },
@@ -172,7 +169,7 @@ hostileTest(
         assert.match(e.message, /"nope"/);
         assert.match(e.message, /"disk"/);
         await server.settled();
-        const sent = server.log[0]!.options.map((o) => o.option);
+        const sent = optionsSent(server);
         assert.ok(sent.includes(OPT_LIST));
         assert.ok(!sent.includes(OPT_EXPORT_NAME), "EXPORT_NAME not sent");
         assert.equal(sent.filter((o) => o === OPT_ABORT).length, 1);
@@ -206,7 +203,7 @@ hostileTest(
           return Promise.resolve();
         });
         await server.settled();
-        const sent = server.log[0]!.options.map((o) => o.option);
+        const sent = optionsSent(server);
         assert.deepEqual(sent.slice(0, 2), [
           OPT_EXTENDED_HEADERS,
           OPT_STRUCTURED_REPLY,
@@ -233,7 +230,7 @@ hostileTest(
         assert.equal(e.replyName, "NBD_REP_ERR_UNKNOWN");
         assert.match(e.serverMessage, /missing/);
         await server.settled();
-        const sent = server.log[0]!.options.map((o) => o.option);
+        const sent = optionsSent(server);
         assert.equal(sent.filter((o) => o === OPT_ABORT).length, 1);
       },
     );

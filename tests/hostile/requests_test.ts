@@ -24,6 +24,7 @@ import {
   DATA,
   hostileTest,
   MiB,
+  onGo,
   onRead,
   open,
   rejection,
@@ -64,18 +65,15 @@ hostileTest(
     await step(
       "transmission flags without NBD_FLAG_HAS_FLAGS advertise nothing",
       config({
-        onOption: (opt) =>
-          opt.option === OPT_GO
-            ? [
-              optionReply(
-                OPT_GO,
-                REP_INFO,
-                infoExportPayload(MiB, FLAG_SEND_FLUSH | FLAG_SEND_TRIM),
-              ),
-              optionReply(OPT_GO, REP_ACK),
-              "transmission",
-            ]
-            : undefined,
+        onOption: onGo([
+          optionReply(
+            OPT_GO,
+            REP_INFO,
+            infoExportPayload(MiB, FLAG_SEND_FLUSH | FLAG_SEND_TRIM),
+          ),
+          optionReply(OPT_GO, REP_ACK),
+          "transmission",
+        ]),
       }),
       async (server) => {
         await withClient(server, {}, async (client) => {

@@ -18,6 +18,7 @@ import {
   DATA,
   hostileTest,
   open,
+  optionsSent,
   rejection,
   withClient,
 } from "./_helpers.ts";
@@ -35,7 +36,7 @@ hostileTest(
         );
         assert.ok(e instanceof NbdError, `${e.name}: ${e.message}`);
         await server.settled();
-        const sent = server.log[0]!.options.map((o) => o.option);
+        const sent = optionsSent(server);
         assert.equal(sent[0], OPT_STARTTLS);
         for (const o of [OPT_EXPORT_NAME, OPT_GO, OPT_LIST, 6, 9, 10]) {
           assert.ok(!sent.includes(o), `option ${o} sent in clear`);
@@ -66,7 +67,7 @@ hostileTest(
         );
         assert.ok(e instanceof NbdError, `${e.name}: ${e.message}`);
         await server.settled();
-        const sent = server.log[0]!.options.map((o) => o.option);
+        const sent = optionsSent(server);
         assert.deepEqual(
           sent,
           [OPT_STARTTLS],

@@ -24,6 +24,25 @@ const PAGE_SIZE = 64 * 1024;
 /** base:allocation extents are cut at this length to fit a u32. */
 const MAX_EXTENT = 0x80000000;
 
+/**
+ * The pieces of [offset, offset + length) page by page: the page `index`,
+ * where in it the piece starts, its length `n`, and its place `at` in the
+ * range.
+ */
+function* spans(
+  offset: number,
+  length: number,
+): Generator<{ index: number; start: number; n: number; at: number }> {
+  for (let at = 0; at < length;) {
+    const pos = offset + at;
+    const index = Math.floor(pos / PAGE_SIZE);
+    const start = pos - index * PAGE_SIZE;
+    const n = Math.min(PAGE_SIZE - start, length - at);
+    yield { index, start, n, at };
+    at += n;
+  }
+}
+
 /** The memory behind one export: sparse, zero until written. */
 export class TestDisk {
   /** Export size in bytes. */
@@ -42,15 +61,9 @@ export class TestDisk {
   read(offset: number, length: number): Uint8Array {
     this.#check(offset, length);
     const out = new Uint8Array(length);
-    let at = 0;
-    while (at < length) {
-      const pos = offset + at;
-      const index = Math.floor(pos / PAGE_SIZE);
-      const within = pos - index * PAGE_SIZE;
-      const n = Math.min(PAGE_SIZE - within, length - at);
+    for (const { index, start, n, at } of spans(offset, length)) {
       const page = this.#pages.get(index);
-      if (page) out.set(page.subarray(within, within + n), at);
-      at += n;
+      if (page) out.set(page.subarray(start, start + n), at);
     }
     return out;
   }
@@ -58,19 +71,13 @@ export class TestDisk {
   /** Writes `data` at `offset`, allocating pages. */
   write(offset: number, data: Uint8Array): void {
     this.#check(offset, data.length);
-    let at = 0;
-    while (at < data.length) {
-      const pos = offset + at;
-      const index = Math.floor(pos / PAGE_SIZE);
-      const within = pos - index * PAGE_SIZE;
-      const n = Math.min(PAGE_SIZE - within, data.length - at);
+    for (const { index, start, n, at } of spans(offset, data.length)) {
       let page = this.#pages.get(index);
       if (!page) {
         page = new Uint8Array(PAGE_SIZE);
         this.#pages.set(index, page);
       }
-      page.set(data.subarray(at, at + n), within);
-      at += n;
+      page.set(data.subarray(at, at + n), start);
     }
   }
 
@@ -80,17 +87,11 @@ export class TestDisk {
    */
   zero(offset: number, length: number, punch: boolean): void {
     this.#check(offset, length);
-    let at = 0;
-    while (at < length) {
-      const pos = offset + at;
-      const index = Math.floor(pos / PAGE_SIZE);
-      const within = pos - index * PAGE_SIZE;
-      const n = Math.min(PAGE_SIZE - within, length - at);
+    for (const { index, start, n } of spans(offset, length)) {
       const page = this.#pages.get(index);
       if (punch && n === PAGE_SIZE) this.#pages.delete(index);
-      else if (page) page.fill(0, within, within + n);
+      else if (page) page.fill(0, start, start + n);
       else if (!punch) this.#pages.set(index, new Uint8Array(PAGE_SIZE));
-      at += n;
     }
   }
 
@@ -106,17 +107,12 @@ export class TestDisk {
   runs(offset: number, length: number): { length: number; hole: boolean }[] {
     this.#check(offset, length);
     const out: { length: number; hole: boolean }[] = [];
-    let at = 0;
-    while (at < length) {
-      const pos = offset + at;
-      const index = Math.floor(pos / PAGE_SIZE);
-      const n = Math.min((index + 1) * PAGE_SIZE - pos, length - at);
+    for (const { index, n } of spans(offset, length)) {
       const hole = !this.#pages.has(index);
       const last = out[out.length - 1];
       if (last && last.hole === hole && last.length + n <= MAX_EXTENT) {
         last.length += n;
       } else out.push({ length: n, hole });
-      at += n;
     }
     return out;
   }
