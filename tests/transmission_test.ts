@@ -31,6 +31,7 @@ import {
   simpleReply,
   structuredChunk,
 } from "./support/server.ts";
+import { within } from "./support/wait.ts";
 
 const DONE = REPLY_FLAG_DONE;
 
@@ -831,14 +832,13 @@ Deno.test("Transmission: random server bytes end in a typed error, never a hang"
     }
     stream.feed(junk, [next() % junk.length]);
     stream.end();
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const settled = await Promise.race([
+    // A hang fails the round: within() rejects, naming it.
+    const settled = await within(
+      2000,
+      `round ${round}`,
       Promise.allSettled(reads),
-      new Promise<"hang">((r) => timer = setTimeout(() => r("hang"), 2000)),
-    ]);
-    clearTimeout(timer);
-    assert.notEqual(settled, "hang", `round ${round} hung`);
-    for (const s of settled as PromiseSettledResult<unknown>[]) {
+    );
+    for (const s of settled) {
       if (s.status === "rejected") {
         assert.ok(
           s.reason instanceof NbdProtocolError ||
