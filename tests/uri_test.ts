@@ -74,6 +74,7 @@ const VALID: Array<[string, ConnectOptions]> = [
   }],
   ["nbd+vsock:///", { cid: 2, port: 10809, exportName: "" }],
   // Authority forms.
+  ["nbd+vsock://2:10809/e", { cid: 2, port: 10809, exportName: "e" }],
   ["nbds+vsock://3:10810/disk", {
     cid: 3,
     port: 10810,
@@ -165,6 +166,57 @@ const VALID: Array<[string, ConnectOptions]> = [
     exportName: "",
     tls: "require",
     tlsHostname: "localhost",
+  }],
+];
+
+/**
+ * RFC 3986 reads these as below; WHATWG `URL` would not (it removes dot
+ * segments, normalises IPv6 literals, refuses zones, vsock ports above 65535
+ * and an empty host after a user name), so they pin the parser to RFC 3986.
+ */
+const RFC3986_NOT_WHATWG: Array<[string, ConnectOptions]> = [
+  ["nbd://h/a/../b", { hostname: "h", port: 10809, exportName: "a/../b" }],
+  ["nbd://h/./x", { hostname: "h", port: 10809, exportName: "./x" }],
+  ["nbd://h/%2e%2e/x", { hostname: "h", port: 10809, exportName: "../x" }],
+  ["nbd://h//disk/.", { hostname: "h", port: 10809, exportName: "/disk/." }],
+  ["nbd://[2001:DB8:0::7]/", {
+    hostname: "2001:DB8:0::7",
+    port: 10809,
+    exportName: "",
+  }],
+  ["nbd://[fe80::1%25eth0]:10810/x", {
+    hostname: "fe80::1%eth0",
+    port: 10810,
+    exportName: "x",
+  }],
+  ["nbd+vsock://3:65536/", { cid: 3, port: 65536, exportName: "" }],
+  ["nbds+unix://alice@/?socket=/s", {
+    path: "/s",
+    exportName: "",
+    tls: "require",
+    tlsUsername: "alice",
+  }],
+];
+
+/** The query is RFC 3986, not an HTML form: "+" is a plus sign. */
+const PLUS: Array<[string, ConnectOptions]> = [
+  ["nbds://h/?tls-hostname=a+b", {
+    hostname: "h",
+    port: 10809,
+    exportName: "",
+    tls: "require",
+    tlsHostname: "a+b",
+  }],
+  ["nbds://h/?tls-hostname=a%2Bb", {
+    hostname: "h",
+    port: 10809,
+    exportName: "",
+    tls: "require",
+    tlsHostname: "a+b",
+  }],
+  ["nbd+unix:///a+b?socket=/run/a+b%20c.sock", {
+    path: "/run/a+b c.sock",
+    exportName: "a+b",
   }],
 ];
 
@@ -331,7 +383,7 @@ const INVALID: Array<[string, string]> = [
 ];
 
 Deno.test("parseUri()", async (t) => {
-  for (const [uri, want] of VALID) {
+  for (const [uri, want] of [...VALID, ...RFC3986_NOT_WHATWG, ...PLUS]) {
     await t.step(`reads ${JSON.stringify(uri)}`, () => {
       assert.deepEqual(parseUri(uri), want);
     });
@@ -413,6 +465,9 @@ const ROUND_TRIP: ConnectOptions[] = [
     tlsCertificates: "c",
     tlsVerifyPeer: false,
   },
+  { hostname: "h", port: 10809, exportName: "a/../b", tlsHostname: "a+b" },
+  { cid: 3, port: 65536, exportName: "./x" },
+  { path: "/run/a+b.sock", exportName: "+", tlsCertificates: "/c+d" },
 ];
 
 Deno.test("formatUri()", async (t) => {
