@@ -196,6 +196,8 @@ const RFC3986_NOT_WHATWG: Array<[string, ConnectOptions]> = [
     tls: "require",
     tlsUsername: "alice",
   }],
+  // A byte order mark is part of the name, not dropped.
+  ["nbd://h/%EF%BB%BFx", { hostname: "h", port: 10809, exportName: "\ufeffx" }],
 ];
 
 /** The query is RFC 3986, not an HTML form: "+" is a plus sign. */
@@ -376,6 +378,11 @@ const INVALID: Array<[string, string]> = [
   ["nbds://h/?tls-hostname=", "tls-hostname= is empty"],
   ["nbds://h/?tls-username=", "tls-username= is empty"],
   ["nbds://h/?tls-psk-file=", "tls-psk-file= is empty"],
+  // A name that Object.prototype holds is not a scheme.
+  [
+    "constructor://h/",
+    'unknown scheme "constructor" (expected nbd, nbds, nbd+unix, nbds+unix, nbd+vsock or nbds+vsock)',
+  ],
   [
     `nbd://h/${"x".repeat(4097)}`,
     "the export name is 4097 bytes long; NBD allows at most 4096",
