@@ -5,6 +5,7 @@
  * @module
  */
 
+import { parseUri } from "../../mod.ts";
 import {
   errorLine,
   humanBytes,
@@ -13,6 +14,7 @@ import {
   parseCount,
   parseSize,
   Progress,
+  type ProgressMode,
   progressMode,
   UsageError,
   warn,
@@ -20,7 +22,8 @@ import {
   writeAll,
 } from "../_cli.ts";
 import type { Destination, Settings, Source } from "./endpoint.ts";
-import { openDestination, openSource } from "./open.ts";
+import { isNbdUri } from "./nbd.ts";
+import { openDestination, openSource, refuseSameFile } from "./open.ts";
 import { alignUp, planRange, planStream } from "./plan.ts";
 import { pump, type Stats, wrap } from "./pump.ts";
 
@@ -118,10 +121,12 @@ interface Request {
 }
 
 /**
- * Reads the command line.
+ * Reads the command line and checks every word of it that can be checked
+ * without opening anything.
  *
  * @returns The request, or `"help"`.
- * @throws {UsageError} On a malformed option or a missing endpoint.
+ * @throws {UsageError} On a malformed option, a missing endpoint, `null:`
+ * as the source, or a malformed NBD URI.
  */
 function parseRequest(args: string[]): Request | "help" {
   const { options, positionals } = parseArgs(args, OPTIONS);
@@ -129,17 +134,49 @@ function parseRequest(args: string[]): Request | "help" {
   if (positionals.length !== 2) {
     throw new UsageError("expected a SOURCE and a DESTINATION");
   }
+  const [source, destination] = positionals as [string, string];
+  if (source === "null:") {
+    throw new UsageError("null: can only be a destination");
+  }
+  for (const word of [source, destination]) {
+    if (!isNbdUri(word)) continue;
+    try {
+      parseUri(word);
+    } catch (e) {
+      if (!(e instanceof TypeError)) throw e;
+      throw new UsageError(e.message);
+    }
+  }
   const progress = options.get("progress");
   if (typeof progress === "string") {
     parseCount(progress, "--progress", 1, 1 << 20);
   }
   return {
-    source: positionals[0]!,
-    destination: positionals[1]!,
+    source,
+    destination,
     settings: readSettings(options),
     progress,
     noProgress: options.has("no-progress"),
   };
+}
+
+/**
+ * Where progress goes, with the descriptor of `--progress=FD` opened now,
+ * before the destination is: a descriptor that is not open must not cost
+ * the user the destination's old contents.
+ *
+ * @throws {Error} Naming `--progress` when FD cannot be written.
+ */
+function openProgress(request: Request): ProgressMode {
+  try {
+    return progressMode(request.progress, request.noProgress);
+  } catch (e) {
+    const option = `--progress=${request.progress}`;
+    if (e instanceof Deno.errors.NotFound) {
+      throw new Error(`${option}: descriptor ${request.progress} is not open`);
+    }
+    throw new Error(`${option}: cannot write to it`, { cause: e });
+  }
 }
 
 /**
@@ -151,19 +188,20 @@ function parseRequest(args: string[]): Request | "help" {
 async function transfer(
   src: Source,
   dst: Destination,
-  request: Request,
+  settings: Settings,
+  mode: ProgressMode,
   controller: AbortController,
   onProgress: (p: Progress) => void,
 ): Promise<string> {
-  const settings = request.settings;
+  const signal = controller.signal;
   // Multi-conn only where every NBD side offers it (files count as
   // unlimited); a stream on either side keeps to one of everything.
   const lanes = Math.max(
     1,
     Math.min(settings.connections, src.maxLanes, dst.maxLanes),
   );
-  await src.addLanes(lanes);
-  await dst.addLanes(lanes);
+  await src.addLanes(lanes, signal);
+  await dst.addLanes(lanes, signal);
 
   const size = src.size;
   if (size !== undefined && size % dst.alignment !== 0) {
@@ -186,10 +224,7 @@ async function transfer(
     Math.min(settings.requests, Math.floor(settings.queueSize / requestSize)),
   );
 
-  const progress = new Progress(
-    progressMode(request.progress, request.noProgress),
-    size,
-  );
+  const progress = new Progress(mode, size);
   onProgress(progress);
   const stats: Stats = { read: 0, written: 0, zeroed: 0 };
   const started = performance.now();
@@ -201,7 +236,7 @@ async function transfer(
       requestSize,
       align,
       settings.extents && src.hasExtents,
-      controller.signal,
+      signal,
     );
   const total = await pump(src, dst, plan, {
     lanes,
@@ -210,11 +245,11 @@ async function transfer(
     sparse,
     progress,
     stats,
-    signal: controller.signal,
+    signal,
     abort: (reason) => controller.abort(reason),
   });
   try {
-    await dst.finish(size ?? total, settings.flush);
+    await dst.finish(size ?? total, settings.flush, signal);
   } catch (e) {
     throw wrap(`finishing ${dst.name}`, e);
   }
@@ -228,11 +263,50 @@ async function transfer(
 }
 
 /**
+ * How long closing may take: after a ^C or a failure the server may have
+ * stopped reading, and a close that waits on it would keep the process
+ * alive; after a copy that worked, every request was answered already.
+ */
+const CLOSE_MS = { stopped: 1_000, finished: 5_000 };
+
+/**
+ * How long one ^C leaves the copy to stop cleanly before the process
+ * exits anyway: some waits cannot be cut short (a read from stdin, a
+ * write to a pipe nobody reads, a file on a hung mount).
+ */
+const GRACE_MS = 2_000;
+
+/**
+ * Closes both ends, in at most `ms`: the signal bounds each close's wait
+ * for requests in flight, and a close still running a moment after it is
+ * left behind (the process is about to exit, which tears the sockets
+ * down).
+ */
+async function closeWithin(
+  ends: (Source | Destination | undefined)[],
+  ms: number,
+): Promise<void> {
+  const signal = AbortSignal.timeout(ms);
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<void>((resolve) => {
+    signal.addEventListener("abort", () => {
+      timer = setTimeout(resolve, 100);
+    }, { once: true });
+  });
+  const closing = Promise.allSettled(ends.map((e) => e?.close(signal)));
+  try {
+    await Promise.race([closing, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
  * Runs the tool.
  *
  * @param args Command-line arguments, without the program name.
- * @returns The exit status: 0 when every byte was copied, 1 otherwise, 130
- * when interrupted.
+ * @returns The exit status: 0 when every byte was copied, 1 otherwise
+ * (usage errors included), 130 when interrupted.
  */
 export async function main(args: string[]): Promise<number> {
   let request: Request | "help";
@@ -250,33 +324,84 @@ export async function main(args: string[]): Promise<number> {
 
   const controller = new AbortController();
   const interrupted = new Error("interrupted");
-  // The first ^C stops the copy and closes the connections cleanly; a
-  // second one, for a source that will not stop (stdin), exits at once.
+  const state: RunState = {};
+  // The first ^C stops the copy and closes the connections, within
+  // GRACE_MS; a second one exits at once.
+  let giveUp: () => void = () => {};
+  const gaveUp = new Promise<number>((resolve) => {
+    giveUp = () => {
+      state.progress?.finish(false);
+      warn("copy: interrupted");
+      resolve(130);
+    };
+  });
+  let grace: ReturnType<typeof setTimeout> | undefined;
   const onSignal = () => {
     if (controller.signal.aborted) Deno.exit(130);
     controller.abort(interrupted);
+    grace = setTimeout(giveUp, GRACE_MS);
   };
   const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
   for (const s of signals) Deno.addSignalListener(s, onSignal);
+  try {
+    return await Promise.race([
+      run(request, controller, interrupted, state),
+      gaveUp,
+    ]);
+  } finally {
+    clearTimeout(grace);
+    for (const s of signals) Deno.removeSignalListener(s, onSignal);
+  }
+}
+
+/** What {@linkcode run} has opened so far, for the way out. */
+interface RunState {
+  progress?: Progress;
+}
+
+/**
+ * Checks what can only be checked on the system, opens both ends, copies,
+ * and closes everything again.
+ *
+ * @returns The exit status.
+ */
+async function run(
+  request: Request,
+  controller: AbortController,
+  interrupted: Error,
+  state: RunState,
+): Promise<number> {
+  const signal = controller.signal;
+  let mode: ProgressMode | undefined;
   let src: Source | undefined;
   let dst: Destination | undefined;
-  let progress: Progress | undefined;
+  let ok = false;
   try {
-    src = await openSource(request.source, request.settings);
-    dst = await openDestination(request.destination, request.settings);
+    // Everything that can refuse the copy comes before the destination is
+    // opened, which replaces a regular file.
+    mode = openProgress(request);
+    await refuseSameFile(request.source, request.destination);
+    src = await openSource(request.source, request.settings, signal);
+    dst = await openDestination(
+      request.destination,
+      request.settings,
+      signal,
+    );
     const summary = await transfer(
       src,
       dst,
-      request,
+      request.settings,
+      mode,
       controller,
-      (p) => progress = p,
+      (p) => state.progress = p,
     );
+    ok = true;
     if (request.settings.verbose) warn(summary);
     return 0;
   } catch (e) {
-    const wasInterrupted = controller.signal.reason === interrupted;
+    const wasInterrupted = signal.reason === interrupted;
     controller.abort(e);
-    progress?.finish(false);
+    state.progress?.finish(false);
     if (wasInterrupted) {
       warn("copy: interrupted");
       return 130;
@@ -284,8 +409,10 @@ export async function main(args: string[]): Promise<number> {
     warn(errorLine("copy", e));
     return 1;
   } finally {
-    for (const s of signals) Deno.removeSignalListener(s, onSignal);
-    await src?.close().catch(() => {});
-    await dst?.close().catch(() => {});
+    // A descriptor opened for a reporter that never started.
+    if (!state.progress && mode?.kind === "fd" && mode.owned) {
+      mode.out.close();
+    }
+    await closeWithin([src, dst], ok ? CLOSE_MS.finished : CLOSE_MS.stopped);
   }
 }

@@ -53,8 +53,13 @@ export interface Source {
   ): Promise<Uint8Array>;
   /** For streams: up to `length` bytes, shorter only at the end; null at EOF. */
   next(length: number): Promise<Uint8Array | null>;
-  addLanes(n: number): Promise<void>;
-  close(): Promise<void>;
+  /** Opens more connections (or descriptors) until there are `n`. */
+  addLanes(n: number, signal: AbortSignal): Promise<void>;
+  /**
+   * Lets go of everything. `signal` bounds the wait for requests still in
+   * flight; past it the connections are torn down.
+   */
+  close(signal: AbortSignal): Promise<void>;
 }
 
 /**
@@ -91,9 +96,11 @@ export interface Destination {
     signal: AbortSignal,
   ): Promise<void>;
   /** Called after the last write with the number of bytes copied. */
-  finish(total: number, flush: boolean): Promise<void>;
-  addLanes(n: number): Promise<void>;
-  close(): Promise<void>;
+  finish(total: number, flush: boolean, signal: AbortSignal): Promise<void>;
+  /** Opens more connections (or descriptors) until there are `n`. */
+  addLanes(n: number, signal: AbortSignal): Promise<void>;
+  /** As {@linkcode Source.close}. */
+  close(signal: AbortSignal): Promise<void>;
 }
 
 /** Settings that shape how endpoints are opened. */

@@ -57,13 +57,17 @@ export class NbdEndpoint implements Source, Destination {
     uri: string,
     role: "source" | "destination",
     settings: Settings,
+    signal: AbortSignal,
   ): Promise<NbdEndpoint> {
     const contexts = role === "source" && settings.extents
       ? ["base:allocation"]
       : [];
+    // The signal, so that ^C ends a handshake the server never answers
+    // instead of waiting out the connect timeout.
     const first = await connect(uri, {
       metaContexts: contexts,
       maxInFlight: settings.requests,
+      signal,
     });
     return new NbdEndpoint(uri, first, settings.requests, contexts, settings);
   }
@@ -81,12 +85,13 @@ export class NbdEndpoint implements Source, Destination {
     return this.#conns[0]!.canMultiConn ? Infinity : 1;
   }
 
-  async addLanes(n: number): Promise<void> {
+  async addLanes(n: number, signal: AbortSignal): Promise<void> {
     while (this.#conns.length < n) {
       this.#conns.push(
         await connect(this.#uri, {
           metaContexts: this.#contexts,
           maxInFlight: this.#requests,
+          signal,
         }),
       );
     }
@@ -163,12 +168,18 @@ export class NbdEndpoint implements Source, Destination {
     });
   }
 
-  async finish(_total: number, flush: boolean): Promise<void> {
+  async finish(
+    _total: number,
+    flush: boolean,
+    signal: AbortSignal,
+  ): Promise<void> {
     // With multi-conn a flush on one connection covers the writes of all.
-    if (flush && this.#conns[0]!.canFlush) await this.#conns[0]!.flush();
+    if (flush && this.#conns[0]!.canFlush) {
+      await this.#conns[0]!.flush({ signal });
+    }
   }
 
-  async close(): Promise<void> {
-    await Promise.allSettled(this.#conns.map((c) => c.close()));
+  async close(signal: AbortSignal): Promise<void> {
+    await Promise.allSettled(this.#conns.map((c) => c.close({ signal })));
   }
 }
