@@ -11,7 +11,7 @@ import {
 } from "../lib/wire.ts";
 import { encodeInfoRequest } from "../lib/options/go.ts";
 import { encodeMetaContextRequest } from "../lib/options/meta_context.ts";
-import { addRange } from "../lib/transmission.ts";
+import { addRange } from "../lib/replies.ts";
 
 const hex = (b: Uint8Array) =>
   [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
