@@ -307,16 +307,10 @@ export function checkChunkHeader(
     case REPLY_TYPE_BLOCK_STATUS:
     case REPLY_TYPE_BLOCK_STATUS_EXT: {
       if (req.type !== CMD_BLOCK_STATUS) throw notFor(req, type);
-      const wide = type === REPLY_TYPE_BLOCK_STATUS_EXT;
-      if (wide && !ctx.extendedHeaders) {
+      if (type === REPLY_TYPE_BLOCK_STATUS_EXT && !ctx.extendedHeaders) {
         throw chunkViolation(req, type, "sent without extended headers");
       }
-      const head = wide ? 4 + 4 : 4; // context id, descriptor count
-      const each = wide ? 8 + 8 : 4 + 4; // length, flags
-      if (
-        length < head + each || (length - head) % each !== 0 ||
-        length > MAX_STATUS_CHUNK
-      ) {
+      if (extentCount(type, length) < 0) {
         throw badLength(req, h, " is invalid");
       }
       return;
@@ -324,6 +318,23 @@ export function checkChunkHeader(
     default:
       throw chunkViolation(req, type, "unknown chunk type");
   }
+}
+
+/**
+ * How many extents a block status payload of `length` bytes holds; -1 when
+ * no whole number of them (at least one) fits, or past the bound.
+ */
+function extentCount(type: number, length: number): number {
+  const wide = type === REPLY_TYPE_BLOCK_STATUS_EXT;
+  const head = wide ? 4 + 4 : 4; // context id, descriptor count
+  const each = wide ? 8 + 8 : 4 + 4; // length, flags
+  if (
+    length < head + each || (length - head) % each !== 0 ||
+    length > MAX_STATUS_CHUNK
+  ) {
+    return -1;
+  }
+  return (length - head) / each;
 }
 
 /** "payload length N" and `tail`, N exact even past 2^53. */
@@ -533,15 +544,14 @@ export function parseBlockStatusChunk(
 ): BlockStatusChunk {
   const bad = (text: string) => chunkViolation(req, type, text);
   const wide = type === REPLY_TYPE_BLOCK_STATUS_EXT;
-  const head = wide ? 4 + 4 : 4; // context id, descriptor count
-  const each = wide ? 8 + 8 : 4 + 4; // length, flags
+  const count = extentCount(type, payload.length);
+  if (count < 0) throw bad(`payload length ${payload.length} is invalid`);
   const r = new Reader(
     payload,
     `${nameOrNumber(CHUNK_TYPE_NAMES, type)} payload`,
     "transmission",
   );
   const id = r.u32();
-  const count = Math.floor((payload.length - head) / each);
   if (wide) {
     const declared = r.u32();
     if (declared !== 0 && declared !== count) {

@@ -187,6 +187,59 @@ Deno.test("Transmission reads simple replies split at every byte boundary", asyn
   }
 });
 
+Deno.test("Transmission reads block status and error chunks split at every byte boundary", async () => {
+  const replies = new Builder();
+  chunk(
+    replies,
+    0,
+    REPLY_TYPE_BLOCK_STATUS,
+    1,
+    new Builder().u32(9).u32(8192).u32(1),
+  );
+  chunk(
+    replies,
+    DONE,
+    REPLY_TYPE_BLOCK_STATUS,
+    1,
+    new Builder().u32(7).u32(4096).u32(0).u32(4096).u32(3),
+  );
+  // A read that fails with a message, then DONE on NONE.
+  chunk(
+    replies,
+    0,
+    REPLY_TYPE_ERROR,
+    2,
+    new Builder().u32(5).u16(9).bytes(new TextEncoder().encode("disk died")),
+  );
+  chunk(replies, DONE, REPLY_TYPE_NONE, 2, new Builder());
+  const bytes = replies.done();
+  for (let cut = 0; cut < bytes.length; cut++) {
+    const { stream, tx } = setup();
+    const status = tx.submit({
+      type: CMD_BLOCK_STATUS,
+      flags: 0,
+      offset: 0,
+      length: 8192,
+    });
+    const failed = tx.submit(read(0, 512).cmd);
+    await written(stream, 2);
+    stream.feed(bytes, [cut]);
+    const byId = await status;
+    assert.deepEqual(byId.get(7), [
+      { offset: 0, length: 4096, flags: 0 },
+      { offset: 4096, length: 4096, flags: 3 },
+    ], `split at ${cut}`);
+    assert.deepEqual(byId.get(9), [{ offset: 0, length: 8192, flags: 1 }]);
+    await assert.rejects(failed, (e: unknown) => {
+      assert.ok(e instanceof NbdCommandError, `split at ${cut}: ${e}`);
+      assert.equal(e.errno, 5);
+      assert.equal(e.serverMessage, "disk died");
+      return true;
+    });
+    await tx.disconnect();
+  }
+});
+
 Deno.test("Transmission matches replies by cookie in any order, interleaved", async () => {
   const { stream, tx } = setup();
   const a = read(0, 8);

@@ -11,7 +11,6 @@ import {
 } from "../lib/wire.ts";
 import { encodeInfoRequest } from "../lib/options/go.ts";
 import { encodeMetaContextRequest } from "../lib/options/meta_context.ts";
-import { addRange } from "../lib/replies.ts";
 
 const hex = (b: Uint8Array) =>
   [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
@@ -147,14 +146,7 @@ Deno.test("Reader fails with a protocol error instead of reading past the end", 
   });
 });
 
-Deno.test("isPowerOfTwo() and addRange()", () => {
+Deno.test("isPowerOfTwo()", () => {
   assert.ok(isPowerOfTwo(1) && isPowerOfTwo(4096) && isPowerOfTwo(0x80000000));
   assert.ok(!isPowerOfTwo(0) && !isPowerOfTwo(3) && !isPowerOfTwo(0x100000000));
-  const ranges: Array<[number, number]> = [];
-  assert.ok(addRange(ranges, 10, 20));
-  assert.ok(addRange(ranges, 0, 10));
-  assert.ok(addRange(ranges, 20, 30));
-  assert.ok(!addRange(ranges, 5, 6));
-  assert.ok(!addRange(ranges, 29, 31));
-  assert.deepEqual(ranges, [[0, 10], [10, 20], [20, 30]]);
 });
