@@ -48,10 +48,12 @@ import {
   decodeSimpleReply,
   decodeStructuredReply,
   getU64,
+  plural,
   Reader,
   REPLY_FIELD,
   type ReplyHeader,
   SIZES,
+  u64Text,
   viewOf,
 } from "./wire.ts";
 
@@ -136,8 +138,8 @@ export const MAX_STATUS_CHUNK = 64 * 1024 * 1024;
 const lenient = new TextDecoder();
 
 /** An exact 64-bit value for a message: `value`, or the field's bytes. */
-function exact(value: number, _bytes: Uint8Array, _at: number): string {
-  return String(value);
+function exact(value: number, bytes: Uint8Array, at: number): string {
+  return Number.isFinite(value) ? String(value) : u64Text(bytes, at);
 }
 
 function violation(text: string): NbdProtocolError {
@@ -186,7 +188,7 @@ export function replyHeaderLength(
   const magic = viewOf(start).getUint32(0);
   if (ctx.extendedHeaders) {
     if (magic === EXTENDED_REPLY_MAGIC) return SIZES.extendedReply;
-    throw badMagic(magic, "a extended");
+    throw badMagic(magic, "an extended");
   }
   if (magic === SIMPLE_REPLY_MAGIC) return SIZES.simpleReply;
   if (magic === STRUCTURED_REPLY_MAGIC && ctx.structuredReplies) {
@@ -422,7 +424,7 @@ function claim(
     throw chunkViolation(
       req,
       type,
-      `range ${at}+${size} overlaps data already received`,
+      `range ${exact(at, payload, 0)}+${size} overlaps data already received`,
     );
   }
   return rel;
@@ -475,9 +477,9 @@ function tooShort(
   type: number,
 ): NbdProtocolError {
   return violation(
-    `${
-      CHUNK_TYPE_NAMES[type]
-    } payload has ${payload.length} bytes, expected ${want}`,
+    `${CHUNK_TYPE_NAMES[type]} payload has ${
+      plural(payload.length, "byte")
+    }, expected ${want}`,
   );
 }
 
@@ -503,7 +505,9 @@ export function parseErrorChunk(
     throw chunkViolation(
       req,
       type,
-      `message length ${messageLength} exceeds the ${r.remaining} bytes left`,
+      `message length ${messageLength} exceeds the ${
+        plural(r.remaining, "byte")
+      } left`,
     );
   }
   const message = lenient.decode(r.bytes(messageLength));
@@ -555,7 +559,8 @@ export function parseBlockStatusChunk(
   if (wide) {
     const declared = r.u32();
     if (declared !== 0 && declared !== count) {
-      throw bad(`descriptor count ${declared}, but ${count} follow`);
+      const follow = count === 1 ? "follows" : "follow";
+      throw bad(`descriptor count ${declared}, but ${count} ${follow}`);
     }
   }
   if (!ctx.metaContexts.has(id)) {

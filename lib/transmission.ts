@@ -47,7 +47,7 @@ import {
   unknownCookie,
 } from "./replies.ts";
 import type { Transport } from "./transport.ts";
-import { encodeRequest, type ReplyHeader, SIZES } from "./wire.ts";
+import { encodeRequest, plural, type ReplyHeader, SIZES } from "./wire.ts";
 
 export type { Extent } from "./replies.ts";
 
@@ -390,7 +390,9 @@ export class Transmission {
       if (this.#pending.size > 0 || !this.#closing) {
         this.#fail(
           new NbdConnectionClosedError(
-            `Server closed the connection with ${this.#pending.size} requests in flight`,
+            `Server closed the connection with ${
+              plural(this.#pending.size, "request")
+            } in flight`,
           ),
         );
       }

@@ -51,6 +51,11 @@ export function viewOf(u8: Uint8Array): DataView {
   return new DataView(u8.buffer, u8.byteOffset, u8.byteLength);
 }
 
+/** "1 byte", "2 bytes": a count and its noun, for messages. */
+export function plural(n: number | bigint, noun: string): string {
+  return `${n} ${noun}${n === 1 || n === 1n ? "" : "s"}`;
+}
+
 /** Decodes UTF-8 that the spec requires to be valid. */
 export function decodeString(
   bytes: Uint8Array,
@@ -101,9 +106,9 @@ export class Reader {
     if (this.remaining < n) {
       throw new NbdProtocolError(
         this.#phase,
-        `${this.#what} is too short: ${this.#bytes.length} bytes, needed ${
-          this.#pos + n
-        }`,
+        `${this.#what} is too short: ${
+          plural(this.#bytes.length, "byte")
+        }, needed ${this.#pos + n}`,
       );
     }
     const at = this.#pos;
@@ -159,7 +164,9 @@ export class Reader {
     if (this.remaining !== 0) {
       throw new NbdProtocolError(
         this.#phase,
-        `${this.#what} has ${this.remaining} unexpected trailing bytes`,
+        `${this.#what} has ${
+          plural(this.remaining, "unexpected trailing byte")
+        }`,
       );
     }
   }

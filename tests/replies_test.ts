@@ -221,6 +221,65 @@ Deno.test("reply headers: golden bytes, the magic decides the length", async (t)
   });
 });
 
+Deno.test("messages print 64-bit fields exactly, never Infinity", async (t) => {
+  // magic, flags, type, cookie, offset, length: each past 2^53
+  const huge = hex(
+    "6e8a278c 0000 0001 ffffffffffffffff fffffffffffffff0 8000000000000000",
+  );
+  const h = header(huge, extended);
+  assert.deepEqual([h.cookie, h.offset, h.length], [
+    Infinity,
+    Infinity,
+    Infinity,
+  ]);
+
+  await t.step("a cookie", () => {
+    violates(
+      () => {
+        throw unknownCookie(h);
+      },
+      /^Server replied to unknown cookie 18446744073709551615$/,
+    );
+  });
+
+  await t.step("an extended header's offset", () => {
+    violates(
+      () => checkChunkHeader(read(), h, extended),
+      /names offset 18446744073709551600, but the request was at 4096$/,
+    );
+  });
+
+  await t.step("an extended header's payload length", () => {
+    const at = hex(
+      "6e8a278c 0001 0001 0000000000000001 0000000000001000 8000000000000000",
+    );
+    violates(
+      () => checkChunkHeader(read(), header(at, extended), extended),
+      /: payload length 9223372036854775808 does not fit the request$/,
+    );
+    for (const type of ["0000", "0002", "8001"]) {
+      const other = at.slice();
+      other.set(hex(type), 6);
+      violates(
+        () => checkChunkHeader(read(), header(other, extended), extended),
+        /: payload length 9223372036854775808(, expected| is out of range)/,
+      );
+    }
+  });
+
+  await t.step("a data or hole chunk's offset", () => {
+    violates(
+      () => claimDataChunk(read(), coverage(), hex("ffffffffffffffff"), 1),
+      /: range 18446744073709551615\+1 lies outside the request$/,
+    );
+    violates(
+      () =>
+        claimHoleChunk(read(), coverage(), hex("0020000000000000 00000010")),
+      /: range 9007199254740992\+16 lies outside the request$/,
+    );
+  });
+});
+
 Deno.test("checkSimpleReply()", async (t) => {
   const ok = decodeReplyHeader(hex("67446698 00000000 0000000000000001"));
   const failed = decodeReplyHeader(hex("67446698 00000005 0000000000000001"));
@@ -472,7 +531,11 @@ Deno.test("claimDataChunk() and claimHoleChunk() place each range in the buffer"
     for (let n = 0; n < hole.length; n++) {
       violates(
         () => claimHoleChunk(read(), coverage(), hole.subarray(0, n)),
-        new RegExp(`^NBD_REPLY_TYPE_OFFSET_HOLE payload has ${n} bytes`),
+        new RegExp(
+          `^NBD_REPLY_TYPE_OFFSET_HOLE payload has ${n} ${
+            n === 1 ? "byte" : "bytes"
+          }, expected 12$`,
+        ),
       );
     }
     for (let n = 0; n < 8; n++) {
@@ -557,7 +620,7 @@ Deno.test("parseErrorChunk()", async (t) => {
   await t.step("trailing bytes after NBD_REPLY_TYPE_ERROR", () => {
     violates(
       () => parseErrorChunk(read(), 0x8001, hex("00000005 0000 00")),
-      /^32769 \(NBD_REPLY_TYPE_ERROR\) payload has 1 unexpected trailing bytes$/,
+      /^32769 \(NBD_REPLY_TYPE_ERROR\) payload has 1 unexpected trailing byte$/,
     );
   });
 
@@ -689,7 +752,7 @@ Deno.test("parseBlockStatusChunk()", async (t) => {
     {
       name: "a descriptor count that does not match",
       payload: hex("00000009 00000005 0000000000001000 0000000000000000"),
-      error: /descriptor count 5, but 1 follow$/,
+      error: /descriptor count 5, but 1 follows$/,
       wide: true,
     },
     {

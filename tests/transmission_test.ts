@@ -528,7 +528,7 @@ Deno.test("Transmission: a protocol violation fails every pending request with t
       p,
       (e: unknown) =>
         e instanceof NbdConnectionClosedError &&
-        /1 requests in flight/.test(e.message),
+        /with 1 request in flight$/.test(e.message),
     );
     await tx.disconnect();
   });
@@ -759,6 +759,42 @@ Deno.test("Transmission with extended headers", async (t) => {
     await expectProtocolError(p, /names offset 0, but the request was at 512/);
     await tx.disconnect();
   });
+  await t.step("a 2^63-byte payload length is printed exactly", async () => {
+    const { stream, tx } = setup(over);
+    const p = tx.submit(read(512, 16).cmd);
+    await written(stream, 1);
+    // magic, flags, type, cookie, offset, length
+    const h = new Builder().u32(0x6e8a278c).u16(DONE)
+      .u16(REPLY_TYPE_OFFSET_DATA).u64(1).u64(512).u64(1n << 63n);
+    stream.feed(h.done());
+    await expectProtocolError(
+      p,
+      /^1 \(NBD_REPLY_TYPE_OFFSET_DATA\) chunk for NBD_CMD_READ \(offset 512, length 16\): payload length 9223372036854775808 does not fit the request$/,
+    );
+    await tx.disconnect();
+  });
+  await t.step(
+    "a data chunk's offset past 2^53 is printed exactly",
+    async () => {
+      const { stream, tx } = setup();
+      const p = tx.submit(read(512, 16).cmd);
+      await written(stream, 1);
+      stream.feed(
+        chunk(
+          new Builder(),
+          DONE,
+          REPLY_TYPE_OFFSET_DATA,
+          1,
+          new Builder().u64(0xffff_ffff_ffff_fff0n).bytes(pattern(16)),
+        ).done(),
+      );
+      await expectProtocolError(
+        p,
+        /: range 18446744073709551600\+16 lies outside the request$/,
+      );
+      await tx.disconnect();
+    },
+  );
   await t.step("a simple reply", async () => {
     const { stream, tx } = setup(over);
     const p = tx.submit(read(0, 8).cmd);
@@ -766,7 +802,7 @@ Deno.test("Transmission with extended headers", async (t) => {
     stream.feed(simple(new Builder(), 1).zeroes(16).done());
     await expectProtocolError(
       p,
-      /Bad reply magic 0x67446698 \(expected a extended reply\)/,
+      /Bad reply magic 0x67446698 \(expected an extended reply\)/,
     );
     await tx.disconnect();
   });
