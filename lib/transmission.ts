@@ -83,6 +83,8 @@ class Pending implements ReadCoverage, EventListenerObject {
   /** Block status received so far (block status commands only). */
   extents: ExtentsById | undefined;
   error: NbdCommandError | undefined = undefined;
+  /** The read's buffer was detached; its data went to scratch. */
+  detached = false;
   /** The caller stopped waiting (its signal aborted); close() need not wait. */
   abandoned = false;
 
@@ -183,6 +185,8 @@ export class Transmission {
    * @throws {NbdCommandError} when the server fails this command.
    * @throws {NbdProtocolError} when the server breaks the protocol.
    * @throws {NbdConnectionClosedError} when the connection is gone.
+   * @throws {TypeError} when the read's buffer was detached before its data
+   *   arrived (the data is dropped; the connection goes on).
    */
   async submit(cmd: Command): Promise<ExtentsById> {
     const signal = cmd.signal;
@@ -482,7 +486,11 @@ export class Transmission {
         const payload = this.#holeField;
         await t.readInto(payload, "a hole chunk");
         const hole = claimHoleChunk(cmd, p, payload);
-        cmd.buffer!.fill(0, hole.start, hole.end);
+        if (cmd.buffer!.length === cmd.length) {
+          cmd.buffer!.fill(0, hole.start, hole.end);
+        } else {
+          p.detached = true;
+        }
         return;
       }
       case REPLY_TYPE_BLOCK_STATUS:
@@ -506,19 +514,33 @@ export class Transmission {
     }
   }
 
-  /** Reads `size` bytes of read data into the request's buffer at `rel`. */
+  /**
+   * Reads `size` bytes of read data into the request's buffer at `rel`. A
+   * buffer its owner detached (transferred, say, after aborting the read)
+   * can hold nothing: the bytes go to scratch, so the stream stays in step
+   * and only this request fails.
+   */
   async #readData(
     p: Pending,
     rel: number,
     size: number,
     what: string,
   ): Promise<void> {
+    const t = this.#transport;
     const buffer = p.cmd.buffer!;
+    const length = p.cmd.length;
+    if (buffer.length !== length) {
+      p.detached = true;
+      await t.skip(size, what);
+      return;
+    }
     // A reply in one piece lands in the buffer itself, with no view made.
-    await this.#transport.readInto(
-      size === p.cmd.length ? buffer : buffer.subarray(rel, rel + size),
+    await t.readInto(
+      size === length ? buffer : buffer.subarray(rel, rel + size),
       what,
     );
+    // Detached while the bytes were arriving: the transport read them all.
+    if (buffer.length !== length) p.detached = true;
   }
 
   #commandError(
@@ -546,7 +568,7 @@ export class Transmission {
       checkReplyComplete(p.cmd, p.coveredBytes, p.extents, this.#info);
     }
     this.#pending.delete(p.cookie);
-    this.#settle(p, p.error);
+    this.#settle(p, p.error ?? (p.detached ? detachedError(p.cmd) : undefined));
     if (this.#shutdown && this.#pending.size === 0 && !this.#closing) {
       // The spec asks for a soft disconnect once the server says ESHUTDOWN.
       this.disconnect().catch(() => {});
@@ -557,4 +579,13 @@ export class Transmission {
   get ended(): boolean {
     return this.#ended;
   }
+}
+
+/** A read whose buffer went away fails alone: a caller's mistake. */
+function detachedError(cmd: Command): TypeError {
+  return new TypeError(
+    `The buffer of ${
+      commandName(cmd.type)
+    } (offset ${cmd.offset}, length ${cmd.length}) was detached before its data arrived; the data was dropped`,
+  );
 }
