@@ -6,8 +6,11 @@ import {
   encodeOption,
   encodeRequest,
   isPowerOfTwo,
+  plural,
   Reader,
+  REPLY_FIELD,
   SIZES,
+  u64Text,
 } from "../lib/wire.ts";
 import { encodeInfoRequest } from "../lib/options/go.ts";
 import { encodeMetaContextRequest } from "../lib/options/meta_context.ts";
@@ -108,9 +111,31 @@ Deno.test("reply header decoders read every field", () => {
     16,
     24,
   ]);
-  // Beyond 2^53 a field reads as Infinity, so range checks fail safely.
+  // Beyond 2^53 a field reads as Infinity, so range checks fail safely;
+  // messages read the exact value from the header's bytes.
   e.fill(0xff, 16, 24);
-  assert.equal(decodeExtendedReply(e).offset, Infinity);
+  const huge = decodeExtendedReply(e);
+  assert.equal(huge.offset, Infinity);
+  assert.equal(huge.bytes, e);
+  assert.equal(u64Text(huge.bytes, REPLY_FIELD.offset), "18446744073709551615");
+  // A reused header object takes every field of the next header.
+  assert.equal(decodeStructuredReply(s, huge), huge);
+  assert.deepEqual(
+    [huge.kind, huge.offset, huge.length, huge.bytes],
+    ["structured", 0, 256, s],
+  );
+});
+
+Deno.test("REPLY_FIELD places the 64-bit fields of reply headers", () => {
+  assert.deepEqual(REPLY_FIELD, { cookie: 8, offset: 16, length: 24 });
+  assert.equal(REPLY_FIELD.length + 8, SIZES.extendedReply);
+});
+
+Deno.test("plural() counts nouns for messages", () => {
+  assert.equal(plural(0, "byte"), "0 bytes");
+  assert.equal(plural(1, "byte"), "1 byte");
+  assert.equal(plural(2, "request"), "2 requests");
+  assert.equal(plural(1n, "byte"), "1 byte");
 });
 
 Deno.test("Reader fails with a protocol error instead of reading past the end", async (t) => {
