@@ -159,6 +159,14 @@ export const COMMAND_NAMES: Readonly<Record<number, string>> = {
 };
 
 // Command flags.
+/**
+ * The name of a command for messages and errors: `"NBD_CMD_READ"`, or
+ * `"command 99"` for a type the table does not know.
+ */
+export function commandName(type: number): string {
+  return COMMAND_NAMES[type] ?? `command ${type}`;
+}
+
 export const CMD_FLAG_FUA = 1 << 0;
 export const CMD_FLAG_NO_HOLE = 1 << 1;
 export const CMD_FLAG_DF = 1 << 2;

@@ -104,7 +104,9 @@ export class Transport {
    * @param dst Where the bytes go.
    * @param what Names the message for errors ("a simple reply").
    * @returns `false` if the stream ended cleanly before the first byte and
-   *   `eofOk` was set; `true` once `dst` is full.
+   *   `eofOk` was set; `true` once `dst` is full, or once its bytes are
+   *   consumed if its owner detached `dst` meanwhile (its length then no
+   *   longer matches).
    * @throws {NbdConnectionClosedError} at end of stream before any byte.
    * @throws {NbdProtocolError} at end of stream inside the message.
    */
@@ -116,6 +118,12 @@ export class Transport {
     let got = 0;
     const want = dst.length;
     while (got < want) {
+      if (dst.length !== want) {
+        // Detached while the read waited: read the rest anyway, so that the
+        // stream stays in step.
+        await this.skip(want - got, what);
+        return true;
+      }
       if (this.#end > this.#start) {
         const n = Math.min(this.#end - this.#start, want - got);
         dst.set(this.#buf.subarray(this.#start, this.#start + n), got);

@@ -9,31 +9,38 @@
  * because a silently dropped `tls-hostname=` or a mistyped `socket=` would
  * connect somewhere other than the caller meant.
  *
+ * `doc/uri.md` leaves the generic syntax to RFC 3986, and so does this
+ * module: RFC 3986's own regular expression (appendix B) splits the URI, and
+ * the sections below follow `doc/uri.md` from there. WHATWG `URL` is not
+ * that parser. It removes dot segments from the path (`nbd://h/a/../b` would
+ * name the export `b`; export names are free text), refuses what NBD URIs
+ * use (an empty host after a user name, as in libnbd's
+ * `nbds+unix://alice@/?socket=…`; an IPv6 zone, RFC 6874; a vsock port above
+ * 65535), and quietly repairs what RFC 3986 refuses (a raw space, a second
+ * `@`, an empty user name). It does check IPv6 literals here.
+ *
  * @module
  */
 
 import type { ConnectOptions } from "./connect_options.ts";
 import { DEFAULT_PORT, MAX_STRING_LENGTH } from "./constants.ts";
 
-type Transport = "tcp" | "unix" | "vsock";
-
+// doc/uri.md, "NBD URI scheme" (and libnbd's vsock schemes).
 interface Scheme {
-  transport: Transport;
+  transport: "tcp" | "unix" | "vsock";
   tls: boolean;
 }
-
-const SCHEMES: Readonly<Record<string, Scheme>> = {
-  "nbd": { transport: "tcp", tls: false },
-  "nbds": { transport: "tcp", tls: true },
-  "nbd+unix": { transport: "unix", tls: false },
-  "nbds+unix": { transport: "unix", tls: true },
-  "nbd+vsock": { transport: "vsock", tls: false },
-  "nbds+vsock": { transport: "vsock", tls: true },
-};
-
+const SCHEMES: ReadonlyMap<string, Scheme> = new Map([
+  ["nbd", { transport: "tcp", tls: false }],
+  ["nbds", { transport: "tcp", tls: true }],
+  ["nbd+unix", { transport: "unix", tls: false }],
+  ["nbds+unix", { transport: "unix", tls: true }],
+  ["nbd+vsock", { transport: "vsock", tls: false }],
+  ["nbds+vsock", { transport: "vsock", tls: true }],
+]);
 const SCHEME_LIST = "nbd, nbds, nbd+unix, nbds+unix, nbd+vsock or nbds+vsock";
 
-/** The query keys this module understands, in the order it writes them. */
+/** The query keys this module understands. */
 const QUERY_KEYS = [
   "socket",
   "tls-certificates",
@@ -48,16 +55,6 @@ type QueryKey = typeof QUERY_KEYS[number];
 /** vsock's well-known CID of the host, which libnbd assumes when none is given. */
 const VSOCK_HOST_CID = 2;
 const MAX_U32 = 0xffffffff;
-
-/**
- * RFC 3986 allows only these characters to appear raw in a URI; everything
- * else must be percent-encoded.
- */
-const URI_CHARACTER = /[A-Za-z0-9\-._~:/?#[\]@!$&'()*+,;=%]/;
-
-function invalid(reason: string): TypeError {
-  return new TypeError(`Invalid NBD URI: ${reason}`);
-}
 
 /**
  * Parses an NBD URI into the options that `connect()` takes.
@@ -107,100 +104,60 @@ function invalid(reason: string): TypeError {
  * ```
  */
 export function parseUri(uri: string): ConnectOptions {
-  if (typeof uri !== "string") {
-    throw new TypeError(`parseUri() takes a string, not ${describeType(uri)}`);
-  }
-  checkCharacters(uri);
-
-  const colon = uri.indexOf(":");
-  const schemeText = colon < 0 ? "" : uri.slice(0, colon);
-  if (!/^[A-Za-z][A-Za-z0-9+.-]*$/.test(schemeText)) {
-    throw invalid(`no scheme (expected ${SCHEME_LIST}, as in "nbd://host/")`);
-  }
-  const schemeName = schemeText.toLowerCase();
-  const scheme = SCHEMES[schemeName];
-  if (scheme === undefined) {
-    throw invalid(`unknown scheme "${schemeText}" (expected ${SCHEME_LIST})`);
-  }
-  let rest = uri.slice(colon + 1);
-  if (!rest.startsWith("//")) {
-    throw invalid(`it must begin with "${schemeName}://"`);
-  }
-  rest = rest.slice(2);
-  const hash = rest.indexOf("#");
-  if (hash >= 0) {
-    throw invalid(
-      `a fragment ("${
-        rest.slice(hash)
-      }") is not allowed; write "#" in an export name as %23`,
-    );
-  }
-
-  const authorityEnd = firstIndexOf(rest, "/?");
-  const authority = rest.slice(0, authorityEnd);
-  rest = rest.slice(authorityEnd);
-  const question = rest.indexOf("?");
-  const path = question < 0 ? rest : rest.slice(0, question);
-  const query = question < 0 ? undefined : rest.slice(question + 1);
-  if (/[[\]]/.test(path) || (query !== undefined && /[[\]]/.test(query))) {
-    throw invalid(
-      `"[" and "]" may only enclose an IPv6 address; percent-encode them elsewhere (%5B, %5D)`,
-    );
-  }
-
-  const out: ConnectOptions = {};
+  const { name, scheme, authority, path, query } = splitUri(uri);
   const { user, host, port } = splitAuthority(authority);
   const params = parseQuery(query);
+  const out: ConnectOptions = {};
 
-  // Where the server is.
-  if (scheme.transport === "tcp") {
-    out.hostname = host === "" ? "localhost" : host;
-    out.port = port === undefined ? DEFAULT_PORT : parsePort(port, 65535);
-  } else if (scheme.transport === "vsock") {
-    out.cid = host === "" ? VSOCK_HOST_CID : parseCid(host);
-    out.port = port === undefined ? DEFAULT_PORT : parsePort(port, MAX_U32);
-  } else {
+  // "NBD URI authority": where the server is.
+  if (scheme.transport === "unix") {
     if (host !== "" || port !== undefined) {
       const what = host !== "" ? `host ("${host}")` : `port (":${port}")`;
       throw invalid(
-        `${schemeName}:// takes no ${what}; the socket is named by socket=, and tls-hostname= names the server for TLS`,
+        `${name}:// takes no ${what}; the socket is named by socket=, and tls-hostname= names the server for TLS`,
       );
     }
+    // "NBD URI socket parameter".
     const socket = params.get("socket");
     if (socket === undefined) {
       throw invalid(
-        `${schemeName}:// needs a socket= query parameter naming the Unix socket`,
+        `${name}:// needs a socket= query parameter naming the Unix socket`,
       );
     }
     out.path = checkSocket(socket);
-  }
-  if (scheme.transport !== "unix" && params.has("socket")) {
-    throw invalid(
-      `socket= is only valid with nbd+unix:// and nbds+unix://, not ${schemeName}://`,
-    );
+  } else {
+    if (scheme.transport === "tcp") {
+      out.hostname = host === "" ? "localhost" : host;
+    } else {
+      out.cid = host === ""
+        ? VSOCK_HOST_CID
+        : parseNumber("vsock CID", host, 0, MAX_U32);
+    }
+    const maxPort = scheme.transport === "tcp" ? 65535 : MAX_U32;
+    out.port = port === undefined
+      ? DEFAULT_PORT
+      : parseNumber("port", port, 1, maxPort);
+    if (params.has("socket")) {
+      throw invalid(
+        `socket= is only valid with nbd+unix:// and nbds+unix://, not ${name}://`,
+      );
+    }
   }
 
-  // Which export.
-  out.exportName = path === "" ? "" : checkExportName(
-    percentDecode(path.slice(1), "export name"),
-  );
+  // "NBD URI export name": the path except for its leading "/".
+  out.exportName = checkExportName(decode(path.slice(1), "export name"));
 
-  // TLS.
+  // "NBD URI query parameters related to TLS", and libnbd's further keys.
   if (scheme.tls) out.tls = "require";
-  const certificates = params.get("tls-certificates");
-  if (certificates !== undefined) {
-    out.tlsCertificates = nonEmpty("tls-certificates", certificates);
-  }
-  const tlsHostname = params.get("tls-hostname");
-  if (tlsHostname !== undefined) {
-    out.tlsHostname = nonEmpty("tls-hostname", tlsHostname);
-  }
+  const certificates = nonEmpty(params, "tls-certificates");
+  if (certificates !== undefined) out.tlsCertificates = certificates;
+  const tlsHostname = nonEmpty(params, "tls-hostname");
+  if (tlsHostname !== undefined) out.tlsHostname = tlsHostname;
   const verify = params.get("tls-verify-peer");
   if (verify !== undefined) out.tlsVerifyPeer = parseBoolean(verify);
   const type = params.get("tls-type");
   if (type !== undefined) checkTlsType(type);
-  const username = params.get("tls-username");
-  if (username !== undefined) nonEmpty("tls-username", username);
+  const username = nonEmpty(params, "tls-username");
   if (user !== undefined && username !== undefined && user !== username) {
     throw invalid(
       `the TLS user name is given twice, differently ("${user}@" and tls-username=${username})`,
@@ -208,11 +165,276 @@ export function parseUri(uri: string): ConnectOptions {
   }
   const tlsUsername = user ?? username;
   if (tlsUsername !== undefined) out.tlsUsername = tlsUsername;
-  const pskFile = params.get("tls-psk-file");
-  if (pskFile !== undefined) {
-    out.tlsPskFile = nonEmpty("tls-psk-file", pskFile);
-  }
+  const pskFile = nonEmpty(params, "tls-psk-file");
+  if (pskFile !== undefined) out.tlsPskFile = pskFile;
   return out;
+}
+
+// ---------------------------------------------------------------------------
+// "Related standards": RFC 3986, then the scheme.
+
+/** RFC 3986 appendix B: scheme, authority, path, query, fragment. */
+const URI_PARTS =
+  /^(?:([^:/?#]+):)?(?:\/\/([^/?#]*))?([^?#]*)(?:\?([^#]*))?(?:#(.*))?$/;
+/** What RFC 3986 allows raw in a URI; everything else is percent-encoded. */
+const NOT_URI_CHARACTER = /[^A-Za-z0-9\-._~:/?#[\]@!$&'()*+,;=%]/u;
+
+interface UriParts {
+  name: string;
+  scheme: Scheme;
+  authority: string;
+  path: string;
+  query: string | undefined;
+}
+
+function splitUri(uri: string): UriParts {
+  if (typeof uri !== "string") {
+    throw new TypeError(`parseUri() takes a string, not ${describeType(uri)}`);
+  }
+  const stray = NOT_URI_CHARACTER.exec(uri);
+  if (stray !== null) {
+    throw invalid(
+      `character ${
+        JSON.stringify(stray[0])
+      } at offset ${stray.index} must be percent-encoded`,
+    );
+  }
+  const [, schemeText = "", authority, path = "", query, fragment] = URI_PARTS
+    .exec(uri)!;
+  if (!/^[A-Za-z][A-Za-z0-9+.-]*$/.test(schemeText)) {
+    throw invalid(`no scheme (expected ${SCHEME_LIST}, as in "nbd://host/")`);
+  }
+  const name = schemeText.toLowerCase();
+  const scheme = SCHEMES.get(name);
+  if (scheme === undefined) {
+    throw invalid(`unknown scheme "${schemeText}" (expected ${SCHEME_LIST})`);
+  }
+  if (authority === undefined) {
+    throw invalid(`it must begin with "${name}://"`);
+  }
+  if (fragment !== undefined) {
+    throw invalid(
+      `a fragment ("#${fragment}") is not allowed; write "#" in an export name as %23`,
+    );
+  }
+  if (/[[\]]/.test(path) || /[[\]]/.test(query ?? "")) {
+    throw invalid(
+      `"[" and "]" may only enclose an IPv6 address; percent-encode them elsewhere (%5B, %5D)`,
+    );
+  }
+  return { name, scheme, authority, path, query };
+}
+
+// ---------------------------------------------------------------------------
+// "NBD URI authority": [userinfo "@"] host [":" port], RFC 3986 section 3.2.
+
+interface Authority {
+  user: string | undefined;
+  host: string;
+  port: string | undefined;
+}
+
+function splitAuthority(authority: string): Authority {
+  const at = authority.lastIndexOf("@");
+  const hostPort = authority.slice(at + 1);
+  let user: string | undefined;
+  if (at >= 0) {
+    const userinfo = authority.slice(0, at);
+    if (userinfo.includes("@")) {
+      throw invalid(
+        `more than one "@" in "${authority}"; percent-encode "@" in a user name as %40`,
+      );
+    }
+    if (userinfo.includes(":")) {
+      throw invalid(
+        "a password in the URI is not supported; the user name (before @) is only used for TLS",
+      );
+    }
+    if (userinfo === "") throw invalid(`the user name before "@" is empty`);
+    user = decode(userinfo, "user name");
+  }
+
+  let host: string;
+  let port: string | undefined;
+  if (hostPort.startsWith("[")) {
+    const close = hostPort.indexOf("]");
+    if (close < 0) throw invalid(`"[" without "]" in "${hostPort}"`);
+    host = parseIpLiteral(hostPort.slice(1, close));
+    const after = hostPort.slice(close + 1);
+    if (after !== "" && !after.startsWith(":")) {
+      throw invalid(
+        `unexpected "${after}" after "${hostPort.slice(0, close + 1)}"`,
+      );
+    }
+    if (after !== "") port = after.slice(1);
+  } else {
+    if (/[[\]]/.test(hostPort)) {
+      throw invalid(`"]" without "[" in "${hostPort}"`);
+    }
+    const [name, ...ports] = hostPort.split(":");
+    if (ports.length > 1) {
+      throw invalid(
+        `"${hostPort}" has more than one ":"; write an IPv6 address in brackets, as in nbd://[::1]/`,
+      );
+    }
+    host = decode(name!, "host");
+    port = ports[0];
+  }
+  // RFC 3986 allows an empty port ("host:"), which means the default.
+  return { user, host, port: port === "" ? undefined : port };
+}
+
+/** `[address]` or `[address%25zone]` (RFC 6874), without the brackets. */
+function parseIpLiteral(literal: string): string {
+  if (/^v/i.test(literal)) {
+    throw invalid(`IPvFuture addresses ("[${literal}]") are not supported`);
+  }
+  const zoneAt = literal.indexOf("%25");
+  const address = zoneAt < 0 ? literal : literal.slice(0, zoneAt);
+  if (!URL.canParse(`nbd://[${address}]/`)) {
+    throw invalid(`"[${literal}]" is not a valid IPv6 address`);
+  }
+  if (zoneAt < 0) return address;
+  const zone = decode(literal.slice(zoneAt + 3), "IPv6 zone");
+  if (zone === "") throw invalid(`the IPv6 zone in "[${literal}]" is empty`);
+  return `${address}%${zone}`;
+}
+
+/** A port or a vsock CID: decimal digits, from `min` to `max`. */
+function parseNumber(
+  what: string,
+  text: string,
+  min: number,
+  max: number,
+): number {
+  if (!/^[0-9]+$/.test(text)) {
+    throw invalid(`${what} "${text}" is not a number`);
+  }
+  const value = Number(text);
+  if (value < min || value > max) {
+    throw invalid(`${what} ${text} is out of range (${min} to ${max})`);
+  }
+  return value;
+}
+
+// ---------------------------------------------------------------------------
+// "NBD URI export name" and "NBD URI socket parameter".
+
+function checkExportName(name: string): string {
+  if (name.includes("\0")) {
+    throw invalid(
+      "the export name contains NUL (%00), which NBD export names cannot hold",
+    );
+  }
+  const length = new TextEncoder().encode(name).length;
+  if (length > MAX_STRING_LENGTH) {
+    throw invalid(
+      `the export name is ${length} bytes long; NBD allows at most ${MAX_STRING_LENGTH}`,
+    );
+  }
+  return name;
+}
+
+function checkSocket(socket: string): string {
+  if (socket === "") throw invalid("socket= is empty");
+  if (socket === "\0") {
+    throw invalid("socket=%00 names no socket in the abstract namespace");
+  }
+  if (socket.indexOf("\0", 1) >= 0) {
+    throw invalid(
+      "socket= contains NUL (%00) after its start; only a leading %00 (the abstract namespace) is allowed",
+    );
+  }
+  return socket;
+}
+
+// ---------------------------------------------------------------------------
+// Query parameters: "key=value" pairs split on "&", each side percent-decoded
+// as RFC 3986 says (so "+" stays "+"), not read as an HTML form.
+
+function parseQuery(query: string | undefined): Map<QueryKey, string> {
+  const params = new Map<QueryKey, string>();
+  for (const part of query?.split("&") ?? []) {
+    if (part === "") continue;
+    const eq = part.indexOf("=");
+    const key = decode(eq < 0 ? part : part.slice(0, eq), "query key");
+    const value = eq < 0 ? "" : decode(part.slice(eq + 1), key);
+    if (!(QUERY_KEYS as readonly string[]).includes(key)) {
+      throw invalid(
+        `unknown query parameter "${key}" (known: ${
+          [...QUERY_KEYS].sort().join(", ")
+        })`,
+      );
+    }
+    if (params.has(key as QueryKey)) {
+      throw invalid(`query parameter "${key}" is given twice`);
+    }
+    params.set(key as QueryKey, value);
+  }
+  return params;
+}
+
+function nonEmpty(
+  params: Map<QueryKey, string>,
+  key: QueryKey,
+): string | undefined {
+  const value = params.get(key);
+  if (value === "") throw invalid(`${key}= is empty`);
+  return value;
+}
+
+function parseBoolean(value: string): boolean {
+  const lower = value.toLowerCase();
+  if (["1", "true", "yes", "on"].includes(lower)) return true;
+  if (["0", "false", "no", "off"].includes(lower)) return false;
+  throw invalid(
+    `tls-verify-peer must be true or false (or 1/0, yes/no, on/off), not "${value}"`,
+  );
+}
+
+/** The TLS types that doc/uri.md lists and Deno's TLS (rustls) cannot do. */
+const UNSUPPORTED_TLS_TYPES: ReadonlyMap<string, string> = new Map([
+  [
+    "psk",
+    "tls-type=psk is not supported: Deno's TLS (rustls) has no pre-shared-key cipher suites; use X.509 certificates (tls-certificates=)",
+  ],
+  [
+    "anon",
+    "tls-type=anon is not supported: anonymous TLS authenticates nobody, and Deno's TLS (rustls) does not offer it; use X.509 certificates (tls-certificates=)",
+  ],
+]);
+
+function checkTlsType(type: string): void {
+  const lower = type.toLowerCase();
+  if (lower === "x509") return;
+  throw invalid(
+    UNSUPPORTED_TLS_TYPES.get(lower) ?? `tls-type must be x509, not "${type}"`,
+  );
+}
+
+/** Decodes `%XX` escapes as UTF-8; `what` names the part for errors. */
+function decode(text: string, what: string): string {
+  const bad = /%(?![0-9A-Fa-f]{2})/.exec(text);
+  if (bad !== null) {
+    throw invalid(
+      `bad percent-encoding "${
+        text.slice(bad.index, bad.index + 3)
+      }" in the ${what}`,
+    );
+  }
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    throw invalid(`the ${what} is not valid UTF-8 once percent-decoded`);
+  }
+}
+
+function invalid(reason: string): TypeError {
+  return new TypeError(`Invalid NBD URI: ${reason}`);
+}
+
+function describeType(value: unknown): string {
+  return value === null ? "null" : typeof value;
 }
 
 /**
@@ -273,9 +495,7 @@ export function formatUri(options: ConnectOptions): string {
   const query: string[] = [];
   if (options.path !== undefined) {
     if (options.port !== undefined) {
-      throw new TypeError(
-        "formatUri(): a Unix socket (path) takes no port",
-      );
+      throw new TypeError("formatUri(): a Unix socket (path) takes no port");
     }
     scheme = `nbd${tls}+unix`;
     authority = user;
@@ -303,268 +523,18 @@ export function formatUri(options: ConnectOptions): string {
   }
   const path = `/${encode(exportName, PATH_SAFE)}`;
 
-  if (options.tlsCertificates !== undefined) {
-    query.push(
-      `tls-certificates=${encode(options.tlsCertificates, QUERY_SAFE)}`,
-    );
-  }
-  if (options.tlsHostname !== undefined) {
-    query.push(`tls-hostname=${encode(options.tlsHostname, QUERY_SAFE)}`);
-  }
-  if (options.tlsVerifyPeer !== undefined) {
-    query.push(`tls-verify-peer=${options.tlsVerifyPeer ? "true" : "false"}`);
-  }
-  if (options.tlsPskFile !== undefined) {
-    query.push(`tls-psk-file=${encode(options.tlsPskFile, QUERY_SAFE)}`);
+  const settings: Array<[string, string | undefined]> = [
+    ["tls-certificates", options.tlsCertificates],
+    ["tls-hostname", options.tlsHostname],
+    ["tls-verify-peer", options.tlsVerifyPeer?.toString()],
+    ["tls-psk-file", options.tlsPskFile],
+  ];
+  for (const [key, value] of settings) {
+    if (value !== undefined) query.push(`${key}=${encode(value, QUERY_SAFE)}`);
   }
   return `${scheme}://${authority}${path}${
     query.length > 0 ? `?${query.join("&")}` : ""
   }`;
-}
-
-// ---------------------------------------------------------------------------
-// Parsing helpers.
-
-function checkCharacters(uri: string): void {
-  for (let i = 0; i < uri.length; i++) {
-    const c = uri[i]!;
-    if (!URI_CHARACTER.test(c)) {
-      const shown = JSON.stringify(String.fromCodePoint(uri.codePointAt(i)!));
-      throw invalid(
-        `character ${shown} at offset ${i} must be percent-encoded`,
-      );
-    }
-  }
-}
-
-function firstIndexOf(s: string, chars: string): number {
-  for (let i = 0; i < s.length; i++) {
-    if (chars.includes(s[i]!)) return i;
-  }
-  return s.length;
-}
-
-interface Authority {
-  user: string | undefined;
-  host: string;
-  port: string | undefined;
-}
-
-function splitAuthority(authority: string): Authority {
-  let user: string | undefined;
-  let hostPort = authority;
-  const at = authority.indexOf("@");
-  if (at >= 0) {
-    const userinfo = authority.slice(0, at);
-    hostPort = authority.slice(at + 1);
-    if (hostPort.includes("@")) {
-      throw invalid(
-        `more than one "@" in "${authority}"; percent-encode "@" in a user name as %40`,
-      );
-    }
-    if (userinfo.includes(":")) {
-      throw invalid(
-        "a password in the URI is not supported; the user name (before @) is only used for TLS",
-      );
-    }
-    if (userinfo === "") throw invalid(`the user name before "@" is empty`);
-    user = percentDecode(userinfo, "user name");
-  }
-
-  let host: string;
-  let port: string | undefined;
-  if (hostPort.startsWith("[")) {
-    const close = hostPort.indexOf("]");
-    if (close < 0) throw invalid(`"[" without "]" in "${hostPort}"`);
-    host = parseIpLiteral(hostPort.slice(1, close));
-    const after = hostPort.slice(close + 1);
-    if (after !== "" && !after.startsWith(":")) {
-      throw invalid(
-        `unexpected "${after}" after "${hostPort.slice(0, close + 1)}"`,
-      );
-    }
-    if (after !== "") port = after.slice(1);
-  } else {
-    if (/[[\]]/.test(hostPort)) {
-      throw invalid(`"]" without "[" in "${hostPort}"`);
-    }
-    const colon = hostPort.indexOf(":");
-    if (colon >= 0 && hostPort.indexOf(":", colon + 1) >= 0) {
-      throw invalid(
-        `"${hostPort}" has more than one ":"; write an IPv6 address in brackets, as in nbd://[::1]/`,
-      );
-    }
-    const rawHost = colon < 0 ? hostPort : hostPort.slice(0, colon);
-    if (colon >= 0) port = hostPort.slice(colon + 1);
-    host = percentDecode(rawHost, "host");
-  }
-  // RFC 3986 allows an empty port ("host:"), which means the default.
-  if (port === "") port = undefined;
-  return { user, host, port };
-}
-
-function parseIpLiteral(literal: string): string {
-  if (/^v/i.test(literal)) {
-    throw invalid(`IPvFuture addresses ("[${literal}]") are not supported`);
-  }
-  const zoneAt = literal.indexOf("%25");
-  const address = zoneAt < 0 ? literal : literal.slice(0, zoneAt);
-  let valid = address.includes(":") && /^[0-9A-Fa-f:.]+$/.test(address);
-  if (valid) {
-    try {
-      new URL(`http://[${address}]/`);
-    } catch {
-      valid = false;
-    }
-  }
-  if (!valid) throw invalid(`"[${literal}]" is not a valid IPv6 address`);
-  if (zoneAt < 0) return address;
-  const zone = percentDecode(literal.slice(zoneAt + 3), "IPv6 zone");
-  if (zone === "") throw invalid(`the IPv6 zone in "[${literal}]" is empty`);
-  return `${address}%${zone}`;
-}
-
-function parsePort(text: string, max: number): number {
-  if (!/^[0-9]+$/.test(text)) throw invalid(`port "${text}" is not a number`);
-  const port = Number(text);
-  if (port < 1 || port > max) {
-    throw invalid(`port ${text} is out of range (1 to ${max})`);
-  }
-  return port;
-}
-
-function parseCid(text: string): number {
-  if (!/^[0-9]+$/.test(text)) {
-    throw invalid(`vsock CID "${text}" is not a number`);
-  }
-  const cid = Number(text);
-  if (cid > MAX_U32) {
-    throw invalid(`vsock CID ${text} is out of range (0 to ${MAX_U32})`);
-  }
-  return cid;
-}
-
-function parseQuery(query: string | undefined): Map<QueryKey, string> {
-  const params = new Map<QueryKey, string>();
-  if (query === undefined) return params;
-  for (const part of query.split("&")) {
-    if (part === "") continue;
-    const eq = part.indexOf("=");
-    const key = percentDecode(eq < 0 ? part : part.slice(0, eq), "query key");
-    const value = eq < 0 ? "" : percentDecode(part.slice(eq + 1), key);
-    if (!(QUERY_KEYS as readonly string[]).includes(key)) {
-      throw invalid(
-        `unknown query parameter "${key}" (known: ${
-          [...QUERY_KEYS].sort().join(", ")
-        })`,
-      );
-    }
-    if (params.has(key as QueryKey)) {
-      throw invalid(`query parameter "${key}" is given twice`);
-    }
-    params.set(key as QueryKey, value);
-  }
-  return params;
-}
-
-const UTF8 = new TextDecoder("utf-8", { fatal: true });
-
-/** Decodes `%XX` escapes as UTF-8; `what` names the part for errors. */
-function percentDecode(text: string, what: string): string {
-  if (!text.includes("%")) return text;
-  const bytes: number[] = [];
-  const encoder = new TextEncoder();
-  for (let i = 0; i < text.length; i++) {
-    const c = text[i]!;
-    if (c === "%") {
-      const hex = text.slice(i + 1, i + 3);
-      if (!/^[0-9A-Fa-f]{2}$/.test(hex)) {
-        throw invalid(
-          `bad percent-encoding "${text.slice(i, i + 3)}" in the ${what}`,
-        );
-      }
-      bytes.push(parseInt(hex, 16));
-      i += 2;
-    } else {
-      bytes.push(...encoder.encode(c));
-    }
-  }
-  try {
-    return UTF8.decode(new Uint8Array(bytes));
-  } catch {
-    throw invalid(`the ${what} is not valid UTF-8 once percent-decoded`);
-  }
-}
-
-function checkExportName(name: string): string {
-  if (name.includes("\0")) {
-    throw invalid(
-      "the export name contains NUL (%00), which NBD export names cannot hold",
-    );
-  }
-  const length = new TextEncoder().encode(name).length;
-  if (length > MAX_STRING_LENGTH) {
-    throw invalid(
-      `the export name is ${length} bytes long; NBD allows at most ${MAX_STRING_LENGTH}`,
-    );
-  }
-  return name;
-}
-
-function checkSocket(socket: string): string {
-  if (socket === "") throw invalid("socket= is empty");
-  if (socket === "\0") {
-    throw invalid("socket=%00 names no socket in the abstract namespace");
-  }
-  if (socket.indexOf("\0", 1) >= 0) {
-    throw invalid(
-      "socket= contains NUL (%00) after its start; only a leading %00 (the abstract namespace) is allowed",
-    );
-  }
-  return socket;
-}
-
-function nonEmpty(key: string, value: string): string {
-  if (value === "") throw invalid(`${key}= is empty`);
-  return value;
-}
-
-function parseBoolean(value: string): boolean {
-  switch (value.toLowerCase()) {
-    case "1":
-    case "true":
-    case "yes":
-    case "on":
-      return true;
-    case "0":
-    case "false":
-    case "no":
-    case "off":
-      return false;
-  }
-  throw invalid(
-    `tls-verify-peer must be true or false (or 1/0, yes/no, on/off), not "${value}"`,
-  );
-}
-
-function checkTlsType(type: string): void {
-  switch (type.toLowerCase()) {
-    case "x509":
-      return;
-    case "psk":
-      throw invalid(
-        "tls-type=psk is not supported: Deno's TLS (rustls) has no pre-shared-key cipher suites; use X.509 certificates (tls-certificates=)",
-      );
-    case "anon":
-      throw invalid(
-        "tls-type=anon is not supported: anonymous TLS authenticates nobody, and Deno's TLS (rustls) does not offer it; use X.509 certificates (tls-certificates=)",
-      );
-  }
-  throw invalid(`tls-type must be x509, not "${type}"`);
-}
-
-function describeType(value: unknown): string {
-  return value === null ? "null" : typeof value;
 }
 
 // ---------------------------------------------------------------------------
@@ -578,8 +548,10 @@ const PATH_SAFE = new RegExp(`[${UNRESERVED}!$&'()*+,;=:@/]`);
 const QUERY_SAFE = new RegExp(`[${UNRESERVED}!$'()*,:@/?]`);
 // ":" would start a password.
 const USERINFO_SAFE = new RegExp(`[${UNRESERVED}!$&'()*+,;=]`);
-const HOST_SAFE = new RegExp(`[${UNRESERVED}!$&'()*+,;=]`);
+const HOST_SAFE = USERINFO_SAFE;
+const ZONE_SAFE = new RegExp(`[${UNRESERVED}]`);
 
+/** Percent-encodes every UTF-8 byte of `text` that `safe` does not allow. */
 function encode(text: string, safe: RegExp): string {
   if (!text.isWellFormed()) {
     throw new TypeError(
@@ -587,14 +559,11 @@ function encode(text: string, safe: RegExp): string {
     );
   }
   let out = "";
-  for (const c of text) {
-    if (safe.test(c)) {
-      out += c;
-      continue;
-    }
-    for (const byte of new TextEncoder().encode(c)) {
-      out += `%${byte.toString(16).toUpperCase().padStart(2, "0")}`;
-    }
+  for (const byte of new TextEncoder().encode(text)) {
+    const c = String.fromCharCode(byte);
+    out += byte < 0x80 && safe.test(c)
+      ? c
+      : `%${byte.toString(16).toUpperCase().padStart(2, "0")}`;
   }
   return out;
 }
@@ -613,7 +582,7 @@ function formatHost(hostname: string): string {
   }
   const zone = zoneAt < 0
     ? ""
-    : `%25${encode(hostname.slice(zoneAt + 1), new RegExp(`[${UNRESERVED}]`))}`;
+    : `%25${encode(hostname.slice(zoneAt + 1), ZONE_SAFE)}`;
   return `[${address}${zone}]`;
 }
 

@@ -51,6 +51,11 @@ export function viewOf(u8: Uint8Array): DataView {
   return new DataView(u8.buffer, u8.byteOffset, u8.byteLength);
 }
 
+/** "1 byte", "2 bytes": a count and its noun, for messages. */
+export function plural(n: number | bigint, noun: string): string {
+  return `${n} ${noun}${n === 1 || n === 1n ? "" : "s"}`;
+}
+
 /** Decodes UTF-8 that the spec requires to be valid. */
 export function decodeString(
   bytes: Uint8Array,
@@ -101,9 +106,9 @@ export class Reader {
     if (this.remaining < n) {
       throw new NbdProtocolError(
         this.#phase,
-        `${this.#what} is too short: ${this.#bytes.length} bytes, needed ${
-          this.#pos + n
-        }`,
+        `${this.#what} is too short: ${
+          plural(this.#bytes.length, "byte")
+        }, needed ${this.#pos + n}`,
       );
     }
     const at = this.#pos;
@@ -159,7 +164,9 @@ export class Reader {
     if (this.remaining !== 0) {
       throw new NbdProtocolError(
         this.#phase,
-        `${this.#what} has ${this.remaining} unexpected trailing bytes`,
+        `${this.#what} has ${
+          plural(this.remaining, "unexpected trailing byte")
+        }`,
       );
     }
   }
@@ -283,7 +290,8 @@ export function encodeRequest(
 
 /**
  * A reply header of any of the three kinds, parsed. 64-bit fields are
- * numbers from {@linkcode getU64}: `Infinity` when too large to be valid.
+ * numbers from {@linkcode getU64}: `Infinity` when too large to be valid;
+ * messages print the exact value from `bytes` (see {@linkcode u64Text}).
  */
 export interface ReplyHeader {
   kind: "simple" | "structured" | "extended";
@@ -298,48 +306,90 @@ export interface ReplyHeader {
   offset: number;
   /** Chunk payload length. */
   length: number;
+  /** The header as received (a view, valid until the next header is read). */
+  bytes: Uint8Array;
 }
 
-/** Decodes a 32-byte extended reply header (magic already checked). */
-export function decodeExtendedReply(b: Uint8Array): ReplyHeader {
-  const v = viewOf(b);
+/** Where the 64-bit fields of reply headers sit, for exact messages. */
+export const REPLY_FIELD = {
+  /** cookie, in all three kinds */
+  cookie: 4 + 4,
+  /** extended replies: offset, after magic, flags, type, cookie */
+  offset: 4 + 2 + 2 + 8,
+  /** extended replies: length, after magic, flags, type, cookie, offset */
+  length: 4 + 2 + 2 + 8 + 8,
+} as const;
+
+/** The exact decimal value of the 64-bit field at `at`, for messages. */
+export function u64Text(b: Uint8Array, at: number): string {
+  return viewOf(b).getBigUint64(at).toString();
+}
+
+function emptyHeader(): ReplyHeader {
   return {
-    kind: "extended",
+    kind: "simple",
     error: 0,
-    flags: v.getUint16(4),
-    type: v.getUint16(6),
-    cookie: getU64(v, 8),
-    offset: getU64(v, 16),
-    length: getU64(v, 24),
+    flags: 0,
+    type: 0,
+    cookie: 0,
+    offset: 0,
+    length: 0,
+    bytes: new Uint8Array(0),
   };
+}
+
+/**
+ * Decodes a 32-byte extended reply header (magic already checked), into
+ * `out` when given: the read loop reuses one object for every reply.
+ */
+export function decodeExtendedReply(
+  b: Uint8Array,
+  out: ReplyHeader = emptyHeader(),
+): ReplyHeader {
+  const v = viewOf(b);
+  out.kind = "extended";
+  out.error = 0;
+  out.flags = v.getUint16(4);
+  out.type = v.getUint16(6);
+  out.cookie = getU64(v, REPLY_FIELD.cookie);
+  out.offset = getU64(v, REPLY_FIELD.offset);
+  out.length = getU64(v, REPLY_FIELD.length);
+  out.bytes = b;
+  return out;
 }
 
 /** Decodes a 16-byte simple reply header (magic already checked). */
-export function decodeSimpleReply(b: Uint8Array): ReplyHeader {
+export function decodeSimpleReply(
+  b: Uint8Array,
+  out: ReplyHeader = emptyHeader(),
+): ReplyHeader {
   const v = viewOf(b);
-  return {
-    kind: "simple",
-    error: v.getUint32(4),
-    flags: 0,
-    type: 0,
-    cookie: getU64(v, 8),
-    offset: 0,
-    length: 0,
-  };
+  out.kind = "simple";
+  out.error = v.getUint32(4);
+  out.flags = 0;
+  out.type = 0;
+  out.cookie = getU64(v, REPLY_FIELD.cookie);
+  out.offset = 0;
+  out.length = 0;
+  out.bytes = b;
+  return out;
 }
 
 /** Decodes a 20-byte structured reply header (magic already checked). */
-export function decodeStructuredReply(b: Uint8Array): ReplyHeader {
+export function decodeStructuredReply(
+  b: Uint8Array,
+  out: ReplyHeader = emptyHeader(),
+): ReplyHeader {
   const v = viewOf(b);
-  return {
-    kind: "structured",
-    error: 0,
-    flags: v.getUint16(4),
-    type: v.getUint16(6),
-    cookie: getU64(v, 8),
-    offset: 0,
-    length: v.getUint32(16),
-  };
+  out.kind = "structured";
+  out.error = 0;
+  out.flags = v.getUint16(4);
+  out.type = v.getUint16(6);
+  out.cookie = getU64(v, REPLY_FIELD.cookie);
+  out.offset = 0;
+  out.length = v.getUint32(16);
+  out.bytes = b;
+  return out;
 }
 
 /** True when `x` is a power of two (and positive). */

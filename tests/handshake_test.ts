@@ -39,6 +39,7 @@ import {
   newstyleGreeting,
   optionReply,
 } from "./support/server.ts";
+import { within } from "./support/wait.ts";
 
 // The server's side of a script, appended to one builder in order; the
 // messages come from the scripted server's encoders.
@@ -521,16 +522,15 @@ Deno.test("negotiate() turns random server bytes into a typed error, never a han
     const bytes = new Uint8Array(head.length + junk.length);
     bytes.set(head);
     bytes.set(junk, head.length);
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const outcome = await Promise.race([
+    // A hang fails the round: within() rejects, naming it.
+    const outcome = await within(
+      3000,
+      `round ${round}`,
       run(bytes, [next() % bytes.length]).then(
         () => "ok",
         (e: unknown) => e,
       ),
-      new Promise<"hang">((r) => timer = setTimeout(() => r("hang"), 3000)),
-    ]);
-    clearTimeout(timer);
-    assert.notEqual(outcome, "hang", `round ${round} hung`);
+    );
     if (outcome !== "ok") {
       assert.ok(
         outcome instanceof NbdError,

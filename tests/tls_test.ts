@@ -24,22 +24,7 @@ import type { ByteStream } from "../lib/transport.ts";
 import { encodeOption } from "../lib/wire.ts";
 import type { Server } from "./support/servers.ts";
 import { makeTestPki, startTlsNbdkits } from "./support/certs.ts";
-
-async function readExact(s: ByteStream, n: number): Promise<Uint8Array> {
-  const out = new Uint8Array(n);
-  let got = 0;
-  while (got < n) {
-    const r = await s.read(out.subarray(got));
-    if (r === null) throw new Error(`EOF after ${got} of ${n} bytes`);
-    got += r;
-  }
-  return out;
-}
-
-async function writeAll(s: ByteStream, bytes: Uint8Array): Promise<void> {
-  let at = 0;
-  while (at < bytes.length) at += await s.write(bytes.subarray(at));
-}
+import { readExact, writeAll } from "./support/io.ts";
 
 /** Reads one option reply header and asserts it is an empty ACK to `opt`. */
 async function expectAck(s: ByteStream, opt: number): Promise<void> {

@@ -31,6 +31,7 @@ import {
   simpleReply,
   structuredChunk,
 } from "./support/server.ts";
+import { within } from "./support/wait.ts";
 
 const DONE = REPLY_FLAG_DONE;
 
@@ -183,6 +184,59 @@ Deno.test("Transmission reads simple replies split at every byte boundary", asyn
     stream.feed(bytes, [cut]);
     await done;
     assert.deepEqual(buffer, data);
+    await tx.disconnect();
+  }
+});
+
+Deno.test("Transmission reads block status and error chunks split at every byte boundary", async () => {
+  const replies = new Builder();
+  chunk(
+    replies,
+    0,
+    REPLY_TYPE_BLOCK_STATUS,
+    1,
+    new Builder().u32(9).u32(8192).u32(1),
+  );
+  chunk(
+    replies,
+    DONE,
+    REPLY_TYPE_BLOCK_STATUS,
+    1,
+    new Builder().u32(7).u32(4096).u32(0).u32(4096).u32(3),
+  );
+  // A read that fails with a message, then DONE on NONE.
+  chunk(
+    replies,
+    0,
+    REPLY_TYPE_ERROR,
+    2,
+    new Builder().u32(5).u16(9).bytes(new TextEncoder().encode("disk died")),
+  );
+  chunk(replies, DONE, REPLY_TYPE_NONE, 2, new Builder());
+  const bytes = replies.done();
+  for (let cut = 0; cut < bytes.length; cut++) {
+    const { stream, tx } = setup();
+    const status = tx.submit({
+      type: CMD_BLOCK_STATUS,
+      flags: 0,
+      offset: 0,
+      length: 8192,
+    });
+    const failed = tx.submit(read(0, 512).cmd);
+    await written(stream, 2);
+    stream.feed(bytes, [cut]);
+    const byId = await status;
+    assert.deepEqual(byId.get(7), [
+      { offset: 0, length: 4096, flags: 0 },
+      { offset: 4096, length: 4096, flags: 3 },
+    ], `split at ${cut}`);
+    assert.deepEqual(byId.get(9), [{ offset: 0, length: 8192, flags: 1 }]);
+    await assert.rejects(failed, (e: unknown) => {
+      assert.ok(e instanceof NbdCommandError, `split at ${cut}: ${e}`);
+      assert.equal(e.errno, 5);
+      assert.equal(e.serverMessage, "disk died");
+      return true;
+    });
     await tx.disconnect();
   }
 });
@@ -475,7 +529,7 @@ Deno.test("Transmission: a protocol violation fails every pending request with t
       p,
       (e: unknown) =>
         e instanceof NbdConnectionClosedError &&
-        /1 requests in flight/.test(e.message),
+        /with 1 request in flight$/.test(e.message),
     );
     await tx.disconnect();
   });
@@ -706,6 +760,42 @@ Deno.test("Transmission with extended headers", async (t) => {
     await expectProtocolError(p, /names offset 0, but the request was at 512/);
     await tx.disconnect();
   });
+  await t.step("a 2^63-byte payload length is printed exactly", async () => {
+    const { stream, tx } = setup(over);
+    const p = tx.submit(read(512, 16).cmd);
+    await written(stream, 1);
+    // magic, flags, type, cookie, offset, length
+    const h = new Builder().u32(0x6e8a278c).u16(DONE)
+      .u16(REPLY_TYPE_OFFSET_DATA).u64(1).u64(512).u64(1n << 63n);
+    stream.feed(h.done());
+    await expectProtocolError(
+      p,
+      /^1 \(NBD_REPLY_TYPE_OFFSET_DATA\) chunk for NBD_CMD_READ \(offset 512, length 16\): payload length 9223372036854775808 does not fit the request$/,
+    );
+    await tx.disconnect();
+  });
+  await t.step(
+    "a data chunk's offset past 2^53 is printed exactly",
+    async () => {
+      const { stream, tx } = setup();
+      const p = tx.submit(read(512, 16).cmd);
+      await written(stream, 1);
+      stream.feed(
+        chunk(
+          new Builder(),
+          DONE,
+          REPLY_TYPE_OFFSET_DATA,
+          1,
+          new Builder().u64(0xffff_ffff_ffff_fff0n).bytes(pattern(16)),
+        ).done(),
+      );
+      await expectProtocolError(
+        p,
+        /: range 18446744073709551600\+16 lies outside the request$/,
+      );
+      await tx.disconnect();
+    },
+  );
   await t.step("a simple reply", async () => {
     const { stream, tx } = setup(over);
     const p = tx.submit(read(0, 8).cmd);
@@ -713,7 +803,7 @@ Deno.test("Transmission with extended headers", async (t) => {
     stream.feed(simple(new Builder(), 1).zeroes(16).done());
     await expectProtocolError(
       p,
-      /Bad reply magic 0x67446698 \(expected a extended reply\)/,
+      /Bad reply magic 0x67446698 \(expected an extended reply\)/,
     );
     await tx.disconnect();
   });
@@ -831,14 +921,13 @@ Deno.test("Transmission: random server bytes end in a typed error, never a hang"
     }
     stream.feed(junk, [next() % junk.length]);
     stream.end();
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const settled = await Promise.race([
+    // A hang fails the round: within() rejects, naming it.
+    const settled = await within(
+      2000,
+      `round ${round}`,
       Promise.allSettled(reads),
-      new Promise<"hang">((r) => timer = setTimeout(() => r("hang"), 2000)),
-    ]);
-    clearTimeout(timer);
-    assert.notEqual(settled, "hang", `round ${round} hung`);
-    for (const s of settled as PromiseSettledResult<unknown>[]) {
+    );
+    for (const s of settled) {
       if (s.status === "rejected") {
         assert.ok(
           s.reason instanceof NbdProtocolError ||

@@ -74,6 +74,7 @@ const VALID: Array<[string, ConnectOptions]> = [
   }],
   ["nbd+vsock:///", { cid: 2, port: 10809, exportName: "" }],
   // Authority forms.
+  ["nbd+vsock://2:10809/e", { cid: 2, port: 10809, exportName: "e" }],
   ["nbds+vsock://3:10810/disk", {
     cid: 3,
     port: 10810,
@@ -165,6 +166,59 @@ const VALID: Array<[string, ConnectOptions]> = [
     exportName: "",
     tls: "require",
     tlsHostname: "localhost",
+  }],
+];
+
+/**
+ * RFC 3986 reads these as below; WHATWG `URL` would not (it removes dot
+ * segments, normalises IPv6 literals, refuses zones, vsock ports above 65535
+ * and an empty host after a user name), so they pin the parser to RFC 3986.
+ */
+const RFC3986_NOT_WHATWG: Array<[string, ConnectOptions]> = [
+  ["nbd://h/a/../b", { hostname: "h", port: 10809, exportName: "a/../b" }],
+  ["nbd://h/./x", { hostname: "h", port: 10809, exportName: "./x" }],
+  ["nbd://h/%2e%2e/x", { hostname: "h", port: 10809, exportName: "../x" }],
+  ["nbd://h//disk/.", { hostname: "h", port: 10809, exportName: "/disk/." }],
+  ["nbd://[2001:DB8:0::7]/", {
+    hostname: "2001:DB8:0::7",
+    port: 10809,
+    exportName: "",
+  }],
+  ["nbd://[fe80::1%25eth0]:10810/x", {
+    hostname: "fe80::1%eth0",
+    port: 10810,
+    exportName: "x",
+  }],
+  ["nbd+vsock://3:65536/", { cid: 3, port: 65536, exportName: "" }],
+  ["nbds+unix://alice@/?socket=/s", {
+    path: "/s",
+    exportName: "",
+    tls: "require",
+    tlsUsername: "alice",
+  }],
+  // A byte order mark is part of the name, not dropped.
+  ["nbd://h/%EF%BB%BFx", { hostname: "h", port: 10809, exportName: "\ufeffx" }],
+];
+
+/** The query is RFC 3986, not an HTML form: "+" is a plus sign. */
+const PLUS: Array<[string, ConnectOptions]> = [
+  ["nbds://h/?tls-hostname=a+b", {
+    hostname: "h",
+    port: 10809,
+    exportName: "",
+    tls: "require",
+    tlsHostname: "a+b",
+  }],
+  ["nbds://h/?tls-hostname=a%2Bb", {
+    hostname: "h",
+    port: 10809,
+    exportName: "",
+    tls: "require",
+    tlsHostname: "a+b",
+  }],
+  ["nbd+unix:///a+b?socket=/run/a+b%20c.sock", {
+    path: "/run/a+b c.sock",
+    exportName: "a+b",
   }],
 ];
 
@@ -324,6 +378,11 @@ const INVALID: Array<[string, string]> = [
   ["nbds://h/?tls-hostname=", "tls-hostname= is empty"],
   ["nbds://h/?tls-username=", "tls-username= is empty"],
   ["nbds://h/?tls-psk-file=", "tls-psk-file= is empty"],
+  // A name that Object.prototype holds is not a scheme.
+  [
+    "constructor://h/",
+    'unknown scheme "constructor" (expected nbd, nbds, nbd+unix, nbds+unix, nbd+vsock or nbds+vsock)',
+  ],
   [
     `nbd://h/${"x".repeat(4097)}`,
     "the export name is 4097 bytes long; NBD allows at most 4096",
@@ -331,7 +390,7 @@ const INVALID: Array<[string, string]> = [
 ];
 
 Deno.test("parseUri()", async (t) => {
-  for (const [uri, want] of VALID) {
+  for (const [uri, want] of [...VALID, ...RFC3986_NOT_WHATWG, ...PLUS]) {
     await t.step(`reads ${JSON.stringify(uri)}`, () => {
       assert.deepEqual(parseUri(uri), want);
     });
@@ -413,6 +472,9 @@ const ROUND_TRIP: ConnectOptions[] = [
     tlsCertificates: "c",
     tlsVerifyPeer: false,
   },
+  { hostname: "h", port: 10809, exportName: "a/../b", tlsHostname: "a+b" },
+  { cid: 3, port: 65536, exportName: "./x" },
+  { path: "/run/a+b.sock", exportName: "+", tlsCertificates: "/c+d" },
 ];
 
 Deno.test("formatUri()", async (t) => {

@@ -6,12 +6,14 @@ import {
   encodeOption,
   encodeRequest,
   isPowerOfTwo,
+  plural,
   Reader,
+  REPLY_FIELD,
   SIZES,
+  u64Text,
 } from "../lib/wire.ts";
 import { encodeInfoRequest } from "../lib/options/go.ts";
 import { encodeMetaContextRequest } from "../lib/options/meta_context.ts";
-import { addRange } from "../lib/transmission.ts";
 
 const hex = (b: Uint8Array) =>
   [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
@@ -109,9 +111,31 @@ Deno.test("reply header decoders read every field", () => {
     16,
     24,
   ]);
-  // Beyond 2^53 a field reads as Infinity, so range checks fail safely.
+  // Beyond 2^53 a field reads as Infinity, so range checks fail safely;
+  // messages read the exact value from the header's bytes.
   e.fill(0xff, 16, 24);
-  assert.equal(decodeExtendedReply(e).offset, Infinity);
+  const huge = decodeExtendedReply(e);
+  assert.equal(huge.offset, Infinity);
+  assert.equal(huge.bytes, e);
+  assert.equal(u64Text(huge.bytes, REPLY_FIELD.offset), "18446744073709551615");
+  // A reused header object takes every field of the next header.
+  assert.equal(decodeStructuredReply(s, huge), huge);
+  assert.deepEqual(
+    [huge.kind, huge.offset, huge.length, huge.bytes],
+    ["structured", 0, 256, s],
+  );
+});
+
+Deno.test("REPLY_FIELD places the 64-bit fields of reply headers", () => {
+  assert.deepEqual(REPLY_FIELD, { cookie: 8, offset: 16, length: 24 });
+  assert.equal(REPLY_FIELD.length + 8, SIZES.extendedReply);
+});
+
+Deno.test("plural() counts nouns for messages", () => {
+  assert.equal(plural(0, "byte"), "0 bytes");
+  assert.equal(plural(1, "byte"), "1 byte");
+  assert.equal(plural(2, "request"), "2 requests");
+  assert.equal(plural(1n, "byte"), "1 byte");
 });
 
 Deno.test("Reader fails with a protocol error instead of reading past the end", async (t) => {
@@ -139,7 +163,7 @@ Deno.test("Reader fails with a protocol error instead of reading past the end", 
   await t.step("trailing bytes", () => {
     const r = new Reader(Uint8Array.of(0, 0, 0), "x", "transmission");
     r.u16();
-    assert.throws(() => r.expectEnd(), /1 unexpected trailing bytes/);
+    assert.throws(() => r.expectEnd(), /has 1 unexpected trailing byte$/);
   });
   await t.step("invalid UTF-8", () => {
     const r = new Reader(Uint8Array.of(0xff), "name", "handshake");
@@ -147,14 +171,7 @@ Deno.test("Reader fails with a protocol error instead of reading past the end", 
   });
 });
 
-Deno.test("isPowerOfTwo() and addRange()", () => {
+Deno.test("isPowerOfTwo()", () => {
   assert.ok(isPowerOfTwo(1) && isPowerOfTwo(4096) && isPowerOfTwo(0x80000000));
   assert.ok(!isPowerOfTwo(0) && !isPowerOfTwo(3) && !isPowerOfTwo(0x100000000));
-  const ranges: Array<[number, number]> = [];
-  assert.ok(addRange(ranges, 10, 20));
-  assert.ok(addRange(ranges, 0, 10));
-  assert.ok(addRange(ranges, 20, 30));
-  assert.ok(!addRange(ranges, 5, 6));
-  assert.ok(!addRange(ranges, 29, 31));
-  assert.deepEqual(ranges, [[0, 10], [10, 20], [20, 30]]);
 });

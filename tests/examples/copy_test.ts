@@ -2,6 +2,21 @@ import assert from "node:assert/strict";
 import type { Extent } from "../../mod.ts";
 import { nbdkit, qemuNbd, run, type Server } from "../support/servers.ts";
 import { exportHash, referenceMap, sha256 } from "../support/reference.ts";
+import {
+  concat,
+  infoExportPayload,
+  newstyleGreeting,
+  optionReply,
+  startTestServer,
+} from "../support/server.ts";
+import { until, within } from "../support/wait.ts";
+import {
+  FLAG_HAS_FLAGS,
+  OPT_GO,
+  REP_ACK,
+  REP_ERR_UNSUP,
+  REP_INFO,
+} from "../../lib/constants.ts";
 import { runTool } from "./_tools.ts";
 
 const SPARSE = [
@@ -442,6 +457,384 @@ Deno.test({
     } finally {
       await run("losetup", ["-d", device]);
       await src.stop();
+    }
+  },
+});
+
+// ---------------------------------------------------------------------------
+// Hardening (issue 9): nothing is lost, and one ^C is enough.
+// ---------------------------------------------------------------------------
+
+/** A file's bytes and metadata, to show that a refused copy left it alone. */
+async function snapshot(
+  path: string,
+): Promise<{ hash: string; size: number; mtime: number | undefined }> {
+  const info = await Deno.stat(path);
+  return {
+    hash: await sha256(await Deno.readFile(path)),
+    size: info.size,
+    mtime: info.mtime?.getTime(),
+  };
+}
+
+/** Bytes that are never zero in any 4 KiB block, so all of them are data. */
+function dataBytes32(size: number): Uint8Array {
+  const bytes = new Uint8Array(size);
+  for (let i = 0; i < size; i++) bytes[i] = (i * 131 + 7) % 251 + 1;
+  return bytes;
+}
+
+Deno.test({
+  name: "copy: the same file as source and destination is refused, as cp does",
+  async fn(t) {
+    const dir = await Deno.makeTempDir({ prefix: "nbd-copy-same-" });
+    try {
+      const file = `${dir}/disk.img`;
+      const contents = dataBytes32(1 << 20);
+      await Deno.writeFile(file, contents);
+      let before = await snapshot(file);
+      /** Each check starts from the same bytes, whatever the last one did. */
+      const reset = async () => {
+        await Deno.writeFile(file, contents);
+        before = await snapshot(file);
+      };
+      const refused = async (source: string, destination: string) => {
+        await reset();
+        const r = await runTool("copy", [source, destination]);
+        assert.equal(r.code, 1, r.stderr);
+        assert.equal(
+          r.stderr,
+          `copy: '${source}' and '${destination}' are the same file\n`,
+        );
+        assert.deepEqual(await snapshot(file), before);
+      };
+
+      await t.step("the same path", () => refused(file, file));
+      await t.step("through a symbolic link", async () => {
+        await Deno.symlink(file, `${dir}/link.img`);
+        await refused(file, `${dir}/link.img`);
+        await refused(`${dir}/link.img`, file);
+      });
+      await t.step("through a hard link", async () => {
+        await Deno.link(file, `${dir}/hard.img`);
+        await refused(`${dir}/hard.img`, file);
+      });
+      await t.step("through a relative path", async () => {
+        await reset();
+        const r = await runTool("copy", [
+          file,
+          `${dir}/../${dir.split("/").at(-1)}/disk.img`,
+        ]);
+        assert.equal(r.code, 1, r.stderr);
+        assert.match(r.stderr, /are the same file\n$/);
+        assert.deepEqual(await snapshot(file), before);
+      });
+      await t.step("stdin redirected from the destination", async () => {
+        await reset();
+        const script = new URL("../../examples/copy.ts", import.meta.url);
+        const out = await new Deno.Command("sh", {
+          args: [
+            "-c",
+            `exec "$0" run -A --quiet "$1" - "$2" < "$2"`,
+            Deno.execPath(),
+            script.pathname,
+            file,
+          ],
+          stdout: "null",
+          stderr: "piped",
+          signal: AbortSignal.timeout(60_000),
+        }).output();
+        const stderr = new TextDecoder().decode(out.stderr);
+        assert.equal(out.code, 1, stderr);
+        assert.equal(stderr, `copy: '-' and '${file}' are the same file\n`);
+        assert.deepEqual(await snapshot(file), before);
+      });
+      await t.step("a different file is still copied", async () => {
+        await reset();
+        const r = await runTool("copy", [file, `${dir}/other.img`]);
+        assert.equal(r.code, 0, r.stderr);
+        assert.equal(
+          await sha256(await Deno.readFile(`${dir}/other.img`)),
+          before.hash,
+        );
+      });
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "copy: the same block device as source and destination is refused",
+  async fn(t) {
+    const dir = await Deno.makeTempDir({ prefix: "nbd-copy-same-dev-" });
+    const backing = `${dir}/loop.img`;
+    await Deno.writeFile(backing, dataBytes32(4 << 20));
+    const expected = await sha256(await Deno.readFile(backing));
+    const device = (await run("losetup", ["-f", "--show", backing])).trim();
+    let attached = true;
+    try {
+      const refused = async (source: string, destination: string) => {
+        const r = await runTool("copy", ["--flush", source, destination]);
+        assert.equal(r.code, 1, r.stderr);
+        assert.equal(
+          r.stderr,
+          `copy: '${source}' and '${destination}' are the same file\n`,
+        );
+      };
+      await t.step("the same path", () => refused(device, device));
+      await t.step("through a symbolic link", async () => {
+        await Deno.symlink(device, `${dir}/link`);
+        await refused(`${dir}/link`, device);
+      });
+      await t.step("through a second device node", async () => {
+        // Another inode with the same major:minor is the same device.
+        const [major, minor] = (await run("stat", ["-c", "%t %T", device]))
+          .trim().split(" ").map((h) => String(parseInt(h, 16)));
+        await run("mknod", [`${dir}/node`, "b", major!, minor!]);
+        await refused(device, `${dir}/node`);
+      });
+      await run("losetup", ["-d", device]);
+      attached = false;
+      assert.equal(await sha256(await Deno.readFile(backing)), expected);
+    } finally {
+      if (attached) await run("losetup", ["-d", device]);
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "copy: every argument is checked before the destination is touched",
+  async fn(t) {
+    const dir = await Deno.makeTempDir({ prefix: "nbd-copy-args-" });
+    try {
+      const source = `${dir}/source.img`;
+      const destination = `${dir}/destination.img`;
+      await Deno.writeFile(source, dataBytes32(1 << 20));
+      const keep = new TextEncoder().encode("keep me\n");
+      const cases: { args: string[]; message: RegExp }[] = [
+        // Descriptor 99 is not open in the child.
+        {
+          args: ["--progress=99", source, destination],
+          message: /^copy: --progress=99: .*not open/,
+        },
+        { args: ["--progress=x", source, destination], message: /--progress/ },
+        { args: ["-C", "0", source, destination], message: /--connections/ },
+        { args: ["-R", "0", source, destination], message: /--requests/ },
+        { args: ["--queue-size=1q", source, destination], message: /--queue/ },
+        { args: ["--request-size=1000", source, destination], message: /size/ },
+        { args: ["--sparse=many", source, destination], message: /--sparse/ },
+        { args: ["null:", destination], message: /null: can only be/ },
+        { args: ["nbd+unix:///", destination], message: /socket/ },
+        { args: [source, destination, "extra"], message: /expected a SOURCE/ },
+        { args: ["--bogus", source, destination], message: /unknown option/ },
+      ];
+      for (const c of cases) {
+        await t.step(c.args.join(" ").replaceAll(dir, "DIR"), async () => {
+          await Deno.writeFile(destination, keep);
+          const before = await snapshot(destination);
+          const r = await runTool("copy", c.args);
+          assert.equal(r.code, 1, r.stderr);
+          assert.match(r.stderr.split("\n")[0]!, c.message);
+          assert.deepEqual(await snapshot(destination), before);
+        });
+      }
+      await t.step("a progress descriptor that is open works", async () => {
+        const r = await runTool("copy", ["--progress=2", source, destination]);
+        assert.equal(r.code, 0, r.stderr);
+        assert.equal(r.stderr.trim().split("\n").at(-1), "100/100");
+      });
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+/**
+ * How soon one SIGINT must end a copy: the tool gives itself 2 s, the rest
+ * is room for a loaded machine. The old behaviour took 30 s or forever.
+ */
+const ONE_SIGINT_MS = 4_000;
+
+/** A `copy` child whose stderr is collected, for the ^C tests. */
+function spawnCopy(args: string[], stdin: "null" | "piped" = "null"): {
+  child: Deno.ChildProcess;
+  stderr: Promise<string>;
+} {
+  const script = new URL("../../examples/copy.ts", import.meta.url);
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "--quiet", script.pathname, ...args],
+    stdin,
+    stdout: "null",
+    stderr: "piped",
+    signal: AbortSignal.timeout(60_000),
+  }).spawn();
+  return { child, stderr: new Response(child.stderr).text() };
+}
+
+/**
+ * Sends one SIGINT and waits, at most `ms`, for the child to exit.
+ *
+ * @returns The exit status, how long it took, and stderr.
+ */
+async function interrupt(
+  copy: { child: Deno.ChildProcess; stderr: Promise<string> },
+  ms: number,
+): Promise<{ status: Deno.CommandStatus; elapsed: number; stderr: string }> {
+  const started = performance.now();
+  copy.child.kill("SIGINT");
+  try {
+    const status = await within(ms, "copy after one SIGINT", copy.child.status);
+    return {
+      status,
+      elapsed: performance.now() - started,
+      stderr: await copy.stderr,
+    };
+  } catch (e) {
+    copy.child.kill("SIGKILL");
+    await copy.child.status;
+    throw new Error(`${(e as Error).message}; stderr: ${await copy.stderr}`);
+  }
+}
+
+/**
+ * An NBD server that negotiates one export (fixed newstyle, NBD_OPT_GO;
+ * every other option unsupported) and then never reads again, so that a
+ * client writing to it fills the socket and stays blocked.
+ */
+function startDeafServer(
+  dir: string,
+  size: number,
+): { uri: string; negotiated: Promise<void>; close(): void } {
+  const path = `${dir}/deaf.sock`;
+  const listener = Deno.listen({ transport: "unix", path });
+  const conns: Deno.Conn[] = [];
+  const readExact = async (conn: Deno.Conn, n: number) => {
+    const buf = new Uint8Array(n);
+    for (let got = 0; got < n;) {
+      const r = await conn.read(buf.subarray(got));
+      if (r === null) throw new Error("client went away");
+      got += r;
+    }
+    return buf;
+  };
+  const negotiated = (async () => {
+    const conn = await listener.accept();
+    conns.push(conn);
+    await conn.write(newstyleGreeting());
+    await readExact(conn, 4); // client flags
+    for (let i = 0; i < 32; i++) {
+      const header = new DataView((await readExact(conn, 16)).buffer);
+      const option = header.getUint32(8);
+      await readExact(conn, header.getUint32(12));
+      if (option !== OPT_GO) {
+        await conn.write(optionReply(option, REP_ERR_UNSUP));
+        continue;
+      }
+      await conn.write(concat(
+        optionReply(OPT_GO, REP_INFO, infoExportPayload(size, FLAG_HAS_FLAGS)),
+        optionReply(OPT_GO, REP_ACK),
+      ));
+      return; // and never read again
+    }
+    throw new Error("no NBD_OPT_GO in 32 options");
+  })();
+  return {
+    uri: `nbd+unix:///?socket=${path}`,
+    negotiated,
+    close() {
+      for (const c of conns) c.close();
+      listener.close();
+    },
+  };
+}
+
+Deno.test({
+  name: "copy: one SIGINT ends a copy to a server that stopped reading",
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "nbd-copy-deaf-" });
+    const size = 32 << 20;
+    const server = startDeafServer(dir, size);
+    try {
+      const source = `${dir}/source.img`;
+      await Deno.writeFile(source, dataBytes32(size));
+      const copy = spawnCopy(["--no-progress", source, server.uri]);
+      await within(30_000, "negotiation", server.negotiated);
+      // Let the writes fill the socket: nothing can be observed of it from
+      // here, and a SIGINT sent before the socket is full still tests the
+      // same close.
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      const r = await interrupt(copy, 10_000);
+      assert.equal(r.status.signal, null, "exited by itself, not the signal");
+      assert.equal(r.status.code, 130, r.stderr);
+      assert.match(r.stderr, /copy: interrupted\n$/);
+      assert.ok(r.elapsed < ONE_SIGINT_MS, `took ${r.elapsed.toFixed(0)} ms`);
+    } finally {
+      server.close();
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "copy: one SIGINT ends a copy still connecting to a silent server",
+  async fn(t) {
+    const dir = await Deno.makeTempDir({ prefix: "nbd-copy-silent-" });
+    try {
+      const file = `${dir}/disk.img`;
+      await Deno.writeFile(file, dataBytes32(1 << 20));
+      for (const side of ["source", "destination"] as const) {
+        await t.step(`as the ${side}`, async () => {
+          await using server = await startTestServer({ stallHandshake: true });
+          const args = side === "source"
+            ? [server.uri, `${dir}/out.img`]
+            : [file, server.uri];
+          const copy = spawnCopy(["--no-progress", ...args]);
+          await until(
+            "the copy to connect",
+            () => server.log.length > 0,
+            30_000,
+          );
+          const r = await interrupt(copy, 10_000);
+          assert.equal(
+            r.status.signal,
+            null,
+            "exited by itself, not the signal",
+          );
+          assert.equal(r.status.code, 130, r.stderr);
+          assert.equal(r.stderr, "copy: interrupted\n");
+          assert.ok(
+            r.elapsed < ONE_SIGINT_MS,
+            `took ${r.elapsed.toFixed(0)} ms`,
+          );
+        });
+      }
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "copy: one SIGINT ends a copy from a stdin that never ends",
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "nbd-copy-stdin-" });
+    try {
+      const out = `${dir}/out.img`;
+      // stdin stays open and empty: the copy waits in a read that no signal
+      // can cut short.
+      const copy = spawnCopy(["--no-progress", "-", out], "piped");
+      const exists = () => Deno.stat(out).then(() => true, () => false);
+      await until("the destination to be opened", exists, 30_000);
+      const r = await interrupt(copy, 10_000);
+      await copy.child.stdin.close().catch(() => {});
+      assert.equal(r.status.signal, null, "exited by itself, not the signal");
+      assert.equal(r.status.code, 130, r.stderr);
+      assert.equal(r.stderr, "copy: interrupted\n");
+      assert.ok(r.elapsed < ONE_SIGINT_MS, `took ${r.elapsed.toFixed(0)} ms`);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
     }
   },
 });

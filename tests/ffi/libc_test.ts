@@ -19,6 +19,7 @@ import {
   pageSize,
   readSmallFile,
 } from "../../ffi/_kernel.ts";
+import { readExact, writeAll } from "../support/io.ts";
 
 import { NbdKernelError } from "../../ffi/errors.ts";
 import { attach, findFreeDevice, isAttached } from "../../ffi/mod.ts";
@@ -44,17 +45,8 @@ Deno.test("FdStream round-trips bytes over a socketpair", async () => {
   try {
     const data = new Uint8Array(1024 * 1024);
     for (let i = 0; i < data.length; i++) data[i] = (i * 7) & 0xff;
-    const writing = (async () => {
-      let at = 0;
-      while (at < data.length) at += await left.write(data.subarray(at));
-    })();
-    const got = new Uint8Array(data.length);
-    let at = 0;
-    while (at < got.length) {
-      const n = await right.read(got.subarray(at));
-      assert.ok(n !== null);
-      at += n;
-    }
+    const writing = writeAll(left, data);
+    const got = await readExact(right, data.length);
     await writing;
     assert.deepEqual(got, data);
     left.close();

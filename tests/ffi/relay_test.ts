@@ -1,22 +1,7 @@
 import assert from "node:assert/strict";
 import { FdStream } from "../../ffi/_fd_stream.ts";
 import { socketPair, startRelay } from "../../ffi/_relay.ts";
-
-async function readN(s: FdStream, n: number): Promise<Uint8Array> {
-  const out = new Uint8Array(n);
-  let at = 0;
-  while (at < n) {
-    const got = await s.read(out.subarray(at));
-    if (got === null) throw new Error(`EOF after ${at} of ${n} bytes`);
-    at += got;
-  }
-  return out;
-}
-
-async function writeAll(s: FdStream, p: Uint8Array): Promise<void> {
-  let at = 0;
-  while (at < p.length) at += await s.write(p.subarray(at));
-}
+import { readExact, writeAll } from "../support/io.ts";
 
 Deno.test("startRelay() copies both ways and ends when the server's side closes", async () => {
   // kernel <-> [ours | relay | server stream] <-> server
@@ -28,11 +13,11 @@ Deno.test("startRelay() copies both ways and ends when the server's side closes"
   try {
     const request = new Uint8Array(300_000).map((_, i) => i % 251);
     const writing = writeAll(kernel, request);
-    assert.deepEqual(await readN(server, request.length), request);
+    assert.deepEqual(await readExact(server, request.length), request);
     await writing;
     const reply = new Uint8Array(70_000).map((_, i) => (i * 3) % 256);
     const replying = writeAll(server, reply);
-    assert.deepEqual(await readN(kernel, reply.length), reply);
+    assert.deepEqual(await readExact(kernel, reply.length), reply);
     await replying;
 
     server.close();

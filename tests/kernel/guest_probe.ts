@@ -23,6 +23,7 @@ import {
   isAttached,
   NbdKernelError,
 } from "../../ffi/mod.ts";
+import { errorText } from "../../lib/errors.ts";
 
 const device = Deno.args[0] ?? "/dev/nbd0";
 const [, missing, silent, free, tiny] = Deno.args;
@@ -55,7 +56,7 @@ if (silent && free) {
     out.silent = "attached?!";
   } catch (e) {
     out.silent = `${Math.round((performance.now() - started) / 1000)}s: ${
-      e instanceof Error ? e.message : e
+      errorText(e)
     }`;
   }
 }

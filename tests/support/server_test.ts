@@ -52,6 +52,7 @@ import {
   structuredChunk,
   type TestServerConfig,
 } from "./server.ts";
+import { writeAll } from "./io.ts";
 
 const decoder = new TextDecoder();
 
@@ -409,9 +410,8 @@ class Raw {
     return new Raw(await Deno.connect({ transport: "unix", path }));
   }
 
-  async write(b: Uint8Array): Promise<void> {
-    let at = 0;
-    while (at < b.length) at += await this.#conn.write(b.subarray(at));
+  write(b: Uint8Array): Promise<void> {
+    return writeAll(this.#conn, b);
   }
 
   /** Reads exactly n bytes, or throws at end of stream. */

@@ -1,0 +1,418 @@
+/**
+ * The command line of `copy`: options, the checks on them, and `main()`,
+ * which opens both ends, runs the plan through the pump and reports.
+ *
+ * @module
+ */
+
+import { parseUri } from "../../mod.ts";
+import {
+  errorLine,
+  humanBytes,
+  type OptionSpec,
+  parseArgs,
+  parseCount,
+  parseSize,
+  Progress,
+  type ProgressMode,
+  progressMode,
+  UsageError,
+  warn,
+  warnUsage,
+  writeAll,
+} from "../_cli.ts";
+import type { Destination, Settings, Source } from "./endpoint.ts";
+import { isNbdUri } from "./nbd.ts";
+import { openDestination, openSource, refuseSameFile } from "./open.ts";
+import { alignUp, planRange, planStream } from "./plan.ts";
+import { pump, type Stats, wrap } from "./pump.ts";
+
+const USAGE = `Usage: copy [OPTIONS] SOURCE DESTINATION
+
+SOURCE, DESTINATION := - | FILE | DEVICE | NBD-URI
+DESTINATION += null:
+
+Options:
+  -C, --connections=N     NBD connections when multi-conn is offered (4)
+  -R, --requests=N        requests in flight per connection (64)
+      --queue-size=N      bytes in flight per connection (16M)
+      --request-size=N    bytes per read or write request (256k)
+  -S, --sparse=N          detect all-zero blocks of N bytes (4k; 0 = off)
+      --allocated         write every byte: no holes on the destination
+      --destination-is-zero, --target-is-zero
+                          the destination already reads as zeroes
+      --no-extents        ignore the source's block status, read everything
+      --flush             flush the destination before exiting
+  -p, --progress[=FD]     progress bar (default on a terminal); with FD,
+                          "N/100" lines on that descriptor
+      --no-progress       no progress bar
+  -v, --verbose           print what was read, written and zeroed
+  -h, --help              this text
+`;
+
+const OPTIONS: OptionSpec[] = [
+  { name: "connections", kind: "value", short: "C" },
+  { name: "requests", kind: "value", short: "R" },
+  { name: "queue-size", kind: "value" },
+  { name: "request-size", kind: "value" },
+  { name: "sparse", kind: "value", short: "S" },
+  { name: "allocated", kind: "flag" },
+  { name: "destination-is-zero", kind: "flag" },
+  { name: "target-is-zero", kind: "flag" },
+  { name: "no-extents", kind: "flag" },
+  { name: "flush", kind: "flag" },
+  { name: "progress", kind: "optional", short: "p" },
+  { name: "no-progress", kind: "flag" },
+  { name: "verbose", kind: "flag", short: "v" },
+  { name: "help", kind: "flag", short: "h" },
+];
+
+/** The NBD protocol's ceiling for one payload. */
+const MAX_REQUEST_SIZE = 32 * 1024 * 1024;
+
+function readSettings(o: Map<string, string | true>): Settings {
+  const str = (name: string) => {
+    const v = o.get(name);
+    return typeof v === "string" ? v : undefined;
+  };
+  const connections = str("connections");
+  const requests = str("requests");
+  const queueSize = str("queue-size");
+  const requestSize = str("request-size");
+  const sparse = str("sparse");
+  const settings: Settings = {
+    connections: connections === undefined
+      ? 4
+      : parseCount(connections, "--connections", 1, 64),
+    requests: requests === undefined
+      ? 64
+      : parseCount(requests, "--requests", 1, 1024),
+    queueSize: queueSize === undefined
+      ? 16 * 1024 * 1024
+      : parseSize(queueSize, "--queue-size"),
+    requestSize: requestSize === undefined
+      ? 256 * 1024
+      : parseSize(requestSize, "--request-size"),
+    sparse: sparse === undefined ? undefined : parseSize(sparse, "--sparse"),
+    allocated: o.has("allocated"),
+    destinationIsZero: o.has("destination-is-zero") || o.has("target-is-zero"),
+    extents: !o.has("no-extents"),
+    flush: o.has("flush"),
+    verbose: o.has("verbose"),
+  };
+  if (
+    settings.requestSize < 512 || settings.requestSize > MAX_REQUEST_SIZE ||
+    settings.requestSize % 512 !== 0
+  ) {
+    throw new UsageError(
+      `--request-size: must be a multiple of 512 from 512 to ${MAX_REQUEST_SIZE}`,
+    );
+  }
+  return settings;
+}
+
+/** What the command line asks for. */
+interface Request {
+  source: string;
+  destination: string;
+  settings: Settings;
+  progress: string | true | undefined;
+  noProgress: boolean;
+}
+
+/**
+ * Reads the command line and checks every word of it that can be checked
+ * without opening anything.
+ *
+ * @returns The request, or `"help"`.
+ * @throws {UsageError} On a malformed option, a missing endpoint, `null:`
+ * as the source, or a malformed NBD URI.
+ */
+function parseRequest(args: string[]): Request | "help" {
+  const { options, positionals } = parseArgs(args, OPTIONS);
+  if (options.has("help")) return "help";
+  if (positionals.length !== 2) {
+    throw new UsageError("expected a SOURCE and a DESTINATION");
+  }
+  const [source, destination] = positionals as [string, string];
+  if (source === "null:") {
+    throw new UsageError("null: can only be a destination");
+  }
+  for (const word of [source, destination]) {
+    if (!isNbdUri(word)) continue;
+    try {
+      parseUri(word);
+    } catch (e) {
+      if (!(e instanceof TypeError)) throw e;
+      throw new UsageError(e.message);
+    }
+  }
+  const progress = options.get("progress");
+  if (typeof progress === "string") {
+    parseCount(progress, "--progress", 1, 1 << 20);
+  }
+  return {
+    source,
+    destination,
+    settings: readSettings(options),
+    progress,
+    noProgress: options.has("no-progress"),
+  };
+}
+
+/**
+ * Where progress goes, with the descriptor of `--progress=FD` opened now,
+ * before the destination is: a descriptor that is not open must not cost
+ * the user the destination's old contents.
+ *
+ * @throws {Error} Naming `--progress` when FD cannot be written.
+ */
+function openProgress(request: Request): ProgressMode {
+  try {
+    return progressMode(request.progress, request.noProgress);
+  } catch (e) {
+    const option = `--progress=${request.progress}`;
+    if (e instanceof Deno.errors.NotFound) {
+      throw new Error(`${option}: descriptor ${request.progress} is not open`);
+    }
+    throw new Error(`${option}: cannot write to it`, { cause: e });
+  }
+}
+
+/**
+ * Copies `src` to `dst` as the settings say.
+ *
+ * @returns The one-line summary for `--verbose`.
+ * @throws The first failure, after everything in flight has settled.
+ */
+async function transfer(
+  src: Source,
+  dst: Destination,
+  settings: Settings,
+  mode: ProgressMode,
+  controller: AbortController,
+  onProgress: (p: Progress) => void,
+): Promise<string> {
+  const signal = controller.signal;
+  // Multi-conn only where every NBD side offers it (files count as
+  // unlimited); a stream on either side keeps to one of everything.
+  const lanes = Math.max(
+    1,
+    Math.min(settings.connections, src.maxLanes, dst.maxLanes),
+  );
+  await src.addLanes(lanes, signal);
+  await dst.addLanes(lanes, signal);
+
+  const size = src.size;
+  if (size !== undefined && size % dst.alignment !== 0) {
+    throw new Error(
+      `the source's size ${size} is not a multiple of the destination's block size ${dst.alignment}`,
+    );
+  }
+  await dst.prepare(size);
+  const align = Math.max(src.alignment, dst.alignment);
+  const requestSize = alignUp(settings.requestSize, align);
+  const sparse = settings.sparse === undefined
+    ? Math.max(4096, dst.preferred)
+    : settings.sparse === 0
+    ? 0
+    : alignUp(settings.sparse, align);
+  // As nbdcopy: at most --requests, and at most --queue-size bytes, in
+  // flight per connection (but always at least one request).
+  const perLane = Math.max(
+    1,
+    Math.min(settings.requests, Math.floor(settings.queueSize / requestSize)),
+  );
+
+  const progress = new Progress(mode, size);
+  onProgress(progress);
+  const stats: Stats = { read: 0, written: 0, zeroed: 0 };
+  const started = performance.now();
+  const plan = size === undefined
+    ? planStream(src, requestSize, dst.size)
+    : planRange(
+      src,
+      size,
+      requestSize,
+      align,
+      settings.extents && src.hasExtents,
+      signal,
+    );
+  const total = await pump(src, dst, plan, {
+    lanes,
+    limit: lanes * perLane,
+    requestSize,
+    sparse,
+    progress,
+    stats,
+    signal,
+    abort: (reason) => controller.abort(reason),
+  });
+  try {
+    await dst.finish(size ?? total, settings.flush, signal);
+  } catch (e) {
+    throw wrap(`finishing ${dst.name}`, e);
+  }
+  progress.finish(true);
+  const seconds = (performance.now() - started) / 1000;
+  return `copy: ${size ?? total} bytes in ${
+    seconds.toFixed(3)
+  } s over ${lanes} connection(s): read ${stats.read}, wrote ${stats.written}, zeroed ${stats.zeroed} (${
+    humanBytes((size ?? total) / (seconds || 1))
+  }/s)`;
+}
+
+/**
+ * How long closing may take: after a ^C or a failure the server may have
+ * stopped reading, and a close that waits on it would keep the process
+ * alive; after a copy that worked, every request was answered already.
+ */
+const CLOSE_MS = { stopped: 1_000, finished: 5_000 };
+
+/**
+ * How long one ^C leaves the copy to stop cleanly before the process
+ * exits anyway: some waits cannot be cut short (a read from stdin, a
+ * write to a pipe nobody reads, a file on a hung mount).
+ */
+const GRACE_MS = 2_000;
+
+/**
+ * Closes both ends, in at most `ms`: the signal bounds each close's wait
+ * for requests in flight, and a close still running a moment after it is
+ * left behind (the process is about to exit, which tears the sockets
+ * down).
+ */
+async function closeWithin(
+  ends: (Source | Destination | undefined)[],
+  ms: number,
+): Promise<void> {
+  const signal = AbortSignal.timeout(ms);
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<void>((resolve) => {
+    signal.addEventListener("abort", () => {
+      timer = setTimeout(resolve, 100);
+    }, { once: true });
+  });
+  const closing = Promise.allSettled(ends.map((e) => e?.close(signal)));
+  try {
+    await Promise.race([closing, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * Runs the tool.
+ *
+ * @param args Command-line arguments, without the program name.
+ * @returns The exit status: 0 when every byte was copied, 1 otherwise
+ * (usage errors included), 130 when interrupted.
+ */
+export async function main(args: string[]): Promise<number> {
+  let request: Request | "help";
+  try {
+    request = parseRequest(args);
+  } catch (e) {
+    if (!(e instanceof UsageError)) throw e;
+    warnUsage("copy", e);
+    return 1;
+  }
+  if (request === "help") {
+    await writeAll(Deno.stdout, USAGE);
+    return 0;
+  }
+
+  const controller = new AbortController();
+  const interrupted = new Error("interrupted");
+  const state: RunState = {};
+  // The first ^C stops the copy and closes the connections, within
+  // GRACE_MS; a second one exits at once.
+  let giveUp: () => void = () => {};
+  const gaveUp = new Promise<number>((resolve) => {
+    giveUp = () => {
+      state.progress?.finish(false);
+      warn("copy: interrupted");
+      resolve(130);
+    };
+  });
+  let grace: ReturnType<typeof setTimeout> | undefined;
+  const onSignal = () => {
+    if (controller.signal.aborted) Deno.exit(130);
+    controller.abort(interrupted);
+    grace = setTimeout(giveUp, GRACE_MS);
+  };
+  const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
+  for (const s of signals) Deno.addSignalListener(s, onSignal);
+  try {
+    return await Promise.race([
+      run(request, controller, interrupted, state),
+      gaveUp,
+    ]);
+  } finally {
+    clearTimeout(grace);
+    for (const s of signals) Deno.removeSignalListener(s, onSignal);
+  }
+}
+
+/** What {@linkcode run} has opened so far, for the way out. */
+interface RunState {
+  progress?: Progress;
+}
+
+/**
+ * Checks what can only be checked on the system, opens both ends, copies,
+ * and closes everything again.
+ *
+ * @returns The exit status.
+ */
+async function run(
+  request: Request,
+  controller: AbortController,
+  interrupted: Error,
+  state: RunState,
+): Promise<number> {
+  const signal = controller.signal;
+  let mode: ProgressMode | undefined;
+  let src: Source | undefined;
+  let dst: Destination | undefined;
+  let ok = false;
+  try {
+    // Everything that can refuse the copy comes before the destination is
+    // opened, which replaces a regular file.
+    mode = openProgress(request);
+    await refuseSameFile(request.source, request.destination);
+    src = await openSource(request.source, request.settings, signal);
+    dst = await openDestination(
+      request.destination,
+      request.settings,
+      signal,
+    );
+    const summary = await transfer(
+      src,
+      dst,
+      request.settings,
+      mode,
+      controller,
+      (p) => state.progress = p,
+    );
+    ok = true;
+    if (request.settings.verbose) warn(summary);
+    return 0;
+  } catch (e) {
+    const wasInterrupted = signal.reason === interrupted;
+    controller.abort(e);
+    state.progress?.finish(false);
+    if (wasInterrupted) {
+      warn("copy: interrupted");
+      return 130;
+    }
+    warn(errorLine("copy", e));
+    return 1;
+  } finally {
+    // A descriptor opened for a reporter that never started.
+    if (!state.progress && mode?.kind === "fd" && mode.owned) {
+      mode.out.close();
+    }
+    await closeWithin([src, dst], ok ? CLOSE_MS.finished : CLOSE_MS.stopped);
+  }
+}

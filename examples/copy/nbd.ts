@@ -1,0 +1,185 @@
+/**
+ * An NBD export as a copy's source or destination.
+ *
+ * @module
+ */
+
+import { connect, STATE_ZERO } from "../../mod.ts";
+import type {
+  Destination,
+  Extent,
+  Settings,
+  Source,
+  ZeroMode,
+} from "./endpoint.ts";
+
+type Client = Awaited<ReturnType<typeof connect>>;
+
+/** Whether a command-line word is an NBD URI (rather than a path). */
+export function isNbdUri(word: string): boolean {
+  return /^nbds?(\+(unix|vsock))?:\/\//.test(word);
+}
+
+/** An NBD export as either side, over one or more connections. */
+export class NbdEndpoint implements Source, Destination {
+  readonly name: string;
+  readonly sequential = false;
+  readonly hasExtents: boolean;
+  readonly zeroMode: ZeroMode;
+  #uri: string;
+  #requests: number;
+  #contexts: string[];
+  #conns: Client[];
+  #allocated: boolean;
+
+  private constructor(
+    uri: string,
+    first: Client,
+    requests: number,
+    contexts: string[],
+    settings: Settings,
+  ) {
+    this.name = uri;
+    this.#uri = uri;
+    this.#conns = [first];
+    this.#requests = requests;
+    this.#contexts = contexts;
+    this.hasExtents = first.metaContexts.includes("base:allocation");
+    this.zeroMode = settings.destinationIsZero && !settings.allocated
+      ? "skip"
+      : first.canWriteZeroes
+      ? "command"
+      : "write";
+    this.#allocated = settings.allocated;
+  }
+
+  static async open(
+    uri: string,
+    role: "source" | "destination",
+    settings: Settings,
+    signal: AbortSignal,
+  ): Promise<NbdEndpoint> {
+    const contexts = role === "source" && settings.extents
+      ? ["base:allocation"]
+      : [];
+    // The signal, so that ^C ends a handshake the server never answers
+    // instead of waiting out the connect timeout.
+    const first = await connect(uri, {
+      metaContexts: contexts,
+      maxInFlight: settings.requests,
+      signal,
+    });
+    return new NbdEndpoint(uri, first, settings.requests, contexts, settings);
+  }
+
+  get size(): number {
+    return this.#conns[0]!.size;
+  }
+  get alignment(): number {
+    return this.#conns[0]!.blockSize?.minimum || 1;
+  }
+  get preferred(): number {
+    return this.#conns[0]!.blockSize?.preferred || 4096;
+  }
+  get maxLanes(): number {
+    return this.#conns[0]!.canMultiConn ? Infinity : 1;
+  }
+
+  async addLanes(n: number, signal: AbortSignal): Promise<void> {
+    while (this.#conns.length < n) {
+      this.#conns.push(
+        await connect(this.#uri, {
+          metaContexts: this.#contexts,
+          maxInFlight: this.#requests,
+          signal,
+        }),
+      );
+    }
+  }
+
+  #lane(lane: number): Client {
+    return this.#conns[lane % this.#conns.length]!;
+  }
+
+  async extents(
+    offset: number,
+    length: number,
+    signal: AbortSignal,
+  ): Promise<Extent[]> {
+    const reply = await this.#conns[0]!.blockStatus(offset, length, { signal });
+    return (reply["base:allocation"] ?? []).map((e) => ({
+      length: e.length,
+      zero: (e.flags & STATE_ZERO) !== 0,
+    }));
+  }
+
+  async read(
+    offset: number,
+    length: number,
+    lane: number,
+    signal: AbortSignal,
+    into?: Uint8Array,
+  ): Promise<Uint8Array> {
+    if (!into) return await this.#lane(lane).read(offset, length, { signal });
+    const buf = into.subarray(0, length);
+    await this.#lane(lane).readInto(buf, offset, { signal });
+    return buf;
+  }
+
+  next(): Promise<Uint8Array | null> {
+    throw new Error("not a stream");
+  }
+
+  prepare(size: number | undefined): Promise<void> {
+    const c = this.#conns[0]!;
+    if (c.readOnly) {
+      return Promise.reject(
+        new Error(`${this.name}: the export is read-only`),
+      );
+    }
+    if (size !== undefined && size > c.size) {
+      return Promise.reject(
+        new Error(
+          `destination is too small: ${c.size} bytes, the source has ${size}`,
+        ),
+      );
+    }
+    return Promise.resolve();
+  }
+
+  write(
+    offset: number,
+    data: Uint8Array,
+    lane: number,
+    signal: AbortSignal,
+  ): Promise<void> {
+    return this.#lane(lane).write(offset, data, { signal });
+  }
+
+  zero(
+    offset: number,
+    length: number,
+    lane: number,
+    signal: AbortSignal,
+  ): Promise<void> {
+    return this.#lane(lane).writeZeroes(offset, length, {
+      noHole: this.#allocated,
+      signal,
+    });
+  }
+
+  async finish(
+    _total: number,
+    flush: boolean,
+    signal: AbortSignal,
+  ): Promise<void> {
+    // With multi-conn a flush on one connection covers the writes of all.
+    if (flush && this.#conns[0]!.canFlush) {
+      await this.#conns[0]!.flush({ signal });
+    }
+  }
+
+  async close(signal: AbortSignal): Promise<void> {
+    await Promise.allSettled(this.#conns.map((c) => c.close({ signal })));
+  }
+}
