@@ -13,7 +13,7 @@
  * @module
  */
 
-import { CMD_BLOCK_STATUS, CMD_FLUSH } from "./constants.ts";
+import { CMD_BLOCK_STATUS, CMD_FLUSH, commandName } from "./constants.ts";
 import type { Tracer } from "./debug.ts";
 import { abortReason, errorText, NbdConnectionClosedError } from "./errors.ts";
 import type { ExportInfo } from "./export.ts";
@@ -30,6 +30,7 @@ import {
   type Command,
   type ExtentsById,
   Transmission,
+  type TransmissionStats,
 } from "./transmission.ts";
 import type { Transport } from "./transport.ts";
 
@@ -51,6 +52,46 @@ export interface ConnectionsOptions {
   reconnect?: ReconnectPolicy | undefined;
   /** How to connect again; needed with `reconnect`. */
   dial?: Dialer | undefined;
+}
+
+/**
+ * What crossed the wire, over every connection a client used (reconnects
+ * included), as libnbd's `nbd_stats_*` count it.
+ */
+export interface NbdStats {
+  /** Bytes written to the server, handshakes included. */
+  bytesSent: number;
+  /** Bytes read from the server, handshakes included. */
+  bytesReceived: number;
+  /** Requests sent, `NBD_CMD_DISC` included. */
+  chunksSent: number;
+  /** Simple replies and structured reply chunks received. */
+  chunksReceived: number;
+  /** Requests sent by command name (`NBD_CMD_READ`: 12, ...). */
+  requests: Record<string, number>;
+}
+
+/** Adds one connection's counters into `into`. */
+function addStats(into: NbdStats, from: TransmissionStats): void {
+  into.bytesSent += from.bytesSent;
+  into.bytesReceived += from.bytesReceived;
+  into.chunksReceived += from.chunksReceived;
+  for (const [type, n] of from.requests.entries()) {
+    if (n === 0) continue;
+    into.chunksSent += n;
+    const name = commandName(type);
+    into.requests[name] = (into.requests[name] ?? 0) + n;
+  }
+}
+
+function noStats(): NbdStats {
+  return {
+    bytesSent: 0,
+    bytesReceived: 0,
+    chunksSent: 0,
+    chunksReceived: 0,
+    requests: {},
+  };
 }
 
 /** `"reconnecting"` while no connection is up but one is being dialled. */
@@ -86,6 +127,8 @@ export class Connections {
   #failure: Error | undefined;
   #closed = false;
   #reconnects = 0;
+  /** The counters of connections already replaced. */
+  readonly #retired = noStats();
 
   /**
    * @param links The negotiated connections; the first one's export is the
@@ -144,6 +187,13 @@ export class Connections {
   /** How many times a lost connection was replaced. */
   get reconnects(): number {
     return this.#reconnects;
+  }
+
+  /** Counters over every connection, past ones included. */
+  get stats(): NbdStats {
+    const out = { ...this.#retired, requests: { ...this.#retired.requests } };
+    for (const s of this.#slots) addStats(out, s.tx.stats);
+    return out;
   }
 
   /** Whether any connection is up, one is being dialled, or all is lost. */
@@ -371,6 +421,7 @@ export class Connections {
         this.#failAll(new NbdExportChangedError(changes));
         return;
       }
+      addStats(this.#retired, slot.tx.stats);
       slot.tx = new Transmission(
         link.transport,
         link.info,

@@ -64,6 +64,16 @@ export interface Command {
   signal?: AbortSignal | undefined;
 }
 
+/** Counters of one connection; see {@linkcode Transmission.stats}. */
+export interface TransmissionStats {
+  bytesSent: number;
+  bytesReceived: number;
+  /** Requests sent, indexed by command type; index 15 holds the rest. */
+  requests: readonly number[];
+  /** Simple replies and structured reply chunks received. */
+  chunksReceived: number;
+}
+
 /** Block status results by metadata context id. */
 export type ExtentsById = Map<number, Extent[]>;
 
@@ -117,6 +127,9 @@ export class Transmission {
   #trace: Tracer;
   #pending = new Map<number, Pending>();
   #nextCookie = 1;
+  /** Requests sent, by command type (15 counts every type past 14). */
+  readonly #sent = new Array<number>(16).fill(0);
+  #chunksReceived = 0;
   #maxInFlight: number;
   #inFlight = 0;
   #waiters: Array<() => void> = [];
@@ -173,6 +186,19 @@ export class Transmission {
     return this.#failure;
   }
 
+  /**
+   * What crossed this connection: bytes both ways (handshake included),
+   * requests sent by command type, replies and chunks received.
+   */
+  get stats(): TransmissionStats {
+    return {
+      bytesSent: this.#transport.bytesSent,
+      bytesReceived: this.#transport.bytesReceived,
+      requests: this.#sent,
+      chunksReceived: this.#chunksReceived,
+    };
+  }
+
   /** Settles once the reader has stopped, for whatever reason. */
   get finished(): Promise<void> {
     return this.#loop;
@@ -222,6 +248,7 @@ export class Transmission {
       },
       this.#info.extendedHeaders,
     );
+    this.#sent[cmd.type < 16 ? cmd.type : 15]!++;
     this.#trace?.("send command", {
       command: commandName(cmd.type),
       cookie,
@@ -368,6 +395,7 @@ export class Transmission {
           },
           this.#info.extendedHeaders,
         );
+        this.#sent[CMD_DISC]!++;
         this.#trace?.("send command", { command: commandName(CMD_DISC) });
         try {
           await this.#transport.write(header);
@@ -431,6 +459,7 @@ export class Transmission {
     const p = this.#pending.get(h.cookie);
     if (!p) throw unknownCookie(h);
     const cmd = p.cmd;
+    this.#chunksReceived++;
     if (h.kind === "simple") {
       this.#trace?.("recv simple reply", {
         cookie: h.cookie,

@@ -57,6 +57,10 @@ export class Transport {
   #closed = false;
   #afterLarge = false;
   #closeReason: unknown = undefined;
+  /** Bytes written to the stream so far, handshake included. */
+  bytesSent = 0;
+  /** Bytes read from the stream so far, handshake included. */
+  bytesReceived = 0;
   /** Used to name the phase in protocol errors raised here. */
   phase: ProtocolPhase = "handshake";
 
@@ -194,7 +198,9 @@ export class Transport {
     this.flush();
     this.#readerWaiting = true;
     try {
-      return await this.#stream.read(p);
+      const n = await this.#stream.read(p);
+      if (n !== null) this.bytesReceived += n;
+      return n;
     } catch (e) {
       throw this.#streamError(e, "reading");
     } finally {
@@ -286,7 +292,9 @@ export class Transport {
     while (at < part.length) {
       if (this.#closed) throw this.#closedError();
       try {
-        at += await this.#stream.write(part.subarray(at));
+        const n = await this.#stream.write(part.subarray(at));
+        at += n;
+        this.bytesSent += n;
       } catch (e) {
         throw this.#streamError(e, "writing");
       }
