@@ -170,8 +170,11 @@ function parseRequest(args: string[]): Request | "help" {
   if (options.has("help")) return "help";
   const dirty = checkDirtyOptions(options);
   const mapOnly = options.has("map-only");
-  if (mapOnly && positionals.length === 1) {
+  if (mapOnly) {
     // The dry run never opens a destination, so none is needed.
+    if (positionals.length < 1 || positionals.length > 2) {
+      throw new UsageError("expected a SOURCE (and, unused, a DESTINATION)");
+    }
   } else if (positionals.length !== 2) {
     throw new UsageError("expected a SOURCE and a DESTINATION");
   }
@@ -234,9 +237,7 @@ function checkDirtyOptions(
     if (o.has("json")) throw new UsageError("--json needs --map-only");
     return undefined;
   }
-  if (typeof context !== "string") {
-    throw new UsageError("option --dirty needs a value");
-  }
+  if (typeof context !== "string") return undefined; // a "value" option
   checkContext(context);
   if (o.has("json") && !o.has("map-only")) {
     throw new UsageError("--json needs --map-only");

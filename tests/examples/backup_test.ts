@@ -298,6 +298,55 @@ Deno.test({
           }
         });
 
+        await t.step(
+          "onto a block device, and not one of another size",
+          async () => {
+            const copy = await copyOfFull(b, "loop.raw");
+            const short = `${b.dir}/short-loop.raw`;
+            await Deno.writeFile(
+              short,
+              (await slice(b.full, 0, SIZE / 2)).slice(),
+            );
+            const before = await fingerprint(short);
+            const device = (await run("losetup", ["-f", "--show", copy]))
+              .trim();
+            let shortDevice: string | undefined;
+            try {
+              const r = await runTool("copy", [
+                "-v",
+                "--flush",
+                `--dirty=${BITMAP}`,
+                src.uri(),
+                device,
+              ]);
+              assert.equal(r.code, 0, r.stderr);
+              assert.equal(dirtyStats(r.stderr).read, dirtyBytes);
+              shortDevice = (await run("losetup", ["-f", "--show", short]))
+                .trim();
+              const bad = await runTool("copy", [
+                `--dirty=${BITMAP}`,
+                src.uri(),
+                shortDevice,
+              ]);
+              assert.equal(bad.code, 1);
+              assert.equal(
+                bad.stderr,
+                `copy: ${shortDevice} has ${
+                  SIZE / 2
+                } bytes and the source ${SIZE}: --dirty updates a copy of the same size\n`,
+              );
+            } finally {
+              await run("losetup", ["-d", device]);
+              if (shortDevice) await run("losetup", ["-d", shortDevice]);
+            }
+            assert.equal(
+              await sha256(await Deno.readFile(copy)),
+              await sha256(current),
+            );
+            assert.equal(await fingerprint(short), before);
+          },
+        );
+
         await t.step("with the progress bar's N/100 lines", async () => {
           const inc = await copyOfFull(b, "progress.raw");
           const r = await runTool("copy", [
