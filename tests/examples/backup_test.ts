@@ -380,6 +380,7 @@ Deno.test({
           const inc = await copyOfFull(b, "flags.raw");
           const r = await runTool("copy", [
             "-v",
+            "--progress=2",
             `--dirty=${BITMAP}`,
             "--dirty-flags=2",
             src.uri(),
@@ -387,6 +388,8 @@ Deno.test({
           ]);
           assert.equal(r.code, 0, r.stderr);
           assert.equal(dirtyStats(r.stderr).read, 0);
+          // Nothing to do is all of it done.
+          assert.match(r.stderr, /^100\/100\ncopy: 0 dirty bytes/);
           assert.equal(
             await sha256(await Deno.readFile(inc)),
             await sha256(full),
