@@ -348,6 +348,11 @@ export interface Listen {
   tcp?: boolean;
   /** Run the server from the host (the default) or the Debian 13 root. */
   peers?: Peers;
+  /**
+   * Whose tools must reach the socket: `"trixie"` puts a host server's
+   * directory under the root too (a root server's always is).
+   */
+  reach?: Peers;
 }
 
 async function place(
@@ -356,7 +361,7 @@ async function place(
 ): Promise<Pick<Spawn, "dir" | "ownDir" | "socket" | "port" | "peers">> {
   const peers = where.peers ?? "host";
   const ownDir = where.dir === undefined;
-  const dir = where.dir ?? await tempDir(peers);
+  const dir = where.dir ?? await tempDir(where.reach ?? peers);
   if (peers === "trixie" && !dir.startsWith(`${TRIXIE_ROOT}/`)) {
     throw new Error(
       `A server from the Debian 13 root needs a directory under ${TRIXIE_ROOT}, not ${dir} (use tempDir("trixie"))`,
