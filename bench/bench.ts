@@ -33,14 +33,22 @@
  * deno task bench --size=4G --runs=5 --threads=4
  * ```
  *
+ * Every libnbd row runs twice: with the host's libnbd (Debian 12: 1.14)
+ * and with libnbd 1.22 from the Debian 13 root that `.ci/setup` makes
+ * (`chroot ROOT nbdcopy …`, `chroot ROOT nbdsh …`; the socket, the script
+ * and the offsets live in a directory under the root). Each row's
+ * "ref/this" is our client over that row, so both ratios are printed; a
+ * summary after the table gives them side by side per section.
+ *
  * Needs `nbdkit`, `nbdcopy` (libnbd-bin) and `nbdsh` (python3-libnbd) on
- * PATH; a missing tool's rows are skipped with a note.
+ * PATH, and the root; a missing tool's rows are skipped with a note.
  *
  * @module
  */
 
 import { cpuUsage } from "node:process";
 import { connect, type NbdClient } from "../mod.ts";
+import { insideRoot, TRIXIE_ROOT } from "../tests/support/servers.ts";
 
 /** What one timed run did. */
 export interface Run {
@@ -457,16 +465,83 @@ async function runSection(
 }
 
 // ---------------------------------------------------------------------------
-// libnbd: nbdcopy and nbdsh.
+// libnbd: nbdcopy and nbdsh, the host's and the Debian 13 root's.
+
+/** One libnbd install whose tools the benchmark runs. */
+export interface Libnbd {
+  /** For row labels: `"1.14"`, `"1.22"`. */
+  version: string;
+  /** The command line that runs `argv` with this install's tools. */
+  wrap(argv: string[]): string[];
+  /** nbdcopy runs. */
+  nbdcopy: boolean;
+  /** The environment nbdsh needs, or `null` when it cannot run. */
+  nbdshEnv: Record<string, string> | null;
+  /** Why a missing tool's rows are skipped. */
+  missing: string;
+}
+
+/** libnbd's version as `nbdcopy --version` prints it ("1.22.2" -> "1.22"). */
+async function libnbdVersion(wrap: (argv: string[]) => string[]) {
+  const [cmd, ...args] = wrap(["nbdcopy", "--version"]);
+  const line = await versionOf(cmd!, args);
+  return /(\d+\.\d+)\.\d+/.exec(line)?.[1] ?? "?";
+}
+
+/**
+ * The host's libnbd, then the root's when `.ci/setup` made it (the
+ * benchmark directory must be under the root for that one to reach it).
+ */
+async function libnbds(dir: string, enabled: boolean): Promise<Libnbd[]> {
+  const off = "--no-libnbd";
+  const host = (argv: string[]) => argv;
+  const hostEnv = enabled ? await nbdshEnv(dir) : null;
+  const out: Libnbd[] = [{
+    version: enabled ? await libnbdVersion(host) : "host",
+    wrap: host,
+    nbdcopy: enabled && await has("nbdcopy"),
+    nbdshEnv: hostEnv !== null && await has("nbdsh", hostEnv) ? hostEnv : null,
+    missing: enabled ? "not found on the host" : off,
+  }];
+  const rooted = dir.startsWith(`${TRIXIE_ROOT}/`);
+  const root = (argv: string[]) => [
+    "chroot",
+    TRIXIE_ROOT,
+    ...argv.map(insideRoot),
+  ];
+  // Inside the root, its own PATH, whatever the host's holds.
+  const rootEnv = { PATH: "/usr/sbin:/usr/bin:/sbin:/bin" };
+  const usable = enabled && rooted;
+  out.push({
+    version: usable ? await libnbdVersion(root) : "1.22",
+    wrap: root,
+    nbdcopy: usable && await has("chroot", undefined, [
+      TRIXIE_ROOT,
+      "nbdcopy",
+      "--version",
+    ]),
+    nbdshEnv: usable &&
+        await has("chroot", rootEnv, [TRIXIE_ROOT, "nbdsh", "--version"])
+      ? rootEnv
+      : null,
+    missing: !enabled
+      ? off
+      : rooted
+      ? "not found in the Debian 13 root"
+      : `no Debian 13 root at ${TRIXIE_ROOT} (run .ci/setup)`,
+  });
+  return out;
+}
 
 /** A tool is usable when it runs with `--version`. */
 async function has(
   cmd: string,
   env?: Record<string, string>,
+  args: string[] = ["--version"],
 ): Promise<boolean> {
   try {
     const r = await new Deno.Command(cmd, {
-      args: ["--version"],
+      args,
       stdout: "null",
       stderr: "null",
       ...(env ? { env } : {}),
@@ -576,13 +651,17 @@ interface NbdshJob {
   offsetsFile?: string;
 }
 
-/** Runs bench/_libnbd.py inside nbdsh; it warms up and times each run. */
+/**
+ * Runs bench/_libnbd.py inside nbdsh; it warms up and times each run.
+ * `script` is a copy of it where `lib`'s nbdsh can read it.
+ */
 async function runNbdsh(
   uri: string,
-  env: Record<string, string>,
+  lib: Libnbd,
+  script: string,
   job: NbdshJob,
 ): Promise<Run[]> {
-  const script = new URL("./_libnbd.py", import.meta.url).pathname;
+  const env = lib.nbdshEnv!;
   const vars: Record<string, string> = {
     ...env,
     NBD_BENCH_MODE: job.mode,
@@ -594,10 +673,17 @@ async function runNbdsh(
     NBD_BENCH_WARM_SIZE: String(job.warmSize ?? 0),
     NBD_BENCH_COUNT: String(job.count ?? 0),
     NBD_BENCH_WARM_COUNT: String(job.warmCount ?? 0),
-    NBD_BENCH_OFFSETS: job.offsetsFile ?? "",
+    NBD_BENCH_OFFSETS: lib.wrap([job.offsetsFile ?? ""]).at(-1)!,
   };
-  const r = await new Deno.Command("nbdsh", {
-    args: ["-u", uri, "-c", `exec(open(${JSON.stringify(script)}).read())`],
+  const [cmd, ...args] = lib.wrap([
+    "nbdsh",
+    "-u",
+    uri,
+    "-c",
+    `exec(open(${JSON.stringify(script)}).read())`,
+  ]);
+  const r = await new Deno.Command(cmd!, {
+    args,
     env: vars,
     stdin: "null",
     stdout: "piped",
@@ -788,6 +874,43 @@ export function formatTable(rows: Row[], runs: number): string {
   ].join("\n");
 }
 
+/**
+ * Both ratios per section: our reference row over the fastest row of each
+ * libnbd version (the hardest comparison), e.g.
+ * `seq read 2,048 MiB: 1.14 0.92x (nbdcopy 1.14 (defaults)), 1.22 …`.
+ */
+export function ratioSummary(rows: Row[], versions: string[]): string {
+  const lines: string[] = [];
+  const sections = [...new Set(rows.map((r) => r.section))];
+  for (const section of sections) {
+    const mine = rows.filter((r) => r.section === section && r.runs.length);
+    const ref = mine.find((r) => r.ours);
+    if (!ref) continue;
+    const refRate = rates(ref).mibs;
+    const parts: string[] = [];
+    for (const v of versions) {
+      const theirs = mine.filter((r) =>
+        !r.ours && r.client.split(" ").includes(v)
+      );
+      if (theirs.length === 0) {
+        parts.push(`${v} -`);
+        continue;
+      }
+      const best = theirs.reduce((a, b) =>
+        rates(a).mibs >= rates(b).mibs ? a : b
+      );
+      parts.push(
+        `${v} ${fmt(refRate / rates(best).mibs, 2)}x (${best.client})`,
+      );
+    }
+    lines.push(`${section}: ${parts.join(", ")}`);
+  }
+  return [
+    "Ours over the fastest libnbd row of each version (above 1: ours is faster):",
+    ...lines.map((l) => `- ${l}`),
+  ].join("\n");
+}
+
 // ---------------------------------------------------------------------------
 // The copy benchmark.
 
@@ -800,14 +923,14 @@ export function formatTable(rows: Row[], runs: number): string {
  * @param server The benchmark server.
  * @param c The configuration.
  * @param connections Connections each tool may open.
- * @param withNbdcopy Whether `nbdcopy` is installed.
+ * @param libs The libnbd installs whose `nbdcopy` to run.
  * @returns The contenders of one section.
  */
 export async function copyContenders(
   server: Server,
   c: Config,
   connections: number,
-  withNbdcopy: boolean,
+  libs: Libnbd[],
 ): Promise<Contender[]> {
   const root = new URL("..", import.meta.url).pathname;
   const present = await Deno.stat(`${root}examples/copy.ts`).then(
@@ -845,12 +968,12 @@ export async function copyContenders(
         ),
       once: () => timeCommand(deno, c.size, c.requestSize, root),
     },
-    {
-      client: `nbdcopy -C ${connections}`,
+    ...libs.map((lib) => ({
+      client: `nbdcopy ${lib.version} -C ${connections}`,
       ours: false,
-      ...(withNbdcopy ? {} : { skip: "nbdcopy not found" }),
-      once: () => timeCommand(tool, c.size, c.requestSize),
-    },
+      ...(lib.nbdcopy ? {} : { skip: `nbdcopy ${lib.missing}` }),
+      once: () => timeCommand(lib.wrap(tool), c.size, c.requestSize),
+    })),
   ];
 }
 
@@ -870,27 +993,35 @@ async function main(): Promise<void> {
   const c = parseConfig(Deno.args);
   const started = performance.now();
   const load0 = await loadAverage();
-  const dir = await Deno.makeTempDir({ prefix: "nbd-bench-" });
+  // Under the Debian 13 root when there is one, so its tools reach the
+  // socket too.
+  const rooted = await Deno.stat(`${TRIXIE_ROOT}/tmp`).then(
+    (st) => st.isDirectory,
+    () => false,
+  );
+  const dir = await Deno.makeTempDir({
+    prefix: "nbd-bench-",
+    ...(rooted ? { dir: `${TRIXIE_ROOT}/tmp` } : {}),
+  });
   const rows: Row[] = [];
+  let versions: string[] = [];
   const progress = (text: string) =>
     console.error(
       `[${((performance.now() - started) / 1000).toFixed(1)}s] ${text}`,
     );
   let server: Server | undefined;
   try {
-    const withNbdcopy = c.libnbd && await has("nbdcopy");
-    const shEnv = c.libnbd ? await nbdshEnv(dir) : null;
-    const withNbdsh = shEnv !== null && await has("nbdsh", shEnv);
-    const noNbdsh = c.libnbd
-      ? "nbdsh (python3-libnbd) not found"
-      : "--no-libnbd";
-    const noNbdcopy = c.libnbd ? "nbdcopy not found" : "--no-libnbd";
+    const libs = await libnbds(dir, c.libnbd);
+    versions = libs.map((l) => l.version);
+    // Where each install's nbdsh reads the script.
+    const script = `${dir}/_libnbd.py`;
+    await Deno.copyFile(new URL("./_libnbd.py", import.meta.url), script);
 
     console.log(
       [
         `deno ${Deno.version.deno} (V8 ${Deno.version.v8})`,
         await versionOf("nbdkit"),
-        await versionOf("nbdcopy"),
+        ...libs.map((l) => `libnbd ${l.version}`),
         `${navigator.hardwareConcurrency} CPUs`,
       ].join(", "),
     );
@@ -904,10 +1035,12 @@ async function main(): Promise<void> {
     const req = c.requestSize;
     const qd = c.seqDepth;
     const warmSize = Math.min(c.size, 256 * MiB);
-    const nbdsh = (job: Omit<NbdshJob, "runs">) => ({
-      warm: () => runNbdsh(s.uri, shEnv!, { ...job, runs: 0 }),
+    const nbdsh = (lib: Libnbd, job: Omit<NbdshJob, "runs">) => ({
+      ...(lib.nbdshEnv ? {} : { skip: `nbdsh ${lib.missing}` }),
+      warm: () =>
+        runNbdsh(s.uri, lib, lib.wrap([script]).at(-1)!, { ...job, runs: 0 }),
       once: async () => {
-        const [run] = await runNbdsh(s.uri, shEnv!, {
+        const [run] = await runNbdsh(s.uri, lib, lib.wrap([script]).at(-1)!, {
           ...job,
           runs: 1,
           warmSize: 0,
@@ -954,31 +1087,33 @@ async function main(): Promise<void> {
               warm: () => oursStream(nbd, warmSize, req, qd, c.seconds, "full"),
               once: () => oursStream(nbd, c.size, req, qd, c.seconds, "one"),
             },
-            {
-              client: `nbdcopy --request-size=${req} --requests=${qd} -C 1`,
-              ours: false,
-              ...(withNbdcopy ? {} : { skip: noNbdcopy }),
-              once: () => timeCommand(matched, c.size, req),
-            },
-            {
-              client: "nbdcopy (defaults)",
-              ours: false,
-              ...(withNbdcopy ? {} : { skip: noNbdcopy }),
-              once: () => timeCommand(defaults, c.size, req),
-            },
-            {
-              client: `nbdsh aio_pread ${req / KiB}K x${qd}`,
-              ours: false,
-              ...(withNbdsh ? {} : { skip: noNbdsh }),
-              ...nbdsh({
-                mode: "seq",
-                request: req,
-                depth: qd,
-                seconds: c.seconds,
-                size: c.size,
-                warmSize,
-              }),
-            },
+            ...libs.flatMap((lib) => [
+              {
+                client: `nbdcopy ${lib.version} --request-size=${req} ` +
+                  `--requests=${qd} -C 1`,
+                ours: false,
+                ...(lib.nbdcopy ? {} : { skip: `nbdcopy ${lib.missing}` }),
+                once: () => timeCommand(lib.wrap(matched), c.size, req),
+              },
+              {
+                client: `nbdcopy ${lib.version} (defaults)`,
+                ours: false,
+                ...(lib.nbdcopy ? {} : { skip: `nbdcopy ${lib.missing}` }),
+                once: () => timeCommand(lib.wrap(defaults), c.size, req),
+              },
+              {
+                client: `nbdsh ${lib.version} aio_pread ${req / KiB}K x${qd}`,
+                ours: false,
+                ...nbdsh(lib, {
+                  mode: "seq",
+                  request: req,
+                  depth: qd,
+                  seconds: c.seconds,
+                  size: c.size,
+                  warmSize,
+                }),
+              },
+            ]),
           ],
           c.runs,
           progress,
@@ -1012,14 +1147,13 @@ async function main(): Promise<void> {
                 once: () =>
                   oursRandom(nbd, offsets, count, depth, c.seconds, "one"),
               },
-              {
+              ...libs.map((lib) => ({
                 client: depth === 1
-                  ? "nbdsh h.pread loop"
-                  : `nbdsh h.aio_pread window of ${depth}`,
+                  ? `nbdsh ${lib.version} h.pread loop`
+                  : `nbdsh ${lib.version} h.aio_pread window of ${depth}`,
                 ours: false,
-                ...(withNbdsh ? {} : { skip: noNbdsh }),
-                ...nbdsh(job),
-              },
+                ...nbdsh(lib, job),
+              })),
             ],
             c.runs,
             progress,
@@ -1035,7 +1169,7 @@ async function main(): Promise<void> {
         rows.push(
           ...await runSection(
             `copy ${fmt(c.size / MiB)} MiB to null:, ${conns} conn`,
-            await copyContenders(s, c, conns, withNbdcopy),
+            await copyContenders(s, c, conns, libs),
             c.runs,
             progress,
           ),
@@ -1048,6 +1182,8 @@ async function main(): Promise<void> {
   }
   console.log("");
   console.log(formatTable(rows, c.runs));
+  console.log("");
+  console.log(ratioSummary(rows, versions));
   // Other work on the machine moves these figures; say how busy it was.
   console.log(
     `Load average at start: ${load0}; at end: ${await loadAverage()}.`,

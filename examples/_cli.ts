@@ -299,6 +299,8 @@ export class Progress {
   #lastDraw = -Infinity;
   #lastPercent = -1;
   #finished = false;
+  /** Finished with success: an empty job (total 0) is then 100% done. */
+  #complete = false;
 
   /**
    * @param mode Where to report.
@@ -332,6 +334,7 @@ export class Progress {
   finish(ok: boolean): void {
     if (this.#finished) return;
     this.#finished = true;
+    this.#complete = ok;
     if (ok && this.#total !== undefined) this.#done = this.#total;
     this.#draw(true);
     if (this.#mode.kind === "fd" && this.#mode.owned) this.#mode.out.close();
@@ -341,7 +344,11 @@ export class Progress {
     const mode = this.#mode;
     if (mode.kind === "none") return;
     const total = this.#total;
-    const percent = total ? Math.floor((this.#done * 100) / total) : 0;
+    const percent = total
+      ? Math.floor((this.#done * 100) / total)
+      : this.#complete
+      ? 100
+      : 0;
     if (mode.kind === "fd") {
       const p = Math.min(percent, 100);
       if (p !== this.#lastPercent && total !== undefined) {
@@ -369,7 +376,9 @@ export class Progress {
       );
       const filled = Math.min(
         barWidth,
-        Math.floor((barWidth * this.#done) / (total || 1)),
+        total
+          ? Math.floor((barWidth * this.#done) / total)
+          : barWidth * percent / 100,
       );
       line = `${head}[${"#".repeat(filled)}${
         ".".repeat(barWidth - filled)

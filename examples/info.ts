@@ -1,6 +1,7 @@
 /**
- * `info`: what `nbdinfo` shows about an NBD server and its exports, with the
- * same `--json` field names wherever the two overlap.
+ * `info`: what `nbdinfo` shows about an NBD server and its exports: the
+ * fields of nbdinfo 1.22 (libnbd 1.22), with their names, values and order,
+ * in text and in `--json`.
  *
  * ```sh
  * deno run --allow-net --allow-read examples/info.ts nbd+unix:///disk?socket=/tmp/nbd.sock
@@ -16,6 +17,7 @@
 
 import { connect, listExports, probe } from "../mod.ts";
 import {
+  FLAG_BLOCK_STAT_PAYLOAD,
   FLAG_CAN_MULTI_CONN,
   FLAG_READ_ONLY,
   FLAG_ROTATIONAL,
@@ -28,7 +30,6 @@ import {
   FLAG_SEND_WRITE_ZEROES,
   STATE_HOLE,
   STATE_ZERO,
-  TRANSMISSION_FLAG_NAMES,
 } from "../lib/constants.ts";
 import {
   errorLine,
@@ -185,21 +186,12 @@ function exportUri(uri: string, name: string): string {
   }
 }
 
-function flagNames(flags: number): string[] {
-  const names: string[] = [];
-  for (let bit = 1; bit !== 0 && bit <= flags; bit <<= 1) {
-    if (flags & bit) {
-      names.push(TRANSMISSION_FLAG_NAMES[bit] ?? `0x${bit.toString(16)}`);
-    }
-  }
-  return names;
-}
-
 /** The booleans nbdinfo reports, in its order, from the transmission flags. */
 function capabilities(flags: number): Array<[string, boolean]> {
   return [
     ["is_rotational", (flags & FLAG_ROTATIONAL) !== 0],
     ["is_read_only", (flags & FLAG_READ_ONLY) !== 0],
+    ["can_block_status_payload", (flags & FLAG_BLOCK_STAT_PAYLOAD) !== 0],
     ["can_cache", (flags & FLAG_SEND_CACHE) !== 0],
     ["can_df", (flags & FLAG_SEND_DF) !== 0],
     ["can_fast_zero", (flags & FLAG_SEND_FAST_ZERO) !== 0],
@@ -211,7 +203,7 @@ function capabilities(flags: number): Array<[string, boolean]> {
   ];
 }
 
-/** One export as a JSON object: nbdinfo's fields, then ours. */
+/** One export as a JSON object: nbdinfo 1.22's fields, in its order. */
 function exportJson(uri: string, e: ExportFacts): Record<string, unknown> {
   const o: Record<string, unknown> = { "export-name": e.exportName };
   if (e.description) o["description"] = e.description;
@@ -225,8 +217,6 @@ function exportJson(uri: string, e: ExportFacts): Record<string, unknown> {
   }
   o["export-size"] = e.size;
   o["export-size-str"] = exactSize(e.size).text;
-  o["transmission-flags"] = e.flags;
-  o["transmission-flag-names"] = flagNames(e.flags);
   return o;
 }
 
@@ -250,13 +240,16 @@ function sessionText(s: SessionFacts): string {
   } TLS, using ${packets} packets\n`;
 }
 
+/** A size as nbdinfo prints it in text: `4096 (4K)`, `4294967295`. */
+function sizeText(bytes: number): string {
+  const size = exactSize(bytes);
+  return `${bytes}${size.scaled ? ` (${size.text})` : ""}`;
+}
+
 function exportText(uri: string, e: ExportFacts): string {
   const lines = [`export=${JSON.stringify(e.exportName)}:`];
   if (e.description) lines.push(`\tdescription: ${e.description}`);
-  const size = exactSize(e.size);
-  lines.push(
-    `\texport-size: ${e.size}${size.scaled ? ` (${size.text})` : ""}`,
-  );
+  lines.push(`\texport-size: ${sizeText(e.size)}`);
   lines.push(`\turi: ${uri}`);
   if (e.contexts) {
     lines.push("\tcontexts:");
@@ -266,12 +259,10 @@ function exportText(uri: string, e: ExportFacts): string {
     lines.push(`\t${name}: ${value}`);
   }
   if (e.blockSize) {
-    lines.push(`\tblock_size_minimum: ${e.blockSize.minimum}`);
-    lines.push(`\tblock_size_preferred: ${e.blockSize.preferred}`);
-    lines.push(`\tblock_size_maximum: ${e.blockSize.maximum}`);
+    lines.push(`\tblock_size_minimum: ${sizeText(e.blockSize.minimum)}`);
+    lines.push(`\tblock_size_preferred: ${sizeText(e.blockSize.preferred)}`);
+    lines.push(`\tblock_size_maximum: ${sizeText(e.blockSize.maximum)}`);
   }
-  lines.push(`\ttransmission-flags: 0x${e.flags.toString(16)}`);
-  for (const name of flagNames(e.flags)) lines.push(`\t\t${name}`);
   return lines.join("\n") + "\n";
 }
 

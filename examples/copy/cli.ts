@@ -22,12 +22,28 @@ import {
   writeAll,
 } from "../_cli.ts";
 import type { Destination, Settings, Source } from "./endpoint.ts";
-import { isNbdUri } from "./nbd.ts";
-import { openDestination, openSource, refuseSameFile } from "./open.ts";
+import {
+  alignMap,
+  checkContext,
+  type DirtyMap,
+  formatMap,
+  parseMask,
+  planDirty,
+  walkDirty,
+} from "./dirty.ts";
+import { isNbdUri, NbdEndpoint } from "./nbd.ts";
+import {
+  openDestination,
+  openExistingDestination,
+  openSource,
+  refuseSameFile,
+} from "./open.ts";
 import { alignUp, planRange, planStream } from "./plan.ts";
 import { pump, type Stats, wrap } from "./pump.ts";
 
 const USAGE = `Usage: copy [OPTIONS] SOURCE DESTINATION
+       copy --dirty=CONTEXT [OPTIONS] NBD-URI DESTINATION
+       copy --dirty=CONTEXT --map-only [--json] NBD-URI
 
 SOURCE, DESTINATION := - | FILE | DEVICE | NBD-URI
 DESTINATION += null:
@@ -43,6 +59,16 @@ Options:
                           the destination already reads as zeroes
       --no-extents        ignore the source's block status, read everything
       --flush             flush the destination before exiting
+      --dirty=CONTEXT     incremental copy: only the extents the source's
+                          CONTEXT marks (bit 0 set, as in
+                          qemu:dirty-bitmap:NAME), onto an existing
+                          DESTINATION of the same size, which is otherwise
+                          left as it is
+      --dirty-flags=MASK  with --dirty: copy extents whose flags & MASK
+                          are not 0 (decimal or 0x hex; 1)
+      --map-only          with --dirty: print the extents (offset length)
+                          and copy nothing; no DESTINATION is needed
+      --json              with --map-only: a JSON array of {offset,length}
   -p, --progress[=FD]     progress bar (default on a terminal); with FD,
                           "N/100" lines on that descriptor
       --no-progress       no progress bar
@@ -61,6 +87,10 @@ const OPTIONS: OptionSpec[] = [
   { name: "target-is-zero", kind: "flag" },
   { name: "no-extents", kind: "flag" },
   { name: "flush", kind: "flag" },
+  { name: "dirty", kind: "value" },
+  { name: "dirty-flags", kind: "value" },
+  { name: "map-only", kind: "flag" },
+  { name: "json", kind: "flag" },
   { name: "progress", kind: "optional", short: "p" },
   { name: "no-progress", kind: "flag" },
   { name: "verbose", kind: "flag", short: "v" },
@@ -99,6 +129,7 @@ function readSettings(o: Map<string, string | true>): Settings {
     extents: !o.has("no-extents"),
     flush: o.has("flush"),
     verbose: o.has("verbose"),
+    dirty: str("dirty"),
   };
   if (
     settings.requestSize < 512 || settings.requestSize > MAX_REQUEST_SIZE ||
@@ -118,6 +149,12 @@ interface Request {
   settings: Settings;
   progress: string | true | undefined;
   noProgress: boolean;
+  /** With `--dirty`: the flags that mark an extent to copy. */
+  dirtyMask: number;
+  /** `--map-only`: print the dirty extents instead of copying. */
+  mapOnly: boolean;
+  /** `--json`: print them as JSON. */
+  json: boolean;
 }
 
 /**
@@ -126,19 +163,36 @@ interface Request {
  *
  * @returns The request, or `"help"`.
  * @throws {UsageError} On a malformed option, a missing endpoint, `null:`
- * as the source, or a malformed NBD URI.
+ * as the source, a malformed NBD URI, or options `--dirty` cannot take.
  */
 function parseRequest(args: string[]): Request | "help" {
   const { options, positionals } = parseArgs(args, OPTIONS);
   if (options.has("help")) return "help";
-  if (positionals.length !== 2) {
+  const dirty = checkDirtyOptions(options);
+  const mapOnly = options.has("map-only");
+  if (mapOnly) {
+    // The dry run never opens a destination, so none is needed.
+    if (positionals.length < 1 || positionals.length > 2) {
+      throw new UsageError("expected a SOURCE (and, unused, a DESTINATION)");
+    }
+  } else if (positionals.length !== 2) {
     throw new UsageError("expected a SOURCE and a DESTINATION");
   }
-  const [source, destination] = positionals as [string, string];
+  const [source, destination = ""] = positionals as [string, string?];
   if (source === "null:") {
     throw new UsageError("null: can only be a destination");
   }
-  for (const word of [source, destination]) {
+  if (dirty && !isNbdUri(source)) {
+    throw new UsageError(
+      "--dirty needs an NBD URI as the SOURCE: only a server has metadata contexts",
+    );
+  }
+  if (dirty && !mapOnly && (destination === "-" || destination === "null:")) {
+    throw new UsageError(
+      "--dirty needs a DESTINATION that is a file, a block device or an NBD URI",
+    );
+  }
+  for (const word of mapOnly ? [source] : [source, destination]) {
     if (!isNbdUri(word)) continue;
     try {
       parseUri(word);
@@ -157,6 +211,48 @@ function parseRequest(args: string[]): Request | "help" {
     settings: readSettings(options),
     progress,
     noProgress: options.has("no-progress"),
+    dirtyMask: dirty?.mask ?? 1,
+    mapOnly,
+    json: options.has("json"),
+  };
+}
+
+/**
+ * Checks the options of an incremental copy against each other: the ones
+ * that only make sense with `--dirty`, and the ones it cannot honour (it
+ * needs the source's block status, and writes onto a copy that holds
+ * data).
+ *
+ * @returns The context and mask, or `undefined` without `--dirty`.
+ * @throws {UsageError} On a conflict or a malformed value.
+ */
+function checkDirtyOptions(
+  o: Map<string, string | true>,
+): { context: string; mask: number } | undefined {
+  const context = o.get("dirty");
+  if (context === undefined) {
+    for (const name of ["dirty-flags", "map-only"]) {
+      if (o.has(name)) throw new UsageError(`--${name} needs --dirty`);
+    }
+    if (o.has("json")) throw new UsageError("--json needs --map-only");
+    return undefined;
+  }
+  if (typeof context !== "string") return undefined; // a "value" option
+  checkContext(context);
+  if (o.has("json") && !o.has("map-only")) {
+    throw new UsageError("--json needs --map-only");
+  }
+  for (const name of ["no-extents", "destination-is-zero", "target-is-zero"]) {
+    if (o.has(name)) {
+      throw new UsageError(
+        `--${name} cannot be used with --dirty, which reads the source's block status and writes onto an earlier copy`,
+      );
+    }
+  }
+  const flags = o.get("dirty-flags");
+  return {
+    context,
+    mask: typeof flags === "string" ? parseMask(flags) : 1,
   };
 }
 
@@ -180,7 +276,8 @@ function openProgress(request: Request): ProgressMode {
 }
 
 /**
- * Copies `src` to `dst` as the settings say.
+ * Copies `src` to `dst` as the settings say: all of it, or with `dirty`
+ * only the extents of that map.
  *
  * @returns The one-line summary for `--verbose`.
  * @throws The first failure, after everything in flight has settled.
@@ -192,6 +289,7 @@ async function transfer(
   mode: ProgressMode,
   controller: AbortController,
   onProgress: (p: Progress) => void,
+  dirty?: DirtyMap,
 ): Promise<string> {
   const signal = controller.signal;
   // Multi-conn only where every NBD side offers it (files count as
@@ -224,11 +322,14 @@ async function transfer(
     Math.min(settings.requests, Math.floor(settings.queueSize / requestSize)),
   );
 
-  const progress = new Progress(mode, size);
+  const copying = dirty && alignMap(dirty, align, size ?? 0);
+  const progress = new Progress(mode, copying ? copying.bytes : size);
   onProgress(progress);
   const stats: Stats = { read: 0, written: 0, zeroed: 0 };
   const started = performance.now();
-  const plan = size === undefined
+  const plan = copying
+    ? planDirty(copying, requestSize)
+    : size === undefined
     ? planStream(src, requestSize, dst.size)
     : planRange(
       src,
@@ -255,9 +356,18 @@ async function transfer(
   }
   progress.finish(true);
   const seconds = (performance.now() - started) / 1000;
+  const counts =
+    `read ${stats.read}, wrote ${stats.written}, zeroed ${stats.zeroed}`;
+  if (dirty && copying) {
+    return `copy: ${dirty.bytes} dirty bytes in ${dirty.offsets.length} extent(s) of ${size}, copied ${copying.bytes} in ${
+      seconds.toFixed(3)
+    } s over ${lanes} connection(s): ${counts} (${
+      humanBytes(copying.bytes / (seconds || 1))
+    }/s)`;
+  }
   return `copy: ${size ?? total} bytes in ${
     seconds.toFixed(3)
-  } s over ${lanes} connection(s): read ${stats.read}, wrote ${stats.written}, zeroed ${stats.zeroed} (${
+  } s over ${lanes} connection(s): ${counts} (${
     humanBytes((size ?? total) / (seconds || 1))
   }/s)`;
 }
@@ -380,21 +490,66 @@ async function run(
     // Everything that can refuse the copy comes before the destination is
     // opened, which replaces a regular file.
     mode = openProgress(request);
-    await refuseSameFile(request.source, request.destination);
-    src = await openSource(request.source, request.settings, signal);
-    dst = await openDestination(
-      request.destination,
-      request.settings,
-      signal,
-    );
-    const summary = await transfer(
-      src,
-      dst,
-      request.settings,
-      mode,
-      controller,
-      (p) => state.progress = p,
-    );
+    let summary: string;
+    if (request.settings.dirty !== undefined) {
+      // The map is walked before the destination is opened: a source that
+      // cannot give it leaves the earlier copy as it was.
+      const nbd = await NbdEndpoint.open(
+        request.source,
+        "source",
+        request.settings,
+        signal,
+      );
+      src = nbd;
+      const map = await walkDirty(
+        nbd.status(request.settings.dirty),
+        nbd.size,
+        request.dirtyMask,
+        signal,
+      );
+      if (request.mapOnly) {
+        const shown = alignMap(map, nbd.alignment, nbd.size);
+        await writeAll(Deno.stdout, formatMap(shown, request.json));
+        ok = true;
+        if (request.settings.verbose) {
+          warn(
+            `copy: ${map.bytes} dirty bytes in ${map.offsets.length} extent(s) of ${nbd.size}`,
+          );
+        }
+        return 0;
+      }
+      dst = await openExistingDestination(
+        request.destination,
+        nbd.size,
+        request.settings,
+        signal,
+      );
+      summary = await transfer(
+        src,
+        dst,
+        request.settings,
+        mode,
+        controller,
+        (p) => state.progress = p,
+        map,
+      );
+    } else {
+      await refuseSameFile(request.source, request.destination);
+      src = await openSource(request.source, request.settings, signal);
+      dst = await openDestination(
+        request.destination,
+        request.settings,
+        signal,
+      );
+      summary = await transfer(
+        src,
+        dst,
+        request.settings,
+        mode,
+        controller,
+        (p) => state.progress = p,
+      );
+    }
     ok = true;
     if (request.settings.verbose) warn(summary);
     return 0;

@@ -115,4 +115,9 @@ export interface Settings {
   extents: boolean;
   flush: boolean;
   verbose: boolean;
+  /**
+   * The metadata context an incremental copy (`--dirty`) follows; the
+   * source negotiates it instead of `base:allocation`.
+   */
+  dirty: string | undefined;
 }

@@ -24,7 +24,11 @@ export class FileEndpoint implements Source, Destination {
   readonly maxLanes = Infinity;
   readonly zeroMode: ZeroMode;
   #file: Deno.FsFile;
-  #device: boolean;
+  /**
+   * The size is the destination's own and never changes: a block device,
+   * or an earlier copy that `--dirty` updates in place.
+   */
+  #fixed: boolean;
   #size: number | undefined;
   #knownSize = false;
   #write: boolean;
@@ -36,7 +40,7 @@ export class FileEndpoint implements Source, Destination {
   constructor(
     path: string,
     file: Deno.FsFile,
-    device: boolean,
+    fixed: boolean,
     size: number | undefined,
     zeroMode: ZeroMode,
     writable: boolean,
@@ -45,7 +49,7 @@ export class FileEndpoint implements Source, Destination {
     this.#file = file;
     this.#handles = [{ file, lock: Promise.resolve() }];
     this.#write = writable;
-    this.#device = device;
+    this.#fixed = fixed;
     this.#size = size;
     this.zeroMode = zeroMode;
   }
@@ -96,7 +100,7 @@ export class FileEndpoint implements Source, Destination {
   }
 
   async prepare(size: number | undefined): Promise<void> {
-    if (this.#device) {
+    if (this.#fixed) {
       if (size !== undefined && this.#size !== undefined && size > this.#size) {
         throw new Error(
           `destination is too small: ${this.#size} bytes, the source has ${size}`,
@@ -126,7 +130,7 @@ export class FileEndpoint implements Source, Destination {
   async finish(total: number, flush: boolean): Promise<void> {
     // From a stream the size was only known now; skipped zeroes at the end
     // are a hole that the file must still cover.
-    if (!this.#device && !this.#knownSize) await this.#file.truncate(total);
+    if (!this.#fixed && !this.#knownSize) await this.#file.truncate(total);
     if (flush) await this.#file.sync();
   }
 
@@ -208,5 +212,63 @@ export class FileEndpoint implements Source, Destination {
       settings.allocated ? "write" : "skip",
       true,
     );
+  }
+
+  /**
+   * Opens an earlier copy for `--dirty` to update in place: it must exist,
+   * be a regular file or a block device, and have exactly `size` bytes.
+   * Nothing is created or truncated, and it is opened for writing only
+   * after those checks.
+   *
+   * @throws {Error} One line saying which check failed.
+   */
+  static async openExisting(path: string, size: number): Promise<Destination> {
+    let info: Deno.FileInfo;
+    try {
+      info = await Deno.stat(path);
+    } catch (e) {
+      if (e instanceof Deno.errors.NotFound) {
+        throw new Error(
+          `${path}: no such file; --dirty updates an earlier full copy of the source`,
+        );
+      }
+      throw e;
+    }
+    if (!info.isFile && !info.isBlockDevice) {
+      throw new Error(
+        `${path}: not a regular file or a block device; --dirty updates an earlier full copy`,
+      );
+    }
+    const sizeOf = async (file: Deno.FsFile, i: Deno.FileInfo) =>
+      i.isBlockDevice ? await file.seek(0, Deno.SeekMode.End) : i.size;
+    const check = (actual: number) => {
+      if (actual !== size) {
+        throw new Error(
+          `${path} has ${actual} bytes and the source ${size}: --dirty updates a copy of the same size`,
+        );
+      }
+    };
+    if (info.isFile) check(info.size);
+    else {
+      const probe = await Deno.open(path, { read: true });
+      try {
+        check(await sizeOf(probe, info));
+      } finally {
+        probe.close();
+      }
+    }
+    const file = await Deno.open(path, { write: true });
+    try {
+      // Checked again on what was opened, in case the path changed since.
+      const opened = await file.stat();
+      if (opened.isFile !== info.isFile) {
+        throw new Error(`${path}: changed while it was being opened`);
+      }
+      check(await sizeOf(file, opened));
+      return new FileEndpoint(path, file, true, size, "write", true);
+    } catch (e) {
+      file.close();
+      throw e;
+    }
   }
 }

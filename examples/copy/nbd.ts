@@ -4,7 +4,8 @@
  * @module
  */
 
-import { connect, STATE_ZERO } from "../../mod.ts";
+import { connect, NbdError, probe, STATE_ZERO } from "../../mod.ts";
+import type { StatusQuery } from "./dirty.ts";
 import type {
   Destination,
   Extent,
@@ -59,7 +60,11 @@ export class NbdEndpoint implements Source, Destination {
     settings: Settings,
     signal: AbortSignal,
   ): Promise<NbdEndpoint> {
-    const contexts = role === "source" && settings.extents
+    const contexts = role !== "source"
+      ? []
+      : settings.dirty !== undefined
+      ? [settings.dirty]
+      : settings.extents
       ? ["base:allocation"]
       : [];
     // The signal, so that ^C ends a handshake the server never answers
@@ -69,7 +74,33 @@ export class NbdEndpoint implements Source, Destination {
       maxInFlight: settings.requests,
       signal,
     });
+    if (
+      role === "source" && settings.dirty !== undefined &&
+      !first.metaContexts.includes(settings.dirty)
+    ) {
+      await first.close({ signal });
+      throw new Error(
+        `${uri}: the source does not offer ${settings.dirty}; ${await offered(
+          uri,
+          first.structuredReplies,
+          signal,
+        )}`,
+      );
+    }
     return new NbdEndpoint(uri, first, settings.requests, contexts, settings);
+  }
+
+  /**
+   * Block status in one negotiated context, for the walk of an
+   * incremental copy.
+   */
+  status(context: string): StatusQuery {
+    return async (offset, length, signal) => {
+      const reply = await this.#conns[0]!.blockStatus(offset, length, {
+        signal,
+      });
+      return reply[context] ?? [];
+    };
   }
 
   get size(): number {
@@ -181,5 +212,28 @@ export class NbdEndpoint implements Source, Destination {
 
   async close(signal: AbortSignal): Promise<void> {
     await Promise.allSettled(this.#conns.map((c) => c.close({ signal })));
+  }
+}
+
+/**
+ * What a source that refused a context offers instead, in words: the
+ * contexts `NBD_OPT_LIST_META_CONTEXT` names, or why there are none to name.
+ */
+async function offered(
+  uri: string,
+  structuredReplies: boolean,
+  signal: AbortSignal,
+): Promise<string> {
+  if (!structuredReplies) {
+    return "it has no structured replies, so no metadata contexts at all";
+  }
+  try {
+    const { metaContexts } = await probe(uri, { signal });
+    return metaContexts.length === 0
+      ? "it offers no metadata contexts"
+      : `it offers ${metaContexts.join(", ")}`;
+  } catch (e) {
+    if (!(e instanceof NbdError)) throw e;
+    return `and it would not list the ones it offers (${e.message})`;
   }
 }

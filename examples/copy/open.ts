@@ -40,6 +40,35 @@ export async function openDestination(
   return await FileEndpoint.openDestination(word, s);
 }
 
+/**
+ * Opens what `word` names as the destination of an incremental copy: an
+ * earlier full copy of a `size`-byte source, a file, block device or NBD
+ * export of exactly that size, which is updated in place.
+ *
+ * @throws {Error} One line when it is missing or has another size.
+ */
+export async function openExistingDestination(
+  word: string,
+  size: number,
+  s: Settings,
+  signal: AbortSignal,
+): Promise<Destination> {
+  if (word === "-" || word === "null:") {
+    throw new UsageError(
+      "--dirty needs a DESTINATION that is a file, a block device or an NBD URI",
+    );
+  }
+  if (!isNbdUri(word)) return await FileEndpoint.openExisting(word, size);
+  const dst = await NbdEndpoint.open(word, "destination", s, signal);
+  if (dst.size !== size) {
+    await dst.close(signal);
+    throw new Error(
+      `${word} has ${dst.size} bytes and the source ${size}: --dirty updates a copy of the same size`,
+    );
+  }
+  return dst;
+}
+
 /** Whether a word names a path (rather than `-`, `null:` or a URI). */
 function isPath(word: string): boolean {
   return word !== "-" && word !== "null:" && !isNbdUri(word);

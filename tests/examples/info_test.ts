@@ -1,6 +1,13 @@
 import assert from "node:assert/strict";
 import { makeTestPki } from "../support/certs.ts";
-import { nbdkit, qemuNbd, run } from "../support/servers.ts";
+import {
+  nbdkit,
+  qemuNbd,
+  run,
+  type Server,
+  tempDir,
+  TRIXIE_ROOT,
+} from "../support/servers.ts";
 import { runTool } from "./_tools.ts";
 
 type Json = Record<string, unknown>;
@@ -74,7 +81,7 @@ Deno.test({
         const e = doc.exports[0];
         assert.equal(e["export-size-str"], "1M");
         assert.equal(e.block_size_minimum, 512);
-        assert.ok(e["transmission-flag-names"].includes("NBD_FLAG_HAS_FLAGS"));
+        assert.equal(e.can_block_status_payload, false);
         assert.equal(typeof doc.extended, "boolean");
       });
       await t.step("--size matches nbdinfo --size", async () => {
@@ -91,8 +98,8 @@ Deno.test({
         assert.match(ours.text, /^\texport-size: 1048576 \(1M\)$/m);
         assert.match(ours.text, /^\t\tbase:allocation$/m);
         assert.match(ours.text, /^\tcan_multi_conn: true$/m);
-        assert.match(ours.text, /^\tblock_size_maximum: 65536$/m);
-        assert.match(ours.text, /^\t\tNBD_FLAG_SEND_WRITE_ZEROES$/m);
+        assert.match(ours.text, /^\tblock_size_maximum: 65536 \(64K\)$/m);
+        assert.match(ours.text, /^\tcan_block_status_payload: false$/m);
       });
     } finally {
       await server.stop();
@@ -355,5 +362,232 @@ Deno.test({
     } finally {
       await pki.remove();
     }
+  },
+});
+
+/**
+ * nbdinfo 1.22 from the Debian 13 root, with the root's view of socket
+ * paths put back as the host sees them (every socket here is under the
+ * root's /tmp).
+ */
+async function nbdinfo122(args: string[]): Promise<string> {
+  const out = await run("nbdinfo", args, "trixie");
+  return out.replaceAll("socket=/tmp/", `socket=${TRIXIE_ROOT}/tmp/`);
+}
+
+/** Keys in order, for objects nested one level (`exports[]`). */
+function keyOrder(doc: Json): string[][] {
+  const exports = (doc.exports ?? []) as Json[];
+  return [Object.keys(doc), ...exports.map((e) => Object.keys(e))];
+}
+
+/** One export that three tools describe: ours, nbdinfo 1.22 and 1.14. */
+interface Described {
+  name: string;
+  start(): Promise<Server>;
+  exportName: string;
+  /** Contexts whose --map to compare; none without block status. */
+  maps: string[];
+  /**
+   * libnbd 1.22 sends `NBD_OPT_LIST_META_CONTEXT` even without structured
+   * replies and prints what the server lists; the spec says a client
+   * SHOULD NOT, and this client does not. Only `contexts` may differ.
+   */
+  contextsWithoutStructuredReplies?: boolean;
+}
+
+/** nbdinfo 1.22's output without its contexts (text or JSON). */
+function withoutContexts(text: string): string {
+  return text.replace(/^\tcontexts:\n(\t\t.*\n)*/m, "");
+}
+
+const DESCRIBED: Described[] = [
+  {
+    name: "nbdkit 1.32 memory with block size limits",
+    start: () =>
+      nbdkit([
+        "-e",
+        "disk",
+        "--filter=blocksize-policy",
+        "memory",
+        "1M",
+        "blocksize-minimum=512",
+        "blocksize-preferred=4096",
+        "blocksize-maximum=65536",
+      ], { reach: "trixie" }),
+    exportName: "disk",
+    maps: ["base:allocation"],
+  },
+  {
+    name: "nbdkit 1.42 sparse data",
+    start: () =>
+      nbdkit(
+        ["data", 'data=@0x10000 1 2 3 @0x200000 "hello"', "size=8M"],
+        { peers: "trixie" },
+      ),
+    exportName: "",
+    maps: ["base:allocation"],
+  },
+  {
+    name: "nbdkit 1.32 oldstyle",
+    start: () => nbdkit(["-o", "pattern", "4M"], { reach: "trixie" }),
+    exportName: "",
+    maps: [],
+  },
+  {
+    name: "nbdkit 1.42 without structured replies",
+    start: () => nbdkit(["--no-sr", "pattern", "4M"], { peers: "trixie" }),
+    exportName: "",
+    maps: [],
+    contextsWithoutStructuredReplies: true,
+  },
+  {
+    name: "qemu-nbd 10 qcow2: extended headers, block status payload",
+    start: async () => {
+      const dir = await tempDir("trixie");
+      const image = `${dir}/disk.qcow2`;
+      await run(
+        "qemu-img",
+        ["create", "-q", "-f", "qcow2", image, "4M"],
+        "trixie",
+      );
+      await run("qemu-img", ["bitmap", "--add", image, "b0"], "trixie");
+      await run(
+        "qemu-io",
+        ["-f", "qcow2", "-c", "write -P 0x55 1M 64k", image],
+        "trixie",
+      );
+      const server = await qemuNbd(
+        ["-f", "qcow2", "-x", "disk", "-D", "a qcow2", "-A", "-B", "b0", image],
+        { dir, peers: "trixie" },
+      );
+      return {
+        ...server,
+        stop: async () => {
+          await server.stop();
+          await Deno.remove(dir, { recursive: true });
+        },
+      };
+    },
+    exportName: "disk",
+    maps: ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"],
+  },
+  {
+    name: "qemu-nbd 7.2 read-only raw",
+    start: async () => {
+      const dir = await tempDir("trixie");
+      const image = `${dir}/disk.raw`;
+      await run("qemu-img", ["create", "-q", "-f", "raw", image, "2M"]);
+      await run("qemu-io", ["-f", "raw", "-c", "write -P 0x11 0 64k", image]);
+      const server = await qemuNbd(
+        ["-f", "raw", "-r", "-x", "ro", image],
+        { dir },
+      );
+      return {
+        ...server,
+        stop: async () => {
+          await server.stop();
+          await Deno.remove(dir, { recursive: true });
+        },
+      };
+    },
+    exportName: "ro",
+    maps: ["base:allocation"],
+  },
+];
+
+Deno.test({
+  name:
+    "info prints what nbdinfo 1.22 prints, field for field, and covers nbdinfo 1.14",
+  async fn(t) {
+    for (const d of DESCRIBED) {
+      await t.step(d.name, async () => {
+        const server = await d.start();
+        try {
+          const uri = server.uri(d.exportName);
+          const text = await runTool("info", [uri]);
+          assert.equal(text.code, 0, text.stderr);
+          let theirsText = await nbdinfo122(["--no-content", uri]);
+          const json = await runTool("info", ["--json", uri]);
+          assert.equal(json.code, 0, json.stderr);
+          const ours = JSON.parse(json.text);
+          const theirs = JSON.parse(
+            await nbdinfo122(["--no-content", "--json", uri]),
+          );
+          if (d.contextsWithoutStructuredReplies) {
+            assert.ok(theirs.exports[0].contexts.length > 0);
+            assert.equal(ours.exports[0].contexts, undefined);
+            delete theirs.exports[0].contexts;
+            assert.notEqual(withoutContexts(theirsText), theirsText);
+            theirsText = withoutContexts(theirsText);
+          }
+          assert.equal(text.text, theirsText);
+          assert.deepEqual(ours, theirs);
+          assert.deepEqual(keyOrder(ours), keyOrder(theirs), "field order");
+          // nbdinfo 1.14 knows fewer fields; those it prints agree.
+          assertCovers(ours, await nbdinfo([uri]), `${d.name} (1.14)`);
+          for (const context of d.maps) {
+            const map = await runTool("info", [`--map=${context}`, uri]);
+            assert.equal(map.code, 0, map.stderr);
+            assert.equal(map.text, await nbdinfo122([`--map=${context}`, uri]));
+            const mapJson = await runTool("info", [
+              `--map=${context}`,
+              "--json",
+              uri,
+            ]);
+            assert.deepEqual(
+              JSON.parse(mapJson.text),
+              JSON.parse(
+                await nbdinfo122([`--map=${context}`, "--json", uri]),
+              ),
+              `--map=${context} --json`,
+            );
+          }
+          if (d.maps.length > 0) {
+            const totals = await runTool("info", ["--map", "--totals", uri]);
+            assert.equal(
+              totals.text,
+              await nbdinfo122(["--map", "--totals", uri]),
+            );
+          }
+        } finally {
+          await server.stop();
+        }
+      });
+    }
+    await t.step("--list against both versions", async () => {
+      const server = await nbdkit([
+        "--filter=exportname",
+        "memory",
+        "1M",
+        "exportname-list=explicit",
+        "exportname=a",
+        "exportname=b",
+        "exportdesc=fixed:a disk",
+      ], { peers: "trixie" });
+      try {
+        const uri = server.uri();
+        const ours = await runTool("info", ["--list", uri]);
+        assert.equal(ours.code, 0, ours.stderr);
+        assert.equal(
+          ours.text,
+          await nbdinfo122(["--no-content", "--list", uri]),
+        );
+        const json = await runTool("info", ["--list", "--json", uri]);
+        assert.deepEqual(
+          JSON.parse(json.text),
+          JSON.parse(
+            await nbdinfo122(["--no-content", "--list", "--json", uri]),
+          ),
+        );
+        assertCovers(
+          JSON.parse(json.text),
+          await nbdinfo(["--list", uri]),
+          "--list (1.14)",
+        );
+      } finally {
+        await server.stop();
+      }
+    });
   },
 });

@@ -9,9 +9,12 @@
  * There is no network device at all.
  *
  * Run by hand: `deno run -A tests/kernel/harness.ts 'sh tests/kernel/guest.sh'`
+ * (`KT_KERNEL=trixie` boots Debian 13's kernel instead of the host's).
  *
  * @module
  */
+
+import { TRIXIE_ROOT } from "../support/servers.ts";
 
 const HERE = new URL(".", import.meta.url).pathname;
 /** The repository root (tests/kernel/../..). */
@@ -66,6 +69,8 @@ export interface BootOptions {
   hostTimeout: number;
   /** Where results go; a fresh temporary directory by default. */
   resultsDir?: string;
+  /** Which kernel to boot: the host's (the default) or Debian 13's. */
+  kernel?: KernelChoice;
 }
 
 async function run(
@@ -105,21 +110,55 @@ async function which(name: string): Promise<string | null> {
   return null;
 }
 
-/** Newest kernel under /boot, by version order. */
-async function findKernel(): Promise<{ version: string; vmlinuz: string }> {
+/** A kernel the guest can boot, with its module tree. */
+export interface Kernel {
+  /** Whose kernel, for test names: `"Debian 12"`, `"Debian 13"`. */
+  distribution: string;
+  /** `uname -r` in the guest, e.g. `6.12.117+deb13-amd64`. */
+  version: string;
+  vmlinuz: string;
+  /** The directory holding `lib/modules/<version>` (`modprobe -d`). */
+  modulesBase: string;
+}
+
+/** Which kernels the tests boot: the host's and Debian 13's. */
+export type KernelChoice = "host" | "trixie";
+
+/**
+ * The newest kernel under `base`/boot with a module index, by version
+ * order: the host's own (`base` "/"), or Debian 13's, which `.ci/setup`
+ * unpacks under the Debian 13 root.
+ */
+export async function findKernel(
+  choice: KernelChoice = "host",
+): Promise<Kernel> {
+  const base = choice === "host" ? "" : `${TRIXIE_ROOT}/opt/nbd-deno-kernel`;
   const versions: string[] = [];
-  for await (const e of Deno.readDir("/boot")) {
-    const m = /^vmlinuz-(.+)$/.exec(e.name);
-    if (m?.[1] && await exists(`/lib/modules/${m[1]}/modules.dep`)) {
-      versions.push(m[1]);
+  try {
+    for await (const e of Deno.readDir(`${base}/boot`)) {
+      const m = /^vmlinuz-(.+)$/.exec(e.name);
+      if (m?.[1] && await exists(`${base}/lib/modules/${m[1]}/modules.dep`)) {
+        versions.push(m[1]);
+      }
     }
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) throw e;
   }
   versions.sort((a, b) => a.localeCompare(b, "en", { numeric: true }));
   const version = versions.at(-1);
   if (!version) {
-    throw new Error("No /boot/vmlinuz-* with modules under /lib/modules");
+    throw new Error(
+      choice === "host"
+        ? "No /boot/vmlinuz-* with modules under /lib/modules"
+        : `No Debian 13 kernel under ${base}: run "bash .ci/setup" as root`,
+    );
   }
-  return { version, vmlinuz: `/boot/vmlinuz-${version}` };
+  return {
+    distribution: choice === "host" ? "Debian 12" : "Debian 13",
+    version,
+    vmlinuz: `${base}/boot/vmlinuz-${version}`,
+    modulesBase: base || "/",
+  };
 }
 
 /**
@@ -135,6 +174,9 @@ export async function ensurePackages(): Promise<void> {
   } catch {
     missing.add("linux-image-amd64");
   }
+  // Debian 13's kernel comes with the root .ci/setup makes; say so now
+  // rather than after the other packages.
+  await findKernel("trixie");
   // What guest.sh runs from the host root it mounts.
   for (const [command, pkg] of GUEST_TOOLS) {
     const found = command.startsWith("/")
@@ -208,11 +250,18 @@ async function kernelImage(version: string, vmlinuz: string): Promise<string> {
 }
 
 /** The `.ko` files to load, dependencies first, without duplicates. */
-async function moduleFiles(version: string): Promise<string[]> {
+async function moduleFiles(kernel: Kernel): Promise<string[]> {
   const files: string[] = [];
   for (const name of MODULES) {
     const text = new TextDecoder().decode(
-      await run("modprobe", ["-S", version, "--show-depends", name]),
+      await run("modprobe", [
+        "-d",
+        kernel.modulesBase,
+        "-S",
+        kernel.version,
+        "--show-depends",
+        name,
+      ]),
     );
     for (const line of text.split("\n")) {
       const m = /^insmod (\S+)/.exec(line.trim());
@@ -243,14 +292,15 @@ async function cpio(dir: string, out: string): Promise<void> {
  * Builds (or reuses) the initramfs: base cpio plus a cpio with deno. The
  * initrd is this run's own file (runs may overlap); the caller removes it.
  */
-export async function buildInitramfs(): Promise<
+export async function buildInitramfs(choice: KernelChoice = "host"): Promise<
   { kernel: string; initrd: string; version: string }
 > {
   const run_ = `run-${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`;
   const base = `${CACHE}/${run_}-base.cpio`;
   await Deno.mkdir(CACHE, { recursive: true });
-  const { version, vmlinuz } = await findKernel();
-  const kernel = await kernelImage(version, vmlinuz);
+  const found = await findKernel(choice);
+  const version = found.version;
+  const kernel = await kernelImage(version, found.vmlinuz);
 
   // The base part is small: rebuilt every time so init.sh edits show.
   const root = await Deno.makeTempDir({ dir: CACHE, prefix: "root-" });
@@ -264,7 +314,7 @@ export async function buildInitramfs(): Promise<
     await Deno.copyFile(`${HERE}init.sh`, `${root}/init`);
     await Deno.chmod(`${root}/init`, 0o755);
     const order: string[] = [];
-    for (const path of await moduleFiles(version)) {
+    for (const path of await moduleFiles(found)) {
       const base = path.split("/").at(-1)!.replace(/\.ko\.(xz|zst|gz)$/, ".ko");
       await Deno.writeFile(
         `${root}/lib/modules/${base}`,
@@ -323,7 +373,7 @@ export async function buildInitramfs(): Promise<
  */
 export async function boot(options: BootOptions): Promise<BootResult> {
   const started = performance.now();
-  const { kernel, initrd } = await buildInitramfs();
+  const { kernel, initrd } = await buildInitramfs(options.kernel);
   const resultsDir = options.resultsDir ??
     await Deno.makeTempDir({ dir: "/var/tmp", prefix: "nbd-kernel-" });
   const sharedRepo = /^\/(tmp|run)(\/|$)/.test(REPO_ROOT) ? REPO_ROOT : "";
@@ -414,6 +464,7 @@ export async function boot(options: BootOptions): Promise<BootResult> {
 if (import.meta.main) {
   await ensurePackages();
   const result = await boot({
+    kernel: Deno.env.get("KT_KERNEL") === "trixie" ? "trixie" : "host",
     command: Deno.args[0] ?? "echo hello from the guest; uname -r",
     guestDeadline: 240,
     hostTimeout: 270,

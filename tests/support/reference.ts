@@ -7,7 +7,7 @@
  */
 
 import type { Extent } from "../../mod.ts";
-import { run, runBytes } from "./servers.ts";
+import { type Peers, run, runBytes } from "./servers.ts";
 
 /** SHA-256 of bytes, in hex. */
 export async function sha256(bytes: Uint8Array): Promise<string> {
@@ -21,14 +21,20 @@ export async function sha256(bytes: Uint8Array): Promise<string> {
   ).join("");
 }
 
-/** The whole export as `nbdcopy` reads it. */
-export function referenceBytes(uri: string): Promise<Uint8Array> {
-  return runBytes("nbdcopy", [uri, "-"]);
+/** The whole export as `nbdcopy` (the host's, or the Debian 13 root's) reads it. */
+export function referenceBytes(
+  uri: string,
+  peers: Peers = "host",
+): Promise<Uint8Array> {
+  return runBytes("nbdcopy", [uri, "-"], peers);
 }
 
 /** The SHA-256 of the whole export as `nbdcopy` reads it. */
-export async function exportHash(uri: string): Promise<string> {
-  return await sha256(await referenceBytes(uri));
+export async function exportHash(
+  uri: string,
+  peers: Peers = "host",
+): Promise<string> {
+  return await sha256(await referenceBytes(uri, peers));
 }
 
 /** One entry of `nbdinfo --map --json`. */
@@ -45,9 +51,10 @@ interface MapEntry {
 export async function referenceMap(
   uri: string,
   context = "base:allocation",
+  peers: Peers = "host",
 ): Promise<Extent[]> {
   const map: MapEntry[] = JSON.parse(
-    await run("nbdinfo", [`--map=${context}`, "--json", uri]),
+    await run("nbdinfo", [`--map=${context}`, "--json", uri], peers),
   );
   const out: Extent[] = [];
   for (const m of map) {

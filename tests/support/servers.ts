@@ -4,6 +4,13 @@
  * private Unix socket (or a loopback port) in a fresh temporary directory,
  * and stopped in `finally`.
  *
+ * Two sets of peers: the host's (Debian 12: nbdkit 1.32, qemu 7.2, libnbd
+ * 1.14) and those of the Debian 13 root that `.ci/setup` makes (nbdkit
+ * 1.42, qemu 10.0, libnbd 1.22), run with `chroot`. A server or tool from
+ * the root works in a directory under the root, which the host reaches at
+ * `${TRIXIE_ROOT}/…` and the root at `/…`: paths in its arguments are
+ * translated, so callers pass host paths and host-path URIs throughout.
+ *
  * Readiness is polled (until a connect succeeds), never slept for; every
  * wait has a deadline; a server that dies early fails the test with its
  * own stderr. Each server's stderr goes to a log file in its
@@ -16,6 +23,52 @@
 import type { ConnectOptions } from "../../mod.ts";
 import { until } from "./wait.ts";
 
+/**
+ * Where the Debian 13 root is (`.ci/setup` makes it there);
+ * `NBD_TRIXIE_ROOT` moves it.
+ */
+export const TRIXIE_ROOT: string = (Deno.env.get("NBD_TRIXIE_ROOT") ??
+  "/var/cache/nbd-deno/trixie-root").replace(/\/+$/, "");
+
+/** Whose programs: the host's (Debian 12) or the Debian 13 root's. */
+export type Peers = "host" | "trixie";
+
+/** For names and messages: `"Debian 13"`. */
+export function peersName(peers: Peers): string {
+  return peers === "host" ? "Debian 12" : "Debian 13";
+}
+
+/**
+ * Translates host paths under the root into the root's own view; anything
+ * else is left alone (and is out of the chroot'd program's reach).
+ */
+export function insideRoot(arg: string): string {
+  return arg.replaceAll(`${TRIXIE_ROOT}/`, "/");
+}
+
+/** The root must be there: a test never skips for want of it. */
+function needRoot(): void {
+  try {
+    Deno.statSync(`${TRIXIE_ROOT}/.nbd-deno-root`);
+  } catch {
+    throw new Error(
+      `The Debian 13 root is missing at ${TRIXIE_ROOT}: run "bash .ci/setup" ` +
+        "as root (tests/run.sh does)",
+    );
+  }
+}
+
+/** The command line that runs `program` from `peers`. */
+function command(
+  program: string,
+  args: string[],
+  peers: Peers,
+): [string, string[]] {
+  if (peers === "host") return [program, args];
+  needRoot();
+  return ["chroot", [TRIXIE_ROOT, program, ...args.map(insideRoot)]];
+}
+
 /** How long a server may take to start or to stop. */
 const START_DEADLINE_MS = 10_000;
 const STOP_DEADLINE_MS = 5_000;
@@ -25,6 +78,8 @@ const POLL_MS = 10;
 export interface Server {
   /** For messages: `"nbdkit memory"`. */
   readonly program: string;
+  /** Whose program it is. */
+  readonly peers: Peers;
   /** The server's private directory (socket, images, config, log). */
   readonly dir: string;
   /** The Unix socket, when the server listens on one. */
@@ -47,9 +102,14 @@ export interface Server {
   stop(): Promise<void>;
 }
 
-/** A fresh private directory for one server. */
-export function tempDir(): Promise<string> {
-  return Deno.makeTempDir({ prefix: "nbd-test-" });
+/**
+ * A fresh private directory for one server. For `"trixie"` it is under the
+ * root's `/tmp`, where both the host and the root's programs reach it.
+ */
+export function tempDir(peers: Peers = "host"): Promise<string> {
+  if (peers === "host") return Deno.makeTempDir({ prefix: "nbd-test-" });
+  needRoot();
+  return Deno.makeTempDir({ dir: `${TRIXIE_ROOT}/tmp`, prefix: "nbd-test-" });
 }
 
 /**
@@ -99,6 +159,7 @@ async function accepts(
 /** What to start and where it will listen. */
 interface Spawn {
   program: string;
+  peers: Peers;
   args: string[];
   dir: string;
   /** Remove `dir` on stop (true when the helper made it). */
@@ -183,15 +244,17 @@ async function spawn(s: Spawn): Promise<Server> {
     crypto.randomUUID().slice(0, 8)
   }.log`;
   const log = () => Deno.readTextFile(logPath).catch(() => "");
-  // `exec` keeps the pid the server's own, so signals reach it directly.
+  // `exec` keeps the pid the server's own, so signals reach it directly
+  // (chroot execs the program too).
+  const [program, args] = command(s.program, s.args, s.peers);
   const child = new Deno.Command("sh", {
     args: [
       "-c",
       'log="$1"; shift; exec "$@" 2>"$log"',
       "sh",
       logPath,
-      s.program,
-      ...s.args,
+      program,
+      ...args,
     ],
     stdin: "null",
     stdout: "null",
@@ -257,6 +320,7 @@ async function spawn(s: Spawn): Promise<Server> {
   }
   return {
     program: s.label,
+    peers: s.peers,
     dir: s.dir,
     socket: s.socket,
     port: s.port,
@@ -282,20 +346,38 @@ export interface Listen {
   dir?: string;
   /** Listen on a loopback TCP port instead of a Unix socket. */
   tcp?: boolean;
+  /** Run the server from the host (the default) or the Debian 13 root. */
+  peers?: Peers;
+  /**
+   * Whose tools must reach the socket: `"trixie"` puts a host server's
+   * directory under the root too (a root server's always is).
+   */
+  reach?: Peers;
 }
 
 async function place(
   program: string,
   where: Listen,
-): Promise<Pick<Spawn, "dir" | "ownDir" | "socket" | "port">> {
+): Promise<Pick<Spawn, "dir" | "ownDir" | "socket" | "port" | "peers">> {
+  const peers = where.peers ?? "host";
   const ownDir = where.dir === undefined;
-  const dir = where.dir ?? await tempDir();
-  if (where.tcp) return { dir, ownDir, port: freePort() };
+  const dir = where.dir ?? await tempDir(where.reach ?? peers);
+  if (peers === "trixie" && !dir.startsWith(`${TRIXIE_ROOT}/`)) {
+    throw new Error(
+      `A server from the Debian 13 root needs a directory under ${TRIXIE_ROOT}, not ${dir} (use tempDir("trixie"))`,
+    );
+  }
+  if (where.tcp) return { dir, ownDir, peers, port: freePort() };
   return {
     dir,
     ownDir,
+    peers,
     socket: `${dir}/${program}-${crypto.randomUUID().slice(0, 8)}.sock`,
   };
+}
+
+function label(peers: Peers): string {
+  return peers === "host" ? "" : ` (${peersName(peers)})`;
 }
 
 /**
@@ -316,7 +398,7 @@ export async function nbdkit(
     program: "nbdkit",
     args: ["-f", "--exit-with-parent", ...listen, ...args],
     ...p,
-    label: `nbdkit ${args.join(" ")}`,
+    label: `nbdkit ${args.join(" ")}${label(p.peers)}`,
   });
 }
 
@@ -338,7 +420,7 @@ export async function qemuNbd(
     program: "qemu-nbd",
     args: ["--persistent", "--shared=8", ...listen, ...args],
     ...p,
-    label: `qemu-nbd ${args.join(" ")}`,
+    label: `qemu-nbd ${args.join(" ")}${label(p.peers)}`,
   });
 }
 
@@ -389,14 +471,17 @@ export async function nbdServer(
 /**
  * Runs a program to prepare a fixture (`qemu-img`, `qemu-io`) or to ask a
  * reference tool (`nbdcopy`), with a deadline, and returns its stdout as
- * bytes; a failure throws with its stderr.
+ * bytes; a failure throws with its stderr. From the Debian 13 root, host
+ * paths under the root in `args` are translated (see the module doc).
  */
 export async function runBytes(
   program: string,
   args: string[],
+  peers: Peers = "host",
 ): Promise<Uint8Array> {
-  const out = await new Deno.Command(program, {
-    args,
+  const [cmd, cmdArgs] = command(program, args, peers);
+  const out = await new Deno.Command(cmd, {
+    args: cmdArgs,
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
@@ -404,7 +489,7 @@ export async function runBytes(
   }).output();
   if (!out.success) {
     throw new Error(
-      `${program} ${args.join(" ")} failed with ${out.code}: ${
+      `${program} ${args.join(" ")}${label(peers)} failed with ${out.code}: ${
         new TextDecoder().decode(out.stderr)
       }`,
     );
@@ -413,8 +498,12 @@ export async function runBytes(
 }
 
 /** {@linkcode runBytes}, with stdout as text. */
-export async function run(program: string, args: string[]): Promise<string> {
-  return new TextDecoder().decode(await runBytes(program, args));
+export async function run(
+  program: string,
+  args: string[],
+  peers: Peers = "host",
+): Promise<string> {
+  return new TextDecoder().decode(await runBytes(program, args, peers));
 }
 
 /** Makes a sparse file of `size` bytes. */

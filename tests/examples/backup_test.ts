@@ -1,0 +1,730 @@
+/**
+ * `copy --dirty`: incremental backups from a qcow2 persistent dirty bitmap
+ * served by qemu-nbd, and the walk and plan behind them.
+ *
+ * The fixture does what a backup tool does: fill a disk, take a full copy,
+ * add a bitmap, let "the guest" write at scattered offsets, then copy only
+ * the dirty extents onto the full copy.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import { connect } from "../../mod.ts";
+import {
+  alignMap,
+  type DirtyMap,
+  formatMap,
+  parseMask,
+  planDirty,
+  type StatusExtent,
+  walkDirty,
+} from "../../examples/copy/dirty.ts";
+import {
+  nbdkit,
+  qemuNbd,
+  run,
+  type Server,
+  tempDir,
+} from "../support/servers.ts";
+import { referenceBytes, referenceMap, sha256 } from "../support/reference.ts";
+import { seeded } from "../support/random.ts";
+import { runTool } from "./_tools.ts";
+
+const SIZE = 32 * 1024 * 1024;
+const MiB = 1024 * 1024;
+/** The bitmap's granularity: what one dirty bit covers. */
+const GRANULE = 64 * 1024;
+const BITMAP = "qemu:dirty-bitmap:b0";
+
+/**
+ * Where "the guest" writes after the full copy: unaligned and sub-granule
+ * writes (which dirty whole granules), one across a granule boundary, a
+ * zeroed range (which the copy must write as zeroes), one longer than a
+ * request, and one at the very end. In offset order.
+ */
+const WRITES: Array<[offset: number, length: number, zero?: "zero"]> = [
+  [0, 4096],
+  [3 * MiB + GRANULE, 2 * GRANULE],
+  [10 * MiB - 1000, 3000],
+  [12 * MiB, 2 * GRANULE, "zero"],
+  [20 * MiB, MiB + 12345],
+  [SIZE - GRANULE, GRANULE],
+];
+
+/** The extents the bitmap must report for {@linkcode WRITES}. */
+function expectedExtents(): Array<{ offset: number; length: number }> {
+  const out: Array<{ offset: number; length: number }> = [];
+  for (const [offset, length] of WRITES) {
+    const a = Math.floor(offset / GRANULE) * GRANULE;
+    const b = Math.ceil((offset + length) / GRANULE) * GRANULE;
+    const last = out.at(-1);
+    if (last && last.offset + last.length >= a) {
+      last.length = Math.max(last.length, b - last.offset);
+    } else {
+      out.push({ offset: a, length: b - a });
+    }
+  }
+  return out;
+}
+
+/** The counters of `copy -v`'s summary for an incremental copy. */
+function dirtyStats(stderr: string): {
+  dirty: number;
+  extents: number;
+  copied: number;
+  lanes: number;
+  read: number;
+  wrote: number;
+  zeroed: number;
+} {
+  const m =
+    /copy: (\d+) dirty bytes in (\d+) extent\(s\) of \d+, copied (\d+) in [\d.]+ s over (\d+) connection\(s\): read (\d+), wrote (\d+), zeroed (\d+)/
+      .exec(stderr);
+  assert.ok(m, `no summary in: ${stderr}`);
+  const [dirty, extents, copied, lanes, read, wrote, zeroed] = m.slice(1).map(
+    Number,
+  ) as [number, number, number, number, number, number, number];
+  return { dirty, extents, copied, lanes, read, wrote, zeroed };
+}
+
+/** What one run of the fixture made. */
+interface Backup {
+  dir: string;
+  /** The qcow2 with bitmap `b0`, after the scattered writes. */
+  image: string;
+  /** The full copy taken before the bitmap was added. */
+  full: string;
+}
+
+/**
+ * A qcow2 filled with a pattern (a different byte per MiB), a full copy of
+ * it taken with `copy`, then bitmap `b0` added and {@linkcode WRITES} made
+ * through the library while qemu-nbd exports the bitmap.
+ */
+async function makeBackup(): Promise<Backup> {
+  const dir = await tempDir();
+  const image = `${dir}/disk.qcow2`;
+  const full = `${dir}/full.raw`;
+  await run("qemu-img", ["create", "-q", "-f", "qcow2", image, String(SIZE)]);
+  const fill: string[] = [];
+  for (let i = 0; i < SIZE / MiB; i++) {
+    fill.push("-c", `write -q -P ${0x40 + i} ${i * MiB} ${MiB}`);
+  }
+  await run("qemu-io", ["-f", "qcow2", ...fill, image]);
+
+  const ro = await qemuNbd(["-r", "-f", "qcow2", image], { dir });
+  try {
+    const r = await runTool("copy", [ro.uri(), full]);
+    assert.equal(r.code, 0, r.stderr);
+  } finally {
+    await ro.stop();
+  }
+
+  await run("qemu-img", [
+    "bitmap",
+    "--add",
+    "--enable",
+    "-g",
+    String(GRANULE),
+    image,
+    "b0",
+  ]);
+  const rw = await qemuNbd(["-f", "qcow2", "-B", "b0", image], { dir });
+  try {
+    await using nbd = await connect(rw.target());
+    const next = seeded(13);
+    for (const [offset, length, zero] of WRITES) {
+      if (zero) {
+        await nbd.writeZeroes(offset, length);
+        continue;
+      }
+      const data = new Uint8Array(length);
+      for (let i = 0; i < length; i++) data[i] = next() & 0xff;
+      await nbd.write(offset, data);
+    }
+    await nbd.flush();
+  } finally {
+    await rw.stop();
+  }
+  return { dir, image, full };
+}
+
+/** A copy of the full backup to update, named `name`. */
+async function copyOfFull(b: Backup, name: string): Promise<string> {
+  const path = `${b.dir}/${name}`;
+  await Deno.copyFile(b.full, path);
+  return path;
+}
+
+/** Serves the image writable, with its bitmap, as a backup reads it. */
+function serve(b: Backup, extra: string[] = []): Promise<Server> {
+  return qemuNbd([...extra, "-f", "qcow2", "-B", "b0", b.image], {
+    dir: b.dir,
+  });
+}
+
+/** Bytes `[offset, offset + length)` of a file. */
+async function slice(
+  path: string,
+  offset: number,
+  length: number,
+): Promise<Uint8Array> {
+  return (await Deno.readFile(path)).subarray(offset, offset + length);
+}
+
+Deno.test({
+  name: "copy --dirty: an incremental backup from a qemu dirty bitmap",
+  async fn(t) {
+    const b = await makeBackup();
+    try {
+      const full = await Deno.readFile(b.full);
+      const src = await serve(b);
+      let current: Uint8Array;
+      try {
+        current = await referenceBytes(src.uri());
+        assert.notEqual(await sha256(current), await sha256(full));
+        const want = expectedExtents();
+        const dirtyBytes = want.reduce((n, e) => n + e.length, 0);
+
+        await t.step("--map-only prints the extents written", async () => {
+          const r = await runTool("copy", [
+            `--dirty=${BITMAP}`,
+            "--map-only",
+            src.uri(),
+          ]);
+          assert.equal(r.code, 0, r.stderr);
+          assert.equal(r.stderr, "");
+          const lines = r.text.trimEnd().split("\n").map((l) =>
+            l.trim().split(/ +/).map(Number)
+          );
+          assert.deepEqual(lines, want.map((e) => [e.offset, e.length]));
+        });
+
+        await t.step("--map-only --json prints them as JSON", async () => {
+          const r = await runTool("copy", [
+            `--dirty=${BITMAP}`,
+            "--map-only",
+            "--json",
+            src.uri(),
+            `${b.dir}/never-made.raw`,
+          ]);
+          assert.equal(r.code, 0, r.stderr);
+          assert.deepEqual(JSON.parse(r.text), want);
+          // The dry run neither needs nor touches a destination.
+          await assert.rejects(
+            Deno.stat(`${b.dir}/never-made.raw`),
+            Deno.errors.NotFound,
+          );
+        });
+
+        await t.step(
+          "onto the full copy gives the source's image",
+          async () => {
+            const inc = await copyOfFull(b, "inc.raw");
+            const r = await runTool("copy", [
+              "-v",
+              `--dirty=${BITMAP}`,
+              src.uri(),
+              inc,
+            ]);
+            assert.equal(r.code, 0, r.stderr);
+            const s = dirtyStats(r.stderr);
+            assert.equal(s.dirty, dirtyBytes);
+            assert.equal(s.extents, want.length);
+            assert.equal(s.copied, dirtyBytes);
+            assert.equal(s.read, dirtyBytes, "read only the dirty extents");
+            assert.equal(
+              s.wrote,
+              dirtyBytes,
+              "zeroes written as data in a file",
+            );
+            assert.equal(
+              await sha256(await Deno.readFile(inc)),
+              await sha256(current),
+            );
+          },
+        );
+
+        await t.step(
+          "no byte outside the dirty extents is written",
+          async () => {
+            // Marks in clean places of the destination survive the copy: it
+            // writes nowhere else (nor truncates, nor zeroes).
+            const inc = await copyOfFull(b, "marked.raw");
+            const marks = [2 * MiB, 15 * MiB + 7, SIZE - GRANULE - 512];
+            const f = await Deno.open(inc, { write: true });
+            for (const m of marks) {
+              await f.seek(m, Deno.SeekMode.Start);
+              await f.write(new Uint8Array(512).fill(0xee));
+            }
+            f.close();
+            const r = await runTool("copy", [
+              `--dirty=${BITMAP}`,
+              src.uri(),
+              inc,
+            ]);
+            assert.equal(r.code, 0, r.stderr);
+            const after = await Deno.readFile(inc);
+            assert.equal(after.length, SIZE);
+            const expected = current.slice();
+            for (const m of marks) expected.fill(0xee, m, m + 512);
+            assert.equal(await sha256(after), await sha256(expected));
+          },
+        );
+
+        await t.step("onto an NBD destination", async () => {
+          const copy = await copyOfFull(b, "served.raw");
+          const dst = await qemuNbd(["-f", "raw", copy], { dir: b.dir });
+          try {
+            const r = await runTool("copy", [
+              "-v",
+              "--flush",
+              `--dirty=${BITMAP}`,
+              src.uri(),
+              dst.uri(),
+            ]);
+            assert.equal(r.code, 0, r.stderr);
+            const s = dirtyStats(r.stderr);
+            assert.equal(s.read, dirtyBytes);
+            // The zeroed range goes as WRITE_ZEROES, and only inside it.
+            assert.equal(s.zeroed, 2 * GRANULE);
+            assert.equal(
+              await sha256(await referenceBytes(dst.uri())),
+              await sha256(current),
+            );
+          } finally {
+            await dst.stop();
+          }
+        });
+
+        await t.step(
+          "onto a block device, and not one of another size",
+          async () => {
+            const copy = await copyOfFull(b, "loop.raw");
+            const short = `${b.dir}/short-loop.raw`;
+            await Deno.writeFile(
+              short,
+              (await slice(b.full, 0, SIZE / 2)).slice(),
+            );
+            const before = await fingerprint(short);
+            const device = (await run("losetup", ["-f", "--show", copy]))
+              .trim();
+            let shortDevice: string | undefined;
+            try {
+              const r = await runTool("copy", [
+                "-v",
+                "--flush",
+                `--dirty=${BITMAP}`,
+                src.uri(),
+                device,
+              ]);
+              assert.equal(r.code, 0, r.stderr);
+              assert.equal(dirtyStats(r.stderr).read, dirtyBytes);
+              shortDevice = (await run("losetup", ["-f", "--show", short]))
+                .trim();
+              const bad = await runTool("copy", [
+                `--dirty=${BITMAP}`,
+                src.uri(),
+                shortDevice,
+              ]);
+              assert.equal(bad.code, 1);
+              assert.equal(
+                bad.stderr,
+                `copy: ${shortDevice} has ${
+                  SIZE / 2
+                } bytes and the source ${SIZE}: --dirty updates a copy of the same size\n`,
+              );
+            } finally {
+              await run("losetup", ["-d", device]);
+              if (shortDevice) await run("losetup", ["-d", shortDevice]);
+            }
+            assert.equal(
+              await sha256(await Deno.readFile(copy)),
+              await sha256(current),
+            );
+            assert.equal(await fingerprint(short), before);
+          },
+        );
+
+        await t.step("with the progress bar's N/100 lines", async () => {
+          const inc = await copyOfFull(b, "progress.raw");
+          const r = await runTool("copy", [
+            "--progress=2",
+            `--dirty=${BITMAP}`,
+            src.uri(),
+            inc,
+          ]);
+          assert.equal(r.code, 0, r.stderr);
+          const lines = r.stderr.trim().split("\n");
+          for (const line of lines) assert.match(line, /^\d+\/100$/);
+          assert.equal(lines.at(-1), "100/100");
+          assert.equal(
+            await sha256(await Deno.readFile(inc)),
+            await sha256(current),
+          );
+        });
+
+        await t.step("--dirty-flags picks the bits that mark", async () => {
+          // qemu's bitmaps only ever set bit 0: a mask without it finds
+          // nothing, and a copy with it reads nothing.
+          const none = await runTool("copy", [
+            `--dirty=${BITMAP}`,
+            "--dirty-flags=0x2",
+            "--map-only",
+            "--json",
+            src.uri(),
+          ]);
+          assert.equal(none.code, 0, none.stderr);
+          assert.deepEqual(JSON.parse(none.text), []);
+          const inc = await copyOfFull(b, "flags.raw");
+          const r = await runTool("copy", [
+            "-v",
+            "--progress=2",
+            `--dirty=${BITMAP}`,
+            "--dirty-flags=2",
+            src.uri(),
+            inc,
+          ]);
+          assert.equal(r.code, 0, r.stderr);
+          assert.equal(dirtyStats(r.stderr).read, 0);
+          // Nothing to do is all of it done.
+          assert.match(r.stderr, /^100\/100\ncopy: 0 dirty bytes/);
+          assert.equal(
+            await sha256(await Deno.readFile(inc)),
+            await sha256(full),
+          );
+        });
+      } finally {
+        await src.stop();
+      }
+
+      await t.step("-C 2 against qemu-nbd --shared=2", async () => {
+        const shared = await serve(b, ["--shared=2"]);
+        try {
+          const inc = await copyOfFull(b, "two.raw");
+          const r = await runTool("copy", [
+            "-v",
+            "-C",
+            "2",
+            "--request-size=64k",
+            `--dirty=${BITMAP}`,
+            shared.uri(),
+            inc,
+          ]);
+          assert.equal(r.code, 0, r.stderr);
+          const s = dirtyStats(r.stderr);
+          assert.equal(s.lanes, 2);
+          assert.equal(s.read, s.dirty);
+          assert.equal(
+            await sha256(await Deno.readFile(inc)),
+            await sha256(current),
+          );
+        } finally {
+          await shared.stop();
+        }
+      });
+
+      await t.step("qemu-img compare agrees", async () => {
+        const inc = `${b.dir}/inc.raw`;
+        const out = await run("qemu-img", [
+          "compare",
+          "-f",
+          "raw",
+          "-F",
+          "qcow2",
+          inc,
+          b.image,
+        ]);
+        assert.match(out, /Images are identical/);
+      });
+    } finally {
+      await Deno.remove(b.dir, { recursive: true });
+    }
+  },
+});
+
+/** Everything about a file that a refused copy must leave alone. */
+async function fingerprint(path: string): Promise<string> {
+  const info = await Deno.stat(path);
+  return `${info.size} ${info.mtime?.getTime()} ${await sha256(
+    await Deno.readFile(path),
+  )}`;
+}
+
+Deno.test({
+  name: "copy --dirty: refusals are one line, exit 1, and write nothing",
+  async fn(t) {
+    const b = await makeBackup();
+    const src = await serve(b);
+    try {
+      /** A runtime refusal: one line matching `message`, status 1. */
+      const refused = async (args: string[], message: RegExp) => {
+        const r = await runTool("copy", args);
+        assert.equal(r.code, 1, r.stderr);
+        assert.equal(r.stderr.trimEnd().split("\n").length, 1, r.stderr);
+        assert.match(r.stderr, message);
+        assert.equal(r.text, "");
+      };
+
+      await t.step("a smaller or larger file", async () => {
+        for (const size of [SIZE / 2, SIZE + 512]) {
+          const other = `${b.dir}/other-${size}.raw`;
+          await Deno.writeFile(
+            other,
+            (await slice(b.full, 0, Math.min(size, SIZE))).slice(),
+          );
+          if (size > SIZE) {
+            const f = await Deno.open(other, { write: true });
+            await f.truncate(size);
+            f.close();
+          }
+          const before = await fingerprint(other);
+          await refused(
+            [`--dirty=${BITMAP}`, src.uri(), other],
+            new RegExp(
+              `^copy: ${other} has ${size} bytes and the source ${SIZE}: --dirty updates a copy of the same size\n$`,
+            ),
+          );
+          assert.equal(await fingerprint(other), before);
+        }
+      });
+
+      await t.step("an NBD export of another size", async () => {
+        const file = `${b.dir}/small-export.raw`;
+        await Deno.writeFile(file, (await slice(b.full, 0, SIZE / 4)).slice());
+        const before = await fingerprint(file);
+        const dst = await qemuNbd(["-f", "raw", file], { dir: b.dir });
+        try {
+          await refused(
+            [`--dirty=${BITMAP}`, src.uri(), dst.uri()],
+            /^copy: nbd\+unix:.* has 8388608 bytes and the source 33554432: --dirty updates a copy of the same size\n$/,
+          );
+        } finally {
+          await dst.stop();
+        }
+        assert.equal(await fingerprint(file), before);
+      });
+
+      await t.step("a missing destination is not created", async () => {
+        const missing = `${b.dir}/missing.raw`;
+        await refused(
+          [`--dirty=${BITMAP}`, src.uri(), missing],
+          /^copy: .*missing\.raw: no such file; --dirty updates an earlier full copy of the source\n$/,
+        );
+        await assert.rejects(Deno.stat(missing), Deno.errors.NotFound);
+      });
+
+      await t.step("a context the source does not offer", async () => {
+        const inc = await copyOfFull(b, "unoffered.raw");
+        const before = await fingerprint(inc);
+        await refused(
+          ["--dirty=qemu:dirty-bitmap:nope", src.uri(), inc],
+          /^copy: nbd\+unix:.*: the source does not offer qemu:dirty-bitmap:nope; it offers base:allocation, qemu:dirty-bitmap:b0\n$/,
+        );
+        await refused(
+          ["--dirty=qemu:dirty-bitmap:nope", "--map-only", src.uri()],
+          /does not offer qemu:dirty-bitmap:nope; it offers .*qemu:dirty-bitmap:b0/,
+        );
+        assert.equal(await fingerprint(inc), before);
+      });
+
+      await t.step("usage errors, before anything is opened", async () => {
+        const inc = await copyOfFull(b, "usage.raw");
+        const before = await fingerprint(inc);
+        const cases: Array<[string[], RegExp]> = [
+          [
+            [`--dirty=${BITMAP}`, b.full, inc],
+            /needs an NBD URI as the SOURCE/,
+          ],
+          [[`--dirty=${BITMAP}`, src.uri(), "-"], /needs a DESTINATION that/],
+          [[`--dirty=${BITMAP}`, src.uri(), "null:"], /needs a DESTINATION/],
+          [["--dirty=nocolon", src.uri(), inc], /is not a metadata context/],
+          [
+            [`--dirty=${BITMAP}`, "--dirty-flags=0", src.uri(), inc],
+            /--dirty-flags: expected a mask/,
+          ],
+          [
+            [`--dirty=${BITMAP}`, "--dirty-flags=0x1g", src.uri(), inc],
+            /--dirty-flags/,
+          ],
+          [
+            [`--dirty=${BITMAP}`, "--no-extents", src.uri(), inc],
+            /--no-extents cannot be used with --dirty/,
+          ],
+          [
+            [`--dirty=${BITMAP}`, "--destination-is-zero", src.uri(), inc],
+            /cannot be used with --dirty/,
+          ],
+          [["--map-only", src.uri()], /--map-only needs --dirty/],
+          [["--dirty-flags=1", src.uri(), inc], /--dirty-flags needs --dirty/],
+          [
+            [`--dirty=${BITMAP}`, "--json", src.uri(), inc],
+            /--json needs --map-only/,
+          ],
+          [
+            [`--dirty=${BITMAP}`, src.uri()],
+            /expected a SOURCE and a DESTINATION/,
+          ],
+        ];
+        for (const [args, message] of cases) {
+          const r = await runTool("copy", args);
+          assert.equal(r.code, 1, `${args.join(" ")}: ${r.stderr}`);
+          assert.match(r.stderr, new RegExp(`^copy: .*${message.source}`));
+          assert.match(r.stderr, /\nTry 'copy --help'\.\n$/);
+        }
+        assert.equal(await fingerprint(inc), before);
+      });
+    } finally {
+      await src.stop();
+      await Deno.remove(b.dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "copy --dirty: any context, e.g. the zero extents of base:allocation",
+  async fn() {
+    const src = await nbdkit([
+      "sparse-random",
+      "size=16M",
+      "percent=40",
+      "seed=7",
+      "runlength=262144",
+    ]);
+    try {
+      const zero = (await referenceMap(src.uri())).filter((e) => e.flags & 2)
+        .map((e) => ({ offset: e.offset, length: e.length }));
+      assert.ok(zero.length > 1);
+      const r = await runTool("copy", [
+        "--dirty=base:allocation",
+        "--dirty-flags=0x2",
+        "--map-only",
+        "--json",
+        src.uri(),
+      ]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.deepEqual(JSON.parse(r.text), zero);
+    } finally {
+      await src.stop();
+    }
+  },
+});
+
+/** A status query that answers from `extents`, at most `most` at a time. */
+function fakeStatus(
+  extents: StatusExtent[],
+  most: number,
+  asked: Array<[number, number]>,
+): (offset: number, length: number) => Promise<StatusExtent[]> {
+  return (offset, length) => {
+    asked.push([offset, length]);
+    const out: StatusExtent[] = [];
+    let pos = 0;
+    for (const e of extents) {
+      const end = pos + e.length;
+      if (end > offset && out.length < most) {
+        out.push({ length: end - Math.max(pos, offset), flags: e.flags });
+      }
+      pos = end;
+    }
+    return Promise.resolve(out);
+  };
+}
+
+Deno.test("walkDirty() follows short replies to the end", async (t) => {
+  const signal = new AbortController().signal;
+  const extents: StatusExtent[] = [
+    { length: 4096, flags: 1 },
+    { length: 4096, flags: 1 },
+    { length: 8192, flags: 0 },
+    { length: 4096, flags: 3 },
+    { length: 4096, flags: 2 },
+    { length: 8192, flags: 1 },
+  ];
+  const size = 32768;
+
+  await t.step("one extent per reply, continuing where it ended", async () => {
+    const asked: Array<[number, number]> = [];
+    const map = await walkDirty(fakeStatus(extents, 1, asked), size, 1, signal);
+    assert.deepEqual(asked.map((a) => a[0]), [
+      0,
+      4096,
+      8192,
+      16384,
+      20480,
+      24576,
+    ]);
+    assert.deepEqual(map, {
+      offsets: [0, 16384, 24576],
+      lengths: [8192, 4096, 8192],
+      bytes: 20480,
+    });
+  });
+
+  await t.step("a mask picks other bits", async () => {
+    const map = await walkDirty(fakeStatus(extents, 99, []), size, 2, signal);
+    assert.deepEqual(map, { offsets: [16384], lengths: [8192], bytes: 8192 });
+  });
+
+  await t.step("a reply past the end is cut at the end", async () => {
+    const long = [{ length: 1 << 30, flags: 1 }];
+    const map = await walkDirty(fakeStatus(long, 1, []), size, 1, signal);
+    assert.deepEqual(map, { offsets: [0], lengths: [size], bytes: size });
+  });
+
+  await t.step("an empty reply is an error, not a loop", async () => {
+    await assert.rejects(
+      walkDirty(() => Promise.resolve([]), size, 1, signal),
+      /no extents returned at offset 0/,
+    );
+  });
+});
+
+Deno.test("alignMap(), planDirty(), formatMap() and parseMask()", async () => {
+  const map: DirtyMap = {
+    offsets: [100, 700, 5000],
+    lengths: [200, 100, 24],
+    bytes: 324,
+  };
+  assert.deepEqual(alignMap(map, 512, 5020), {
+    offsets: [0, 4608],
+    lengths: [1024, 412],
+    bytes: 1436,
+  });
+  assert.equal(alignMap(map, 1, 5024), map);
+
+  const items = [];
+  for await (
+    const item of planDirty({
+      offsets: [0, 10000],
+      lengths: [2500, 10],
+      bytes: 2510,
+    }, 1024)
+  ) {
+    items.push([item.offset, item.length, item.zero]);
+  }
+  assert.deepEqual(items, [
+    [0, 1024, false],
+    [1024, 1024, false],
+    [2048, 452, false],
+    [10000, 10, false],
+  ]);
+
+  assert.equal(formatMap(map, false), " 100  200\n 700  100\n5000   24\n");
+  assert.deepEqual(JSON.parse(formatMap(map, true)), [
+    { offset: 100, length: 200 },
+    { offset: 700, length: 100 },
+    { offset: 5000, length: 24 },
+  ]);
+  assert.equal(formatMap({ offsets: [], lengths: [], bytes: 0 }, true), "[]\n");
+
+  assert.equal(parseMask("1"), 1);
+  assert.equal(parseMask("0x10"), 16);
+  assert.equal(parseMask("0xFFFFFFFF"), 0xffffffff);
+  for (
+    const bad of ["0", "-1", "0x", "0x100000000", "4294967296", "1.5", "b"]
+  ) {
+    assert.throws(() => parseMask(bad), /--dirty-flags/, bad);
+  }
+});
