@@ -400,6 +400,8 @@ export interface LinkDeadWatch
    * themselves.
    */
   readonly overruns: number;
+  /** Ends the iteration and closes the socket (a pending `next()` ends too). */
+  return(): Promise<IteratorResult<number, undefined>>;
 }
 
 /**

@@ -1,0 +1,735 @@
+/**
+ * Run in the guest (see netlink_test.ts): the netlink path of `ffi/`
+ * against the real nbd driver. nbdkit serves on Unix sockets; each socket
+ * is dialled and negotiated by the library over a libc descriptor, as the
+ * direct path of attach() does, then handed to the kernel with
+ * `NBD_CMD_CONNECT` (one and two sockets), checked with `NBD_CMD_STATUS`,
+ * released with `NBD_CMD_DISCONNECT`. Then persist: the server is killed
+ * with -9 and started again, `NBD_CMD_LINK_DEAD` arrives, a new socket goes
+ * over with `NBD_CMD_RECONFIGURE` and the I/O that waited completes; and
+ * without a reconfigure, I/O fails once the dead-connection timeout passes.
+ *
+ * Every check appends "ok NAME: detail" or "FAIL NAME: detail" to
+ * $KT_RESULTS/results.txt, phases their milliseconds to timings.txt and
+ * the dd throughput to throughput.txt.
+ *
+ * Usage: deno run -A tests/kernel/guest_netlink.ts
+ *
+ * @module
+ */
+
+import { FLAG_CAN_MULTI_CONN, FLAG_HAS_FLAGS } from "../../lib/constants.ts";
+import { type ExportInfo, negotiate } from "../../lib/handshake.ts";
+import { Transport } from "../../lib/transport.ts";
+import { FdStream } from "../../ffi/_fd_stream.ts";
+import { chooseBlockSize, pageSize } from "../../ffi/_kernel.ts";
+import { libc } from "../../ffi/_libc.ts";
+import { connectSocket } from "../../ffi/_socket.ts";
+import { NbdKernelError } from "../../ffi/errors.ts";
+import {
+  connectDevice,
+  type ConnectDeviceOptions,
+  deviceStatus,
+  disconnectDevice,
+  type LinkDeadWatch,
+  netlinkAvailable,
+  reconfigureDevice,
+  watchLinkDead,
+} from "../../ffi/netlink.ts";
+import { until, within } from "../support/wait.ts";
+
+const R = Deno.env.get("KT_RESULTS") ?? "/tmp/kt-results";
+const W = "/tmp/ktn";
+const MiB = 1 << 20;
+await Deno.mkdir(W, { recursive: true });
+await Deno.mkdir(R, { recursive: true });
+await Deno.writeTextFile(`${R}/results.txt`, "");
+await Deno.writeTextFile(`${R}/timings.txt`, "");
+await Deno.writeTextFile(`${R}/throughput.txt`, "");
+
+const t0 = performance.now();
+let phaseStart = t0;
+async function phase(name: string): Promise<void> {
+  const now = performance.now();
+  await Deno.writeTextFile(
+    `${R}/timings.txt`,
+    `${name} ${Math.round(now - phaseStart)}\n`,
+    { append: true },
+  );
+  phaseStart = now;
+}
+
+const oneLine = (s: string) => s.replaceAll("\n", " ").slice(0, 400);
+async function report(ok: boolean, name: string, detail: string) {
+  const line = `${ok ? "ok" : "FAIL"} ${name}: ${oneLine(detail)}`;
+  console.log(`ktn: ${line}`);
+  await Deno.writeTextFile(`${R}/results.txt`, line + "\n", { append: true });
+}
+
+/** Runs one check; a throw is its failure, with the error as detail. */
+async function check(
+  name: string,
+  fn: () => Promise<string> | string,
+): Promise<boolean> {
+  try {
+    await report(true, name, await fn());
+    return true;
+  } catch (e) {
+    await report(false, name, e instanceof Error ? e.message : String(e));
+    return false;
+  }
+}
+
+function assert(condition: unknown, message: string): asserts condition {
+  if (!condition) throw new Error(message);
+}
+
+const text = (b: Uint8Array) => new TextDecoder().decode(b).trim();
+
+async function run(
+  cmd: string,
+  args: string[],
+): Promise<{ ok: boolean; err: string; ms: number }> {
+  const started = performance.now();
+  const r = await new Deno.Command(cmd, {
+    args,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  return {
+    ok: r.success,
+    err: text(r.stderr) || text(r.stdout),
+    ms: Math.round(performance.now() - started),
+  };
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.lstat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+// --- servers ---------------------------------------------------------------
+
+const sock = (name: string) => `${W}/${name}.sock`;
+
+async function startServer(name: string, ...args: string[]): Promise<void> {
+  await Deno.remove(sock(name)).catch(() => {});
+  const r = await run("nbdkit", [
+    "-U",
+    sock(name),
+    "-P",
+    `${W}/${name}.pid`,
+    ...args,
+  ]);
+  assert(r.ok, `nbdkit ${name} did not start: ${r.err}`);
+  await until(`the socket of ${name}`, () => exists(sock(name)), 20_000);
+}
+
+async function serverPid(name: string): Promise<number> {
+  return Number((await Deno.readTextFile(`${W}/${name}.pid`)).trim());
+}
+
+async function killServer(name: string, signal: Deno.Signal): Promise<void> {
+  const pid = await serverPid(name);
+  try {
+    Deno.kill(pid, signal);
+  } catch {
+    return;
+  }
+  await until(`nbdkit ${name} to exit`, () => !pidAlive(pid), 20_000);
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    Deno.kill(pid, "SIGCONT");
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Connections the log filter saw, and which of them carried writes. */
+async function logConnections(
+  name: string,
+): Promise<{ connections: Set<string>; writers: Set<string> }> {
+  const log = await Deno.readTextFile(`${W}/${name}.log`);
+  const connections = new Set<string>();
+  const writers = new Set<string>();
+  for (const line of log.split("\n")) {
+    const m = /connection=(\d+) (Connect|Write)/.exec(line);
+    if (m?.[2] === "Connect") connections.add(m[1]!);
+    if (m?.[2] === "Write") writers.add(m[1]!);
+  }
+  return { connections, writers };
+}
+
+// --- the library's side: dial and negotiate for the kernel -----------------
+
+/** One socket negotiated as attach()'s direct path does. */
+async function dial(name: string): Promise<{ fd: number; info: ExportInfo }> {
+  const fd = await connectSocket({ path: sock(name) });
+  const stream = new FdStream(fd);
+  const transport = new Transport(stream);
+  try {
+    const info = await within(
+      30_000,
+      `negotiating with ${name}`,
+      negotiate(transport, {
+        exportName: "",
+        tls: "disable",
+        structuredReplies: false,
+        extendedHeaders: false,
+        metaContexts: [],
+        blockSizes: true,
+      }),
+    );
+    assert(transport.buffered === 0, "the server sent bytes ahead");
+    return { fd: stream.release(), info };
+  } catch (e) {
+    transport.close();
+    throw e;
+  }
+}
+
+function closeAll(fds: number[]): void {
+  for (const fd of fds) libc().close(fd);
+}
+
+/** Dials `count` sockets and hands them to the kernel. */
+async function connectServer(
+  name: string,
+  count: number,
+  extra: Partial<ConnectDeviceOptions> = {},
+): Promise<{ index: number; info: ExportInfo; size: number; ms: number }> {
+  const started = performance.now();
+  const fds: number[] = [];
+  try {
+    let info: ExportInfo | undefined;
+    for (let i = 0; i < count; i++) {
+      const d = await dial(name);
+      fds.push(d.fd);
+      info = d.info;
+    }
+    assert(info, "no connection");
+    const blockSize = chooseBlockSize(info, pageSize());
+    const size = (info.size / BigInt(blockSize)) * BigInt(blockSize);
+    const index = await connectDevice({
+      sockets: fds,
+      size,
+      blockSize,
+      serverFlags: FLAG_HAS_FLAGS | info.flags,
+      timeout: 60,
+      ...extra,
+    });
+    return {
+      index,
+      info,
+      size: Number(size),
+      ms: Math.round(performance.now() - started),
+    };
+  } finally {
+    // The kernel holds its own references once connected.
+    closeAll(fds);
+  }
+}
+
+const attached = (i: number) => exists(`/sys/block/nbd${i}/pid`);
+
+async function connectedInStatus(index: number): Promise<boolean> {
+  const list = await deviceStatus(index);
+  assert(list.length === 1, `status of ${index}: ${JSON.stringify(list)}`);
+  return list[0]!.connected;
+}
+
+async function waitFreed(index: number): Promise<number> {
+  const started = performance.now();
+  await until(
+    `nbd${index} to be freed`,
+    async () => !await attached(index) && !await connectedInStatus(index),
+    20_000,
+  );
+  return Math.round(performance.now() - started);
+}
+
+async function blockdev(flag: string, index: number): Promise<string> {
+  const r = await new Deno.Command("blockdev", {
+    args: [flag, `/dev/nbd${index}`],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  return text(r.stdout) || text(r.stderr);
+}
+
+/** dd with a bound; `seek`/`skip` in MiB. */
+function dd(args: string[], seconds = 90) {
+  return run("timeout", [String(seconds), "dd", "bs=1M", ...args]);
+}
+
+async function writeAt(
+  file: string,
+  index: number,
+  mib: number,
+  count: number,
+  seconds = 90,
+) {
+  return await dd(
+    [
+      `if=${file}`,
+      `of=/dev/nbd${index}`,
+      `seek=${mib}`,
+      `count=${count}`,
+      "oflag=direct",
+      "conv=fsync",
+      "status=none",
+    ],
+    seconds,
+  );
+}
+
+async function readBack(
+  index: number,
+  mib: number,
+  count: number,
+): Promise<Uint8Array> {
+  const out = `${W}/back-${index}-${mib}`;
+  const r = await dd([
+    `if=/dev/nbd${index}`,
+    `of=${out}`,
+    `skip=${mib}`,
+    `count=${count}`,
+    "iflag=direct",
+    "status=none",
+  ]);
+  assert(r.ok, `reading nbd${index}: ${r.err}`);
+  return await Deno.readFile(out);
+}
+
+function equal(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+async function pattern(name: string, mib: number): Promise<Uint8Array> {
+  const bytes = new Uint8Array(mib * MiB);
+  for (let at = 0; at < bytes.length; at += 65536) {
+    crypto.getRandomValues(bytes.subarray(at, at + 65536));
+  }
+  await Deno.writeFile(`${W}/${name}`, bytes);
+  return bytes;
+}
+
+async function throughput(label: string, index: number): Promise<string> {
+  const w = await dd([
+    `if=${W}/big`,
+    `of=/dev/nbd${index}`,
+    "count=64",
+    "oflag=direct",
+    "conv=fsync",
+    "status=none",
+  ]);
+  assert(w.ok, `dd write: ${w.err}`);
+  const r = await dd([
+    `if=/dev/nbd${index}`,
+    "of=/dev/null",
+    "count=64",
+    "iflag=direct",
+    "status=none",
+  ]);
+  assert(r.ok, `dd read: ${r.err}`);
+  const rate = (ms: number) => (64 / (ms / 1000)).toFixed(1);
+  const line = `${label}: dd 64 MiB O_DIRECT write ${w.ms} ms (${
+    rate(w.ms)
+  } MiB/s), read ${r.ms} ms (${rate(r.ms)} MiB/s)`;
+  await Deno.writeTextFile(`${R}/throughput.txt`, line + "\n", {
+    append: true,
+  });
+  return line;
+}
+
+// --- link-dead notifications, read by one loop ------------------------------
+
+const dead: { index: number; at: number }[] = [];
+let watch: LinkDeadWatch | undefined;
+let watching: Promise<void> = Promise.resolve();
+
+async function waitDead(index: number, since: number): Promise<number> {
+  await until(
+    `NBD_CMD_LINK_DEAD for nbd${index}`,
+    () => dead.some((d) => d.index === index && d.at >= since),
+    20_000,
+  );
+  const d = dead.find((d) => d.index === index && d.at >= since)!;
+  return Math.round(d.at - since);
+}
+
+// --- the checks ---------------------------------------------------------------
+
+console.log(`ktn: kernel ${
+  text(
+    (await new Deno.Command("uname", { args: ["-r"], stdout: "piped" })
+      .output()).stdout,
+  )
+}`);
+
+await check("family", async () => {
+  assert(await netlinkAvailable(), "netlinkAvailable() is false");
+  const all = await deviceStatus();
+  assert(all.length >= 6, `status lists ${all.length} devices`);
+  assert(
+    all.every((d) => !d.connected),
+    `not all free: ${JSON.stringify(all)}`,
+  );
+  return `the nbd family resolves; NBD_CMD_STATUS lists ${all.length} devices, all free`;
+});
+
+await check("watch", async () => {
+  watch = await watchLinkDead();
+  const w = watch;
+  watching = (async () => {
+    for await (const index of w) dead.push({ index, at: performance.now() });
+  })();
+  return "joined nbd_mc_group";
+});
+
+await startServer(
+  "one",
+  "--filter=log",
+  "memory",
+  "size=64M",
+  `logfile=${W}/one.log`,
+);
+await startServer(
+  "two",
+  "--filter=log",
+  "memory",
+  "size=64M",
+  `logfile=${W}/two.log`,
+);
+await startServer("t1", "memory", "size=64M");
+await startServer("t2", "memory", "size=64M");
+await startServer(
+  "single",
+  "--filter=multi-conn",
+  "memory",
+  "size=16M",
+  "multi-conn-mode=disable",
+);
+const data = await pattern("pattern", 8);
+await pattern("big", 64);
+await phase("setup");
+
+// --- one connection ---------------------------------------------------------
+let one: Awaited<ReturnType<typeof connectServer>> | undefined;
+await check("connect-1", async () => {
+  one = await connectServer("one", 1, { index: 0 });
+  assert(one.index === 0, `index ${one.index}, asked for 0`);
+  assert(await attached(0), "no /sys/block/nbd0/pid");
+  const pid = (await Deno.readTextFile("/sys/block/nbd0/pid")).trim();
+  return `nbd0 up in ${one.ms} ms; pid file ${pid} (this process ${Deno.pid})`;
+});
+await check("size-1", async () => {
+  const size = await blockdev("--getsize64", 0);
+  assert(size === String(64 * MiB), `BLKGETSIZE64 ${size}`);
+  return `BLKGETSIZE64 ${size}, logical block ${await blockdev("--getss", 0)}`;
+});
+await check("status-1", async () => {
+  const all = await deviceStatus();
+  const mine = all.find((d) => d.index === 0);
+  assert(mine?.connected === true, `nbd0: ${JSON.stringify(mine)}`);
+  assert(
+    all.filter((d) => d.connected).length === 1,
+    `connected: ${JSON.stringify(all.filter((d) => d.connected))}`,
+  );
+  return "NBD_CMD_STATUS: nbd0 connected, the others free";
+});
+await check("io-1", async () => {
+  const w = await writeAt(`${W}/pattern`, 0, 0, 8);
+  assert(w.ok, `dd write: ${w.err}`);
+  const back = await readBack(0, 0, 8);
+  assert(equal(back, data), "8 MiB read back differ");
+  return `8 MiB written (${w.ms} ms) and read back equal`;
+});
+await check("busy-error", async () => {
+  const { fd } = await dial("one");
+  try {
+    await connectDevice({
+      index: 0,
+      sockets: [fd],
+      size: 64 * MiB,
+      blockSize: 512,
+      serverFlags: FLAG_HAS_FLAGS,
+    });
+    throw new Error("connected a busy device");
+  } catch (e) {
+    assert(
+      e instanceof NbdKernelError && e.reason === "busy" && e.errno === 16,
+      `unexpected: ${e}`,
+    );
+    return e.message;
+  } finally {
+    closeAll([fd]);
+  }
+});
+await check("disconnect-1", async () => {
+  const started = performance.now();
+  await disconnectDevice(0);
+  const ms = Math.round(performance.now() - started);
+  const freed = await waitFreed(0);
+  return `NBD_CMD_DISCONNECT ${ms} ms, freed ${freed} ms later`;
+});
+await phase("one-connection");
+
+// --- two connections, any free device ---------------------------------------
+let two: Awaited<ReturnType<typeof connectServer>> | undefined;
+await check("connect-2", async () => {
+  two = await connectServer("two", 2);
+  assert(
+    (two.info.flags & FLAG_CAN_MULTI_CONN) !== 0,
+    "no NBD_FLAG_CAN_MULTI_CONN",
+  );
+  assert(await attached(two.index), `no pid file for nbd${two.index}`);
+  const queues = [...Deno.readDirSync(`/sys/block/nbd${two.index}/mq`)].length;
+  assert(queues === 2, `${queues} hardware queues`);
+  return `any free device: nbd${two.index}, 2 sockets, 2 hardware queues, ${two.ms} ms`;
+});
+await check("io-2", async () => {
+  assert(two, "not connected");
+  const w = await writeAt(`${W}/pattern`, two.index, 0, 8);
+  assert(w.ok, `dd write: ${w.err}`);
+  const back = await readBack(two.index, 0, 8);
+  assert(equal(back, data), "8 MiB read back differ");
+  return `8 MiB written (${w.ms} ms) and read back equal`;
+});
+await check("server-two-connections", async () => {
+  const { connections, writers } = await logConnections("two");
+  assert(connections.size === 2, `${connections.size} connections`);
+  assert(writers.size === 2, `writes came on ${[...writers]}`);
+  return `nbdkit saw connections ${[...connections]}, writes on both`;
+});
+await check("status-2", async () => {
+  assert(two, "not connected");
+  assert(await connectedInStatus(two.index), "not connected in status");
+  return `nbd${two.index} connected`;
+});
+await check("disconnect-2", async () => {
+  assert(two, "not connected");
+  await disconnectDevice(two.index);
+  return `freed ${await waitFreed(two.index)} ms after NBD_CMD_DISCONNECT`;
+});
+await phase("two-connections");
+
+await check("multi-conn-refused", async () => {
+  const a = await dial("single");
+  const b = await dial("single");
+  try {
+    assert((a.info.flags & FLAG_CAN_MULTI_CONN) === 0, "multi-conn offered");
+    await connectDevice({
+      sockets: [a.fd, b.fd],
+      size: a.info.size,
+      blockSize: 512,
+      serverFlags: FLAG_HAS_FLAGS | a.info.flags,
+    });
+    throw new Error("connected two sockets without multi-conn");
+  } catch (e) {
+    assert(
+      e instanceof NbdKernelError && /NBD_FLAG_CAN_MULTI_CONN/.test(e.message),
+      `unexpected: ${e}`,
+    );
+    return e.message;
+  } finally {
+    closeAll([a.fd, b.fd]);
+  }
+});
+await check("kernel-refusals", async () => {
+  const out: string[] = [];
+  try {
+    await reconfigureDevice(5, {});
+    throw new Error("reconfigured a free device");
+  } catch (e) {
+    assert(e instanceof NbdKernelError && e.errno === 22, `reconfigure: ${e}`);
+    out.push(e.message);
+  }
+  try {
+    await disconnectDevice(200);
+    throw new Error("disconnected a missing device");
+  } catch (e) {
+    assert(e instanceof NbdKernelError && e.errno === 22, `disconnect: ${e}`);
+    out.push(e.message);
+  }
+  const none = await deviceStatus(200);
+  assert(none.length === 0, `status of 200: ${JSON.stringify(none)}`);
+  return out.join(" | ");
+});
+
+// --- throughput with 1 and 2 connections --------------------------------------
+for (const [name, count] of [["t1", 1], ["t2", 2]] as const) {
+  await check(`throughput-${count}`, async () => {
+    const c = await connectServer(name, count, { index: 3 });
+    try {
+      return await throughput(`${count} connection${count > 1 ? "s" : ""}`, 3);
+    } finally {
+      await disconnectDevice(c.index);
+      await waitFreed(c.index);
+    }
+  });
+}
+await phase("throughput");
+
+// --- persist: kill -9, restart, reconfigure ---------------------------------
+const disk = `${W}/disk.img`;
+{
+  const f = await Deno.open(disk, { create: true, write: true });
+  await f.truncate(64 * MiB);
+  f.close();
+}
+await startServer("p", "file", disk);
+const before = data.subarray(0, 4 * MiB);
+const during = data.subarray(4 * MiB, 8 * MiB);
+const after = await pattern("after", 4);
+await Deno.writeFile(`${W}/before`, before);
+await Deno.writeFile(`${W}/during`, during);
+let persist: Awaited<ReturnType<typeof connectServer>> | undefined;
+await check("persist-connect", async () => {
+  persist = await connectServer("p", 1, {
+    index: 1,
+    deadConnectionTimeout: 60,
+  });
+  const w = await writeAt(`${W}/before`, 1, 0, 4);
+  assert(w.ok, `dd write: ${w.err}`);
+  return `nbd1 up, 4 MiB written before the kill`;
+});
+let pending: Promise<{ ok: boolean; err: string; ms: number }> | undefined;
+let pendingDone = false;
+await check("persist-link-dead", async () => {
+  const since = performance.now();
+  await killServer("p", "SIGKILL");
+  const ms = await waitDead(1, since);
+  return `NBD_CMD_LINK_DEAD for nbd1 ${ms} ms after kill -9`;
+});
+await check("persist-io-waits", async () => {
+  // Issued while the server is down: the kernel holds it.
+  pending = writeAt(`${W}/during`, 1, 4, 4, 120);
+  void pending.then(() => pendingDone = true);
+  await new Promise((r) => setTimeout(r, 2000));
+  assert(!pendingDone, "the write finished while the server was down");
+  assert(await connectedInStatus(1), "nbd1 not connected in status");
+  return "a write issued with the server down is still waiting after 2 s; nbd1 stays connected";
+});
+await check("persist-reconfigure", async () => {
+  const started = performance.now();
+  await startServer("p", "file", disk);
+  const { fd, info } = await dial("p");
+  try {
+    assert(persist, "not connected");
+    assert(info.size === persist.info.size, `size changed: ${info.size}`);
+    await reconfigureDevice(1, { sockets: [fd] });
+  } finally {
+    closeAll([fd]);
+  }
+  return `server restarted, new socket negotiated and handed over in ${
+    Math.round(performance.now() - started)
+  } ms`;
+});
+await check("persist-waiting-write", async () => {
+  assert(pending, "no pending write");
+  const r = await within(120_000, "the waiting write", pending);
+  assert(r.ok, `dd: ${r.err}`);
+  return `the write issued while down completed (${r.ms} ms from issue)`;
+});
+await check("persist-write-after", async () => {
+  await Deno.writeFile(`${W}/after`, after);
+  const w = await writeAt(`${W}/after`, 1, 8, 4);
+  assert(w.ok, `dd write: ${w.err}`);
+  return `4 MiB written after the restart in ${w.ms} ms`;
+});
+await check("persist-read-back", async () => {
+  const back = await readBack(1, 0, 12);
+  assert(equal(back.subarray(0, 4 * MiB), before), "before differs");
+  assert(equal(back.subarray(4 * MiB, 8 * MiB), during), "during differs");
+  assert(equal(back.subarray(8 * MiB), after), "after differs");
+  const file = await Deno.readFile(disk);
+  assert(equal(file.subarray(0, 4 * MiB), before), "server file: before");
+  assert(equal(file.subarray(4 * MiB, 8 * MiB), during), "server file: during");
+  assert(equal(file.subarray(8 * MiB, 12 * MiB), after), "server file: after");
+  return "12 MiB from before, during and after the restart read back equal, on the device and in the server's file";
+});
+await check("persist-disconnect", async () => {
+  await disconnectDevice(1);
+  return `freed ${await waitFreed(1)} ms after NBD_CMD_DISCONNECT`;
+});
+await phase("persist");
+
+// --- no reconfigure: I/O fails once the dead-connection timeout passes -------
+const DEAD_TIMEOUT = 5;
+await startServer("np", "memory", "size=16M");
+await check("dead-connect", async () => {
+  const c = await connectServer("np", 1, {
+    index: 2,
+    deadConnectionTimeout: DEAD_TIMEOUT,
+  });
+  const r = await readBack(c.index, 0, 1);
+  assert(r.length === MiB, "short read");
+  return `nbd2 up with a ${DEAD_TIMEOUT} s dead-connection timeout`;
+});
+await check("dead-link-dead", async () => {
+  const since = performance.now();
+  await killServer("np", "SIGKILL");
+  return `LINK_DEAD ${await waitDead(2, since)} ms after kill -9`;
+});
+await check("dead-still-connected", async () => {
+  assert(await connectedInStatus(2), "not connected");
+  assert(await attached(2), "no pid file");
+  return "without a disconnect the kernel keeps nbd2 connected";
+});
+await check("dead-io-error", async () => {
+  const r = await dd([
+    "if=/dev/nbd2",
+    "of=/dev/null",
+    "count=1",
+    "iflag=direct",
+    "status=none",
+  ], 60);
+  assert(!r.ok, "the read succeeded");
+  assert(
+    r.ms >= (DEAD_TIMEOUT - 1) * 1000 && r.ms <= (DEAD_TIMEOUT + 15) * 1000,
+    `failed after ${r.ms} ms`,
+  );
+  return `read failed after ${r.ms} ms: ${r.err}`;
+});
+await check("dead-freed", async () => {
+  await disconnectDevice(2);
+  const ms = await waitFreed(2);
+  const r = await dd(
+    ["if=/dev/nbd2", "of=/dev/null", "count=1", "status=none"],
+    20,
+  );
+  assert(r.ms < 19_000, "reading the freed device hangs");
+  return `freed ${ms} ms after NBD_CMD_DISCONNECT; a read then returns at once (${r.ms} ms)`;
+});
+await phase("dead");
+
+await check("watch-ends", async () => {
+  assert(watch, "no watch");
+  await watch.return();
+  await within(5000, "the watch loop", watching);
+  return `the subscription ended; ${dead.length} LINK_DEAD seen: ${
+    dead.map((d) => d.index).join(",")
+  }`;
+});
+
+for (const name of ["one", "two", "t1", "t2", "single", "p", "np"]) {
+  await killServer(name, "SIGTERM").catch(() => {});
+}
+await Deno.writeTextFile(
+  `${R}/timings.txt`,
+  `total ${Math.round(performance.now() - t0)}\n`,
+  { append: true },
+);
+const results = await Deno.readTextFile(`${R}/results.txt`);
+Deno.exit(/^FAIL/m.test(results) ? 1 : 0);
