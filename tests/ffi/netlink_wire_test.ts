@@ -396,6 +396,73 @@ Deno.test("decodeAck() reads acks and refusals with the kernel's text", async (t
   });
 });
 
+// Captured in the test guest from Debian 12's 6.1 kernel (nbds_max=6):
+// the nbd family, NBD_CMD_STATUS for nbd0 and for all devices (nbd0 and
+// nbd4 connected), the reply to NBD_CMD_CONNECT of nbd4, and the
+// NBD_CMD_LINK_DEAD multicast for nbd2.
+const NBD_FAMILY_REPLY = hex(
+  "b4000000100000004f1be83232ea65b101020000080002006e62640006000100200000" +
+    "0008000300010000000800040000000000080005000a0000005400060014000100080001" +
+    "0001000000080002000a000000140002000800010002000000080002000a000000140003" +
+    "000800010003000000080002000a000000140004000800010005000000080002000a0000" +
+    "0024000700200001000800020009000000110001006e62645f6d635f67726f757000000000",
+);
+const STATUS_ONE = hex(
+  "2c00000020000000511be83232ea65b10501000018000900140001000800010000000000" +
+    "0500020001000000",
+);
+const STATUS_ALL = hex(
+  "9000000020000000531be83232ea65b1050100007c000900" +
+    "14000100080001000000000005000200010000001400010008000100010000000500020000000000" +
+    "14000100080001000200000005000200000000001400010008000100030000000500020000000000" +
+    "14000100080001000400000005000200010000001400010008000100050000000500020000000000",
+);
+const CONNECT_REPLY = hex(
+  "1c00000020000000521be83232ea65b1010100000800010004000000",
+);
+const LINK_DEAD = hex(
+  "1c000000200000000000000000000000040100000800010002000000",
+);
+
+Deno.test("the captured 6.1 messages decode", async (t) => {
+  await t.step("CTRL_CMD_GETFAMILY nbd", () => {
+    const family = decodeFamily(only(NBD_FAMILY_REPLY));
+    assert.equal(family.id, 0x20);
+    assert.equal(family.name, "nbd");
+    assert.equal(family.version, 1);
+    assert.equal(family.maxAttribute, 10);
+    assert.deepEqual([...family.groups], [["nbd_mc_group", 9]]);
+    everyCut(NBD_FAMILY_REPLY, decodeFamily);
+  });
+  await t.step("NBD_CMD_STATUS", () => {
+    assert.deepEqual(decodeStatus(only(STATUS_ONE)), [
+      { index: 0, connected: true },
+    ]);
+    assert.deepEqual(
+      decodeStatus(only(STATUS_ALL)),
+      [0, 1, 2, 3, 4, 5].map((index) => ({
+        index,
+        connected: index === 0 || index === 4,
+      })),
+    );
+    everyCut(STATUS_ALL, decodeStatus);
+  });
+  await t.step("the NBD_CMD_CONNECT reply", () => {
+    assert.equal(decodeIndex(only(CONNECT_REPLY), NBD_CMD_CONNECT), 4);
+    everyCut(CONNECT_REPLY, (m) => decodeIndex(m, NBD_CMD_CONNECT));
+  });
+  await t.step("NBD_CMD_LINK_DEAD", () => {
+    assert.deepEqual(decodeLinkDead(LINK_DEAD, 0x20), [{ index: 2 }]);
+    assert.deepEqual(decodeLinkDead(LINK_DEAD, 0x21), []);
+    for (let cut = 0; cut < LINK_DEAD.length; cut++) {
+      assert.throws(
+        () => decodeLinkDead(LINK_DEAD.subarray(0, cut), 0x20),
+        NbdSystemCallError,
+      );
+    }
+  });
+});
+
 // The nbd family's messages, framed as drivers/block/nbd.c builds them
 // (genlmsg_put_reply, nla_nest_start_noflag: nests without NLA_F_NESTED).
 const FAMILY = 0x1b;

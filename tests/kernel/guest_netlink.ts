@@ -24,6 +24,14 @@ import { Transport } from "../../lib/transport.ts";
 import { FdStream } from "../../ffi/_fd_stream.ts";
 import { chooseBlockSize, pageSize } from "../../ffi/_kernel.ts";
 import { libc } from "../../ffi/_libc.ts";
+import { GenlSocket, resolveFamily } from "../../ffi/_netlink.ts";
+import {
+  encodeGetFamily,
+  encodeNbd,
+  NBD_CMD_CONNECT,
+  NBD_CMD_STATUS,
+  type NetlinkMessage,
+} from "../../ffi/_netlink_wire.ts";
 import { connectSocket } from "../../ffi/_socket.ts";
 import { NbdKernelError } from "../../ffi/errors.ts";
 import {
@@ -46,6 +54,7 @@ await Deno.mkdir(R, { recursive: true });
 await Deno.writeTextFile(`${R}/results.txt`, "");
 await Deno.writeTextFile(`${R}/timings.txt`, "");
 await Deno.writeTextFile(`${R}/throughput.txt`, "");
+await Deno.writeTextFile(`${R}/capture.txt`, "");
 
 const t0 = performance.now();
 let phaseStart = t0;
@@ -368,6 +377,30 @@ async function waitDead(index: number, since: number): Promise<number> {
   return Math.round(d.at - since);
 }
 
+// --- raw messages, for the golden bytes of the host's wire tests -----------
+
+const hexOf = (b: Uint8Array) =>
+  Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+
+/** A parsed message framed again, as it came off the socket. */
+function raw(m: NetlinkMessage): string {
+  const out = new Uint8Array(16 + m.payload.length);
+  const view = new DataView(out.buffer);
+  view.setUint32(0, out.length, true);
+  view.setUint16(4, m.type, true);
+  view.setUint16(6, m.flags, true);
+  view.setUint32(8, m.seq, true);
+  view.setUint32(12, m.pid, true);
+  out.set(m.payload, 16);
+  return hexOf(out);
+}
+
+async function capture(label: string, hex: string): Promise<void> {
+  await Deno.writeTextFile(`${R}/capture.txt`, `${label} ${hex}\n`, {
+    append: true,
+  });
+}
+
 // --- the checks ---------------------------------------------------------------
 
 console.log(`ktn: kernel ${
@@ -447,6 +480,66 @@ await check("status-1", async () => {
     `connected: ${JSON.stringify(all.filter((d) => d.connected))}`,
   );
   return "NBD_CMD_STATUS: nbd0 connected, the others free";
+});
+await check("wire-capture", async () => {
+  const socket = GenlSocket.open();
+  // Not "two": its log must show exactly the connections of connect-2.
+  const { fd } = await dial("single");
+  try {
+    let seq = socket.nextSeq();
+    const [family] = await socket.request(
+      encodeGetFamily(seq, "nbd"),
+      seq,
+      "CTRL_CMD_GETFAMILY",
+      "",
+      "capture",
+    );
+    assert(family, "no family reply");
+    await capture("getfamily-reply", raw(family));
+    const id = (await resolveFamily(socket))!.id;
+    seq = socket.nextSeq();
+    const [status] = await socket.request(
+      encodeNbd(id, seq, NBD_CMD_STATUS, { index: 0 }),
+      seq,
+      "NBD_CMD_STATUS",
+      "",
+      "capture",
+    );
+    assert(status, "no status reply");
+    await capture("status-reply-0", raw(status));
+    seq = socket.nextSeq();
+    const [connect] = await socket.request(
+      encodeNbd(id, seq, NBD_CMD_CONNECT, {
+        index: 4,
+        sockets: [fd],
+        size: 16n * BigInt(MiB),
+        blockSize: 4096,
+        serverFlags: FLAG_HAS_FLAGS,
+      }),
+      seq,
+      "NBD_CMD_CONNECT",
+      "",
+      "capture",
+    );
+    assert(connect, "no connect reply");
+    await capture("connect-reply-4", raw(connect));
+    seq = socket.nextSeq();
+    const [all] = await socket.request(
+      encodeNbd(id, seq, NBD_CMD_STATUS, {}),
+      seq,
+      "NBD_CMD_STATUS",
+      "",
+      "capture",
+    );
+    assert(all, "no status reply");
+    await capture("status-reply-all", raw(all));
+    await disconnectDevice(4);
+    await waitFreed(4);
+    return "GETFAMILY, STATUS and CONNECT replies captured";
+  } finally {
+    socket.close();
+    closeAll([fd]);
+  }
 });
 await check("io-1", async () => {
   const w = await writeAt(`${W}/pattern`, 0, 0, 8);
@@ -678,9 +771,23 @@ await check("dead-connect", async () => {
   return `nbd2 up with a ${DEAD_TIMEOUT} s dead-connection timeout`;
 });
 await check("dead-link-dead", async () => {
-  const since = performance.now();
-  await killServer("np", "SIGKILL");
-  return `LINK_DEAD ${await waitDead(2, since)} ms after kill -9`;
+  const listener = GenlSocket.open();
+  try {
+    const family = (await resolveFamily(listener))!;
+    listener.join(family.groups.get("nbd_mc_group")!, "nbd_mc_group");
+    const since = performance.now();
+    await killServer("np", "SIGKILL");
+    const ms = await waitDead(2, since);
+    const datagram = await listener.receive(
+      performance.now() + 5000,
+      undefined,
+      "capture",
+    );
+    if (datagram) await capture("link-dead-2", hexOf(datagram));
+    return `LINK_DEAD ${ms} ms after kill -9`;
+  } finally {
+    listener.close();
+  }
 });
 await check("dead-still-connected", async () => {
   assert(await connectedInStatus(2), "not connected");

@@ -17,6 +17,7 @@ const CHECKS = [
   "connect-1",
   "size-1",
   "status-1",
+  "wire-capture",
   "io-1",
   "busy-error",
   "disconnect-1",
@@ -67,6 +68,7 @@ Deno.test({
     const results = await read("results.txt");
     const timings = await read("timings.txt");
     const throughput = await read("throughput.txt");
+    const captured = await read("capture.txt");
     const lines = new Map<string, string>();
     for (const line of results.split("\n")) {
       const m = /^(ok|FAIL) ([\w-]+): ?(.*)$/.exec(line);
@@ -78,7 +80,7 @@ Deno.test({
     console.log(
       `netlink kernel test: ${result.wallMs} ms wall; guest phases (ms): ${
         timings.trim().replaceAll("\n", ", ")
-      }\n${throughput.trim()}\n${results.trim()}`,
+      }\n${throughput.trim()}\n${results.trim()}\n${captured.trim()}`,
     );
     for (const name of CHECKS) {
       await t.step(name, () => {
