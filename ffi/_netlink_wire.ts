@@ -65,7 +65,9 @@ export const NBD_CMD_RECONFIGURE = 3;
 export const NBD_CMD_LINK_DEAD = 4;
 export const NBD_CMD_STATUS = 5;
 // linux/nbd.h: client flags of NBD_ATTR_CLIENT_FLAGS.
+/** Client flag: the kernel deletes the device once it is disconnected. */
 export const NBD_CFLAG_DESTROY_ON_DISCONNECT = 1 << 0;
+/** Client flag: disconnect when the last opener closes the device. */
 export const NBD_CFLAG_DISCONNECT_ON_CLOSE = 1 << 1;
 
 /** Names for messages, number and name together. */
@@ -621,7 +623,12 @@ export function decodeIndex(
 
 /** One device in an `NBD_CMD_STATUS` reply. */
 export interface DeviceState {
+  /** The device index, `N` of `/dev/nbdN`. */
   index: number;
+  /**
+   * Whether the kernel holds a configuration for it: true from
+   * `NBD_CMD_CONNECT` until `NBD_CMD_DISCONNECT`, dead server or not.
+   */
   connected: boolean;
 }
 

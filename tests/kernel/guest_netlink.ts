@@ -44,6 +44,7 @@ import {
   reconfigureDevice,
   watchLinkDead,
 } from "../../ffi/netlink.ts";
+import { superviseDevice } from "../../ffi/_netlink_supervisor.ts";
 import { until, within } from "../support/wait.ts";
 
 const R = Deno.env.get("KT_RESULTS") ?? "/tmp/kt-results";
@@ -821,6 +822,101 @@ await check("dead-freed", async () => {
 });
 await phase("dead");
 
+// --- the supervisor: persist, no persist, a disconnect from elsewhere -------
+const disk2 = `${W}/disk2.img`;
+{
+  const f = await Deno.open(disk2, { create: true, write: true });
+  await f.truncate(16 * MiB);
+  f.close();
+}
+await startServer("sp", "file", disk2);
+await Deno.writeFile(`${W}/one-a`, data.subarray(0, MiB));
+await Deno.writeFile(`${W}/one-b`, data.subarray(MiB, 2 * MiB));
+await check("supervised-persist", async () => {
+  const w = await watchLinkDead();
+  const c = await connectServer("sp", 1, {
+    index: 5,
+    deadConnectionTimeout: 30,
+  });
+  const events: string[] = [];
+  const supervised = superviseDevice({
+    index: c.index,
+    watch: w,
+    redial: async () => {
+      const d = await dial("sp");
+      if (d.info.size !== c.info.size) {
+        closeAll([d.fd]);
+        throw new Error(`the export's size changed to ${d.info.size}`);
+      }
+      return d.fd;
+    },
+    debug: (event) => void events.push(event),
+  });
+  const a = await writeAt(`${W}/one-a`, 5, 0, 1);
+  assert(a.ok, `write before: ${a.err}`);
+  await killServer("sp", "SIGKILL");
+  const down = performance.now();
+  const b = writeAt(`${W}/one-b`, 5, 1, 1, 60);
+  await new Promise((r) => setTimeout(r, 1500));
+  await startServer("sp", "file", disk2);
+  const rb = await within(60_000, "the write during the restart", b);
+  assert(rb.ok, `write during the restart: ${rb.err}`);
+  const waited = Math.round(performance.now() - down);
+  await until("the reconnect count", () => supervised.reconnects === 1, 5000);
+  const back = await readBack(5, 0, 2);
+  assert(equal(back, data.subarray(0, 2 * MiB)), "2 MiB read back differ");
+  const release = await supervised.disconnect();
+  assert(
+    release.reason === "disconnect" && release.requested,
+    `release: ${JSON.stringify(release)}`,
+  );
+  assert(!await attached(5), "nbd5 still attached");
+  return `killed and restarted: reconfigured after ${waited} ms, data before and during read back; ${
+    [...new Set(events)].join(",")
+  }; ${release.message}`;
+});
+await startServer("sn", "memory", "size=16M");
+await check("supervised-no-persist", async () => {
+  const w = await watchLinkDead();
+  const c = await connectServer("sn", 1, {
+    index: 5,
+    deadConnectionTimeout: 30,
+  });
+  const supervised = superviseDevice({ index: c.index, watch: w });
+  const since = performance.now();
+  await killServer("sn", "SIGKILL");
+  const release = await within(20_000, "the release", supervised.closed);
+  const ms = Math.round(performance.now() - since);
+  assert(
+    release.reason === "lost" && !release.requested,
+    `release: ${JSON.stringify(release)}`,
+  );
+  await waitFreed(5);
+  const r = await dd([
+    "if=/dev/nbd5",
+    "of=/dev/null",
+    "count=1",
+    "iflag=direct",
+    "status=none",
+  ], 60);
+  assert(r.ms < 5000, `a read took ${r.ms} ms`);
+  return `released ${ms} ms after kill -9 (${release.message}); nbd5 free, a read returns in ${r.ms} ms`;
+});
+await startServer("sn", "memory", "size=16M");
+await check("supervised-external-disconnect", async () => {
+  const w = await watchLinkDead();
+  const c = await connectServer("sn", 1, { index: 5 });
+  const supervised = superviseDevice({ index: c.index, watch: w });
+  await disconnectDevice(5);
+  const release = await within(10_000, "the release", supervised.closed);
+  assert(
+    release.reason === "lost" && /another process/.test(release.message),
+    `release: ${JSON.stringify(release)}`,
+  );
+  return release.message;
+});
+await phase("supervisor");
+
 await check("watch-ends", async () => {
   assert(watch, "no watch");
   await watch.return();
@@ -830,7 +926,9 @@ await check("watch-ends", async () => {
   }`;
 });
 
-for (const name of ["one", "two", "t1", "t2", "single", "p", "np"]) {
+for (
+  const name of ["one", "two", "t1", "t2", "single", "p", "np", "sp", "sn"]
+) {
   await killServer(name, "SIGTERM").catch(() => {});
 }
 await Deno.writeTextFile(

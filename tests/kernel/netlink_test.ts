@@ -43,6 +43,9 @@ const CHECKS = [
   "dead-still-connected",
   "dead-io-error",
   "dead-freed",
+  "supervised-persist",
+  "supervised-no-persist",
+  "supervised-external-disconnect",
   "watch-ends",
 ];
 
