@@ -594,11 +594,33 @@ await check("connect-2", async () => {
 });
 await check("io-2", async () => {
   assert(two, "not connected");
-  const w = await writeAt(`${W}/pattern`, two.index, 0, 8);
-  assert(w.ok, `dd write: ${w.err}`);
+  // blk-mq picks the hardware queue, so the connection, by the submitting
+  // CPU: one writer pinned to each CPU uses both connections.
+  await Deno.writeFile(`${W}/half-0`, data.subarray(0, 4 * MiB));
+  await Deno.writeFile(`${W}/half-1`, data.subarray(4 * MiB));
+  const halves = await Promise.all([0, 1].map((cpu) =>
+    run("taskset", [
+      "-c",
+      String(cpu),
+      "timeout",
+      "90",
+      "dd",
+      "bs=1M",
+      `if=${W}/half-${cpu}`,
+      `of=/dev/nbd${two!.index}`,
+      `seek=${4 * cpu}`,
+      "count=4",
+      "oflag=direct",
+      "conv=fsync",
+      "status=none",
+    ])
+  ));
+  for (const h of halves) assert(h.ok, `dd write: ${h.err}`);
   const back = await readBack(two.index, 0, 8);
   assert(equal(back, data), "8 MiB read back differ");
-  return `8 MiB written (${w.ms} ms) and read back equal`;
+  return `8 MiB written by two writers, one per CPU (${
+    halves.map((h) => h.ms).join(", ")
+  } ms), and read back equal`;
 });
 await check("server-two-connections", async () => {
   const { connections, writers } = await logConnections("two");
