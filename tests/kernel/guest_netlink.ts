@@ -334,6 +334,43 @@ async function pattern(name: string, mib: number): Promise<Uint8Array> {
   return bytes;
 }
 
+/** Two dd, each pinned to a CPU, over halves of the first 64 MiB. */
+async function pinnedPair(
+  index: number,
+  write: boolean,
+): Promise<number> {
+  const started = performance.now();
+  const runs = await Promise.all([0, 1].map((cpu) =>
+    run("taskset", [
+      "-c",
+      String(cpu),
+      "timeout",
+      "120",
+      "dd",
+      "bs=1M",
+      "count=32",
+      ...(write
+        ? [
+          `if=${W}/big`,
+          `skip=${32 * cpu}`,
+          `of=/dev/nbd${index}`,
+          `seek=${32 * cpu}`,
+          "oflag=direct",
+          "conv=fsync",
+        ]
+        : [
+          `if=/dev/nbd${index}`,
+          `skip=${32 * cpu}`,
+          "of=/dev/null",
+          "iflag=direct",
+        ]),
+      "status=none",
+    ])
+  ));
+  for (const r of runs) assert(r.ok, `dd: ${r.err}`);
+  return Math.round(performance.now() - started);
+}
+
 async function throughput(label: string, index: number): Promise<string> {
   const w = await dd([
     `if=${W}/big`,
@@ -352,10 +389,16 @@ async function throughput(label: string, index: number): Promise<string> {
     "status=none",
   ]);
   assert(r.ok, `dd read: ${r.err}`);
+  const pw = await pinnedPair(index, true);
+  const pr = await pinnedPair(index, false);
   const rate = (ms: number) => (64 / (ms / 1000)).toFixed(1);
-  const line = `${label}: dd 64 MiB O_DIRECT write ${w.ms} ms (${
+  const line = `${label}: one dd of 64 MiB O_DIRECT: write ${w.ms} ms (${
     rate(w.ms)
-  } MiB/s), read ${r.ms} ms (${rate(r.ms)} MiB/s)`;
+  } MiB/s), read ${r.ms} ms (${
+    rate(r.ms)
+  } MiB/s); two dd of 32 MiB, one per CPU: write ${pw} ms (${
+    rate(pw)
+  } MiB/s), read ${pr} ms (${rate(pr)} MiB/s)`;
   await Deno.writeTextFile(`${R}/throughput.txt`, line + "\n", {
     append: true,
   });
