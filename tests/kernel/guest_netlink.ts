@@ -982,6 +982,53 @@ await check("supervised-external-disconnect", async () => {
 });
 await phase("supervisor");
 
+await startServer("orphan", "memory", "size=16M");
+await check("outlives-process", async () => {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      "tests/kernel/guest_netlink_child.ts",
+      sock("orphan"),
+      "4",
+    ],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let said = "";
+  try {
+    await within(
+      60_000,
+      "the child's device",
+      (async () => {
+        while (!said.includes("up")) {
+          const { value, done } = await reader.read();
+          if (done) throw new Error(`the child exited: ${said}`);
+          said += value;
+        }
+      })(),
+    );
+  } finally {
+    reader.releaseLock();
+  }
+  child.kill("SIGKILL");
+  const status = await child.status;
+  await child.stdout.cancel().catch(() => {});
+  await child.stderr.cancel().catch(() => {});
+  assert(status.signal === "SIGKILL", `child: ${JSON.stringify(status)}`);
+  assert(await attached(4), "nbd4 went with the process");
+  assert(await connectedInStatus(4), "nbd4 not connected");
+  const w = await writeAt(`${W}/one-a`, 4, 0, 1);
+  assert(w.ok, `write after the process died: ${w.err}`);
+  const back = await readBack(4, 0, 1);
+  assert(equal(back, data.subarray(0, MiB)), "1 MiB read back differs");
+  await disconnectDevice(4);
+  await waitFreed(4);
+  return "after kill -9 of the process that connected it, nbd4 stays connected and does I/O, until NBD_CMD_DISCONNECT";
+});
+
 await check("watch-ends", async () => {
   assert(watch, "no watch");
   await watch.return();
@@ -992,7 +1039,18 @@ await check("watch-ends", async () => {
 });
 
 for (
-  const name of ["one", "two", "t1", "t2", "single", "p", "np", "sp", "sn"]
+  const name of [
+    "one",
+    "two",
+    "t1",
+    "t2",
+    "single",
+    "p",
+    "np",
+    "sp",
+    "sn",
+    "orphan",
+  ]
 ) {
   await killServer(name, "SIGTERM").catch(() => {});
 }

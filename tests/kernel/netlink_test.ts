@@ -46,6 +46,7 @@ const CHECKS = [
   "supervised-persist",
   "supervised-no-persist",
   "supervised-external-disconnect",
+  "outlives-process",
   "watch-ends",
 ];
 
