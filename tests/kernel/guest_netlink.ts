@@ -18,11 +18,20 @@
  * @module
  */
 
-import { FLAG_CAN_MULTI_CONN, FLAG_HAS_FLAGS } from "../../lib/constants.ts";
+import {
+  FLAG_CAN_MULTI_CONN,
+  FLAG_HAS_FLAGS,
+  FLAG_READ_ONLY,
+} from "../../lib/constants.ts";
 import { type ExportInfo, negotiate } from "../../lib/handshake.ts";
 import { Transport } from "../../lib/transport.ts";
 import { FdStream } from "../../ffi/_fd_stream.ts";
-import { chooseBlockSize, pageSize } from "../../ffi/_kernel.ts";
+import {
+  chooseBlockSize,
+  openDeviceAsync,
+  pageSize,
+  setReadOnly,
+} from "../../ffi/_kernel.ts";
 import { libc } from "../../ffi/_libc.ts";
 import { GenlSocket, resolveFamily } from "../../ffi/_netlink.ts";
 import {
@@ -45,6 +54,7 @@ import {
   watchLinkDead,
 } from "../../ffi/netlink.ts";
 import { superviseDevice } from "../../ffi/_netlink_supervisor.ts";
+import { attach, detach } from "../../ffi/mod.ts";
 import { until, within } from "../support/wait.ts";
 
 const R = Deno.env.get("KT_RESULTS") ?? "/tmp/kt-results";
@@ -1028,6 +1038,66 @@ await check("outlives-process", async () => {
   await waitFreed(4);
   return "after kill -9 of the process that connected it, nbd4 stays connected and does I/O, until NBD_CMD_DISCONNECT";
 });
+
+// --- read-only, and the two interfaces on each other's devices -------------
+await check("read-only", async () => {
+  const ro = await connectServer("orphan", 1, {
+    index: 4,
+    serverFlags: FLAG_HAS_FLAGS | FLAG_READ_ONLY,
+  });
+  const getro = await blockdev("--getro", 4);
+  const w = await writeAt(`${W}/one-a`, 4, 0, 1, 30);
+  await disconnectDevice(ro.index);
+  await waitFreed(4);
+  assert(getro === "1", `BLKROGET ${getro}`);
+  assert(!w.ok, "a write to a read-only device succeeded");
+  const rw = await connectServer("orphan", 1, { index: 4 });
+  const again = await blockdev("--getro", 4);
+  await disconnectDevice(rw.index);
+  await waitFreed(4);
+  assert(again === "0", `BLKROGET after a read-only connection: ${again}`);
+  return `NBD_FLAG_READ_ONLY: BLKROGET 1, writes fail (${w.err}); the next writable connection has BLKROGET 0`;
+});
+await check("ioctl-detach-of-netlink-device", async () => {
+  await connectServer("orphan", 1, { index: 4 });
+  const was = await detach("/dev/nbd4");
+  assert(was, "detach() says it was not attached");
+  await waitFreed(4);
+  return "detach() (NBD_DISCONNECT + NBD_CLEAR_SOCK ioctls) frees a device connected over netlink";
+});
+await check("netlink-disconnect-of-ioctl-device", async () => {
+  const dev = await attach({ path: sock("orphan") }, "/dev/nbd4", {
+    handleSignals: false,
+  });
+  await disconnectDevice(4);
+  const release = await within(20_000, "the ioctl release", dev.closed);
+  await waitFreed(4);
+  return `NBD_CMD_DISCONNECT of a device attached with NBD_DO_IT: ${release.reason}, requested ${release.requested}: ${release.message}`;
+});
+await check("read-only-sticks", async () => {
+  // BLKROSET from a read-only ioctl session stays on the block device.
+  const dev = await attach({ path: sock("orphan") }, "/dev/nbd4", {
+    handleSignals: false,
+    readOnly: true,
+  });
+  await dev.disconnect();
+  await waitFreed(4);
+  const c = await connectServer("orphan", 1, { index: 4 });
+  const inherited = await blockdev("--getro", 4);
+  const fd = await openDeviceAsync("/dev/nbd4");
+  try {
+    setReadOnly("/dev/nbd4", fd, false);
+  } finally {
+    libc().close(fd);
+  }
+  const after = await blockdev("--getro", 4);
+  const w = await writeAt(`${W}/one-a`, 4, 0, 1, 30);
+  await disconnectDevice(c.index);
+  await waitFreed(4);
+  assert(after === "0" && w.ok, `BLKROGET ${after} after BLKROSET 0; ${w.err}`);
+  return `a writable netlink connection after a read-only ioctl session: BLKROGET ${inherited}; after BLKROSET 0 it is ${after} and writes work`;
+});
+await phase("interfaces");
 
 await check("watch-ends", async () => {
   assert(watch, "no watch");

@@ -47,6 +47,10 @@ const CHECKS = [
   "supervised-no-persist",
   "supervised-external-disconnect",
   "outlives-process",
+  "read-only",
+  "ioctl-detach-of-netlink-device",
+  "netlink-disconnect-of-ioctl-device",
+  "read-only-sticks",
   "watch-ends",
 ];
 
