@@ -41,6 +41,7 @@ import {
   NBD_CMD_STATUS,
   type NetlinkMessage,
 } from "../../ffi/_netlink_wire.ts";
+import { socketPair, startRelay } from "../../ffi/_relay.ts";
 import { connectSocket } from "../../ffi/_socket.ts";
 import { NbdKernelError } from "../../ffi/errors.ts";
 import {
@@ -1096,6 +1097,47 @@ await check("read-only-sticks", async () => {
   await waitFreed(4);
   assert(after === "0" && w.ok, `BLKROGET ${after} after BLKROSET 0; ${w.err}`);
   return `a writable netlink connection after a read-only ioctl session: BLKROGET ${inherited}; after BLKROSET 0 it is ${after} and writes work`;
+});
+await check("relay", async () => {
+  // attach()'s relay path (TLS) over netlink: the kernel gets one end of a
+  // socketpair, this process copies between the other end and the server.
+  const stream = new FdStream(await connectSocket({ path: sock("orphan") }));
+  const transport = new Transport(stream);
+  const info = await negotiate(transport, {
+    structuredReplies: false,
+    extendedHeaders: false,
+    metaContexts: [],
+    blockSizes: true,
+  });
+  const [kernelEnd, ourEnd] = socketPair();
+  const relay = startRelay(new FdStream(ourEnd), transport.stream);
+  try {
+    await connectDevice({
+      index: 4,
+      sockets: [kernelEnd],
+      size: info.size,
+      blockSize: 4096,
+      serverFlags: FLAG_HAS_FLAGS | info.flags,
+    });
+  } finally {
+    closeAll([kernelEnd]);
+  }
+  const w = await writeAt(`${W}/one-a`, 4, 0, 1);
+  assert(w.ok, `write: ${w.err}`);
+  const back = await readBack(4, 0, 1);
+  assert(equal(back, data.subarray(0, MiB)), "1 MiB read back differs");
+  const started = performance.now();
+  await within(
+    20_000,
+    "NBD_CMD_DISCONNECT over the relay",
+    disconnectDevice(4),
+  );
+  const ms = Math.round(performance.now() - started);
+  await waitFreed(4);
+  await within(10_000, "the relay to stop", relay.done);
+  return `1 MiB through the relay; NBD_CMD_DISCONNECT ${ms} ms, the relay ended on its own${
+    relay.error ? ` with ${relay.error}` : ""
+  }`;
 });
 await phase("interfaces");
 

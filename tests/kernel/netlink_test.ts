@@ -51,6 +51,7 @@ const CHECKS = [
   "ioctl-detach-of-netlink-device",
   "netlink-disconnect-of-ioctl-device",
   "read-only-sticks",
+  "relay",
   "watch-ends",
 ];
 
