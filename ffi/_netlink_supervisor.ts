@@ -48,6 +48,12 @@ export interface SuperviseOptions {
    * a dead link disconnects the device.
    */
   redial?: (signal: AbortSignal) => Promise<number>;
+  /**
+   * How many sockets the device was connected with (1). Without `redial`,
+   * the device is disconnected once that many links died: until then the
+   * kernel sends everything over the live ones.
+   */
+  connections?: number;
   /** Milliseconds of redialling before giving up and disconnecting (60 s). */
   giveUpAfterMs?: number;
   /** Milliseconds between checks that the device is still connected (500). */
@@ -85,6 +91,7 @@ class Supervisor implements SupervisedDevice {
   readonly index: number;
   readonly closed: Promise<NetlinkRelease>;
   reconnects = 0;
+  #deadLinks = 0;
   #options: SuperviseOptions;
   #name: string;
   #stop = new AbortController();
@@ -129,8 +136,12 @@ class Supervisor implements SupervisedDevice {
         this.#trace("netlink.link_dead");
         if (this.#requested) return;
         if (!this.#options.redial) {
+          const connections = this.#options.connections ?? 1;
+          if (++this.#deadLinks < connections) continue;
           await this.#drop(
-            "the connection to the server died, so the device was disconnected",
+            connections === 1
+              ? "the connection to the server died, so the device was disconnected"
+              : `all ${connections} connections to the server died, so the device was disconnected`,
           );
           return;
         }
