@@ -991,6 +991,47 @@ await check("supervised-external-disconnect", async () => {
   );
   return release.message;
 });
+await check("supervised-two-links", async () => {
+  // Two server processes on one file stand in for one server whose
+  // connections can die one at a time.
+  const disk3 = `${W}/disk3.img`;
+  const f = await Deno.open(disk3, { create: true, write: true });
+  await f.truncate(16 * MiB);
+  f.close();
+  await startServer("fa", "file", disk3);
+  await startServer("fb", "file", disk3);
+  const w = await watchLinkDead();
+  const a = await dial("fa");
+  const b = await dial("fb");
+  try {
+    await connectDevice({
+      index: 5,
+      sockets: [a.fd, b.fd],
+      size: a.info.size,
+      blockSize: 4096,
+      serverFlags: FLAG_HAS_FLAGS | a.info.flags,
+    });
+  } finally {
+    closeAll([a.fd, b.fd]);
+  }
+  const supervised = superviseDevice({ index: 5, watch: w, connections: 2 });
+  let released = false;
+  void supervised.closed.then(() => released = true);
+  const since = performance.now();
+  await killServer("fa", "SIGKILL");
+  await waitDead(5, since);
+  await new Promise((r) => setTimeout(r, 1000));
+  assert(!released && await attached(5), "released after one dead link");
+  const wr = await writeAt(`${W}/one-a`, 5, 0, 1, 30);
+  assert(wr.ok, `write over the live link: ${wr.err}`);
+  const back = await readBack(5, 0, 1);
+  assert(equal(back, data.subarray(0, MiB)), "1 MiB read back differs");
+  await killServer("fb", "SIGKILL");
+  const release = await within(20_000, "the release", supervised.closed);
+  assert(release.reason === "lost", `release: ${JSON.stringify(release)}`);
+  await waitFreed(5);
+  return `one of two links dead: the device stays and I/O goes over the other; both dead: ${release.message}`;
+});
 await phase("supervisor");
 
 await startServer("orphan", "memory", "size=16M");

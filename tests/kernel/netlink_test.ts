@@ -46,6 +46,7 @@ const CHECKS = [
   "supervised-persist",
   "supervised-no-persist",
   "supervised-external-disconnect",
+  "supervised-two-links",
   "outlives-process",
   "read-only",
   "ioctl-detach-of-netlink-device",
