@@ -140,7 +140,7 @@ async function run(args: string[]): Promise<number> {
   say(
     `${dev.device}: attached ${dev.size} bytes, block size ${dev.blockSize}, ${
       dev.readOnly ? "read-only" : "read-write"
-    } (${dev.path})`,
+    } (${dev.route})`,
   );
   const release = await dev.closed;
   if (release.requested && release.reason === "disconnect") {

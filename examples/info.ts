@@ -14,22 +14,16 @@
  * @module
  */
 
-import { connect, listExports, probe } from "../mod.ts";
 import {
-  FLAG_CAN_MULTI_CONN,
-  FLAG_READ_ONLY,
-  FLAG_ROTATIONAL,
-  FLAG_SEND_CACHE,
-  FLAG_SEND_DF,
-  FLAG_SEND_FAST_ZERO,
-  FLAG_SEND_FLUSH,
-  FLAG_SEND_FUA,
-  FLAG_SEND_TRIM,
-  FLAG_SEND_WRITE_ZEROES,
+  type Capabilities,
+  capabilities,
+  connect,
+  listExports,
+  probe,
   STATE_HOLE,
   STATE_ZERO,
-  TRANSMISSION_FLAG_NAMES,
-} from "../lib/constants.ts";
+  transmissionFlagNames,
+} from "../mod.ts";
 import {
   errorLine,
   exactSize,
@@ -87,6 +81,8 @@ interface ExportFacts {
   description: string;
   size: number;
   flags: number;
+  /** What the flags allow, as the library reads them. */
+  can: Capabilities;
   blockSize: { minimum: number; preferred: number; maximum: number } | null;
   /** `null` when the server would not list its contexts. */
   contexts: string[] | null;
@@ -124,6 +120,8 @@ async function gather(
       ...(exportName !== undefined ? { exportName } : {}),
       listMetaContexts: true,
     });
+    // Contexts are only listed over structured replies.
+    const contexts = p.structuredReplies ? p.metaContexts : null;
     return {
       session: sessionFacts(p),
       export: {
@@ -131,9 +129,13 @@ async function gather(
         description: p.description,
         size: toNumber(p.size),
         flags: p.flags,
+        can: capabilities({
+          flags: p.flags,
+          structuredReplies: p.structuredReplies,
+          metaContexts: contexts?.length ?? 0,
+        }),
         blockSize: p.blockSize ?? null,
-        // Contexts are only listed over structured replies.
-        contexts: p.structuredReplies ? p.metaContexts : null,
+        contexts,
       },
     };
   } catch (e) {
@@ -155,6 +157,11 @@ async function gather(
         description: nbd.description,
         size: nbd.size,
         flags: nbd.flags,
+        can: capabilities({
+          flags: nbd.flags,
+          structuredReplies: nbd.structuredReplies,
+          metaContexts: nbd.metaContexts.length,
+        }),
         // Only NBD_OPT_INFO/GO carry block sizes; a server that got here
         // (oldstyle, or without NBD_OPT_INFO) sent none, and the client's
         // defaults are not the server's word.
@@ -185,29 +192,19 @@ function exportUri(uri: string, name: string): string {
   }
 }
 
-function flagNames(flags: number): string[] {
-  const names: string[] = [];
-  for (let bit = 1; bit !== 0 && bit <= flags; bit <<= 1) {
-    if (flags & bit) {
-      names.push(TRANSMISSION_FLAG_NAMES[bit] ?? `0x${bit.toString(16)}`);
-    }
-  }
-  return names;
-}
-
-/** The booleans nbdinfo reports, in its order, from the transmission flags. */
-function capabilities(flags: number): Array<[string, boolean]> {
+/** The booleans nbdinfo reports, in its order. */
+function capabilityList(can: Capabilities): Array<[string, boolean]> {
   return [
-    ["is_rotational", (flags & FLAG_ROTATIONAL) !== 0],
-    ["is_read_only", (flags & FLAG_READ_ONLY) !== 0],
-    ["can_cache", (flags & FLAG_SEND_CACHE) !== 0],
-    ["can_df", (flags & FLAG_SEND_DF) !== 0],
-    ["can_fast_zero", (flags & FLAG_SEND_FAST_ZERO) !== 0],
-    ["can_flush", (flags & FLAG_SEND_FLUSH) !== 0],
-    ["can_fua", (flags & FLAG_SEND_FUA) !== 0],
-    ["can_multi_conn", (flags & FLAG_CAN_MULTI_CONN) !== 0],
-    ["can_trim", (flags & FLAG_SEND_TRIM) !== 0],
-    ["can_zero", (flags & FLAG_SEND_WRITE_ZEROES) !== 0],
+    ["is_rotational", can.rotational],
+    ["is_read_only", can.readOnly],
+    ["can_cache", can.canCache],
+    ["can_df", can.canDf],
+    ["can_fast_zero", can.canFastZero],
+    ["can_flush", can.canFlush],
+    ["can_fua", can.canFua],
+    ["can_multi_conn", can.canMultiConn],
+    ["can_trim", can.canTrim],
+    ["can_zero", can.canWriteZeroes],
   ];
 }
 
@@ -217,7 +214,7 @@ function exportJson(uri: string, e: ExportFacts): Record<string, unknown> {
   if (e.description) o["description"] = e.description;
   o["uri"] = uri;
   if (e.contexts) o["contexts"] = e.contexts;
-  for (const [name, value] of capabilities(e.flags)) o[name] = value;
+  for (const [name, value] of capabilityList(e.can)) o[name] = value;
   if (e.blockSize) {
     o["block_size_minimum"] = e.blockSize.minimum;
     o["block_size_preferred"] = e.blockSize.preferred;
@@ -226,7 +223,7 @@ function exportJson(uri: string, e: ExportFacts): Record<string, unknown> {
   o["export-size"] = e.size;
   o["export-size-str"] = exactSize(e.size).text;
   o["transmission-flags"] = e.flags;
-  o["transmission-flag-names"] = flagNames(e.flags);
+  o["transmission-flag-names"] = transmissionFlagNames(e.flags);
   return o;
 }
 
@@ -262,7 +259,7 @@ function exportText(uri: string, e: ExportFacts): string {
     lines.push("\tcontexts:");
     for (const c of e.contexts) lines.push(`\t\t${c}`);
   }
-  for (const [name, value] of capabilities(e.flags)) {
+  for (const [name, value] of capabilityList(e.can)) {
     lines.push(`\t${name}: ${value}`);
   }
   if (e.blockSize) {
@@ -271,7 +268,7 @@ function exportText(uri: string, e: ExportFacts): string {
     lines.push(`\tblock_size_maximum: ${e.blockSize.maximum}`);
   }
   lines.push(`\ttransmission-flags: 0x${e.flags.toString(16)}`);
-  for (const name of flagNames(e.flags)) lines.push(`\t\t${name}`);
+  for (const name of transmissionFlagNames(e.flags)) lines.push(`\t\t${name}`);
   return lines.join("\n") + "\n";
 }
 
@@ -418,28 +415,28 @@ function totalsOutput(
 
 type FeatureTest = (s: SessionFacts, e: ExportFacts) => boolean;
 
-const flag = (bit: number): FeatureTest => (_s, e) => (e.flags & bit) !== 0;
+const can = (name: keyof Capabilities): FeatureTest => (_s, e) => e.can[name];
 
 /** `--can`/`--is` answers by name, with the spellings nbdinfo accepts. */
 const FEATURES: Readonly<Record<string, FeatureTest>> = {
   connect: () => true,
   read: () => true,
-  write: (_s, e) => (e.flags & FLAG_READ_ONLY) === 0,
-  readonly: flag(FLAG_READ_ONLY),
-  rotational: flag(FLAG_ROTATIONAL),
+  write: (_s, e) => !e.can.readOnly,
+  readonly: can("readOnly"),
+  rotational: can("rotational"),
   tls: (s) => s.tls,
   structuredreply: (s) => s.structuredReplies,
   extendedheaders: (s) => s.extendedHeaders,
   blockstatus: (s, e) =>
     s.structuredReplies && (e.contexts?.includes("base:allocation") ?? false),
-  cache: flag(FLAG_SEND_CACHE),
-  df: flag(FLAG_SEND_DF),
-  fastzero: flag(FLAG_SEND_FAST_ZERO),
-  flush: flag(FLAG_SEND_FLUSH),
-  fua: flag(FLAG_SEND_FUA),
-  multiconn: flag(FLAG_CAN_MULTI_CONN),
-  trim: flag(FLAG_SEND_TRIM),
-  zero: flag(FLAG_SEND_WRITE_ZEROES),
+  cache: can("canCache"),
+  df: can("canDf"),
+  fastzero: can("canFastZero"),
+  flush: can("canFlush"),
+  fua: can("canFua"),
+  multiconn: can("canMultiConn"),
+  trim: can("canTrim"),
+  zero: can("canWriteZeroes"),
 };
 
 const FEATURE_ALIASES: Readonly<Record<string, string>> = {

@@ -1,7 +1,7 @@
 /**
- * The public client: `connect()` opens a stream, runs the handshake and
- * returns an {@linkcode NbdClient} whose methods check every argument
- * against what the export allows before anything is sent.
+ * A connection to one export in transmission: {@linkcode NbdClient} checks
+ * every argument against what the export allows before anything is sent.
+ * `connect()` (in `connect.ts`) makes one.
  *
  * @module
  */
@@ -20,35 +20,11 @@ import {
   CMD_WRITE,
   CMD_WRITE_ZEROES,
   DEFAULT_MAX_PAYLOAD,
-  DEFAULT_PORT,
-  FLAG_CAN_MULTI_CONN,
-  FLAG_READ_ONLY,
-  FLAG_ROTATIONAL,
-  FLAG_SEND_CACHE,
-  FLAG_SEND_DF,
-  FLAG_SEND_FAST_ZERO,
-  FLAG_SEND_FLUSH,
-  FLAG_SEND_FUA,
-  FLAG_SEND_TRIM,
-  FLAG_SEND_WRITE_ZEROES,
 } from "./constants.ts";
-import type { ConnectOptions } from "./connect_options.ts";
-import { makeTracer, type Tracer } from "./debug.ts";
-import {
-  abortReason,
-  errorText,
-  NbdConnectionClosedError,
-  NbdError,
-  NbdUnsupportedError,
-} from "./errors.ts";
+import { type Capabilities, capabilities } from "./capabilities.ts";
+import type { Tracer } from "./debug.ts";
+import { NbdConnectionClosedError, NbdUnsupportedError } from "./errors.ts";
 import type { BlockSize, ExportInfo, Protocol } from "./export.ts";
-import { type HandshakeOptions, negotiate, openSession } from "./handshake.ts";
-import type { OptionSession } from "./options/session.ts";
-import { type ExportListing, listExports as optList } from "./options/list.ts";
-import { listMetaContexts } from "./options/meta_context.ts";
-import { negotiateReplies } from "./options/structured_reply.ts";
-import { type ExportDetails, infoOrGo } from "./options/go.ts";
-import { OPT_INFO, OPT_LIST } from "./constants.ts";
 import {
   readableFrom,
   type ReadableFromOptions,
@@ -56,9 +32,7 @@ import {
   type WritableToOptions,
 } from "./streams.ts";
 import { type Command, type Extent, Transmission } from "./transmission.ts";
-import { type ByteStream, Transport } from "./transport.ts";
-import { formatUri, parseUri } from "./uri.ts";
-import { refuseUnsupportedTls, upgradeToTls } from "./tls.ts";
+import type { Transport } from "./transport.ts";
 
 /** Options every request takes. */
 export interface RequestOptions {
@@ -103,391 +77,19 @@ export type BlockStatus = Record<string, Extent[]>;
 export type ClientState = "open" | "closing" | "closed" | "failed";
 
 const DEFAULT_MAX_IN_FLIGHT = 64;
-/** Connecting and negotiating may take this long unless told otherwise. */
-const DEFAULT_CONNECT_TIMEOUT = 30_000;
 const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
 
-/** Opens the byte stream to the server that `options` names. */
-async function openStream(o: ConnectOptions): Promise<ByteStream> {
-  if (o.path !== undefined) {
-    return await Deno.connect({ transport: "unix", path: o.path });
-  }
-  if (o.cid !== undefined) {
-    return await Deno.connect({
-      transport: "vsock",
-      cid: o.cid,
-      port: o.port ?? DEFAULT_PORT,
-    });
-  }
-  const conn = await Deno.connect({
-    hostname: o.hostname ?? "localhost",
-    port: o.port ?? DEFAULT_PORT,
-  });
-  // Small headers must not wait for ACKs (doc/proto.md asks for TCP_NODELAY).
-  conn.setNoDelay(true);
-  return conn;
-}
-
-/** Merges a URI or options object with extra options, checking both. */
-export function resolveOptions(
-  target: string | ConnectOptions,
-  options: ConnectOptions = {},
-): ConnectOptions {
-  const base = typeof target === "string" ? parseUri(target) : target;
-  if (
-    typeof target !== "string" &&
-    (target === null || typeof target !== "object")
-  ) {
-    throw new TypeError("connect() takes an NBD URI or an options object");
-  }
-  const o: ConnectOptions = { ...base, ...options };
-  const where = [o.hostname, o.path, o.cid].filter((x) => x !== undefined);
-  if (where.length > 1) {
-    throw new TypeError(
-      "Give only one of hostname, path and cid to say where the server is",
-    );
-  }
-  if (
-    o.port !== undefined &&
-    (!Number.isInteger(o.port) || o.port < 0 || o.port > 0xffffffff)
-  ) {
-    throw new RangeError(`Invalid port ${o.port}`);
-  }
-  if (o.exportName !== undefined && typeof o.exportName !== "string") {
-    throw new TypeError("exportName must be a string");
-  }
-  if (
-    o.connectTimeout !== undefined &&
-    (!Number.isFinite(o.connectTimeout) || o.connectTimeout < 0)
-  ) {
+/**
+ * An export's size as a number, the API's rule for every size: exact, or a
+ * RangeError that points at the `sizeBigInt` twin.
+ */
+export function sizeNumber(size: bigint): number {
+  if (size > MAX_SAFE) {
     throw new RangeError(
-      `connectTimeout must be a number of milliseconds, not ${o.connectTimeout}`,
+      `The export's size ${size} exceeds Number.MAX_SAFE_INTEGER; use sizeBigInt`,
     );
   }
-  if (
-    o.maxInFlight !== undefined &&
-    (!Number.isInteger(o.maxInFlight) || o.maxInFlight < 1 ||
-      o.maxInFlight > 65536)
-  ) {
-    throw new RangeError(
-      `maxInFlight must be an integer from 1 to 65536, not ${o.maxInFlight}`,
-    );
-  }
-  // PSK and anonymous TLS cannot be done here: say so before any traffic.
-  if ((o.tls ?? "disable") !== "disable") refuseUnsupportedTls(o);
-  return o;
-}
-
-function handshakeOptions(o: ConnectOptions, trace: Tracer): HandshakeOptions {
-  const tls = o.tls ?? "disable";
-  return {
-    ...(o.exportName !== undefined ? { exportName: o.exportName } : {}),
-    tls,
-    ...(tls !== "disable"
-      ? {
-        upgradeTls: (stream: ByteStream) =>
-          upgradeToTls(stream, {
-            ...o,
-            ...(trace ? { debug: trace } : {}),
-          }),
-      }
-      : {}),
-    ...(o.structuredReplies !== undefined
-      ? { structuredReplies: o.structuredReplies }
-      : {}),
-    ...(o.extendedHeaders !== undefined
-      ? { extendedHeaders: o.extendedHeaders }
-      : {}),
-    ...(o.metaContexts !== undefined ? { metaContexts: o.metaContexts } : {}),
-    ...(o.blockSizes !== undefined ? { blockSizes: o.blockSizes } : {}),
-    trace,
-  };
-}
-
-/**
- * Opens a connection and runs `step` over it, closing it on failure and
- * honouring `signal` throughout (a stalled server cannot hang the caller).
- */
-async function withConnection<T>(
-  o: ConnectOptions,
-  step: (transport: Transport) => Promise<T>,
-): Promise<{ transport: Transport; result: T }> {
-  if (o.signal?.aborted) throw abortReason(o.signal);
-  // The caller's signal and the connect timeout, as one signal.
-  const gate = new AbortController();
-  const signal = gate.signal;
-  const forward = () => gate.abort(abortReason(o.signal!));
-  o.signal?.addEventListener("abort", forward, { once: true });
-  const limit = o.connectTimeout ?? DEFAULT_CONNECT_TIMEOUT;
-  const timer = limit > 0
-    ? setTimeout(() =>
-      gate.abort(
-        new NbdError(
-          `Connecting to ${
-            describeTarget(o)
-          } and negotiating took longer than ${limit} ms`,
-        ),
-      ), limit)
-    : undefined;
-  let transport: Transport | undefined;
-  let onAbort: (() => void) | undefined;
-  const aborted = new Promise<never>((_, reject) => {
-    onAbort = () => {
-      const reason = abortReason(signal!);
-      transport?.close(reason);
-      reject(reason);
-    };
-    signal.addEventListener("abort", onAbort, { once: true });
-  });
-  aborted.catch(() => {});
-  try {
-    const opening = openStream(o);
-    let stream: ByteStream;
-    try {
-      stream = await Promise.race([opening, aborted]);
-    } catch (e) {
-      // A connect that completes after the abort must not leak.
-      opening.then((s) => s.close(), () => {});
-      if (signal?.aborted) throw abortReason(signal);
-      throw new NbdError(
-        `Cannot connect to ${describeTarget(o)}: ${errorText(e)}`,
-        { cause: e },
-      );
-    }
-    transport = new Transport(stream);
-    if (signal?.aborted) throw abortReason(signal);
-    const stepping = step(transport);
-    // If the signal wins the race, the step still ends (its transport is
-    // closed); its rejection must not go unobserved.
-    stepping.catch(() => {});
-    const result = await Promise.race([stepping, aborted]);
-    return { transport, result };
-  } catch (e) {
-    transport?.close();
-    if (signal?.aborted) throw abortReason(signal);
-    throw e;
-  } finally {
-    if (onAbort) signal.removeEventListener("abort", onAbort);
-    o.signal?.removeEventListener("abort", forward);
-    clearTimeout(timer);
-  }
-}
-
-function describeTarget(o: ConnectOptions): string {
-  try {
-    return formatUri(o);
-  } catch {
-    return o.path ?? `${o.hostname ?? "localhost"}:${o.port ?? DEFAULT_PORT}`;
-  }
-}
-
-/** Connects as `o` says and runs the whole handshake. */
-async function negotiated(
-  o: ConnectOptions,
-  trace: Tracer,
-): Promise<{ transport: Transport; info: ExportInfo }> {
-  const { transport, result } = await withConnection(
-    o,
-    (t) => negotiate(t, handshakeOptions(o, trace)),
-  );
-  return { transport, info: result };
-}
-
-/**
- * Opens a connection and runs the whole handshake, returning the transport
- * ready for transmission, for code that carries the transmission phase
- * itself (a relay, a proxy, a kernel handoff of its own).
- *
- * @param target An NBD URI or options object.
- * @param options Options that override the target's.
- * @returns The transport and what was negotiated.
- * @throws {NbdError} when the connection or the handshake fails.
- *
- * @example
- * ```ts
- * import { openTransport } from "@nbd/client";
- * const { transport, info } = await openTransport(
- *   "nbd+unix:///?socket=/tmp/nbd.sock",
- *   { structuredReplies: false },
- * );
- * console.log(info.size, info.flags);
- * transport.close();
- * ```
- */
-export async function openTransport(
-  target: string | ConnectOptions,
-  options: ConnectOptions = {},
-): Promise<{ transport: Transport; info: ExportInfo }> {
-  const o = resolveOptions(target, options);
-  return await negotiated(o, makeTracer(o.debug));
-}
-
-/**
- * Connects to an NBD server and negotiates an export.
- *
- * @param target An NBD URI (`nbd://host/export`,
- *   `nbd+unix:///export?socket=/path`, ...) or an options object.
- * @param options Options that override what the URI says.
- * @returns A connected client.
- * @throws {NbdOptionError} when the server refuses the export.
- * @throws {NbdProtocolError} when the server breaks the protocol.
- * @throws {NbdError} when the server cannot be reached.
- * @throws {TypeError} for a malformed URI or option.
- *
- * @example
- * ```ts
- * import { connect } from "@nbd/client";
- * await using nbd = await connect("nbd+unix:///?socket=/tmp/nbd.sock", {
- *   signal: AbortSignal.timeout(5000),
- * });
- * const first = await nbd.read(0, 512);
- * ```
- */
-export async function connect(
-  target: string | ConnectOptions,
-  options: ConnectOptions = {},
-): Promise<NbdClient> {
-  const o = resolveOptions(target, options);
-  const trace = makeTracer(o.debug);
-  const { transport, info } = await negotiated(o, trace);
-  return new NbdClient(transport, info, o.maxInFlight, trace);
-}
-
-/**
- * Lists a server's exports with `NBD_OPT_LIST`.
- *
- * @param target An NBD URI or options object (its export name is ignored).
- * @param options Options that override the target's.
- * @returns Each export's name and description.
- * @throws {NbdOptionError} when the server refuses to list.
- * @throws {NbdError} when the server cannot list (oldstyle, non-fixed newstyle).
- *
- * @example
- * ```ts
- * import { listExports } from "@nbd/client";
- * for (const e of await listExports("nbd://127.0.0.1")) console.log(e.name);
- * ```
- */
-export async function listExports(
-  target: string | ConnectOptions,
-  options: ConnectOptions = {},
-): Promise<ExportListing[]> {
-  const o = resolveOptions(target, options);
-  const trace = makeTracer(o.debug);
-  const { transport, result } = await withConnection(o, async (t) => {
-    const session = await openSession(t, handshakeOptions(o, trace));
-    try {
-      const listed = await optList(session);
-      if (!Array.isArray(listed)) {
-        throw session.refusal(OPT_LIST, listed, "Cannot list exports");
-      }
-      return listed;
-    } finally {
-      await session.abort();
-    }
-  });
-  transport.close();
-  return result;
-}
-
-/** What {@linkcode probe} learns about an export without connecting to it. */
-export interface ExportProbe {
-  /** The export name (canonical when the server sent one). */
-  exportName: string;
-  /** The server's description, or `""`. */
-  description: string;
-  /** Size in bytes. */
-  size: bigint;
-  /** Transmission flags. */
-  flags: number;
-  /** Block size constraints, when advertised. */
-  blockSize: BlockSize | undefined;
-  /** Metadata contexts offered (`NBD_OPT_LIST_META_CONTEXT`). */
-  metaContexts: string[];
-  /** The handshake style. */
-  protocol: Protocol;
-  /** Whether TLS was negotiated. */
-  tls: boolean;
-  /** Whether the server agreed to structured replies. */
-  structuredReplies: boolean;
-  /** Whether the server agreed to extended headers. */
-  extendedHeaders: boolean;
-}
-
-/** Options of {@linkcode probe}. */
-export interface ProbeOptions extends ConnectOptions {
-  /** Also list metadata contexts (default true). */
-  listMetaContexts?: boolean;
-}
-
-async function probeSession(
-  session: OptionSession,
-  o: ProbeOptions,
-): Promise<ExportProbe> {
-  const name = o.exportName ?? "";
-  await negotiateReplies(session, o);
-  let metaContexts: string[] = [];
-  if (o.listMetaContexts !== false && session.structuredReplies) {
-    const listed = await listMetaContexts(session, name, []);
-    if (listed !== "unsupported") metaContexts = listed;
-  }
-  const info: ExportDetails | "unsupported" = await infoOrGo(
-    session,
-    OPT_INFO,
-    name,
-    o.blockSizes !== false,
-  );
-  if (info === "unsupported") {
-    throw new NbdError(
-      "The server does not support NBD_OPT_INFO; connect() to learn about the export",
-    );
-  }
-  return {
-    exportName: info.name ?? name,
-    description: info.description ?? "",
-    size: info.size,
-    flags: info.flags,
-    blockSize: info.blockSize,
-    metaContexts,
-    protocol: "fixed newstyle",
-    tls: session.tls,
-    structuredReplies: session.structuredReplies,
-    extendedHeaders: session.extendedHeaders,
-  };
-}
-
-/**
- * Describes an export with `NBD_OPT_INFO` (and lists its metadata contexts)
- * without entering transmission, then leaves with `NBD_OPT_ABORT`.
- *
- * @param target An NBD URI or options object.
- * @param options Options that override the target's.
- * @returns What the server says about the export.
- * @throws {NbdOptionError} when the server refuses (for example, no such export).
- *
- * @example
- * ```ts
- * import { probe } from "@nbd/client";
- * const p = await probe("nbd://127.0.0.1/disk");
- * console.log(p.size, p.metaContexts);
- * ```
- */
-export async function probe(
-  target: string | ConnectOptions,
-  options: ProbeOptions = {},
-): Promise<ExportProbe> {
-  const o: ProbeOptions = { ...resolveOptions(target, options), ...options };
-  const trace = makeTracer(o.debug);
-  const { transport, result } = await withConnection(o, async (t) => {
-    const session = await openSession(t, handshakeOptions(o, trace));
-    try {
-      return await probeSession(session, o);
-    } finally {
-      await session.abort();
-    }
-  });
-  transport.close();
-  return result;
+  return Number(size);
 }
 
 /**
@@ -503,6 +105,7 @@ export class NbdClient {
   #tx: Transmission;
   #state: ClientState = "open";
   #contexts: Map<number, string>;
+  #can: Capabilities;
   #closing: Promise<void> | undefined;
 
   /**
@@ -521,17 +124,17 @@ export class NbdClient {
   ) {
     this.#info = info;
     this.#contexts = info.metaContexts;
+    this.#can = capabilities({
+      flags: info.flags,
+      structuredReplies: info.structuredReplies,
+      metaContexts: info.metaContexts.size,
+    });
     this.#tx = new Transmission(transport, info, maxInFlight, trace);
   }
 
   /** Size in bytes. @throws {RangeError} beyond `Number.MAX_SAFE_INTEGER`. */
   get size(): number {
-    if (this.#info.size > MAX_SAFE) {
-      throw new RangeError(
-        `The export's size ${this.#info.size} exceeds Number.MAX_SAFE_INTEGER; use sizeBigInt`,
-      );
-    }
-    return Number(this.#info.size);
+    return sizeNumber(this.#info.size);
   }
   /** Size in bytes, exactly. */
   get sizeBigInt(): bigint {
@@ -562,50 +165,47 @@ export class NbdClient {
   }
   /** Whether the export refuses writes. */
   get readOnly(): boolean {
-    return (this.#info.flags & FLAG_READ_ONLY) !== 0;
+    return this.#can.readOnly;
   }
   /** Whether {@linkcode NbdClient.flush} is available. */
   get canFlush(): boolean {
-    return (this.#info.flags & FLAG_SEND_FLUSH) !== 0;
+    return this.#can.canFlush;
   }
   /** Whether the `fua` option is available. */
   get canFua(): boolean {
-    return (this.#info.flags & FLAG_SEND_FUA) !== 0;
+    return this.#can.canFua;
   }
   /** Whether {@linkcode NbdClient.trim} is available. */
   get canTrim(): boolean {
-    return !this.readOnly && (this.#info.flags & FLAG_SEND_TRIM) !== 0;
+    return this.#can.canTrim;
   }
   /** Whether {@linkcode NbdClient.writeZeroes} is available. */
   get canWriteZeroes(): boolean {
-    return !this.readOnly &&
-      (this.#info.flags & FLAG_SEND_WRITE_ZEROES) !== 0;
+    return this.#can.canWriteZeroes;
   }
   /** Whether the `fastZero` option is available. */
   get canFastZero(): boolean {
-    return this.canWriteZeroes &&
-      (this.#info.flags & FLAG_SEND_FAST_ZERO) !== 0;
+    return this.#can.canFastZero;
   }
   /** Whether {@linkcode NbdClient.cache} is available. */
   get canCache(): boolean {
-    return (this.#info.flags & FLAG_SEND_CACHE) !== 0;
+    return this.#can.canCache;
   }
   /** Whether several connections to this export see each other's writes. */
   get canMultiConn(): boolean {
-    return (this.#info.flags & FLAG_CAN_MULTI_CONN) !== 0;
+    return this.#can.canMultiConn;
   }
   /** Whether the `df` read option is available. */
   get canDf(): boolean {
-    return this.#info.structuredReplies &&
-      (this.#info.flags & FLAG_SEND_DF) !== 0;
+    return this.#can.canDf;
   }
   /** Whether {@linkcode NbdClient.blockStatus} is available. */
   get canBlockStatus(): boolean {
-    return this.#info.structuredReplies && this.#contexts.size > 0;
+    return this.#can.canBlockStatus;
   }
   /** Whether the server says the export behaves like a spinning disk. */
   get rotational(): boolean {
-    return (this.#info.flags & FLAG_ROTATIONAL) !== 0;
+    return this.#can.rotational;
   }
   /** Whether structured replies are in use. */
   get structuredReplies(): boolean {

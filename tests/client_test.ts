@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
-import { connect, NbdClient, openTransport } from "../lib/client.ts";
+import { NbdClient } from "../lib/client.ts";
+import { connect, openTransport } from "../lib/connect.ts";
 import {
   NbdConnectionClosedError,
   NbdError,

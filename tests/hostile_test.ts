@@ -7,7 +7,8 @@
  */
 
 import assert from "node:assert/strict";
-import { connect, type NbdClient } from "../lib/client.ts";
+import type { NbdClient } from "../lib/client.ts";
+import { connect } from "../lib/connect.ts";
 import type { ConnectOptions } from "../lib/connect_options.ts";
 import {
   CMD_BLOCK_STATUS,
