@@ -127,7 +127,7 @@ async function gather(
       export: {
         exportName: p.exportName,
         description: p.description,
-        size: toNumber(p.size),
+        size: toNumber(p.sizeBigInt),
         flags: p.flags,
         can: capabilities({
           flags: p.flags,

@@ -9,7 +9,7 @@
  */
 
 import { DEFAULT_PORT, OPT_INFO, OPT_LIST } from "./constants.ts";
-import { NbdClient } from "./client.ts";
+import { NbdClient, sizeNumber } from "./client.ts";
 import type { ConnectOptions } from "./connect_options.ts";
 import { deadline, untilAborted } from "./deadline.ts";
 import { makeTracer, type Tracer } from "./debug.ts";
@@ -264,8 +264,14 @@ export interface ExportProbe {
   exportName: string;
   /** The server's description, or `""`. */
   description: string;
-  /** Size in bytes. */
-  size: bigint;
+  /**
+   * Size in bytes, as {@linkcode NbdClient.size}.
+   *
+   * @throws {RangeError} beyond `Number.MAX_SAFE_INTEGER` (read `sizeBigInt`).
+   */
+  readonly size: number;
+  /** Size in bytes, exactly. */
+  sizeBigInt: bigint;
   /** Transmission flags. */
   flags: number;
   /** Block size constraints, when advertised. */
@@ -311,10 +317,14 @@ async function probeSession(
       "The server does not support NBD_OPT_INFO; connect() to learn about the export",
     );
   }
+  const sizeBigInt = info.size;
   return {
     exportName: info.name ?? name,
     description: info.description ?? "",
-    size: info.size,
+    get size(): number {
+      return sizeNumber(sizeBigInt);
+    },
+    sizeBigInt,
     flags: info.flags,
     blockSize: info.blockSize,
     metaContexts,

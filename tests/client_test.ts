@@ -1,6 +1,15 @@
 import assert from "node:assert/strict";
 import { NbdClient } from "../lib/client.ts";
-import { connect, openTransport } from "../lib/connect.ts";
+import { connect, openTransport, probe } from "../lib/connect.ts";
+import { capabilities, transmissionFlagNames } from "../lib/capabilities.ts";
+import {
+  FLAG_HAS_FLAGS,
+  FLAG_READ_ONLY,
+  FLAG_SEND_DF,
+  FLAG_SEND_FAST_ZERO,
+  FLAG_SEND_TRIM,
+  FLAG_SEND_WRITE_ZEROES,
+} from "../lib/constants.ts";
 import {
   NbdConnectionClosedError,
   NbdError,
@@ -144,4 +153,71 @@ Deno.test("openTransport() negotiates and hands over the transport with nothing 
     transport.close();
   }
   await server.settled();
+});
+
+Deno.test("probe() follows the size rule of NbdClient: size a number, sizeBigInt exact", async () => {
+  await using server = await startTestServer({
+    exports: [{ name: "", size: 64 * KiB }],
+  });
+  const p = await probe(server.uri);
+  assert.equal(typeof p.size, "number");
+  assert.equal(p.size, 64 * KiB);
+  assert.equal(p.sizeBigInt, BigInt(64 * KiB));
+  const nbd = await connect(server.uri);
+  try {
+    assert.equal(nbd.size, p.size);
+    assert.equal(nbd.sizeBigInt, p.sizeBigInt);
+  } finally {
+    await nbd.close();
+  }
+});
+
+Deno.test("capabilities() is what NbdClient's getters say, with libnbd's rules", async (t) => {
+  await t.step("a read-only export can neither trim nor zero", () => {
+    const can = capabilities({
+      flags: FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_TRIM |
+        FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO,
+      structuredReplies: true,
+      metaContexts: 0,
+    });
+    assert.deepEqual(
+      [can.readOnly, can.canTrim, can.canWriteZeroes, can.canFastZero],
+      [true, false, false, false],
+    );
+  });
+  await t.step("DF needs structured replies, fast zero write zeroes", () => {
+    const simple = capabilities({
+      flags: FLAG_HAS_FLAGS | FLAG_SEND_DF | FLAG_SEND_FAST_ZERO,
+      structuredReplies: false,
+      metaContexts: 1,
+    });
+    assert.equal(simple.canDf, false);
+    assert.equal(simple.canFastZero, false);
+    assert.equal(simple.canBlockStatus, false);
+  });
+  await t.step("the getters of a connected client agree", async () => {
+    await using server = await startTestServer();
+    const nbd = await connect(server.uri, {
+      metaContexts: ["base:allocation"],
+    });
+    try {
+      const can = capabilities({
+        flags: nbd.flags,
+        structuredReplies: nbd.structuredReplies,
+        metaContexts: nbd.metaContexts.length,
+      });
+      for (const [name, value] of Object.entries(can)) {
+        assert.equal(nbd[name as keyof typeof can], value, name);
+      }
+      assert.equal(can.canBlockStatus, true);
+    } finally {
+      await nbd.close();
+    }
+  });
+  await t.step("flag names, lowest bit first", () => {
+    assert.deepEqual(
+      transmissionFlagNames(FLAG_HAS_FLAGS | FLAG_SEND_TRIM | 0x8000),
+      ["NBD_FLAG_HAS_FLAGS", "NBD_FLAG_SEND_TRIM", "0x8000"],
+    );
+  });
 });

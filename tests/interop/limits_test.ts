@@ -149,7 +149,7 @@ Deno.test({
               e instanceof RangeError && /use sizeBigInt/.test(e.message),
           );
           assert.equal(client.sizeBigInt, size);
-          assert.equal((await probe(server!.target())).size, size);
+          assert.equal((await probe(server!.target())).sizeBigInt, size);
         },
       );
 
