@@ -31,6 +31,7 @@ import {
   writableTo,
   type WritableToOptions,
 } from "./streams.ts";
+import { checkSignal, shown } from "./resolve_options.ts";
 import { type Command, type Extent, Transmission } from "./transmission.ts";
 import type { Transport } from "./transport.ts";
 
@@ -77,6 +78,33 @@ export type BlockStatus = Record<string, Extent[]>;
 export type ClientState = "open" | "closing" | "closed" | "failed";
 
 const DEFAULT_MAX_IN_FLIGHT = 64;
+/**
+ * Checks a request's options before anything is sent: an object, an
+ * `AbortSignal` if any, and booleans where flags are asked for.
+ *
+ * @throws {TypeError} naming the method and the option.
+ */
+function checkOptions(
+  method: string,
+  options: unknown,
+  flags: readonly string[],
+): void {
+  if (options === null || typeof options !== "object") {
+    throw new TypeError(
+      `${method}(): options must be an object, not ${shown(options)}`,
+    );
+  }
+  const fields = options as Record<string, unknown>;
+  checkSignal(`${method}()`, fields.signal);
+  for (const flag of flags) {
+    const v = fields[flag];
+    if (v !== undefined && typeof v !== "boolean") {
+      throw new TypeError(
+        `${method}(): ${flag} must be true or false, not ${shown(v)}`,
+      );
+    }
+  }
+}
 const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
 
 /**
@@ -365,6 +393,7 @@ export class NbdClient {
     length: number,
     options: ReadOptions = {},
   ): Promise<Uint8Array> {
+    checkOptions("read", options, ["df"]);
     this.#range("read", offset, length);
     const buffer = new Uint8Array(length);
     await this.readInto(buffer, offset, options);
@@ -394,6 +423,7 @@ export class NbdClient {
     offset: number,
     options: ReadOptions = {},
   ): Promise<void> {
+    checkOptions("readInto", options, ["df"]);
     if (!(buffer instanceof Uint8Array)) {
       throw new TypeError("readInto(): buffer must be a Uint8Array");
     }
@@ -439,6 +469,7 @@ export class NbdClient {
     data: Uint8Array,
     options: WriteOptions = {},
   ): Promise<void> {
+    checkOptions("write", options, ["fua"]);
     if (!(data instanceof Uint8Array)) {
       throw new TypeError("write(): data must be a Uint8Array");
     }
@@ -469,6 +500,7 @@ export class NbdClient {
    * ```
    */
   async flush(options: RequestOptions = {}): Promise<void> {
+    checkOptions("flush", options, []);
     this.#guard("flush");
     this.#need(
       this.canFlush,
@@ -505,6 +537,7 @@ export class NbdClient {
     length: number,
     options: WriteOptions = {},
   ): Promise<void> {
+    checkOptions("trim", options, ["fua"]);
     this.#range("trim", offset, length);
     this.#writable("trim");
     this.#need(
@@ -543,6 +576,7 @@ export class NbdClient {
     length: number,
     options: WriteZeroesOptions = {},
   ): Promise<void> {
+    checkOptions("writeZeroes", options, ["fua", "noHole", "fastZero"]);
     this.#range("writeZeroes", offset, length);
     this.#writable("writeZeroes");
     this.#need(
@@ -594,6 +628,7 @@ export class NbdClient {
     length: number,
     options: RequestOptions = {},
   ): Promise<void> {
+    checkOptions("cache", options, []);
     this.#range("cache", offset, length);
     this.#need(
       this.canCache,
@@ -637,6 +672,7 @@ export class NbdClient {
     length: number,
     options: BlockStatusOptions = {},
   ): Promise<BlockStatus> {
+    checkOptions("blockStatus", options, ["reqOne"]);
     this.#range("blockStatus", offset, length);
     this.#need(
       this.canBlockStatus,
@@ -704,6 +740,8 @@ export class NbdClient {
    * waits for the same close.
    *
    * @param options `signal` bounds the wait for requests in flight.
+   * @throws {TypeError} for options that are not an object, or a signal
+   *   that is not an `AbortSignal`.
    *
    * @example
    * ```ts
@@ -713,6 +751,11 @@ export class NbdClient {
    * ```
    */
   close(options: RequestOptions = {}): Promise<void> {
+    try {
+      checkOptions("close", options, []);
+    } catch (e) {
+      return Promise.reject(e);
+    }
     if (!this.#closing) {
       this.#state = "closing";
       this.#closing = this.#tx.disconnect(options.signal).finally(() => {

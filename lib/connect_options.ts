@@ -86,7 +86,8 @@ export interface ConnectOptions
   /**
    * Milliseconds allowed for connecting and negotiating (default 30000; 0
    * for no limit), so that a server that accepts and then says nothing
-   * cannot hang the caller even without a `signal`.
+   * cannot hang the caller even without a `signal`. At most 2^31 - 1 (about
+   * 24.8 days, the longest a timer waits): a larger value is a RangeError.
    */
   connectTimeout?: number;
 }
