@@ -22,6 +22,7 @@ import {
   DEFAULT_MAX_PAYLOAD,
 } from "./constants.ts";
 import { type Capabilities, capabilities } from "./capabilities.ts";
+import { deadline, untilAborted, within } from "./deadline.ts";
 import type { Tracer } from "./debug.ts";
 import { NbdConnectionClosedError, NbdUnsupportedError } from "./errors.ts";
 import type { BlockSize, ExportInfo, Protocol } from "./export.ts";
@@ -31,6 +32,7 @@ import {
   writableTo,
   type WritableToOptions,
 } from "./streams.ts";
+import { InFlight } from "./in_flight.ts";
 import { checkSignal, shown } from "./resolve_options.ts";
 import { type Command, type Extent, Transmission } from "./transmission.ts";
 import type { Transport } from "./transport.ts";
@@ -78,6 +80,15 @@ export type BlockStatus = Record<string, Extent[]>;
 export type ClientState = "open" | "closing" | "closed" | "failed";
 
 const DEFAULT_MAX_IN_FLIGHT = 64;
+/**
+ * How long `close()` waits, without a signal, for replies owed to callers
+ * who gave up, and then for `NBD_CMD_DISC` to be written.
+ */
+const DRAIN_MS = 2000;
+const DISCONNECT_MS = 2000;
+
+type Reply = ReturnType<Transmission["submit"]>;
+
 /**
  * Checks a request's options before anything is sent: an object, an
  * `AbortSignal` if any, and booleans where flags are asked for.
@@ -135,6 +146,8 @@ export class NbdClient {
   #contexts: Map<number, string>;
   #can: Capabilities;
   #closing: Promise<void> | undefined;
+  #transport: Transport;
+  #inFlight: InFlight;
 
   /**
    * Wraps a negotiated transport; {@linkcode connect} is the usual way in.
@@ -157,6 +170,8 @@ export class NbdClient {
       structuredReplies: info.structuredReplies,
       metaContexts: info.metaContexts.size,
     });
+    this.#transport = transport;
+    this.#inFlight = new InFlight(maxInFlight);
     this.#tx = new Transmission(transport, info, maxInFlight, trace);
   }
 
@@ -349,21 +364,42 @@ export class NbdClient {
     this.#need(!this.readOnly, "write", method, "the export is read-only");
   }
 
+  /**
+   * Sends one command. The caller's signal ends the wait, not the request:
+   * its reply stays counted until it arrives, so that `close()` can drain.
+   */
+  async #send(cmd: Command, signal: AbortSignal | undefined): Reply {
+    const ticket = await this.#inFlight.take(signal);
+    const reply = this.#tx.submit(cmd);
+    reply.then(ticket.settle, ticket.settle);
+    if (!signal) return await reply;
+    try {
+      return await untilAborted(reply, signal);
+    } catch (e) {
+      if (signal.aborted) ticket.abandon();
+      throw e;
+    }
+  }
+
   /** Splits [offset, offset+length) into requests of at most `step` bytes. */
   async #split(
     offset: number,
     length: number,
     step: number,
+    signal: AbortSignal | undefined,
     make: (offset: number, length: number, rel: number) => Command,
   ): Promise<void> {
     if (length <= step) {
-      await this.#tx.submit(make(offset, length, 0));
+      await this.#send(make(offset, length, 0), signal);
       return;
     }
     const parts: Promise<unknown>[] = [];
     for (let rel = 0; rel < length; rel += step) {
       parts.push(
-        this.#tx.submit(make(offset + rel, Math.min(step, length - rel), rel)),
+        this.#send(
+          make(offset + rel, Math.min(step, length - rel), rel),
+          signal,
+        ),
       );
     }
     const settled = await Promise.allSettled(parts);
@@ -438,14 +474,19 @@ export class NbdClient {
       );
       flags |= CMD_FLAG_DF;
     }
-    await this.#split(offset, buffer.length, this.#maxIo, (o, l, rel) => ({
-      type: CMD_READ,
-      flags,
-      offset: o,
-      length: l,
-      buffer: buffer.subarray(rel, rel + l),
-      signal: options.signal,
-    }));
+    await this.#split(
+      offset,
+      buffer.length,
+      this.#maxIo,
+      options.signal,
+      (o, l, rel) => ({
+        type: CMD_READ,
+        flags,
+        offset: o,
+        length: l,
+        buffer: buffer.subarray(rel, rel + l),
+      }),
+    );
   }
 
   /**
@@ -476,14 +517,19 @@ export class NbdClient {
     this.#range("write", offset, data.length);
     this.#writable("write");
     const flags = this.#fuaFlag("write", options.fua);
-    await this.#split(offset, data.length, this.#maxIo, (o, l, rel) => ({
-      type: CMD_WRITE,
-      flags,
-      offset: o,
-      length: l,
-      payload: data.subarray(rel, rel + l),
-      signal: options.signal,
-    }));
+    await this.#split(
+      offset,
+      data.length,
+      this.#maxIo,
+      options.signal,
+      (o, l, rel) => ({
+        type: CMD_WRITE,
+        flags,
+        offset: o,
+        length: l,
+        payload: data.subarray(rel, rel + l),
+      }),
+    );
   }
 
   /**
@@ -508,13 +554,12 @@ export class NbdClient {
       "flush",
       "the export does not support flush",
     );
-    await this.#tx.submit({
+    await this.#send({
       type: CMD_FLUSH,
       flags: 0,
       offset: 0,
       length: 0,
-      signal: options.signal,
-    });
+    }, options.signal);
   }
 
   /**
@@ -547,13 +592,18 @@ export class NbdClient {
       "the export does not support trim",
     );
     const flags = this.#fuaFlag("trim", options.fua);
-    await this.#split(offset, length, this.#maxEffect, (o, l) => ({
-      type: CMD_TRIM,
-      flags,
-      offset: o,
-      length: l,
-      signal: options.signal,
-    }));
+    await this.#split(
+      offset,
+      length,
+      this.#maxEffect,
+      options.signal,
+      (o, l) => ({
+        type: CMD_TRIM,
+        flags,
+        offset: o,
+        length: l,
+      }),
+    );
   }
 
   /**
@@ -599,12 +649,11 @@ export class NbdClient {
     const step = options.fastZero
       ? this.#maxEffect
       : Math.min(this.#maxEffect, this.#info.blockSize.maximum);
-    await this.#split(offset, length, step, (o, l) => ({
+    await this.#split(offset, length, step, options.signal, (o, l) => ({
       type: CMD_WRITE_ZEROES,
       flags,
       offset: o,
       length: l,
-      signal: options.signal,
     }));
   }
 
@@ -637,12 +686,11 @@ export class NbdClient {
       "the export does not support cache",
     );
     const step = Math.min(this.#maxEffect, this.#info.blockSize.maximum);
-    await this.#split(offset, length, step, (o, l) => ({
+    await this.#split(offset, length, step, options.signal, (o, l) => ({
       type: CMD_CACHE,
       flags: 0,
       offset: o,
       length: l,
-      signal: options.signal,
     }));
   }
 
@@ -680,13 +728,12 @@ export class NbdClient {
       "blockStatus",
       "no metadata context was negotiated (pass metaContexts to connect())",
     );
-    const byId = await this.#tx.submit({
+    const byId = await this.#send({
       type: CMD_BLOCK_STATUS,
       flags: options.reqOne ? CMD_FLAG_REQ_ONE : 0,
       offset,
       length: Math.min(length, this.#maxEffect),
-      signal: options.signal,
-    });
+    }, options.signal);
     const out: BlockStatus = {};
     for (const [id, extents] of byId) out[this.#contexts.get(id)!] = extents;
     return out;
@@ -733,13 +780,18 @@ export class NbdClient {
   }
 
   /**
-   * Waits for requests in flight, sends `NBD_CMD_DISC` and closes the
-   * connection. Requests whose callers gave up (their signal aborted) do
-   * not hold it up; `options.signal` cuts the wait for the others short,
-   * failing them with {@linkcode NbdConnectionClosedError}. Calling it again
-   * waits for the same close.
+   * Waits for requests in flight, drains, sends `NBD_CMD_DISC` and closes
+   * the connection. First it waits for the requests whose callers still
+   * wait; then for the replies still owed to callers who gave up (their
+   * signal aborted), for at most 2 s, as the spec asks a client to wait
+   * until no requests are in flight before it disconnects; then for
+   * `NBD_CMD_DISC` to be written, for at most 2 s, after which the socket
+   * is torn down. `options.signal` bounds the whole close: when it aborts,
+   * the socket is torn down at once and requests still waiting fail with
+   * {@linkcode NbdConnectionClosedError}. Calling it again waits for the
+   * same close.
    *
-   * @param options `signal` bounds the wait for requests in flight.
+   * @param options `signal` bounds the whole close.
    * @throws {TypeError} for options that are not an object, or a signal
    *   that is not an `AbortSignal`.
    *
@@ -747,7 +799,7 @@ export class NbdClient {
    * ```ts
    * import { connect } from "@nbd/client";
    * const nbd = await connect("nbd://127.0.0.1/disk");
-   * await nbd.close();
+   * await nbd.close({ signal: AbortSignal.timeout(5000) });
    * ```
    */
   close(options: RequestOptions = {}): Promise<void> {
@@ -758,11 +810,35 @@ export class NbdClient {
     }
     if (!this.#closing) {
       this.#state = "closing";
-      this.#closing = this.#tx.disconnect(options.signal).finally(() => {
+      this.#closing = this.#shutDown(options.signal).finally(() => {
         this.#state = "closed";
       });
     }
     return this.#closing;
+  }
+
+  async #shutDown(signal: AbortSignal | undefined): Promise<void> {
+    // Transmission's own wait is already done here: it only sends.
+    const now = AbortSignal.abort();
+    try {
+      await untilAborted(this.#inFlight.whenIdle(true), signal);
+      {
+        using drain = deadline(signal, DRAIN_MS, () => new Error("drained"));
+        try {
+          await untilAborted(this.#inFlight.whenIdle(false), drain.signal);
+        } catch (e) {
+          // The drain's own limit: disconnect anyway. The caller's: cut.
+          if (signal?.aborted) throw e;
+        }
+      }
+      using bye = deadline(signal, DISCONNECT_MS, () => new Error("stuck"));
+      await untilAborted(this.#tx.disconnect(now), bye.signal);
+    } catch {
+      // The signal fired, or the server stopped reading: tear down. The
+      // disconnect then ends at once, failing what still waits.
+      this.#transport.close();
+      await within(this.#tx.disconnect(now).catch(() => {}), DISCONNECT_MS);
+    }
   }
 
   /** Closes the client at the end of an `await using` block. */
