@@ -13,7 +13,12 @@ import { NbdClient, sizeNumber } from "./client.ts";
 import type { ConnectOptions } from "./connect_options.ts";
 import { deadline, untilAborted } from "./deadline.ts";
 import { makeTracer, type Tracer } from "./debug.ts";
-import { abortReason, errorText, NbdError } from "./errors.ts";
+import {
+  abortReason,
+  errorText,
+  NbdError,
+  NbdUnsupportedError,
+} from "./errors.ts";
 import type { BlockSize, ExportInfo, Protocol } from "./export.ts";
 import { type HandshakeOptions, negotiate, openSession } from "./handshake.ts";
 import { type ExportDetails, infoOrGo } from "./options/go.ts";
@@ -28,6 +33,54 @@ import { formatUri } from "./uri.ts";
 
 /** Connecting and negotiating may take this long unless told otherwise. */
 const DEFAULT_CONNECT_TIMEOUT = 30_000;
+
+/**
+ * Whether Deno's `--unstable-vsock` flag is among its own arguments (before
+ * the script's); `undefined` when the command line cannot be read (Deno
+ * lets a program read it only under `--allow-all`).
+ */
+function vsockFlagSeen(): boolean | undefined {
+  const path = "/proc/self/cmdline";
+  try {
+    // Query first: reading without permission could prompt the user.
+    if (
+      Deno.permissions.querySync({ name: "read", path }).state !== "granted"
+    ) {
+      return undefined;
+    }
+    const args = Deno.readTextFileSync(path).split("\0");
+    const script = Deno.mainModule.split("/").at(-1);
+    const end = args.findIndex((a, i) =>
+      i > 0 && a.split("/").at(-1) === script
+    );
+    return args.slice(0, end < 0 ? args.length : end).includes(
+      "--unstable-vsock",
+    );
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Refuses vsock unless Deno can do it: without `--unstable-vsock`,
+ * `Deno.connect` ends the process (status 70) past any `catch`, and Deno
+ * offers no way to ask whether the flag is on.
+ *
+ * @throws {NbdUnsupportedError} (feature `"vsock"`) naming the flag.
+ */
+function checkVsock(o: ConnectOptions): void {
+  if (o.unstableVsock === true) return;
+  const seen = vsockFlagSeen();
+  if (seen) return;
+  throw new NbdUnsupportedError(
+    "vsock",
+    `Cannot connect over vsock: Deno needs the --unstable-vsock flag for it and ends the process without it, ${
+      seen === false
+        ? "and it is not on the command line"
+        : "and this process cannot see its command line (it can under --allow-all)"
+    }. Run deno with --unstable-vsock, and pass unstableVsock: true if the flag is set where the command line does not show it`,
+  );
+}
 
 /** Opens the byte stream to the server that `options` names. */
 async function openStream(o: ConnectOptions): Promise<ByteStream> {
@@ -106,6 +159,7 @@ async function withConnection<T>(
   );
   const signal = time.signal;
   if (signal.aborted) throw abortReason(signal);
+  if (o.cid !== undefined) checkVsock(o);
   let transport: Transport | undefined;
   // Reads and writes in progress fail at once, with the reason.
   const onAbort = () => transport?.close(abortReason(signal));

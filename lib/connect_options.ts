@@ -90,4 +90,12 @@ export interface ConnectOptions
    * 24.8 days, the longest a timer waits): a larger value is a RangeError.
    */
   connectTimeout?: number;
+  /**
+   * Deno connects over vsock only with `--unstable-vsock`, and without it
+   * ends the process. `connect()` therefore uses vsock only when it sees the
+   * flag on its command line (readable under `--allow-all`) or when this is
+   * `true`: set it when the flag is given but not visible (no
+   * `--allow-all`, `deno.json`'s `"unstable": ["vsock"]`, `deno compile`).
+   */
+  unstableVsock?: boolean;
 }

@@ -33,6 +33,7 @@ const BOOLEANS = [
   "structuredReplies",
   "extendedHeaders",
   "blockSizes",
+  "unstableVsock",
 ] as const;
 
 /** How a value looks in a message: strings quoted, objects by kind. */
