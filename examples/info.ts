@@ -67,6 +67,9 @@ const OPTIONS: OptionSpec[] = [
   { name: "no-content", kind: "flag" },
 ];
 
+/** Connecting and negotiating, probe and fallback together, take at most this. */
+const CONNECT_TIMEOUT_MS = 30_000;
+
 /** What a session negotiated, the same for every export of a server. */
 interface SessionFacts {
   protocol: string;
@@ -113,13 +116,42 @@ function sessionFacts(s: SessionFacts): SessionFacts {
 async function gather(
   uri: string,
   exportName: string | undefined,
+  interrupt: AbortSignal,
 ): Promise<{ session: SessionFacts; export: ExportFacts }> {
+  // One time limit for the probe and the fallback together: a server that
+  // accepts and never speaks costs one timeout, reported once.
+  const limit = new AbortController();
+  const timer = setTimeout(
+    () =>
+      limit.abort(
+        new Error(
+          `Connecting to ${uri} and negotiating took longer than ${CONNECT_TIMEOUT_MS} ms`,
+        ),
+      ),
+    CONNECT_TIMEOUT_MS,
+  );
+  const signal = AbortSignal.any([interrupt, limit.signal]);
+  try {
+    return await probeOrConnect(uri, exportName, signal);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+async function probeOrConnect(
+  uri: string,
+  exportName: string | undefined,
+  signal: AbortSignal,
+): Promise<{ session: SessionFacts; export: ExportFacts }> {
+  // The library's own limit would start again for the fallback.
+  const options = {
+    ...(exportName !== undefined ? { exportName } : {}),
+    signal,
+    connectTimeout: 0,
+  };
   let probeError: unknown;
   try {
-    const p = await probe(uri, {
-      ...(exportName !== undefined ? { exportName } : {}),
-      listMetaContexts: true,
-    });
+    const p = await probe(uri, { ...options, listMetaContexts: true });
     // Contexts are only listed over structured replies.
     const contexts = p.structuredReplies ? p.metaContexts : null;
     return {
@@ -141,11 +173,11 @@ async function gather(
   } catch (e) {
     probeError = e;
   }
+  // Out of time (or interrupted): asking again would only wait again.
+  if (signal.aborted) throw probeError;
   let nbd;
   try {
-    nbd = await connect(uri, {
-      ...(exportName !== undefined ? { exportName } : {}),
-    });
+    nbd = await connect(uri, options);
   } catch {
     throw probeError;
   }
@@ -316,11 +348,15 @@ function maxStatusLength(align: number): number {
  * @throws {Error} If the server does not offer the context, or answers a
  * request with no extents (which would loop forever).
  */
-async function readMap(uri: string, context: string): Promise<{
+async function readMap(
+  uri: string,
+  context: string,
+  signal: AbortSignal,
+): Promise<{
   size: number;
   runs: MapRun[];
 }> {
-  const nbd = await connect(uri, { metaContexts: [context] });
+  const nbd = await connect(uri, { metaContexts: [context], signal });
   try {
     if (!nbd.metaContexts.includes(context)) {
       throw new Error(
@@ -333,7 +369,7 @@ async function readMap(uri: string, context: string): Promise<{
     let offset = 0;
     while (offset < size) {
       const length = Math.min(size - offset, maxStatusLength(align));
-      const reply = await nbd.blockStatus(offset, length);
+      const reply = await nbd.blockStatus(offset, length, { signal });
       const extents = reply[context] ?? [];
       const before = offset;
       for (const e of extents) {
@@ -462,16 +498,20 @@ function featureTest(name: string): FeatureTest {
 }
 
 /** Everything `--list` shows: one probe per listed export. */
-async function listOutput(uri: string, json: boolean): Promise<{
+async function listOutput(
+  uri: string,
+  json: boolean,
+  signal: AbortSignal,
+): Promise<{
   text: string;
   ok: boolean;
 }> {
   let listed: Array<{ name: string; description?: string }>;
   try {
-    listed = await listExports(uri);
+    listed = await listExports(uri, { signal });
   } catch (e) {
     // An oldstyle server has exactly one export and no list.
-    const one = await gather(uri, undefined).catch(() => {
+    const one = await gather(uri, undefined, signal).catch(() => {
       throw e;
     });
     if (one.session.protocol !== "oldstyle") throw e;
@@ -482,7 +522,7 @@ async function listOutput(uri: string, json: boolean): Promise<{
   let ok = true;
   for (const item of listed) {
     try {
-      const g = await gather(uri, item.name);
+      const g = await gather(uri, item.name, signal);
       session ??= g.session;
       if (item.description && !g.export.description) {
         g.export.description = item.description;
@@ -563,29 +603,30 @@ function parseRequest(args: string[]): Request {
 /** Does what was asked: the text for stdout and the exit status. */
 async function run(
   r: Exclude<Request, { mode: "help" }>,
+  signal: AbortSignal,
 ): Promise<{ out: string; status: number }> {
   switch (r.mode) {
     case "can": {
-      const g = await gather(r.uri, undefined);
+      const g = await gather(r.uri, undefined, signal);
       return { out: "", status: r.test(g.session, g.export) ? 0 : 2 };
     }
     case "size": {
-      const g = await gather(r.uri, undefined);
+      const g = await gather(r.uri, undefined, signal);
       return { out: `${g.export.size}\n`, status: 0 };
     }
     case "map": {
-      const { size, runs } = await readMap(r.uri, r.context);
+      const { size, runs } = await readMap(r.uri, r.context, signal);
       const out = r.totals
         ? totalsOutput(r.context, size, runs, r.json)
         : mapOutput(r.context, runs, r.json);
       return { out, status: 0 };
     }
     case "list": {
-      const { text, ok } = await listOutput(r.uri, r.json);
+      const { text, ok } = await listOutput(r.uri, r.json, signal);
       return { out: text, status: ok ? 0 : 1 };
     }
     case "show": {
-      const g = await gather(r.uri, undefined);
+      const g = await gather(r.uri, undefined, signal);
       const uri = exportUri(r.uri, g.export.exportName);
       const out = r.json
         ? JSON.stringify(
@@ -603,7 +644,8 @@ async function run(
  * Runs the tool.
  *
  * @param args Command-line arguments, without the program name.
- * @returns The exit status: 0, 1 on failure, 2 for a `--can`/`--is` "no".
+ * @returns The exit status: 0, 1 on failure, 2 for a `--can`/`--is` "no",
+ *   130 when interrupted (SIGINT, SIGTERM).
  */
 export async function main(args: string[]): Promise<number> {
   let request: Request;
@@ -618,14 +660,39 @@ export async function main(args: string[]): Promise<number> {
     await writeAll(Deno.stdout, USAGE);
     return 0;
   }
+  // ^C (or SIGTERM) ends the run at once, connecting or not; the signal
+  // also closes what is open.
+  const interrupt = new AbortController();
+  const interrupted = new Error("interrupted");
+  let onInterrupt!: () => void;
+  const stopped = new Promise<"interrupted">((resolve) => {
+    onInterrupt = () => {
+      interrupt.abort(interrupted);
+      resolve("interrupted");
+    };
+  });
+  const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
+  for (const s of signals) Deno.addSignalListener(s, onInterrupt);
   try {
-    const { out, status } = await run(request);
+    const running = run(request, interrupt.signal);
+    running.catch(() => {});
+    const result = await Promise.race([running, stopped]);
+    if (result === "interrupted") {
+      warn("info: interrupted");
+      return 130;
+    }
     // All at once at the end: a failure never leaves half a report.
-    if (out) await writeAll(Deno.stdout, out);
-    return status;
+    if (result.out) await writeAll(Deno.stdout, result.out);
+    return result.status;
   } catch (e) {
+    if (interrupt.signal.aborted) {
+      warn("info: interrupted");
+      return 130;
+    }
     warn(errorLine("info", e));
     return 1;
+  } finally {
+    for (const s of signals) Deno.removeSignalListener(s, onInterrupt);
   }
 }
 
