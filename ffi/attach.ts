@@ -24,7 +24,12 @@ import type {
 import { FLAG_READ_ONLY } from "../lib/constants.ts";
 import { makeTracer } from "../lib/debug.ts";
 import { abortReason } from "../lib/errors.ts";
-import { resolveOptions } from "../lib/resolve_options.ts";
+import {
+  checkMilliseconds,
+  checkSignal,
+  resolveOptions,
+  shown,
+} from "../lib/resolve_options.ts";
 import { type AttachedDevice, Attachment } from "./_attachment.ts";
 import { configureDevice } from "./_configure.ts";
 import { connectForKernel, hangUp, type KernelConnection } from "./_connect.ts";
@@ -115,6 +120,11 @@ function resolveTarget(
 }
 
 function validate(options: AttachOptions, page: number): void {
+  if (options === null || typeof options !== "object") {
+    throw new TypeError(
+      `attach() takes options as an object, not ${shown(options)}`,
+    );
+  }
   const { timeout, blockSize } = options;
   if (
     timeout !== undefined &&
@@ -133,6 +143,16 @@ function validate(options: AttachOptions, page: number): void {
       `blockSize must be a power of two from 512 to ${page}, got ${blockSize}`,
     );
   }
+  for (const key of ["readOnly", "handleSignals", "relay"] as const) {
+    const v: unknown = options[key];
+    if (v !== undefined && typeof v !== "boolean") {
+      throw new TypeError(`${key} must be true or false, not ${shown(v)}`);
+    }
+  }
+  for (const key of ["connectTimeout", "startTimeout"] as const) {
+    if (options[key] !== undefined) checkMilliseconds(key, options[key]);
+  }
+  checkSignal("attach()", options.signal);
 }
 
 /**
