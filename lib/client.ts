@@ -821,17 +821,25 @@ export class NbdClient {
     // Transmission's own wait is already done here: it only sends.
     const now = AbortSignal.abort();
     try {
-      await untilAborted(this.#inFlight.whenIdle(true), signal);
+      await untilAborted(this.#inFlight.whenNoneWaiting(), signal);
       {
-        using drain = deadline(signal, DRAIN_MS, () => new Error("drained"));
+        using drain = deadline(
+          signal,
+          DRAIN_MS,
+          () => new Error("The drain took too long"),
+        );
         try {
-          await untilAborted(this.#inFlight.whenIdle(false), drain.signal);
+          await untilAborted(this.#inFlight.whenNoneOwed(), drain.signal);
         } catch (e) {
           // The drain's own limit: disconnect anyway. The caller's: cut.
           if (signal?.aborted) throw e;
         }
       }
-      using bye = deadline(signal, DISCONNECT_MS, () => new Error("stuck"));
+      using bye = deadline(
+        signal,
+        DISCONNECT_MS,
+        () => new Error("NBD_CMD_DISC could not be written"),
+      );
       await untilAborted(this.#tx.disconnect(now), bye.signal);
     } catch {
       // The signal fired, or the server stopped reading: tear down. The

@@ -26,7 +26,7 @@ import { type ExportListing, listExports as optList } from "./options/list.ts";
 import { listMetaContexts } from "./options/meta_context.ts";
 import type { OptionSession } from "./options/session.ts";
 import { negotiateReplies } from "./options/structured_reply.ts";
-import { resolveOptions } from "./resolve_options.ts";
+import { resolveOptions, shown } from "./resolve_options.ts";
 import { upgradeToTls } from "./tls.ts";
 import { type ByteStream, Transport } from "./transport.ts";
 import { formatUri } from "./uri.ts";
@@ -411,12 +411,17 @@ export async function probe(
 ): Promise<ExportProbe> {
   const { listMetaContexts, ...rest } = options;
   const o = resolveOptions(target, rest);
-  const listContexts = listMetaContexts ??
+  const listContexts: unknown = listMetaContexts ??
     (typeof target === "string" ? undefined : (target as ProbeOptions)
       .listMetaContexts) ??
     true;
+  if (typeof listContexts !== "boolean") {
+    throw new TypeError(
+      `listMetaContexts must be true or false, not ${shown(listContexts)}`,
+    );
+  }
   return await inOptionPhase(
     o,
-    (session) => probeSession(session, o, listContexts !== false),
+    (session) => probeSession(session, o, listContexts),
   );
 }

@@ -88,11 +88,17 @@ export class InFlight {
     };
   }
 
-  /**
-   * Resolves once no caller waits for a reply (`live`), or once no reply
-   * at all is owed.
-   */
-  whenIdle(live: boolean): Promise<void> {
+  /** Resolves once no caller waits for a reply (abandoned ones aside). */
+  whenNoneWaiting(): Promise<void> {
+    return this.#when(true);
+  }
+
+  /** Resolves once no reply at all is owed, to anyone. */
+  whenNoneOwed(): Promise<void> {
+    return this.#when(false);
+  }
+
+  #when(live: boolean): Promise<void> {
     if ((live ? this.#live : this.#owed) === 0) return Promise.resolve();
     return new Promise((wake) => this.#idle.push({ live, wake }));
   }

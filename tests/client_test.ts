@@ -165,6 +165,10 @@ Deno.test("probe() follows the size rule of NbdClient: size a number, sizeBigInt
     exports: [{ name: "", size: 64 * KiB }],
   });
   const p = await probe(server.uri);
+  await assert.rejects(
+    probe(server.uri, { listMetaContexts: "no" as unknown as boolean }),
+    /^TypeError: listMetaContexts must be true or false, not "no"$/,
+  );
   assert.equal(typeof p.size, "number");
   assert.equal(p.size, 64 * KiB);
   assert.equal(p.sizeBigInt, BigInt(64 * KiB));
