@@ -19,12 +19,18 @@ import {
   CMD_TRIM,
   CMD_WRITE,
   CMD_WRITE_ZEROES,
+  COMMAND_NAMES,
   DEFAULT_MAX_PAYLOAD,
+  nameOrNumber,
 } from "./constants.ts";
 import { type Capabilities, capabilities } from "./capabilities.ts";
 import { deadline, untilAborted, within } from "./deadline.ts";
 import type { Tracer } from "./debug.ts";
-import { NbdConnectionClosedError, NbdUnsupportedError } from "./errors.ts";
+import {
+  abortReason,
+  NbdConnectionClosedError,
+  NbdUnsupportedError,
+} from "./errors.ts";
 import type { BlockSize, ExportInfo, Protocol } from "./export.ts";
 import {
   readableFrom,
@@ -369,7 +375,20 @@ export class NbdClient {
    * its reply stays counted until it arrives, so that `close()` can drain.
    */
   async #send(cmd: Command, signal: AbortSignal | undefined): Reply {
-    const ticket = await this.#inFlight.take(signal);
+    if (signal?.aborted) throw abortReason(signal);
+    let ticket = this.#inFlight.tryTake();
+    if (!ticket) {
+      ticket = await this.#inFlight.take(signal);
+      if (this.#state !== "open") {
+        // It waited for a slot while close() began: it must not go out.
+        ticket.settle();
+        throw new NbdConnectionClosedError(
+          `Cannot send ${
+            nameOrNumber(COMMAND_NAMES, cmd.type)
+          }: the connection is closing`,
+        );
+      }
+    }
     const reply = this.#tx.submit(cmd);
     reply.then(ticket.settle, ticket.settle);
     if (!signal) return await reply;

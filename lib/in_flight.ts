@@ -39,32 +39,46 @@ export class InFlight {
   }
 
   /**
-   * Takes a slot, waiting while `max` replies are owed (abandoned requests
-   * hold theirs until their replies arrive).
+   * Takes a free slot at once, if there is one and nobody is queued for it.
+   * Synchronous, so that a request made just before `close()` still counts
+   * as made before it.
+   */
+  tryTake(): Ticket | undefined {
+    if (this.#owed >= this.#max || this.#slots.length > 0) return undefined;
+    this.#owed++;
+    return this.#ticket();
+  }
+
+  /**
+   * Waits for a slot while `max` replies are owed (abandoned requests hold
+   * theirs until their replies arrive).
    *
    * @throws the signal's reason when it aborts while waiting.
    */
   async take(signal: AbortSignal | undefined): Promise<Ticket> {
     if (signal?.aborted) throw abortReason(signal);
-    if (this.#owed < this.#max && this.#slots.length === 0) {
-      this.#owed++;
-    } else {
-      await new Promise<void>((resolve, reject) => {
-        const grant = () => {
-          signal?.removeEventListener("abort", onAbort);
-          // Counted here, so the slot cannot be handed out twice.
-          this.#owed++;
-          resolve();
-        };
-        const onAbort = () => {
-          const i = this.#slots.indexOf(grant);
-          if (i >= 0) this.#slots.splice(i, 1);
-          reject(abortReason(signal!));
-        };
-        signal?.addEventListener("abort", onAbort, { once: true });
-        this.#slots.push(grant);
-      });
-    }
+    const now = this.tryTake();
+    if (now) return now;
+    await new Promise<void>((resolve, reject) => {
+      const grant = () => {
+        signal?.removeEventListener("abort", onAbort);
+        // Counted here, so the slot cannot be handed out twice.
+        this.#owed++;
+        resolve();
+      };
+      const onAbort = () => {
+        const i = this.#slots.indexOf(grant);
+        if (i >= 0) this.#slots.splice(i, 1);
+        reject(abortReason(signal!));
+      };
+      signal?.addEventListener("abort", onAbort, { once: true });
+      this.#slots.push(grant);
+    });
+    return this.#ticket();
+  }
+
+  /** A ticket for a slot already counted as owed. */
+  #ticket(): Ticket {
     this.#live++;
     let live = true;
     let settled = false;

@@ -163,3 +163,35 @@ Deno.test({
     }
   },
 });
+
+Deno.test("close() lets no request still waiting for a slot go out", async () => {
+  const server = await nbdkit([
+    "--filter=delay",
+    "memory",
+    "1M",
+    "rdelay=200ms",
+  ]);
+  try {
+    const sent: unknown[] = [];
+    const nbd = await connect(server.target(), {
+      maxInFlight: 1,
+      debug: (event, fields) => {
+        if (event === "send command") sent.push(fields.command);
+      },
+    });
+    const first = nbd.read(0, 4096);
+    const queued = nbd.read(4096, 4096).then(() => undefined, (e) => e);
+    const closing = nbd.close();
+    assert.equal((await first).length, 4096);
+    const e = await queued;
+    assert.ok(e instanceof NbdConnectionClosedError, String(e));
+    assert.match(
+      e.message,
+      /^Cannot send NBD_CMD_READ: the connection is closing/,
+    );
+    await within(5000, "close()", closing);
+    assert.deepEqual(sent, ["NBD_CMD_READ", "NBD_CMD_DISC"]);
+  } finally {
+    await server.stop();
+  }
+});
