@@ -374,7 +374,20 @@ export class NbdClient {
    * Sends one command. The caller's signal ends the wait, not the request:
    * its reply stays counted until it arrives, so that `close()` can drain.
    */
-  async #send(cmd: Command, signal: AbortSignal | undefined): Reply {
+  #send(cmd: Command, signal: AbortSignal | undefined): Reply {
+    if (signal === undefined) {
+      // The hot path: a free slot, nothing to race.
+      const ticket = this.#inFlight.tryTake();
+      if (ticket) {
+        const reply = this.#tx.submit(cmd);
+        reply.then(ticket.settle, ticket.settle);
+        return reply;
+      }
+    }
+    return this.#sendWaiting(cmd, signal);
+  }
+
+  async #sendWaiting(cmd: Command, signal: AbortSignal | undefined): Reply {
     if (signal?.aborted) throw abortReason(signal);
     let ticket = this.#inFlight.tryTake();
     if (!ticket) {
