@@ -29,24 +29,20 @@
  * @module
  */
 
-export {
-  connect,
-  listExports,
-  NbdClient,
-  openTransport,
-  probe,
-} from "./lib/client.ts";
+export { connect, listExports, openTransport, probe } from "./lib/connect.ts";
+export type { ExportProbe, ProbeOptions } from "./lib/connect.ts";
+export { NbdClient } from "./lib/client.ts";
 export type {
   BlockStatus,
   BlockStatusOptions,
   ClientState,
-  ExportProbe,
-  ProbeOptions,
   ReadOptions,
   RequestOptions,
   WriteOptions,
   WriteZeroesOptions,
 } from "./lib/client.ts";
+export { capabilities, transmissionFlagNames } from "./lib/capabilities.ts";
+export type { Capabilities, CapabilityFacts } from "./lib/capabilities.ts";
 export type {
   ConnectOptions,
   ConnectTarget,

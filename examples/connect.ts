@@ -75,8 +75,8 @@ function say(line: string): void {
  *
  * @param args Command-line arguments, without the program name.
  * @returns The exit status: 0 after a requested disconnect (SIGINT/SIGTERM)
- *   or a detach, 1 on failure or when the server went away, 2 for a usage
- *   mistake.
+ *   or a detach; 1 on failure, when the server went away, or for a usage
+ *   mistake (as `info` and `copy`).
  */
 export async function main(args: string[]): Promise<number> {
   try {
@@ -84,7 +84,7 @@ export async function main(args: string[]): Promise<number> {
   } catch (e) {
     if (e instanceof UsageError) {
       warnUsage("connect", e);
-      return 2;
+      return 1;
     }
     warn(errorLine("connect", e));
     return 1;
@@ -140,7 +140,7 @@ async function run(args: string[]): Promise<number> {
   say(
     `${dev.device}: attached ${dev.size} bytes, block size ${dev.blockSize}, ${
       dev.readOnly ? "read-only" : "read-write"
-    } (${dev.path})`,
+    } (${dev.route})`,
   );
   const release = await dev.closed;
   if (release.requested && release.reason === "disconnect") {

@@ -15,22 +15,15 @@
  * @module
  */
 
-import { connect, listExports, probe } from "../mod.ts";
 import {
-  FLAG_BLOCK_STAT_PAYLOAD,
-  FLAG_CAN_MULTI_CONN,
-  FLAG_READ_ONLY,
-  FLAG_ROTATIONAL,
-  FLAG_SEND_CACHE,
-  FLAG_SEND_DF,
-  FLAG_SEND_FAST_ZERO,
-  FLAG_SEND_FLUSH,
-  FLAG_SEND_FUA,
-  FLAG_SEND_TRIM,
-  FLAG_SEND_WRITE_ZEROES,
+  type Capabilities,
+  capabilities,
+  connect,
+  listExports,
+  probe,
   STATE_HOLE,
   STATE_ZERO,
-} from "../lib/constants.ts";
+} from "../mod.ts";
 import {
   errorLine,
   exactSize,
@@ -74,6 +67,9 @@ const OPTIONS: OptionSpec[] = [
   { name: "no-content", kind: "flag" },
 ];
 
+/** Connecting and negotiating, probe and fallback together, take at most this. */
+const CONNECT_TIMEOUT_MS = 30_000;
+
 /** What a session negotiated, the same for every export of a server. */
 interface SessionFacts {
   protocol: string;
@@ -88,6 +84,8 @@ interface ExportFacts {
   description: string;
   size: number;
   flags: number;
+  /** What the flags allow, as the library reads them. */
+  can: Capabilities;
   blockSize: { minimum: number; preferred: number; maximum: number } | null;
   /** `null` when the server would not list its contexts. */
   contexts: string[] | null;
@@ -118,33 +116,69 @@ function sessionFacts(s: SessionFacts): SessionFacts {
 async function gather(
   uri: string,
   exportName: string | undefined,
+  interrupt: AbortSignal,
 ): Promise<{ session: SessionFacts; export: ExportFacts }> {
+  // One time limit for the probe and the fallback together: a server that
+  // accepts and never speaks costs one timeout, reported once.
+  const limit = new AbortController();
+  const timer = setTimeout(
+    () =>
+      limit.abort(
+        new Error(
+          `Connecting to ${uri} and negotiating took longer than ${CONNECT_TIMEOUT_MS} ms`,
+        ),
+      ),
+    CONNECT_TIMEOUT_MS,
+  );
+  const signal = AbortSignal.any([interrupt, limit.signal]);
+  try {
+    return await probeOrConnect(uri, exportName, signal);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+async function probeOrConnect(
+  uri: string,
+  exportName: string | undefined,
+  signal: AbortSignal,
+): Promise<{ session: SessionFacts; export: ExportFacts }> {
+  // The library's own limit would start again for the fallback.
+  const options = {
+    ...(exportName !== undefined ? { exportName } : {}),
+    signal,
+    connectTimeout: 0,
+  };
   let probeError: unknown;
   try {
-    const p = await probe(uri, {
-      ...(exportName !== undefined ? { exportName } : {}),
-      listMetaContexts: true,
-    });
+    const p = await probe(uri, { ...options, listMetaContexts: true });
+    // Contexts are only listed over structured replies.
+    const contexts = p.structuredReplies ? p.metaContexts : null;
     return {
       session: sessionFacts(p),
       export: {
         exportName: p.exportName,
         description: p.description,
-        size: toNumber(p.size),
+        size: toNumber(p.sizeBigInt),
         flags: p.flags,
+        can: capabilities({
+          flags: p.flags,
+          structuredReplies: p.structuredReplies,
+          metaContexts: contexts?.length ?? 0,
+          extendedHeaders: p.extendedHeaders,
+        }),
         blockSize: p.blockSize ?? null,
-        // Contexts are only listed over structured replies.
-        contexts: p.structuredReplies ? p.metaContexts : null,
+        contexts,
       },
     };
   } catch (e) {
     probeError = e;
   }
+  // Out of time (or interrupted): asking again would only wait again.
+  if (signal.aborted) throw probeError;
   let nbd;
   try {
-    nbd = await connect(uri, {
-      ...(exportName !== undefined ? { exportName } : {}),
-    });
+    nbd = await connect(uri, options);
   } catch {
     throw probeError;
   }
@@ -156,6 +190,12 @@ async function gather(
         description: nbd.description,
         size: nbd.size,
         flags: nbd.flags,
+        can: capabilities({
+          flags: nbd.flags,
+          structuredReplies: nbd.structuredReplies,
+          metaContexts: nbd.metaContexts.length,
+          extendedHeaders: nbd.extendedHeaders,
+        }),
         // Only NBD_OPT_INFO/GO carry block sizes; a server that got here
         // (oldstyle, or without NBD_OPT_INFO) sent none, and the client's
         // defaults are not the server's word.
@@ -186,20 +226,20 @@ function exportUri(uri: string, name: string): string {
   }
 }
 
-/** The booleans nbdinfo reports, in its order, from the transmission flags. */
-function capabilities(flags: number): Array<[string, boolean]> {
+/** The booleans nbdinfo reports, in its order. */
+function capabilityList(can: Capabilities): Array<[string, boolean]> {
   return [
-    ["is_rotational", (flags & FLAG_ROTATIONAL) !== 0],
-    ["is_read_only", (flags & FLAG_READ_ONLY) !== 0],
-    ["can_block_status_payload", (flags & FLAG_BLOCK_STAT_PAYLOAD) !== 0],
-    ["can_cache", (flags & FLAG_SEND_CACHE) !== 0],
-    ["can_df", (flags & FLAG_SEND_DF) !== 0],
-    ["can_fast_zero", (flags & FLAG_SEND_FAST_ZERO) !== 0],
-    ["can_flush", (flags & FLAG_SEND_FLUSH) !== 0],
-    ["can_fua", (flags & FLAG_SEND_FUA) !== 0],
-    ["can_multi_conn", (flags & FLAG_CAN_MULTI_CONN) !== 0],
-    ["can_trim", (flags & FLAG_SEND_TRIM) !== 0],
-    ["can_zero", (flags & FLAG_SEND_WRITE_ZEROES) !== 0],
+    ["is_rotational", can.rotational],
+    ["is_read_only", can.readOnly],
+    ["can_block_status_payload", can.canBlockStatusPayload],
+    ["can_cache", can.canCache],
+    ["can_df", can.canDf],
+    ["can_fast_zero", can.canFastZero],
+    ["can_flush", can.canFlush],
+    ["can_fua", can.canFua],
+    ["can_multi_conn", can.canMultiConn],
+    ["can_trim", can.canTrim],
+    ["can_zero", can.canWriteZeroes],
   ];
 }
 
@@ -209,7 +249,7 @@ function exportJson(uri: string, e: ExportFacts): Record<string, unknown> {
   if (e.description) o["description"] = e.description;
   o["uri"] = uri;
   if (e.contexts) o["contexts"] = e.contexts;
-  for (const [name, value] of capabilities(e.flags)) o[name] = value;
+  for (const [name, value] of capabilityList(e.can)) o[name] = value;
   if (e.blockSize) {
     o["block_size_minimum"] = e.blockSize.minimum;
     o["block_size_preferred"] = e.blockSize.preferred;
@@ -255,7 +295,7 @@ function exportText(uri: string, e: ExportFacts): string {
     lines.push("\tcontexts:");
     for (const c of e.contexts) lines.push(`\t\t${c}`);
   }
-  for (const [name, value] of capabilities(e.flags)) {
+  for (const [name, value] of capabilityList(e.can)) {
     lines.push(`\t${name}: ${value}`);
   }
   if (e.blockSize) {
@@ -310,11 +350,15 @@ function maxStatusLength(align: number): number {
  * @throws {Error} If the server does not offer the context, or answers a
  * request with no extents (which would loop forever).
  */
-async function readMap(uri: string, context: string): Promise<{
+async function readMap(
+  uri: string,
+  context: string,
+  signal: AbortSignal,
+): Promise<{
   size: number;
   runs: MapRun[];
 }> {
-  const nbd = await connect(uri, { metaContexts: [context] });
+  const nbd = await connect(uri, { metaContexts: [context], signal });
   try {
     if (!nbd.metaContexts.includes(context)) {
       throw new Error(
@@ -327,7 +371,7 @@ async function readMap(uri: string, context: string): Promise<{
     let offset = 0;
     while (offset < size) {
       const length = Math.min(size - offset, maxStatusLength(align));
-      const reply = await nbd.blockStatus(offset, length);
+      const reply = await nbd.blockStatus(offset, length, { signal });
       const extents = reply[context] ?? [];
       const before = offset;
       for (const e of extents) {
@@ -409,28 +453,28 @@ function totalsOutput(
 
 type FeatureTest = (s: SessionFacts, e: ExportFacts) => boolean;
 
-const flag = (bit: number): FeatureTest => (_s, e) => (e.flags & bit) !== 0;
+const can = (name: keyof Capabilities): FeatureTest => (_s, e) => e.can[name];
 
 /** `--can`/`--is` answers by name, with the spellings nbdinfo accepts. */
 const FEATURES: Readonly<Record<string, FeatureTest>> = {
   connect: () => true,
   read: () => true,
-  write: (_s, e) => (e.flags & FLAG_READ_ONLY) === 0,
-  readonly: flag(FLAG_READ_ONLY),
-  rotational: flag(FLAG_ROTATIONAL),
+  write: (_s, e) => !e.can.readOnly,
+  readonly: can("readOnly"),
+  rotational: can("rotational"),
   tls: (s) => s.tls,
   structuredreply: (s) => s.structuredReplies,
   extendedheaders: (s) => s.extendedHeaders,
   blockstatus: (s, e) =>
     s.structuredReplies && (e.contexts?.includes("base:allocation") ?? false),
-  cache: flag(FLAG_SEND_CACHE),
-  df: flag(FLAG_SEND_DF),
-  fastzero: flag(FLAG_SEND_FAST_ZERO),
-  flush: flag(FLAG_SEND_FLUSH),
-  fua: flag(FLAG_SEND_FUA),
-  multiconn: flag(FLAG_CAN_MULTI_CONN),
-  trim: flag(FLAG_SEND_TRIM),
-  zero: flag(FLAG_SEND_WRITE_ZEROES),
+  cache: can("canCache"),
+  df: can("canDf"),
+  fastzero: can("canFastZero"),
+  flush: can("canFlush"),
+  fua: can("canFua"),
+  multiconn: can("canMultiConn"),
+  trim: can("canTrim"),
+  zero: can("canWriteZeroes"),
 };
 
 const FEATURE_ALIASES: Readonly<Record<string, string>> = {
@@ -456,16 +500,20 @@ function featureTest(name: string): FeatureTest {
 }
 
 /** Everything `--list` shows: one probe per listed export. */
-async function listOutput(uri: string, json: boolean): Promise<{
+async function listOutput(
+  uri: string,
+  json: boolean,
+  signal: AbortSignal,
+): Promise<{
   text: string;
   ok: boolean;
 }> {
   let listed: Array<{ name: string; description?: string }>;
   try {
-    listed = await listExports(uri);
+    listed = await listExports(uri, { signal });
   } catch (e) {
     // An oldstyle server has exactly one export and no list.
-    const one = await gather(uri, undefined).catch(() => {
+    const one = await gather(uri, undefined, signal).catch(() => {
       throw e;
     });
     if (one.session.protocol !== "oldstyle") throw e;
@@ -476,7 +524,7 @@ async function listOutput(uri: string, json: boolean): Promise<{
   let ok = true;
   for (const item of listed) {
     try {
-      const g = await gather(uri, item.name);
+      const g = await gather(uri, item.name, signal);
       session ??= g.session;
       if (item.description && !g.export.description) {
         g.export.description = item.description;
@@ -557,29 +605,30 @@ function parseRequest(args: string[]): Request {
 /** Does what was asked: the text for stdout and the exit status. */
 async function run(
   r: Exclude<Request, { mode: "help" }>,
+  signal: AbortSignal,
 ): Promise<{ out: string; status: number }> {
   switch (r.mode) {
     case "can": {
-      const g = await gather(r.uri, undefined);
+      const g = await gather(r.uri, undefined, signal);
       return { out: "", status: r.test(g.session, g.export) ? 0 : 2 };
     }
     case "size": {
-      const g = await gather(r.uri, undefined);
+      const g = await gather(r.uri, undefined, signal);
       return { out: `${g.export.size}\n`, status: 0 };
     }
     case "map": {
-      const { size, runs } = await readMap(r.uri, r.context);
+      const { size, runs } = await readMap(r.uri, r.context, signal);
       const out = r.totals
         ? totalsOutput(r.context, size, runs, r.json)
         : mapOutput(r.context, runs, r.json);
       return { out, status: 0 };
     }
     case "list": {
-      const { text, ok } = await listOutput(r.uri, r.json);
+      const { text, ok } = await listOutput(r.uri, r.json, signal);
       return { out: text, status: ok ? 0 : 1 };
     }
     case "show": {
-      const g = await gather(r.uri, undefined);
+      const g = await gather(r.uri, undefined, signal);
       const uri = exportUri(r.uri, g.export.exportName);
       const out = r.json
         ? JSON.stringify(
@@ -597,7 +646,8 @@ async function run(
  * Runs the tool.
  *
  * @param args Command-line arguments, without the program name.
- * @returns The exit status: 0, 1 on failure, 2 for a `--can`/`--is` "no".
+ * @returns The exit status: 0, 1 on failure, 2 for a `--can`/`--is` "no",
+ *   130 when interrupted (SIGINT, SIGTERM).
  */
 export async function main(args: string[]): Promise<number> {
   let request: Request;
@@ -612,14 +662,39 @@ export async function main(args: string[]): Promise<number> {
     await writeAll(Deno.stdout, USAGE);
     return 0;
   }
+  // ^C (or SIGTERM) ends the run at once, connecting or not; the signal
+  // also closes what is open.
+  const interrupt = new AbortController();
+  const interrupted = new Error("interrupted");
+  let onInterrupt!: () => void;
+  const stopped = new Promise<"interrupted">((resolve) => {
+    onInterrupt = () => {
+      interrupt.abort(interrupted);
+      resolve("interrupted");
+    };
+  });
+  const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
+  for (const s of signals) Deno.addSignalListener(s, onInterrupt);
   try {
-    const { out, status } = await run(request);
+    const running = run(request, interrupt.signal);
+    running.catch(() => {});
+    const result = await Promise.race([running, stopped]);
+    if (result === "interrupted") {
+      warn("info: interrupted");
+      return 130;
+    }
     // All at once at the end: a failure never leaves half a report.
-    if (out) await writeAll(Deno.stdout, out);
-    return status;
+    if (result.out) await writeAll(Deno.stdout, result.out);
+    return result.status;
   } catch (e) {
+    if (interrupt.signal.aborted) {
+      warn("info: interrupted");
+      return 130;
+    }
     warn(errorLine("info", e));
     return 1;
+  } finally {
+    for (const s of signals) Deno.removeSignalListener(s, onInterrupt);
   }
 }
 

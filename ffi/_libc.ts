@@ -20,6 +20,7 @@ const SYMBOLS = {
     result: "i32",
   },
   connect: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  bind: { parameters: ["i32", "buffer", "u32"], result: "i32" },
   shutdown: { parameters: ["i32", "i32"], result: "i32" },
   close: { parameters: ["i32"], result: "i32" },
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
@@ -45,6 +46,17 @@ const SYMBOLS = {
     parameters: ["i32", "buffer", "usize", "i32"],
     result: "isize",
     nonblocking: true,
+  },
+  /** For netlink: the kernel answers within the call, and errno matters. */
+  recv_now: {
+    name: "recv",
+    parameters: ["i32", "buffer", "usize", "i32"],
+    result: "isize",
+  },
+  send_now: {
+    name: "send",
+    parameters: ["i32", "buffer", "usize", "i32"],
+    result: "isize",
   },
   getaddrinfo: {
     parameters: ["buffer", "buffer", "buffer", "buffer"],
@@ -156,6 +168,7 @@ export const E = {
   ENETUNREACH: 101,
   ECONNRESET: 104,
   ESHUTDOWN: 108,
+  ENOBUFS: 105,
   ETIMEDOUT: 110,
   ECONNREFUSED: 111,
   EHOSTUNREACH: 113,
@@ -221,3 +234,12 @@ export const POLLOUT = 0x4;
 export const POLLERR = 0x8;
 export const POLLHUP = 0x10;
 export const SC_PAGESIZE = 30;
+export const AF_NETLINK = 16;
+export const SOCK_RAW = 3;
+export const NETLINK_GENERIC = 16;
+export const SOL_NETLINK = 270;
+export const NETLINK_ADD_MEMBERSHIP = 1;
+export const NETLINK_CAP_ACK = 10;
+export const NETLINK_EXT_ACK = 11;
+export const MSG_TRUNC = 0x20;
+export const MSG_DONTWAIT = 0x40;

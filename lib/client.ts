@@ -1,7 +1,7 @@
 /**
- * The public client: `connect()` opens a stream, runs the handshake and
- * returns an {@linkcode NbdClient} whose methods check every argument
- * against what the export allows before anything is sent.
+ * A connection to one export in transmission: {@linkcode NbdClient} checks
+ * every argument against what the export allows before anything is sent.
+ * `connect()` (in `connect.ts`) makes one.
  *
  * @module
  */
@@ -19,46 +19,29 @@ import {
   CMD_TRIM,
   CMD_WRITE,
   CMD_WRITE_ZEROES,
+  COMMAND_NAMES,
   DEFAULT_MAX_PAYLOAD,
-  DEFAULT_PORT,
-  FLAG_CAN_MULTI_CONN,
-  FLAG_READ_ONLY,
-  FLAG_ROTATIONAL,
-  FLAG_SEND_CACHE,
-  FLAG_SEND_DF,
-  FLAG_SEND_FAST_ZERO,
-  FLAG_SEND_FLUSH,
-  FLAG_SEND_FUA,
-  FLAG_SEND_TRIM,
-  FLAG_SEND_WRITE_ZEROES,
+  nameOrNumber,
 } from "./constants.ts";
-import type { ConnectOptions } from "./connect_options.ts";
-import { makeTracer, type Tracer } from "./debug.ts";
+import { type Capabilities, capabilities } from "./capabilities.ts";
+import { deadline, untilAborted, within } from "./deadline.ts";
+import type { Tracer } from "./debug.ts";
 import {
   abortReason,
-  errorText,
   NbdConnectionClosedError,
-  NbdError,
   NbdUnsupportedError,
 } from "./errors.ts";
 import type { BlockSize, ExportInfo, Protocol } from "./export.ts";
-import { type HandshakeOptions, negotiate, openSession } from "./handshake.ts";
-import type { OptionSession } from "./options/session.ts";
-import { type ExportListing, listExports as optList } from "./options/list.ts";
-import { listMetaContexts } from "./options/meta_context.ts";
-import { negotiateReplies } from "./options/structured_reply.ts";
-import { type ExportDetails, infoOrGo } from "./options/go.ts";
-import { OPT_INFO, OPT_LIST } from "./constants.ts";
 import {
   readableFrom,
   type ReadableFromOptions,
   writableTo,
   type WritableToOptions,
 } from "./streams.ts";
+import { InFlight } from "./in_flight.ts";
+import { checkSignal, shown } from "./resolve_options.ts";
 import { type Command, type Extent, Transmission } from "./transmission.ts";
-import { type ByteStream, Transport } from "./transport.ts";
-import { formatUri, parseUri } from "./uri.ts";
-import { refuseUnsupportedTls, upgradeToTls } from "./tls.ts";
+import type { Transport } from "./transport.ts";
 
 /** Options every request takes. */
 export interface RequestOptions {
@@ -103,391 +86,55 @@ export type BlockStatus = Record<string, Extent[]>;
 export type ClientState = "open" | "closing" | "closed" | "failed";
 
 const DEFAULT_MAX_IN_FLIGHT = 64;
-/** Connecting and negotiating may take this long unless told otherwise. */
-const DEFAULT_CONNECT_TIMEOUT = 30_000;
-const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
+/**
+ * How long `close()` waits, without a signal, for replies owed to callers
+ * who gave up, and then for `NBD_CMD_DISC` to be written.
+ */
+const DRAIN_MS = 2000;
+const DISCONNECT_MS = 2000;
 
-/** Opens the byte stream to the server that `options` names. */
-async function openStream(o: ConnectOptions): Promise<ByteStream> {
-  if (o.path !== undefined) {
-    return await Deno.connect({ transport: "unix", path: o.path });
-  }
-  if (o.cid !== undefined) {
-    return await Deno.connect({
-      transport: "vsock",
-      cid: o.cid,
-      port: o.port ?? DEFAULT_PORT,
-    });
-  }
-  const conn = await Deno.connect({
-    hostname: o.hostname ?? "localhost",
-    port: o.port ?? DEFAULT_PORT,
-  });
-  // Small headers must not wait for ACKs (doc/proto.md asks for TCP_NODELAY).
-  conn.setNoDelay(true);
-  return conn;
-}
-
-/** Merges a URI or options object with extra options, checking both. */
-export function resolveOptions(
-  target: string | ConnectOptions,
-  options: ConnectOptions = {},
-): ConnectOptions {
-  const base = typeof target === "string" ? parseUri(target) : target;
-  if (
-    typeof target !== "string" &&
-    (target === null || typeof target !== "object")
-  ) {
-    throw new TypeError("connect() takes an NBD URI or an options object");
-  }
-  const o: ConnectOptions = { ...base, ...options };
-  const where = [o.hostname, o.path, o.cid].filter((x) => x !== undefined);
-  if (where.length > 1) {
-    throw new TypeError(
-      "Give only one of hostname, path and cid to say where the server is",
-    );
-  }
-  if (
-    o.port !== undefined &&
-    (!Number.isInteger(o.port) || o.port < 0 || o.port > 0xffffffff)
-  ) {
-    throw new RangeError(`Invalid port ${o.port}`);
-  }
-  if (o.exportName !== undefined && typeof o.exportName !== "string") {
-    throw new TypeError("exportName must be a string");
-  }
-  if (
-    o.connectTimeout !== undefined &&
-    (!Number.isFinite(o.connectTimeout) || o.connectTimeout < 0)
-  ) {
-    throw new RangeError(
-      `connectTimeout must be a number of milliseconds, not ${o.connectTimeout}`,
-    );
-  }
-  if (
-    o.maxInFlight !== undefined &&
-    (!Number.isInteger(o.maxInFlight) || o.maxInFlight < 1 ||
-      o.maxInFlight > 65536)
-  ) {
-    throw new RangeError(
-      `maxInFlight must be an integer from 1 to 65536, not ${o.maxInFlight}`,
-    );
-  }
-  // PSK and anonymous TLS cannot be done here: say so before any traffic.
-  if ((o.tls ?? "disable") !== "disable") refuseUnsupportedTls(o);
-  return o;
-}
-
-function handshakeOptions(o: ConnectOptions, trace: Tracer): HandshakeOptions {
-  const tls = o.tls ?? "disable";
-  return {
-    ...(o.exportName !== undefined ? { exportName: o.exportName } : {}),
-    tls,
-    ...(tls !== "disable"
-      ? {
-        upgradeTls: (stream: ByteStream) =>
-          upgradeToTls(stream, {
-            ...o,
-            ...(trace ? { debug: trace } : {}),
-          }),
-      }
-      : {}),
-    ...(o.structuredReplies !== undefined
-      ? { structuredReplies: o.structuredReplies }
-      : {}),
-    ...(o.extendedHeaders !== undefined
-      ? { extendedHeaders: o.extendedHeaders }
-      : {}),
-    ...(o.metaContexts !== undefined ? { metaContexts: o.metaContexts } : {}),
-    ...(o.blockSizes !== undefined ? { blockSizes: o.blockSizes } : {}),
-    trace,
-  };
-}
+type Reply = ReturnType<Transmission["submit"]>;
 
 /**
- * Opens a connection and runs `step` over it, closing it on failure and
- * honouring `signal` throughout (a stalled server cannot hang the caller).
+ * Checks a request's options before anything is sent: an object, an
+ * `AbortSignal` if any, and booleans where flags are asked for.
+ *
+ * @throws {TypeError} naming the method and the option.
  */
-async function withConnection<T>(
-  o: ConnectOptions,
-  step: (transport: Transport) => Promise<T>,
-): Promise<{ transport: Transport; result: T }> {
-  if (o.signal?.aborted) throw abortReason(o.signal);
-  // The caller's signal and the connect timeout, as one signal.
-  const gate = new AbortController();
-  const signal = gate.signal;
-  const forward = () => gate.abort(abortReason(o.signal!));
-  o.signal?.addEventListener("abort", forward, { once: true });
-  const limit = o.connectTimeout ?? DEFAULT_CONNECT_TIMEOUT;
-  const timer = limit > 0
-    ? setTimeout(() =>
-      gate.abort(
-        new NbdError(
-          `Connecting to ${
-            describeTarget(o)
-          } and negotiating took longer than ${limit} ms`,
-        ),
-      ), limit)
-    : undefined;
-  let transport: Transport | undefined;
-  let onAbort: (() => void) | undefined;
-  const aborted = new Promise<never>((_, reject) => {
-    onAbort = () => {
-      const reason = abortReason(signal!);
-      transport?.close(reason);
-      reject(reason);
-    };
-    signal.addEventListener("abort", onAbort, { once: true });
-  });
-  aborted.catch(() => {});
-  try {
-    const opening = openStream(o);
-    let stream: ByteStream;
-    try {
-      stream = await Promise.race([opening, aborted]);
-    } catch (e) {
-      // A connect that completes after the abort must not leak.
-      opening.then((s) => s.close(), () => {});
-      if (signal?.aborted) throw abortReason(signal);
-      throw new NbdError(
-        `Cannot connect to ${describeTarget(o)}: ${errorText(e)}`,
-        { cause: e },
+function checkOptions(
+  method: string,
+  options: unknown,
+  flags: readonly string[],
+): void {
+  if (options === null || typeof options !== "object") {
+    throw new TypeError(
+      `${method}(): options must be an object, not ${shown(options)}`,
+    );
+  }
+  const fields = options as Record<string, unknown>;
+  checkSignal(`${method}()`, fields.signal);
+  for (const flag of flags) {
+    const v = fields[flag];
+    if (v !== undefined && typeof v !== "boolean") {
+      throw new TypeError(
+        `${method}(): ${flag} must be true or false, not ${shown(v)}`,
       );
     }
-    transport = new Transport(stream);
-    if (signal?.aborted) throw abortReason(signal);
-    const stepping = step(transport);
-    // If the signal wins the race, the step still ends (its transport is
-    // closed); its rejection must not go unobserved.
-    stepping.catch(() => {});
-    const result = await Promise.race([stepping, aborted]);
-    return { transport, result };
-  } catch (e) {
-    transport?.close();
-    if (signal?.aborted) throw abortReason(signal);
-    throw e;
-  } finally {
-    if (onAbort) signal.removeEventListener("abort", onAbort);
-    o.signal?.removeEventListener("abort", forward);
-    clearTimeout(timer);
   }
 }
-
-function describeTarget(o: ConnectOptions): string {
-  try {
-    return formatUri(o);
-  } catch {
-    return o.path ?? `${o.hostname ?? "localhost"}:${o.port ?? DEFAULT_PORT}`;
-  }
-}
-
-/** Connects as `o` says and runs the whole handshake. */
-async function negotiated(
-  o: ConnectOptions,
-  trace: Tracer,
-): Promise<{ transport: Transport; info: ExportInfo }> {
-  const { transport, result } = await withConnection(
-    o,
-    (t) => negotiate(t, handshakeOptions(o, trace)),
-  );
-  return { transport, info: result };
-}
+const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
 
 /**
- * Opens a connection and runs the whole handshake, returning the transport
- * ready for transmission, for code that carries the transmission phase
- * itself (a relay, a proxy, a kernel handoff of its own).
- *
- * @param target An NBD URI or options object.
- * @param options Options that override the target's.
- * @returns The transport and what was negotiated.
- * @throws {NbdError} when the connection or the handshake fails.
- *
- * @example
- * ```ts
- * import { openTransport } from "@nbd/client";
- * const { transport, info } = await openTransport(
- *   "nbd+unix:///?socket=/tmp/nbd.sock",
- *   { structuredReplies: false },
- * );
- * console.log(info.size, info.flags);
- * transport.close();
- * ```
+ * An export's size as a number, the API's rule for every size: exact, or a
+ * RangeError that points at the `sizeBigInt` twin.
  */
-export async function openTransport(
-  target: string | ConnectOptions,
-  options: ConnectOptions = {},
-): Promise<{ transport: Transport; info: ExportInfo }> {
-  const o = resolveOptions(target, options);
-  return await negotiated(o, makeTracer(o.debug));
-}
-
-/**
- * Connects to an NBD server and negotiates an export.
- *
- * @param target An NBD URI (`nbd://host/export`,
- *   `nbd+unix:///export?socket=/path`, ...) or an options object.
- * @param options Options that override what the URI says.
- * @returns A connected client.
- * @throws {NbdOptionError} when the server refuses the export.
- * @throws {NbdProtocolError} when the server breaks the protocol.
- * @throws {NbdError} when the server cannot be reached.
- * @throws {TypeError} for a malformed URI or option.
- *
- * @example
- * ```ts
- * import { connect } from "@nbd/client";
- * await using nbd = await connect("nbd+unix:///?socket=/tmp/nbd.sock", {
- *   signal: AbortSignal.timeout(5000),
- * });
- * const first = await nbd.read(0, 512);
- * ```
- */
-export async function connect(
-  target: string | ConnectOptions,
-  options: ConnectOptions = {},
-): Promise<NbdClient> {
-  const o = resolveOptions(target, options);
-  const trace = makeTracer(o.debug);
-  const { transport, info } = await negotiated(o, trace);
-  return new NbdClient(transport, info, o.maxInFlight, trace);
-}
-
-/**
- * Lists a server's exports with `NBD_OPT_LIST`.
- *
- * @param target An NBD URI or options object (its export name is ignored).
- * @param options Options that override the target's.
- * @returns Each export's name and description.
- * @throws {NbdOptionError} when the server refuses to list.
- * @throws {NbdError} when the server cannot list (oldstyle, non-fixed newstyle).
- *
- * @example
- * ```ts
- * import { listExports } from "@nbd/client";
- * for (const e of await listExports("nbd://127.0.0.1")) console.log(e.name);
- * ```
- */
-export async function listExports(
-  target: string | ConnectOptions,
-  options: ConnectOptions = {},
-): Promise<ExportListing[]> {
-  const o = resolveOptions(target, options);
-  const trace = makeTracer(o.debug);
-  const { transport, result } = await withConnection(o, async (t) => {
-    const session = await openSession(t, handshakeOptions(o, trace));
-    try {
-      const listed = await optList(session);
-      if (!Array.isArray(listed)) {
-        throw session.refusal(OPT_LIST, listed, "Cannot list exports");
-      }
-      return listed;
-    } finally {
-      await session.abort();
-    }
-  });
-  transport.close();
-  return result;
-}
-
-/** What {@linkcode probe} learns about an export without connecting to it. */
-export interface ExportProbe {
-  /** The export name (canonical when the server sent one). */
-  exportName: string;
-  /** The server's description, or `""`. */
-  description: string;
-  /** Size in bytes. */
-  size: bigint;
-  /** Transmission flags. */
-  flags: number;
-  /** Block size constraints, when advertised. */
-  blockSize: BlockSize | undefined;
-  /** Metadata contexts offered (`NBD_OPT_LIST_META_CONTEXT`). */
-  metaContexts: string[];
-  /** The handshake style. */
-  protocol: Protocol;
-  /** Whether TLS was negotiated. */
-  tls: boolean;
-  /** Whether the server agreed to structured replies. */
-  structuredReplies: boolean;
-  /** Whether the server agreed to extended headers. */
-  extendedHeaders: boolean;
-}
-
-/** Options of {@linkcode probe}. */
-export interface ProbeOptions extends ConnectOptions {
-  /** Also list metadata contexts (default true). */
-  listMetaContexts?: boolean;
-}
-
-async function probeSession(
-  session: OptionSession,
-  o: ProbeOptions,
-): Promise<ExportProbe> {
-  const name = o.exportName ?? "";
-  await negotiateReplies(session, o);
-  let metaContexts: string[] = [];
-  if (o.listMetaContexts !== false && session.structuredReplies) {
-    const listed = await listMetaContexts(session, name, []);
-    if (listed !== "unsupported") metaContexts = listed;
-  }
-  const info: ExportDetails | "unsupported" = await infoOrGo(
-    session,
-    OPT_INFO,
-    name,
-    o.blockSizes !== false,
-  );
-  if (info === "unsupported") {
-    throw new NbdError(
-      "The server does not support NBD_OPT_INFO; connect() to learn about the export",
+export function sizeNumber(size: bigint): number {
+  if (size > MAX_SAFE) {
+    throw new RangeError(
+      `The export's size ${size} exceeds Number.MAX_SAFE_INTEGER; use sizeBigInt`,
     );
   }
-  return {
-    exportName: info.name ?? name,
-    description: info.description ?? "",
-    size: info.size,
-    flags: info.flags,
-    blockSize: info.blockSize,
-    metaContexts,
-    protocol: "fixed newstyle",
-    tls: session.tls,
-    structuredReplies: session.structuredReplies,
-    extendedHeaders: session.extendedHeaders,
-  };
-}
-
-/**
- * Describes an export with `NBD_OPT_INFO` (and lists its metadata contexts)
- * without entering transmission, then leaves with `NBD_OPT_ABORT`.
- *
- * @param target An NBD URI or options object.
- * @param options Options that override the target's.
- * @returns What the server says about the export.
- * @throws {NbdOptionError} when the server refuses (for example, no such export).
- *
- * @example
- * ```ts
- * import { probe } from "@nbd/client";
- * const p = await probe("nbd://127.0.0.1/disk");
- * console.log(p.size, p.metaContexts);
- * ```
- */
-export async function probe(
-  target: string | ConnectOptions,
-  options: ProbeOptions = {},
-): Promise<ExportProbe> {
-  const o: ProbeOptions = { ...resolveOptions(target, options), ...options };
-  const trace = makeTracer(o.debug);
-  const { transport, result } = await withConnection(o, async (t) => {
-    const session = await openSession(t, handshakeOptions(o, trace));
-    try {
-      return await probeSession(session, o);
-    } finally {
-      await session.abort();
-    }
-  });
-  transport.close();
-  return result;
+  return Number(size);
 }
 
 /**
@@ -503,7 +150,10 @@ export class NbdClient {
   #tx: Transmission;
   #state: ClientState = "open";
   #contexts: Map<number, string>;
+  #can: Capabilities;
   #closing: Promise<void> | undefined;
+  #transport: Transport;
+  #inFlight: InFlight;
 
   /**
    * Wraps a negotiated transport; {@linkcode connect} is the usual way in.
@@ -521,17 +171,20 @@ export class NbdClient {
   ) {
     this.#info = info;
     this.#contexts = info.metaContexts;
+    this.#can = capabilities({
+      flags: info.flags,
+      structuredReplies: info.structuredReplies,
+      metaContexts: info.metaContexts.size,
+      extendedHeaders: info.extendedHeaders,
+    });
+    this.#transport = transport;
+    this.#inFlight = new InFlight(maxInFlight);
     this.#tx = new Transmission(transport, info, maxInFlight, trace);
   }
 
   /** Size in bytes. @throws {RangeError} beyond `Number.MAX_SAFE_INTEGER`. */
   get size(): number {
-    if (this.#info.size > MAX_SAFE) {
-      throw new RangeError(
-        `The export's size ${this.#info.size} exceeds Number.MAX_SAFE_INTEGER; use sizeBigInt`,
-      );
-    }
-    return Number(this.#info.size);
+    return sizeNumber(this.#info.size);
   }
   /** Size in bytes, exactly. */
   get sizeBigInt(): bigint {
@@ -562,50 +215,54 @@ export class NbdClient {
   }
   /** Whether the export refuses writes. */
   get readOnly(): boolean {
-    return (this.#info.flags & FLAG_READ_ONLY) !== 0;
+    return this.#can.readOnly;
   }
   /** Whether {@linkcode NbdClient.flush} is available. */
   get canFlush(): boolean {
-    return (this.#info.flags & FLAG_SEND_FLUSH) !== 0;
+    return this.#can.canFlush;
   }
   /** Whether the `fua` option is available. */
   get canFua(): boolean {
-    return (this.#info.flags & FLAG_SEND_FUA) !== 0;
+    return this.#can.canFua;
   }
   /** Whether {@linkcode NbdClient.trim} is available. */
   get canTrim(): boolean {
-    return !this.readOnly && (this.#info.flags & FLAG_SEND_TRIM) !== 0;
+    return this.#can.canTrim;
   }
   /** Whether {@linkcode NbdClient.writeZeroes} is available. */
   get canWriteZeroes(): boolean {
-    return !this.readOnly &&
-      (this.#info.flags & FLAG_SEND_WRITE_ZEROES) !== 0;
+    return this.#can.canWriteZeroes;
   }
   /** Whether the `fastZero` option is available. */
   get canFastZero(): boolean {
-    return this.canWriteZeroes &&
-      (this.#info.flags & FLAG_SEND_FAST_ZERO) !== 0;
+    return this.#can.canFastZero;
   }
   /** Whether {@linkcode NbdClient.cache} is available. */
   get canCache(): boolean {
-    return (this.#info.flags & FLAG_SEND_CACHE) !== 0;
+    return this.#can.canCache;
   }
   /** Whether several connections to this export see each other's writes. */
   get canMultiConn(): boolean {
-    return (this.#info.flags & FLAG_CAN_MULTI_CONN) !== 0;
+    return this.#can.canMultiConn;
   }
   /** Whether the `df` read option is available. */
   get canDf(): boolean {
-    return this.#info.structuredReplies &&
-      (this.#info.flags & FLAG_SEND_DF) !== 0;
+    return this.#can.canDf;
   }
   /** Whether {@linkcode NbdClient.blockStatus} is available. */
   get canBlockStatus(): boolean {
-    return this.#info.structuredReplies && this.#contexts.size > 0;
+    return this.#can.canBlockStatus;
+  }
+  /**
+   * Whether `blockStatus()` can ask the server for chosen contexts only
+   * (extended headers and `NBD_FLAG_BLOCK_STAT_PAYLOAD`).
+   */
+  get canBlockStatusPayload(): boolean {
+    return this.#can.canBlockStatusPayload;
   }
   /** Whether the server says the export behaves like a spinning disk. */
   get rotational(): boolean {
-    return (this.#info.flags & FLAG_ROTATIONAL) !== 0;
+    return this.#can.rotational;
   }
   /** Whether structured replies are in use. */
   get structuredReplies(): boolean {
@@ -721,21 +378,68 @@ export class NbdClient {
     this.#need(!this.readOnly, "write", method, "the export is read-only");
   }
 
+  /**
+   * Sends one command. The caller's signal ends the wait, not the request:
+   * its reply stays counted until it arrives, so that `close()` can drain.
+   */
+  #send(cmd: Command, signal: AbortSignal | undefined): Reply {
+    if (signal === undefined) {
+      // The hot path: a free slot, nothing to race.
+      const ticket = this.#inFlight.tryTake();
+      if (ticket) {
+        const reply = this.#tx.submit(cmd);
+        reply.then(ticket.settle, ticket.settle);
+        return reply;
+      }
+    }
+    return this.#sendWaiting(cmd, signal);
+  }
+
+  async #sendWaiting(cmd: Command, signal: AbortSignal | undefined): Reply {
+    if (signal?.aborted) throw abortReason(signal);
+    let ticket = this.#inFlight.tryTake();
+    if (!ticket) {
+      ticket = await this.#inFlight.take(signal);
+      if (this.#state !== "open") {
+        // It waited for a slot while close() began: it must not go out.
+        ticket.settle();
+        throw new NbdConnectionClosedError(
+          `Cannot send ${
+            nameOrNumber(COMMAND_NAMES, cmd.type)
+          }: the connection is closing`,
+        );
+      }
+    }
+    const reply = this.#tx.submit(cmd);
+    reply.then(ticket.settle, ticket.settle);
+    if (!signal) return await reply;
+    try {
+      return await untilAborted(reply, signal);
+    } catch (e) {
+      if (signal.aborted) ticket.abandon();
+      throw e;
+    }
+  }
+
   /** Splits [offset, offset+length) into requests of at most `step` bytes. */
   async #split(
     offset: number,
     length: number,
     step: number,
+    signal: AbortSignal | undefined,
     make: (offset: number, length: number, rel: number) => Command,
   ): Promise<void> {
     if (length <= step) {
-      await this.#tx.submit(make(offset, length, 0));
+      await this.#send(make(offset, length, 0), signal);
       return;
     }
     const parts: Promise<unknown>[] = [];
     for (let rel = 0; rel < length; rel += step) {
       parts.push(
-        this.#tx.submit(make(offset + rel, Math.min(step, length - rel), rel)),
+        this.#send(
+          make(offset + rel, Math.min(step, length - rel), rel),
+          signal,
+        ),
       );
     }
     const settled = await Promise.allSettled(parts);
@@ -765,6 +469,7 @@ export class NbdClient {
     length: number,
     options: ReadOptions = {},
   ): Promise<Uint8Array> {
+    checkOptions("read", options, ["df"]);
     this.#range("read", offset, length);
     const buffer = new Uint8Array(length);
     await this.readInto(buffer, offset, options);
@@ -794,6 +499,7 @@ export class NbdClient {
     offset: number,
     options: ReadOptions = {},
   ): Promise<void> {
+    checkOptions("readInto", options, ["df"]);
     if (!(buffer instanceof Uint8Array)) {
       throw new TypeError("readInto(): buffer must be a Uint8Array");
     }
@@ -808,14 +514,19 @@ export class NbdClient {
       );
       flags |= CMD_FLAG_DF;
     }
-    await this.#split(offset, buffer.length, this.#maxIo, (o, l, rel) => ({
-      type: CMD_READ,
-      flags,
-      offset: o,
-      length: l,
-      buffer: buffer.subarray(rel, rel + l),
-      signal: options.signal,
-    }));
+    await this.#split(
+      offset,
+      buffer.length,
+      this.#maxIo,
+      options.signal,
+      (o, l, rel) => ({
+        type: CMD_READ,
+        flags,
+        offset: o,
+        length: l,
+        buffer: buffer.subarray(rel, rel + l),
+      }),
+    );
   }
 
   /**
@@ -839,20 +550,26 @@ export class NbdClient {
     data: Uint8Array,
     options: WriteOptions = {},
   ): Promise<void> {
+    checkOptions("write", options, ["fua"]);
     if (!(data instanceof Uint8Array)) {
       throw new TypeError("write(): data must be a Uint8Array");
     }
     this.#range("write", offset, data.length);
     this.#writable("write");
     const flags = this.#fuaFlag("write", options.fua);
-    await this.#split(offset, data.length, this.#maxIo, (o, l, rel) => ({
-      type: CMD_WRITE,
-      flags,
-      offset: o,
-      length: l,
-      payload: data.subarray(rel, rel + l),
-      signal: options.signal,
-    }));
+    await this.#split(
+      offset,
+      data.length,
+      this.#maxIo,
+      options.signal,
+      (o, l, rel) => ({
+        type: CMD_WRITE,
+        flags,
+        offset: o,
+        length: l,
+        payload: data.subarray(rel, rel + l),
+      }),
+    );
   }
 
   /**
@@ -869,6 +586,7 @@ export class NbdClient {
    * ```
    */
   async flush(options: RequestOptions = {}): Promise<void> {
+    checkOptions("flush", options, []);
     this.#guard("flush");
     this.#need(
       this.canFlush,
@@ -876,13 +594,12 @@ export class NbdClient {
       "flush",
       "the export does not support flush",
     );
-    await this.#tx.submit({
+    await this.#send({
       type: CMD_FLUSH,
       flags: 0,
       offset: 0,
       length: 0,
-      signal: options.signal,
-    });
+    }, options.signal);
   }
 
   /**
@@ -905,6 +622,7 @@ export class NbdClient {
     length: number,
     options: WriteOptions = {},
   ): Promise<void> {
+    checkOptions("trim", options, ["fua"]);
     this.#range("trim", offset, length);
     this.#writable("trim");
     this.#need(
@@ -914,13 +632,18 @@ export class NbdClient {
       "the export does not support trim",
     );
     const flags = this.#fuaFlag("trim", options.fua);
-    await this.#split(offset, length, this.#maxEffect, (o, l) => ({
-      type: CMD_TRIM,
-      flags,
-      offset: o,
-      length: l,
-      signal: options.signal,
-    }));
+    await this.#split(
+      offset,
+      length,
+      this.#maxEffect,
+      options.signal,
+      (o, l) => ({
+        type: CMD_TRIM,
+        flags,
+        offset: o,
+        length: l,
+      }),
+    );
   }
 
   /**
@@ -943,6 +666,7 @@ export class NbdClient {
     length: number,
     options: WriteZeroesOptions = {},
   ): Promise<void> {
+    checkOptions("writeZeroes", options, ["fua", "noHole", "fastZero"]);
     this.#range("writeZeroes", offset, length);
     this.#writable("writeZeroes");
     this.#need(
@@ -965,12 +689,11 @@ export class NbdClient {
     const step = options.fastZero
       ? this.#maxEffect
       : Math.min(this.#maxEffect, this.#info.blockSize.maximum);
-    await this.#split(offset, length, step, (o, l) => ({
+    await this.#split(offset, length, step, options.signal, (o, l) => ({
       type: CMD_WRITE_ZEROES,
       flags,
       offset: o,
       length: l,
-      signal: options.signal,
     }));
   }
 
@@ -994,6 +717,7 @@ export class NbdClient {
     length: number,
     options: RequestOptions = {},
   ): Promise<void> {
+    checkOptions("cache", options, []);
     this.#range("cache", offset, length);
     this.#need(
       this.canCache,
@@ -1002,12 +726,11 @@ export class NbdClient {
       "the export does not support cache",
     );
     const step = Math.min(this.#maxEffect, this.#info.blockSize.maximum);
-    await this.#split(offset, length, step, (o, l) => ({
+    await this.#split(offset, length, step, options.signal, (o, l) => ({
       type: CMD_CACHE,
       flags: 0,
       offset: o,
       length: l,
-      signal: options.signal,
     }));
   }
 
@@ -1037,6 +760,7 @@ export class NbdClient {
     length: number,
     options: BlockStatusOptions = {},
   ): Promise<BlockStatus> {
+    checkOptions("blockStatus", options, ["reqOne"]);
     this.#range("blockStatus", offset, length);
     this.#need(
       this.canBlockStatus,
@@ -1044,13 +768,12 @@ export class NbdClient {
       "blockStatus",
       "no metadata context was negotiated (pass metaContexts to connect())",
     );
-    const byId = await this.#tx.submit({
+    const byId = await this.#send({
       type: CMD_BLOCK_STATUS,
       flags: options.reqOne ? CMD_FLAG_REQ_ONE : 0,
       offset,
       length: Math.min(length, this.#maxEffect),
-      signal: options.signal,
-    });
+    }, options.signal);
     const out: BlockStatus = {};
     for (const [id, extents] of byId) out[this.#contexts.get(id)!] = extents;
     return out;
@@ -1097,29 +820,73 @@ export class NbdClient {
   }
 
   /**
-   * Waits for requests in flight, sends `NBD_CMD_DISC` and closes the
-   * connection. Requests whose callers gave up (their signal aborted) do
-   * not hold it up; `options.signal` cuts the wait for the others short,
-   * failing them with {@linkcode NbdConnectionClosedError}. Calling it again
-   * waits for the same close.
+   * Waits for requests in flight, drains, sends `NBD_CMD_DISC` and closes
+   * the connection. First it waits for the requests whose callers still
+   * wait; then for the replies still owed to callers who gave up (their
+   * signal aborted), for at most 2 s, as the spec asks a client to wait
+   * until no requests are in flight before it disconnects; then for
+   * `NBD_CMD_DISC` to be written, for at most 2 s, after which the socket
+   * is torn down. `options.signal` bounds the whole close: when it aborts,
+   * the socket is torn down at once and requests still waiting fail with
+   * {@linkcode NbdConnectionClosedError}. Calling it again waits for the
+   * same close.
    *
-   * @param options `signal` bounds the wait for requests in flight.
+   * @param options `signal` bounds the whole close.
+   * @throws {TypeError} for options that are not an object, or a signal
+   *   that is not an `AbortSignal`.
    *
    * @example
    * ```ts
    * import { connect } from "@nbd/client";
    * const nbd = await connect("nbd://127.0.0.1/disk");
-   * await nbd.close();
+   * await nbd.close({ signal: AbortSignal.timeout(5000) });
    * ```
    */
   close(options: RequestOptions = {}): Promise<void> {
+    try {
+      checkOptions("close", options, []);
+    } catch (e) {
+      return Promise.reject(e);
+    }
     if (!this.#closing) {
       this.#state = "closing";
-      this.#closing = this.#tx.disconnect(options.signal).finally(() => {
+      this.#closing = this.#shutDown(options.signal).finally(() => {
         this.#state = "closed";
       });
     }
     return this.#closing;
+  }
+
+  async #shutDown(signal: AbortSignal | undefined): Promise<void> {
+    // Transmission's own wait is already done here: it only sends.
+    const now = AbortSignal.abort();
+    try {
+      await untilAborted(this.#inFlight.whenNoneWaiting(), signal);
+      {
+        using drain = deadline(
+          signal,
+          DRAIN_MS,
+          () => new Error("The drain took too long"),
+        );
+        try {
+          await untilAborted(this.#inFlight.whenNoneOwed(), drain.signal);
+        } catch (e) {
+          // The drain's own limit: disconnect anyway. The caller's: cut.
+          if (signal?.aborted) throw e;
+        }
+      }
+      using bye = deadline(
+        signal,
+        DISCONNECT_MS,
+        () => new Error("NBD_CMD_DISC could not be written"),
+      );
+      await untilAborted(this.#tx.disconnect(now), bye.signal);
+    } catch {
+      // The signal fired, or the server stopped reading: tear down. The
+      // disconnect then ends at once, failing what still waits.
+      this.#transport.close();
+      await within(this.#tx.disconnect(now).catch(() => {}), DISCONNECT_MS);
+    }
   }
 
   /** Closes the client at the end of an `await using` block. */

@@ -86,7 +86,16 @@ export interface ConnectOptions
   /**
    * Milliseconds allowed for connecting and negotiating (default 30000; 0
    * for no limit), so that a server that accepts and then says nothing
-   * cannot hang the caller even without a `signal`.
+   * cannot hang the caller even without a `signal`. At most 2^31 - 1 (about
+   * 24.8 days, the longest a timer waits): a larger value is a RangeError.
    */
   connectTimeout?: number;
+  /**
+   * Deno connects over vsock only with `--unstable-vsock`, and without it
+   * ends the process. `connect()` therefore uses vsock only when it sees the
+   * flag on its command line (readable under `--allow-all`) or when this is
+   * `true`: set it when the flag is given but not visible (no
+   * `--allow-all`, `deno.json`'s `"unstable": ["vsock"]`, `deno compile`).
+   */
+  unstableVsock?: boolean;
 }

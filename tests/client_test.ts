@@ -1,5 +1,20 @@
 import assert from "node:assert/strict";
-import { connect, NbdClient, openTransport } from "../lib/client.ts";
+import {
+  NbdClient,
+  type ReadOptions,
+  type RequestOptions,
+} from "../lib/client.ts";
+import type { ConnectOptions } from "../lib/connect_options.ts";
+import { connect, openTransport, probe } from "../lib/connect.ts";
+import { capabilities, transmissionFlagNames } from "../lib/capabilities.ts";
+import {
+  FLAG_HAS_FLAGS,
+  FLAG_READ_ONLY,
+  FLAG_SEND_DF,
+  FLAG_SEND_FAST_ZERO,
+  FLAG_SEND_TRIM,
+  FLAG_SEND_WRITE_ZEROES,
+} from "../lib/constants.ts";
 import {
   NbdConnectionClosedError,
   NbdError,
@@ -143,4 +158,210 @@ Deno.test("openTransport() negotiates and hands over the transport with nothing 
     transport.close();
   }
   await server.settled();
+});
+
+Deno.test("probe() follows the size rule of NbdClient: size a number, sizeBigInt exact", async () => {
+  await using server = await startTestServer({
+    exports: [{ name: "", size: 64 * KiB }],
+  });
+  const p = await probe(server.uri);
+  await assert.rejects(
+    probe(server.uri, { listMetaContexts: "no" as unknown as boolean }),
+    /^TypeError: listMetaContexts must be true or false, not "no"$/,
+  );
+  assert.equal(typeof p.size, "number");
+  assert.equal(p.size, 64 * KiB);
+  assert.equal(p.sizeBigInt, BigInt(64 * KiB));
+  const nbd = await connect(server.uri);
+  try {
+    assert.equal(nbd.size, p.size);
+    assert.equal(nbd.sizeBigInt, p.sizeBigInt);
+  } finally {
+    await nbd.close();
+  }
+});
+
+Deno.test("capabilities() is what NbdClient's getters say, with libnbd's rules", async (t) => {
+  await t.step("a read-only export can neither trim nor zero", () => {
+    const can = capabilities({
+      flags: FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_TRIM |
+        FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO,
+      structuredReplies: true,
+      metaContexts: 0,
+    });
+    assert.deepEqual(
+      [can.readOnly, can.canTrim, can.canWriteZeroes, can.canFastZero],
+      [true, false, false, false],
+    );
+  });
+  await t.step("DF needs structured replies, fast zero write zeroes", () => {
+    const simple = capabilities({
+      flags: FLAG_HAS_FLAGS | FLAG_SEND_DF | FLAG_SEND_FAST_ZERO,
+      structuredReplies: false,
+      metaContexts: 1,
+    });
+    assert.equal(simple.canDf, false);
+    assert.equal(simple.canFastZero, false);
+    assert.equal(simple.canBlockStatus, false);
+  });
+  await t.step("the getters of a connected client agree", async () => {
+    await using server = await startTestServer();
+    const nbd = await connect(server.uri, {
+      metaContexts: ["base:allocation"],
+    });
+    try {
+      const can = capabilities({
+        flags: nbd.flags,
+        structuredReplies: nbd.structuredReplies,
+        metaContexts: nbd.metaContexts.length,
+      });
+      for (const [name, value] of Object.entries(can)) {
+        assert.equal(nbd[name as keyof typeof can], value, name);
+      }
+      assert.equal(can.canBlockStatus, true);
+    } finally {
+      await nbd.close();
+    }
+  });
+  await t.step("flag names, lowest bit first", () => {
+    assert.deepEqual(
+      transmissionFlagNames(FLAG_HAS_FLAGS | FLAG_SEND_TRIM | 0x8000),
+      ["NBD_FLAG_HAS_FLAGS", "NBD_FLAG_SEND_TRIM", "0x8000"],
+    );
+  });
+});
+
+Deno.test("connect() checks every option's type and range before anything is sent", async (t) => {
+  await using server = await startTestServer();
+  const refused = async (
+    options: Record<string, unknown>,
+    kind: typeof TypeError | typeof RangeError,
+    message: RegExp,
+  ) => {
+    await assert.rejects(
+      connect(server.uri, options as ConnectOptions),
+      (e: unknown) =>
+        e instanceof kind && e.constructor === kind && message.test(e.message),
+    );
+  };
+  await t.step(
+    "an unknown tls mode fails closed, whatever its spelling",
+    async () => {
+      for (const tls of ["required", "yes", "REQUIRE", "", "true"]) {
+        await refused(
+          { tls },
+          TypeError,
+          /^tls must be "disable", "prefer" or "require", not "/,
+        );
+      }
+      await refused({ tls: true }, TypeError, /^tls must be .*, not true$/);
+    },
+  );
+  await t.step("types", async () => {
+    await refused({ exportName: 5 }, TypeError, /^exportName must be a string/);
+    await refused(
+      { metaContexts: "base:allocation" },
+      TypeError,
+      /^metaContexts must be an array of strings, not "base:allocation" \(write \["base:allocation"\]\)$/,
+    );
+    await refused({ metaContexts: [1] }, TypeError, /^metaContexts must be/);
+    await refused({ caCerts: "pem" }, TypeError, /^caCerts must be/);
+    await refused(
+      { structuredReplies: "false" },
+      TypeError,
+      /^structuredReplies must be true or false, not "false"$/,
+    );
+    await refused({ tlsVerifyPeer: 0 }, TypeError, /^tlsVerifyPeer must be/);
+    await refused(
+      { signal: {} },
+      TypeError,
+      /^connect\(\): signal must be an AbortSignal, not an object$/,
+    );
+    await refused({ debug: "yes" }, TypeError, /^debug must be true, false/);
+  });
+  await t.step("ranges", async () => {
+    await refused({ port: "10809" }, RangeError, /^Invalid port "10809"$/);
+    await refused(
+      { path: undefined, cid: -1 },
+      RangeError,
+      /^cid must be an integer from 0 to 4294967295, not -1$/,
+    );
+    await refused({ maxInFlight: 1.5 }, RangeError, /^maxInFlight must be/);
+  });
+  await t.step(
+    "a timeout a timer cannot wait is a RangeError, not an instant timeout",
+    async () => {
+      for (const connectTimeout of [2 ** 31, 2 ** 40, Infinity, -1, NaN]) {
+        await refused(
+          { connectTimeout },
+          RangeError,
+          /^connectTimeout must be a number of milliseconds from 0 to 2147483647 \(timers cannot wait longer\)/,
+        );
+      }
+      const nbd = await connect(server.uri, { connectTimeout: 2 ** 31 - 1 });
+      await nbd.close();
+    },
+  );
+  await server.settled();
+  // Only the last step's connection reached the server.
+  assert.equal(server.log.length, 1);
+});
+
+Deno.test("NbdClient checks request options before sending", async (t) => {
+  await using server = await startTestServer({
+    exports: [{ name: "", size: 64 * KiB }],
+  });
+  const nbd = await connect(server.uri, { metaContexts: ["base:allocation"] });
+  const sent = () => server.log.flatMap((c) => c.requests).length;
+  try {
+    await t.step(
+      "a signal that is not an AbortSignal: nothing is written",
+      async () => {
+        await assert.rejects(
+          nbd.write(0, new Uint8Array(512).fill(7), {
+            signal: {} as AbortSignal,
+          }),
+          (e: unknown) =>
+            e instanceof TypeError &&
+            e.message ===
+              "write(): signal must be an AbortSignal, not an object",
+        );
+        assert.equal(sent(), 0);
+        assert.deepEqual(await nbd.read(0, 512), new Uint8Array(512));
+      },
+    );
+    const before = sent();
+    await t.step("options that are not an object", async () => {
+      await assert.rejects(
+        nbd.read(0, 512, null as unknown as ReadOptions),
+        (e: unknown) =>
+          e instanceof TypeError &&
+          e.message === "read(): options must be an object, not null",
+      );
+      await assert.rejects(
+        nbd.flush("now" as unknown as RequestOptions),
+        /^TypeError: flush\(\): options must be an object, not "now"$/,
+      );
+    });
+    await t.step("flags that are not booleans", async () => {
+      await assert.rejects(
+        nbd.blockStatus(0, 512, { reqOne: "yes" as unknown as boolean }),
+        /^TypeError: blockStatus\(\): reqOne must be true or false, not "yes"$/,
+      );
+      await assert.rejects(
+        nbd.write(0, new Uint8Array(512), { fua: 1 as unknown as boolean }),
+        /^TypeError: write\(\): fua must be true or false, not 1$/,
+      );
+    });
+    assert.equal(sent(), before, "nothing reached the server");
+    await t.step("close() checks its signal too", async () => {
+      await assert.rejects(
+        nbd.close({ signal: "soon" as unknown as AbortSignal }),
+        /^TypeError: close\(\): signal must be an AbortSignal, not "soon"$/,
+      );
+      assert.equal(nbd.state, "open");
+    });
+  } finally {
+    await nbd.close();
+  }
 });

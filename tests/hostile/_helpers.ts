@@ -12,7 +12,8 @@
  */
 
 import assert from "node:assert/strict";
-import { connect, type NbdClient } from "../../lib/client.ts";
+import type { NbdClient } from "../../lib/client.ts";
+import { connect } from "../../lib/connect.ts";
 import type { ConnectOptions } from "../../lib/connect_options.ts";
 import { CMD_READ, OPT_GO } from "../../lib/constants.ts";
 import {

@@ -4,7 +4,7 @@
  */
 
 import assert from "node:assert/strict";
-import { connect } from "../../lib/client.ts";
+import { connect } from "../../lib/connect.ts";
 import {
   INFO_NAME,
   OPT_GO,

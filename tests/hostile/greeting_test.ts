@@ -5,7 +5,7 @@
  */
 
 import assert from "node:assert/strict";
-import { connect } from "../../lib/client.ts";
+import { connect } from "../../lib/connect.ts";
 import {
   CMD_DISC,
   FLAG_SEND_FLUSH,

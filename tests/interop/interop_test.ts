@@ -1096,7 +1096,7 @@ async function runChecks(
           probe(server.target(c.exportName)),
         );
         assert.equal(p.exportName, c.exportName);
-        assert.equal(p.size, BigInt(x.probeSize ?? SIZE));
+        assert.equal(p.sizeBigInt, BigInt(x.probeSize ?? SIZE));
         assert.equal(p.flags, client.flags);
         assert.deepEqual(p.blockSize ?? DEFAULT_BLOCK_SIZE, client.blockSize);
         assert.equal(p.structuredReplies, x.structuredReplies);

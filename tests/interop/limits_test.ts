@@ -165,7 +165,7 @@ for (const [peers, label] of NBDKIT) {
                 e instanceof RangeError && /use sizeBigInt/.test(e.message),
             );
             assert.equal(client.sizeBigInt, size);
-            assert.equal((await probe(server!.target())).size, size);
+            assert.equal((await probe(server!.target())).sizeBigInt, size);
           },
         );
 

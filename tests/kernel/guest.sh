@@ -271,7 +271,7 @@ phase server-killed
 wait_exit $RELAY 120
 rc=$?
 relay="exit $rc: $(oneline "$W/relay.out") $(oneline "$W/relay.err")"
-check relay-attach "$relay" grep -q '"path":"relay","size":67108864' "$W/relay.out"
+check relay-attach "$relay" grep -q '"route":"relay","size":67108864' "$W/relay.out"
 check relay-io "$relay" grep -q '"io":true' "$W/relay.out"
 check relay-disconnect "$relay" \
   grep -q '"reason":"disconnect","requested":true' "$W/relay.out"

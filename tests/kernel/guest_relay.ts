@@ -37,7 +37,7 @@ const dev = await attach(
   device,
   { relay: true, handleSignals: false, timeout: 30 },
 );
-out.path = dev.path;
+out.route = dev.route;
 out.size = dev.size;
 out.tls = dev.info.tls;
 out.attachMs = ms();

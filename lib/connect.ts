@@ -1,0 +1,427 @@
+/**
+ * Reaching a server: open the stream that the options name, run the
+ * handshake under one time limit, and either hand over the negotiated
+ * connection ({@linkcode connect}, {@linkcode openTransport}) or ask a
+ * question in the option phase and leave ({@linkcode listExports},
+ * {@linkcode probe}).
+ *
+ * @module
+ */
+
+import { DEFAULT_PORT, OPT_INFO, OPT_LIST } from "./constants.ts";
+import { NbdClient, sizeNumber } from "./client.ts";
+import type { ConnectOptions } from "./connect_options.ts";
+import { deadline, untilAborted } from "./deadline.ts";
+import { makeTracer, type Tracer } from "./debug.ts";
+import {
+  abortReason,
+  errorText,
+  NbdError,
+  NbdUnsupportedError,
+} from "./errors.ts";
+import type { BlockSize, ExportInfo, Protocol } from "./export.ts";
+import { type HandshakeOptions, negotiate, openSession } from "./handshake.ts";
+import { type ExportDetails, infoOrGo } from "./options/go.ts";
+import { type ExportListing, listExports as optList } from "./options/list.ts";
+import { listMetaContexts } from "./options/meta_context.ts";
+import type { OptionSession } from "./options/session.ts";
+import { negotiateReplies } from "./options/structured_reply.ts";
+import { resolveOptions, shown } from "./resolve_options.ts";
+import { upgradeToTls } from "./tls.ts";
+import { type ByteStream, Transport } from "./transport.ts";
+import { formatUri } from "./uri.ts";
+
+/** Connecting and negotiating may take this long unless told otherwise. */
+const DEFAULT_CONNECT_TIMEOUT = 30_000;
+
+/**
+ * Whether Deno's `--unstable-vsock` flag is among its own arguments (before
+ * the script's); `undefined` when the command line cannot be read (Deno
+ * lets a program read it only under `--allow-all`).
+ */
+function vsockFlagSeen(): boolean | undefined {
+  const path = "/proc/self/cmdline";
+  try {
+    // Query first: reading without permission could prompt the user.
+    if (
+      Deno.permissions.querySync({ name: "read", path }).state !== "granted"
+    ) {
+      return undefined;
+    }
+    const args = Deno.readTextFileSync(path).split("\0");
+    const script = Deno.mainModule.split("/").at(-1);
+    const end = args.findIndex((a, i) =>
+      i > 0 && a.split("/").at(-1) === script
+    );
+    return args.slice(0, end < 0 ? args.length : end).includes(
+      "--unstable-vsock",
+    );
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Refuses vsock unless Deno can do it: without `--unstable-vsock`,
+ * `Deno.connect` ends the process (status 70) past any `catch`, and Deno
+ * offers no way to ask whether the flag is on.
+ *
+ * @throws {NbdUnsupportedError} (feature `"vsock"`) naming the flag.
+ */
+function checkVsock(o: ConnectOptions): void {
+  if (o.unstableVsock === true) return;
+  const seen = vsockFlagSeen();
+  if (seen) return;
+  throw new NbdUnsupportedError(
+    "vsock",
+    `Cannot connect over vsock: Deno needs the --unstable-vsock flag for it and ends the process without it, ${
+      seen === false
+        ? "and it is not on the command line"
+        : "and this process cannot see its command line (it can under --allow-all)"
+    }. Run deno with --unstable-vsock, and pass unstableVsock: true if the flag is set where the command line does not show it`,
+  );
+}
+
+/** Opens the byte stream to the server that `options` names. */
+async function openStream(o: ConnectOptions): Promise<ByteStream> {
+  if (o.path !== undefined) {
+    return await Deno.connect({ transport: "unix", path: o.path });
+  }
+  if (o.cid !== undefined) {
+    return await Deno.connect({
+      transport: "vsock",
+      cid: o.cid,
+      port: o.port ?? DEFAULT_PORT,
+    });
+  }
+  const conn = await Deno.connect({
+    hostname: o.hostname ?? "localhost",
+    port: o.port ?? DEFAULT_PORT,
+  });
+  // Small headers must not wait for ACKs (doc/proto.md asks for TCP_NODELAY).
+  conn.setNoDelay(true);
+  return conn;
+}
+
+function handshakeOptions(o: ConnectOptions, trace: Tracer): HandshakeOptions {
+  const tls = o.tls ?? "disable";
+  return {
+    ...(o.exportName !== undefined ? { exportName: o.exportName } : {}),
+    tls,
+    ...(tls !== "disable"
+      ? {
+        upgradeTls: (stream: ByteStream) =>
+          upgradeToTls(stream, {
+            ...o,
+            ...(trace ? { debug: trace } : {}),
+          }),
+      }
+      : {}),
+    ...(o.structuredReplies !== undefined
+      ? { structuredReplies: o.structuredReplies }
+      : {}),
+    ...(o.extendedHeaders !== undefined
+      ? { extendedHeaders: o.extendedHeaders }
+      : {}),
+    ...(o.metaContexts !== undefined ? { metaContexts: o.metaContexts } : {}),
+    ...(o.blockSizes !== undefined ? { blockSizes: o.blockSizes } : {}),
+    trace,
+  };
+}
+
+function describeTarget(o: ConnectOptions): string {
+  try {
+    return formatUri(o);
+  } catch {
+    return o.path ?? `${o.hostname ?? "localhost"}:${o.port ?? DEFAULT_PORT}`;
+  }
+}
+
+/**
+ * Opens a connection and runs `step` over it, closing it on failure, under
+ * the caller's signal and the connect timeout together: a stalled server
+ * cannot hang the caller.
+ */
+async function withConnection<T>(
+  o: ConnectOptions,
+  step: (transport: Transport) => Promise<T>,
+): Promise<{ transport: Transport; result: T }> {
+  const limit = o.connectTimeout ?? DEFAULT_CONNECT_TIMEOUT;
+  using time = deadline(
+    o.signal,
+    limit,
+    () =>
+      new NbdError(
+        `Connecting to ${
+          describeTarget(o)
+        } and negotiating took longer than ${limit} ms`,
+      ),
+  );
+  const signal = time.signal;
+  if (signal.aborted) throw abortReason(signal);
+  if (o.cid !== undefined) checkVsock(o);
+  let transport: Transport | undefined;
+  // Reads and writes in progress fail at once, with the reason.
+  const onAbort = () => transport?.close(abortReason(signal));
+  signal.addEventListener("abort", onAbort, { once: true });
+  try {
+    const opening = openStream(o);
+    let stream: ByteStream;
+    try {
+      stream = await untilAborted(opening, signal);
+    } catch (e) {
+      // A connect that completes after the abort must not leak.
+      opening.then((s) => s.close(), () => {});
+      if (signal.aborted) throw abortReason(signal);
+      throw new NbdError(
+        `Cannot connect to ${describeTarget(o)}: ${errorText(e)}`,
+        { cause: e },
+      );
+    }
+    transport = new Transport(stream);
+    const result = await untilAborted(step(transport), signal);
+    return { transport, result };
+  } catch (e) {
+    transport?.close();
+    if (signal.aborted) throw abortReason(signal);
+    throw e;
+  } finally {
+    signal.removeEventListener("abort", onAbort);
+  }
+}
+
+/**
+ * Opens a connection, asks `ask` in the option phase, then leaves with
+ * `NBD_OPT_ABORT` and closes: the one path of `listExports` and `probe`.
+ */
+async function inOptionPhase<T>(
+  o: ConnectOptions,
+  ask: (session: OptionSession) => Promise<T>,
+): Promise<T> {
+  const trace = makeTracer(o.debug);
+  const { transport, result } = await withConnection(o, async (t) => {
+    const session = await openSession(t, handshakeOptions(o, trace));
+    try {
+      return await ask(session);
+    } finally {
+      await session.abort();
+    }
+  });
+  transport.close();
+  return result;
+}
+
+/**
+ * Opens a connection and runs the whole handshake, returning the transport
+ * ready for transmission, for code that carries the transmission phase
+ * itself (a relay, a proxy, a kernel handoff of its own).
+ *
+ * @param target An NBD URI or options object.
+ * @param options Options that override the target's.
+ * @returns The transport and what was negotiated.
+ * @throws {NbdError} when the connection or the handshake fails.
+ *
+ * @example
+ * ```ts
+ * import { openTransport } from "@nbd/client";
+ * const { transport, info } = await openTransport(
+ *   "nbd+unix:///?socket=/tmp/nbd.sock",
+ *   { structuredReplies: false },
+ * );
+ * console.log(info.size, info.flags);
+ * transport.close();
+ * ```
+ */
+export async function openTransport(
+  target: string | ConnectOptions,
+  options: ConnectOptions = {},
+): Promise<{ transport: Transport; info: ExportInfo }> {
+  const o = resolveOptions(target, options);
+  return await negotiated(o, makeTracer(o.debug));
+}
+
+/** Connects as `o` says and runs the whole handshake. */
+async function negotiated(
+  o: ConnectOptions,
+  trace: Tracer,
+): Promise<{ transport: Transport; info: ExportInfo }> {
+  const { transport, result } = await withConnection(
+    o,
+    (t) => negotiate(t, handshakeOptions(o, trace)),
+  );
+  return { transport, info: result };
+}
+
+/**
+ * Connects to an NBD server and negotiates an export.
+ *
+ * @param target An NBD URI (`nbd://host/export`,
+ *   `nbd+unix:///export?socket=/path`, ...) or an options object.
+ * @param options Options that override what the URI says.
+ * @returns A connected client.
+ * @throws {NbdOptionError} when the server refuses the export.
+ * @throws {NbdProtocolError} when the server breaks the protocol.
+ * @throws {NbdError} when the server cannot be reached.
+ * @throws {TypeError} for a malformed URI or option.
+ *
+ * @example
+ * ```ts
+ * import { connect } from "@nbd/client";
+ * await using nbd = await connect("nbd+unix:///?socket=/tmp/nbd.sock", {
+ *   signal: AbortSignal.timeout(5000),
+ * });
+ * const first = await nbd.read(0, 512);
+ * ```
+ */
+export async function connect(
+  target: string | ConnectOptions,
+  options: ConnectOptions = {},
+): Promise<NbdClient> {
+  const o = resolveOptions(target, options);
+  const trace = makeTracer(o.debug);
+  const { transport, info } = await negotiated(o, trace);
+  return new NbdClient(transport, info, o.maxInFlight, trace);
+}
+
+/**
+ * Lists a server's exports with `NBD_OPT_LIST`.
+ *
+ * @param target An NBD URI or options object (its export name is ignored).
+ * @param options Options that override the target's.
+ * @returns Each export's name and description.
+ * @throws {NbdOptionError} when the server refuses to list.
+ * @throws {NbdError} when the server cannot list (oldstyle, non-fixed newstyle).
+ *
+ * @example
+ * ```ts
+ * import { listExports } from "@nbd/client";
+ * for (const e of await listExports("nbd://127.0.0.1")) console.log(e.name);
+ * ```
+ */
+export async function listExports(
+  target: string | ConnectOptions,
+  options: ConnectOptions = {},
+): Promise<ExportListing[]> {
+  const o = resolveOptions(target, options);
+  return await inOptionPhase(o, async (session) => {
+    const listed = await optList(session);
+    if (!Array.isArray(listed)) {
+      throw session.refusal(OPT_LIST, listed, "Cannot list exports");
+    }
+    return listed;
+  });
+}
+
+/** What {@linkcode probe} learns about an export without connecting to it. */
+export interface ExportProbe {
+  /** The export name (canonical when the server sent one). */
+  exportName: string;
+  /** The server's description, or `""`. */
+  description: string;
+  /**
+   * Size in bytes, as {@linkcode NbdClient.size}.
+   *
+   * @throws {RangeError} beyond `Number.MAX_SAFE_INTEGER` (read `sizeBigInt`).
+   */
+  readonly size: number;
+  /** Size in bytes, exactly. */
+  sizeBigInt: bigint;
+  /** Transmission flags. */
+  flags: number;
+  /** Block size constraints, when advertised. */
+  blockSize: BlockSize | undefined;
+  /** Metadata contexts offered (`NBD_OPT_LIST_META_CONTEXT`). */
+  metaContexts: string[];
+  /** The handshake style. */
+  protocol: Protocol;
+  /** Whether TLS was negotiated. */
+  tls: boolean;
+  /** Whether the server agreed to structured replies. */
+  structuredReplies: boolean;
+  /** Whether the server agreed to extended headers. */
+  extendedHeaders: boolean;
+}
+
+/** Options of {@linkcode probe}. */
+export interface ProbeOptions extends ConnectOptions {
+  /** Also list metadata contexts (default true). */
+  listMetaContexts?: boolean;
+}
+
+async function probeSession(
+  session: OptionSession,
+  o: ConnectOptions,
+  listContexts: boolean,
+): Promise<ExportProbe> {
+  const name = o.exportName ?? "";
+  await negotiateReplies(session, o);
+  let metaContexts: string[] = [];
+  if (listContexts && session.structuredReplies) {
+    const listed = await listMetaContexts(session, name, []);
+    if (listed !== "unsupported") metaContexts = listed;
+  }
+  const info: ExportDetails | "unsupported" = await infoOrGo(
+    session,
+    OPT_INFO,
+    name,
+    o.blockSizes !== false,
+  );
+  if (info === "unsupported") {
+    throw new NbdError(
+      "The server does not support NBD_OPT_INFO; connect() to learn about the export",
+    );
+  }
+  const sizeBigInt = info.size;
+  return {
+    exportName: info.name ?? name,
+    description: info.description ?? "",
+    get size(): number {
+      return sizeNumber(sizeBigInt);
+    },
+    sizeBigInt,
+    flags: info.flags,
+    blockSize: info.blockSize,
+    metaContexts,
+    protocol: "fixed newstyle",
+    tls: session.tls,
+    structuredReplies: session.structuredReplies,
+    extendedHeaders: session.extendedHeaders,
+  };
+}
+
+/**
+ * Describes an export with `NBD_OPT_INFO` (and lists its metadata contexts)
+ * without entering transmission, then leaves with `NBD_OPT_ABORT`.
+ *
+ * @param target An NBD URI or options object.
+ * @param options Options that override the target's.
+ * @returns What the server says about the export.
+ * @throws {NbdOptionError} when the server refuses (for example, no such export).
+ *
+ * @example
+ * ```ts
+ * import { probe } from "@nbd/client";
+ * const p = await probe("nbd://127.0.0.1/disk");
+ * console.log(p.size, p.metaContexts);
+ * ```
+ */
+export async function probe(
+  target: string | ConnectOptions,
+  options: ProbeOptions = {},
+): Promise<ExportProbe> {
+  const { listMetaContexts, ...rest } = options;
+  const o = resolveOptions(target, rest);
+  const listContexts: unknown = listMetaContexts ??
+    (typeof target === "string" ? undefined : (target as ProbeOptions)
+      .listMetaContexts) ??
+    true;
+  if (typeof listContexts !== "boolean") {
+    throw new TypeError(
+      `listMetaContexts must be true or false, not ${shown(listContexts)}`,
+    );
+  }
+  return await inOptionPhase(
+    o,
+    (session) => probeSession(session, o, listContexts),
+  );
+}

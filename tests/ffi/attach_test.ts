@@ -1,0 +1,107 @@
+import assert from "node:assert/strict";
+import { attach } from "../../ffi/attach.ts";
+import { kernelGeometry } from "../../ffi/_geometry.ts";
+import { KERNEL_MAX_BYTES } from "../../ffi/_kernel.ts";
+import { NbdKernelError } from "../../ffi/errors.ts";
+import { DEFAULT_BLOCK_SIZE } from "../../lib/export.ts";
+
+const MiB = 1024 * 1024;
+
+Deno.test("kernelGeometry() fits an export to the kernel, or says why not", async (t) => {
+  const info = (size: bigint, minimum = 1, preferred = 4096) => ({
+    size,
+    blockSize: { ...DEFAULT_BLOCK_SIZE, minimum, preferred },
+  });
+  await t.step("whole blocks of the preferred size", () => {
+    assert.deepEqual(
+      kernelGeometry("/dev/nbd0", info(BigInt(MiB)), 4096, undefined),
+      {
+        blockSize: 4096,
+        blocks: 256n,
+        bytes: MiB,
+      },
+    );
+    // A tail shorter than a block is not shown.
+    assert.deepEqual(
+      kernelGeometry("/dev/nbd0", info(BigInt(MiB + 700)), 4096, 512),
+      { blockSize: 512, blocks: 2049n, bytes: MiB + 512 },
+    );
+  });
+  const refusal = (errno: number, message: RegExp) => (e: unknown) =>
+    e instanceof NbdKernelError && e.reason === "size" && e.errno === errno &&
+    e.device === "/dev/nbd0" && message.test(e.message);
+  await t.step("each refusal is an NbdKernelError of reason size", () => {
+    assert.throws(
+      () => kernelGeometry("/dev/nbd0", info(100n), 4096, undefined),
+      refusal(
+        0,
+        /^Cannot attach to \/dev\/nbd0: the export \(100 bytes\) is smaller than one block of 512 bytes/,
+      ),
+    );
+    assert.throws(
+      () =>
+        kernelGeometry(
+          "/dev/nbd0",
+          info(KERNEL_MAX_BYTES + 1n),
+          4096,
+          undefined,
+        ),
+      refusal(75, /exceed the kernel's limit of 9223372036854775807/),
+    );
+    assert.throws(
+      () => kernelGeometry("/dev/nbd0", info(2n ** 60n), 4096, undefined),
+      refusal(75, /more than this API can report exactly/),
+    );
+    assert.throws(
+      () =>
+        kernelGeometry("/dev/nbd0", info(BigInt(MiB), 8192), 4096, undefined),
+      refusal(
+        0,
+        /minimum block size 8192 is larger than the kernel's limit of 4096/,
+      ),
+    );
+    assert.throws(
+      () => kernelGeometry("/dev/nbd0", info(BigInt(MiB), 4096), 4096, 512),
+      refusal(0, /Block size 512 is below the export's minimum of 4096/),
+    );
+  });
+});
+
+Deno.test("attach() checks its options before touching the device or the network", async () => {
+  const target = "nbd+unix:///?socket=/nonexistent/nbd.sock";
+  const cases: Array<
+    [Record<string, unknown>, typeof TypeError | typeof RangeError, RegExp]
+  > = [
+    [
+      { connectTimeout: 2 ** 31 },
+      RangeError,
+      /^connectTimeout must be a number of milliseconds from 0 to 2147483647/,
+    ],
+    [{ startTimeout: -1 }, RangeError, /^startTimeout must be/],
+    [
+      { readOnly: "yes" },
+      TypeError,
+      /^readOnly must be true or false, not "yes"$/,
+    ],
+    [{ relay: 1 }, TypeError, /^relay must be true or false, not 1$/],
+    [{ signal: {} }, TypeError, /^attach\(\): signal must be an AbortSignal/],
+    [
+      { tls: "required" },
+      TypeError,
+      /^tls must be "disable", "prefer" or "require", not "required"$/,
+    ],
+    [
+      { timeout: 1.5 },
+      RangeError,
+      /^timeout must be a whole number of seconds/,
+    ],
+  ];
+  for (const [options, kind, message] of cases) {
+    await assert.rejects(
+      attach(target, "/dev/nbd15", options),
+      (e: unknown) =>
+        e instanceof kind && e.constructor === kind && message.test(e.message),
+      JSON.stringify(options),
+    );
+  }
+});
