@@ -48,6 +48,7 @@ export type {
   ConnectTarget,
   DebugHook,
   NegotiationOptions,
+  ReconnectOptions,
   TlsMode,
   TlsOptions,
 } from "./lib/connect_options.ts";
@@ -60,6 +61,8 @@ export {
   NbdUnsupportedError,
 } from "./lib/errors.ts";
 export type { CommandErrorDetails, ProtocolPhase } from "./lib/errors.ts";
+export { NbdExportChangedError } from "./lib/reconnect.ts";
+export type { NbdStats } from "./lib/connections.ts";
 export { formatUri, parseUri } from "./lib/uri.ts";
 export {
   loadTlsCredentials,

@@ -13,6 +13,7 @@ import {
   CMD_FLAG_FAST_ZERO,
   CMD_FLAG_FUA,
   CMD_FLAG_NO_HOLE,
+  CMD_FLAG_PAYLOAD_LEN,
   CMD_FLAG_REQ_ONE,
   CMD_FLUSH,
   CMD_READ,
@@ -40,8 +41,10 @@ import {
 } from "./streams.ts";
 import { InFlight } from "./in_flight.ts";
 import { checkSignal, shown } from "./resolve_options.ts";
-import { type Command, type Extent, Transmission } from "./transmission.ts";
+import { Connections, type NbdStats, type Pool } from "./connections.ts";
+import type { Command, Extent, ExtentsById } from "./transmission.ts";
 import type { Transport } from "./transport.ts";
+import { encodeStatusPayload } from "./wire.ts";
 
 /** Options every request takes. */
 export interface RequestOptions {
@@ -73,6 +76,12 @@ export interface WriteZeroesOptions extends WriteOptions {
 export interface BlockStatusOptions extends RequestOptions {
   /** Ask for exactly one extent per context (`NBD_CMD_FLAG_REQ_ONE`). */
   reqOne?: boolean;
+  /**
+   * Only these negotiated contexts. With `canBlockStatusPayload` the server
+   * is asked for them alone (`NBD_CMD_FLAG_PAYLOAD_LEN`); otherwise it is
+   * asked for all and the answer is filtered here.
+   */
+  contexts?: string[];
 }
 
 /** Block status by metadata context name. */
@@ -80,12 +89,20 @@ export type BlockStatus = Record<string, Extent[]>;
 
 /**
  * The client's state, as its guards name it: `"failed"` once the
- * connection broke (see `failure`), `"closing"` while a disconnect waits for
- * requests in flight (also after the server said `ESHUTDOWN`).
+ * connection broke (see `failure`), `"reconnecting"` while a lost
+ * connection is dialled again (requests wait), `"closing"` while a
+ * disconnect waits for requests in flight (also after the server said
+ * `ESHUTDOWN`).
  */
-export type ClientState = "open" | "closing" | "closed" | "failed";
+export type ClientState =
+  | "open"
+  | "reconnecting"
+  | "closing"
+  | "closed"
+  | "failed";
 
-const DEFAULT_MAX_IN_FLIGHT = 64;
+/** Requests in flight at once per connection unless told otherwise. */
+export const DEFAULT_MAX_IN_FLIGHT = 64;
 /**
  * How long `close()` waits, without a signal, for replies owed to callers
  * who gave up, and then for `NBD_CMD_DISC` to be written.
@@ -93,7 +110,33 @@ const DEFAULT_MAX_IN_FLIGHT = 64;
 const DRAIN_MS = 2000;
 const DISCONNECT_MS = 2000;
 
-type Reply = ReturnType<Transmission["submit"]>;
+type Reply = Promise<ExtentsById>;
+
+/** Set by {@linkcode clientOver} for the one constructor call it makes. */
+let adopting:
+  | { pool: Pool; cleanup: (() => Promise<void>) | undefined }
+  | undefined;
+
+/**
+ * A client over connections `connect()` already made (several, or with
+ * reconnecting); the public constructor takes one negotiated transport.
+ *
+ * @param pool The connections and how to replace them.
+ * @param cleanup Runs after the last connection closed (a server
+ *   subprocess to stop).
+ */
+export function clientOver(
+  pool: Pool,
+  cleanup?: () => Promise<void>,
+): NbdClient {
+  adopting = { pool, cleanup };
+  try {
+    const first = pool.links[0]!;
+    return new NbdClient(first.transport, first.info, pool.maxInFlight);
+  } finally {
+    adopting = undefined;
+  }
+}
 
 /**
  * Checks a request's options before anything is sent: an object, an
@@ -147,13 +190,14 @@ export function sizeNumber(size: bigint): number {
  */
 export class NbdClient {
   #info: ExportInfo;
-  #tx: Transmission;
+  #tx: Connections;
   #state: ClientState = "open";
   #contexts: Map<number, string>;
+  #byName = new Map<string, number>();
   #can: Capabilities;
   #closing: Promise<void> | undefined;
-  #transport: Transport;
   #inFlight: InFlight;
+  #cleanup: (() => Promise<void>) | undefined;
 
   /**
    * Wraps a negotiated transport; {@linkcode connect} is the usual way in.
@@ -177,9 +221,14 @@ export class NbdClient {
       metaContexts: info.metaContexts.size,
       extendedHeaders: info.extendedHeaders,
     });
-    this.#transport = transport;
-    this.#inFlight = new InFlight(maxInFlight);
-    this.#tx = new Transmission(transport, info, maxInFlight, trace);
+    for (const [id, name] of info.metaContexts) this.#byName.set(name, id);
+    const adopted = adopting;
+    adopting = undefined;
+    const pool: Pool = adopted?.pool ??
+      { links: [{ transport, info }], maxInFlight, trace };
+    this.#cleanup = adopted?.cleanup;
+    this.#inFlight = new InFlight(pool.maxInFlight * pool.links.length);
+    this.#tx = new Connections(pool);
   }
 
   /** Size in bytes. @throws {RangeError} beyond `Number.MAX_SAFE_INTEGER`. */
@@ -284,12 +333,27 @@ export class NbdClient {
   get metaContexts(): string[] {
     return [...this.#contexts.values()];
   }
-  /** `"open"`, `"closing"`, `"closed"` or `"failed"`. */
+  /** `"open"`, `"reconnecting"`, `"closing"`, `"closed"` or `"failed"`. */
   get state(): ClientState {
     if (this.#state !== "open") return this.#state;
     if (this.#tx.failure) return "failed";
     if (this.#tx.shuttingDown) return this.#tx.ended ? "closed" : "closing";
-    return "open";
+    return this.#tx.state;
+  }
+  /** How many connections carry the requests (`connections` option). */
+  get connections(): number {
+    return this.#tx.count;
+  }
+  /** How many times a lost connection was replaced (`reconnect` option). */
+  get reconnects(): number {
+    return this.#tx.reconnects;
+  }
+  /**
+   * What crossed the wire over every connection so far: bytes and chunks
+   * both ways, requests by command (libnbd's `nbd_stats_*`).
+   */
+  get stats(): NbdStats {
+    return this.#tx.stats;
   }
   /** The error that broke the connection, if one did. */
   get failure(): Error | undefined {
@@ -317,23 +381,24 @@ export class NbdClient {
 
   #guard(method: string): void {
     const state = this.state;
+    // While reconnecting, requests are held until a connection is back.
+    if (state === "open" || state === "reconnecting") return;
     if (state === "failed") {
-      const failure = this.#tx.failure!;
+      const failure = this.#tx.failure ??
+        new NbdConnectionClosedError("Every connection is lost");
       throw new NbdConnectionClosedError(
         `Cannot call ${method}(): the connection failed: ${failure.message}`,
         { cause: failure },
       );
     }
-    if (state !== "open" && this.#state === "open") {
+    if (this.#state === "open") {
       throw new NbdConnectionClosedError(
         `Cannot call ${method}(): the server is shutting down (ESHUTDOWN)`,
       );
     }
-    if (state !== "open") {
-      throw new NbdConnectionClosedError(
-        `Cannot call ${method}(): the client is ${state}`,
-      );
-    }
+    throw new NbdConnectionClosedError(
+      `Cannot call ${method}(): the client is ${state}`,
+    );
   }
 
   #need(ok: boolean, feature: string, method: string, why: string): void {
@@ -768,15 +833,52 @@ export class NbdClient {
       "blockStatus",
       "no metadata context was negotiated (pass metaContexts to connect())",
     );
-    const byId = await this.#send({
-      type: CMD_BLOCK_STATUS,
-      flags: options.reqOne ? CMD_FLAG_REQ_ONE : 0,
-      offset,
-      length: Math.min(length, this.#maxEffect),
-    }, options.signal);
+    const ids = this.#contextIds(options.contexts);
+    const effect = Math.min(length, this.#maxEffect);
+    const flags = options.reqOne ? CMD_FLAG_REQ_ONE : 0;
+    const cmd: Command = ids && this.canBlockStatusPayload
+      ? {
+        type: CMD_BLOCK_STATUS,
+        flags: flags | CMD_FLAG_PAYLOAD_LEN,
+        offset,
+        length: effect,
+        payload: encodeStatusPayload(effect, ids),
+        contexts: ids,
+      }
+      : { type: CMD_BLOCK_STATUS, flags, offset, length: effect };
+    const byId = await this.#send(cmd, options.signal);
     const out: BlockStatus = {};
-    for (const [id, extents] of byId) out[this.#contexts.get(id)!] = extents;
+    for (const [id, extents] of byId) {
+      if (!ids || ids.includes(id)) out[this.#contexts.get(id)!] = extents;
+    }
     return out;
+  }
+
+  /** The ids of `names`, each a negotiated context, or all when absent. */
+  #contextIds(names: unknown): number[] | undefined {
+    if (names === undefined) return undefined;
+    if (!Array.isArray(names) || names.length === 0) {
+      throw new TypeError(
+        `blockStatus(): contexts must be a non-empty array of context names, not ${
+          shown(names)
+        }`,
+      );
+    }
+    const ids: number[] = [];
+    for (const name of names) {
+      const id = typeof name === "string" ? this.#byName.get(name) : undefined;
+      if (id === undefined) {
+        throw new RangeError(
+          `blockStatus(): ${
+            shown(name)
+          } is not a negotiated context (negotiated: ${
+            this.metaContexts.join(", ")
+          })`,
+        );
+      }
+      if (!ids.includes(id)) ids.push(id);
+    }
+    return ids;
   }
 
   /**
@@ -860,6 +962,8 @@ export class NbdClient {
   async #shutDown(signal: AbortSignal | undefined): Promise<void> {
     // Transmission's own wait is already done here: it only sends.
     const now = AbortSignal.abort();
+    // Requests held for a reconnect fail now; none is dialled any more.
+    this.#tx.halt();
     try {
       await untilAborted(this.#inFlight.whenNoneWaiting(), signal);
       {
@@ -884,8 +988,10 @@ export class NbdClient {
     } catch {
       // The signal fired, or the server stopped reading: tear down. The
       // disconnect then ends at once, failing what still waits.
-      this.#transport.close();
+      this.#tx.tearDown();
       await within(this.#tx.disconnect(now).catch(() => {}), DISCONNECT_MS);
+    } finally {
+      await this.#cleanup?.();
     }
   }
 

@@ -8,8 +8,19 @@
  * @module
  */
 
-import { DEFAULT_PORT, OPT_INFO, OPT_LIST } from "./constants.ts";
-import { NbdClient, sizeNumber } from "./client.ts";
+import {
+  DEFAULT_PORT,
+  FLAG_CAN_MULTI_CONN,
+  OPT_INFO,
+  OPT_LIST,
+} from "./constants.ts";
+import {
+  clientOver,
+  DEFAULT_MAX_IN_FLIGHT,
+  type NbdClient,
+  sizeNumber,
+} from "./client.ts";
+import type { Link } from "./connections.ts";
 import type { ConnectOptions } from "./connect_options.ts";
 import { deadline, untilAborted } from "./deadline.ts";
 import { makeTracer, type Tracer } from "./debug.ts";
@@ -26,7 +37,19 @@ import { type ExportListing, listExports as optList } from "./options/list.ts";
 import { listMetaContexts } from "./options/meta_context.ts";
 import type { OptionSession } from "./options/session.ts";
 import { negotiateReplies } from "./options/structured_reply.ts";
+import {
+  backoff,
+  DEFAULT_RECONNECT,
+  exportChanges,
+  reconnectPolicy,
+} from "./reconnect.ts";
 import { resolveOptions, shown } from "./resolve_options.ts";
+import {
+  type ServerProcess,
+  spawnOnSocket,
+  spawnOverPipes,
+} from "./subprocess.ts";
+import { upgradingOnDemand } from "./options/starttls.ts";
 import { upgradeToTls } from "./tls.ts";
 import { type ByteStream, Transport } from "./transport.ts";
 import { formatUri } from "./uri.ts";
@@ -105,10 +128,13 @@ async function openStream(o: ConnectOptions): Promise<ByteStream> {
 
 function handshakeOptions(o: ConnectOptions, trace: Tracer): HandshakeOptions {
   const tls = o.tls ?? "disable";
+  // Left unset, TLS is opportunistic: taken when the server requires it.
+  const onDemand = o.tls === undefined;
   return {
     ...(o.exportName !== undefined ? { exportName: o.exportName } : {}),
     tls,
-    ...(tls !== "disable"
+    tlsOnDemand: onDemand,
+    ...(tls !== "disable" || onDemand
       ? {
         upgradeTls: (stream: ByteStream) =>
           upgradeToTls(stream, {
@@ -145,6 +171,7 @@ function describeTarget(o: ConnectOptions): string {
 async function withConnection<T>(
   o: ConnectOptions,
   step: (transport: Transport) => Promise<T>,
+  open: () => Promise<ByteStream> = () => openStream(o),
 ): Promise<{ transport: Transport; result: T }> {
   const limit = o.connectTimeout ?? DEFAULT_CONNECT_TIMEOUT;
   using time = deadline(
@@ -165,7 +192,7 @@ async function withConnection<T>(
   const onAbort = () => transport?.close(abortReason(signal));
   signal.addEventListener("abort", onAbort, { once: true });
   try {
-    const opening = openStream(o);
+    const opening = open();
     let stream: ByteStream;
     try {
       stream = await untilAborted(opening, signal);
@@ -200,9 +227,15 @@ async function inOptionPhase<T>(
 ): Promise<T> {
   const trace = makeTracer(o.debug);
   const { transport, result } = await withConnection(o, async (t) => {
-    const session = await openSession(t, handshakeOptions(o, trace));
+    const how = handshakeOptions(o, trace);
+    const session = await openSession(t, how);
     try {
-      return await ask(session);
+      return await upgradingOnDemand(
+        session,
+        how.tlsOnDemand === true,
+        how.upgradeTls,
+        () => ask(session),
+      );
     } finally {
       await session.abort();
     }
@@ -240,16 +273,132 @@ export async function openTransport(
   return await negotiated(o, makeTracer(o.debug));
 }
 
-/** Connects as `o` says and runs the whole handshake. */
+/** Connects as `o` says (or over `stream`) and runs the whole handshake. */
 async function negotiated(
   o: ConnectOptions,
   trace: Tracer,
-): Promise<{ transport: Transport; info: ExportInfo }> {
+  stream?: () => Promise<ByteStream>,
+): Promise<Link> {
   const { transport, result } = await withConnection(
     o,
     (t) => negotiate(t, handshakeOptions(o, trace)),
+    stream,
   );
   return { transport, info: result };
+}
+
+/**
+ * The first connection; with `openTimeout`, attempts go on (with the
+ * reconnect backoff) until one succeeds or the time is up.
+ */
+async function firstLink(o: ConnectOptions, trace: Tracer): Promise<Link> {
+  const limit = o.openTimeout ?? 0;
+  const end = Date.now() + limit;
+  for (let attempt = 0;; attempt++) {
+    try {
+      return await negotiated(o, trace);
+    } catch (e) {
+      const left = end - Date.now();
+      if (
+        left <= 0 || o.signal?.aborted || !(e instanceof NbdError) ||
+        e instanceof NbdUnsupportedError
+      ) {
+        throw e;
+      }
+      trace?.("connect attempt failed", {
+        attempt: attempt + 1,
+        error: errorText(e),
+      });
+      await untilAborted(
+        new Promise((r) =>
+          setTimeout(r, backoff(attempt, DEFAULT_RECONNECT, left))
+        ),
+        o.signal ?? NEVER,
+      );
+    }
+  }
+}
+
+/** A signal that never aborts, for waits the caller did not bound. */
+const NEVER = new AbortController().signal;
+
+/**
+ * The other connections `connections` asks for, when the export allows
+ * several (`NBD_FLAG_CAN_MULTI_CONN`); each must reach the same export.
+ */
+async function moreLinks(
+  o: ConnectOptions,
+  trace: Tracer,
+  first: Link,
+): Promise<Link[]> {
+  const wanted = o.connections ?? 1;
+  if (wanted === 1) return [];
+  if (!(first.info.flags & FLAG_CAN_MULTI_CONN)) {
+    trace?.("connections", {
+      count: 1,
+      wanted,
+      reason: "the export does not advertise NBD_FLAG_CAN_MULTI_CONN",
+    });
+    return [];
+  }
+  const settled = await Promise.allSettled(
+    Array.from({ length: wanted - 1 }, () => negotiated(o, trace)),
+  );
+  const links = settled.flatMap((r) =>
+    r.status === "fulfilled" ? [r.value] : []
+  );
+  const failed = settled.find((r) => r.status === "rejected");
+  const changes = links.flatMap((l) => exportChanges(first.info, l.info, true));
+  if (failed || changes.length > 0) {
+    for (const l of links) l.transport.close();
+    if (failed) throw (failed as PromiseRejectedResult).reason;
+    throw new NbdError(
+      `Another connection to the same target reached a different export: ${
+        changes.join("; ")
+      }`,
+    );
+  }
+  trace?.("connections", {
+    count: wanted,
+    reason: "the export advertises NBD_FLAG_CAN_MULTI_CONN",
+  });
+  return links;
+}
+
+/** Starts the server of `o.command` and negotiates over it. */
+async function overCommand(
+  o: ConnectOptions,
+  trace: Tracer,
+): Promise<NbdClient> {
+  const command = o.command!;
+  let server: ServerProcess;
+  let open: () => Promise<ByteStream>;
+  if (o.socketActivation) {
+    const started = await spawnOnSocket(command, o.signal);
+    server = started.server;
+    open = () => Promise.resolve(started.conn);
+  } else {
+    const started = spawnOverPipes(command);
+    server = started.server;
+    open = () => Promise.resolve(started.stream);
+  }
+  try {
+    const link = await negotiated(o, trace, open);
+    return clientOver(
+      {
+        links: [link],
+        maxInFlight: o.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT,
+        trace,
+      },
+      () => server.stop(),
+    );
+  } catch (e) {
+    const err = e instanceof TypeError || o.signal?.aborted
+      ? e
+      : await server.explain(e);
+    await server.stop();
+    throw err;
+  }
 }
 
 /**
@@ -279,8 +428,27 @@ export async function connect(
 ): Promise<NbdClient> {
   const o = resolveOptions(target, options);
   const trace = makeTracer(o.debug);
-  const { transport, info } = await negotiated(o, trace);
-  return new NbdClient(transport, info, o.maxInFlight, trace);
+  if (o.command !== undefined) return await overCommand(o, trace);
+  const first = await firstLink(o, trace);
+  let links: Link[];
+  try {
+    links = [first, ...await moreLinks(o, trace, first)];
+  } catch (e) {
+    first.transport.close();
+    throw e;
+  }
+  const reconnect = reconnectPolicy(o.reconnect);
+  // A new connection must not be bound by the signal of the first connect.
+  const { signal: _once, ...again } = o;
+  return clientOver({
+    links,
+    maxInFlight: o.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT,
+    trace,
+    reconnect,
+    dial: reconnect
+      ? (signal) => negotiated({ ...again, signal }, trace)
+      : undefined,
+  });
 }
 
 /**

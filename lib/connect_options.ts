@@ -98,4 +98,50 @@ export interface ConnectOptions
    * `--allow-all`, `deno.json`'s `"unstable": ["vsock"]`, `deno compile`).
    */
   unstableVsock?: boolean;
+  /**
+   * Survive a lost connection (end of stream, reset, a server restart, an
+   * `ESHUTDOWN` soft disconnect): requests are held, the same target is
+   * dialled again with the same negotiation, and once it is known to be the
+   * same export they are replayed in order. `true` keeps dialling for 30 s;
+   * `{ timeout, delay, maxDelay }` in milliseconds sets the limits. Off by
+   * default. See the README's "Reconnecting" section for what is replayed.
+   */
+  reconnect?: boolean | ReconnectOptions;
+  /**
+   * Open this many connections (1 to 16, default 1) when the export
+   * advertises `NBD_FLAG_CAN_MULTI_CONN`; one otherwise. Requests go to the
+   * connection with the fewest outstanding.
+   */
+  connections?: number;
+  /**
+   * Keep trying the first connect for this many milliseconds (QEMU's
+   * `open-timeout`) instead of failing at the first refusal. Default 0: one
+   * attempt.
+   */
+  openTimeout?: number;
+  /**
+   * Run the server as this subprocess (`["nbdkit", "-s", "memory", "1G"]`)
+   * and speak NBD over its stdin and stdout; it is stopped on close. No
+   * `hostname`, `path` or `cid` then.
+   */
+  command?: string[];
+  /**
+   * With `command`: start the server listening on a private Unix socket
+   * instead of stdin/stdout (for servers without a stdio mode, such as
+   * `qemu-nbd`; `nbdkit` and `qemu-nbd` are known).
+   */
+  socketActivation?: boolean;
+}
+
+/** How a client survives a lost connection; see `ConnectOptions.reconnect`. */
+export interface ReconnectOptions {
+  /**
+   * How long to keep dialling after the connection is lost, in milliseconds,
+   * before every held request fails. Default 30000.
+   */
+  timeout?: number;
+  /** The first pause between attempts, in milliseconds. Default 50. */
+  delay?: number;
+  /** The longest pause between attempts, in milliseconds. Default 2000. */
+  maxDelay?: number;
 }

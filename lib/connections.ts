@@ -33,6 +33,7 @@ import {
   type TransmissionStats,
 } from "./transmission.ts";
 import type { Transport } from "./transport.ts";
+import { encodeStatusPayload } from "./wire.ts";
 
 /** A negotiated connection, ready for transmission. */
 export interface Link {
@@ -43,8 +44,10 @@ export interface Link {
 /** Makes a new connection with the same negotiation as the first. */
 export type Dialer = (signal: AbortSignal) => Promise<Link>;
 
-/** How the connections behave. */
-export interface ConnectionsOptions {
+/** The connections to carry, and how they behave. */
+export interface Pool {
+  /** The negotiated connections; every later one must match the first. */
+  links: Link[];
   /** Requests in flight at once on each connection. */
   maxInFlight: number;
   trace: Tracer;
@@ -103,6 +106,7 @@ const MAX_REPLAYS = 16;
 
 interface Slot {
   readonly index: number;
+  transport: Transport;
   tx: Transmission;
   info: ExportInfo;
   outstanding: number;
@@ -117,7 +121,7 @@ export class Connections {
   readonly #slots: Slot[];
   readonly #original: ExportInfo;
   readonly #byName = new Map<string, number>();
-  readonly #options: ConnectionsOptions;
+  readonly #options: Pool;
   readonly #policy: ReconnectPolicy | undefined;
   readonly #stop = new AbortController();
   /** Requests waiting for a connection to come up, in arrival order. */
@@ -131,11 +135,12 @@ export class Connections {
   readonly #retired = noStats();
 
   /**
-   * @param links The negotiated connections; the first one's export is the
-   *   one every later connection must match.
-   * @param options Limits, tracing and the reconnect policy.
+   * @param options The connections, limits, tracing and the reconnect
+   *   policy; the first connection's export is the one every later
+   *   connection must match.
    */
-  constructor(links: Link[], options: ConnectionsOptions) {
+  constructor(options: Pool) {
+    const links = options.links;
     if (links.length === 0) throw new RangeError("No connection given");
     this.#options = options;
     this.#policy = options.dial ? options.reconnect : undefined;
@@ -149,6 +154,7 @@ export class Connections {
   #slot(index: number, link: Link): Slot {
     const slot: Slot = {
       index,
+      transport: link.transport,
       tx: new Transmission(
         link.transport,
         link.info,
@@ -269,7 +275,11 @@ export class Connections {
       const tx = slot.tx;
       slot.outstanding++;
       try {
-        const result = await tx.submit(cmd);
+        const result = await tx.submit(
+          cmd.contexts && slot.info !== this.#original
+            ? this.#translate(cmd, slot.info)
+            : cmd,
+        );
         return cmd.type === CMD_BLOCK_STATUS && slot.info !== this.#original
           ? this.#remap(result, slot.info)
           : result;
@@ -337,12 +347,8 @@ export class Connections {
   }
 
   #throwIfOver(): void {
-    if (this.#failure) {
-      throw new NbdConnectionClosedError(
-        `Cannot send the request: ${this.#failure.message}`,
-        { cause: this.#failure },
-      );
-    }
+    // Every held request gets the same error, as with one connection.
+    if (this.#failure) throw this.#failure;
     if (this.#closed) {
       throw new NbdConnectionClosedError(
         "The client was closed while the request waited for a new connection",
@@ -422,6 +428,7 @@ export class Connections {
         return;
       }
       addStats(this.#retired, slot.tx.stats);
+      slot.transport = link.transport;
       slot.tx = new Transmission(
         link.transport,
         link.info,
@@ -470,6 +477,20 @@ export class Connections {
     }
   }
 
+  /** A block status request in the payload form, in `info`'s context ids. */
+  #translate(cmd: Command, info: ExportInfo): Command {
+    const ids = new Map<string, number>();
+    for (const [id, name] of info.metaContexts) ids.set(name, id);
+    const contexts = cmd.contexts!.map((id) =>
+      ids.get(this.#original.metaContexts.get(id)!)!
+    );
+    return {
+      ...cmd,
+      contexts,
+      payload: encodeStatusPayload(cmd.length, contexts),
+    };
+  }
+
   /** Re-keys block status from a new connection's context ids. */
   #remap(byId: ExtentsById, info: ExportInfo): ExtentsById {
     const out: ExtentsById = new Map();
@@ -481,16 +502,29 @@ export class Connections {
   }
 
   /**
+   * Stops reconnecting for good: requests held for a new connection fail at
+   * once, and a loss from now on fails the requests it hits.
+   */
+  halt(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#stop.abort();
+    this.#wake();
+  }
+
+  /** Closes every transport at once, failing whatever still waits. */
+  tearDown(): void {
+    this.halt();
+    for (const s of this.#slots) s.transport.close();
+  }
+
+  /**
    * Closes every connection: waits for requests in flight (bounded by
    * `signal`), sends `NBD_CMD_DISC` on each, and fails requests still held
    * for a reconnect at once.
    */
   async disconnect(signal?: AbortSignal): Promise<void> {
-    if (!this.#closed) {
-      this.#closed = true;
-      this.#stop.abort();
-      this.#wake();
-    }
+    this.halt();
     const redials = this.#slots.map((s) => s.redial);
     await Promise.all(this.#slots.map((s) => s.tx.disconnect(signal)));
     await Promise.all(redials);

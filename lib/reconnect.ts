@@ -32,20 +32,10 @@ import {
   NbdConnectionClosedError,
   NbdProtocolError,
 } from "./errors.ts";
+import type { ReconnectOptions } from "./connect_options.ts";
+import { MAX_TIMER_MS } from "./deadline.ts";
 import type { ExportInfo } from "./export.ts";
-
-/** How a client survives a lost connection; see `ConnectOptions.reconnect`. */
-export interface ReconnectOptions {
-  /**
-   * How long to keep dialling after the connection is lost, in milliseconds,
-   * before every held request fails. Default 30000.
-   */
-  timeout?: number;
-  /** The first pause between attempts, in milliseconds. Default 50. */
-  delay?: number;
-  /** The longest pause between attempts, in milliseconds. Default 2000. */
-  maxDelay?: number;
-}
+import { NbdTlsError } from "./tls.ts";
 
 /** A {@linkcode ReconnectOptions} with every field settled. */
 export interface ReconnectPolicy {
@@ -78,12 +68,16 @@ export function backoff(
  * Whether a failure means "the connection went away" (and a new one may
  * carry on) rather than "the server answered" or "the server is broken".
  *
- * Lost: end of stream, reset, broken pipe, a stream cut inside a message
- * (the server died mid-reply), and a server's `ESHUTDOWN` soft disconnect.
+ * Lost: end of stream, reset, broken pipe (under TLS too), a stream cut
+ * inside a message (the server died mid-reply), and a server's `ESHUTDOWN`
+ * soft disconnect.
  * Not lost: a protocol violation, a server's errno, an abort.
  */
 export function isConnectionLoss(e: unknown): boolean {
   if (e instanceof NbdConnectionClosedError) return true;
+  // In transmission a TLS failure is the transport under it failing (a
+  // reset, a broken pipe); certificates were checked when it was set up.
+  if (e instanceof NbdTlsError) return true;
   if (e instanceof NbdCommandError) return e.errno === ESHUTDOWN;
   if (e instanceof NbdProtocolError) {
     return e.cause instanceof NbdConnectionClosedError;
@@ -214,9 +208,6 @@ export function reconnectPolicy(
   if (policy.maxDelay < policy.delay) policy.maxDelay = policy.delay;
   return policy;
 }
-
-/** Timers in Deno (and browsers) hold at most a signed 32-bit delay. */
-export const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** The error every held request gets when no new connection came in time. */
 export function gaveUp(

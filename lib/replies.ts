@@ -77,6 +77,11 @@ export interface RequestFacts {
   readonly offset: number;
   /** Length as sent. */
   readonly length: number;
+  /**
+   * For block status in the payload form: the only context ids asked
+   * about (otherwise every negotiated context must answer).
+   */
+  readonly contexts?: readonly number[] | undefined;
 }
 
 /** What the checks know of the connection (an `ExportInfo` fits). */
@@ -566,6 +571,9 @@ export function parseBlockStatusChunk(
   if (!ctx.metaContexts.has(id)) {
     throw bad(`unknown metadata context id ${id}`);
   }
+  if (req.contexts && !req.contexts.includes(id)) {
+    throw bad(`metadata context id ${id}, which the request did not ask for`);
+  }
   if (received.has(id)) {
     throw bad(`second chunk for metadata context id ${id}`);
   }
@@ -628,6 +636,7 @@ export function checkReplyComplete(
   }
   if (req.type === CMD_BLOCK_STATUS) {
     for (const [id, context] of ctx.metaContexts) {
+      if (req.contexts && !req.contexts.includes(id)) continue;
       if (!received?.has(id)) {
         throw violation(
           `Server's reply to ${name} (offset ${req.offset}) has no extents for "${context}"`,

@@ -11,10 +11,14 @@
 
 import type { ConnectOptions, TlsMode } from "./connect_options.ts";
 import { MAX_TIMER_MS } from "./deadline.ts";
+import { reconnectPolicy } from "./reconnect.ts";
+import { checkCommand } from "./subprocess.ts";
 import { refuseUnsupportedTls } from "./tls.ts";
 import { parseUri } from "./uri.ts";
 
 const TLS_MODES: readonly TlsMode[] = ["disable", "prefer", "require"];
+/** The most connections one client opens (nbdcopy's default is 4). */
+const MAX_CONNECTIONS = 16;
 
 const STRINGS = [
   "hostname",
@@ -34,6 +38,7 @@ const BOOLEANS = [
   "extendedHeaders",
   "blockSizes",
   "unstableVsock",
+  "socketActivation",
 ] as const;
 
 /** How a value looks in a message: strings quoted, objects by kind. */
@@ -142,6 +147,39 @@ function check(o: ConnectOptions): void {
   }
   if (o.connectTimeout !== undefined) {
     checkMilliseconds("connectTimeout", o.connectTimeout);
+  }
+  if (o.openTimeout !== undefined) {
+    checkMilliseconds("openTimeout", o.openTimeout);
+  }
+  reconnectPolicy(o.reconnect);
+  if (
+    o.connections !== undefined &&
+    (!Number.isInteger(o.connections) || o.connections < 1 ||
+      o.connections > MAX_CONNECTIONS)
+  ) {
+    throw new RangeError(
+      `connections must be an integer from 1 to ${MAX_CONNECTIONS}, not ${
+        shown(o.connections)
+      }`,
+    );
+  }
+  if (o.command !== undefined) {
+    checkCommand(o.command);
+    if (where.length > 0) {
+      throw new TypeError(
+        "Give either command or where the server is (hostname, path, cid), not both",
+      );
+    }
+    if (o.reconnect !== undefined && o.reconnect !== false) {
+      throw new TypeError(
+        "reconnect cannot be used with command: the server lives and dies with its subprocess",
+      );
+    }
+    if ((o.connections ?? 1) > 1) {
+      throw new TypeError("connections cannot be used with command");
+    }
+  } else if (o.socketActivation !== undefined) {
+    throw new TypeError("socketActivation needs command");
   }
   if (
     o.maxInFlight !== undefined &&

@@ -13,6 +13,8 @@ import {
   CHUNK_TYPE_NAMES,
   CMD_BLOCK_STATUS,
   CMD_DISC,
+  CMD_FLAG_PAYLOAD_LEN,
+  CMD_WRITE,
   commandName,
   ESHUTDOWN,
   nameOrNumber,
@@ -57,8 +59,14 @@ export interface Command {
   flags: number;
   offset: number;
   length: number;
-  /** Data to send (`NBD_CMD_WRITE`). */
+  /**
+   * Data to send: the bytes of `NBD_CMD_WRITE`, or the payload form of
+   * `NBD_CMD_BLOCK_STATUS` (effect length and context ids, with
+   * `NBD_CMD_FLAG_PAYLOAD_LEN` among the flags and `contexts` set).
+   */
   payload?: Uint8Array;
+  /** Block status in the payload form: the context ids asked about. */
+  contexts?: readonly number[];
   /** Where read data lands (`NBD_CMD_READ`); `length` bytes. */
   buffer?: Uint8Array;
   signal?: AbortSignal | undefined;
@@ -240,7 +248,11 @@ export class Transmission {
     this.#pending.set(cookie, p);
     const header = encodeRequest(
       {
-        flags: cmd.flags,
+        // With extended headers a write says its payload is one
+        // (doc/proto.md, extended headers: "MUST be set for NBD_CMD_WRITE").
+        flags: this.#info.extendedHeaders && cmd.type === CMD_WRITE
+          ? cmd.flags | CMD_FLAG_PAYLOAD_LEN
+          : cmd.flags,
         type: cmd.type,
         cookie,
         offset: cmd.offset,

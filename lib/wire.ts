@@ -397,3 +397,18 @@ export function isPowerOfTwo(x: number): boolean {
   return x > 0 && Number.isInteger(x) && (x & (x - 1)) === 0 &&
     x <= 0x80000000;
 }
+
+/**
+ * The payload form of `NBD_CMD_BLOCK_STATUS` (extended headers): the effect
+ * length, then the ids of the contexts asked about.
+ */
+export function encodeStatusPayload(
+  effect: number,
+  ids: readonly number[],
+): Uint8Array {
+  const out = new Uint8Array(8 + 4 * ids.length); // effect length, ids
+  const v = new DataView(out.buffer);
+  v.setBigUint64(0, BigInt(effect));
+  for (const [i, id] of ids.entries()) v.setUint32(8 + 4 * i, id);
+  return out;
+}

@@ -11,6 +11,7 @@ import {
   OPT_EXTENDED_HEADERS,
   OPT_GO,
   OPT_LIST,
+  OPT_STARTTLS,
   OPT_STRUCTURED_REPLY,
   REP_ACK,
   REP_ERR_SHUTDOWN,
@@ -258,12 +259,30 @@ hostileTest(
         },
       }),
       async (server) => {
-        const e = await rejection(open(server), "connect()");
+        const e = await rejection(
+          open(server, { tls: "disable" }),
+          "connect()",
+        );
         assert.ok(e instanceof NbdOptionError, `${e.name}: ${e.message}`);
         assert.equal(e.option, OPT_GO);
         assert.equal(e.reply, REP_ERR_TLS_REQD);
         assert.equal(e.replyName, "NBD_REP_ERR_TLS_REQD");
         assert.equal(e.serverMessage, "TLS first");
+      },
+    );
+
+    await step(
+      "connect() with TLS left unset answers NBD_REP_ERR_TLS_REQD with NBD_OPT_STARTTLS",
+      config({
+        optionReplies: {
+          [OPT_GO]: { reply: REP_ERR_TLS_REQD, message: "TLS first" },
+        },
+      }),
+      async (server) => {
+        const e = await rejection(open(server), "connect()");
+        // The scripted server has no TLS: its refusal of STARTTLS ends it.
+        assert.ok(e instanceof NbdOptionError, `${e.name}: ${e.message}`);
+        assert.equal(e.option, OPT_STARTTLS);
       },
     );
   },

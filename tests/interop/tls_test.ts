@@ -9,6 +9,7 @@ import assert from "node:assert/strict";
 import {
   connect,
   type ConnectOptions,
+  listExports,
   NbdError,
   NbdOptionError,
   NbdTlsError,
@@ -279,12 +280,47 @@ Deno.test("TLS with nbdkit", async (t) => {
       "says TLS is required when a TLS-only server is asked in clear",
       async () => {
         await assert.rejects(
-          connect(`nbd://localhost:${tcp.port}/`, bounded()),
+          connect(
+            `nbd://localhost:${tcp.port}/`,
+            bounded({ tls: "disable" }),
+          ),
           (e: unknown) => {
             assert.ok(e instanceof NbdError, `got ${e}`);
             assert.match(e.message, /requires TLS/);
             return true;
           },
+        );
+      },
+    );
+
+    await t.step(
+      "nbd:// with TLS left unset upgrades when the server requires it, verifying",
+      async () => {
+        await roundTrip(
+          `nbd://localhost:${tcp.port}/?tls-certificates=${pki.clientNoCertDir}`,
+        );
+        const client = await connect(
+          `nbd://localhost:${tcp.port}/?tls-certificates=${pki.clientNoCertDir}`,
+          bounded(),
+        );
+        try {
+          assert.equal(client.tls, true);
+        } finally {
+          await client.close();
+        }
+        // Verification stays on: without the CA the upgrade fails.
+        await assert.rejects(
+          connect(`nbd://localhost:${tcp.port}/`, bounded()),
+          (e: unknown) =>
+            e instanceof NbdTlsError &&
+            /not signed by a trusted CA/.test(e.message),
+        );
+        await assert.rejects(
+          listExports(
+            `nbd://localhost:${tcp.port}/?tls-certificates=${pki.otherDir}`,
+            bounded(),
+          ),
+          NbdTlsError,
         );
       },
     );

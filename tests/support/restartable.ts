@@ -59,6 +59,7 @@ export async function restartable(
   let child: Deno.ChildProcess | undefined;
   let logPath = "";
   let starts = 0;
+  const readLog = () => Deno.readTextFile(logPath).catch(() => "");
   const exited = async () => {
     if (!child) return;
     let timer: ReturnType<typeof setTimeout> | undefined;
@@ -103,7 +104,7 @@ export async function restartable(
       await until(`${program} to accept on ${socket}`, async () => {
         if (gone) {
           throw new Error(
-            `${program} exited before listening: ${await this.log()}`,
+            `${program} exited before listening: ${await readLog()}`,
           );
         }
         return await accepts(socket);
@@ -118,7 +119,7 @@ export async function restartable(
       }
       await exited();
     },
-    log: () => Deno.readTextFile(logPath).catch(() => ""),
+    log: readLog,
     async [Symbol.asyncDispose]() {
       if (child) {
         try {
