@@ -354,8 +354,15 @@ export class Connections {
         "The client was closed while the request waited for a new connection",
       );
     }
-    if (this.#slots.every((s) => s.dead)) {
-      throw new NbdConnectionClosedError("Every connection is lost");
+    // Without reconnecting nothing comes back: fail instead of waiting.
+    if (!this.#policy || this.#slots.every((s) => s.dead)) {
+      const down = this.#slots.find((s) => s.tx.failure)?.tx.failure;
+      if (down) throw down;
+      throw new NbdConnectionClosedError(
+        this.#slots.some((s) => s.tx.shuttingDown)
+          ? "Cannot send the request: the server is shutting down (ESHUTDOWN)"
+          : "Every connection is lost",
+      );
     }
   }
 

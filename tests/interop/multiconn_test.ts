@@ -6,7 +6,7 @@
  */
 
 import assert from "node:assert/strict";
-import { connect } from "../../mod.ts";
+import { connect, NbdError } from "../../mod.ts";
 import { seeded } from "../support/random.ts";
 import { restartable } from "../support/restartable.ts";
 import { until, within } from "../support/wait.ts";
@@ -196,3 +196,32 @@ Deno.test("connections: a reconnect applies per connection", async () => {
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+for (const signal of ["SIGKILL", "SIGTERM"] as const) {
+  Deno.test(`connections: without reconnect, a server killed with ${signal} fails requests on every connection, never hangs`, async () => {
+    await using server = await restartable(
+      "nbdkit",
+      (socket) => ["-f", "--exit-with-parent", "-U", socket, "memory", "1M"],
+    );
+    await server.start();
+    const nbd = await connect({ path: server.socket }, { connections: 3 });
+    try {
+      assert.equal(nbd.connections, 3);
+      await nbd.read(0, 4096);
+      // nbdkit on SIGTERM waits for its clients to hang up: do not wait.
+      const killed = server.kill(signal);
+      if (signal === "SIGKILL") await killed;
+      for (let i = 0; i < 4; i++) {
+        await assert.rejects(
+          within(5_000, `read ${i}`, nbd.read(0, 4096)),
+          (e: unknown) => e instanceof NbdError && !/\(hang\)/.test(e.message),
+        );
+      }
+      assert.notEqual(nbd.state, "open");
+      await within(5_000, "close()", nbd.close());
+      await within(5_000, "the server to exit", killed);
+    } finally {
+      await nbd.close();
+    }
+  });
+}
