@@ -83,9 +83,15 @@ const OPTIONS: OptionSpec[] = [
   { name: "no-content", kind: "flag" },
 ];
 
-/** The feature tests; the last one given counts, as in nbdinfo. */
+/** The feature tests, and those of them that negate. */
 const TESTS = ["can", "cannot", "is", "isnt", "has", "hasnt"];
 const NEGATED = new Set(["cannot", "isnt", "hasnt"]);
+
+/**
+ * After ^C, how long the work in flight gets to settle, so that a server
+ * the tool started is stopped before the tool exits.
+ */
+const SETTLE_MS = 3_000;
 
 /** nbdinfo runs file(1) on this much of the start of the export. */
 const CONTENT_BYTES = 8192;
@@ -765,14 +771,13 @@ function parseRequest(args: string[]): Request {
   const command = commands[0];
   const target: Target = command ? serverCommand(command) : positionals[0]!;
   const json = o.has("json");
+  // As nbdinfo 1.22: the last feature named is tested, and any negative
+  // option negates it.
   const test = order.findLast((name) => TESTS.includes(name));
   if (test !== undefined) {
     const feature = String(o.get(test));
-    return {
-      mode: "can",
-      target,
-      test: featureTest(feature, NEGATED.has(test)),
-    };
+    const negated = order.some((name) => NEGATED.has(name));
+    return { mode: "can", target, test: featureTest(feature, negated) };
   }
   const map = o.get("map");
   if (map !== undefined) {
@@ -893,6 +898,7 @@ export async function main(args: string[]): Promise<number> {
     const result = await Promise.race([running, stopped]);
     if (result === "interrupted") {
       warn("info: interrupted");
+      await settled(running, SETTLE_MS);
       return 130;
     }
     // All at once at the end: a failure never leaves half a report.
@@ -908,6 +914,16 @@ export async function main(args: string[]): Promise<number> {
   } finally {
     for (const s of signals) Deno.removeSignalListener(s, onInterrupt);
   }
+}
+
+/** Waits for `p` to settle, but at most `ms`. */
+async function settled(p: Promise<unknown>, ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  await Promise.race([
+    p.catch(() => {}),
+    new Promise((r) => timer = setTimeout(r, ms)),
+  ]);
+  clearTimeout(timer);
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));
