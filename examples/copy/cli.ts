@@ -205,7 +205,7 @@ function parseRequest(args: string[]): Request | "help" {
   }
   if (dirty && !isNbd(source)) {
     throw new UsageError(
-      "--dirty needs an NBD URI or [ CMD ] as the SOURCE: only a server has metadata contexts",
+      "--dirty needs an NBD URI as the SOURCE (or a server to run, [ CMD ]): only a server has metadata contexts",
     );
   }
   if (dirty && !mapOnly && (destination === "-" || destination === "null:")) {
