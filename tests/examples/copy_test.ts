@@ -950,6 +950,38 @@ Deno.test({
         assert.ok(s.requests["NBD_CMD_BLOCK_STATUS"]! >= 1);
       });
       await t.step(
+        "--dirty from [ qemu-nbd -B b0 ] onto a full copy",
+        async () => {
+          const full = `${dir}/full.raw`;
+          await run("qemu-img", ["convert", "-O", "raw", image, full]);
+          await run("qemu-img", ["bitmap", "--add", image, "b0"]);
+          for (const c of ["write -P 0x44 64k 4k", "write -P 0x55 7M 128k"]) {
+            await run("qemu-io", ["-f", "qcow2", "-c", c, image]);
+          }
+          const r = await runTool("copy", [
+            "-v",
+            "--dirty=qemu:dirty-bitmap:b0",
+            ...cmd("qemu-nbd", "-r", "-f", "qcow2", "-B", "b0", image),
+            full,
+          ]);
+          assert.equal(r.code, 0, r.stderr);
+          await run("qemu-img", [
+            "convert",
+            "-O",
+            "raw",
+            image,
+            `${dir}/now.raw`,
+          ]);
+          assert.deepEqual(
+            await Deno.readFile(full),
+            await Deno.readFile(`${dir}/now.raw`),
+          );
+          // Only the dirty clusters were read.
+          const s = wire(r.stderr, "source");
+          assert.ok(s.received < 2 * 64 * 1024 + 128 * 1024 + 16 * 1024);
+        },
+      );
+      await t.step(
         "--dirty from a command onto a command of another size",
         async () => {
           const r = await runTool("copy", [
