@@ -33,8 +33,19 @@ export interface ParsedArgs {
    * given bare maps to `true`; anything with a value maps to the last value.
    */
   options: Map<string, string | true>;
-  /** Words that are not options, in order. */
+  /**
+   * Words that are not options, in order. A server command, `[ CMD ARGS … ]`,
+   * is one positional written as its words joined by spaces, brackets
+   * included.
+   */
   positionals: string[];
+  /**
+   * For each positional, the words of its server command between `[` and
+   * `]`, or `undefined` for an ordinary word.
+   */
+  commands: Array<string[] | undefined>;
+  /** Long names of the options, one per occurrence, in the order given. */
+  order: string[];
 }
 
 /** A mistake on the command line; tools print it with their usage hint. */
@@ -49,12 +60,16 @@ export class UsageError extends Error {
 /**
  * Parses arguments the way getopt_long does for the tools it imitates:
  * options may come before or after positionals, `--` ends the options, and
- * a lone `-` is a positional (stdin or stdout).
+ * a lone `-` is a positional (stdin or stdout). A `[` word starts a server
+ * command, as nbdinfo and nbdcopy take it (`[ qemu-nbd -r -f qcow2 x.qcow2 ]`):
+ * every word up to the next `]` is the command's, options included, with or
+ * without a `--` before it.
  *
  * @param args The arguments, without the program name.
  * @param specs The options the tool accepts.
  * @returns Options by long name and the positionals.
- * @throws {UsageError} On an unknown option or a missing value.
+ * @throws {UsageError} On an unknown option, a missing value, or a `[`
+ *   without its `]` or with nothing inside.
  */
 export function parseArgs(args: string[], specs: OptionSpec[]): ParsedArgs {
   const byName = new Map(specs.map((s) => [s.name, s]));
@@ -63,12 +78,42 @@ export function parseArgs(args: string[], specs: OptionSpec[]): ParsedArgs {
   );
   const options = new Map<string, string | true>();
   const positionals: string[] = [];
+  const commands: Array<string[] | undefined> = [];
+  const order: string[] = [];
+  /** Takes the command that starts at `args[i]`; returns the index of `]`. */
+  const command = (i: number): number => {
+    const end = args.indexOf("]", i + 1);
+    if (end === -1) {
+      throw new UsageError("a server command starts with [ but has no ]");
+    }
+    const words = args.slice(i + 1, end);
+    if (words.length === 0 || words[0] === "") {
+      throw new UsageError("a server command [ ... ] needs a program");
+    }
+    positionals.push(["[", ...words, "]"].join(" "));
+    commands.push(words);
+    return end;
+  };
+  const set = (name: string, value: string | true) => {
+    options.set(name, value);
+    order.push(name);
+  };
 
+  let optionsEnded = false;
   for (let i = 0; i < args.length; i++) {
     const arg = args[i]!;
+    if (arg === "[") {
+      i = command(i);
+      continue;
+    }
+    if (optionsEnded) {
+      positionals.push(arg);
+      commands.push(undefined);
+      continue;
+    }
     if (arg === "--") {
-      positionals.push(...args.slice(i + 1));
-      break;
+      optionsEnded = true;
+      continue;
     }
     if (arg.startsWith("--")) {
       const eq = arg.indexOf("=");
@@ -80,17 +125,17 @@ export function parseArgs(args: string[], specs: OptionSpec[]): ParsedArgs {
         if (inline !== undefined) {
           throw new UsageError(`option --${name} takes no value`);
         }
-        options.set(name, true);
+        set(name, true);
       } else if (spec.kind === "optional") {
-        options.set(name, inline ?? true);
+        set(name, inline ?? true);
       } else if (inline !== undefined) {
-        options.set(name, inline);
+        set(name, inline);
       } else {
         const next = args[++i];
         if (next === undefined) {
           throw new UsageError(`option --${name} needs a value`);
         }
-        options.set(name, next);
+        set(name, next);
       }
       continue;
     }
@@ -101,26 +146,67 @@ export function parseArgs(args: string[], specs: OptionSpec[]): ParsedArgs {
         const spec = byShort.get(letter);
         if (!spec) throw new UsageError(`unknown option -${letter}`);
         if (spec.kind !== "value") {
-          options.set(spec.name, true);
+          set(spec.name, true);
           continue;
         }
         const rest = arg.slice(j + 1);
         if (rest) {
-          options.set(spec.name, rest);
+          set(spec.name, rest);
         } else {
           const next = args[++i];
           if (next === undefined) {
             throw new UsageError(`option -${letter} needs a value`);
           }
-          options.set(spec.name, next);
+          set(spec.name, next);
         }
         break;
       }
       continue;
     }
     positionals.push(arg);
+    commands.push(undefined);
   }
-  return { options, positionals };
+  return { options, positionals, commands, order };
+}
+
+/**
+ * A server the tool starts itself, named on the command line as
+ * `[ CMD ARGS … ]`.
+ */
+export interface ServerCommand {
+  /** The program and its arguments. */
+  argv: string[];
+  /** The command as it is shown in messages: `[ nbdkit -s memory 1G ]`. */
+  text: string;
+  /**
+   * What `connect()` needs to start it: over its stdin and stdout for
+   * `nbdkit -s` and programs the library cannot start on a socket, on a
+   * private Unix socket (systemd socket activation's way) for `qemu-nbd`,
+   * which has no stdio mode, and for `nbdkit` without `-s`.
+   */
+  options: { command: string[]; socketActivation?: true };
+}
+
+/** Programs the library can start on a private socket of their own. */
+const SOCKET_SERVERS = new Set(["nbdkit", "qemu-nbd"]);
+
+/**
+ * Describes how to start the server of `[ CMD ARGS … ]`.
+ *
+ * @param argv The words between the brackets.
+ */
+export function serverCommand(argv: string[]): ServerCommand {
+  const program = argv[0]!.split("/").pop()!;
+  const single = program === "nbdkit" &&
+    argv.some((a) => a === "-s" || a === "--single");
+  const onSocket = SOCKET_SERVERS.has(program) && !single;
+  return {
+    argv,
+    text: ["[", ...argv, "]"].join(" "),
+    options: onSocket
+      ? { command: argv, socketActivation: true }
+      : { command: argv },
+  };
 }
 
 const SIZE_SUFFIXES: Readonly<Record<string, number>> = {

@@ -6,11 +6,13 @@
  * ```sh
  * deno run --allow-net --allow-read examples/info.ts nbd+unix:///disk?socket=/tmp/nbd.sock
  * deno run --allow-net --allow-read examples/info.ts --map --totals --json nbd://127.0.0.1/
+ * deno run -A examples/info.ts [ qemu-nbd -r -f qcow2 disk.qcow2 ]
  * ```
  *
  * Output goes to stdout in one piece at the end, so a failure never leaves
  * half a report; the failure itself is one line on stderr (`info: ...`) and
- * exit status 1. `--can`/`--is` print nothing and exit 0 (yes) or 2 (no).
+ * exit status 1. `--can`/`--is`/`--has` print nothing and exit 0 (yes) or 2
+ * (no); `--cannot`/`--isnt`/`--hasnt` the other way round.
  *
  * @module
  */
@@ -29,6 +31,8 @@ import {
   exactSize,
   type OptionSpec,
   parseArgs,
+  type ServerCommand,
+  serverCommand,
   UsageError,
   warn,
   warnUsage,
@@ -36,20 +40,28 @@ import {
 } from "./_cli.ts";
 
 const USAGE = `Usage:
-  info [--json] URI                      the export and the connection
-  info --list [--json] URI               every export the server lists
-  info --map[=CONTEXT] [--totals] [--json] URI
+  info [--json] NBD                      the export and the connection
+  info --list [--json] NBD               every export the server lists
+  info --map[=CONTEXT] [--totals] [--json] NBD
                                          extents of base:allocation or CONTEXT
-  info --size [--json] URI               the size in bytes
-  info --can FEATURE URI                 exit 0 if the export can, 2 if not
-  info --is read-only|rotational|tls URI
+  info --size [--json] NBD               the size in bytes
+  info --uri [--json] NBD                the URI
+  info --can FEATURE NBD                 exit 0 if the export can, 2 if not
+  info --cannot FEATURE NBD              exit 0 if it cannot, 2 if it can
+  info --is read-only|rotational|tls NBD     (and --isnt)
+  info --has structured-reply|extended-headers NBD     (and --hasnt)
 
+NBD: an NBD URI, or a server to run: [ CMD ARGS ... ]
+     ([ nbdkit -s memory 1G ], [ qemu-nbd -r -f qcow2 disk.qcow2 ])
 FEATURE: connect read write flush fua trim zero fast-zero cache df
-         multi-conn structured-reply extended-headers block-status
+         multi-conn block-status-payload (--can, --is and --has take
+         each other's words too)
 Options:
   --json        JSON output (field names as nbdinfo --json)
   -L, --list    list all exports (the URI's export name is ignored)
   --totals      with --map: bytes and percentage of each extent type
+  --content     show what file(1) says of the first 8 KiB (the default,
+                but with --list); --no-content: do not
   -h, --help    this text
 `;
 
@@ -59,13 +71,30 @@ const OPTIONS: OptionSpec[] = [
   { name: "map", kind: "optional" },
   { name: "totals", kind: "flag" },
   { name: "size", kind: "flag" },
+  { name: "uri", kind: "flag" },
   { name: "can", kind: "value" },
+  { name: "cannot", kind: "value" },
   { name: "is", kind: "value" },
+  { name: "isnt", kind: "value" },
+  { name: "has", kind: "value" },
+  { name: "hasnt", kind: "value" },
   { name: "help", kind: "flag", short: "h" },
-  // Accepted for nbdinfo compatibility; this tool never probes content.
   { name: "content", kind: "flag" },
   { name: "no-content", kind: "flag" },
 ];
+
+/** The feature tests, and those of them that negate. */
+const TESTS = ["can", "cannot", "is", "isnt", "has", "hasnt"];
+const NEGATED = new Set(["cannot", "isnt", "hasnt"]);
+
+/**
+ * After ^C, how long the work in flight gets to settle, so that a server
+ * the tool started is stopped before the tool exits.
+ */
+const SETTLE_MS = 3_000;
+
+/** nbdinfo runs file(1) on this much of the start of the export. */
+const CONTENT_BYTES = 8192;
 
 /** Connecting and negotiating, probe and fallback together, take at most this. */
 const CONNECT_TIMEOUT_MS = 30_000;
@@ -89,7 +118,26 @@ interface ExportFacts {
   blockSize: { minimum: number; preferred: number; maximum: number } | null;
   /** `null` when the server would not list its contexts. */
   contexts: string[] | null;
+  /** What file(1) says of the first bytes; `null` when not asked or unknown. */
+  content: string | null;
 }
+
+/**
+ * What the tool is asked about: a server at a URI, or one it starts itself.
+ */
+type Target = string | ServerCommand;
+
+/** The target as `connect()` takes it. */
+function connectTarget(t: Target): string | ServerCommand["options"] {
+  return typeof t === "string" ? t : t.options;
+}
+
+/** The target in messages. */
+function targetText(t: Target): string {
+  return typeof t === "string" ? t : t.text;
+}
+
+type Client = Awaited<ReturnType<typeof connect>>;
 
 /** nbdinfo's names for the protocol styles. */
 const PROTOCOL_NAMES: Readonly<Record<string, string>> = {
@@ -114,9 +162,10 @@ function sessionFacts(s: SessionFacts): SessionFacts {
  * or one that refuses `NBD_OPT_INFO`, is asked the long way: by connecting.
  */
 async function gather(
-  uri: string,
+  target: Target,
   exportName: string | undefined,
   interrupt: AbortSignal,
+  content = false,
 ): Promise<{ session: SessionFacts; export: ExportFacts }> {
   // One time limit for the probe and the fallback together: a server that
   // accepts and never speaks costs one timeout, reported once.
@@ -125,14 +174,24 @@ async function gather(
     () =>
       limit.abort(
         new Error(
-          `Connecting to ${uri} and negotiating took longer than ${CONNECT_TIMEOUT_MS} ms`,
+          `Connecting to ${
+            targetText(target)
+          } and negotiating took longer than ${CONNECT_TIMEOUT_MS} ms`,
         ),
       ),
     CONNECT_TIMEOUT_MS,
   );
   const signal = AbortSignal.any([interrupt, limit.signal]);
   try {
-    return await probeOrConnect(uri, exportName, signal);
+    if (typeof target !== "string") {
+      // probe() takes no command; a connection over it tells as much, but
+      // the list of contexts.
+      return await connected(target, {
+        signal,
+        connectTimeout: 0,
+      }, content);
+    }
+    return await probeOrConnect(target, exportName, signal, content);
   } finally {
     clearTimeout(timer);
   }
@@ -142,6 +201,7 @@ async function probeOrConnect(
   uri: string,
   exportName: string | undefined,
   signal: AbortSignal,
+  content: boolean,
 ): Promise<{ session: SessionFacts; export: ExportFacts }> {
   // The library's own limit would start again for the fallback.
   const options = {
@@ -154,6 +214,16 @@ async function probeOrConnect(
     const p = await probe(uri, { ...options, listMetaContexts: true });
     // Contexts are only listed over structured replies.
     const contexts = p.structuredReplies ? p.metaContexts : null;
+    // As nbdinfo, which reads the content after NBD_OPT_INFO, with GO.
+    let said: string | null = null;
+    if (content) {
+      const nbd = await connect(uri, options);
+      try {
+        said = await contentOf(nbd, signal);
+      } finally {
+        await nbd.close();
+      }
+    }
     return {
       session: sessionFacts(p),
       export: {
@@ -169,6 +239,7 @@ async function probeOrConnect(
         }),
         blockSize: p.blockSize ?? null,
         contexts,
+        content: said,
       },
     };
   } catch (e) {
@@ -176,11 +247,29 @@ async function probeOrConnect(
   }
   // Out of time (or interrupted): asking again would only wait again.
   if (signal.aborted) throw probeError;
-  let nbd;
   try {
-    nbd = await connect(uri, options);
-  } catch {
-    throw probeError;
+    return await connected(uri, options, content);
+  } catch (e) {
+    throw e instanceof ConnectFailed ? probeError : e;
+  }
+}
+
+/** connect() itself failed (rather than what came after). */
+class ConnectFailed extends Error {}
+
+/** What a connection to the export tells, and its content if asked. */
+async function connected(
+  target: Target,
+  options: { exportName?: string; signal: AbortSignal; connectTimeout: number },
+  content: boolean,
+): Promise<{ session: SessionFacts; export: ExportFacts }> {
+  let nbd: Client;
+  try {
+    nbd = await connect(connectTarget(target), options);
+  } catch (e) {
+    // A URI target falls back to the probe's error; a command has none.
+    if (typeof target === "string") throw new ConnectFailed();
+    throw e;
   }
   try {
     return {
@@ -196,16 +285,55 @@ async function probeOrConnect(
           metaContexts: nbd.metaContexts.length,
           extendedHeaders: nbd.extendedHeaders,
         }),
-        // Only NBD_OPT_INFO/GO carry block sizes; a server that got here
-        // (oldstyle, or without NBD_OPT_INFO) sent none, and the client's
-        // defaults are not the server's word.
-        blockSize: null,
+        // The client's defaults are not the server's word.
+        blockSize: nbd.blockSizeAdvertised ? nbd.blockSize : null,
         contexts: null,
+        content: content ? await contentOf(nbd, options.signal) : null,
       },
     };
   } finally {
     await nbd.close();
   }
+}
+
+/**
+ * What file(1) says of the first bytes of the export, as nbdinfo shows it:
+ * the first line of `file -b`, or `null` when the bytes cannot be read or
+ * there is no `file` program to ask (nbdinfo leaves the field out then too).
+ */
+async function contentOf(
+  nbd: Client,
+  signal: AbortSignal,
+): Promise<string | null> {
+  const length = Math.min(nbd.size, CONTENT_BYTES);
+  let data: Uint8Array = new Uint8Array(0);
+  try {
+    if (length > 0) data = await nbd.read(0, length, { signal });
+  } catch (e) {
+    if (signal.aborted) throw e;
+    return null;
+  }
+  let child: Deno.ChildProcess;
+  try {
+    child = new Deno.Command("file", {
+      args: ["-b", "-"],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "null",
+      signal,
+    }).spawn();
+  } catch {
+    // Not installed, or no --allow-run: the content is best effort.
+    return null;
+  }
+  const writer = child.stdin.getWriter();
+  // file(1) may stop reading once it knows; that is its answer.
+  await writer.write(data).catch(() => {});
+  await writer.close().catch(() => {});
+  const out = await child.output();
+  if (!out.success) return null;
+  const line = new TextDecoder().decode(out.stdout).split("\n")[0]!;
+  return line === "" ? null : line;
 }
 
 function toNumber(size: bigint): number {
@@ -215,8 +343,14 @@ function toNumber(size: bigint): number {
   return Number(size);
 }
 
-/** The URI of another export on the same server. */
-function exportUri(uri: string, name: string): string {
+/**
+ * The URI of another export on the same server; `null` for a server the
+ * tool started, which has no address once the tool is gone (nbdinfo leaves
+ * `uri` out for `[ CMD ]` too).
+ */
+function exportUri(target: Target, name: string): string | null {
+  if (typeof target !== "string") return null;
+  const uri = target;
   try {
     const u = new URL(uri);
     const path = "/" + encodeURIComponent(name).replaceAll("%2F", "/");
@@ -244,10 +378,14 @@ function capabilityList(can: Capabilities): Array<[string, boolean]> {
 }
 
 /** One export as a JSON object: nbdinfo 1.22's fields, in its order. */
-function exportJson(uri: string, e: ExportFacts): Record<string, unknown> {
+function exportJson(
+  uri: string | null,
+  e: ExportFacts,
+): Record<string, unknown> {
   const o: Record<string, unknown> = { "export-name": e.exportName };
   if (e.description) o["description"] = e.description;
-  o["uri"] = uri;
+  if (e.content !== null) o["content"] = e.content;
+  if (uri !== null) o["uri"] = uri;
   if (e.contexts) o["contexts"] = e.contexts;
   for (const [name, value] of capabilityList(e.can)) o[name] = value;
   if (e.blockSize) {
@@ -286,11 +424,12 @@ function sizeText(bytes: number): string {
   return `${bytes}${size.scaled ? ` (${size.text})` : ""}`;
 }
 
-function exportText(uri: string, e: ExportFacts): string {
+function exportText(uri: string | null, e: ExportFacts): string {
   const lines = [`export=${JSON.stringify(e.exportName)}:`];
   if (e.description) lines.push(`\tdescription: ${e.description}`);
   lines.push(`\texport-size: ${sizeText(e.size)}`);
-  lines.push(`\turi: ${uri}`);
+  if (e.content !== null) lines.push(`\tcontent: ${e.content}`);
+  if (uri !== null) lines.push(`\turi: ${uri}`);
   if (e.contexts) {
     lines.push("\tcontexts:");
     for (const c of e.contexts) lines.push(`\t\t${c}`);
@@ -351,14 +490,17 @@ function maxStatusLength(align: number): number {
  * request with no extents (which would loop forever).
  */
 async function readMap(
-  uri: string,
+  target: Target,
   context: string,
   signal: AbortSignal,
 ): Promise<{
   size: number;
   runs: MapRun[];
 }> {
-  const nbd = await connect(uri, { metaContexts: [context], signal });
+  const nbd = await connect(connectTarget(target), {
+    metaContexts: [context],
+    signal,
+  });
   try {
     if (!nbd.metaContexts.includes(context)) {
       throw new Error(
@@ -455,54 +597,81 @@ type FeatureTest = (s: SessionFacts, e: ExportFacts) => boolean;
 
 const can = (name: keyof Capabilities): FeatureTest => (_s, e) => e.can[name];
 
-/** `--can`/`--is` answers by name, with the spellings nbdinfo accepts. */
-const FEATURES: Readonly<Record<string, FeatureTest>> = {
-  connect: () => true,
-  read: () => true,
-  write: (_s, e) => !e.can.readOnly,
-  readonly: can("readOnly"),
-  rotational: can("rotational"),
-  tls: (s) => s.tls,
-  structuredreply: (s) => s.structuredReplies,
-  extendedheaders: (s) => s.extendedHeaders,
-  blockstatus: (s, e) =>
-    s.structuredReplies && (e.contexts?.includes("base:allocation") ?? false),
-  cache: can("canCache"),
-  df: can("canDf"),
-  fastzero: can("canFastZero"),
-  flush: can("canFlush"),
-  fua: can("canFua"),
-  multiconn: can("canMultiConn"),
-  trim: can("canTrim"),
-  zero: can("canWriteZeroes"),
-};
-
-const FEATURE_ALIASES: Readonly<Record<string, string>> = {
-  sr: "structuredreply",
-  structured: "structuredreply",
-  structuredreplies: "structuredreply",
-  eh: "extendedheaders",
-  extended: "extendedheaders",
-  extendedheader: "extendedheaders",
-};
+/**
+ * `--can`/`--is`/`--has` answers by the names nbdinfo 1.22 accepts, and
+ * only those, in any case.
+ */
+const FEATURES: ReadonlyArray<[string[], FeatureTest]> = [
+  [["connect", "read"], () => true],
+  [["tls"], (s) => s.tls],
+  [
+    [
+      "sr",
+      "structured",
+      "structured reply",
+      "structured-reply",
+      "structured_reply",
+      "structured replies",
+      "structured-replies",
+      "structured_replies",
+    ],
+    (s) => s.structuredReplies,
+  ],
+  [
+    [
+      "eh",
+      "extended header",
+      "extended-header",
+      "extended_header",
+      "extended headers",
+      "extended-headers",
+      "extended_headers",
+    ],
+    (s) => s.extendedHeaders,
+  ],
+  [["readonly", "read-only", "read_only"], can("readOnly")],
+  [["write"], (_s, e) => !e.can.readOnly],
+  [["rotational"], can("rotational")],
+  [
+    ["block status payload", "block-status-payload", "block_status_payload"],
+    can("canBlockStatusPayload"),
+  ],
+  [["cache"], can("canCache")],
+  [["df"], can("canDf")],
+  [["fastzero", "fast-zero", "fast_zero"], can("canFastZero")],
+  [["flush"], can("canFlush")],
+  [["fua"], can("canFua")],
+  [["multiconn", "multi-conn", "multi_conn"], can("canMultiConn")],
+  [["trim"], can("canTrim")],
+  [["zero"], can("canWriteZeroes")],
+];
 
 /**
- * Finds the test for a `--can`/`--is` name, folded as nbdinfo folds it
- * (case, dashes, underscores and spaces do not matter).
+ * Finds the test for a feature name, negated for `--cannot`, `--isnt` and
+ * `--hasnt`.
  *
- * @throws {UsageError} For a name nbdinfo would not know either.
+ * @throws {UsageError} For a name nbdinfo would not know either, in
+ *   nbdinfo's words.
  */
-function featureTest(name: string): FeatureTest {
-  const key = name.toLowerCase().replaceAll(/[-_ ]/g, "");
-  const test = FEATURES[FEATURE_ALIASES[key] ?? key];
-  if (!test) throw new UsageError(`unknown --can or --is option: ${name}`);
-  return test;
+function featureTest(name: string, negated: boolean): FeatureTest {
+  const key = name.toLowerCase();
+  const found = FEATURES.find(([names]) => names.includes(key));
+  if (!found) {
+    throw new UsageError(
+      `unknown ${
+        negated ? "--cannot/--isnt/--hasnt" : "--can/--is/--has"
+      } option: ${name}`,
+    );
+  }
+  const test = found[1];
+  return negated ? (s, e) => !test(s, e) : test;
 }
 
 /** Everything `--list` shows: one probe per listed export. */
 async function listOutput(
   uri: string,
   json: boolean,
+  content: boolean,
   signal: AbortSignal,
 ): Promise<{
   text: string;
@@ -520,11 +689,11 @@ async function listOutput(
     listed = [{ name: one.export.exportName }];
   }
   let session: SessionFacts | undefined;
-  const shown: Array<{ uri: string; facts: ExportFacts }> = [];
+  const shown: Array<{ uri: string | null; facts: ExportFacts }> = [];
   let ok = true;
   for (const item of listed) {
     try {
-      const g = await gather(uri, item.name, signal);
+      const g = await gather(uri, item.name, signal, content);
       session ??= g.session;
       if (item.description && !g.export.description) {
         g.export.description = item.description;
@@ -550,56 +719,92 @@ async function listOutput(
 /** What the command line asks for. */
 type Request =
   | { mode: "help" }
-  | { mode: "show" | "list" | "size"; uri: string; json: boolean }
+  | {
+    mode: "show" | "list";
+    target: Target;
+    json: boolean;
+    content: boolean;
+  }
+  | { mode: "size" | "uri"; target: Target; json: boolean }
   | {
     mode: "map";
-    uri: string;
+    target: Target;
     json: boolean;
     context: string;
     totals: boolean;
   }
-  | { mode: "can"; uri: string; test: FeatureTest };
+  | { mode: "can"; target: Target; test: FeatureTest };
 
 /**
  * Reads the command line.
  *
- * @throws {UsageError} For anything nbdinfo would refuse too.
+ * @throws {UsageError} For anything nbdinfo would refuse too, and for
+ *   what this tool cannot do with a server it starts (list its exports,
+ *   name its URI).
  */
 function parseRequest(args: string[]): Request {
-  const { options: o, positionals } = parseArgs(args, OPTIONS);
+  const { options: o, positionals, commands, order } = parseArgs(
+    args,
+    OPTIONS,
+  );
   if (o.has("help")) return { mode: "help" };
   if (positionals.length !== 1) {
     throw new UsageError(
-      positionals.length === 0 ? "a URI is required" : "too many arguments",
+      positionals.length === 0
+        ? "a URI or [ CMD ARGS ... ] is required"
+        : "too many arguments",
     );
   }
-  const modes = ["list", "map", "size", "can", "is"].filter((m) => o.has(m));
+  const given = ["list", "map", "size", "uri", ...TESTS].filter((m) =>
+    o.has(m)
+  );
+  const modes = given.filter((m) => !TESTS.includes(m));
+  if (given.length > modes.length) modes.push("can");
   if (modes.length > 1) {
     throw new UsageError(
-      `you cannot use ${modes.map((m) => `--${m}`).join(" and ")} together`,
+      `you cannot use ${given.map((m) => `--${m}`).join(" and ")} together`,
     );
   }
   if (o.has("totals") && !o.has("map")) {
     throw new UsageError("--totals needs --map");
   }
-  const uri = positionals[0]!;
+  const command = commands[0];
+  const target: Target = command ? serverCommand(command) : positionals[0]!;
   const json = o.has("json");
-  const can = o.get("can") ?? o.get("is");
-  if (can !== undefined) {
-    return { mode: "can", uri, test: featureTest(String(can)) };
+  // As nbdinfo 1.22: the last feature named is tested, and any negative
+  // option negates it.
+  const test = order.findLast((name) => TESTS.includes(name));
+  if (test !== undefined) {
+    const feature = String(o.get(test));
+    const negated = order.some((name) => NEGATED.has(name));
+    return { mode: "can", target, test: featureTest(feature, negated) };
   }
   const map = o.get("map");
   if (map !== undefined) {
     return {
       mode: "map",
-      uri,
+      target,
       json,
       context: typeof map === "string" ? map : "base:allocation",
       totals: o.has("totals"),
     };
   }
-  const mode = o.has("list") ? "list" : o.has("size") ? "size" : "show";
-  return { mode, uri, json };
+  if (command && (o.has("list") || o.has("uri"))) {
+    throw new UsageError(
+      o.has("list")
+        ? "--list needs a URI: the library lists exports only at an address, not over [ CMD ]"
+        : "--uri needs a URI: a server run as [ CMD ] has no address once info exits",
+    );
+  }
+  if (o.has("size") || o.has("uri")) {
+    return { mode: o.has("size") ? "size" : "uri", target, json };
+  }
+  const mode = o.has("list") ? "list" : "show";
+  // As nbdinfo: the content is probed by default, but for every export
+  // of a list, where it would cost a read each.
+  const content = o.has("content") ||
+    (mode === "show" && !o.has("no-content"));
+  return { mode, target, json, content };
 }
 
 /** Does what was asked: the text for stdout and the exit status. */
@@ -609,27 +814,38 @@ async function run(
 ): Promise<{ out: string; status: number }> {
   switch (r.mode) {
     case "can": {
-      const g = await gather(r.uri, undefined, signal);
+      const g = await gather(r.target, undefined, signal);
       return { out: "", status: r.test(g.session, g.export) ? 0 : 2 };
     }
     case "size": {
-      const g = await gather(r.uri, undefined, signal);
+      const g = await gather(r.target, undefined, signal);
       return { out: `${g.export.size}\n`, status: 0 };
     }
+    case "uri": {
+      // Connected first, as nbdinfo: the URI of an export that answers.
+      const g = await gather(r.target, undefined, signal);
+      const uri = exportUri(r.target, g.export.exportName)!;
+      return { out: `${r.json ? JSON.stringify(uri) : uri}\n`, status: 0 };
+    }
     case "map": {
-      const { size, runs } = await readMap(r.uri, r.context, signal);
+      const { size, runs } = await readMap(r.target, r.context, signal);
       const out = r.totals
         ? totalsOutput(r.context, size, runs, r.json)
         : mapOutput(r.context, runs, r.json);
       return { out, status: 0 };
     }
     case "list": {
-      const { text, ok } = await listOutput(r.uri, r.json, signal);
+      const { text, ok } = await listOutput(
+        r.target as string,
+        r.json,
+        r.content,
+        signal,
+      );
       return { out: text, status: ok ? 0 : 1 };
     }
     case "show": {
-      const g = await gather(r.uri, undefined, signal);
-      const uri = exportUri(r.uri, g.export.exportName);
+      const g = await gather(r.target, undefined, signal, r.content);
+      const uri = exportUri(r.target, g.export.exportName);
       const out = r.json
         ? JSON.stringify(
           { ...sessionJson(g.session), exports: [exportJson(uri, g.export)] },
@@ -646,7 +862,8 @@ async function run(
  * Runs the tool.
  *
  * @param args Command-line arguments, without the program name.
- * @returns The exit status: 0, 1 on failure, 2 for a `--can`/`--is` "no",
+ * @returns The exit status: 0, 1 on failure, 2 for a `--can`/`--is`/`--has`
+ *   "no" (or a `--cannot`/`--isnt`/`--hasnt` "yes"),
  *   130 when interrupted (SIGINT, SIGTERM).
  */
 export async function main(args: string[]): Promise<number> {
@@ -681,6 +898,7 @@ export async function main(args: string[]): Promise<number> {
     const result = await Promise.race([running, stopped]);
     if (result === "interrupted") {
       warn("info: interrupted");
+      await settled(running, SETTLE_MS);
       return 130;
     }
     // All at once at the end: a failure never leaves half a report.
@@ -696,6 +914,16 @@ export async function main(args: string[]): Promise<number> {
   } finally {
     for (const s of signals) Deno.removeSignalListener(s, onInterrupt);
   }
+}
+
+/** Waits for `p` to settle, but at most `ms`. */
+async function settled(p: Promise<unknown>, ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  await Promise.race([
+    p.catch(() => {}),
+    new Promise((r) => timer = setTimeout(r, ms)),
+  ]);
+  clearTimeout(timer);
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -16,6 +16,8 @@ import {
   Progress,
   type ProgressMode,
   progressMode,
+  type ServerCommand,
+  serverCommand,
   UsageError,
   warn,
   warnUsage,
@@ -31,7 +33,7 @@ import {
   planDirty,
   walkDirty,
 } from "./dirty.ts";
-import { isNbdUri, NbdEndpoint } from "./nbd.ts";
+import { isNbdUri, NbdEndpoint, type NbdTarget } from "./nbd.ts";
 import {
   openDestination,
   openExistingDestination,
@@ -42,11 +44,13 @@ import { alignUp, planRange, planStream } from "./plan.ts";
 import { pump, type Stats, wrap } from "./pump.ts";
 
 const USAGE = `Usage: copy [OPTIONS] SOURCE DESTINATION
-       copy --dirty=CONTEXT [OPTIONS] NBD-URI DESTINATION
-       copy --dirty=CONTEXT --map-only [--json] NBD-URI
+       copy --dirty=CONTEXT [OPTIONS] NBD DESTINATION
+       copy --dirty=CONTEXT --map-only [--json] NBD
 
-SOURCE, DESTINATION := - | FILE | DEVICE | NBD-URI
+SOURCE, DESTINATION := - | FILE | DEVICE | NBD
 DESTINATION += null:
+NBD := NBD-URI | [ CMD ARGS ... ]   a server to run, such as
+       [ nbdkit -s memory 1G ] or [ qemu-nbd -f qcow2 disk.qcow2 ]
 
 Options:
   -C, --connections=N     NBD connections when multi-conn is offered (4)
@@ -72,7 +76,8 @@ Options:
   -p, --progress[=FD]     progress bar (default on a terminal); with FD,
                           "N/100" lines on that descriptor
       --no-progress       no progress bar
-  -v, --verbose           print what was read, written and zeroed
+  -v, --verbose           print what was read, written and zeroed, and
+                          what went over each NBD connection
   -h, --help              this text
 `;
 
@@ -142,10 +147,21 @@ function readSettings(o: Map<string, string | true>): Settings {
   return settings;
 }
 
+/**
+ * One end as the command line names it: a word (`-`, `null:`, a path, a
+ * URI) or a server to start.
+ */
+type End = string | ServerCommand;
+
+/** Whether an end is an NBD export. */
+function isNbd(end: End): end is NbdTarget {
+  return typeof end !== "string" || isNbdUri(end);
+}
+
 /** What the command line asks for. */
 interface Request {
-  source: string;
-  destination: string;
+  source: End;
+  destination: End;
   settings: Settings;
   progress: string | true | undefined;
   noProgress: boolean;
@@ -166,7 +182,7 @@ interface Request {
  * as the source, a malformed NBD URI, or options `--dirty` cannot take.
  */
 function parseRequest(args: string[]): Request | "help" {
-  const { options, positionals } = parseArgs(args, OPTIONS);
+  const { options, positionals, commands } = parseArgs(args, OPTIONS);
   if (options.has("help")) return "help";
   const dirty = checkDirtyOptions(options);
   const mapOnly = options.has("map-only");
@@ -178,13 +194,18 @@ function parseRequest(args: string[]): Request | "help" {
   } else if (positionals.length !== 2) {
     throw new UsageError("expected a SOURCE and a DESTINATION");
   }
-  const [source, destination = ""] = positionals as [string, string?];
+  const end = (i: number): End => {
+    const command = commands[i];
+    return command ? serverCommand(command) : positionals[i] ?? "";
+  };
+  const source = end(0);
+  const destination = end(1);
   if (source === "null:") {
     throw new UsageError("null: can only be a destination");
   }
-  if (dirty && !isNbdUri(source)) {
+  if (dirty && !isNbd(source)) {
     throw new UsageError(
-      "--dirty needs an NBD URI as the SOURCE: only a server has metadata contexts",
+      "--dirty needs an NBD URI as the SOURCE (or a server to run, [ CMD ]): only a server has metadata contexts",
     );
   }
   if (dirty && !mapOnly && (destination === "-" || destination === "null:")) {
@@ -193,7 +214,7 @@ function parseRequest(args: string[]): Request | "help" {
     );
   }
   for (const word of mapOnly ? [source] : [source, destination]) {
-    if (!isNbdUri(word)) continue;
+    if (typeof word !== "string" || !isNbdUri(word)) continue;
     try {
       parseUri(word);
     } catch (e) {
@@ -495,7 +516,7 @@ async function run(
       // The map is walked before the destination is opened: a source that
       // cannot give it leaves the earlier copy as it was.
       const nbd = await NbdEndpoint.open(
-        request.source,
+        request.source as NbdTarget,
         "source",
         request.settings,
         signal,
@@ -515,15 +536,23 @@ async function run(
           warn(
             `copy: ${map.bytes} dirty bytes in ${map.offsets.length} extent(s) of ${nbd.size}`,
           );
+          warn(wireLine("source", nbd));
         }
         return 0;
       }
-      dst = await openExistingDestination(
-        request.destination,
-        nbd.size,
-        request.settings,
-        signal,
-      );
+      dst = typeof request.destination === "string"
+        ? await openExistingDestination(
+          request.destination,
+          nbd.size,
+          request.settings,
+          signal,
+        )
+        : await existingCommandDestination(
+          request.destination,
+          nbd.size,
+          request.settings,
+          signal,
+        );
       summary = await transfer(
         src,
         dst,
@@ -534,13 +563,16 @@ async function run(
         map,
       );
     } else {
-      await refuseSameFile(request.source, request.destination);
-      src = await openSource(request.source, request.settings, signal);
-      dst = await openDestination(
-        request.destination,
-        request.settings,
-        signal,
-      );
+      const { source, destination, settings } = request;
+      if (typeof source === "string" && typeof destination === "string") {
+        await refuseSameFile(source, destination);
+      }
+      src = typeof source === "string"
+        ? await openSource(source, settings, signal)
+        : await NbdEndpoint.open(source, "source", settings, signal);
+      dst = typeof destination === "string"
+        ? await openDestination(destination, settings, signal)
+        : await NbdEndpoint.open(destination, "destination", settings, signal);
       summary = await transfer(
         src,
         dst,
@@ -551,7 +583,12 @@ async function run(
       );
     }
     ok = true;
-    if (request.settings.verbose) warn(summary);
+    if (request.settings.verbose) {
+      warn(summary);
+      for (const [role, e] of [["source", src], ["destination", dst]]) {
+        if (e instanceof NbdEndpoint) warn(wireLine(role as string, e));
+      }
+    }
     return 0;
   } catch (e) {
     const wasInterrupted = signal.reason === interrupted;
@@ -570,4 +607,40 @@ async function run(
     }
     await closeWithin([src, dst], ok ? CLOSE_MS.finished : CLOSE_MS.stopped);
   }
+}
+
+/**
+ * The destination of an incremental copy when it is a server the tool
+ * starts: it must have the source's size, as a URI destination must.
+ *
+ * @throws {Error} One line when the sizes differ.
+ */
+async function existingCommandDestination(
+  command: ServerCommand,
+  size: number,
+  settings: Settings,
+  signal: AbortSignal,
+): Promise<Destination> {
+  const dst = await NbdEndpoint.open(command, "destination", settings, signal);
+  if (dst.size !== size) {
+    await dst.close(signal);
+    throw new Error(
+      `${command.text} has ${dst.size} bytes and the source ${size}: --dirty updates a copy of the same size`,
+    );
+  }
+  return dst;
+}
+
+/**
+ * What went over the wire to one NBD end, for `--verbose`: bytes and
+ * requests each way, handshake included, requests by command.
+ */
+function wireLine(role: string, end: NbdEndpoint): string {
+  const s = end.stats;
+  const byCommand = Object.entries(s.requests)
+    .map(([name, n]) => `${name} ${n}`)
+    .join(", ");
+  return `copy: ${role} ${end.name}: sent ${s.bytesSent} bytes in ${s.chunksSent} request(s) (${
+    byCommand || "none"
+  }), received ${s.bytesReceived} bytes in ${s.chunksReceived} chunk(s)`;
 }

@@ -4,7 +4,14 @@
  * @module
  */
 
-import { connect, NbdError, probe, STATE_ZERO } from "../../mod.ts";
+import {
+  connect,
+  NbdError,
+  type NbdStats,
+  probe,
+  STATE_ZERO,
+} from "../../mod.ts";
+import type { ServerCommand } from "../_cli.ts";
 import type { StatusQuery } from "./dirty.ts";
 import type {
   Destination,
@@ -15,6 +22,9 @@ import type {
 } from "./endpoint.ts";
 
 type Client = Awaited<ReturnType<typeof connect>>;
+
+/** Where an export is: at a URI, or behind a server the tool starts. */
+export type NbdTarget = string | ServerCommand;
 
 /** Whether a command-line word is an NBD URI (rather than a path). */
 export function isNbdUri(word: string): boolean {
@@ -27,21 +37,21 @@ export class NbdEndpoint implements Source, Destination {
   readonly sequential = false;
   readonly hasExtents: boolean;
   readonly zeroMode: ZeroMode;
-  #uri: string;
+  #target: NbdTarget;
   #requests: number;
   #contexts: string[];
   #conns: Client[];
   #allocated: boolean;
 
   private constructor(
-    uri: string,
+    target: NbdTarget,
     first: Client,
     requests: number,
     contexts: string[],
     settings: Settings,
   ) {
-    this.name = uri;
-    this.#uri = uri;
+    this.name = typeof target === "string" ? target : target.text;
+    this.#target = target;
     this.#conns = [first];
     this.#requests = requests;
     this.#contexts = contexts;
@@ -55,7 +65,7 @@ export class NbdEndpoint implements Source, Destination {
   }
 
   static async open(
-    uri: string,
+    target: NbdTarget,
     role: "source" | "destination",
     settings: Settings,
     signal: AbortSignal,
@@ -69,7 +79,8 @@ export class NbdEndpoint implements Source, Destination {
       : [];
     // The signal, so that ^C ends a handshake the server never answers
     // instead of waiting out the connect timeout.
-    const first = await connect(uri, {
+    const uri = typeof target === "string" ? target : target.text;
+    const first = await connect(where(target), {
       metaContexts: contexts,
       maxInFlight: settings.requests,
       signal,
@@ -81,13 +92,19 @@ export class NbdEndpoint implements Source, Destination {
       await first.close({ signal });
       throw new Error(
         `${uri}: the source does not offer ${settings.dirty}; ${await offered(
-          uri,
+          target,
           first.structuredReplies,
           signal,
         )}`,
       );
     }
-    return new NbdEndpoint(uri, first, settings.requests, contexts, settings);
+    return new NbdEndpoint(
+      target,
+      first,
+      settings.requests,
+      contexts,
+      settings,
+    );
   }
 
   /**
@@ -113,13 +130,38 @@ export class NbdEndpoint implements Source, Destination {
     return this.#conns[0]!.blockSize?.preferred || 4096;
   }
   get maxLanes(): number {
+    // Another connect() to a command would start another server: another
+    // disk, for nbdkit memory.
+    if (typeof this.#target !== "string") return 1;
     return this.#conns[0]!.canMultiConn ? Infinity : 1;
+  }
+
+  /** What went over the wire, all connections together (`nbd.stats`). */
+  get stats(): NbdStats {
+    const all: NbdStats = {
+      bytesSent: 0,
+      bytesReceived: 0,
+      chunksSent: 0,
+      chunksReceived: 0,
+      requests: {},
+    };
+    for (const c of this.#conns) {
+      const s = c.stats;
+      all.bytesSent += s.bytesSent;
+      all.bytesReceived += s.bytesReceived;
+      all.chunksSent += s.chunksSent;
+      all.chunksReceived += s.chunksReceived;
+      for (const [name, n] of Object.entries(s.requests)) {
+        all.requests[name] = (all.requests[name] ?? 0) + n;
+      }
+    }
+    return all;
   }
 
   async addLanes(n: number, signal: AbortSignal): Promise<void> {
     while (this.#conns.length < n) {
       this.#conns.push(
-        await connect(this.#uri, {
+        await connect(where(this.#target), {
           metaContexts: this.#contexts,
           maxInFlight: this.#requests,
           signal,
@@ -215,18 +257,28 @@ export class NbdEndpoint implements Source, Destination {
   }
 }
 
+/** The target as `connect()` takes it. */
+function where(target: NbdTarget): string | ServerCommand["options"] {
+  return typeof target === "string" ? target : target.options;
+}
+
 /**
  * What a source that refused a context offers instead, in words: the
  * contexts `NBD_OPT_LIST_META_CONTEXT` names, or why there are none to name.
  */
 async function offered(
-  uri: string,
+  target: NbdTarget,
   structuredReplies: boolean,
   signal: AbortSignal,
 ): Promise<string> {
   if (!structuredReplies) {
     return "it has no structured replies, so no metadata contexts at all";
   }
+  // probe() cannot start a server; the list needs a URI.
+  if (typeof target !== "string") {
+    return "the ones a server run as [ CMD ] offers cannot be listed";
+  }
+  const uri = target;
   try {
     const { metaContexts } = await probe(uri, { signal });
     return metaContexts.length === 0

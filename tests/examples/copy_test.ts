@@ -1,6 +1,12 @@
 import assert from "node:assert/strict";
 import type { Extent } from "../../mod.ts";
-import { nbdkit, qemuNbd, run, type Server } from "../support/servers.ts";
+import {
+  nbdkit,
+  qemuNbd,
+  run,
+  runBytes,
+  type Server,
+} from "../support/servers.ts";
 import { exportHash, referenceMap, sha256 } from "../support/reference.ts";
 import {
   concat,
@@ -18,6 +24,12 @@ import {
   REP_INFO,
 } from "../../lib/constants.ts";
 import { runTool } from "./_tools.ts";
+import {
+  assertNoneLeft,
+  marker,
+  spawnTool,
+  untilRunning,
+} from "./_subprocess.ts";
 
 const SPARSE = [
   "sparse-random",
@@ -833,6 +845,232 @@ Deno.test({
       assert.equal(r.status.code, 130, r.stderr);
       assert.equal(r.stderr, "copy: interrupted\n");
       assert.ok(r.elapsed < ONE_SIGINT_MS, `took ${r.elapsed.toFixed(0)} ms`);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+/** `[ words… ]` as separate arguments. */
+function cmd(...words: string[]): string[] {
+  return ["[", ...words, "]"];
+}
+
+/** The `-v` line of one NBD end: `copy: source NAME: sent …`. */
+function wire(stderr: string, role: "source" | "destination"): {
+  sent: number;
+  received: number;
+  requests: Record<string, number>;
+} {
+  const m = new RegExp(
+    `^copy: ${role} .*: sent (\\d+) bytes in \\d+ request\\(s\\) \\((.*)\\), received (\\d+) bytes in \\d+ chunk\\(s\\)$`,
+    "m",
+  ).exec(stderr);
+  assert.ok(m, `no ${role} line in: ${stderr}`);
+  const requests: Record<string, number> = {};
+  if (m[2] !== "none") {
+    for (const part of m[2]!.split(", ")) {
+      const [name, n] = part.split(" ");
+      requests[name!] = Number(n);
+    }
+  }
+  return { sent: Number(m[1]), received: Number(m[3]), requests };
+}
+
+Deno.test({
+  name:
+    "copy: [ qemu-nbd -r -f qcow2 x.qcow2 ] and [ nbdkit -s ... ] as source and destination, as nbdcopy takes them",
+  async fn(t) {
+    const dir = await Deno.makeTempDir({ prefix: "nbd-copy-" });
+    try {
+      const image = `${dir}/src.qcow2`;
+      await run("qemu-img", ["create", "-q", "-f", "qcow2", image, "8M"]);
+      for (const c of ["write -P 0x11 0 1M", "write -P 0x22 5M 300k"]) {
+        await run("qemu-io", ["-f", "qcow2", "-c", c, image]);
+      }
+      const source = cmd("qemu-nbd", "-r", "-f", "qcow2", image);
+      await t.step("qcow2 to a file: nbdcopy's bytes", async () => {
+        const r = await runTool("copy", ["-v", ...source, `${dir}/ours.raw`]);
+        assert.equal(r.code, 0, r.stderr);
+        await run("nbdcopy", ["--", ...source, `${dir}/theirs.raw`]);
+        assert.deepEqual(
+          await Deno.readFile(`${dir}/ours.raw`),
+          await Deno.readFile(`${dir}/theirs.raw`),
+        );
+        // nbd.stats: only the data was read, and it all came over the wire.
+        const s = wire(r.stderr, "source");
+        const data = 1024 * 1024 + 300 * 1024;
+        assert.ok(s.requests["NBD_CMD_READ"]! >= 1);
+        assert.ok(s.requests["NBD_CMD_BLOCK_STATUS"]! >= 1);
+        assert.equal(s.requests["NBD_CMD_WRITE"], undefined);
+        // qcow2 allocates in 64 KiB clusters.
+        const read = stats(r.stderr).read;
+        assert.ok(read >= data && read <= data + 64 * 1024, `read ${read}`);
+        // Handshake and reply headers are all that comes beside the data.
+        assert.ok(s.received >= read && s.received < read + 16 * 1024);
+      });
+      await t.step(
+        "a file to [ nbdkit -s memory ]; [ nbdkit -s pattern ] to stdout as nbdcopy",
+        async () => {
+          const r = await runTool("copy", [
+            "-v",
+            `${dir}/ours.raw`,
+            ...cmd("nbdkit", "-s", "memory", "8M"),
+          ]);
+          assert.equal(r.code, 0, r.stderr);
+          const d = wire(r.stderr, "destination");
+          assert.ok(d.requests["NBD_CMD_WRITE"]! >= 1);
+          assert.equal(d.requests["NBD_CMD_READ"], undefined);
+          assert.ok(d.sent >= 1024 * 1024 + 300 * 1024);
+          // Each run starts its own server, and what it held goes with it:
+          // reading back is compared on a server with fixed content.
+          const back = await runTool("copy", [
+            ...cmd("nbdkit", "-s", "pattern", "1M"),
+            "-",
+          ]);
+          assert.equal(back.code, 0, back.stderr);
+          const theirs = await runBytes("nbdcopy", [
+            "--",
+            ...cmd("nbdkit", "pattern", "1M"),
+            "-",
+          ]);
+          assert.deepEqual(back.stdout, theirs);
+        },
+      );
+      await t.step("[ nbdkit memory 1G ] to null: reads nothing", async () => {
+        const r = await runTool("copy", [
+          "-v",
+          ...cmd("nbdkit", "memory", "1G"),
+          "null:",
+        ]);
+        assert.equal(r.code, 0, r.stderr);
+        assert.equal(stats(r.stderr).read, 0);
+        const s = wire(r.stderr, "source");
+        assert.equal(s.requests["NBD_CMD_READ"], undefined);
+        assert.ok(s.requests["NBD_CMD_BLOCK_STATUS"]! >= 1);
+      });
+      await t.step(
+        "--dirty from [ qemu-nbd -B b0 ] onto a full copy",
+        async () => {
+          const full = `${dir}/full.raw`;
+          await run("qemu-img", ["convert", "-O", "raw", image, full]);
+          await run("qemu-img", ["bitmap", "--add", image, "b0"]);
+          for (const c of ["write -P 0x44 64k 4k", "write -P 0x55 7M 128k"]) {
+            await run("qemu-io", ["-f", "qcow2", "-c", c, image]);
+          }
+          const r = await runTool("copy", [
+            "-v",
+            "--dirty=qemu:dirty-bitmap:b0",
+            ...cmd("qemu-nbd", "-r", "-f", "qcow2", "-B", "b0", image),
+            full,
+          ]);
+          assert.equal(r.code, 0, r.stderr);
+          await run("qemu-img", [
+            "convert",
+            "-O",
+            "raw",
+            image,
+            `${dir}/now.raw`,
+          ]);
+          assert.deepEqual(
+            await Deno.readFile(full),
+            await Deno.readFile(`${dir}/now.raw`),
+          );
+          // Only the dirty clusters were read.
+          const s = wire(r.stderr, "source");
+          assert.ok(s.received < 2 * 64 * 1024 + 128 * 1024 + 16 * 1024);
+        },
+      );
+      await t.step(
+        "--dirty from a command onto a command of another size",
+        async () => {
+          const r = await runTool("copy", [
+            "--dirty=base:allocation",
+            ...source,
+            ...cmd("nbdkit", "-s", "memory", "4M"),
+          ]);
+          assert.equal(r.code, 1);
+          assert.match(
+            r.stderr,
+            /^copy: \[ nbdkit -s memory 4M \] has 4194304 bytes and the source 8388608: --dirty updates a copy of the same size\n$/,
+          );
+        },
+      );
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "copy: a server command that fails is one line, and no server outlives the copy",
+  async fn(t) {
+    const m = marker();
+    const dir = await Deno.makeTempDir({ prefix: "nbd-copy-" });
+    try {
+      const image = `${dir}/${m}.raw`;
+      await run("qemu-img", ["create", "-q", "-f", "raw", image, "1M"]);
+      await t.step("fails to start: its stderr, one line", async () => {
+        const r = await runTool("copy", [
+          ...cmd("qemu-nbd", "-r", "-f", "qcow2", `${dir}/${m}.missing`),
+          "null:",
+        ]);
+        assert.equal(r.code, 1);
+        assert.match(
+          r.stderr,
+          /^copy: The server command qemu-nbd exited with status 1: .*Could not open/,
+        );
+        assert.equal(r.stderr.trimEnd().split("\n").length, 1, r.stderr);
+        await assertNoneLeft(m, "a failed start");
+      });
+      const cases: Array<[string, string[]]> = [
+        ["qemu-nbd to null:", [
+          ...cmd("qemu-nbd", "-r", "-f", "raw", image),
+          "null:",
+        ]],
+        ["a file to nbdkit -s", [
+          image,
+          ...cmd("nbdkit", "-s", "-e", m, "memory", "1M"),
+        ]],
+        ["nbdkit on a socket to a file", [
+          ...cmd("nbdkit", "-e", m, "memory", "1M"),
+          `${dir}/out`,
+        ]],
+        ["a destination too small", [
+          image,
+          ...cmd("nbdkit", "-s", "-e", m, "memory", "4k"),
+        ]],
+      ];
+      for (const [label, args] of cases) {
+        await t.step(label, async () => {
+          const r = await runTool("copy", args);
+          assert.equal(r.code, label.endsWith("too small") ? 1 : 0, r.stderr);
+          await assertNoneLeft(m, label);
+        });
+      }
+      await t.step("^C halfway", async () => {
+        const child = spawnTool("copy", [
+          ...cmd(
+            "nbdkit",
+            "-s",
+            "-e",
+            m,
+            "--filter=delay",
+            "memory",
+            "64M",
+            "rdelay=1",
+          ),
+          "null:",
+          "--no-extents",
+        ]);
+        await untilRunning(m, child.pid);
+        await new Promise((r) => setTimeout(r, 500));
+        child.kill("SIGINT");
+        const out = await child.output();
+        assert.equal(out.code, 130, new TextDecoder().decode(out.stderr));
+        await assertNoneLeft(m, "after ^C");
+      });
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
