@@ -792,7 +792,7 @@ function parseRequest(args: string[]): Request {
   if (command && (o.has("list") || o.has("uri"))) {
     throw new UsageError(
       o.has("list")
-        ? "--list needs a URI: the library lists exports only at an address, not over [ CMD ]"
+        ? "--list needs a URI, not [ CMD ]"
         : "--uri needs a URI: a server run as [ CMD ] has no address once info exits",
     );
   }

@@ -226,22 +226,30 @@ async function inOptionPhase<T>(
   ask: (session: OptionSession) => Promise<T>,
 ): Promise<T> {
   const trace = makeTracer(o.debug);
-  const { transport, result } = await withConnection(o, async (t) => {
-    const how = handshakeOptions(o, trace);
-    const session = await openSession(t, how);
-    try {
-      return await upgradingOnDemand(
-        session,
-        how.tlsOnDemand === true,
-        how.upgradeTls,
-        () => ask(session),
-      );
-    } finally {
-      await session.abort();
-    }
+  const run = async (open?: () => Promise<ByteStream>) => {
+    const { transport, result } = await withConnection(o, async (t) => {
+      const how = handshakeOptions(o, trace);
+      const session = await openSession(t, how);
+      try {
+        return await upgradingOnDemand(
+          session,
+          how.tlsOnDemand === true,
+          how.upgradeTls,
+          () => ask(session),
+        );
+      } finally {
+        await session.abort();
+      }
+    }, open);
+    transport.close();
+    return result;
+  };
+  if (o.command === undefined) return await run();
+  return await withCommand(o, async (open, server) => {
+    const result = await run(open);
+    await server.stop();
+    return result;
   });
-  transport.close();
-  return result;
 }
 
 /**
@@ -365,11 +373,18 @@ async function moreLinks(
   return links;
 }
 
-/** Starts the server of `o.command` and negotiates over it. */
-async function overCommand(
+/**
+ * Runs `use` over the server of `o.command`, started for it: on failure the
+ * server's own words (exit status, stderr) become the error, and the server
+ * is stopped; on success `use` decides when it stops.
+ */
+async function withCommand<T>(
   o: ConnectOptions,
-  trace: Tracer,
-): Promise<NbdClient> {
+  use: (
+    open: () => Promise<ByteStream>,
+    server: ServerProcess,
+  ) => Promise<T>,
+): Promise<T> {
   const command = o.command!;
   let server: ServerProcess;
   let open: () => Promise<ByteStream>;
@@ -383,6 +398,19 @@ async function overCommand(
     open = () => Promise.resolve(started.stream);
   }
   try {
+    return await use(open, server);
+  } catch (e) {
+    const err = e instanceof TypeError || o.signal?.aborted
+      ? e
+      : await server.explain(e);
+    await server.stop();
+    throw err;
+  }
+}
+
+/** Starts the server of `o.command` and negotiates over it. */
+function overCommand(o: ConnectOptions, trace: Tracer): Promise<NbdClient> {
+  return withCommand(o, async (open, server) => {
     const link = await negotiated(o, trace, open);
     return clientOver(
       {
@@ -392,13 +420,7 @@ async function overCommand(
       },
       () => server.stop(),
     );
-  } catch (e) {
-    const err = e instanceof TypeError || o.signal?.aborted
-      ? e
-      : await server.explain(e);
-    await server.stop();
-    throw err;
-  }
+  });
 }
 
 /**

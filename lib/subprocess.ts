@@ -260,8 +260,9 @@ export async function spawnOnSocket(
       try {
         const conn = await Deno.connect({ transport: "unix", path });
         return { conn, server };
-      } catch {
-        // Not listening yet.
+      } catch (e) {
+        // Not listening yet, unless this process may not connect at all.
+        if (refused(e)) throw e;
       }
       if (Date.now() > deadline) {
         throw new Error(`it did not listen within ${LISTEN_MS} ms`);
@@ -269,8 +270,14 @@ export async function spawnOnSocket(
       await new Promise((r) => setTimeout(r, 10));
     }
   } catch (e) {
-    const err = await server.explain(e);
+    const err = refused(e) ? e : await server.explain(e);
     await server.stop();
     throw err;
   }
+}
+
+/** A permission this process lacks: no waiting will help. */
+function refused(e: unknown): boolean {
+  return e instanceof Deno.errors.NotCapable ||
+    e instanceof Deno.errors.PermissionDenied;
 }

@@ -6,7 +6,13 @@
  */
 
 import assert from "node:assert/strict";
-import { connect, NbdConnectionClosedError, NbdError } from "../mod.ts";
+import {
+  connect,
+  listExports,
+  NbdConnectionClosedError,
+  NbdError,
+  probe,
+} from "../mod.ts";
 import { until } from "./support/wait.ts";
 
 /** Whether a process whose command line holds `marker` still runs. */
@@ -178,4 +184,23 @@ Deno.test("nbd.stats counts bytes, chunks and requests by command", async () => 
   } finally {
     await nbd.close();
   }
+});
+
+Deno.test("probe() and listExports() take a command too, and stop its server", async () => {
+  const name = marker();
+  const command = [
+    "nbdkit",
+    "-s",
+    "--exit-with-parent",
+    "-e",
+    name,
+    "memory",
+    "1M",
+  ];
+  const p = await probe({ command });
+  assert.equal(p.size, 1024 * 1024);
+  assert.ok(p.metaContexts.includes("base:allocation"));
+  const listed = await listExports({ command });
+  assert.equal(listed.length, 1);
+  await until("the servers to exit", async () => !await running(name));
 });
