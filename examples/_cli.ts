@@ -270,12 +270,15 @@ export function parseCount(
  * @param bytes A non-negative size.
  * @returns The size, and whether a unit was used.
  */
-export function exactSize(bytes: number): { text: string; scaled: boolean } {
+export function exactSize(
+  bytes: number | bigint,
+): { text: string; scaled: boolean } {
   const units = ["", "K", "M", "G", "T", "P", "E"];
-  let n = bytes;
+  // Exact for every size an export can have, past 2^53 too.
+  let n = BigInt(bytes);
   let u = 0;
-  while (n !== 0 && n % 1024 === 0 && u < units.length - 1) {
-    n /= 1024;
+  while (n !== 0n && n % 1024n === 0n && u < units.length - 1) {
+    n /= 1024n;
     u++;
   }
   return { text: `${n}${units[u]}`, scaled: u > 0 };

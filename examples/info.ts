@@ -111,7 +111,8 @@ interface SessionFacts {
 interface ExportFacts {
   exportName: string;
   description: string;
-  size: number;
+  /** Exactly, whatever the size (nbdinfo prints 2^63 - 1 as it is). */
+  size: bigint;
   flags: number;
   /** What the flags allow, as the library reads them. */
   can: Capabilities;
@@ -229,7 +230,7 @@ async function probeOrConnect(
       export: {
         exportName: p.exportName,
         description: p.description,
-        size: toNumber(p.sizeBigInt),
+        size: p.sizeBigInt,
         flags: p.flags,
         can: capabilities({
           flags: p.flags,
@@ -277,7 +278,7 @@ async function connected(
       export: {
         exportName: nbd.exportName,
         description: nbd.description,
-        size: nbd.size,
+        size: nbd.sizeBigInt,
         flags: nbd.flags,
         can: capabilities({
           flags: nbd.flags,
@@ -305,7 +306,11 @@ async function contentOf(
   nbd: Client,
   signal: AbortSignal,
 ): Promise<string | null> {
-  const length = Math.min(nbd.size, CONTENT_BYTES);
+  const length = Number(
+    nbd.sizeBigInt < BigInt(CONTENT_BYTES)
+      ? nbd.sizeBigInt
+      : BigInt(CONTENT_BYTES),
+  );
   let data: Uint8Array = new Uint8Array(0);
   try {
     if (length > 0) data = await nbd.read(0, length, { signal });
@@ -336,11 +341,25 @@ async function contentOf(
   return line === "" ? null : line;
 }
 
-function toNumber(size: bigint): number {
-  if (size > BigInt(Number.MAX_SAFE_INTEGER)) {
-    throw new RangeError(`Export size ${size} is too large for this tool`);
-  }
-  return Number(size);
+/**
+ * JSON as nbdinfo writes it, where a bigint is a number with every digit
+ * (`JSON.stringify` refuses bigints, and a double would round 2^63 - 1).
+ */
+function jsonText(value: unknown, indent?: number): string {
+  const digits: string[] = [];
+  const text = JSON.stringify(
+    value,
+    (_key, v) => {
+      if (typeof v !== "bigint") return v;
+      digits.push(v.toString());
+      return `\u0000bigint${digits.length - 1}\u0000`;
+    },
+    indent,
+  );
+  return text.replace(
+    /"\\u0000bigint(\d+)\\u0000"/g,
+    (_all, i: string) => digits[Number(i)]!,
+  );
 }
 
 /**
@@ -419,7 +438,7 @@ function sessionText(s: SessionFacts): string {
 }
 
 /** A size as nbdinfo prints it in text: `4096 (4K)`, `4294967295`. */
-function sizeText(bytes: number): string {
+function sizeText(bytes: number | bigint): string {
   const size = exactSize(bytes);
   return `${bytes}${size.scaled ? ` (${size.text})` : ""}`;
 }
@@ -709,7 +728,7 @@ async function listOutput(
       ...(session ? sessionJson(session) : {}),
       exports: shown.map((s) => exportJson(s.uri, s.facts)),
     };
-    return { text: JSON.stringify(doc, null, 2) + "\n", ok };
+    return { text: jsonText(doc, 2) + "\n", ok };
   }
   let text = session ? sessionText(session) : "";
   for (const s of shown) text += exportText(s.uri, s.facts);
@@ -847,9 +866,8 @@ async function run(
       const g = await gather(r.target, undefined, signal, r.content);
       const uri = exportUri(r.target, g.export.exportName);
       const out = r.json
-        ? JSON.stringify(
+        ? jsonText(
           { ...sessionJson(g.session), exports: [exportJson(uri, g.export)] },
-          null,
           2,
         ) + "\n"
         : sessionText(g.session) + exportText(uri, g.export);
