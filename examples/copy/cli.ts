@@ -40,6 +40,7 @@ import {
 } from "./open.ts";
 import { alignUp, planRange, planStream } from "./plan.ts";
 import { pump, type Stats, wrap } from "./pump.ts";
+import { copyThreaded, lanesOf, threadable, threadCount } from "./lanes.ts";
 
 const USAGE = `Usage: copy [OPTIONS] SOURCE DESTINATION
        copy --dirty=CONTEXT [OPTIONS] NBD-URI DESTINATION
@@ -298,8 +299,12 @@ async function transfer(
     1,
     Math.min(settings.connections, src.maxLanes, dst.maxLanes),
   );
-  await src.addLanes(lanes, signal);
-  await dst.addLanes(lanes, signal);
+  // Several connections each get a thread of their own where both ends
+  // can open lanes there; an incremental copy keeps them in this one.
+  const threads = !dirty && threadable(src, dst) ? threadCount(lanes) : 1;
+  const here = threads > 1 ? lanesOf(0, lanes, threads) : lanes;
+  await src.addLanes(here, signal);
+  await dst.addLanes(here, signal);
 
   const size = src.size;
   if (size !== undefined && size % dst.alignment !== 0) {
@@ -327,28 +332,51 @@ async function transfer(
   onProgress(progress);
   const stats: Stats = { read: 0, written: 0, zeroed: 0 };
   const started = performance.now();
-  const plan = copying
-    ? planDirty(copying, requestSize)
-    : size === undefined
-    ? planStream(src, requestSize, dst.size)
-    : planRange(
-      src,
-      size,
+  const plan = () =>
+    copying
+      ? planDirty(copying, requestSize)
+      : size === undefined
+      ? planStream(src, requestSize, dst.size)
+      : planRange(
+        src,
+        size,
+        requestSize,
+        align,
+        settings.extents && src.hasExtents,
+        signal,
+      );
+  const abort = (reason: unknown) => controller.abort(reason);
+  const useExtents = settings.extents && src.hasExtents;
+  let total: number;
+  if (threads > 1) {
+    await copyThreaded(src, dst, {
+      lanes,
+      threads,
+      perLane,
       requestSize,
       align,
-      settings.extents && src.hasExtents,
+      sparse,
+      useExtents,
+      settings,
+      progress,
+      stats,
       signal,
-    );
-  const total = await pump(src, dst, plan, {
-    lanes,
-    limit: lanes * perLane,
-    requestSize,
-    sparse,
-    progress,
-    stats,
-    signal,
-    abort: (reason) => controller.abort(reason),
-  });
+      abort,
+      closeMs: CLOSE_MS.stopped,
+    });
+    total = size!;
+  } else {
+    total = await pump(src, dst, plan(), {
+      lanes,
+      limit: lanes * perLane,
+      requestSize,
+      sparse,
+      progress,
+      stats,
+      signal,
+      abort,
+    });
+  }
   try {
     await dst.finish(size ?? total, settings.flush, signal);
   } catch (e) {

@@ -9,6 +9,7 @@ import type { StatusQuery } from "./dirty.ts";
 import type {
   Destination,
   Extent,
+  LaneSpec,
   Settings,
   Source,
   ZeroMode,
@@ -32,6 +33,7 @@ export class NbdEndpoint implements Source, Destination {
   #contexts: string[];
   #conns: Client[];
   #allocated: boolean;
+  #role: "source" | "destination";
 
   private constructor(
     uri: string,
@@ -39,8 +41,10 @@ export class NbdEndpoint implements Source, Destination {
     requests: number,
     contexts: string[],
     settings: Settings,
+    role: "source" | "destination",
   ) {
     this.name = uri;
+    this.#role = role;
     this.#uri = uri;
     this.#conns = [first];
     this.#requests = requests;
@@ -87,7 +91,14 @@ export class NbdEndpoint implements Source, Destination {
         )}`,
       );
     }
-    return new NbdEndpoint(uri, first, settings.requests, contexts, settings);
+    return new NbdEndpoint(
+      uri,
+      first,
+      settings.requests,
+      contexts,
+      settings,
+      role,
+    );
   }
 
   /**
@@ -128,6 +139,10 @@ export class NbdEndpoint implements Source, Destination {
     }
   }
 
+  lane(): LaneSpec {
+    return { kind: "nbd", uri: this.#uri, role: this.#role };
+  }
+
   #lane(lane: number): Client {
     return this.#conns[lane % this.#conns.length]!;
   }
@@ -152,7 +167,7 @@ export class NbdEndpoint implements Source, Destination {
     into?: Uint8Array,
   ): Promise<Uint8Array> {
     if (!into) return await this.#lane(lane).read(offset, length, { signal });
-    const buf = into.subarray(0, length);
+    const buf = into.length === length ? into : into.subarray(0, length);
     await this.#lane(lane).readInto(buf, offset, { signal });
     return buf;
   }
