@@ -52,7 +52,8 @@ DESTINATION += null:
 Options:
   -C, --connections=N     NBD connections when multi-conn is offered (4)
   -R, --requests=N        requests in flight per connection (64)
-      --queue-size=N      bytes in flight per connection (16M)
+      --queue-size=N      bytes in flight per thread (16M; one thread per
+                          connection, up to the processor count)
       --request-size=N    bytes per read or write request (256k)
   -S, --sparse=N          detect all-zero blocks of N bytes (4k; 0 = off)
       --allocated         write every byte: no holes on the destination
@@ -353,6 +354,7 @@ async function transfer(
       lanes,
       threads,
       perLane,
+      queueSlots: Math.max(1, Math.floor(settings.queueSize / requestSize)),
       requestSize,
       align,
       sparse,

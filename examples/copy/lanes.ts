@@ -34,6 +34,20 @@ export function lanesOf(t: number, lanes: number, threads: number): number {
   return Math.floor(lanes / threads) + (t < lanes % threads ? 1 : 0);
 }
 
+/**
+ * Requests in flight in one thread running `lanes` connections: `perLane`
+ * for each, but at most `queueSlots` (`--queue-size` over the request
+ * size) for the thread, as nbdcopy counts both per worker thread; at
+ * least one per connection.
+ */
+export function threadLimit(
+  lanes: number,
+  perLane: number,
+  queueSlots: number,
+): number {
+  return Math.max(lanes, Math.min(lanes * perLane, queueSlots));
+}
+
 /** What {@linkcode copyThreaded} needs beyond the two ends. */
 export interface ThreadedOptions {
   /** Connections in all. */
@@ -41,6 +55,8 @@ export interface ThreadedOptions {
   /** Threads to run them on (the main thread is one). */
   threads: number;
   perLane: number;
+  /** `--queue-size` in requests: the most one thread has in flight. */
+  queueSlots: number;
   requestSize: number;
   align: number;
   sparse: number;
@@ -89,6 +105,7 @@ export async function copyThreaded(
     stripe,
     counter: shared,
     perLane: o.perLane,
+    queueSlots: o.queueSlots,
     requestSize: o.requestSize,
     align: o.align,
     sparse: o.sparse,
@@ -156,7 +173,11 @@ export async function copyThreaded(
         {
           ...o,
           lanes: lanesOf(0, o.lanes, o.threads),
-          limit: lanesOf(0, o.lanes, o.threads) * o.perLane,
+          limit: threadLimit(
+            lanesOf(0, o.lanes, o.threads),
+            o.perLane,
+            o.queueSlots,
+          ),
         },
       );
     } catch (e) {

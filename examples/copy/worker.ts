@@ -13,6 +13,7 @@ import type { Destination, LaneSpec, Settings, Source } from "./endpoint.ts";
 import { FileEndpoint } from "./file.ts";
 import { NbdEndpoint } from "./nbd.ts";
 import { NullDestination } from "./null.ts";
+import { threadLimit } from "./lanes.ts";
 import { planStripes } from "./plan.ts";
 import { pump, type Stats } from "./pump.ts";
 
@@ -29,6 +30,7 @@ export interface StartMessage {
   /** Connections this thread runs. */
   lanes: number;
   perLane: number;
+  queueSlots: number;
   requestSize: number;
   align: number;
   sparse: number;
@@ -125,7 +127,7 @@ async function run(
       ),
       {
         lanes: m.lanes,
-        limit: m.lanes * m.perLane,
+        limit: threadLimit(m.lanes, m.perLane, m.queueSlots),
         requestSize: m.requestSize,
         sparse: m.sparse,
         progress,
