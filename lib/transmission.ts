@@ -228,7 +228,9 @@ export class Transmission {
       ? this.#transport.write(header, cmd.payload)
       : this.#transport.write(header);
     sent.catch(this.#onWriteError);
-    signal?.addEventListener("abort", p, ONCE);
+    // No options object: one fewer conversion per request; the listener
+    // is removed when the request settles, so it fires at most once.
+    signal?.addEventListener("abort", p);
     // Awaited at once: no rejection of `promise` ever goes unobserved.
     return await promise;
   }

@@ -46,6 +46,11 @@ const COALESCE_LIMIT = 64 * 1024;
 export class Transport {
   #stream: ByteStream;
   #buf = new Uint8Array(BUFFER_SIZE);
+  /**
+   * Where runs of small parts are joined. Writes run one at a time (each
+   * after `#writeTail`), so one buffer serves them all.
+   */
+  #joined = new Uint8Array(COALESCE_LIMIT);
   #start = 0;
   #end = 0;
   #writeTail: Promise<void> = Promise.resolve();
@@ -269,7 +274,7 @@ export class Transport {
   async #writeJoined(run: Uint8Array[], bytes: number): Promise<void> {
     if (run.length === 0) return;
     if (run.length === 1) return await this.#writeAll(run[0]!);
-    const joined = new Uint8Array(bytes);
+    const joined = this.#joined.subarray(0, bytes);
     let at = 0;
     for (const p of run) {
       joined.set(p, at);
