@@ -52,7 +52,7 @@ DESTINATION += null:
 Options:
   -C, --connections=N     NBD connections when multi-conn is offered (4)
   -R, --requests=N        requests in flight per connection (64)
-      --queue-size=N      bytes in flight per thread (16M; one thread per
+      --queue-size=N      bytes in flight per thread (4M; one thread per
                           connection, up to the processor count)
       --request-size=N    bytes per read or write request (256k)
   -S, --sparse=N          detect all-zero blocks of N bytes (4k; 0 = off)
@@ -120,7 +120,7 @@ function readSettings(o: Map<string, string | true>): Settings {
       ? 64
       : parseCount(requests, "--requests", 1, 1024),
     queueSize: queueSize === undefined
-      ? 16 * 1024 * 1024
+      ? 4 * 1024 * 1024
       : parseSize(queueSize, "--queue-size"),
     requestSize: requestSize === undefined
       ? 256 * 1024
