@@ -977,7 +977,9 @@ export function formatTable(rows: Row[], runs: number): string {
     "system time per request (nbdkit's excluded); for command lines, the " +
     "whole process, start-up included, per 256 KiB of data. Command lines " +
     "(nbdcopy, deno run) are timed from spawn to exit; peak RSS: their " +
-    "largest resident set (GNU time's %M).",
+    "largest resident set (GNU time's %M). nbdcopy opens at most one " +
+    "connection per processor whatever -C says; examples/copy.ts opens what " +
+    "-C says (its default, like nbdcopy's, is 4 capped at the processors).",
     ...notes.map((n) => `Skipped: ${n}`),
   ].join("\n");
 }
@@ -1037,10 +1039,15 @@ export function ratioSummary(rows: Row[], versions: string[]): string {
 export async function copyContenders(
   server: Server,
   c: Config,
-  connections: number,
+  connections: number | undefined,
   libs: Libnbd[],
 ): Promise<Contender[]> {
   const root = new URL("..", import.meta.url).pathname;
+  // Without a count, each tool's default (both: 4, at most one per processor).
+  const conns = connections === undefined
+    ? []
+    : [`--connections=${connections}`];
+  const label = connections === undefined ? "(defaults)" : `-C ${connections}`;
   const present = await Deno.stat(`${root}examples/copy.ts`).then(
     () => true,
     () => false,
@@ -1050,19 +1057,14 @@ export async function copyContenders(
     "run",
     "-A",
     "examples/copy.ts",
-    `--connections=${connections}`,
+    ...conns,
     server.uri,
     "null:",
   ];
-  const tool = [
-    "nbdcopy",
-    `--connections=${connections}`,
-    server.uri,
-    "null:",
-  ];
+  const tool = ["nbdcopy", ...conns, server.uri, "null:"];
   return [
     {
-      client: `deno run -A examples/copy.ts -C ${connections}`,
+      client: `deno run -A examples/copy.ts ${label}`,
       ours: true,
       ...(present ? {} : { skip: "examples/copy.ts not found" }),
       // Type-checks and caches the module graph, out of the timing; the
@@ -1077,7 +1079,7 @@ export async function copyContenders(
       once: () => timeCommand(deno, c.size, c.requestSize, root),
     },
     ...libs.map((lib) => ({
-      client: `nbdcopy ${lib.version} -C ${connections}`,
+      client: `nbdcopy ${lib.version} ${label}`,
       ours: false,
       ...(lib.nbdcopy ? {} : { skip: `nbdcopy ${lib.missing}` }),
       once: () => timeCommand(lib.wrap(tool), c.size, c.requestSize),
@@ -1469,10 +1471,12 @@ async function main(): Promise<void> {
       const big = await startServer(dir, RSS_SIZE, c.threads);
       try {
         const cb = { ...c, size: RSS_SIZE };
-        for (const conns of [1, 4]) {
+        for (const conns of [1, undefined]) {
           rows.push(
             ...await runSection(
-              `copy ${fmt(RSS_SIZE / MiB)} MiB to null:, ${conns} conn (RSS)`,
+              `copy ${fmt(RSS_SIZE / MiB)} MiB to null:, ${
+                conns ? `${conns} conn` : "defaults"
+              } (RSS)`,
               await copyContenders(big, cb, conns, libs),
               c.runs,
               progress,

@@ -50,7 +50,8 @@ SOURCE, DESTINATION := - | FILE | DEVICE | NBD-URI
 DESTINATION += null:
 
 Options:
-  -C, --connections=N     NBD connections when multi-conn is offered (4)
+  -C, --connections=N     NBD connections when multi-conn is offered (4,
+                          or one per processor if there are fewer)
   -R, --requests=N        requests in flight per connection (64)
       --queue-size=N      bytes in flight per thread (4M; one thread per
                           connection, up to the processor count)
@@ -113,8 +114,10 @@ function readSettings(o: Map<string, string | true>): Settings {
   const requestSize = str("request-size");
   const sparse = str("sparse");
   const settings: Settings = {
+    // As nbdcopy: more connections than processors only slow the copy
+    // (each has its thread, and the server's threads compete too).
     connections: connections === undefined
-      ? 4
+      ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 4))
       : parseCount(connections, "--connections", 1, 64),
     requests: requests === undefined
       ? 64
