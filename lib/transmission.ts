@@ -139,6 +139,9 @@ export class Transmission {
   #loop: Promise<void>;
   #ended = false;
   #onWriteError = (e: unknown) => this.#fail(e);
+  /** Request headers, reused in turn (see submit()). */
+  #headerRing: Uint8Array[];
+  #ringNext = 0;
   #onAbandon = () => this.#wakeIfIdle();
 
   /**
@@ -158,6 +161,12 @@ export class Transmission {
     this.#maxInFlight = maxInFlight;
     this.#trace = trace;
     this.#headerStart = this.#headerBytes.subarray(0, replyHeaderStart(info));
+    const size = info.extendedHeaders ? SIZES.extendedRequest : SIZES.request;
+    const slab = new Uint8Array(size * (maxInFlight + 1));
+    this.#headerRing = Array.from(
+      { length: maxInFlight + 1 },
+      (_, i) => slab.subarray(i * size, (i + 1) * size),
+    );
     this.#reply = decodeReplyHeader(this.#headerStart);
     transport.phase = "transmission";
     transport.cork();
@@ -204,6 +213,16 @@ export class Transmission {
       throw refusal;
     }
     const cookie = this.#nextCookie++;
+    // Request headers come from a ring of maxInFlight + 1 slices of one
+    // buffer, so that no request allocates memory of its own for one. The
+    // slice reused now held the header of the request maxInFlight + 1
+    // before this one; of those maxInFlight + 1 requests at least one has
+    // been answered (no more than maxInFlight are ever unanswered), so the
+    // server has received its header, and every header written before it,
+    // that one included.
+    const ring = this.#headerRing;
+    const slice = ring[this.#ringNext]!;
+    this.#ringNext = (this.#ringNext + 1) % ring.length;
     const { promise, resolve, reject } = Promise.withResolvers<ExtentsById>();
     const p = new Pending(cookie, cmd, resolve, reject, this.#onAbandon);
     this.#pending.set(cookie, p);
@@ -216,6 +235,7 @@ export class Transmission {
         length: cmd.payload ? cmd.payload.length : cmd.length,
       },
       this.#info.extendedHeaders,
+      slice,
     );
     this.#trace?.("send command", {
       command: commandName(cmd.type),
@@ -414,10 +434,13 @@ export class Transmission {
     const what = this.#info.extendedHeaders
       ? "an extended reply header"
       : "a reply header";
-    if (!await t.readInto(start, what, true)) return false;
+    // Bytes already received are taken at once; only what has yet to
+    // arrive goes through an asynchronous read.
+    if (!t.take(start) && !await t.readInto(start, what, true)) return false;
     let bytes = start;
     if (replyHeaderLength(start, this.#info) === SIZES.structuredReply) {
-      await t.readInto(this.#headerRest, "a structured reply header");
+      const rest = this.#headerRest;
+      if (!t.take(rest)) await t.readInto(rest, "a structured reply header");
       bytes = this.#structuredHeader;
     }
     decodeReplyHeader(bytes, this.#reply);
@@ -478,7 +501,7 @@ export class Transmission {
     switch (type) {
       case REPLY_TYPE_OFFSET_DATA: {
         const head = this.#offsetField;
-        await t.readInto(head, "the offset of a data chunk");
+        if (!t.take(head)) await t.readInto(head, "the offset of a data chunk");
         const size = length - 8;
         const rel = claimDataChunk(cmd, p, head, size);
         await this.#readData(p, rel, size, "a data chunk");
@@ -537,10 +560,8 @@ export class Transmission {
       return;
     }
     // A reply in one piece lands in the buffer itself, with no view made.
-    await t.readInto(
-      size === length ? buffer : buffer.subarray(rel, rel + size),
-      what,
-    );
+    const into = size === length ? buffer : buffer.subarray(rel, rel + size);
+    if (!t.take(into)) await t.readInto(into, what);
     // Detached while the bytes were arriving: the transport read them all.
     if (buffer.length !== length) p.detached = true;
   }
