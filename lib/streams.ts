@@ -222,21 +222,32 @@ export function readableFrom(
         pending.length = 0;
         throw error;
       }
-      const view = controller.byobRequest?.view;
-      if (view && readInto) {
-        // A BYOB reader: its buffer gets the one copy, and ours goes back
-        // to the pool for the next read ahead.
-        const into = new Uint8Array(
-          view.buffer,
-          view.byteOffset,
-          view.byteLength,
-        );
-        const n = Math.min(into.length, data.length);
-        into.set(n === data.length ? data : data.subarray(0, n));
-        controller.byobRequest!.respond(n);
-        if (n < data.length) controller.enqueue(data.slice(n));
-        if (data.byteOffset === 0 && data.buffer.byteLength === chunkSize) {
-          free.push(new Uint8Array(data.buffer));
+      const request = controller.byobRequest;
+      const view = request?.view;
+      if (request && view && readInto) {
+        const theirs = view.buffer as ArrayBuffer;
+        if (
+          theirs.byteLength === data.buffer.byteLength &&
+          view.byteOffset === data.byteOffset &&
+          data.length <= view.byteLength
+        ) {
+          // The reader's buffer is the size of ours: hand it ours, filled,
+          // and keep its own for a read ahead. No byte is copied.
+          request.respondWithNewView(data);
+          if (theirs.byteLength === chunkSize) {
+            free.push(new Uint8Array(theirs));
+          }
+        } else {
+          // Another shape: the reader's buffer gets the one copy, and ours
+          // goes back to the pool.
+          const into = new Uint8Array(theirs, view.byteOffset, view.byteLength);
+          const n = Math.min(into.length, data.length);
+          into.set(n === data.length ? data : data.subarray(0, n));
+          request.respond(n);
+          if (n < data.length) controller.enqueue(data.slice(n));
+          if (data.byteOffset === 0 && data.buffer.byteLength === chunkSize) {
+            free.push(new Uint8Array(data.buffer));
+          }
         }
       } else {
         // A default reader takes the buffer itself (enqueue transfers it).
