@@ -1098,6 +1098,9 @@ const TLS_SIZE = GiB;
  * Sequential read over TLS on TCP loopback (`nbds://`), ours against
  * nbdcopy with the same request size and depth: a throwaway PKI, the
  * server's certificate verified against its CA, no client certificate.
+ * Ours runs twice: in this process with the CA given (`tls-certificates=`,
+ * so `node:tls`, which trusts only that CA), and as a command line with
+ * the CA made a system root (`DENO_CERT`), which takes `Deno.startTls`.
  */
 async function benchTls(
   dir: string,
@@ -1106,6 +1109,7 @@ async function benchTls(
   progress: (text: string) => void,
 ): Promise<Row[]> {
   const pki = await makeTestPki();
+  const root = new URL("..", import.meta.url).pathname;
   try {
     // The client's CA where every libnbd install can read it.
     const ca = `${dir}/tls-client`;
@@ -1140,7 +1144,8 @@ async function benchTls(
           `seq read ${fmt(size / MiB)} MiB over TLS (TCP)`,
           [
             {
-              client: `ours readInto() ${req / KiB}K x${qd}`,
+              client: `ours readInto() ${req / KiB}K x${qd}, node:tls ` +
+                "(own CA)",
               ours: true,
               warm: () =>
                 oursSequential(
@@ -1152,6 +1157,31 @@ async function benchTls(
                   "full",
                 ),
               once: () => oursSequential(nbd, size, req, qd, c.seconds, "one"),
+            },
+            {
+              // The CA as a system root: the server verified against the
+              // system's roots, so the client takes Deno.startTls.
+              client: `deno run bench/_tls_read.ts ${req / KiB}K x${qd}, ` +
+                "Deno.startTls",
+              ours: true,
+              once: () =>
+                timeCommand(
+                  [
+                    "env",
+                    `DENO_CERT=${ca}/ca-cert.pem`,
+                    Deno.execPath(),
+                    "run",
+                    "-A",
+                    "bench/_tls_read.ts",
+                    `nbds://localhost:${server.port}/`,
+                    String(size),
+                    String(req),
+                    String(qd),
+                  ],
+                  size,
+                  req,
+                  root,
+                ),
             },
             ...libs.map((lib) => ({
               client: `nbdcopy ${lib.version} --request-size=${req} ` +

@@ -6,14 +6,17 @@
  * the raw stream to {@linkcode upgradeToTls}, which runs the TLS handshake
  * over it and returns an encrypted {@linkcode ByteStream} to carry on with.
  *
- * Two paths, one per need. The common case, a TCP connection that sends no
- * client certificate and verifies the server, goes through `Deno.startTls`:
- * rustls in Deno's own I/O, measured at two to three times the throughput
- * of the other path for a third of the CPU (`bench/PROFILE.md`). Everything
- * else goes through `node:tls`: `Deno.startTls` takes only a `Deno.TcpConn`
- * (no Unix socket, no descriptor stream from `ffi/`), sends no client
- * certificate (it ignores `cert` and `key`), and cannot turn off chain
- * verification for `tlsVerifyPeer: false`. Deno's `node:tls` does all three
+ * Two paths, one per need. A TCP connection that sends no client
+ * certificate and verifies the server against the system's roots goes
+ * through `Deno.startTls`: rustls in Deno's own I/O, measured at two to
+ * three times the throughput of the other path for a third of the CPU
+ * (`bench/PROFILE.md`). Everything else goes through `node:tls`:
+ * `Deno.startTls` takes only a `Deno.TcpConn` (no Unix socket, no descriptor
+ * stream from `ffi/`), sends no client certificate (it ignores `cert` and
+ * `key`), cannot turn off chain verification for `tlsVerifyPeer: false`,
+ * and adds `caCerts` to the built-in roots instead of trusting only them
+ * (so a CA of one's own, `tlsCertificates` or `caCerts`, would also let any
+ * publicly trusted certificate for the name through). Deno's `node:tls` does all three
  * over any duplex stream, so the library adapts its own {@linkcode ByteStream}
  * into a Node `Duplex` and lets `tls.connect({ socket })` speak over it. That
  * module is loaded on first use, so clients that never need it never load
@@ -274,9 +277,12 @@ export async function upgradeToTls(
     const credentials = await loadTlsCredentials(options);
     const name = options.tlsHostname ?? options.hostname;
     const verify = options.tlsVerifyPeer !== false;
+    // Deno.startTls only where it trusts exactly what node:tls would: it
+    // adds caCerts to the built-in roots instead of trusting only them, so
+    // a CA of the user's own keeps the node:tls path.
     if (
-      verify && credentials.cert === undefined && name !== undefined &&
-      isTcpConn(stream)
+      verify && credentials.cert === undefined &&
+      credentials.ca === undefined && name !== undefined && isTcpConn(stream)
     ) {
       owned = false;
       const secure = await DenoTlsStream.start(
