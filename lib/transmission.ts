@@ -140,7 +140,8 @@ export class Transmission {
   #ended = false;
   #onWriteError = (e: unknown) => this.#fail(e);
   /** Request headers, reused in turn (see submit()). */
-  #headerRing: Uint8Array[];
+  #headerRing: Array<Uint8Array | undefined>;
+  #headerSize: number;
   #ringNext = 0;
   #onAbandon = () => this.#wakeIfIdle();
 
@@ -161,12 +162,10 @@ export class Transmission {
     this.#maxInFlight = maxInFlight;
     this.#trace = trace;
     this.#headerStart = this.#headerBytes.subarray(0, replyHeaderStart(info));
-    const size = info.extendedHeaders ? SIZES.extendedRequest : SIZES.request;
-    const slab = new Uint8Array(size * (maxInFlight + 1));
-    this.#headerRing = Array.from(
-      { length: maxInFlight + 1 },
-      (_, i) => slab.subarray(i * size, (i + 1) * size),
-    );
+    this.#headerSize = info.extendedHeaders
+      ? SIZES.extendedRequest
+      : SIZES.request;
+    this.#headerRing = new Array(maxInFlight + 1);
     this.#reply = decodeReplyHeader(this.#headerStart);
     transport.phase = "transmission";
     transport.cork();
@@ -213,16 +212,19 @@ export class Transmission {
       throw refusal;
     }
     const cookie = this.#nextCookie++;
-    // Request headers come from a ring of maxInFlight + 1 slices of one
-    // buffer, so that no request allocates memory of its own for one. The
-    // slice reused now held the header of the request maxInFlight + 1
-    // before this one; of those maxInFlight + 1 requests at least one has
-    // been answered (no more than maxInFlight are ever unanswered), so the
-    // server has received its header, and every header written before it,
-    // that one included.
+    // Request headers come from a ring of maxInFlight + 1 buffers, so that
+    // no request allocates memory of its own for one. The buffer reused now
+    // held the header of the request maxInFlight + 1 before this one; of
+    // those maxInFlight + 1 requests at least one has been answered (no
+    // more than maxInFlight are ever unanswered), so the server has
+    // received its header, and every header written before it, that one
+    // included.
     const ring = this.#headerRing;
-    const slice = ring[this.#ringNext]!;
-    this.#ringNext = (this.#ringNext + 1) % ring.length;
+    const at = this.#ringNext;
+    // Made on first use: a connection allowed 65536 requests in flight
+    // only ever holds as many headers as it has had requests at once.
+    const slice = ring[at] ??= new Uint8Array(this.#headerSize);
+    this.#ringNext = at + 1 === ring.length ? 0 : at + 1;
     const { promise, resolve, reject } = Promise.withResolvers<ExtentsById>();
     const p = new Pending(cookie, cmd, resolve, reject, this.#onAbandon);
     this.#pending.set(cookie, p);
