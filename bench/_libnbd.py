@@ -25,6 +25,8 @@ _size = int(_env.get("NBD_BENCH_SIZE", "0"))  # seq: bytes to read
 _count = int(_env.get("NBD_BENCH_COUNT", "0"))  # rand: reads per run
 _warm_count = int(_env.get("NBD_BENCH_WARM_COUNT", "0"))
 _warm_size = int(_env.get("NBD_BENCH_WARM_SIZE", "0"))
+# "1": write (a buffer of zero bytes) instead of read.
+_write = _env.get("NBD_BENCH_WRITE", "0") == "1"
 
 _offsets = array.array("Q")
 if _mode == "rand":
@@ -42,9 +44,17 @@ def _offset_of(i):
 
 
 def _qd1(count):
-    """A plain loop of synchronous h.pread: one request on the wire."""
-    pread = h.pread
+    """A plain loop of synchronous h.pread (or h.pwrite): one request on
+    the wire."""
     req = _req
+    if _write:
+        data = bytes(req)
+        pwrite = h.pwrite
+
+        def pread(_n, off):
+            pwrite(data, off)
+    else:
+        pread = h.pread
     offs = _offsets if _mode == "rand" else None
     done = 0
     t0 = time.perf_counter()
@@ -60,12 +70,12 @@ def _qd1(count):
 
 
 def _window(count):
-    """Up to _qd h.aio_pread in flight, reaped with h.poll and
-    h.aio_command_completed; each request's buffer is reused."""
+    """Up to _qd h.aio_pread (or h.aio_pwrite) in flight, reaped with
+    h.poll and h.aio_command_completed; each request's buffer is reused."""
     bufs = [nbd.Buffer(_req) for _ in range(_qd)]
     free = list(range(_qd))
     inflight = {}
-    aio_pread = h.aio_pread
+    aio_pread = h.aio_pwrite if _write else h.aio_pread
     peek = h.aio_peek_command_completed
     completed = h.aio_command_completed
     poll = h.poll

@@ -48,7 +48,8 @@
 
 import { cpuUsage } from "node:process";
 import { connect, type NbdClient } from "../mod.ts";
-import { insideRoot, TRIXIE_ROOT } from "../tests/support/servers.ts";
+import { makeTestPki } from "../tests/support/certs.ts";
+import { insideRoot, nbdkit, TRIXIE_ROOT } from "../tests/support/servers.ts";
 
 /** What one timed run did. */
 export interface Run {
@@ -60,6 +61,8 @@ export interface Run {
   seconds: number;
   /** CPU seconds (user + system) the client spent, where known. */
   cpu?: number;
+  /** Peak resident memory of a command line, in bytes, where known. */
+  rss?: number;
 }
 
 /** One line of the table. */
@@ -100,6 +103,8 @@ export interface Config {
   copy: boolean;
   /** Whether to run nbdcopy and nbdsh. */
   libnbd: boolean;
+  /** Whether to run the TLS section. */
+  tls: boolean;
 }
 
 const KiB = 1024;
@@ -118,6 +123,7 @@ const USAGE = `Usage: deno task bench [OPTIONS]
   --threads=N     nbdkit --threads (16, nbdkit's default)
   --no-copy       skip the command-line copy benchmark
   --no-libnbd     skip nbdcopy and nbdsh
+  --no-tls        skip the TLS section
   --quick         256 MiB, 2000 and 10000 random reads, 2 runs
 `;
 
@@ -143,6 +149,7 @@ function parseConfig(args: string[]): Config {
     threads: 16,
     copy: true,
     libnbd: true,
+    tls: true,
   };
   for (const arg of args) {
     const [name, value = ""] = arg.split("=", 2) as [string, string?];
@@ -182,6 +189,9 @@ function parseConfig(args: string[]): Config {
         break;
       case "--no-libnbd":
         c.libnbd = false;
+        break;
+      case "--no-tls":
+        c.tls = false;
         break;
       case "--quick":
         c.size = 256 * MiB;
@@ -326,7 +336,7 @@ export async function oursSequential(
   return { ops, bytes: ops * request, seconds: elapsed, cpu: cpuSince(cpu0) };
 }
 
-/** Sequential read through `readable()` with `readAhead` requests ahead. */
+/** Sequential read through `readable()` with a BYOB reader, `depth` requests ahead. */
 export async function oursStream(
   nbd: NbdClient,
   size: number,
@@ -345,13 +355,25 @@ export async function oursStream(
     chunkSize: request,
     readAhead: depth,
   });
-  for await (const chunk of stream) {
-    // Chunks arrive as the requests returned them: request-sized, aligned.
-    if (check === "full") checkMany(chunk, pos, 64);
-    else checkOne(chunk, pos, ops);
-    pos += chunk.length;
-    ops++;
-    if ((ops & 63) === 0 && performance.now() > deadline) break;
+  // A BYOB reader, its buffer handed back and forth: no allocation per read.
+  const reader = stream.getReader({ mode: "byob" });
+  let buf = new Uint8Array(request);
+  try {
+    for (;;) {
+      const { value, done } = await reader.read(buf, { min: request });
+      if (done || !value) break;
+      // Whole requests, in order: the pattern at `pos` must be there.
+      if (check === "full") checkMany(value, pos, 64);
+      else checkOne(value, pos, ops);
+      pos += value.length;
+      ops++;
+      buf = new Uint8Array(value.buffer);
+      if (pos >= size) break;
+      if ((ops & 63) === 0 && performance.now() > deadline) break;
+    }
+  } finally {
+    await reader.cancel().catch(() => {});
+    reader.releaseLock();
   }
   const elapsed = (performance.now() - t0) / 1000;
   return { ops, bytes: pos, seconds: elapsed, cpu: cpuSince(cpu0) };
@@ -391,6 +413,56 @@ export async function oursRandom(
     seconds: elapsed,
     cpu: cpuSince(cpu0),
   };
+}
+
+/**
+ * Writes `count` requests of `request` bytes, request `i` at `at(i)`,
+ * `depth` in flight, each slot's buffer reused. Each request's first word
+ * is stamped with its offset (the pattern plugin's formula); after the
+ * timed part, every request's first word is read back and checked, so a
+ * write that did not land fails the run.
+ */
+export async function oursWrite(
+  nbd: NbdClient,
+  at: (i: number) => number,
+  count: number,
+  request: number,
+  depth: number,
+  seconds: number,
+): Promise<Run> {
+  let next = 0;
+  let stopAt = count;
+  let ops = 0;
+  const t0 = performance.now();
+  const cpu0 = cpuUsage();
+  const deadline = t0 + seconds * 1000;
+  const worker = async (buf: Uint8Array) => {
+    const view = new DataView(buf.buffer);
+    while (next < stopAt) {
+      const offset = at(next++);
+      view.setUint32(0, Math.floor(offset / 0x1_0000_0000));
+      view.setUint32(4, offset >>> 0);
+      await nbd.write(offset, buf);
+      ops++;
+      if ((ops & 63) === 0 && performance.now() > deadline) stopAt = next;
+    }
+  };
+  const bufs = Array.from({ length: depth }, () => new Uint8Array(request));
+  await Promise.all(bufs.map(worker));
+  const elapsed = (performance.now() - t0) / 1000;
+  const cpu = cpuSince(cpu0);
+  // Untimed: every request written is there.
+  let check = 0;
+  const checker = async () => {
+    const word = new Uint8Array(8);
+    while (check < next) {
+      const offset = at(check++);
+      await nbd.readInto(word, offset);
+      checkWord(word, offset, 0);
+    }
+  };
+  await Promise.all(Array.from({ length: 64 }, checker));
+  return { ops, bytes: ops * request, seconds: elapsed, cpu };
 }
 
 /** One client in a section: warmed up once, then timed once per round. */
@@ -613,10 +685,15 @@ export async function timeCommand(
   requestSize: number,
   cwd?: string,
 ): Promise<Run> {
-  // bash's `times` reports the CPU its children used: the tool's own cost.
+  // bash's `times` reports the CPU its children used: the tool's own cost;
+  // GNU time, where there is one, the peak resident memory.
+  const rssFile = await Deno.makeTempFile({ prefix: "nbd-bench-rss-" });
+  const timed = await hasGnuTime()
+    ? ["/usr/bin/time", "-f", "%M", "-o", rssFile, ...argv]
+    : argv;
   const t0 = performance.now();
   const r = await new Deno.Command("bash", {
-    args: ["-c", '"$@" >/dev/null; rc=$?; times; exit $rc', "bash", ...argv],
+    args: ["-c", '"$@" >/dev/null; rc=$?; times; exit $rc', "bash", ...timed],
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
@@ -624,6 +701,7 @@ export async function timeCommand(
   }).output();
   const seconds = (performance.now() - t0) / 1000;
   if (!r.success) {
+    await Deno.remove(rssFile).catch(() => {});
     throw new Error(
       `${argv.join(" ")} failed (exit ${r.code}): ${
         new TextDecoder().decode(r.stderr).trim()
@@ -635,11 +713,31 @@ export async function timeCommand(
   for (const m of children?.matchAll(/(\d+)m([\d.]+)s/g) ?? []) {
     cpu += Number(m[1]) * 60 + Number(m[2]);
   }
-  return { ops: bytes / requestSize, bytes, seconds, cpu };
+  const kib = Number(
+    (await Deno.readTextFile(rssFile).catch(() => "")).trim().split("\n")
+      .at(-1),
+  );
+  await Deno.remove(rssFile).catch(() => {});
+  return {
+    ops: bytes / requestSize,
+    bytes,
+    seconds,
+    cpu,
+    ...(kib > 0 ? { rss: kib * 1024 } : {}),
+  };
+}
+
+let gnuTime: Promise<boolean> | undefined;
+/** Whether `/usr/bin/time` is GNU time (it takes `-f` and `-o`). */
+function hasGnuTime(): Promise<boolean> {
+  gnuTime ??= has("/usr/bin/time", undefined, ["-f", "%M", "true"]);
+  return gnuTime;
 }
 
 interface NbdshJob {
   mode: "seq" | "rand";
+  /** Write instead of read. */
+  write?: boolean;
   request: number;
   depth: number;
   runs: number;
@@ -672,6 +770,7 @@ async function runNbdsh(
     NBD_BENCH_SIZE: String(job.size ?? 0),
     NBD_BENCH_WARM_SIZE: String(job.warmSize ?? 0),
     NBD_BENCH_COUNT: String(job.count ?? 0),
+    NBD_BENCH_WRITE: job.write ? "1" : "0",
     NBD_BENCH_WARM_COUNT: String(job.warmCount ?? 0),
     NBD_BENCH_OFFSETS: lib.wrap([job.offsetsFile ?? ""]).at(-1)!,
   };
@@ -726,9 +825,10 @@ export async function startServer(
   dir: string,
   size: number,
   threads: number,
+  plugin: "pattern" | "memory" = "pattern",
 ): Promise<Server> {
-  const path = `${dir}/nbd.sock`;
-  const pidFile = `${dir}/nbdkit.pid`;
+  const path = `${dir}/${plugin}-${size}.sock`;
+  const pidFile = `${dir}/${plugin}-${size}.pid`;
   const child = new Deno.Command("nbdkit", {
     args: [
       "-U",
@@ -738,7 +838,7 @@ export async function startServer(
       "-f",
       "--exit-with-parent",
       `--threads=${threads}`,
-      "pattern",
+      plugin,
       `size=${size}`,
     ],
     stdin: "null",
@@ -781,6 +881,8 @@ interface Rates {
   secs: number;
   /** Client CPU microseconds per request, when every run measured it. */
   cpuPerOp: number | undefined;
+  /** Peak RSS in MiB of a command line, when every run measured it. */
+  rss: number | undefined;
 }
 
 function rates(row: Row): Rates {
@@ -792,6 +894,9 @@ function rates(row: Row): Rates {
     iops: median(row.runs.map((r) => r.ops / r.seconds)),
     secs: median(row.runs.map((r) => r.seconds)),
     cpuPerOp: cpu,
+    rss: row.runs.every((r) => r.rss !== undefined)
+      ? median(row.runs.map((r) => r.rss! / MiB))
+      : undefined,
   };
 }
 
@@ -811,9 +916,10 @@ export function formatTable(rows: Row[], runs: number): string {
     "IOPS",
     "median s",
     "CPU us/req",
+    "peak RSS MiB",
     "ref/this",
   ];
-  const numeric = [false, false, true, true, true, true, true];
+  const numeric = [false, false, true, true, true, true, true, true];
   const lines: string[][] = [];
   const notes: string[] = [];
   let section = "";
@@ -824,7 +930,7 @@ export function formatTable(rows: Row[], runs: number): string {
       ref = undefined;
     }
     if (row.runs.length === 0) {
-      lines.push([section, row.client, "-", "-", "-", "-", "-"]);
+      lines.push([section, row.client, "-", "-", "-", "-", "-", "-"]);
       notes.push(`${row.client}: ${row.note ?? "skipped"}`);
       continue;
     }
@@ -842,6 +948,7 @@ export function formatTable(rows: Row[], runs: number): string {
       fmt(r.iops),
       fmt(r.secs, 3),
       r.cpuPerOp === undefined ? "-" : fmt(r.cpuPerOp, 1),
+      r.rss === undefined ? "-" : fmt(r.rss, 1),
       ratio,
     ]);
   }
@@ -869,7 +976,10 @@ export function formatTable(rows: Row[], runs: number): string {
     "this row's (above 1: ours is faster). CPU us/req: the client process's user + " +
     "system time per request (nbdkit's excluded); for command lines, the " +
     "whole process, start-up included, per 256 KiB of data. Command lines " +
-    "(nbdcopy, deno run) are timed from spawn to exit.",
+    "(nbdcopy, deno run) are timed from spawn to exit; peak RSS: their " +
+    "largest resident set (GNU time's %M). nbdcopy opens at most one " +
+    "connection per processor whatever -C says; examples/copy.ts opens what " +
+    "-C says (its default, like nbdcopy's, is 4 capped at the processors).",
     ...notes.map((n) => `Skipped: ${n}`),
   ].join("\n");
 }
@@ -929,10 +1039,15 @@ export function ratioSummary(rows: Row[], versions: string[]): string {
 export async function copyContenders(
   server: Server,
   c: Config,
-  connections: number,
+  connections: number | undefined,
   libs: Libnbd[],
 ): Promise<Contender[]> {
   const root = new URL("..", import.meta.url).pathname;
+  // Without a count, each tool's default (both: 4, at most one per processor).
+  const conns = connections === undefined
+    ? []
+    : [`--connections=${connections}`];
+  const label = connections === undefined ? "(defaults)" : `-C ${connections}`;
   const present = await Deno.stat(`${root}examples/copy.ts`).then(
     () => true,
     () => false,
@@ -942,19 +1057,14 @@ export async function copyContenders(
     "run",
     "-A",
     "examples/copy.ts",
-    `--connections=${connections}`,
+    ...conns,
     server.uri,
     "null:",
   ];
-  const tool = [
-    "nbdcopy",
-    `--connections=${connections}`,
-    server.uri,
-    "null:",
-  ];
+  const tool = ["nbdcopy", ...conns, server.uri, "null:"];
   return [
     {
-      client: `deno run -A examples/copy.ts -C ${connections}`,
+      client: `deno run -A examples/copy.ts ${label}`,
       ours: true,
       ...(present ? {} : { skip: "examples/copy.ts not found" }),
       // Type-checks and caches the module graph, out of the timing; the
@@ -969,7 +1079,7 @@ export async function copyContenders(
       once: () => timeCommand(deno, c.size, c.requestSize, root),
     },
     ...libs.map((lib) => ({
-      client: `nbdcopy ${lib.version} -C ${connections}`,
+      client: `nbdcopy ${lib.version} ${label}`,
       ours: false,
       ...(lib.nbdcopy ? {} : { skip: `nbdcopy ${lib.missing}` }),
       once: () => timeCommand(lib.wrap(tool), c.size, c.requestSize),
@@ -978,6 +1088,122 @@ export async function copyContenders(
 }
 
 // ---------------------------------------------------------------------------
+
+/** The size of the copy whose peak memory is shown. */
+const RSS_SIZE = 4 * GiB;
+/** Bytes read over TLS. */
+const TLS_SIZE = GiB;
+
+/**
+ * Sequential read over TLS on TCP loopback (`nbds://`), ours against
+ * nbdcopy with the same request size and depth: a throwaway PKI, the
+ * server's certificate verified against its CA, no client certificate.
+ * Ours runs twice: in this process with the CA given (`tls-certificates=`,
+ * so `node:tls`, which trusts only that CA), and as a command line with
+ * the CA made a system root (`DENO_CERT`), which takes `Deno.startTls`.
+ */
+async function benchTls(
+  dir: string,
+  c: Config,
+  libs: Libnbd[],
+  progress: (text: string) => void,
+): Promise<Row[]> {
+  const pki = await makeTestPki();
+  const root = new URL("..", import.meta.url).pathname;
+  try {
+    // The client's CA where every libnbd install can read it.
+    const ca = `${dir}/tls-client`;
+    await Deno.mkdir(ca);
+    await Deno.copyFile(
+      `${pki.clientNoCertDir}/ca-cert.pem`,
+      `${ca}/ca-cert.pem`,
+    );
+    const size = Math.min(TLS_SIZE, c.size);
+    const server = await nbdkit([
+      "--tls=require",
+      `--tls-certificates=${pki.serverDir}`,
+      `--threads=${c.threads}`,
+      "pattern",
+      `size=${size}`,
+    ], { tcp: true });
+    try {
+      const uri = `nbds://127.0.0.1:${server.port}/?tls-certificates=${ca}`;
+      const req = c.requestSize;
+      const qd = c.seqDepth;
+      const nbd = await connect(uri, { maxInFlight: 64 });
+      try {
+        const matched = [
+          "nbdcopy",
+          `--request-size=${req}`,
+          `--requests=${qd}`,
+          "--connections=1",
+          uri,
+          "null:",
+        ];
+        return await runSection(
+          `seq read ${fmt(size / MiB)} MiB over TLS (TCP)`,
+          [
+            {
+              client: `ours readInto() ${req / KiB}K x${qd}, node:tls ` +
+                "(own CA)",
+              ours: true,
+              warm: () =>
+                oursSequential(
+                  nbd,
+                  Math.min(size, 256 * MiB),
+                  req,
+                  qd,
+                  60,
+                  "full",
+                ),
+              once: () => oursSequential(nbd, size, req, qd, c.seconds, "one"),
+            },
+            {
+              // The CA as a system root: the server verified against the
+              // system's roots, so the client takes Deno.startTls.
+              client: `deno run bench/_tls_read.ts ${req / KiB}K x${qd}, ` +
+                "Deno.startTls",
+              ours: true,
+              once: () =>
+                timeCommand(
+                  [
+                    "env",
+                    `DENO_CERT=${ca}/ca-cert.pem`,
+                    Deno.execPath(),
+                    "run",
+                    "-A",
+                    "bench/_tls_read.ts",
+                    `nbds://localhost:${server.port}/`,
+                    String(size),
+                    String(req),
+                    String(qd),
+                  ],
+                  size,
+                  req,
+                  root,
+                ),
+            },
+            ...libs.map((lib) => ({
+              client: `nbdcopy ${lib.version} --request-size=${req} ` +
+                `--requests=${qd} -C 1`,
+              ours: false,
+              ...(lib.nbdcopy ? {} : { skip: `nbdcopy ${lib.missing}` }),
+              once: () => timeCommand(lib.wrap(matched), size, req),
+            })),
+          ],
+          c.runs,
+          progress,
+        );
+      } finally {
+        await nbd.close();
+      }
+    } finally {
+      await server.stop();
+    }
+  } finally {
+    await pki.remove();
+  }
+}
 
 /** The 1, 5 and 15 minute load averages, where /proc has them. */
 async function loadAverage(): Promise<string> {
@@ -1035,12 +1261,16 @@ async function main(): Promise<void> {
     const req = c.requestSize;
     const qd = c.seqDepth;
     const warmSize = Math.min(c.size, 256 * MiB);
-    const nbdsh = (lib: Libnbd, job: Omit<NbdshJob, "runs">) => ({
+    const nbdsh = (
+      lib: Libnbd,
+      job: Omit<NbdshJob, "runs">,
+      uri = s.uri,
+    ) => ({
       ...(lib.nbdshEnv ? {} : { skip: `nbdsh ${lib.missing}` }),
       warm: () =>
-        runNbdsh(s.uri, lib, lib.wrap([script]).at(-1)!, { ...job, runs: 0 }),
+        runNbdsh(uri, lib, lib.wrap([script]).at(-1)!, { ...job, runs: 0 }),
       once: async () => {
-        const [run] = await runNbdsh(s.uri, lib, lib.wrap([script]).at(-1)!, {
+        const [run] = await runNbdsh(uri, lib, lib.wrap([script]).at(-1)!, {
           ...job,
           runs: 1,
           warmSize: 0,
@@ -1082,7 +1312,7 @@ async function main(): Promise<void> {
                 oursSequential(nbd, c.size, req, qd, c.seconds, "one"),
             },
             {
-              client: `ours readable() ${req / KiB}K ahead ${qd}`,
+              client: `ours readable() BYOB ${req / KiB}K ahead ${qd}`,
               ours: true,
               warm: () => oursStream(nbd, warmSize, req, qd, c.seconds, "full"),
               once: () => oursStream(nbd, c.size, req, qd, c.seconds, "one"),
@@ -1164,6 +1394,98 @@ async function main(): Promise<void> {
       await nbd.close();
     }
 
+    // Writes: into `nbdkit memory`, the same server for every client.
+    const mem = await startServer(dir, c.size, c.threads, "memory");
+    try {
+      const w = await connect({ path: mem.path, maxInFlight: 64 });
+      try {
+        const seqCount = c.size / req;
+        rows.push(
+          ...await runSection(
+            `seq write ${fmt(c.size / MiB)} MiB into memory`,
+            [
+              {
+                client: `ours write() ${req / KiB}K x${qd}`,
+                ours: true,
+                warm: () =>
+                  oursWrite(w, (i) => i * req, warmSize / req, req, qd, 60),
+                once: () =>
+                  oursWrite(w, (i) => i * req, seqCount, req, qd, c.seconds),
+              },
+              ...libs.map((lib) => ({
+                client: `nbdsh ${lib.version} aio_pwrite ${req / KiB}K x${qd}`,
+                ours: false,
+                ...nbdsh(lib, {
+                  mode: "seq",
+                  write: true,
+                  request: req,
+                  depth: qd,
+                  seconds: c.seconds,
+                  size: c.size,
+                  warmSize,
+                }, mem.uri),
+              })),
+            ],
+            c.runs,
+            progress,
+          ),
+        );
+        const count = c.qd64Count;
+        const warmCount = Math.min(count, Math.max(1000, count / 10));
+        rows.push(
+          ...await runSection(
+            `rand 4K write QD64, ${fmt(count)} writes`,
+            [
+              {
+                client: "ours write(), window of 64",
+                ours: true,
+                warm: () =>
+                  oursWrite(
+                    w,
+                    (i) => offsets[i]!,
+                    warmCount,
+                    RANDOM_SIZE,
+                    64,
+                    60,
+                  ),
+                once: () =>
+                  oursWrite(
+                    w,
+                    (i) => offsets[i]!,
+                    count,
+                    RANDOM_SIZE,
+                    64,
+                    c.seconds,
+                  ),
+              },
+              ...libs.map((lib) => ({
+                client: `nbdsh ${lib.version} h.aio_pwrite window of 64`,
+                ours: false,
+                ...nbdsh(lib, {
+                  mode: "rand",
+                  write: true,
+                  request: RANDOM_SIZE,
+                  depth: 64,
+                  seconds: c.seconds,
+                  count,
+                  warmCount,
+                  offsetsFile,
+                }, mem.uri),
+              })),
+            ],
+            c.runs,
+            progress,
+          ),
+        );
+      } finally {
+        await w.close();
+      }
+    } finally {
+      await mem.stop();
+    }
+
+    if (c.tls) rows.push(...await benchTls(dir, c, libs, progress));
+
     if (c.copy) {
       for (const conns of [1, 4]) {
         rows.push(
@@ -1174,6 +1496,25 @@ async function main(): Promise<void> {
             progress,
           ),
         );
+      }
+      // Memory stays flat whatever the size: 4 GiB, peak RSS beside nbdcopy's.
+      const big = await startServer(dir, RSS_SIZE, c.threads);
+      try {
+        const cb = { ...c, size: RSS_SIZE };
+        for (const conns of [1, undefined]) {
+          rows.push(
+            ...await runSection(
+              `copy ${fmt(RSS_SIZE / MiB)} MiB to null:, ${
+                conns ? `${conns} conn` : "defaults"
+              } (RSS)`,
+              await copyContenders(big, cb, conns, libs),
+              c.runs,
+              progress,
+            ),
+          );
+        }
+      } finally {
+        await big.stop();
       }
     }
   } finally {

@@ -8,10 +8,13 @@
  * deno run -A bench/profile.ts --summary /tmp/nbd-prof/*.cpuprofile
  * ```
  *
- * Workloads: `seq` (readInto, 256 KiB x16), `stream` (readable()), `qd1`
- * and `qd64` (random 4 KiB reads). `--size=N` (1G), `--count=N` (50000),
- * `--socket=PATH` to use a running server of that size instead of starting
- * one (so that `strace -f` sees the client alone).
+ * Workloads: `seq` (readInto, 256 KiB x16), `stream` (readable() with a
+ * BYOB reader), `qd1` and `qd64` (random 4 KiB reads) against `nbdkit
+ * pattern`; `write` (256 KiB x16) and `wqd64` (random 4 KiB writes)
+ * against `nbdkit memory`. `--size=N` in bytes (1 GiB), `--count=N`
+ * (50000), `--socket=PATH` to use a running server of that size (and
+ * plugin) instead of starting one (so that `strace -f` sees the client
+ * alone).
  *
  * @module
  */
@@ -22,6 +25,7 @@ import {
   oursRandom,
   oursSequential,
   oursStream,
+  oursWrite,
   randomOffsets,
   type Run,
   startServer,
@@ -95,7 +99,12 @@ async function main(): Promise<void> {
   const dir = await Deno.makeTempDir({ prefix: "nbd-prof-" });
   const server = given
     ? { path: given, stop: () => Promise.resolve() }
-    : await startServer(dir, size, 16);
+    : await startServer(
+      dir,
+      size,
+      16,
+      workload === "write" || workload === "wqd64" ? "memory" : "pattern",
+    );
   try {
     const nbd = await connect({ path: server.path, maxInFlight: 64 });
     try {
@@ -115,6 +124,19 @@ async function main(): Promise<void> {
         case "qd64":
           run = await oursRandom(nbd, offsets, count, 64, 60, "one");
           break;
+        case "write":
+          run = await oursWrite(
+            nbd,
+            (i) => i * 256 * 1024,
+            size / (256 * 1024),
+            256 * 1024,
+            16,
+            60,
+          );
+          break;
+        case "wqd64":
+          run = await oursWrite(nbd, (i) => offsets[i]!, count, 4096, 64, 60);
+          break;
         default:
           throw new TypeError(`Unknown workload ${workload}`);
       }
@@ -125,7 +147,13 @@ async function main(): Promise<void> {
           (run.bytes / 1048576 / run.seconds).toFixed(1)
         } MiB/s, ${(run.ops / run.seconds).toFixed(0)} IOPS, CPU per request ${
           (cpu.user / run.ops).toFixed(1)
-        } us user + ${(cpu.system / run.ops).toFixed(1)} us system`,
+        } us user + ${(cpu.system / run.ops).toFixed(1)} us system${
+          // The write workloads read every request back after the timing.
+          workload === "write" || workload === "wqd64"
+            ? ` with the read-back, ${
+              ((run.cpu ?? 0) * 1e6 / run.ops).toFixed(1)
+            } us without`
+            : ""}`,
       );
     } finally {
       await nbd.close();

@@ -39,6 +39,16 @@ export interface StreamableClient {
     length: number,
     options?: { signal?: AbortSignal },
   ): Promise<Uint8Array>;
+  /**
+   * Reads `buffer.length` bytes at `offset` into `buffer`. Optional: where
+   * it is given, the stream reads ahead into buffers of its own that it
+   * reuses, instead of allocating one per request.
+   */
+  readInto?(
+    buffer: Uint8Array,
+    offset: number,
+    options?: { signal?: AbortSignal },
+  ): Promise<void>;
   /** Writes `data` at `offset`. */
   write(
     offset: number,
@@ -168,13 +178,24 @@ export function readableFrom(
   const signal = options.signal
     ? AbortSignal.any([options.signal, stop.signal])
     : stop.signal;
+  // Buffers whose data has been handed over (copied into a reader's
+  // buffer), ready for the next read ahead.
+  const free: Uint8Array[] = [];
   const pending: Promise<Uint8Array>[] = [];
   let next = start;
+  const readInto = client.readInto?.bind(client);
+
+  const read = (at: number, n: number): Promise<Uint8Array> => {
+    if (!readInto) return client.read(at, n, { signal });
+    const own = free.pop() ?? new Uint8Array(chunkSize);
+    const buf = n === own.length ? own : own.subarray(0, n);
+    return readInto(buf, at, { signal }).then(() => buf);
+  };
 
   const fill = () => {
     while (pending.length < readAhead && next < end) {
       const n = Math.min(chunkSize, end - next);
-      pending.push(quiet(client.read(next, n, { signal })));
+      pending.push(quiet(read(next, n)));
       next += n;
     }
   };
@@ -201,10 +222,38 @@ export function readableFrom(
         pending.length = 0;
         throw error;
       }
+      const request = controller.byobRequest;
+      const view = request?.view;
+      if (request && view && readInto) {
+        const theirs = view.buffer as ArrayBuffer;
+        if (
+          theirs.byteLength === data.buffer.byteLength &&
+          view.byteOffset === data.byteOffset &&
+          data.length <= view.byteLength
+        ) {
+          // The reader's buffer is the size of ours: hand it ours, filled,
+          // and keep its own for a read ahead. No byte is copied.
+          request.respondWithNewView(data);
+          if (theirs.byteLength === chunkSize) {
+            free.push(new Uint8Array(theirs));
+          }
+        } else {
+          // Another shape: the reader's buffer gets the one copy, and ours
+          // goes back to the pool.
+          const into = new Uint8Array(theirs, view.byteOffset, view.byteLength);
+          const n = Math.min(into.length, data.length);
+          into.set(n === data.length ? data : data.subarray(0, n));
+          request.respond(n);
+          if (n < data.length) controller.enqueue(data.slice(n));
+          if (data.byteOffset === 0 && data.buffer.byteLength === chunkSize) {
+            free.push(new Uint8Array(data.buffer));
+          }
+        }
+      } else {
+        // A default reader takes the buffer itself (enqueue transfers it).
+        controller.enqueue(data);
+      }
       fill();
-      // With a BYOB request pending, enqueue copies into the reader's buffer
-      // and queues whatever does not fit.
-      controller.enqueue(data);
       if (pending.length === 0 && next >= end) controller.close();
     },
     cancel(reason) {

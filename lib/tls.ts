@@ -6,13 +6,20 @@
  * the raw stream to {@linkcode upgradeToTls}, which runs the TLS handshake
  * over it and returns an encrypted {@linkcode ByteStream} to carry on with.
  *
- * Why `node:tls` and not `Deno.startTls`: `Deno.startTls` takes only a
- * `Deno.TcpConn` (no Unix socket, no descriptor stream from `ffi/`), sends no
- * client certificate (it ignores `cert` and `key`), and cannot turn off chain
- * verification for `tlsVerifyPeer: false`. Deno's `node:tls` does all three
+ * Two paths, one per need. A TCP connection that sends no client
+ * certificate and verifies the server against the system's roots goes
+ * through `Deno.startTls`: rustls in Deno's own I/O, measured at two to
+ * three times the throughput of the other path for a third of the CPU
+ * (`bench/PROFILE.md`). Everything else goes through `node:tls`:
+ * `Deno.startTls` takes only a `Deno.TcpConn` (no Unix socket, no descriptor
+ * stream from `ffi/`), sends no client certificate (it ignores `cert` and
+ * `key`), cannot turn off chain verification for `tlsVerifyPeer: false`,
+ * and adds `caCerts` to the built-in roots instead of trusting only them
+ * (so a CA of one's own, `tlsCertificates` or `caCerts`, would also let any
+ * publicly trusted certificate for the name through). Deno's `node:tls` does all three
  * over any duplex stream, so the library adapts its own {@linkcode ByteStream}
- * into a Node `Duplex` and lets `tls.connect({ socket })` speak over it. The
- * module is loaded on first use, so clients that never ask for TLS never load
+ * into a Node `Duplex` and lets `tls.connect({ socket })` speak over it. That
+ * module is loaded on first use, so clients that never need it never load
  * Node compatibility.
  *
  * @module
@@ -268,14 +275,37 @@ export async function upgradeToTls(
     const signal = options.signal;
     if (signal?.aborted) throw abortReason(signal);
     const credentials = await loadTlsCredentials(options);
+    const name = options.tlsHostname ?? options.hostname;
+    const verify = options.tlsVerifyPeer !== false;
+    // Deno.startTls only where it trusts exactly what node:tls would: it
+    // adds caCerts to the built-in roots instead of trusting only them, so
+    // a CA of the user's own keeps the node:tls path.
+    if (
+      verify && credentials.cert === undefined &&
+      credentials.ca === undefined && name !== undefined && isTcpConn(stream)
+    ) {
+      owned = false;
+      const secure = await DenoTlsStream.start(
+        stream,
+        name,
+        credentials,
+        signal,
+      );
+      trace(options.debug, "tls.handshake", {
+        hostname: name,
+        protocol: secure.protocol,
+        cipher: secure.cipher,
+        verified: secure.verified,
+        clientCertificate: false,
+      });
+      return secure;
+    }
     const [tls, nodeStream]: [NodeTls, NodeStream] = await Promise.all([
       import("node:tls"),
       import("node:stream"),
     ]);
     if (signal?.aborted) throw abortReason(signal);
 
-    const name = options.tlsHostname ?? options.hostname;
-    const verify = options.tlsVerifyPeer !== false;
     const socket = tls.connect({
       socket: byteStreamDuplex(stream, nodeStream),
       ...credentials,
@@ -288,7 +318,11 @@ export async function upgradeToTls(
           : undefined,
     });
     owned = false;
-    const secure = new TlsStream(socket, name, credentials.cert !== undefined);
+    const secure = new NodeTlsStream(
+      socket,
+      name,
+      credentials.cert !== undefined,
+    );
     await secure.handshake(signal);
     trace(options.debug, "tls.handshake", {
       hostname: name,
@@ -407,7 +441,21 @@ interface Waiter {
  * {@linkcode ByteStream} (reads and writes may run concurrently) that also
  * tells what was negotiated.
  */
-export class TlsStream implements ByteStream {
+export interface TlsStream extends ByteStream {
+  /**
+   * The TLS version, e.g. `"TLSv1.3"`, kept after close; `undefined` where
+   * the TLS layer does not tell (`Deno.startTls` tells neither the version
+   * nor the cipher suite).
+   */
+  readonly protocol: string | undefined;
+  /** The cipher suite's standard name, where the TLS layer tells it. */
+  readonly cipher: string | undefined;
+  /** Whether the server's certificate chain was verified. */
+  readonly verified: boolean;
+}
+
+/** A `node:tls` session over any {@linkcode ByteStream}. */
+class NodeTlsStream implements TlsStream {
   #socket: TLSSocket;
   #name: string | undefined;
   #sentCertificate: boolean;
@@ -503,7 +551,7 @@ export class TlsStream implements ByteStream {
    * @param p Where the bytes go.
    * @returns How many bytes were read, or `null` at the end of the stream.
    * @throws {NbdTlsError} when the TLS layer fails.
-   * @throws {NbdConnectionClosedError} after {@linkcode TlsStream.close}.
+   * @throws {NbdConnectionClosedError} after `close()`.
    */
   async read(p: Uint8Array): Promise<number | null> {
     while (true) {
@@ -544,7 +592,7 @@ export class TlsStream implements ByteStream {
    * @param p The bytes to send.
    * @returns `p.length`.
    * @throws {NbdTlsError} when the TLS layer fails.
-   * @throws {NbdConnectionClosedError} after {@linkcode TlsStream.close}.
+   * @throws {NbdConnectionClosedError} after `close()`.
    */
   write(p: Uint8Array): Promise<number> {
     if (this.#closed) return Promise.reject(closedError());
@@ -602,7 +650,7 @@ export class TlsStream implements ByteStream {
   #rejectionHint(): string {
     return this.#sentCertificate
       ? "it may not trust the client certificate that was sent"
-      : "it may require a client certificate (give tlsCertificates with client-cert.pem and client-key.pem, or tlsClientCert and tlsClientKey)";
+      : REQUIRE_CERT_HINT;
   }
 
   #wrap(e: Error): NbdTlsError {
@@ -629,6 +677,181 @@ export class TlsStream implements ByteStream {
       { cause: e, ...(codeText ? { code: codeText } : {}) },
     );
   }
+}
+
+/** Whether `stream` is a plain `Deno.TcpConn`, which `Deno.startTls` takes. */
+function isTcpConn(stream: ByteStream): stream is Deno.TcpConn {
+  return typeof (stream as Partial<Deno.TcpConn>).setNoDelay === "function" &&
+    (stream as Partial<Deno.TcpConn>).remoteAddr?.transport === "tcp";
+}
+
+/**
+ * rustls's words for a failed verification, as the codes `node:tls` gives
+ * (and {@linkcode explain} explains), so both paths fail alike.
+ */
+function rustlsCode(message: string): string | undefined {
+  if (/UnknownIssuer|BadSignature|unknown issuer/i.test(message)) {
+    return "UNABLE_TO_VERIFY_LEAF_SIGNATURE";
+  }
+  if (/NotValidForName|not valid for name/i.test(message)) {
+    return "ERR_TLS_CERT_ALTNAME_INVALID";
+  }
+  if (/Expired/i.test(message)) return "CERT_HAS_EXPIRED";
+  if (/NotValidYet/i.test(message)) return "CERT_NOT_YET_VALID";
+  return undefined;
+}
+
+/**
+ * A `Deno.startTls` session: TCP, the server verified, no client
+ * certificate. Reads and writes go straight to Deno's TLS connection.
+ */
+class DenoTlsStream implements TlsStream {
+  readonly protocol: string | undefined = undefined;
+  readonly cipher: string | undefined = undefined;
+  readonly verified = true;
+  #conn: Deno.TlsConn;
+  #name: string;
+  #received = false;
+  #closed = false;
+
+  private constructor(conn: Deno.TlsConn, name: string) {
+    this.#conn = conn;
+    this.#name = name;
+  }
+
+  /**
+   * Runs the handshake over `tcp`, which it takes over (and closes on
+   * failure).
+   *
+   * @throws {NbdTlsError} when the handshake fails.
+   * @throws {Error} the signal's reason when `signal` aborts.
+   */
+  static async start(
+    tcp: Deno.TcpConn,
+    name: string,
+    credentials: TlsCredentials,
+    signal: AbortSignal | undefined,
+  ): Promise<DenoTlsStream> {
+    let conn: Deno.TlsConn;
+    try {
+      conn = await Deno.startTls(tcp, {
+        hostname: name,
+        ...(credentials.ca ? { caCerts: credentials.ca } : {}),
+      });
+    } catch (e) {
+      try {
+        tcp.close();
+      } catch {
+        // Already closed.
+      }
+      throw handshakeError(e, name);
+    }
+    const onAbort = () => {
+      try {
+        conn.close();
+      } catch {
+        // Already closed.
+      }
+    };
+    signal?.addEventListener("abort", onAbort, { once: true });
+    try {
+      await conn.handshake();
+    } catch (e) {
+      onAbort();
+      if (signal?.aborted) throw abortReason(signal);
+      throw handshakeError(e, name);
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+    }
+    if (signal?.aborted) {
+      onAbort();
+      throw abortReason(signal);
+    }
+    return new DenoTlsStream(conn, name);
+  }
+
+  /**
+   * Reads decrypted bytes into `p`.
+   *
+   * @throws {NbdTlsError} when the TLS layer fails.
+   * @throws {NbdConnectionClosedError} after `close()`.
+   */
+  async read(p: Uint8Array): Promise<number | null> {
+    if (this.#closed) throw closedError();
+    let n: number | null;
+    try {
+      n = await this.#conn.read(p);
+    } catch (e) {
+      throw this.#error(e);
+    }
+    // Closed while the read waited: that read fails, as on the other path.
+    if (this.#closed) throw closedError();
+    if (n === null && !this.#received) {
+      throw new NbdTlsError(
+        `The server closed the TLS connection right after the handshake, before sending anything; ${REQUIRE_CERT_HINT}`,
+      );
+    }
+    if (n !== null) this.#received = true;
+    return n;
+  }
+
+  /**
+   * Encrypts and sends a prefix of `p`.
+   *
+   * @throws {NbdTlsError} when the TLS layer fails.
+   * @throws {NbdConnectionClosedError} after `close()`.
+   */
+  async write(p: Uint8Array): Promise<number> {
+    if (this.#closed) throw closedError();
+    let n: number;
+    try {
+      n = await this.#conn.write(p);
+    } catch (e) {
+      throw this.#error(e);
+    }
+    if (this.#closed) throw closedError();
+    return n;
+  }
+
+  /** Closes the TLS session and the TCP connection under it. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    try {
+      this.#conn.close();
+    } catch {
+      // Already closed.
+    }
+  }
+
+  #error(e: unknown): Error {
+    if (this.#closed) return closedError();
+    const detail = errorText(e);
+    const hint = this.#received ? "" : `; ${REQUIRE_CERT_HINT}`;
+    return new NbdTlsError(
+      `TLS connection to ${this.#name} failed${
+        this.#received ? "" : " right after the handshake"
+      }: ${detail}${hint}`,
+      { cause: e },
+    );
+  }
+}
+
+/** Why a server might hang up on a client that sent no certificate. */
+const REQUIRE_CERT_HINT =
+  "it may require a client certificate (give tlsCertificates with client-cert.pem and client-key.pem, or tlsClientCert and tlsClientKey)";
+
+/** A failed `Deno.startTls` handshake, in the words `node:tls`'s would get. */
+function handshakeError(e: unknown, name: string): NbdTlsError {
+  const detail = errorText(e);
+  const code = rustlsCode(detail);
+  const meaning = explain(code, name);
+  return new NbdTlsError(
+    `TLS handshake with ${name} failed: ${
+      meaning ? `${meaning} (${detail})` : detail
+    }`,
+    { cause: e, ...(code ? { code } : {}) },
+  );
 }
 
 /** Says in words what a certificate verification code means. */

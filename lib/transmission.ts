@@ -160,6 +160,10 @@ export class Transmission {
   #loop: Promise<void>;
   #ended = false;
   #onWriteError = (e: unknown) => this.#fail(e);
+  /** Request headers, reused in turn (see submit()). */
+  #headerRing: Array<Uint8Array | undefined>;
+  #headerSize: number;
+  #ringNext = 0;
   #onAbandon = () => this.#wakeIfIdle();
 
   /**
@@ -179,6 +183,10 @@ export class Transmission {
     this.#maxInFlight = maxInFlight;
     this.#trace = trace;
     this.#headerStart = this.#headerBytes.subarray(0, replyHeaderStart(info));
+    this.#headerSize = info.extendedHeaders
+      ? SIZES.extendedRequest
+      : SIZES.request;
+    this.#headerRing = new Array(maxInFlight + 1);
     this.#reply = decodeReplyHeader(this.#headerStart);
     transport.phase = "transmission";
     transport.cork();
@@ -243,6 +251,19 @@ export class Transmission {
       throw refusal;
     }
     const cookie = this.#nextCookie++;
+    // Request headers come from a ring of maxInFlight + 1 buffers, so that
+    // no request allocates memory of its own for one. The buffer reused now
+    // held the header of the request maxInFlight + 1 before this one; of
+    // those maxInFlight + 1 requests at least one has been answered (no
+    // more than maxInFlight are ever unanswered), so the server has
+    // received its header, and every header written before it, that one
+    // included.
+    const ring = this.#headerRing;
+    const at = this.#ringNext;
+    // Made on first use: a connection allowed 65536 requests in flight
+    // only ever holds as many headers as it has had requests at once.
+    const slice = ring[at] ??= new Uint8Array(this.#headerSize);
+    this.#ringNext = at + 1 === ring.length ? 0 : at + 1;
     const { promise, resolve, reject } = Promise.withResolvers<ExtentsById>();
     const p = new Pending(cookie, cmd, resolve, reject, this.#onAbandon);
     this.#pending.set(cookie, p);
@@ -259,6 +280,7 @@ export class Transmission {
         length: cmd.payload ? cmd.payload.length : cmd.length,
       },
       this.#info.extendedHeaders,
+      slice,
     );
     this.#sent[cmd.type < 16 ? cmd.type : 15]!++;
     this.#trace?.("send command", {
@@ -272,7 +294,9 @@ export class Transmission {
       ? this.#transport.write(header, cmd.payload)
       : this.#transport.write(header);
     sent.catch(this.#onWriteError);
-    signal?.addEventListener("abort", p, ONCE);
+    // No options object: one fewer conversion per request; the listener
+    // is removed when the request settles, so it fires at most once.
+    signal?.addEventListener("abort", p);
     // Awaited at once: no rejection of `promise` ever goes unobserved.
     return await promise;
   }
@@ -457,10 +481,13 @@ export class Transmission {
     const what = this.#info.extendedHeaders
       ? "an extended reply header"
       : "a reply header";
-    if (!await t.readInto(start, what, true)) return false;
+    // Bytes already received are taken at once; only what has yet to
+    // arrive goes through an asynchronous read.
+    if (!t.take(start) && !await t.readInto(start, what, true)) return false;
     let bytes = start;
     if (replyHeaderLength(start, this.#info) === SIZES.structuredReply) {
-      await t.readInto(this.#headerRest, "a structured reply header");
+      const rest = this.#headerRest;
+      if (!t.take(rest)) await t.readInto(rest, "a structured reply header");
       bytes = this.#structuredHeader;
     }
     decodeReplyHeader(bytes, this.#reply);
@@ -522,7 +549,7 @@ export class Transmission {
     switch (type) {
       case REPLY_TYPE_OFFSET_DATA: {
         const head = this.#offsetField;
-        await t.readInto(head, "the offset of a data chunk");
+        if (!t.take(head)) await t.readInto(head, "the offset of a data chunk");
         const size = length - 8;
         const rel = claimDataChunk(cmd, p, head, size);
         await this.#readData(p, rel, size, "a data chunk");
@@ -581,10 +608,8 @@ export class Transmission {
       return;
     }
     // A reply in one piece lands in the buffer itself, with no view made.
-    await t.readInto(
-      size === length ? buffer : buffer.subarray(rel, rel + size),
-      what,
-    );
+    const into = size === length ? buffer : buffer.subarray(rel, rel + size);
+    if (!t.take(into)) await t.readInto(into, what);
     // Detached while the bytes were arriving: the transport read them all.
     if (buffer.length !== length) p.detached = true;
   }

@@ -46,6 +46,11 @@ const COALESCE_LIMIT = 64 * 1024;
 export class Transport {
   #stream: ByteStream;
   #buf = new Uint8Array(BUFFER_SIZE);
+  /**
+   * Where runs of small parts are joined. Writes run one at a time (each
+   * after `#writeTail`), so one buffer serves them all.
+   */
+  #joined = new Uint8Array(COALESCE_LIMIT);
   #start = 0;
   #end = 0;
   #writeTail: Promise<void> = Promise.resolve();
@@ -170,6 +175,29 @@ export class Transport {
   }
 
   /**
+   * Fills `dst` from bytes already received, without waiting: the reader
+   * works through replies that arrived together with no trip through the
+   * event loop per field.
+   *
+   * @returns `true` when `dst` was filled; `false` (nothing consumed) when
+   *   fewer bytes are buffered.
+   */
+  take(dst: Uint8Array): boolean {
+    const n = dst.length;
+    if (this.#end - this.#start < n) return false;
+    const at = this.#start;
+    if (n <= 16) {
+      // Headers and fields: a loop beats making a view to copy from.
+      const buf = this.#buf;
+      for (let i = 0; i < n; i++) dst[i] = buf[at + i]!;
+    } else {
+      dst.set(this.#buf.subarray(at, at + n));
+    }
+    this.#start = at + n;
+    return true;
+  }
+
+  /**
    * Reads exactly `n` bytes into a new array.
    *
    * @throws {NbdConnectionClosedError} at end of stream before any byte.
@@ -226,7 +254,8 @@ export class Transport {
     this.#held = [];
     this.#heldDone = [];
     const run = this.#writeTail.then(() => this.#writeParts(parts));
-    this.#writeTail = run.catch(() => {});
+    this.#queuedWrites++;
+    this.#writeTail = run.then(this.#writeDone, this.#writeDone);
     run.then(
       () => done.forEach(([resolve]) => resolve()),
       (e) => done.forEach(([, reject]) => reject(e)),
@@ -245,11 +274,21 @@ export class Transport {
         this.#heldDone.push([resolve, reject]);
       });
     }
-    const run = this.#writeTail.then(() => this.#writeParts(parts));
+    // Nothing queued before it: one part starts at once, not a turn later.
+    const run = this.#queuedWrites === 0 && parts.length === 1
+      ? this.#writeAll(parts[0]!)
+      : this.#writeTail.then(() => this.#writeParts(parts));
+    this.#queuedWrites++;
     // Later writes must run even if this one fails; they fail on their own.
-    this.#writeTail = run.catch(() => {});
+    this.#writeTail = run.then(this.#writeDone, this.#writeDone);
     return run;
   }
+
+  /** Writes queued or running: a write with none before it can start now. */
+  #queuedWrites = 0;
+  #writeDone = () => {
+    this.#queuedWrites--;
+  };
 
   async #writeParts(parts: Uint8Array[]): Promise<void> {
     // Runs of small parts are joined so that headers and small payloads go
@@ -278,7 +317,7 @@ export class Transport {
   async #writeJoined(run: Uint8Array[], bytes: number): Promise<void> {
     if (run.length === 0) return;
     if (run.length === 1) return await this.#writeAll(run[0]!);
-    const joined = new Uint8Array(bytes);
+    const joined = this.#joined.subarray(0, bytes);
     let at = 0;
     for (const p of run) {
       joined.set(p, at);

@@ -99,6 +99,19 @@ class MemoryExport implements StreamableClient {
   }
 }
 
+/** The same export, with the `readInto()` the library's client has. */
+class ReadIntoExport extends MemoryExport {
+  readIntos = 0;
+  readInto(
+    buffer: Uint8Array,
+    offset: number,
+    options?: { signal?: AbortSignal },
+  ): Promise<void> {
+    this.readIntos++;
+    return this.read(offset, buffer.length, options).then((d) => buffer.set(d));
+  }
+}
+
 function pattern(n: number, seed = 1): Uint8Array {
   const out = new Uint8Array(n);
   for (let i = 0; i < n; i++) out[i] = (i * 31 + seed * 7 + (i >> 9)) & 0xff;
@@ -157,6 +170,44 @@ Deno.test("readableFrom()", async (t) => {
       }
       assert.equal(at, 200_000);
       assert.deepEqual(out, exp.data);
+    },
+  );
+
+  await t.step(
+    "reads ahead into its own buffers through readInto() and hands a BYOB reader whole ones",
+    async (t) => {
+      const size = 5 * 65536 + 4096;
+      for (
+        const [label, bufSize] of [
+          ["a reader buffer the size of a request (swapped)", 65536],
+          ["a smaller reader buffer (copied)", 10_000],
+          ["a larger reader buffer (copied)", 100_000],
+        ] as const
+      ) {
+        await t.step(label, async () => {
+          const exp = new ReadIntoExport(size);
+          exp.data.set(pattern(size, 5));
+          const reader = readableFrom(exp, { chunkSize: 65536 }).getReader({
+            mode: "byob",
+          });
+          const out = new Uint8Array(size);
+          let at = 0;
+          let buf = new Uint8Array(bufSize);
+          for (;;) {
+            const { value, done } = await reader.read(buf);
+            if (done) break;
+            out.set(value, at);
+            at += value.length;
+            buf = new Uint8Array(value.buffer);
+            // The reader may write into what it was given: the stream no
+            // longer uses it.
+            buf.fill(0xee);
+          }
+          assert.equal(at, size);
+          assert.deepEqual(out, exp.data);
+          assert.equal(exp.readIntos, 6, "every request went to readInto()");
+        });
+      }
     },
   );
 

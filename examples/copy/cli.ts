@@ -42,6 +42,7 @@ import {
 } from "./open.ts";
 import { alignUp, planRange, planStream } from "./plan.ts";
 import { pump, type Stats, wrap } from "./pump.ts";
+import { copyThreaded, lanesOf, threadable, threadCount } from "./lanes.ts";
 
 const USAGE = `Usage: copy [OPTIONS] SOURCE DESTINATION
        copy --dirty=CONTEXT [OPTIONS] NBD DESTINATION
@@ -53,9 +54,11 @@ NBD := NBD-URI | [ CMD ARGS ... ]   a server to run, such as
        [ nbdkit -s memory 1G ] or [ qemu-nbd -f qcow2 disk.qcow2 ]
 
 Options:
-  -C, --connections=N     NBD connections when multi-conn is offered (4)
+  -C, --connections=N     NBD connections when multi-conn is offered (4,
+                          or one per processor if there are fewer)
   -R, --requests=N        requests in flight per connection (64)
-      --queue-size=N      bytes in flight per connection (16M)
+      --queue-size=N      bytes in flight per thread (4M; one thread per
+                          connection, up to the processor count)
       --request-size=N    bytes per read or write request (256k)
   -S, --sparse=N          detect all-zero blocks of N bytes (4k; 0 = off)
       --allocated         write every byte: no holes on the destination
@@ -116,14 +119,16 @@ function readSettings(o: Map<string, string | true>): Settings {
   const requestSize = str("request-size");
   const sparse = str("sparse");
   const settings: Settings = {
+    // As nbdcopy: more connections than processors only slow the copy
+    // (each has its thread, and the server's threads compete too).
     connections: connections === undefined
-      ? 4
+      ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 4))
       : parseCount(connections, "--connections", 1, 64),
     requests: requests === undefined
       ? 64
       : parseCount(requests, "--requests", 1, 1024),
     queueSize: queueSize === undefined
-      ? 16 * 1024 * 1024
+      ? 4 * 1024 * 1024
       : parseSize(queueSize, "--queue-size"),
     requestSize: requestSize === undefined
       ? 256 * 1024
@@ -319,8 +324,12 @@ async function transfer(
     1,
     Math.min(settings.connections, src.maxLanes, dst.maxLanes),
   );
-  await src.addLanes(lanes, signal);
-  await dst.addLanes(lanes, signal);
+  // Several connections each get a thread of their own where both ends
+  // can open lanes there; an incremental copy keeps them in this one.
+  const threads = !dirty && threadable(src, dst) ? threadCount(lanes) : 1;
+  const here = threads > 1 ? lanesOf(0, lanes, threads) : lanes;
+  await src.addLanes(here, signal);
+  await dst.addLanes(here, signal);
 
   const size = src.size;
   if (size !== undefined && size % dst.alignment !== 0) {
@@ -348,28 +357,52 @@ async function transfer(
   onProgress(progress);
   const stats: Stats = { read: 0, written: 0, zeroed: 0 };
   const started = performance.now();
-  const plan = copying
-    ? planDirty(copying, requestSize)
-    : size === undefined
-    ? planStream(src, requestSize, dst.size)
-    : planRange(
-      src,
-      size,
+  const plan = () =>
+    copying
+      ? planDirty(copying, requestSize)
+      : size === undefined
+      ? planStream(src, requestSize, dst.size)
+      : planRange(
+        src,
+        size,
+        requestSize,
+        align,
+        settings.extents && src.hasExtents,
+        signal,
+      );
+  const abort = (reason: unknown) => controller.abort(reason);
+  const useExtents = settings.extents && src.hasExtents;
+  let total: number;
+  if (threads > 1) {
+    await copyThreaded(src, dst, {
+      lanes,
+      threads,
+      perLane,
+      queueSlots: Math.max(1, Math.floor(settings.queueSize / requestSize)),
       requestSize,
       align,
-      settings.extents && src.hasExtents,
+      sparse,
+      useExtents,
+      settings,
+      progress,
+      stats,
       signal,
-    );
-  const total = await pump(src, dst, plan, {
-    lanes,
-    limit: lanes * perLane,
-    requestSize,
-    sparse,
-    progress,
-    stats,
-    signal,
-    abort: (reason) => controller.abort(reason),
-  });
+      abort,
+      closeMs: CLOSE_MS.stopped,
+    });
+    total = size!;
+  } else {
+    total = await pump(src, dst, plan(), {
+      lanes,
+      limit: lanes * perLane,
+      requestSize,
+      sparse,
+      progress,
+      stats,
+      signal,
+      abort,
+    });
+  }
   try {
     await dst.finish(size ?? total, settings.flush, signal);
   } catch (e) {

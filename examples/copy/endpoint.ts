@@ -55,6 +55,8 @@ export interface Source {
   next(length: number): Promise<Uint8Array | null>;
   /** Opens more connections (or descriptors) until there are `n`. */
   addLanes(n: number, signal: AbortSignal): Promise<void>;
+  /** How a worker thread opens a lane of its own, where one can. */
+  lane?(): LaneSpec;
   /**
    * Lets go of everything. `signal` bounds the wait for requests still in
    * flight; past it the connections are torn down.
@@ -99,9 +101,27 @@ export interface Destination {
   finish(total: number, flush: boolean, signal: AbortSignal): Promise<void>;
   /** Opens more connections (or descriptors) until there are `n`. */
   addLanes(n: number, signal: AbortSignal): Promise<void>;
+  /** As {@linkcode Source.lane}. */
+  lane?(): LaneSpec;
   /** As {@linkcode Source.close}. */
   close(signal: AbortSignal): Promise<void>;
 }
+
+/**
+ * How another thread opens its own lane of an endpoint: an NBD export (one
+ * more connection), a file or block device (one more descriptor, never
+ * created or truncated), or `null:`.
+ */
+export type LaneSpec =
+  | { kind: "nbd"; uri: string; role: "source" | "destination" }
+  | {
+    kind: "file";
+    path: string;
+    role: "source" | "destination";
+    zeroMode: ZeroMode;
+    size: number | undefined;
+  }
+  | { kind: "null" };
 
 /** Settings that shape how endpoints are opened. */
 export interface Settings {

@@ -8,6 +8,7 @@ import { writeAll } from "../_cli.ts";
 import type {
   Destination,
   Extent,
+  LaneSpec,
   Settings,
   Source,
   ZeroMode,
@@ -78,7 +79,11 @@ export class FileEndpoint implements Source, Destination {
   ): Promise<Uint8Array> {
     return this.#locked(lane, async (file) => {
       await file.seek(offset, Deno.SeekMode.Start);
-      const buf = into ? into.subarray(0, length) : new Uint8Array(length);
+      const buf = !into
+        ? new Uint8Array(length)
+        : into.length === length
+        ? into
+        : into.subarray(0, length);
       let got = 0;
       while (got < length) {
         const n = await file.read(buf.subarray(got));
@@ -143,6 +148,35 @@ export class FileEndpoint implements Source, Destination {
       );
       this.#handles.push({ file, lock: Promise.resolve() });
     }
+  }
+
+  lane(): LaneSpec {
+    return {
+      kind: "file",
+      path: this.name,
+      role: this.#write ? "destination" : "source",
+      zeroMode: this.zeroMode,
+      size: this.#size,
+    };
+  }
+
+  /**
+   * Opens a lane of a file that another thread's endpoint opened (and, as
+   * a destination, prepared): never created or truncated here.
+   */
+  static async openLane(
+    spec: LaneSpec & { kind: "file" },
+  ): Promise<FileEndpoint> {
+    const write = spec.role === "destination";
+    const file = await Deno.open(spec.path, write ? { write } : { read: true });
+    return new FileEndpoint(
+      spec.path,
+      file,
+      true,
+      spec.size,
+      spec.zeroMode,
+      write,
+    );
   }
 
   async close(): Promise<void> {

@@ -16,6 +16,7 @@ import type { StatusQuery } from "./dirty.ts";
 import type {
   Destination,
   Extent,
+  LaneSpec,
   Settings,
   Source,
   ZeroMode,
@@ -42,6 +43,7 @@ export class NbdEndpoint implements Source, Destination {
   #contexts: string[];
   #conns: Client[];
   #allocated: boolean;
+  #role: "source" | "destination";
 
   private constructor(
     target: NbdTarget,
@@ -49,9 +51,11 @@ export class NbdEndpoint implements Source, Destination {
     requests: number,
     contexts: string[],
     settings: Settings,
+    role: "source" | "destination",
   ) {
     this.name = typeof target === "string" ? target : target.text;
     this.#target = target;
+    this.#role = role;
     this.#conns = [first];
     this.#requests = requests;
     this.#contexts = contexts;
@@ -104,6 +108,7 @@ export class NbdEndpoint implements Source, Destination {
       settings.requests,
       contexts,
       settings,
+      role,
     );
   }
 
@@ -170,6 +175,14 @@ export class NbdEndpoint implements Source, Destination {
     }
   }
 
+  lane(): LaneSpec {
+    // maxLanes keeps a [ CMD ] end to one connection, in this thread.
+    if (typeof this.#target !== "string") {
+      throw new Error("A server run as [ CMD ] serves one connection");
+    }
+    return { kind: "nbd", uri: this.#target, role: this.#role };
+  }
+
   #lane(lane: number): Client {
     return this.#conns[lane % this.#conns.length]!;
   }
@@ -194,7 +207,7 @@ export class NbdEndpoint implements Source, Destination {
     into?: Uint8Array,
   ): Promise<Uint8Array> {
     if (!into) return await this.#lane(lane).read(offset, length, { signal });
-    const buf = into.subarray(0, length);
+    const buf = into.length === length ? into : into.subarray(0, length);
     await this.#lane(lane).readInto(buf, offset, { signal });
     return buf;
   }

@@ -4,7 +4,7 @@
  * @module
  */
 
-import type { Destination, ZeroMode } from "./endpoint.ts";
+import type { Destination, LaneSpec, ZeroMode } from "./endpoint.ts";
 
 /** `null:`: takes everything, keeps nothing. */
 export class NullDestination implements Destination {
@@ -31,6 +31,9 @@ export class NullDestination implements Destination {
   }
   addLanes(): Promise<void> {
     return Promise.resolve();
+  }
+  lane(): LaneSpec {
+    return { kind: "null" };
   }
   close(): Promise<void> {
     return Promise.resolve();

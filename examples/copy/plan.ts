@@ -17,9 +17,11 @@ export function alignDown(n: number, a: number): number {
 }
 
 /**
- * The work for a source of known size, in offset order: data in pieces of
- * at most `requestSize`, and zero extents (from block status) as zero items
- * trimmed inward to `align` so every request stays on block boundaries.
+ * The work for bytes `[start, size)` of a source, in offset order: data in
+ * pieces of at most `requestSize`, and zero extents (from block status) as
+ * zero items trimmed inward to `align` so every request stays on block
+ * boundaries. `start` and `size` are multiples of `align` (or `size` is the
+ * source's end).
  */
 export async function* planRange(
   src: Source,
@@ -28,8 +30,9 @@ export async function* planRange(
   align: number,
   useExtents: boolean,
   signal: AbortSignal,
+  start = 0,
 ): AsyncGenerator<Item> {
-  let dataStart = 0;
+  let dataStart = start;
   function* dataUpTo(end: number, wholeOnly: boolean): Generator<Item> {
     while (dataStart < end) {
       const n = Math.min(requestSize, end - dataStart);
@@ -42,7 +45,7 @@ export async function* planRange(
     yield* dataUpTo(size, false);
     return;
   }
-  let pos = 0;
+  let pos = start;
   while (pos < size) {
     const extents = await src.extents(
       pos,
@@ -73,6 +76,43 @@ export async function* planRange(
     }
   }
   yield* dataUpTo(size, false);
+}
+
+/** Bytes per stripe: the unit of work one connection claims at a time. */
+export const STRIPE = 128 * 1024 * 1024;
+
+/**
+ * How a range is shared between connections, each in its own thread: the
+ * source is cut into stripes of `stripe` bytes (a multiple of the request
+ * size and of the alignment), and each connection claims the next one
+ * unclaimed through `claim()` (an atomic counter shared by every thread)
+ * and copies it as {@linkcode planRange} plans it, until none is left. A
+ * connection that runs faster simply claims more stripes.
+ *
+ * @param claim Returns the index of the next unclaimed stripe.
+ */
+export async function* planStripes(
+  src: Source,
+  size: number,
+  stripe: number,
+  claim: () => number,
+  requestSize: number,
+  align: number,
+  useExtents: boolean,
+  signal: AbortSignal,
+): AsyncGenerator<Item> {
+  for (;;) {
+    const start = claim() * stripe;
+    if (start >= size) return;
+    const end = Math.min(size, start + stripe);
+    yield* planRange(src, end, requestSize, align, useExtents, signal, start);
+  }
+}
+
+/** The stripe size for a request size and alignment: about {@linkcode STRIPE}. */
+export function stripeSize(requestSize: number, align: number): number {
+  const unit = alignUp(requestSize, align);
+  return Math.max(unit, alignDown(STRIPE, unit));
 }
 
 /** The work for a stream: read ahead one request at a time. */

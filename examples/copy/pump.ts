@@ -5,7 +5,6 @@
  * @module
  */
 
-import type { Progress } from "../_cli.ts";
 import {
   type Destination,
   type Item,
@@ -21,10 +20,19 @@ export interface Stats {
   zeroed: number;
 }
 
+/** Where the pump counts the bytes it has finished. */
+export interface Counter {
+  add(bytes: number): void;
+}
+
 /**
  * Copies everything `plan` yields from `src` to `dst`, with up to `limit`
  * items in flight spread over `lanes` connections. Stops at the first
  * failure and waits for everything in flight before throwing it.
+ *
+ * Each of the `limit` slots is one loop with its own buffer, allocated
+ * once: it takes the plan's next item, reads it into that buffer, writes
+ * it, and takes the next, so that nothing is allocated per request.
  */
 export async function pump(
   src: Source,
@@ -35,7 +43,7 @@ export async function pump(
     limit: number;
     requestSize: number;
     sparse: number;
-    progress: Progress;
+    progress: Counter;
     stats: Stats;
     signal: AbortSignal;
     abort: (reason: unknown) => void;
@@ -45,9 +53,10 @@ export async function pump(
   const zeroes = dst.zeroMode === "write"
     ? new Uint8Array(requestSize)
     : new Uint8Array(0);
-  // Read buffers are reused once their data has been written; a buffer whose
-  // item failed is dropped, since an abandoned write may still hold it.
-  const pool: Uint8Array[] = [];
+  // Zero detection only where the destination gains from it: a file's
+  // holes, a server's WRITE_ZEROES; never where zeroes are written anyway
+  // (null:, stdout, a device).
+  const detect = sparse !== 0 && dst.zeroMode !== "write";
 
   const putZero = async (offset: number, length: number, lane: number) => {
     stats.zeroed += length;
@@ -69,14 +78,18 @@ export async function pump(
     }
   };
 
-  const putData = async (offset: number, data: Uint8Array, lane: number) => {
-    if (sparse === 0 || dst.zeroMode === "write") {
+  const putData = async (
+    offset: number,
+    data: Uint8Array,
+    lane: number,
+    zeroBlock: ((from: number, to: number) => boolean) | undefined,
+  ) => {
+    if (!zeroBlock) {
       stats.written += data.length;
       await dst.write(offset, data, lane, signal);
       return;
     }
     // Runs of all-zero blocks become zero requests (or holes).
-    const zeroBlock = blockTester(data);
     let i = 0;
     while (i < data.length) {
       const zero = zeroBlock(i, Math.min(i + sparse, data.length));
@@ -97,66 +110,91 @@ export async function pump(
     }
   };
 
-  const active = new Set<Promise<void>>();
   let failure: { error: unknown } | undefined;
+  const fail = (error: unknown) => {
+    failure ??= { error };
+    opts.abort(error);
+  };
+  // Writes to a sequential destination go in the order items were taken.
   let turn: Promise<void> = Promise.resolve();
-  let index = 0;
   let end = 0;
 
-  const run = async (item: Item, lane: number, after: Promise<void> | null) => {
-    let data = item.data;
-    let pooled: Uint8Array | undefined;
-    if (!item.zero && data === undefined) {
-      if (item.length <= requestSize) {
-        pooled = pool.pop() ?? new Uint8Array(requestSize);
+  const slot = async (lane: number) => {
+    // The slot's buffer: reused for every item, dropped after a failure
+    // (an abandoned write may still hold it).
+    let buffer: Uint8Array | undefined;
+    // The word view for zero detection, made once per buffer.
+    let tester: ((from: number, to: number) => boolean) | undefined;
+    while (!failure) {
+      let next: IteratorResult<Item>;
+      try {
+        next = await plan.next();
+      } catch (error) {
+        fail(wrap(`reading ${src.name}`, error));
+        return;
+      }
+      if (next.done || failure) return;
+      const item = next.value;
+      end = Math.max(end, item.offset + item.length);
+      let release: (() => void) | undefined;
+      let after: Promise<void> | undefined;
+      if (dst.sequential) {
+        after = turn;
+        turn = new Promise<void>((r) => release = r);
       }
       try {
-        data = await src.read(item.offset, item.length, lane, signal, pooled);
-      } catch (e) {
-        throw wrap(`reading ${src.name}`, e);
+        let data = item.data;
+        if (!item.zero && data === undefined) {
+          if (item.length <= requestSize && !buffer) {
+            buffer = new Uint8Array(requestSize);
+            tester = detect ? blockTester(buffer) : undefined;
+          }
+          try {
+            data = await src.read(
+              item.offset,
+              item.length,
+              lane,
+              signal,
+              item.length <= requestSize ? buffer : undefined,
+            );
+          } catch (e) {
+            throw wrap(`reading ${src.name}`, e);
+          }
+        }
+        // The slot's tester serves any data at the start of its buffer.
+        const zeroBlock = !detect || data === undefined
+          ? undefined
+          : buffer && data.buffer === buffer.buffer &&
+              data.byteOffset === buffer.byteOffset
+          ? tester
+          : blockTester(data);
+        if (data !== undefined) stats.read += data.length;
+        if (after) await after;
+        signal.throwIfAborted();
+        try {
+          if (item.zero) await putZero(item.offset, item.length, lane);
+          else await putData(item.offset, data!, lane, zeroBlock);
+        } catch (e) {
+          throw wrap(`writing ${dst.name}`, e);
+        }
+        progress.add(item.length);
+      } catch (error) {
+        fail(error);
+        return;
+      } finally {
+        release?.();
       }
-      stats.read += data.length;
-    } else if (data !== undefined) {
-      stats.read += data.length;
     }
-    if (after) await after;
-    signal.throwIfAborted();
-    try {
-      if (item.zero) await putZero(item.offset, item.length, lane);
-      else await putData(item.offset, data!, lane);
-    } catch (e) {
-      throw wrap(`writing ${dst.name}`, e);
-    }
-    if (pooled) pool.push(pooled);
-    progress.add(item.length);
   };
 
-  try {
-    for await (const item of plan) {
-      while (active.size >= limit && !failure) await Promise.race(active);
-      if (failure) break;
-      const lane = index++ % lanes;
-      end = Math.max(end, item.offset + item.length);
-      let release: () => void = () => {};
-      const after = dst.sequential ? turn : null;
-      if (dst.sequential) turn = new Promise<void>((r) => release = r);
-      const p: Promise<void> = run(item, lane, after)
-        .catch((error) => {
-          failure ??= { error };
-          opts.abort(error);
-        })
-        .finally(() => {
-          release();
-          active.delete(p);
-        });
-      active.add(p);
-    }
-  } catch (error) {
-    failure ??= { error: wrap(`reading ${src.name}`, error) };
-    opts.abort(error);
+  const slots: Promise<void>[] = [];
+  for (let i = 0; i < limit; i++) slots.push(slot(i % lanes));
+  await Promise.all(slots);
+  if (failure) {
+    // Lets the plan run its own cleanup; it has nothing more to give.
+    await plan.return(undefined).catch(() => {});
+    throw failure.error;
   }
-  await Promise.all(active);
-  if (failure) throw failure.error;
   return end;
 }
 
