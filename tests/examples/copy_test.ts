@@ -26,9 +26,9 @@ import {
 import { runTool } from "./_tools.ts";
 import {
   assertNoneLeft,
+  cmd,
+  interruptOnceRunning,
   marker,
-  spawnTool,
-  untilRunning,
 } from "./_subprocess.ts";
 
 const SPARSE = [
@@ -851,11 +851,6 @@ Deno.test({
   },
 });
 
-/** `[ words… ]` as separate arguments. */
-function cmd(...words: string[]): string[] {
-  return ["[", ...words, "]"];
-}
-
 /** The `-v` line of one NBD end: `copy: source NAME: sent …`. */
 function wire(stderr: string, role: "source" | "destination"): {
   sent: number;
@@ -1050,26 +1045,25 @@ Deno.test({
         });
       }
       await t.step("^C halfway", async () => {
-        const child = spawnTool("copy", [
-          ...cmd(
-            "nbdkit",
-            "-s",
-            "-e",
-            m,
-            "--filter=delay",
-            "memory",
-            "64M",
-            "rdelay=1",
-          ),
-          "null:",
-          "--no-extents",
-        ]);
-        await untilRunning(m, child.pid);
-        await new Promise((r) => setTimeout(r, 500));
-        child.kill("SIGINT");
-        const out = await child.output();
-        assert.equal(out.code, 130, new TextDecoder().decode(out.stderr));
-        await assertNoneLeft(m, "after ^C");
+        await interruptOnceRunning(
+          "copy",
+          [
+            ...cmd(
+              "nbdkit",
+              "-s",
+              "-e",
+              m,
+              "--filter=delay",
+              "memory",
+              "64M",
+              "rdelay=1",
+            ),
+            "null:",
+            "--no-extents",
+          ],
+          m,
+          500,
+        );
       });
     } finally {
       await Deno.remove(dir, { recursive: true });

@@ -408,6 +408,17 @@ function withoutContexts(text: string): string {
   return text.replace(/^\tcontexts:\n(\t\t.*\n)*/m, "");
 }
 
+/** `server`, whose `stop()` also removes `dir` (its images). */
+function removingDir(server: Server, dir: string): Server {
+  return {
+    ...server,
+    stop: async () => {
+      await server.stop();
+      await Deno.remove(dir, { recursive: true });
+    },
+  };
+}
+
 const DESCRIBED: Described[] = [
   {
     name: "nbdkit 1.32 memory with block size limits",
@@ -468,13 +479,7 @@ const DESCRIBED: Described[] = [
         ["-f", "qcow2", "-x", "disk", "-D", "a qcow2", "-A", "-B", "b0", image],
         { dir, peers: "trixie" },
       );
-      return {
-        ...server,
-        stop: async () => {
-          await server.stop();
-          await Deno.remove(dir, { recursive: true });
-        },
-      };
+      return removingDir(server, dir);
     },
     exportName: "disk",
     maps: ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"],
@@ -490,13 +495,7 @@ const DESCRIBED: Described[] = [
         ["-f", "raw", "-r", "-x", "ro", image],
         { dir },
       );
-      return {
-        ...server,
-        stop: async () => {
-          await server.stop();
-          await Deno.remove(dir, { recursive: true });
-        },
-      };
+      return removingDir(server, dir);
     },
     exportName: "ro",
     maps: ["base:allocation"],
