@@ -25,6 +25,7 @@ import {
   hostileTest,
   MiB,
   rejection,
+  WITH_ALLOCATION,
   withClient,
 } from "./_helpers.ts";
 
@@ -141,7 +142,7 @@ hostileTest(
         async (server) => {
           await withClient(
             server,
-            { metaContexts: ["base:allocation"] },
+            WITH_ALLOCATION,
             async (client) => {
               const e = await rejection(
                 client.blockStatus(0, 4096, { reqOne: true }),

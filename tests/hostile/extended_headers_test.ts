@@ -33,6 +33,7 @@ import {
   MiB,
   onRead,
   rejection,
+  WITH_ALLOCATION,
   withClient,
 } from "./_helpers.ts";
 
@@ -45,7 +46,7 @@ hostileTest(
       async (server) => {
         await withClient(
           server,
-          { metaContexts: ["base:allocation"] },
+          WITH_ALLOCATION,
           async (client) => {
             assert.equal(client.extendedHeaders, true);
             assert.deepEqual(await client.read(0, 8192), DATA.slice(0, 8192));
@@ -82,7 +83,7 @@ hostileTest(
       async (server) => {
         await withClient(
           server,
-          { metaContexts: ["base:allocation"] },
+          WITH_ALLOCATION,
           async (client) => {
             assert.equal(client.extendedHeaders, true);
             const map = await client.blockStatus(512, 512);
@@ -192,7 +193,7 @@ hostileTest(
         async (server) => {
           await withClient(
             server,
-            { metaContexts: ["base:allocation"] },
+            WITH_ALLOCATION,
             async (client) => {
               assert.equal(client.extendedHeaders, true);
               const e = await rejection(

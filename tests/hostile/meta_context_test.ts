@@ -13,7 +13,13 @@ import {
 } from "../../lib/constants.ts";
 import { NbdUnsupportedError } from "../../lib/errors.ts";
 import { metaContextPayload, optionReply } from "../support/server.ts";
-import { config, handshakeFails, hostileTest, withClient } from "./_helpers.ts";
+import {
+  config,
+  handshakeFails,
+  hostileTest,
+  WITH_ALLOCATION,
+  withClient,
+} from "./_helpers.ts";
 
 hostileTest(
   "connect() checks the contexts NBD_OPT_SET_META_CONTEXT chooses",
@@ -38,8 +44,7 @@ hostileTest(
             ]
             : undefined,
       }),
-      (server) =>
-        handshakeFails(server, /id 1/, { metaContexts: ["base:allocation"] }),
+      (server) => handshakeFails(server, /id 1/, WITH_ALLOCATION),
     );
 
     await step(
@@ -48,7 +53,7 @@ hostileTest(
       async (server) => {
         await withClient(
           server,
-          { metaContexts: ["base:allocation"] },
+          WITH_ALLOCATION,
           async (client) => {
             assert.equal(client.canBlockStatus, false);
             await assert.rejects(

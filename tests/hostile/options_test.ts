@@ -20,13 +20,10 @@ import {
   REP_ERR_UNSUP,
   REP_INFO,
 } from "../../lib/constants.ts";
-import {
-  NbdConnectionClosedError,
-  NbdError,
-  NbdOptionError,
-} from "../../lib/errors.ts";
+import { NbdError, NbdOptionError } from "../../lib/errors.ts";
 import { Builder, optionReply } from "../support/server.ts";
 import {
+  assertClosed,
   config,
   DATA,
   handshakeFails,
@@ -36,6 +33,7 @@ import {
   open,
   optionsSent,
   rejection,
+  WITH_ALLOCATION,
   withClient,
 } from "./_helpers.ts";
 
@@ -92,10 +90,7 @@ hostileTest(
       }),
       async (server) => {
         const e = await rejection(open(server), "connect()");
-        assert.ok(
-          e instanceof NbdConnectionClosedError,
-          `${e.name}: ${e.message}`,
-        );
+        assertClosed(e);
       },
     );
 
@@ -124,7 +119,7 @@ hostileTest(
       async (server) => {
         await withClient(
           server,
-          { metaContexts: ["base:allocation"] },
+          WITH_ALLOCATION,
           async (client) => {
             assert.equal(client.structuredReplies, false);
             assert.equal(client.canBlockStatus, false);
