@@ -59,19 +59,22 @@ function assertCovers(
   }
 }
 
+/** nbdkit's arguments for "disk": 1 MiB in memory with block size limits. */
+const LIMITED = [
+  "-e",
+  "disk",
+  "--filter=blocksize-policy",
+  "memory",
+  "1M",
+  "blocksize-minimum=512",
+  "blocksize-preferred=4096",
+  "blocksize-maximum=65536",
+];
+
 Deno.test({
   name: "info --json carries nbdinfo --json's fields and values",
   async fn(t) {
-    const server = await nbdkit([
-      "-e",
-      "disk",
-      "--filter=blocksize-policy",
-      "memory",
-      "1M",
-      "blocksize-minimum=512",
-      "blocksize-preferred=4096",
-      "blocksize-maximum=65536",
-    ]);
+    const server = await nbdkit(LIMITED);
     try {
       const uri = server.uri("disk");
       await t.step("default mode", async () => {
@@ -422,17 +425,7 @@ function removingDir(server: Server, dir: string): Server {
 const DESCRIBED: Described[] = [
   {
     name: "nbdkit 1.32 memory with block size limits",
-    start: () =>
-      nbdkit([
-        "-e",
-        "disk",
-        "--filter=blocksize-policy",
-        "memory",
-        "1M",
-        "blocksize-minimum=512",
-        "blocksize-preferred=4096",
-        "blocksize-maximum=65536",
-      ], { reach: "trixie" }),
+    start: () => nbdkit(LIMITED, { reach: "trixie" }),
     exportName: "disk",
     maps: ["base:allocation"],
   },
