@@ -203,18 +203,21 @@ Deno.test({
   },
 });
 
+/** nbdkit's arguments for two exports, "a" and "b", that NBD_OPT_LIST lists. */
+const LISTED = [
+  "--filter=exportname",
+  "memory",
+  "1M",
+  "exportname-list=explicit",
+  "exportname=a",
+  "exportname=b",
+  "exportdesc=fixed:a disk",
+];
+
 Deno.test({
   name: "info --list shows every export as nbdinfo --list does",
   async fn() {
-    const server = await nbdkit([
-      "--filter=exportname",
-      "memory",
-      "1M",
-      "exportname-list=explicit",
-      "exportname=a",
-      "exportname=b",
-      "exportdesc=fixed:a disk",
-    ]);
+    const server = await nbdkit(LISTED);
     try {
       const uri = server.uri();
       const ours = await runTool("info", ["--list", "--json", uri]);
@@ -555,15 +558,7 @@ Deno.test({
       });
     }
     await t.step("--list against both versions", async () => {
-      const server = await nbdkit([
-        "--filter=exportname",
-        "memory",
-        "1M",
-        "exportname-list=explicit",
-        "exportname=a",
-        "exportname=b",
-        "exportdesc=fixed:a disk",
-      ], { peers: "trixie" });
+      const server = await nbdkit(LISTED, { peers: "trixie" });
       try {
         const uri = server.uri();
         const ours = await runTool("info", ["--list", uri]);
