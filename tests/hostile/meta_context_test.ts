@@ -51,17 +51,13 @@ hostileTest(
       "connect() goes on without block status when SET_META_CONTEXT is unsupported",
       config({ optionReplies: { [OPT_SET_META_CONTEXT]: REP_ERR_UNSUP } }),
       async (server) => {
-        await withClient(
-          server,
-          WITH_ALLOCATION,
-          async (client) => {
-            assert.equal(client.canBlockStatus, false);
-            await assert.rejects(
-              () => client.blockStatus(0, 512),
-              NbdUnsupportedError,
-            );
-          },
-        );
+        await withClient(server, WITH_ALLOCATION, async (client) => {
+          assert.equal(client.canBlockStatus, false);
+          await assert.rejects(
+            () => client.blockStatus(0, 512),
+            NbdUnsupportedError,
+          );
+        });
         await server.settled();
         assert.ok(
           !server.log[0]!.requests.some((r) => r.type === CMD_BLOCK_STATUS),

@@ -117,19 +117,15 @@ hostileTest(
       "connect() works without structured replies (NBD_REP_ERR_UNSUP)",
       config({ structuredReplies: false }),
       async (server) => {
-        await withClient(
-          server,
-          WITH_ALLOCATION,
-          async (client) => {
-            assert.equal(client.structuredReplies, false);
-            assert.equal(client.canBlockStatus, false);
-            assert.equal(client.canDf, false);
-            assert.deepEqual(
-              await client.read(512, 1024),
-              DATA.slice(512, 1536),
-            );
-          },
-        );
+        await withClient(server, WITH_ALLOCATION, async (client) => {
+          assert.equal(client.structuredReplies, false);
+          assert.equal(client.canBlockStatus, false);
+          assert.equal(client.canDf, false);
+          assert.deepEqual(
+            await client.read(512, 1024),
+            DATA.slice(512, 1536),
+          );
+        });
         await server.settled();
         const sent = optionsSent(server);
         assert.ok(!sent.includes(10), "no SET_META_CONTEXT without structured");
