@@ -16,7 +16,12 @@ import {
   type Server,
   tempDir,
 } from "../support/servers.ts";
-import { exportHash, referenceMap, sha256 } from "../support/reference.ts";
+import {
+  exportHash,
+  fileHash,
+  referenceMap,
+  sha256,
+} from "../support/reference.ts";
 import { runTool } from "./_tools.ts";
 
 const MiB = 1024 * 1024;
@@ -142,7 +147,7 @@ Deno.test({
       assert.equal(ours.length, 32 * MiB);
       assert.equal(
         await sha256(ours),
-        await sha256(await Deno.readFile(`${dir}/theirs.raw`)),
+        await fileHash(`${dir}/theirs.raw`),
       );
 
       // nbdcopy 1.22 writes into an nbdkit 1.42 export; ours reads it back.
@@ -151,10 +156,7 @@ Deno.test({
       await nbdcopy122([`${dir}/ours.raw`, mem.uri()]);
       const back = await runTool("copy", [mem.uri(), `${dir}/back.raw`]);
       assert.equal(back.code, 0, back.stderr);
-      assert.equal(
-        await sha256(await Deno.readFile(`${dir}/back.raw`)),
-        await sha256(ours),
-      );
+      assert.equal(await fileHash(`${dir}/back.raw`), await sha256(ours));
       // And the other way: ours writes, nbdcopy 1.22 reads.
       const mem2 = await nbdkit(["memory", "32M"], { dir, peers: "trixie" });
       servers.push(mem2);
