@@ -151,16 +151,21 @@ export class Connections {
     this.#slots = links.map((link, index) => this.#slot(index, link));
   }
 
+  /** The transmission phase over `link`, with the pool's limits and trace. */
+  #transmission(link: Link): Transmission {
+    return new Transmission(
+      link.transport,
+      link.info,
+      this.#options.maxInFlight,
+      this.#options.trace,
+    );
+  }
+
   #slot(index: number, link: Link): Slot {
     const slot: Slot = {
       index,
       transport: link.transport,
-      tx: new Transmission(
-        link.transport,
-        link.info,
-        this.#options.maxInFlight,
-        this.#options.trace,
-      ),
+      tx: this.#transmission(link),
       info: link.info,
       outstanding: 0,
       redial: undefined,
@@ -436,12 +441,7 @@ export class Connections {
       }
       addStats(this.#retired, slot.tx.stats);
       slot.transport = link.transport;
-      slot.tx = new Transmission(
-        link.transport,
-        link.info,
-        this.#options.maxInFlight,
-        this.#options.trace,
-      );
+      slot.tx = this.#transmission(link);
       slot.info = link.info;
       this.#watch(slot, slot.tx);
       this.#reconnects++;

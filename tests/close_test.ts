@@ -6,34 +6,25 @@
 
 import assert from "node:assert/strict";
 import { connect } from "../lib/connect.ts";
+import type { NbdClient } from "../lib/client.ts";
 import { NbdConnectionClosedError } from "../lib/errors.ts";
+import { writeAll } from "./support/io.ts";
+import { oldstyleGreeting } from "./support/server.ts";
 import { nbdkit, tempDir } from "./support/servers.ts";
 import { within } from "./support/wait.ts";
 
 const MiB = 1024 * 1024;
 
-/** An oldstyle greeting: magic, size, flags, 124 zero bytes. */
-function oldstyleGreeting(size: number, flags: number): Uint8Array {
-  const g = new Uint8Array(8 + 8 + 8 + 4 + 124);
-  const v = new DataView(g.buffer);
-  g.set(new TextEncoder().encode("NBDMAGIC"), 0);
-  v.setBigUint64(8, 0x00420281861253n);
-  v.setBigUint64(16, BigInt(size));
-  v.setUint32(24, flags);
-  return g;
-}
-
-async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
-  for (let at = 0; at < bytes.length;) {
-    at += await conn.write(bytes.subarray(at));
-  }
-}
-
-Deno.test("close({ signal }) bounds the whole close when the server stops reading", async () => {
+/**
+ * Runs `body` with a client of a server that negotiates (oldstyle: the
+ * server only speaks) and then never reads, and with the server's end.
+ */
+async function stalledServer(
+  body: (nbd: NbdClient, server: Deno.Conn) => Promise<void>,
+): Promise<void> {
   const dir = await tempDir();
   const path = `${dir}/stalled.sock`;
   const listener = Deno.listen({ transport: "unix", path });
-  // Negotiates (oldstyle: the server only speaks), then never reads.
   const accepted = listener.accept().then(async (conn) => {
     await writeAll(conn, oldstyleGreeting(256 * MiB, 1));
     return conn;
@@ -42,6 +33,16 @@ Deno.test("close({ signal }) bounds the whole close when the server stops readin
   try {
     const nbd = await connect({ path, connectTimeout: 5000 });
     server = await accepted;
+    await body(nbd, server);
+  } finally {
+    server?.close();
+    listener.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+Deno.test("close({ signal }) bounds the whole close when the server stops reading", async () => {
+  await stalledServer(async (nbd, server) => {
     // Fill the socket: these writes can never finish, and their callers
     // give up; NBD_CMD_DISC queues behind them.
     const gaveUp = new AbortController();
@@ -70,31 +71,17 @@ Deno.test("close({ signal }) bounds the whole close when the server stops readin
     const drained = (async () => {
       const buf = new Uint8Array(MiB);
       try {
-        while (await server!.read(buf) !== null) { /* discard */ }
+        while (await server.read(buf) !== null) { /* discard */ }
       } catch {
         // A reset is an end too.
       }
     })();
     await within(3000, "EOF at the server", drained);
-  } finally {
-    server?.close();
-    listener.close();
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
 Deno.test("close() with no signal is bounded too when the server stops reading", async () => {
-  const dir = await tempDir();
-  const path = `${dir}/stalled.sock`;
-  const listener = Deno.listen({ transport: "unix", path });
-  const accepted = listener.accept().then(async (conn) => {
-    await writeAll(conn, oldstyleGreeting(256 * MiB, 1));
-    return conn;
-  });
-  let server: Deno.Conn | undefined;
-  try {
-    const nbd = await connect({ path, connectTimeout: 5000 });
-    server = await accepted;
+  await stalledServer(async (nbd) => {
     const gaveUp = AbortSignal.timeout(200);
     const writes = Array.from(
       { length: 8 },
@@ -107,11 +94,7 @@ Deno.test("close() with no signal is bounded too when the server stops reading",
     // is torn down.
     await within(8000, "close()", nbd.close());
     assert.equal(nbd.state, "closed");
-  } finally {
-    server?.close();
-    listener.close();
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
 Deno.test({

@@ -6,6 +6,7 @@ import {
 } from "../lib/streams.ts";
 import { connect } from "../mod.ts";
 import { exportHash, sha256 } from "./support/reference.ts";
+import { concat } from "./support/server.ts";
 import { nbdkit } from "./support/servers.ts";
 
 /**
@@ -123,13 +124,7 @@ async function collect(
 ): Promise<Uint8Array> {
   const parts: Uint8Array[] = [];
   for await (const part of stream) parts.push(part);
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
+  return concat(...parts);
 }
 
 Deno.test("readableFrom()", async (t) => {

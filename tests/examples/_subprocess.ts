@@ -53,6 +53,11 @@ export function spawnTool(tool: string, args: string[]): Deno.ChildProcess {
   }).spawn();
 }
 
+/** `[ words… ]` as separate arguments: a `[ CMD ARGS … ]` target. */
+export function cmd(...words: string[]): string[] {
+  return ["[", ...words, "]"];
+}
+
 /** A word no other process has on its command line. */
 export function marker(): string {
   return `nbdmark${crypto.randomUUID().replaceAll("-", "").slice(0, 16)}`;
@@ -119,4 +124,24 @@ export async function untilRunning(
     }
     await new Promise((r) => setTimeout(r, 20));
   }
+}
+
+/**
+ * ^C halfway: starts `tool`, waits until the server marked by `word` runs
+ * and `settleMs` more, sends SIGINT, and asserts that the tool exits with
+ * 130 and leaves no server behind.
+ */
+export async function interruptOnceRunning(
+  tool: string,
+  args: string[],
+  word: string,
+  settleMs: number,
+): Promise<void> {
+  const child = spawnTool(tool, args);
+  await untilRunning(word, child.pid);
+  await new Promise((r) => setTimeout(r, settleMs));
+  child.kill("SIGINT");
+  const out = await child.output();
+  assert.equal(out.code, 130, new TextDecoder().decode(out.stderr));
+  await assertNoneLeft(word, "after ^C");
 }

@@ -27,7 +27,12 @@ import {
   type Server,
   tempDir,
 } from "../support/servers.ts";
-import { referenceBytes, referenceMap, sha256 } from "../support/reference.ts";
+import {
+  fileHash,
+  referenceBytes,
+  referenceMap,
+  sha256,
+} from "../support/reference.ts";
 import { seeded } from "../support/random.ts";
 import { runTool } from "./_tools.ts";
 
@@ -239,10 +244,7 @@ Deno.test({
               dirtyBytes,
               "zeroes written as data in a file",
             );
-            assert.equal(
-              await sha256(await Deno.readFile(inc)),
-              await sha256(current),
-            );
+            assert.equal(await fileHash(inc), await sha256(current));
           },
         );
 
@@ -339,10 +341,7 @@ Deno.test({
               await run("losetup", ["-d", device]);
               if (shortDevice) await run("losetup", ["-d", shortDevice]);
             }
-            assert.equal(
-              await sha256(await Deno.readFile(copy)),
-              await sha256(current),
-            );
+            assert.equal(await fileHash(copy), await sha256(current));
             assert.equal(await fingerprint(short), before);
           },
         );
@@ -359,10 +358,7 @@ Deno.test({
           const lines = r.stderr.trim().split("\n");
           for (const line of lines) assert.match(line, /^\d+\/100$/);
           assert.equal(lines.at(-1), "100/100");
-          assert.equal(
-            await sha256(await Deno.readFile(inc)),
-            await sha256(current),
-          );
+          assert.equal(await fileHash(inc), await sha256(current));
         });
 
         await t.step("--dirty-flags picks the bits that mark", async () => {
@@ -390,10 +386,7 @@ Deno.test({
           assert.equal(dirtyStats(r.stderr).read, 0);
           // Nothing to do is all of it done.
           assert.match(r.stderr, /^100\/100\ncopy: 0 dirty bytes/);
-          assert.equal(
-            await sha256(await Deno.readFile(inc)),
-            await sha256(full),
-          );
+          assert.equal(await fileHash(inc), await sha256(full));
         });
       } finally {
         await src.stop();
@@ -416,10 +409,7 @@ Deno.test({
           const s = dirtyStats(r.stderr);
           assert.equal(s.lanes, 2);
           assert.equal(s.read, s.dirty);
-          assert.equal(
-            await sha256(await Deno.readFile(inc)),
-            await sha256(current),
-          );
+          assert.equal(await fileHash(inc), await sha256(current));
         } finally {
           await shared.stop();
         }

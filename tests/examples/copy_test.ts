@@ -7,7 +7,12 @@ import {
   runBytes,
   type Server,
 } from "../support/servers.ts";
-import { exportHash, referenceMap, sha256 } from "../support/reference.ts";
+import {
+  exportHash,
+  fileHash,
+  referenceMap,
+  sha256,
+} from "../support/reference.ts";
 import {
   concat,
   infoExportPayload,
@@ -26,9 +31,9 @@ import {
 import { runTool } from "./_tools.ts";
 import {
   assertNoneLeft,
+  cmd,
+  interruptOnceRunning,
   marker,
-  spawnTool,
-  untilRunning,
 } from "./_subprocess.ts";
 
 const SPARSE = [
@@ -86,7 +91,7 @@ Deno.test({
 
       const down = await runTool("copy", [src.uri(), file]);
       assert.equal(down.code, 0, down.stderr);
-      assert.equal(await sha256(await Deno.readFile(file)), expected);
+      assert.equal(await fileHash(file), expected);
 
       const up = await runTool("copy", ["--flush", file, dst.uri()]);
       assert.equal(up.code, 0, up.stderr);
@@ -141,7 +146,7 @@ Deno.test({
         assert.equal(r.code, 0, r.stderr);
         const info = await Deno.stat(file);
         assert.equal(info.size, size);
-        assert.equal(await sha256(await Deno.readFile(file)), expected);
+        assert.equal(await fileHash(file), expected);
         const allocated = (info.blocks ?? 0) * 512;
         assert.ok(
           allocated < data + 4 * 1024 * 1024,
@@ -181,7 +186,7 @@ Deno.test({
         assert.equal(r.code, 0, r.stderr);
         const info = await Deno.stat(file);
         assert.ok((info.blocks ?? 0) * 512 >= size);
-        assert.equal(await sha256(await Deno.readFile(file)), expected);
+        assert.equal(await fileHash(file), expected);
       });
 
       await t.step("--no-extents reads everything", async () => {
@@ -243,7 +248,7 @@ Deno.test({
       const file = `${src.dir}/from-stdin.img`;
       const toFile = await runTool("copy", ["-", file], out.stdout);
       assert.equal(toFile.code, 0, toFile.stderr);
-      assert.equal(await sha256(await Deno.readFile(file)), expected);
+      assert.equal(await fileHash(file), expected);
     } finally {
       await dst.stop();
       await src.stop();
@@ -262,16 +267,13 @@ Deno.test({
         await run("qemu-io", ["-f", "qcow2", "-c", cmd, image]);
       }
       await run("qemu-img", ["convert", "-O", "raw", image, `${dir}/ref.raw`]);
-      const expected = await sha256(await Deno.readFile(`${dir}/ref.raw`));
+      const expected = await fileHash(`${dir}/ref.raw`);
 
       const src = await qemuNbd(["-r", "-f", "qcow2", image], { dir });
       try {
         const r = await runTool("copy", ["-v", src.uri(), `${dir}/out.raw`]);
         assert.equal(r.code, 0, r.stderr);
-        assert.equal(
-          await sha256(await Deno.readFile(`${dir}/out.raw`)),
-          expected,
-        );
+        assert.equal(await fileHash(`${dir}/out.raw`), expected);
         assert.ok(stats(r.stderr).read < 32 * 1024 * 1024 / 4);
       } finally {
         await src.stop();
@@ -456,7 +458,7 @@ Deno.test({
       const file = `${src.dir}/from-device.img`;
       const up = await runTool("copy", [device, file]);
       assert.equal(up.code, 0, up.stderr);
-      assert.equal(await sha256(await Deno.readFile(file)), expected);
+      assert.equal(await fileHash(file), expected);
 
       const big = await nbdkit(["pattern", "128M"], { dir: src.dir });
       try {
@@ -483,7 +485,7 @@ async function snapshot(
 ): Promise<{ hash: string; size: number; mtime: number | undefined }> {
   const info = await Deno.stat(path);
   return {
-    hash: await sha256(await Deno.readFile(path)),
+    hash: await fileHash(path),
     size: info.size,
     mtime: info.mtime?.getTime(),
   };
@@ -565,10 +567,7 @@ Deno.test({
         await reset();
         const r = await runTool("copy", [file, `${dir}/other.img`]);
         assert.equal(r.code, 0, r.stderr);
-        assert.equal(
-          await sha256(await Deno.readFile(`${dir}/other.img`)),
-          before.hash,
-        );
+        assert.equal(await fileHash(`${dir}/other.img`), before.hash);
       });
     } finally {
       await Deno.remove(dir, { recursive: true });
@@ -582,7 +581,7 @@ Deno.test({
     const dir = await Deno.makeTempDir({ prefix: "nbd-copy-same-dev-" });
     const backing = `${dir}/loop.img`;
     await Deno.writeFile(backing, dataBytes32(4 << 20));
-    const expected = await sha256(await Deno.readFile(backing));
+    const expected = await fileHash(backing);
     const device = (await run("losetup", ["-f", "--show", backing])).trim();
     let attached = true;
     try {
@@ -608,7 +607,7 @@ Deno.test({
       });
       await run("losetup", ["-d", device]);
       attached = false;
-      assert.equal(await sha256(await Deno.readFile(backing)), expected);
+      assert.equal(await fileHash(backing), expected);
     } finally {
       if (attached) await run("losetup", ["-d", device]);
       await Deno.remove(dir, { recursive: true });
@@ -851,11 +850,6 @@ Deno.test({
   },
 });
 
-/** `[ words… ]` as separate arguments. */
-function cmd(...words: string[]): string[] {
-  return ["[", ...words, "]"];
-}
-
 /** The `-v` line of one NBD end: `copy: source NAME: sent …`. */
 function wire(stderr: string, role: "source" | "destination"): {
   sent: number;
@@ -1050,26 +1044,25 @@ Deno.test({
         });
       }
       await t.step("^C halfway", async () => {
-        const child = spawnTool("copy", [
-          ...cmd(
-            "nbdkit",
-            "-s",
-            "-e",
-            m,
-            "--filter=delay",
-            "memory",
-            "64M",
-            "rdelay=1",
-          ),
-          "null:",
-          "--no-extents",
-        ]);
-        await untilRunning(m, child.pid);
-        await new Promise((r) => setTimeout(r, 500));
-        child.kill("SIGINT");
-        const out = await child.output();
-        assert.equal(out.code, 130, new TextDecoder().decode(out.stderr));
-        await assertNoneLeft(m, "after ^C");
+        await interruptOnceRunning(
+          "copy",
+          [
+            ...cmd(
+              "nbdkit",
+              "-s",
+              "-e",
+              m,
+              "--filter=delay",
+              "memory",
+              "64M",
+              "rdelay=1",
+            ),
+            "null:",
+            "--no-extents",
+          ],
+          m,
+          500,
+        );
       });
     } finally {
       await Deno.remove(dir, { recursive: true });

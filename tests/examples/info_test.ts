@@ -59,19 +59,22 @@ function assertCovers(
   }
 }
 
+/** nbdkit's arguments for "disk": 1 MiB in memory with block size limits. */
+const LIMITED = [
+  "-e",
+  "disk",
+  "--filter=blocksize-policy",
+  "memory",
+  "1M",
+  "blocksize-minimum=512",
+  "blocksize-preferred=4096",
+  "blocksize-maximum=65536",
+];
+
 Deno.test({
   name: "info --json carries nbdinfo --json's fields and values",
   async fn(t) {
-    const server = await nbdkit([
-      "-e",
-      "disk",
-      "--filter=blocksize-policy",
-      "memory",
-      "1M",
-      "blocksize-minimum=512",
-      "blocksize-preferred=4096",
-      "blocksize-maximum=65536",
-    ]);
+    const server = await nbdkit(LIMITED);
     try {
       const uri = server.uri("disk");
       await t.step("default mode", async () => {
@@ -200,18 +203,21 @@ Deno.test({
   },
 });
 
+/** nbdkit's arguments for two exports, "a" and "b", that NBD_OPT_LIST lists. */
+const LISTED = [
+  "--filter=exportname",
+  "memory",
+  "1M",
+  "exportname-list=explicit",
+  "exportname=a",
+  "exportname=b",
+  "exportdesc=fixed:a disk",
+];
+
 Deno.test({
   name: "info --list shows every export as nbdinfo --list does",
   async fn() {
-    const server = await nbdkit([
-      "--filter=exportname",
-      "memory",
-      "1M",
-      "exportname-list=explicit",
-      "exportname=a",
-      "exportname=b",
-      "exportdesc=fixed:a disk",
-    ]);
+    const server = await nbdkit(LISTED);
     try {
       const uri = server.uri();
       const ours = await runTool("info", ["--list", "--json", uri]);
@@ -408,20 +414,21 @@ function withoutContexts(text: string): string {
   return text.replace(/^\tcontexts:\n(\t\t.*\n)*/m, "");
 }
 
+/** `server`, whose `stop()` also removes `dir` (its images). */
+function removingDir(server: Server, dir: string): Server {
+  return {
+    ...server,
+    stop: async () => {
+      await server.stop();
+      await Deno.remove(dir, { recursive: true });
+    },
+  };
+}
+
 const DESCRIBED: Described[] = [
   {
     name: "nbdkit 1.32 memory with block size limits",
-    start: () =>
-      nbdkit([
-        "-e",
-        "disk",
-        "--filter=blocksize-policy",
-        "memory",
-        "1M",
-        "blocksize-minimum=512",
-        "blocksize-preferred=4096",
-        "blocksize-maximum=65536",
-      ], { reach: "trixie" }),
+    start: () => nbdkit(LIMITED, { reach: "trixie" }),
     exportName: "disk",
     maps: ["base:allocation"],
   },
@@ -468,13 +475,7 @@ const DESCRIBED: Described[] = [
         ["-f", "qcow2", "-x", "disk", "-D", "a qcow2", "-A", "-B", "b0", image],
         { dir, peers: "trixie" },
       );
-      return {
-        ...server,
-        stop: async () => {
-          await server.stop();
-          await Deno.remove(dir, { recursive: true });
-        },
-      };
+      return removingDir(server, dir);
     },
     exportName: "disk",
     maps: ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"],
@@ -490,13 +491,7 @@ const DESCRIBED: Described[] = [
         ["-f", "raw", "-r", "-x", "ro", image],
         { dir },
       );
-      return {
-        ...server,
-        stop: async () => {
-          await server.stop();
-          await Deno.remove(dir, { recursive: true });
-        },
-      };
+      return removingDir(server, dir);
     },
     exportName: "ro",
     maps: ["base:allocation"],
@@ -563,15 +558,7 @@ Deno.test({
       });
     }
     await t.step("--list against both versions", async () => {
-      const server = await nbdkit([
-        "--filter=exportname",
-        "memory",
-        "1M",
-        "exportname-list=explicit",
-        "exportname=a",
-        "exportname=b",
-        "exportdesc=fixed:a disk",
-      ], { peers: "trixie" });
+      const server = await nbdkit(LISTED, { peers: "trixie" });
       try {
         const uri = server.uri();
         const ours = await runTool("info", ["--list", uri]);

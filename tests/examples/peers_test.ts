@@ -16,7 +16,12 @@ import {
   type Server,
   tempDir,
 } from "../support/servers.ts";
-import { exportHash, referenceMap, sha256 } from "../support/reference.ts";
+import {
+  exportHash,
+  fileHash,
+  referenceMap,
+  sha256,
+} from "../support/reference.ts";
 import { runTool } from "./_tools.ts";
 
 const MiB = 1024 * 1024;
@@ -35,13 +40,55 @@ async function nbdcopy122(args: string[]): Promise<void> {
   await runBytes("nbdcopy", args, "trixie");
 }
 
+/**
+ * Runs `body` in a fresh directory under the root; every server it pushes
+ * onto `servers` is stopped (last first) and the directory removed after.
+ */
+async function inRoot(
+  body: (dir: string, servers: Server[]) => Promise<void>,
+): Promise<void> {
+  const dir = await tempDir("trixie");
+  const servers: Server[] = [];
+  try {
+    await body(dir, servers);
+  } finally {
+    for (const s of servers.reverse()) await s.stop();
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+}
+
+/**
+ * Two empty raw images of `size` in `dir`, "ours" and "theirs", each served
+ * writable by qemu-nbd 10 (pushed onto `servers`).
+ */
+async function twoDestinations(
+  dir: string,
+  size: string,
+  servers: Server[],
+): Promise<[Server, Server]> {
+  const dsts: Server[] = [];
+  for (const name of ["ours", "theirs"]) {
+    const img = `${dir}/${name}.raw`;
+    await run(
+      "qemu-img",
+      ["create", "-q", "-f", "raw", img, size],
+      "trixie",
+    );
+    const dst = await qemuNbd(["-f", "raw", "--discard=unmap", img], {
+      dir,
+      peers: "trixie",
+    });
+    servers.push(dst);
+    dsts.push(dst);
+  }
+  return dsts as [Server, Server];
+}
+
 Deno.test({
   name:
     "copy and nbdcopy 1.22: a sparse nbdkit 1.42 export into qemu-nbd 10 gives the same bytes and map",
   async fn() {
-    const dir = await tempDir("trixie");
-    const servers: Server[] = [];
-    try {
+    await inRoot(async (dir, servers) => {
       const src = await nbdkit([
         "sparse-random",
         "size=64M",
@@ -56,22 +103,7 @@ Deno.test({
       const data = dataBytes(srcMap);
       assert.ok(data > 0 && data < 32 * MiB, `source has ${data} data bytes`);
 
-      const dsts: Server[] = [];
-      for (const name of ["ours", "theirs"]) {
-        const img = `${dir}/${name}.raw`;
-        await run(
-          "qemu-img",
-          ["create", "-q", "-f", "raw", img, "64M"],
-          "trixie",
-        );
-        const dst = await qemuNbd(["-f", "raw", "--discard=unmap", img], {
-          dir,
-          peers: "trixie",
-        });
-        servers.push(dst);
-        dsts.push(dst);
-      }
-      const [ours, theirs] = dsts as [Server, Server];
+      const [ours, theirs] = await twoDestinations(dir, "64M", servers);
       const r = await runTool("copy", ["-v", src.uri(), ours.uri()]);
       assert.equal(r.code, 0, r.stderr);
       await nbdcopy122([src.uri(), theirs.uri()]);
@@ -91,10 +123,7 @@ Deno.test({
         await referenceMap(ours.uri(), "base:allocation", "trixie"),
         await referenceMap(theirs.uri(), "base:allocation", "trixie"),
       );
-    } finally {
-      for (const s of servers.reverse()) await s.stop();
-      await Deno.remove(dir, { recursive: true }).catch(() => {});
-    }
+    });
   },
 });
 
@@ -102,9 +131,7 @@ Deno.test({
   name:
     "copy and nbdcopy 1.22: a qcow2 over qemu-nbd 10 to a file, and each reads what the other wrote",
   async fn() {
-    const dir = await tempDir("trixie");
-    const servers: Server[] = [];
-    try {
+    await inRoot(async (dir, servers) => {
       const image = `${dir}/src.qcow2`;
       const q = ["-f", "qcow2"];
       await run("qemu-img", ["create", "-q", ...q, image, "32M"], "trixie");
@@ -120,7 +147,7 @@ Deno.test({
       assert.equal(ours.length, 32 * MiB);
       assert.equal(
         await sha256(ours),
-        await sha256(await Deno.readFile(`${dir}/theirs.raw`)),
+        await fileHash(`${dir}/theirs.raw`),
       );
 
       // nbdcopy 1.22 writes into an nbdkit 1.42 export; ours reads it back.
@@ -129,10 +156,7 @@ Deno.test({
       await nbdcopy122([`${dir}/ours.raw`, mem.uri()]);
       const back = await runTool("copy", [mem.uri(), `${dir}/back.raw`]);
       assert.equal(back.code, 0, back.stderr);
-      assert.equal(
-        await sha256(await Deno.readFile(`${dir}/back.raw`)),
-        await sha256(ours),
-      );
+      assert.equal(await fileHash(`${dir}/back.raw`), await sha256(ours));
       // And the other way: ours writes, nbdcopy 1.22 reads.
       const mem2 = await nbdkit(["memory", "32M"], { dir, peers: "trixie" });
       servers.push(mem2);
@@ -143,10 +167,7 @@ Deno.test({
       ]);
       assert.equal(up.code, 0, up.stderr);
       assert.equal(await exportHash(mem2.uri(), "trixie"), await sha256(ours));
-    } finally {
-      for (const s of servers.reverse()) await s.stop();
-      await Deno.remove(dir, { recursive: true }).catch(() => {});
-    }
+    });
   },
 });
 
@@ -154,9 +175,7 @@ Deno.test({
   name:
     "copy and nbdcopy 1.22: a 6 GiB sparse image across the 4 GiB mark, over extended headers",
   async fn() {
-    const dir = await tempDir("trixie");
-    const servers: Server[] = [];
-    try {
+    await inRoot(async (dir, servers) => {
       const src = `${dir}/src.raw`;
       await run("qemu-img", ["create", "-q", "-f", "raw", src, "6G"], "trixie");
       await run("qemu-io", [
@@ -175,22 +194,7 @@ Deno.test({
         peers: "trixie",
       });
       servers.push(from);
-      const dsts: Server[] = [];
-      for (const name of ["ours", "theirs"]) {
-        const img = `${dir}/${name}.raw`;
-        await run(
-          "qemu-img",
-          ["create", "-q", "-f", "raw", img, "6G"],
-          "trixie",
-        );
-        const dst = await qemuNbd(["-f", "raw", "--discard=unmap", img], {
-          dir,
-          peers: "trixie",
-        });
-        servers.push(dst);
-        dsts.push(dst);
-      }
-      const [ours, theirs] = dsts as [Server, Server];
+      const [ours, theirs] = await twoDestinations(dir, "6G", servers);
       const r = await runTool("copy", ["-v", from.uri(), ours.uri()]);
       assert.equal(r.code, 0, r.stderr);
       const read = /read (\d+)/.exec(r.stderr);
@@ -226,9 +230,6 @@ Deno.test({
         ]);
         assert.equal(await sha256(y), await sha256(x), `data at ${e.offset}`);
       }
-    } finally {
-      for (const s of servers.reverse()) await s.stop();
-      await Deno.remove(dir, { recursive: true }).catch(() => {});
-    }
+    });
   },
 });

@@ -131,6 +131,12 @@ export function assertCommand(
   assert.equal(e.errnoName, errnoName);
 }
 
+export function assertClosed(
+  e: Error,
+): asserts e is NbdConnectionClosedError {
+  assert.ok(e instanceof NbdConnectionClosedError, `${e.name}: ${e.message}`);
+}
+
 /** A fatal error, or the closed-connection error that carries it. */
 export function rootCause(e: Error): Error {
   if (e instanceof NbdConnectionClosedError && e.cause instanceof Error) {
@@ -154,6 +160,11 @@ export async function open(
     connect({ path: server.path!, exportName: "disk", ...options }),
   );
 }
+
+/** Connect options that ask for block status. */
+export const WITH_ALLOCATION: ConnectOptions = {
+  metaContexts: ["base:allocation"],
+};
 
 /** Runs `body` with a client, closing it afterwards. */
 export async function withClient(

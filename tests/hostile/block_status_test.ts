@@ -25,6 +25,7 @@ import {
   hostileTest,
   MiB,
   rejection,
+  WITH_ALLOCATION,
   withClient,
 } from "./_helpers.ts";
 
@@ -44,27 +45,25 @@ hostileTest(
         }],
       },
       async (server) => {
-        await withClient(
-          server,
-          { metaContexts: ["base:allocation", "qemu:dirty-bitmap:b"] },
-          async (client) => {
-            const map = await client.blockStatus(0, MiB);
-            assert.deepEqual(map["base:allocation"], [
-              { offset: 0, length: 128 * 1024, flags: 0 },
-              {
-                offset: 128 * 1024,
-                length: MiB - 128 * 1024,
-                flags: STATE_HOLE | STATE_ZERO,
-              },
-            ]);
-            assert.deepEqual(map["qemu:dirty-bitmap:b"], [
-              { offset: 0, length: 4096, flags: 1 },
-              { offset: 4096, length: MiB - 4096, flags: 0 },
-            ]);
-            const one = await client.blockStatus(0, MiB, { reqOne: true });
-            assert.equal(one["base:allocation"]?.length, 1);
-          },
-        );
+        await withClient(server, {
+          metaContexts: ["base:allocation", "qemu:dirty-bitmap:b"],
+        }, async (client) => {
+          const map = await client.blockStatus(0, MiB);
+          assert.deepEqual(map["base:allocation"], [
+            { offset: 0, length: 128 * 1024, flags: 0 },
+            {
+              offset: 128 * 1024,
+              length: MiB - 128 * 1024,
+              flags: STATE_HOLE | STATE_ZERO,
+            },
+          ]);
+          assert.deepEqual(map["qemu:dirty-bitmap:b"], [
+            { offset: 0, length: 4096, flags: 1 },
+            { offset: 4096, length: MiB - 4096, flags: 0 },
+          ]);
+          const one = await client.blockStatus(0, MiB, { reqOne: true });
+          assert.equal(one["base:allocation"]?.length, 1);
+        });
       },
     );
   },
@@ -139,17 +138,13 @@ hostileTest(
             req.type === CMD_BLOCK_STATUS ? v.reply(req) : undefined,
         }),
         async (server) => {
-          await withClient(
-            server,
-            { metaContexts: ["base:allocation"] },
-            async (client) => {
-              const e = await rejection(
-                client.blockStatus(0, 4096, { reqOne: true }),
-                "blockStatus()",
-              );
-              assertProtocol(e, "transmission");
-            },
-          );
+          await withClient(server, WITH_ALLOCATION, async (client) => {
+            const e = await rejection(
+              client.blockStatus(0, 4096, { reqOne: true }),
+              "blockStatus()",
+            );
+            assertProtocol(e, "transmission");
+          });
         },
       );
     }

@@ -18,7 +18,7 @@ import {
   REPLY_TYPE_NONE,
   REPLY_TYPE_OFFSET_DATA,
 } from "../../lib/constants.ts";
-import { NbdCommandError, NbdConnectionClosedError } from "../../lib/errors.ts";
+import { NbdCommandError } from "../../lib/errors.ts";
 import {
   errorOffsetPayload,
   errorPayload,
@@ -28,14 +28,13 @@ import {
 } from "../support/server.ts";
 import { within } from "../support/wait.ts";
 import {
+  assertClosed,
   assertCommand,
   BOUND_MS,
-  closeClient,
   config,
   DATA,
   hostileTest,
   onRead,
-  open,
   rejection,
   withClient,
 } from "./_helpers.ts";
@@ -105,16 +104,13 @@ hostileTest(
         ),
       }),
       async (server) => {
-        const client = await open(server);
-        try {
+        await withClient(server, {}, async (client) => {
           const e = await rejection(client.read(0, 512), "read()");
           assertCommand(e, EIO, "EIO");
           assert.equal(e.serverMessage, "disk on fire");
           assert.match(e.message, /disk on fire/);
           assert.equal(client.failure, undefined);
-        } finally {
-          await closeClient(client);
-        }
+        });
       },
     );
 
@@ -223,24 +219,18 @@ hostileTest(
         ),
       }),
       async (server) => {
-        const client = await open(server);
-        try {
+        await withClient(server, {}, async (client) => {
           const e = await rejection(client.read(0, 512), "read()");
           assertCommand(e, ESHUTDOWN, "ESHUTDOWN");
           const later = await rejection(client.read(0, 512), "read() after");
-          assert.ok(
-            later instanceof NbdConnectionClosedError,
-            `${later.name}: ${later.message}`,
-          );
+          assertClosed(later);
           await within(
             BOUND_MS,
             "server sees the disconnect",
             server.settled(),
           );
           assert.equal(server.log[0]?.requests.at(-1)?.type, CMD_DISC);
-        } finally {
-          await closeClient(client);
-        }
+        });
       },
     );
   },

@@ -33,6 +33,7 @@ import {
   MiB,
   onRead,
   rejection,
+  WITH_ALLOCATION,
   withClient,
 } from "./_helpers.ts";
 
@@ -43,18 +44,14 @@ hostileTest(
       "extended headers: the client reads, writes and maps with 32-byte headers",
       config({ extendedHeaders: true }),
       async (server) => {
-        await withClient(
-          server,
-          { metaContexts: ["base:allocation"] },
-          async (client) => {
-            assert.equal(client.extendedHeaders, true);
-            assert.deepEqual(await client.read(0, 8192), DATA.slice(0, 8192));
-            await client.write(8192, new Uint8Array(4096).fill(5));
-            await client.flush();
-            const map = await client.blockStatus(0, MiB);
-            assert.equal(map["base:allocation"]?.[0]?.offset, 0);
-          },
-        );
+        await withClient(server, WITH_ALLOCATION, async (client) => {
+          assert.equal(client.extendedHeaders, true);
+          assert.deepEqual(await client.read(0, 8192), DATA.slice(0, 8192));
+          await client.write(8192, new Uint8Array(4096).fill(5));
+          await client.flush();
+          const map = await client.blockStatus(0, MiB);
+          assert.equal(map["base:allocation"]?.[0]?.offset, 0);
+        });
         await server.settled();
         const log = server.log[0]!;
         assert.equal(log.extendedHeaders, true);
@@ -80,17 +77,13 @@ hostileTest(
             : undefined,
       }),
       async (server) => {
-        await withClient(
-          server,
-          { metaContexts: ["base:allocation"] },
-          async (client) => {
-            assert.equal(client.extendedHeaders, true);
-            const map = await client.blockStatus(512, 512);
-            assert.deepEqual(map["base:allocation"], [
-              { offset: 512, length: 512, flags: STATE_HOLE },
-            ]);
-          },
-        );
+        await withClient(server, WITH_ALLOCATION, async (client) => {
+          assert.equal(client.extendedHeaders, true);
+          const map = await client.blockStatus(512, 512);
+          assert.deepEqual(map["base:allocation"], [
+            { offset: 512, length: 512, flags: STATE_HOLE },
+          ]);
+        });
       },
     );
 
@@ -190,20 +183,16 @@ hostileTest(
           onCommand: (req) => req.type === command ? v.reply(req) : undefined,
         }),
         async (server) => {
-          await withClient(
-            server,
-            { metaContexts: ["base:allocation"] },
-            async (client) => {
-              assert.equal(client.extendedHeaders, true);
-              const e = await rejection(
-                command === CMD_READ
-                  ? client.read(512, 512)
-                  : client.blockStatus(512, 512),
-                "request",
-              );
-              assertProtocol(e, "transmission", v.message);
-            },
-          );
+          await withClient(server, WITH_ALLOCATION, async (client) => {
+            assert.equal(client.extendedHeaders, true);
+            const e = await rejection(
+              command === CMD_READ
+                ? client.read(512, 512)
+                : client.blockStatus(512, 512),
+              "request",
+            );
+            assertProtocol(e, "transmission", v.message);
+          });
         },
       );
     }

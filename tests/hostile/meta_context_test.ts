@@ -13,7 +13,13 @@ import {
 } from "../../lib/constants.ts";
 import { NbdUnsupportedError } from "../../lib/errors.ts";
 import { metaContextPayload, optionReply } from "../support/server.ts";
-import { config, handshakeFails, hostileTest, withClient } from "./_helpers.ts";
+import {
+  config,
+  handshakeFails,
+  hostileTest,
+  WITH_ALLOCATION,
+  withClient,
+} from "./_helpers.ts";
 
 hostileTest(
   "connect() checks the contexts NBD_OPT_SET_META_CONTEXT chooses",
@@ -38,25 +44,20 @@ hostileTest(
             ]
             : undefined,
       }),
-      (server) =>
-        handshakeFails(server, /id 1/, { metaContexts: ["base:allocation"] }),
+      (server) => handshakeFails(server, /id 1/, WITH_ALLOCATION),
     );
 
     await step(
       "connect() goes on without block status when SET_META_CONTEXT is unsupported",
       config({ optionReplies: { [OPT_SET_META_CONTEXT]: REP_ERR_UNSUP } }),
       async (server) => {
-        await withClient(
-          server,
-          { metaContexts: ["base:allocation"] },
-          async (client) => {
-            assert.equal(client.canBlockStatus, false);
-            await assert.rejects(
-              () => client.blockStatus(0, 512),
-              NbdUnsupportedError,
-            );
-          },
-        );
+        await withClient(server, WITH_ALLOCATION, async (client) => {
+          assert.equal(client.canBlockStatus, false);
+          await assert.rejects(
+            () => client.blockStatus(0, 512),
+            NbdUnsupportedError,
+          );
+        });
         await server.settled();
         assert.ok(
           !server.log[0]!.requests.some((r) => r.type === CMD_BLOCK_STATUS),

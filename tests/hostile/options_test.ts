@@ -20,13 +20,10 @@ import {
   REP_ERR_UNSUP,
   REP_INFO,
 } from "../../lib/constants.ts";
-import {
-  NbdConnectionClosedError,
-  NbdError,
-  NbdOptionError,
-} from "../../lib/errors.ts";
+import { NbdError, NbdOptionError } from "../../lib/errors.ts";
 import { Builder, optionReply } from "../support/server.ts";
 import {
+  assertClosed,
   config,
   DATA,
   handshakeFails,
@@ -36,6 +33,7 @@ import {
   open,
   optionsSent,
   rejection,
+  WITH_ALLOCATION,
   withClient,
 } from "./_helpers.ts";
 
@@ -92,10 +90,7 @@ hostileTest(
       }),
       async (server) => {
         const e = await rejection(open(server), "connect()");
-        assert.ok(
-          e instanceof NbdConnectionClosedError,
-          `${e.name}: ${e.message}`,
-        );
+        assertClosed(e);
       },
     );
 
@@ -122,19 +117,15 @@ hostileTest(
       "connect() works without structured replies (NBD_REP_ERR_UNSUP)",
       config({ structuredReplies: false }),
       async (server) => {
-        await withClient(
-          server,
-          { metaContexts: ["base:allocation"] },
-          async (client) => {
-            assert.equal(client.structuredReplies, false);
-            assert.equal(client.canBlockStatus, false);
-            assert.equal(client.canDf, false);
-            assert.deepEqual(
-              await client.read(512, 1024),
-              DATA.slice(512, 1536),
-            );
-          },
-        );
+        await withClient(server, WITH_ALLOCATION, async (client) => {
+          assert.equal(client.structuredReplies, false);
+          assert.equal(client.canBlockStatus, false);
+          assert.equal(client.canDf, false);
+          assert.deepEqual(
+            await client.read(512, 1024),
+            DATA.slice(512, 1536),
+          );
+        });
         await server.settled();
         const sent = optionsSent(server);
         assert.ok(!sent.includes(10), "no SET_META_CONTEXT without structured");

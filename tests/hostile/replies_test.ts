@@ -16,7 +16,6 @@ import {
   REPLY_TYPE_OFFSET_DATA,
   REPLY_TYPE_OFFSET_HOLE,
 } from "../../lib/constants.ts";
-import { NbdConnectionClosedError } from "../../lib/errors.ts";
 import {
   blockStatusPayload,
   Builder,
@@ -29,9 +28,9 @@ import {
 } from "../support/server.ts";
 import { within } from "../support/wait.ts";
 import {
+  assertClosed,
   assertProtocol,
   BOUND_MS,
-  closeClient,
   config,
   DATA,
   failureOf,
@@ -39,7 +38,6 @@ import {
   MiB,
   NO_DATA,
   onRead,
-  open,
   readBreaks,
   rejection,
   rootCause,
@@ -104,8 +102,7 @@ hostileTest(
             : new Builder().u32(0xdeadbeef).u32(0).u64(req.cookie).done(),
       }),
       async (server) => {
-        const client = await open(server);
-        try {
+        await withClient(server, {}, async (client) => {
           const results = await within(
             BOUND_MS,
             "three reads",
@@ -123,11 +120,9 @@ hostileTest(
           assert.equal(reasons[1], reasons[0]);
           assert.equal(reasons[2], reasons[0]);
           const after = await rejection(client.read(0, 512), "read() after");
-          assert.ok(after instanceof NbdConnectionClosedError);
+          assertClosed(after);
           assert.equal(rootCause(after), reasons[0]);
-        } finally {
-          await closeClient(client);
-        }
+        });
       },
     );
   },
@@ -307,14 +302,11 @@ hostileTest(
         `read() fails with a transmission NbdProtocolError on ${v.name}`,
         config({ onCommand: onRead(v.reply) }),
         async (server) => {
-          const client = await open(server);
-          try {
+          await withClient(server, {}, async (client) => {
             const e = await rejection(client.read(1024, 1024), "read()");
             assertProtocol(e, "transmission", v.message);
             assert.equal(client.failure, e);
-          } finally {
-            await closeClient(client);
-          }
+          });
           await within(BOUND_MS, "the client hangs up", server.settled());
         },
       );
@@ -374,17 +366,14 @@ hostileTest(
             : undefined,
       }),
       async (server) => {
-        const client = await open(server);
-        try {
+        await withClient(server, {}, async (client) => {
           assert.deepEqual(await client.read(0, 512), DATA.slice(0, 512));
           const failure = await failureOf(client);
           assertProtocol(failure, "transmission", /cookie/);
           const later = await rejection(client.read(0, 512), "read() after");
-          assert.ok(later instanceof NbdConnectionClosedError);
+          assertClosed(later);
           assert.equal(rootCause(later), failure);
-        } finally {
-          await closeClient(client);
-        }
+        });
       },
     );
 
@@ -402,13 +391,10 @@ hostileTest(
         ]),
       }),
       async (server) => {
-        const client = await open(server);
-        try {
+        await withClient(server, {}, async (client) => {
           assert.deepEqual(await client.read(0, 512), DATA.slice(0, 512));
           assertProtocol(await failureOf(client), "transmission", /cookie/);
-        } finally {
-          await closeClient(client);
-        }
+        });
       },
     );
 
@@ -452,10 +438,7 @@ hostileTest(
       async (server) => {
         await withClient(server, {}, async (client) => {
           const e = await rejection(client.read(0, 512), "read()");
-          assert.ok(
-            e instanceof NbdConnectionClosedError,
-            `${e.name}: ${e.message}`,
-          );
+          assertClosed(e);
         });
       },
     );

@@ -13,6 +13,7 @@ import {
   REP_ERR_POLICY,
 } from "../../lib/constants.ts";
 import { NbdError } from "../../lib/errors.ts";
+import type { TestServer } from "../support/server.ts";
 import {
   config,
   DATA,
@@ -23,6 +24,17 @@ import {
   withClient,
 } from "./_helpers.ts";
 
+/**
+ * connect() with tls: require fails with an NbdError; returns the options
+ * the client sent, once the server has seen the end.
+ */
+async function requireFails(server: TestServer): Promise<number[]> {
+  const e = await rejection(open(server, { tls: "require" }), "connect()");
+  assert.ok(e instanceof NbdError, `${e.name}: ${e.message}`);
+  await server.settled();
+  return optionsSent(server);
+}
+
 hostileTest(
   "connect() follows its tls mode when STARTTLS fails",
   async (step) => {
@@ -30,13 +42,7 @@ hostileTest(
       "connect() with tls: require sends no export name in clear when STARTTLS is refused",
       config({ starttls: { reply: REP_ERR_POLICY } }),
       async (server) => {
-        const e = await rejection(
-          open(server, { tls: "require" }),
-          "connect()",
-        );
-        assert.ok(e instanceof NbdError, `${e.name}: ${e.message}`);
-        await server.settled();
-        const sent = optionsSent(server);
+        const sent = await requireFails(server);
         assert.equal(sent[0], OPT_STARTTLS);
         for (const o of [OPT_EXPORT_NAME, OPT_GO, OPT_LIST, 6, 9, 10]) {
           assert.ok(!sent.includes(o), `option ${o} sent in clear`);
@@ -61,13 +67,7 @@ hostileTest(
       "connect() fails cleanly when STARTTLS is acknowledged but no TLS follows",
       config({ starttls: { reply: REP_ACK } }),
       async (server) => {
-        const e = await rejection(
-          open(server, { tls: "require" }),
-          "connect()",
-        );
-        assert.ok(e instanceof NbdError, `${e.name}: ${e.message}`);
-        await server.settled();
-        const sent = optionsSent(server);
+        const sent = await requireFails(server);
         assert.deepEqual(
           sent,
           [OPT_STARTTLS],

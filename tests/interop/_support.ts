@@ -10,6 +10,7 @@
 
 import assert from "node:assert/strict";
 import { type Extent, type NbdClient, NbdUnsupportedError } from "../../mod.ts";
+import { concat } from "../support/server.ts";
 import { within } from "../support/wait.ts";
 
 /** One call of the `debug` hook. */
@@ -213,18 +214,10 @@ export async function readAll(
 ): Promise<Uint8Array> {
   const chunks: Uint8Array[] = [];
   const reader = stream.getReader();
-  let total = 0;
   while (true) {
     const { value, done } = await within(10_000, what, reader.read());
     if (done) break;
     chunks.push(value);
-    total += value.length;
   }
-  const joined = new Uint8Array(total);
-  let at = 0;
-  for (const chunk of chunks) {
-    joined.set(chunk, at);
-    at += chunk.length;
-  }
-  return joined;
+  return concat(...chunks);
 }

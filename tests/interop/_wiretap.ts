@@ -12,6 +12,11 @@
  * @module
  */
 
+import { connect, type NbdClient } from "../../mod.ts";
+import { type Server, tempDir } from "../support/servers.ts";
+import { within } from "../support/wait.ts";
+import type { Trace } from "./_support.ts";
+
 const IHAVEOPT_HI = 0x49484156; // "IHAV"
 const OPTION_REPLY_HI = 0x0003e889;
 const REQUEST_MAGIC = 0x25609513;
@@ -284,6 +289,21 @@ export class WireTap {
     return new WireTap(path, upstream);
   }
 
+  /** The requests of `type` the server received while `body` ran. */
+  async requestsDuring(
+    type: number,
+    body: () => Promise<unknown>,
+  ): Promise<TappedRequest[]> {
+    const before = this.requests.length;
+    await body();
+    return this.requests.slice(before).filter((r) => r.type === type);
+  }
+
+  /** The reply chunks the tap saw for one cookie. */
+  chunksOf(cookie: bigint): TappedReply[] {
+    return this.replies.filter((r) => r.cookie === cookie);
+  }
+
   async #accept(): Promise<void> {
     try {
       for await (const client of this.#listener) {
@@ -344,4 +364,44 @@ export class WireTap {
     this.#conns.clear();
     await Promise.all(this.#pumps);
   }
+}
+
+/**
+ * Runs `body` with a tap in front of the server `serve` starts in a fresh
+ * directory under the Debian 13 root (where its programs reach it), then
+ * closes the tap, stops the server and removes the directory.
+ */
+export async function withTap(
+  serve: (dir: string) => Promise<Server>,
+  body: (tap: WireTap) => Promise<void>,
+): Promise<void> {
+  const dir = await tempDir("trixie");
+  let server: Server | undefined;
+  let tap: WireTap | undefined;
+  try {
+    server = await serve(dir);
+    tap = WireTap.open(`${dir}/tap.sock`, server.socket!);
+    await body(tap);
+  } finally {
+    await tap?.close();
+    await server?.stop();
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+}
+
+/** Connects through `tap` with `metaContexts` and `trace`'s hook, bounded. */
+export function connectThrough(
+  tap: WireTap,
+  trace: Trace,
+  metaContexts: string[],
+  exportName = "",
+): Promise<NbdClient> {
+  return within(
+    10_000,
+    "connect()",
+    connect({ path: tap.path, exportName }, {
+      metaContexts,
+      debug: trace.hook,
+    }),
+  );
 }

@@ -9,11 +9,11 @@
  */
 
 import assert from "node:assert/strict";
-import { connect, type NbdClient, STATE_HOLE, STATE_ZERO } from "../../mod.ts";
+import { type NbdClient, STATE_HOLE, STATE_ZERO } from "../../mod.ts";
 import { FLAG_BLOCK_STAT_PAYLOAD } from "../../lib/constants.ts";
 import { assertBytes, fill, isZero, Trace } from "./_support.ts";
-import { WireTap } from "./_wiretap.ts";
-import { qemuNbd, run, type Server, tempDir } from "../support/servers.ts";
+import { connectThrough, type WireTap, withTap } from "./_wiretap.ts";
+import { qemuNbd, run } from "../support/servers.ts";
 import { within } from "../support/wait.ts";
 
 const KiB = 1024;
@@ -32,22 +32,6 @@ const CMD_WRITE_ZEROES = 6;
 const CMD_BLOCK_STATUS = 7;
 const REPLY_TYPE_BLOCK_STATUS_EXT = 6;
 
-/** The requests of `type` the server received while `body` ran. */
-async function requestsDuring(
-  tap: WireTap,
-  type: number,
-  body: () => Promise<unknown>,
-) {
-  const before = tap.requests.length;
-  await body();
-  return tap.requests.slice(before).filter((r) => r.type === type);
-}
-
-/** The reply chunks the tap saw for one cookie. */
-function chunksOf(tap: WireTap, cookie: bigint) {
-  return tap.replies.filter((r) => r.cookie === cookie);
-}
-
 /** What both the tap and the debug hook must agree on after a test. */
 function sameRequests(tap: WireTap, trace: Trace): void {
   const hook = trace.commands().filter((c) => c.command !== "NBD_CMD_DISC");
@@ -63,31 +47,11 @@ function sameRequests(tap: WireTap, trace: Trace): void {
   }
 }
 
-/** Connects through `tap` with base:allocation and the debug hook. */
-function tapped(
-  tap: WireTap,
-  trace: Trace,
-  exportName: string,
-  metaContexts: string[],
-): Promise<NbdClient> {
-  return within(
-    10_000,
-    "connect()",
-    connect({ path: tap.path, exportName }, {
-      metaContexts,
-      debug: trace.hook,
-    }),
-  );
-}
-
 Deno.test({
   name:
     "qemu-nbd 10: extended headers on a 16 GiB sparse raw image (64-bit block status, trim and write zeroes)",
   async fn(t) {
-    const dir = await tempDir("trixie");
-    let server: Server | undefined;
-    let tap: WireTap | undefined;
-    try {
+    await withTap(async (dir) => {
       const img = `${dir}/big.raw`;
       await run(
         "qemu-img",
@@ -104,13 +68,13 @@ Deno.test({
         `write -P 0x22 ${12 * GiB} 1M`,
         img,
       ], "trixie");
-      server = await qemuNbd(["-f", "raw", "--discard=unmap", img], {
+      return await qemuNbd(["-f", "raw", "--discard=unmap", img], {
         dir,
         peers: "trixie",
       });
-      tap = WireTap.open(`${dir}/tap.sock`, server.socket!);
+    }, async (tap) => {
       const trace = new Trace();
-      await using client = await tapped(tap, trace, "", [ALLOCATION]);
+      await using client = await connectThrough(tap, trace, [ALLOCATION]);
 
       await t.step(
         "connect() negotiates extended headers, and the export advertises NBD_FLAG_BLOCK_STAT_PAYLOAD",
@@ -137,13 +101,9 @@ Deno.test({
         "blockStatus() gets extents longer than 4 GiB in one NBD_REPLY_TYPE_BLOCK_STATUS_EXT chunk",
         async () => {
           let map: Awaited<ReturnType<NbdClient["blockStatus"]>> = {};
-          const sent = await requestsDuring(
-            tap!,
-            CMD_BLOCK_STATUS,
-            async () => {
-              map = await client.blockStatus(MiB, SIZE - MiB);
-            },
-          );
+          const sent = await tap.requestsDuring(CMD_BLOCK_STATUS, async () => {
+            map = await client.blockStatus(MiB, SIZE - MiB);
+          });
           assert.equal(sent.length, 1, "one request");
           assert.equal(sent[0]!.length, BigInt(SIZE - MiB), "its length");
           const extents = map[ALLOCATION]!;
@@ -155,7 +115,7 @@ Deno.test({
           assert.ok(extents[0]!.length > FOUR_GIB);
           assert.equal(extents[1]?.offset, 12 * GiB);
           assert.equal(extents[1]?.flags & STATE_ZERO, 0, "data at 12 GiB");
-          const chunks = chunksOf(tap!, sent[0]!.cookie);
+          const chunks = tap.chunksOf(sent[0]!.cookie);
           assert.deepEqual(
             chunks.map((c) => [c.kind, c.type]),
             [["extended", REPLY_TYPE_BLOCK_STATUS_EXT]],
@@ -178,8 +138,7 @@ Deno.test({
             await client.write(at, fill(5, at, MiB));
           }
           const length = 6 * GiB + 512 * MiB;
-          const sent = await requestsDuring(
-            tap!,
+          const sent = await tap.requestsDuring(
             CMD_TRIM,
             () => client.trim(GiB, length),
           );
@@ -209,8 +168,7 @@ Deno.test({
             await client.write(at, fill(6, at, MiB));
           }
           const length = 6 * GiB;
-          const sent = await requestsDuring(
-            tap!,
+          const sent = await tap.requestsDuring(
             CMD_WRITE_ZEROES,
             () => client.writeZeroes(3 * GiB, length, { fastZero: true }),
           );
@@ -254,24 +212,20 @@ Deno.test({
             "data at 12 GiB",
           );
           assert.ok(isZero(mixed.subarray(0, 64 * KiB)));
-          assert.deepEqual(tap!.problems, []);
-          assert.ok(tap!.replies.length > 64);
+          assert.deepEqual(tap.problems, []);
+          assert.ok(tap.replies.length > 64);
           assert.ok(
-            tap!.replies.every((r) => r.kind === "extended"),
+            tap.replies.every((r) => r.kind === "extended"),
             "a reply that is not extended",
           );
           assert.ok(
-            tap!.requests.some((r) => r.type === CMD_WRITE),
+            tap.requests.some((r) => r.type === CMD_WRITE),
             "writes went through the tap",
           );
-          sameRequests(tap!, trace);
+          sameRequests(tap, trace);
         },
       );
-    } finally {
-      await tap?.close();
-      await server?.stop();
-      await Deno.remove(dir, { recursive: true }).catch(() => {});
-    }
+    });
   },
 });
 
@@ -279,10 +233,7 @@ Deno.test({
   name:
     "qemu-nbd 10: extended headers on a 16 GiB qcow2 over a backing file, with a dirty bitmap and allocation depth",
   async fn(t) {
-    const dir = await tempDir("trixie");
-    let server: Server | undefined;
-    let tap: WireTap | undefined;
-    try {
+    await withTap(async (dir) => {
       // base: data at [0, 1M). top: bitmap b0 enabled, then data at
       // [10G, 10G+1M), which b0 records as dirty.
       const base = `${dir}/base.qcow2`;
@@ -309,13 +260,13 @@ Deno.test({
         ["-f", "qcow2", "-c", `write -P 0xab ${10 * GiB} 1M`, top],
         "trixie",
       );
-      server = await qemuNbd(
+      return await qemuNbd(
         ["-f", "qcow2", "-B", "b0", "-A", "-r", top],
         { dir, peers: "trixie" },
       );
-      tap = WireTap.open(`${dir}/tap.sock`, server.socket!);
+    }, async (tap) => {
       const trace = new Trace();
-      await using client = await tapped(tap, trace, "", [
+      await using client = await connectThrough(tap, trace, [
         ALLOCATION,
         BITMAP,
         DEPTH,
@@ -330,15 +281,11 @@ Deno.test({
             [ALLOCATION, DEPTH, BITMAP],
           );
           let map: Awaited<ReturnType<NbdClient["blockStatus"]>> = {};
-          const sent = await requestsDuring(
-            tap!,
-            CMD_BLOCK_STATUS,
-            async () => {
-              map = await client.blockStatus(MiB, SIZE - MiB);
-            },
-          );
+          const sent = await tap.requestsDuring(CMD_BLOCK_STATUS, async () => {
+            map = await client.blockStatus(MiB, SIZE - MiB);
+          });
           assert.equal(sent.length, 1);
-          const chunks = chunksOf(tap!, sent[0]!.cookie);
+          const chunks = tap.chunksOf(sent[0]!.cookie);
           assert.deepEqual(
             chunks.map((c) => c.type),
             [6, 6, 6],
@@ -390,15 +337,11 @@ Deno.test({
             new Uint8Array(64 * KiB).fill(0xcd),
             "through the chain",
           );
-          assert.deepEqual(tap!.problems, []);
-          assert.ok(tap!.replies.every((r) => r.kind === "extended"));
-          sameRequests(tap!, trace);
+          assert.deepEqual(tap.problems, []);
+          assert.ok(tap.replies.every((r) => r.kind === "extended"));
+          sameRequests(tap, trace);
         },
       );
-    } finally {
-      await tap?.close();
-      await server?.stop();
-      await Deno.remove(dir, { recursive: true }).catch(() => {});
-    }
+    });
   },
 });

@@ -95,6 +95,22 @@ const NBDKIT: Array<[Peers, string]> = [
   ["trixie", " (nbdkit 1.42)"],
 ];
 
+/**
+ * Runs `body` while `file` exists: the error filter fails requests only
+ * then.
+ */
+async function whileFailing<T>(
+  file: string,
+  body: () => Promise<T>,
+): Promise<T> {
+  await Deno.writeTextFile(file, "");
+  try {
+    return await body();
+  } finally {
+    await Deno.remove(file);
+  }
+}
+
 for (const [peers, suffix] of NBDKIT) {
   for (const structured of [true, false]) {
     const replies = structured ? "structured replies" : "simple replies";
@@ -131,8 +147,7 @@ for (const [peers, suffix] of NBDKIT) {
           await t.step(
             "read() fails with NbdCommandError EIO when the server fails it",
             async () => {
-              await Deno.writeTextFile(readErrors, "");
-              try {
+              await whileFailing(readErrors, async () => {
                 await assert.rejects(
                   () => client.read(4 * KiB, 8 * KiB),
                   (e) => {
@@ -142,9 +157,7 @@ for (const [peers, suffix] of NBDKIT) {
                     return true;
                   },
                 );
-              } finally {
-                await Deno.remove(readErrors);
-              }
+              });
             },
           );
 
@@ -164,15 +177,12 @@ for (const [peers, suffix] of NBDKIT) {
           await t.step(
             "write() fails with NbdCommandError ENOSPC when the server fails it",
             async () => {
-              await Deno.writeTextFile(writeErrors, "");
-              try {
+              await whileFailing(writeErrors, async () => {
                 await assert.rejects(
                   () => client.write(MiB, fill(12, MiB, 4 * KiB)),
                   (e) => assertErrno(e, "NBD_CMD_WRITE", 28, "ENOSPC"),
                 );
-              } finally {
-                await Deno.remove(writeErrors);
-              }
+              });
               await client.write(MiB, fill(12, MiB, 4 * KiB));
               assertBytes(
                 await client.read(MiB, 4 * KiB),
@@ -185,19 +195,15 @@ for (const [peers, suffix] of NBDKIT) {
           await t.step(
             "readable() and writable() fail with the server's errno",
             async () => {
-              await Deno.writeTextFile(readErrors, "");
-              try {
+              await whileFailing(readErrors, async () => {
                 const reader = client.readable({ offset: 0, length: MiB })
                   .getReader();
                 await assert.rejects(
                   () => within(5_000, "readable()", reader.read()),
                   (e) => assertErrno(e, "NBD_CMD_READ", 5, "EIO"),
                 );
-              } finally {
-                await Deno.remove(readErrors);
-              }
-              await Deno.writeTextFile(writeErrors, "");
-              try {
+              });
+              await whileFailing(writeErrors, async () => {
                 await assert.rejects(
                   () =>
                     within(
@@ -209,9 +215,7 @@ for (const [peers, suffix] of NBDKIT) {
                     ),
                   (e) => assertErrno(e, "NBD_CMD_WRITE", 28, "ENOSPC"),
                 );
-              } finally {
-                await Deno.remove(writeErrors);
-              }
+              });
               assert.equal(client.failure, undefined);
               assertBytes(
                 await client.read(0, 64 * KiB),
@@ -225,23 +229,19 @@ for (const [peers, suffix] of NBDKIT) {
             "among many requests in flight only those the server fails are rejected",
             async () => {
               const block = 4 * KiB;
-              await Deno.writeTextFile(readErrors, "");
-              let results: PromiseSettledResult<unknown>[];
-              try {
+              const results = await whileFailing(readErrors, () => {
                 const all: Promise<unknown>[] = [];
                 for (let i = 0; i < 64; i++) {
                   all.push(client.read(i * block, block));
                   const at = 2 * MiB + i * block;
                   all.push(client.write(at, fill(13, at, block)));
                 }
-                results = await within(
+                return within(
                   10_000,
                   "requests in flight",
                   Promise.allSettled(all),
                 );
-              } finally {
-                await Deno.remove(readErrors);
-              }
+              });
               for (const [i, r] of results.entries()) {
                 if (i % 2 === 0) {
                   assert.equal(r.status, "rejected", `read ${i / 2}`);

@@ -15,17 +15,10 @@
  */
 
 import assert from "node:assert/strict";
-import { connect, type NbdClient } from "../../mod.ts";
+import type { NbdClient } from "../../mod.ts";
 import { Trace } from "./_support.ts";
-import { WireTap } from "./_wiretap.ts";
-import {
-  nbdkit,
-  qemuNbd,
-  run,
-  type Server,
-  tempDir,
-} from "../support/servers.ts";
-import { within } from "../support/wait.ts";
+import { connectThrough, type WireTap, withTap } from "./_wiretap.ts";
+import { nbdkit, qemuNbd, run } from "../support/servers.ts";
 
 const MiB = 1024 * 1024;
 const ALLOCATION = "base:allocation";
@@ -37,34 +30,19 @@ const CMD_FLAG_PAYLOAD_LEN = 1 << 5;
 const REPLY_TYPE_BLOCK_STATUS = 5;
 const REPLY_TYPE_BLOCK_STATUS_EXT = 6;
 
-function tapped(tap: WireTap, trace: Trace, contexts: string[]) {
-  return within(
-    10_000,
-    "connect()",
-    connect({ path: tap.path }, { metaContexts: contexts, debug: trace.hook }),
-  );
-}
-
 /** The one block status request `body` sent, and the chunks answering it. */
 async function oneBlockStatus(tap: WireTap, body: () => Promise<unknown>) {
-  const before = tap.requests.length;
-  await body();
-  const sent = tap.requests.slice(before).filter((r) =>
-    r.type === CMD_BLOCK_STATUS
-  );
+  const sent = await tap.requestsDuring(CMD_BLOCK_STATUS, body);
   assert.equal(sent.length, 1, "one NBD_CMD_BLOCK_STATUS");
   const req = sent[0]!;
-  return { req, chunks: tap.replies.filter((r) => r.cookie === req.cookie) };
+  return { req, chunks: tap.chunksOf(req.cookie) };
 }
 
 Deno.test({
   name:
     "blockStatus() with contexts sends NBD_CMD_FLAG_PAYLOAD_LEN to qemu-nbd 10 and gets only those contexts",
   async fn(t) {
-    const dir = await tempDir("trixie");
-    let server: Server | undefined;
-    let tap: WireTap | undefined;
-    try {
+    await withTap(async (dir) => {
       const img = `${dir}/disk.qcow2`;
       await run(
         "qemu-img",
@@ -76,13 +54,13 @@ Deno.test({
         ["bitmap", "--add", "--enable", img, "b0"],
         "trixie",
       );
-      server = await qemuNbd(["-f", "qcow2", "-B", "b0", "-A", img], {
+      return await qemuNbd(["-f", "qcow2", "-B", "b0", "-A", img], {
         dir,
         peers: "trixie",
       });
-      tap = WireTap.open(`${dir}/tap.sock`, server.socket!);
+    }, async (tap) => {
       const trace = new Trace();
-      await using client: NbdClient = await tapped(tap, trace, [
+      await using client: NbdClient = await connectThrough(tap, trace, [
         ALLOCATION,
         BITMAP,
         DEPTH,
@@ -95,7 +73,7 @@ Deno.test({
 
       await t.step("one context: a 12-byte payload, one chunk", async () => {
         let map: Record<string, unknown> = {};
-        const { req, chunks } = await oneBlockStatus(tap!, async () => {
+        const { req, chunks } = await oneBlockStatus(tap, async () => {
           map = await client.blockStatus(0, 64 * MiB, { contexts: [BITMAP] });
         });
         assert.notEqual(req.flags & CMD_FLAG_PAYLOAD_LEN, 0);
@@ -108,7 +86,7 @@ Deno.test({
 
       await t.step("two contexts: a 16-byte payload, two chunks", async () => {
         let map: Record<string, unknown> = {};
-        const { req, chunks } = await oneBlockStatus(tap!, async () => {
+        const { req, chunks } = await oneBlockStatus(tap, async () => {
           map = await client.blockStatus(0, 64 * MiB, {
             contexts: [ALLOCATION, DEPTH],
           });
@@ -121,26 +99,22 @@ Deno.test({
       await t.step(
         "a context that was not negotiated fails before traffic",
         async () => {
-          const sent = tap!.requests.length;
+          const sent = tap.requests.length;
           await assert.rejects(
             () => client.blockStatus(0, MiB, { contexts: ["qemu:nope"] }),
             (e: unknown) => e instanceof RangeError || e instanceof TypeError,
           );
-          assert.equal(tap!.requests.length, sent);
+          assert.equal(tap.requests.length, sent);
         },
       );
 
       await t.step("writes carry NBD_CMD_FLAG_PAYLOAD_LEN", async () => {
         await client.write(0, new Uint8Array(64 * 1024).fill(7));
-        assert.ok(tap!.requests.some((r) => r.type === CMD_WRITE));
-        assert.equal(tap!.writesWithoutPayloadLen, 0);
-        assert.deepEqual(tap!.problems, []);
+        assert.ok(tap.requests.some((r) => r.type === CMD_WRITE));
+        assert.equal(tap.writesWithoutPayloadLen, 0);
+        assert.deepEqual(tap.problems, []);
       });
-    } finally {
-      await tap?.close();
-      await server?.stop();
-      await Deno.remove(dir, { recursive: true }).catch(() => {});
-    }
+    });
   },
 });
 
@@ -148,33 +122,32 @@ Deno.test({
   name:
     "blockStatus() with contexts asks for all and filters where the export lacks NBD_FLAG_BLOCK_STAT_PAYLOAD (nbdkit 1.42)",
   async fn() {
-    const dir = await tempDir("trixie");
-    let server: Server | undefined;
-    let tap: WireTap | undefined;
-    try {
-      server = await nbdkit(["data", "data=1 2 3 @1048576 4", "size=4M"], {
-        dir,
-        peers: "trixie",
-      });
-      tap = WireTap.open(`${dir}/tap.sock`, server.socket!);
-      const trace = new Trace();
-      // nbdkit 1.42 offers base:allocation only; asking for it twice by
-      // pattern is not possible, so one context is negotiated and kept.
-      await using client: NbdClient = await tapped(tap, trace, [ALLOCATION]);
-      assert.equal(client.extendedHeaders, false);
-      assert.equal(client.canBlockStatusPayload, false);
-      let map: Record<string, unknown> = {};
-      const { req, chunks } = await oneBlockStatus(tap, async () => {
-        map = await client.blockStatus(0, 4 * MiB, { contexts: [ALLOCATION] });
-      });
-      assert.equal(req.extended, false);
-      assert.equal(req.flags & CMD_FLAG_PAYLOAD_LEN, 0);
-      assert.deepEqual(Object.keys(map), [ALLOCATION]);
-      assert.deepEqual(chunks.map((c) => c.type), [REPLY_TYPE_BLOCK_STATUS]);
-    } finally {
-      await tap?.close();
-      await server?.stop();
-      await Deno.remove(dir, { recursive: true }).catch(() => {});
-    }
+    await withTap(
+      (dir) =>
+        nbdkit(["data", "data=1 2 3 @1048576 4", "size=4M"], {
+          dir,
+          peers: "trixie",
+        }),
+      async (tap) => {
+        const trace = new Trace();
+        // nbdkit 1.42 offers base:allocation only; asking for it twice by
+        // pattern is not possible, so one context is negotiated and kept.
+        await using client: NbdClient = await connectThrough(tap, trace, [
+          ALLOCATION,
+        ]);
+        assert.equal(client.extendedHeaders, false);
+        assert.equal(client.canBlockStatusPayload, false);
+        let map: Record<string, unknown> = {};
+        const { req, chunks } = await oneBlockStatus(tap, async () => {
+          map = await client.blockStatus(0, 4 * MiB, {
+            contexts: [ALLOCATION],
+          });
+        });
+        assert.equal(req.extended, false);
+        assert.equal(req.flags & CMD_FLAG_PAYLOAD_LEN, 0);
+        assert.deepEqual(Object.keys(map), [ALLOCATION]);
+        assert.deepEqual(chunks.map((c) => c.type), [REPLY_TYPE_BLOCK_STATUS]);
+      },
+    );
   },
 });

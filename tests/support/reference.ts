@@ -21,6 +21,11 @@ export async function sha256(bytes: Uint8Array): Promise<string> {
   ).join("");
 }
 
+/** SHA-256 of a file's bytes, in hex. */
+export async function fileHash(path: string): Promise<string> {
+  return await sha256(await Deno.readFile(path));
+}
+
 /** The whole export as `nbdcopy` (the host's, or the Debian 13 root's) reads it. */
 export function referenceBytes(
   uri: string,

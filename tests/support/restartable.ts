@@ -6,6 +6,13 @@
  * @module
  */
 
+import {
+  accepts,
+  childProc,
+  type Proc,
+  spawnLogged,
+  stopProc,
+} from "./servers.ts";
 import { until } from "./wait.ts";
 
 /** How long a start may take before the test fails. */
@@ -31,15 +38,6 @@ export interface Restartable {
   [Symbol.asyncDispose](): Promise<void>;
 }
 
-async function accepts(path: string): Promise<boolean> {
-  try {
-    (await Deno.connect({ transport: "unix", path })).close();
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 /**
  * Prepares a restartable server; call `start()` to run it.
  *
@@ -56,22 +54,14 @@ export async function restartable(
   const own = dir === undefined;
   const home = dir ?? await Deno.makeTempDir({ prefix: "nbd-restart-" });
   const socket = `${home}/server.sock`;
-  let child: Deno.ChildProcess | undefined;
+  let child: { spawned: Deno.ChildProcess; proc: Proc } | undefined;
   let logPath = "";
   let starts = 0;
   const readLog = () => Deno.readTextFile(logPath).catch(() => "");
-  const exited = async () => {
+  const stop = async (signal: Deno.Signal) => {
     if (!child) return;
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const late = new Promise<"late">((r) => {
-      timer = setTimeout(() => r("late"), EXIT_MS);
-    });
-    const outcome = await Promise.race([child.status, late]);
-    clearTimeout(timer);
-    if (outcome === "late") {
-      child.kill("SIGKILL");
-      await child.status;
-    }
+    await stopProc(child.proc, signal, EXIT_MS);
+    await child.spawned.status;
     child = undefined;
   };
   return {
@@ -85,50 +75,26 @@ export async function restartable(
       await Deno.remove(socket).catch(() => {});
       starts++;
       logPath = `${home}/${program}-${starts}.log`;
-      child = new Deno.Command("sh", {
-        args: [
-          "-c",
-          'log="$1"; shift; exec "$@" 2>"$log"',
-          "sh",
-          logPath,
-          program,
-          ...(args ?? argsFor(socket, home)),
-        ],
-        stdin: "null",
-        stdout: "null",
-        stderr: "null",
-      }).spawn();
-      const running = child;
-      let gone = false;
-      running.status.then(() => gone = true);
+      const spawned = spawnLogged(
+        program,
+        args ?? argsFor(socket, home),
+        logPath,
+      );
+      const proc = childProc(spawned);
+      child = { spawned, proc };
       await until(`${program} to accept on ${socket}`, async () => {
-        if (gone) {
+        if (await proc.gone()) {
           throw new Error(
             `${program} exited before listening: ${await readLog()}`,
           );
         }
-        return await accepts(socket);
+        return await accepts({ path: socket });
       }, START_MS);
     },
-    async kill(signal) {
-      if (!child) return;
-      try {
-        child.kill(signal);
-      } catch {
-        // Already gone.
-      }
-      await exited();
-    },
+    kill: stop,
     log: readLog,
     async [Symbol.asyncDispose]() {
-      if (child) {
-        try {
-          child.kill("SIGTERM");
-        } catch {
-          // Already gone.
-        }
-        await exited();
-      }
+      await stop("SIGTERM");
       if (own) await Deno.remove(home, { recursive: true }).catch(() => {});
     },
   };

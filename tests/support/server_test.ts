@@ -38,6 +38,7 @@ import {
 import {
   blockStatusExtPayload,
   Builder,
+  concat,
   errorOffsetPayload,
   errorPayload,
   exportNameReply,
@@ -596,7 +597,7 @@ Deno.test("startTestServer() raw exchanges", async (t) => {
       assert.deepEqual(body.subarray(8), data.subarray(4096));
 
       await raw.write(
-        concat2(
+        concat(
           extendedRequest(CMD_WRITE, 8n, 65536, 3),
           new Uint8Array([1, 2, 3]),
         ),
@@ -643,7 +644,7 @@ Deno.test("startTestServer() raw exchanges", async (t) => {
     try {
       await raw.negotiate("", []);
       await raw.write(
-        concat2(request(CMD_READ, 1n, 0, 512), request(CMD_READ, 2n, 512, 512)),
+        concat(request(CMD_READ, 1n, 0, 512), request(CMD_READ, 2n, 512, 512)),
       );
       const first = new DataView((await raw.read(16 + 512)).buffer);
       const second = new DataView((await raw.read(16 + 512)).buffer);
@@ -758,10 +759,3 @@ Deno.test("startTestServer() raw exchanges", async (t) => {
     }
   });
 });
-
-function concat2(a: Uint8Array, b: Uint8Array): Uint8Array {
-  const out = new Uint8Array(a.length + b.length);
-  out.set(a);
-  out.set(b, a.length);
-  return out;
-}

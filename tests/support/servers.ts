@@ -142,7 +142,7 @@ async function isSocket(path: string): Promise<boolean> {
  * bind(), a moment before listen(): a connect in between is refused, so
  * the file alone does not say the server is ready.
  */
-async function accepts(
+export async function accepts(
   where: { path: string } | { port: number },
 ): Promise<boolean> {
   try {
@@ -185,7 +185,7 @@ async function processGone(pid: number): Promise<boolean> {
 }
 
 /** The running process, however it was started. */
-interface Proc {
+export interface Proc {
   pid: number;
   kill(signal: Deno.Signal): void;
   /** Whether it has exited; never waits. */
@@ -194,7 +194,8 @@ interface Proc {
   wait(ms: number): Promise<boolean>;
 }
 
-function childProc(child: Deno.ChildProcess): Proc {
+/** A {@linkcode Proc} over a child this process spawned. */
+export function childProc(child: Deno.ChildProcess): Proc {
   let exited = false;
   const status = child.status.then(() => {
     exited = true;
@@ -202,7 +203,12 @@ function childProc(child: Deno.ChildProcess): Proc {
   return {
     pid: child.pid,
     kill: (signal) => {
-      if (!exited) child.kill(signal);
+      if (exited) return;
+      try {
+        child.kill(signal);
+      } catch {
+        // Exited before `status` said so.
+      }
     },
     gone: () => Promise.resolve(exited),
     wait: async (ms) => {
@@ -239,15 +245,34 @@ function daemonProc(pid: number): Proc {
   };
 }
 
-async function spawn(s: Spawn): Promise<Server> {
-  const logPath = `${s.dir}/${s.program}-${
-    crypto.randomUUID().slice(0, 8)
-  }.log`;
-  const log = () => Deno.readTextFile(logPath).catch(() => "");
+/**
+ * Sends `signal`, waits at most `ms` for the exit, then SIGKILL and at most
+ * `ms` again.
+ */
+export async function stopProc(
+  proc: Proc,
+  signal: Deno.Signal,
+  ms: number,
+): Promise<void> {
+  proc.kill(signal);
+  if (!await proc.wait(ms)) {
+    proc.kill("SIGKILL");
+    await proc.wait(ms);
+  }
+}
+
+/**
+ * Spawns `program` with its stderr in the file `logPath` (see the module
+ * doc: not a pipe) and nothing on stdin or stdout.
+ */
+export function spawnLogged(
+  program: string,
+  args: string[],
+  logPath: string,
+): Deno.ChildProcess {
   // `exec` keeps the pid the server's own, so signals reach it directly
   // (chroot execs the program too).
-  const [program, args] = command(s.program, s.args, s.peers);
-  const child = new Deno.Command("sh", {
+  return new Deno.Command("sh", {
     args: [
       "-c",
       'log="$1"; shift; exec "$@" 2>"$log"',
@@ -260,6 +285,15 @@ async function spawn(s: Spawn): Promise<Server> {
     stdout: "null",
     stderr: "null",
   }).spawn();
+}
+
+async function spawn(s: Spawn): Promise<Server> {
+  const logPath = `${s.dir}/${s.program}-${
+    crypto.randomUUID().slice(0, 8)
+  }.log`;
+  const log = () => Deno.readTextFile(logPath).catch(() => "");
+  const [program, args] = command(s.program, s.args, s.peers);
+  const child = spawnLogged(program, args, logPath);
   let proc = childProc(child);
   const deadline = Date.now() + START_DEADLINE_MS;
   const late = async (what: string) => {
@@ -273,11 +307,7 @@ async function spawn(s: Spawn): Promise<Server> {
   let stopped: Promise<void> | undefined;
   const stop = () => {
     stopped ??= (async () => {
-      proc.kill("SIGTERM");
-      if (!await proc.wait(STOP_DEADLINE_MS)) {
-        proc.kill("SIGKILL");
-        await proc.wait(STOP_DEADLINE_MS);
-      }
+      await stopProc(proc, "SIGTERM", STOP_DEADLINE_MS);
       // The launcher of a daemon has its own status to collect.
       await child.status;
       if (s.ownDir) {
