@@ -826,9 +826,12 @@ export async function startServer(
   size: number,
   threads: number,
   plugin: "pattern" | "memory" = "pattern",
+  filters: string[] = [],
+  params: string[] = [],
 ): Promise<Server> {
-  const path = `${dir}/${plugin}-${size}.sock`;
-  const pidFile = `${dir}/${plugin}-${size}.pid`;
+  const name = `${plugin}-${size}${filters.length ? "-filtered" : ""}`;
+  const path = `${dir}/${name}.sock`;
+  const pidFile = `${dir}/${name}.pid`;
   const child = new Deno.Command("nbdkit", {
     args: [
       "-U",
@@ -838,8 +841,10 @@ export async function startServer(
       "-f",
       "--exit-with-parent",
       `--threads=${threads}`,
+      ...filters,
       plugin,
       `size=${size}`,
+      ...params,
     ],
     stdin: "null",
     stdout: "null",
@@ -1482,6 +1487,61 @@ async function main(): Promise<void> {
       }
     } finally {
       await mem.stop();
+    }
+
+    // Several connections per client, where they pay: a server that serves
+    // one request at a time per connection, each taking a millisecond.
+    const slow = await startServer(dir, c.size, c.threads, "pattern", [
+      "--filter=noparallel",
+      "--filter=delay",
+    ], ["serialize=requests", "rdelay=1ms"]);
+    try {
+      const count = Math.min(c.qd64Count, 4000);
+      const clients: NbdClient[] = [];
+      try {
+        for (const connections of [4, 1]) {
+          clients.push(
+            await connect({ path: slow.path, maxInFlight: 64, connections }),
+          );
+        }
+        rows.push(
+          ...await runSection(
+            `rand 4K QD64 on a one-at-a-time server (1 ms each), ${
+              fmt(count)
+            } reads`,
+            [
+              ...clients.map((nbd) => ({
+                client:
+                  `ours readInto(), window of 64, ${nbd.connections} conn`,
+                ours: true,
+                warm: () =>
+                  oursRandom(nbd, offsets, 256, 64, c.seconds, "full"),
+                once: () =>
+                  oursRandom(nbd, offsets, count, 64, c.seconds, "one"),
+              })),
+              ...libs.map((lib) => ({
+                client: `nbdsh ${lib.version} h.aio_pread window of 64`,
+                ours: false,
+                ...nbdsh(lib, {
+                  mode: "rand",
+                  request: RANDOM_SIZE,
+                  depth: 64,
+                  seconds: c.seconds,
+                  count,
+                  warmCount: 256,
+                  offsetsFile,
+                }, slow.uri),
+              })),
+            ],
+            c.runs,
+            progress,
+          ),
+        );
+      } finally {
+        for (const nbd of clients) await nbd.close();
+      }
+    } finally {
+      await slow.stop();
     }
 
     if (c.tls) rows.push(...await benchTls(dir, c, libs, progress));
