@@ -95,6 +95,35 @@ Deno.test("attach() checks its options before touching the device or the network
       RangeError,
       /^timeout must be a whole number of seconds/,
     ],
+    [
+      { connections: 0 },
+      RangeError,
+      /^connections must be a whole number from 1 to 64, got 0$/,
+    ],
+    [{ connections: 65 }, RangeError, /^connections must be/],
+    [{ connections: 1.5 }, RangeError, /^connections must be/],
+    [
+      { deadConnectionTimeout: -1 },
+      RangeError,
+      /^deadConnectionTimeout must be a whole number of seconds, got -1$/,
+    ],
+    [{ persist: "yes" }, TypeError, /^persist must be true or false/],
+    [{ netlink: 0 }, TypeError, /^netlink must be true or false, not 0$/],
+    [
+      { netlink: false, connections: 2 },
+      RangeError,
+      /^2 connections needs the kernel's netlink interface, but netlink is false/,
+    ],
+    [
+      { netlink: false, persist: true },
+      RangeError,
+      /^persist needs the kernel's netlink interface/,
+    ],
+    [
+      { netlink: false, deadConnectionTimeout: 5 },
+      RangeError,
+      /^deadConnectionTimeout needs the kernel's netlink interface/,
+    ],
   ];
   for (const [options, kind, message] of cases) {
     await assert.rejects(
