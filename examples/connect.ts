@@ -44,8 +44,8 @@ import {
 } from "./_cli.ts";
 
 const USAGE = `Usage:
-  connect [OPTIONS] URI [DEVICE]   attach the export to DEVICE (default: the
-                                   first free /dev/nbdN) until interrupted
+  connect [OPTIONS] URI [DEVICE]   attach the export to DEVICE (default: a
+                                   free /dev/nbdN) until interrupted
   connect -d DEVICE                detach DEVICE (as nbd-client -d)
   connect -l                       list the nbd devices and their state
   connect -c DEVICE                exit 0 if DEVICE is attached, 1 if not
@@ -99,8 +99,8 @@ function say(line: string): void {
  * @param args Command-line arguments, without the program name.
  * @returns The exit status: 0 after a requested disconnect (SIGINT/SIGTERM),
  *   a detach, a list, or a check of an attached device; 1 on failure, when
- *   the server went away, for a device `-c` finds free, or for a usage
- *   mistake (as `info` and `copy`).
+ *   the server went away, for a device `-c` finds free, for `-l` with no
+ *   nbd devices, or for a usage mistake (as `info` and `copy`).
  */
 export async function main(args: string[]): Promise<number> {
   try {
@@ -136,7 +136,14 @@ async function run(args: string[]): Promise<number> {
   }
   if (options.has("list")) {
     if (positionals.length > 0) throw new UsageError("-l takes no arguments");
-    for (const d of await status()) say(statusLine(d));
+    const devices = await status();
+    if (devices.length === 0) {
+      warn(
+        "connect: no nbd devices; is the nbd module loaded? Try: modprobe nbd",
+      );
+      return 1;
+    }
+    for (const d of devices) say(statusLine(d));
     return 0;
   }
   const checkDevice = options.get("check");

@@ -1,8 +1,10 @@
 import assert from "node:assert/strict";
 import { attach } from "../../ffi/attach.ts";
 import { kernelGeometry } from "../../ffi/_geometry.ts";
-import { KERNEL_MAX_BYTES } from "../../ffi/_kernel.ts";
+import { KERNEL_MAX_BYTES, readSmallFile } from "../../ffi/_kernel.ts";
+import { status } from "../../ffi/device.ts";
 import { NbdKernelError } from "../../ffi/errors.ts";
+import { netlinkAvailable } from "../../ffi/netlink.ts";
 import { DEFAULT_BLOCK_SIZE } from "../../lib/export.ts";
 
 const MiB = 1024 * 1024;
@@ -133,4 +135,56 @@ Deno.test("attach() checks its options before touching the device or the network
       JSON.stringify(options),
     );
   }
+});
+
+Deno.test("attach() and status() choose the kernel interface by what the kernel has", async (t) => {
+  const target = "nbd+unix:///?socket=/nonexistent/nbd.sock";
+  if (await netlinkAvailable()) {
+    await t.step("status() asks the netlink family", async () => {
+      for (const d of await status()) {
+        assert.equal(d.source, "netlink");
+        assert.equal(d.device, `/dev/nbd${d.index}`);
+      }
+    });
+    return;
+  }
+  await t.step("netlink: true is refused without the family", async () => {
+    await assert.rejects(
+      attach(target, undefined, { netlink: true }),
+      (e: unknown) =>
+        e instanceof NbdKernelError && e.reason === "no-module" &&
+        /^Cannot attach a free nbd device over netlink: the kernel has no generic netlink family "nbd"/
+          .test(e.message),
+    );
+  });
+  await t.step(
+    "netlink-only options are refused without the family",
+    async () => {
+      for (
+        const [options, what] of [
+          [{ connections: 2 }, "2 connections"],
+          [{ persist: true }, "persist"],
+          [{ deadConnectionTimeout: 5 }, "deadConnectionTimeout"],
+        ] as const
+      ) {
+        await assert.rejects(
+          attach(target, undefined, options),
+          (e: unknown) =>
+            e instanceof NbdKernelError && e.reason === "no-module" &&
+            e.message.startsWith(
+              `Cannot attach a free nbd device with ${what}:`,
+            ),
+          what,
+        );
+      }
+    },
+  );
+  await t.step("status() falls back to a sysfs scan", async () => {
+    const devices = await status();
+    for (const d of devices) assert.equal(d.source, "sysfs");
+    if (readSmallFile("/sys/block/nbd0/size") === null) {
+      assert.deepEqual(devices, []);
+      assert.deepEqual(await status("/dev/nbd0"), []);
+    }
+  });
 });
