@@ -31,7 +31,13 @@ import { cString, E, libc, O_CLOEXEC, O_RDONLY } from "./_libc.ts";
 import { type NetlinkRelease, superviseDevice } from "./_netlink_supervisor.ts";
 import { type Relay, startRelay } from "./_relay.ts";
 import { NbdKernelError } from "./errors.ts";
-import { connectDevice, disconnectDevice, watchLinkDead } from "./netlink.ts";
+import {
+  connectDevice,
+  type ConnectDeviceOptions,
+  disconnectDevice,
+  type LinkDeadWatch,
+  watchLinkDead,
+} from "./netlink.ts";
 
 /** Seconds I/O waits for a dead link to be replaced under persist. */
 export const PERSIST_DEAD_TIMEOUT = 60;
@@ -162,7 +168,7 @@ export async function attachByNetlink(
       blockSize: geometry.blockSize,
       serverFlags,
     });
-    const settings: Parameters<typeof connectDevice>[0] = {
+    const settings: ConnectDeviceOptions = {
       sockets: conns.map((c) => c.sockFd),
       size: BigInt(geometry.bytes),
       blockSize: geometry.blockSize,
@@ -209,7 +215,7 @@ interface Parts {
   path: string;
   index: number;
   info: ExportInfo;
-  watch: Awaited<ReturnType<typeof watchLinkDead>>;
+  watch: LinkDeadWatch;
   relays: Relay[];
   readOnly: boolean;
   size: number;
