@@ -272,8 +272,13 @@ export class NetlinkAttachment implements AttachedDevice {
       ...(plan.persist
         ? {
           redial,
+          // Redial for as long as I/O waits, and for at least a minute
+          // even when I/O fails at once meanwhile.
           giveUpAfterMs: 1000 *
-            (plan.deadConnectionTimeout ?? PERSIST_DEAD_TIMEOUT),
+            Math.max(
+              plan.deadConnectionTimeout ?? PERSIST_DEAD_TIMEOUT,
+              PERSIST_DEAD_TIMEOUT,
+            ),
         }
         : {}),
       ...(plan.trace ? { debug: plan.trace } : {}),

@@ -126,7 +126,10 @@ export interface AttachOptions extends TlsOptions {
   /**
    * Seconds I/O waits for a dead connection to be replaced before it
    * fails (netlink only). Default 60 with `persist`, else 0 (fail at
-   * once).
+   * once). With `persist`, redialling goes on for this long (at least 60
+   * s). Without, a dead connection releases the device at once while this
+   * process lives; the timeout matters once it is gone and the device
+   * outlived it.
    */
   deadConnectionTimeout?: number;
 }
