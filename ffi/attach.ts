@@ -100,7 +100,10 @@ export interface AttachOptions extends TlsOptions {
    * attach.
    */
   connectTimeout?: number;
-  /** Milliseconds for the device to come up once handed over (default 30000). */
+  /**
+   * Milliseconds for the device to come up once handed over (default
+   * 30000; ioctl path: over netlink the kernel answers once it is up).
+   */
   startTimeout?: number;
   /**
    * Tell the kernel through its netlink interface (`true`) or through
