@@ -70,6 +70,15 @@ export interface AttachedDevice extends AsyncDisposable {
    * `"relay"` (this process copies them, as for TLS).
    */
   readonly route: "direct" | "relay";
+  /**
+   * How the kernel was told: `"netlink"` (the generic netlink family
+   * `nbd`; the device outlives this process on the direct route) or
+   * `"ioctl"` (a thread of this process waits in `NBD_DO_IT`; the device
+   * goes with the process).
+   */
+  readonly kernelInterface: "netlink" | "ioctl";
+  /** How many connections the kernel spreads requests over. */
+  readonly connections: number;
   /** Settles once the device is released; never rejects. */
   readonly closed: Promise<ReleaseInfo>;
   /** Asks the kernel to disconnect, then waits for the release. */
@@ -114,6 +123,8 @@ export class Attachment implements AttachedDevice {
   readonly readOnly: boolean;
   readonly info: ExportInfo;
   readonly route: "direct" | "relay";
+  readonly kernelInterface = "ioctl" as const;
+  readonly connections = 1;
   readonly closed: Promise<ReleaseInfo>;
   #name: string;
   #devFd: number;

@@ -8,10 +8,12 @@
  * gets one end of a socketpair and this process copies bytes between the
  * other end and the library's TLS connection.
  *
- * {@linkcode attach} runs the steps, each in its own module: connecting
- * for the kernel (`_connect.ts`), the device's geometry (`_geometry.ts`),
- * the ioctl configuration and its rollback (`_configure.ts`), and the
- * attachment that lives on (`_attachment.ts`).
+ * The kernel is told through its generic netlink family `nbd` where it
+ * exists (`_netlink_attach.ts`: several connections, persist), else
+ * through ioctls. {@linkcode attach} runs the steps, each in its own
+ * module: connecting for the kernel (`_connect.ts`), the device's geometry
+ * (`_geometry.ts`), the ioctl configuration and its rollback
+ * (`_configure.ts`), and the attachment that lives on (`_attachment.ts`).
  *
  * @module
  */
@@ -22,7 +24,7 @@ import type {
   TlsOptions,
 } from "../lib/connect_options.ts";
 import { FLAG_READ_ONLY } from "../lib/constants.ts";
-import { makeTracer } from "../lib/debug.ts";
+import { makeTracer, type Tracer } from "../lib/debug.ts";
 import { abortReason } from "../lib/errors.ts";
 import {
   checkMilliseconds,
@@ -32,7 +34,12 @@ import {
 } from "../lib/resolve_options.ts";
 import { type AttachedDevice, Attachment } from "./_attachment.ts";
 import { configureDevice } from "./_configure.ts";
-import { connectForKernel, hangUp, type KernelConnection } from "./_connect.ts";
+import {
+  connectForKernel,
+  hangUp,
+  type KernelConnection,
+  type KernelConnectOptions,
+} from "./_connect.ts";
 import { kernelGeometry } from "./_geometry.ts";
 import {
   checkDevice,
@@ -43,7 +50,10 @@ import {
   pageSize,
 } from "./_kernel.ts";
 import { E, libc } from "./_libc.ts";
+import { attachByNetlink, PERSIST_DEAD_TIMEOUT } from "./_netlink_attach.ts";
+import { findFreeDevice } from "./device.ts";
 import { NbdKernelError } from "./errors.ts";
+import { netlinkAvailable } from "./netlink.ts";
 
 export type {
   AttachedDevice,
@@ -90,9 +100,45 @@ export interface AttachOptions extends TlsOptions {
    * attach.
    */
   connectTimeout?: number;
-  /** Milliseconds for the device to come up once handed over (default 30000). */
+  /**
+   * Milliseconds for the device to come up once handed over (default
+   * 30000; ioctl path: over netlink the kernel answers once it is up).
+   */
   startTimeout?: number;
+  /**
+   * Tell the kernel through its netlink interface (`true`) or through
+   * ioctls (`false`). By default netlink where the kernel has the `nbd`
+   * family, ioctls elsewhere. Over netlink a direct-route device outlives
+   * this process (until {@linkcode detach}); over ioctls it goes with it.
+   */
+  netlink?: boolean;
+  /**
+   * Negotiated connections the kernel spreads requests over (default 1;
+   * up to 64). More than one needs netlink and an export that advertises
+   * `NBD_FLAG_CAN_MULTI_CONN`.
+   */
+  connections?: number;
+  /**
+   * When a connection dies, dial again with the same negotiation, check
+   * it reaches the same export (size and flags), and hand the new socket
+   * to the kernel (`NBD_CMD_RECONFIGURE`); I/O waits meanwhile, up to
+   * `deadConnectionTimeout`. Needs netlink and this process alive.
+   * Without it, a dead connection releases the device.
+   */
+  persist?: boolean;
+  /**
+   * Seconds I/O waits for a dead connection to be replaced before it
+   * fails (netlink only). Default 60 with `persist`, else 0 (fail at
+   * once). With `persist`, redialling goes on for this long (at least 60
+   * s). Without, a dead connection releases the device at once while this
+   * process lives; the timeout matters once it is gone and the device
+   * outlived it.
+   */
+  deadConnectionTimeout?: number;
 }
+
+/** The most connections attach() takes. */
+const MAX_CONNECTIONS = 64;
 
 const TLS_KEYS = [
   "tls",
@@ -143,7 +189,33 @@ function validate(options: AttachOptions, page: number): void {
       `blockSize must be a power of two from 512 to ${page}, got ${blockSize}`,
     );
   }
-  for (const key of ["readOnly", "handleSignals", "relay"] as const) {
+  const { connections, deadConnectionTimeout: dead } = options;
+  if (
+    connections !== undefined &&
+    (!Number.isInteger(connections) || connections < 1 ||
+      connections > MAX_CONNECTIONS)
+  ) {
+    throw new RangeError(
+      `connections must be a whole number from 1 to ${MAX_CONNECTIONS}, got ${connections}`,
+    );
+  }
+  if (
+    dead !== undefined &&
+    (!Number.isInteger(dead) || dead < 0 || dead > 0xffffffff)
+  ) {
+    throw new RangeError(
+      `deadConnectionTimeout must be a whole number of seconds, got ${dead}`,
+    );
+  }
+  for (
+    const key of [
+      "readOnly",
+      "handleSignals",
+      "relay",
+      "netlink",
+      "persist",
+    ] as const
+  ) {
     const v: unknown = options[key];
     if (v !== undefined && typeof v !== "boolean") {
       throw new TypeError(`${key} must be true or false, not ${shown(v)}`);
@@ -153,13 +225,63 @@ function validate(options: AttachOptions, page: number): void {
     if (options[key] !== undefined) checkMilliseconds(key, options[key]);
   }
   checkSignal("attach()", options.signal);
+  const needs = netlinkOnly(options);
+  if (options.netlink === false && needs) {
+    throw new RangeError(
+      `${needs} needs the kernel's netlink interface, but netlink is false (the ioctl path takes one connection and cannot persist)`,
+    );
+  }
+}
+
+/** What only netlink does, named for a refusal; `undefined` if nothing. */
+function netlinkOnly(options: AttachOptions): string | undefined {
+  if ((options.connections ?? 1) > 1) {
+    return `${options.connections} connections`;
+  }
+  if (options.persist === true) return "persist";
+  if (options.deadConnectionTimeout !== undefined) {
+    return "deadConnectionTimeout";
+  }
+  return undefined;
+}
+
+/**
+ * Netlink or ioctls: as asked, else netlink where the kernel has it.
+ *
+ * @throws {NbdKernelError} when netlink is needed and missing.
+ */
+async function chooseNetlink(
+  options: AttachOptions,
+  path: string,
+): Promise<boolean> {
+  if (options.netlink === false) return false;
+  const needs = netlinkOnly(options);
+  const available = await netlinkAvailable();
+  if (!available && (options.netlink === true || needs)) {
+    throw new NbdKernelError(
+      path,
+      "CTRL_CMD_GETFAMILY",
+      E.ENOENT,
+      `Cannot attach ${path}${
+        needs ? ` with ${needs}` : " over netlink"
+      }: the kernel has no generic netlink family "nbd" (only the ioctl path, one connection)`,
+      "no-module",
+    );
+  }
+  return available;
 }
 
 /**
  * Attaches an export to an nbd device and returns once the device is up.
  * The device stays attached until {@linkcode AttachedDevice.disconnect},
  * SIGINT/SIGTERM (unless `handleSignals` is false), or the server going
- * away; {@linkcode AttachedDevice.closed} tells which.
+ * away (with `persist`: not coming back); {@linkcode AttachedDevice.closed}
+ * tells which.
+ *
+ * Over netlink (the default where the kernel has it) a device on the
+ * direct route stays attached and working even after this process exits,
+ * until {@linkcode detach}; on the relay route (TLS) and over ioctls it
+ * depends on this process.
  *
  * Needs `--allow-ffi`, `--allow-read` for a TLS certificate directory,
  * and root (CAP_SYS_ADMIN). Sockets, devices and sysfs are reached through
@@ -167,13 +289,16 @@ function validate(options: AttachOptions, page: number): void {
  *
  * @param target An `nbd://`, `nbds://`, `nbd+unix://` ... URI, or options
  *   naming the server and export.
- * @param device The device, e.g. `"/dev/nbd0"`; see {@linkcode findFreeDevice}.
+ * @param device The device, e.g. `"/dev/nbd0"`; `undefined` for any free
+ *   one (over netlink the kernel picks it; see {@linkcode findFreeDevice}).
  * @param options How to attach.
  * @returns The attached device.
  * @throws {NbdKernelError} when the device is busy, missing or forbidden,
- *   or the export does not fit the kernel.
+ *   the export does not fit the kernel or does not allow several
+ *   connections, or netlink is needed and missing.
  * @throws {NbdError} when connecting or negotiating fails.
- * @throws {RangeError} for bad options.
+ * @throws {RangeError} for bad options, and for `connections`, `persist`
+ *   or `deadConnectionTimeout` with `netlink: false`.
  *
  * @example
  * ```ts ignore
@@ -183,14 +308,24 @@ function validate(options: AttachOptions, page: number): void {
  * const { message } = await dev.closed;
  * console.log(message);
  * ```
+ *
+ * @example Two connections that survive a server restart
+ * ```ts ignore
+ * import { attach } from "@nbd/client/ffi";
+ * const dev = await attach("nbd://192.0.2.7/disk", undefined, {
+ *   connections: 2,
+ *   persist: true,
+ *   deadConnectionTimeout: 120,
+ * });
+ * console.log(`${dev.device}: ${dev.connections} connections`);
+ * ```
  */
 export async function attach(
   target: string | ConnectOptions,
-  device: string,
+  device: string | undefined,
   options: AttachOptions = {},
 ): Promise<AttachedDevice> {
-  const path = devicePath(device);
-  const name = deviceName(device);
+  if (device !== undefined) devicePath(device);
   libc();
   const page = pageSize();
   validate(options, page);
@@ -198,9 +333,51 @@ export async function attach(
   const trace = makeTracer(connectOptions.debug);
   const signal = options.signal ?? connectOptions.signal;
   if (signal?.aborted) throw abortReason(signal);
+  const named = device === undefined ? "a free nbd device" : devicePath(device);
+  if (device !== undefined) {
+    checkDevice(devicePath(device), deviceName(device));
+    refuseBusy(device);
+  }
+  const netlink = await chooseNetlink(options, named);
+  if (signal?.aborted) throw abortReason(signal);
+  const connect = {
+    signal,
+    connectTimeout: options.connectTimeout ?? 30_000,
+    relay: options.relay === true,
+  };
+  if (netlink) {
+    const persist = options.persist === true;
+    const dev = await attachByNetlink({
+      path: device === undefined ? undefined : devicePath(device),
+      index: device === undefined
+        ? undefined
+        : Number(deviceName(device).slice(3)),
+      target: connectOptions,
+      connect,
+      connections: options.connections ?? 1,
+      persist,
+      deadConnectionTimeout: options.deadConnectionTimeout ??
+        (persist ? PERSIST_DEAD_TIMEOUT : undefined),
+      timeout: options.timeout,
+      blockSize: options.blockSize,
+      readOnly: options.readOnly === true,
+      page,
+      trace,
+    });
+    dev.watch(options.handleSignals ?? true, signal);
+    return dev;
+  }
+  return await attachByIoctl(
+    connectOptions,
+    device ?? findFreeDevice(),
+    options,
+    { connect, page, trace },
+  );
+}
 
-  checkDevice(path, name);
-  if (deviceInUse(name)) {
+function refuseBusy(device: string): void {
+  if (deviceInUse(deviceName(device))) {
+    const path = devicePath(device);
     throw new NbdKernelError(
       path,
       "",
@@ -209,17 +386,31 @@ export async function attach(
       "busy",
     );
   }
+}
+
+/** The ioctl path: one connection, `NBD_DO_IT` on a worker. */
+async function attachByIoctl(
+  connectOptions: ConnectOptions,
+  device: string,
+  options: AttachOptions,
+  { connect, page, trace }: {
+    connect: KernelConnectOptions;
+    page: number;
+    trace: Tracer;
+  },
+): Promise<AttachedDevice> {
+  const path = devicePath(device);
+  const name = deviceName(device);
+  const signal = connect.signal;
+  checkDevice(path, name);
+  refuseBusy(device);
   const devFd = openDevice(path);
   // Until the attachment owns them, the failure path closes the device and
   // hangs up the connection.
   let conn: KernelConnection | undefined;
   let attachment: Attachment | undefined;
   try {
-    conn = await connectForKernel(connectOptions, {
-      signal,
-      connectTimeout: options.connectTimeout ?? 30_000,
-      relay: options.relay === true,
-    }, trace);
+    conn = await connectForKernel(connectOptions, connect, trace);
     const { info, sockFd, relay } = conn;
     if (signal?.aborted) throw abortReason(signal);
     const readOnly = options.readOnly === true ||

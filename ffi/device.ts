@@ -1,6 +1,6 @@
 /**
  * Device bookkeeping that needs no connection: which devices are free,
- * whether one is attached, and detaching one (`-d`).
+ * whether one is attached, their status (`-l`), and detaching one (`-d`).
  *
  * @module
  */
@@ -9,14 +9,17 @@ import {
   checkDevice,
   deviceInUse,
   deviceName,
+  deviceOwner,
   devicePath,
   NBD_CLEAR_SOCK,
   NBD_DISCONNECT,
   openDeviceAsync,
   pathExists,
+  readSmallFile,
 } from "./_kernel.ts";
 import { E, errno, libc } from "./_libc.ts";
 import { NbdKernelError } from "./errors.ts";
+import { deviceStatus, disconnectDevice, netlinkAvailable } from "./netlink.ts";
 
 /**
  * Whether a connection holds the device (its `/sys/block/nbdN/pid` file
@@ -87,18 +90,24 @@ export function findFreeDevice(): string {
 export interface DetachOptions {
   /**
    * Milliseconds to wait for the device to be released (its pid file to
-   * go); 0 to return right after the ioctls. Default 10000.
+   * go); 0 to return right after asking. Default 10000.
    */
   wait?: number;
+  /**
+   * Ask through netlink (`NBD_CMD_DISCONNECT`, `true`) or through ioctls
+   * (`false`). By default netlink where the kernel has it. Either frees a
+   * device attached either way.
+   */
+  netlink?: boolean;
 }
 
 /**
  * Detaches whatever connection holds a device, as `nbd-client -d` does:
- * `NBD_DISCONNECT`, then `NBD_CLEAR_SOCK`. The process that attached it
- * sees its `NBD_DO_IT` return.
+ * `NBD_CMD_DISCONNECT` over netlink, or the ioctls `NBD_DISCONNECT` then
+ * `NBD_CLEAR_SOCK`. A process that attached it sees its device released.
  *
  * @param device The device, e.g. `"/dev/nbd0"`.
- * @param options How long to wait for the release.
+ * @param options How long to wait for the release, and how to ask.
  * @returns Whether the device was attached before the call.
  * @throws {NbdKernelError} for a missing device, missing permissions, or a
  *   device still held after the wait.
@@ -117,6 +126,30 @@ export async function detach(
   const name = deviceName(device);
   checkDevice(path, name);
   const wasAttached = deviceInUse(name);
+  if (options.netlink ?? await netlinkAvailable()) {
+    // Not connected: the kernel has nothing to do, and says EINVAL.
+    if (wasAttached) await disconnectDevice(Number(name.slice(3)));
+  } else {
+    await detachByIoctl(path, wasAttached);
+  }
+  const wait = options.wait ?? 10_000;
+  const deadline = performance.now() + wait;
+  while (wait > 0 && deviceInUse(name)) {
+    if (performance.now() > deadline) {
+      throw new NbdKernelError(
+        path,
+        "",
+        E.EBUSY,
+        `${path} is still attached ${wait} ms after the disconnect (is it mounted?)`,
+        "busy",
+      );
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return wasAttached;
+}
+
+async function detachByIoctl(path: string, wasAttached: boolean) {
   const c = libc();
   // On a pool thread: opening a device that is up reads its partition
   // table, which may be served by this very process (relay path).
@@ -146,19 +179,89 @@ export async function detach(
   } finally {
     await c.close_nb(fd);
   }
-  const wait = options.wait ?? 10_000;
-  const deadline = performance.now() + wait;
-  while (wait > 0 && deviceInUse(name)) {
-    if (performance.now() > deadline) {
-      throw new NbdKernelError(
-        path,
-        "",
-        E.EBUSY,
-        `${path} is still attached ${wait} ms after NBD_DISCONNECT (is it mounted?)`,
-        "busy",
-      );
+}
+
+/** One nbd device, as {@linkcode status} reports it. */
+export interface DeviceStatus {
+  /** The device path, e.g. `"/dev/nbd0"`. */
+  device: string;
+  /** Its index, the `N` of `/dev/nbdN`. */
+  index: number;
+  /**
+   * Whether a connection holds it. Over netlink a device whose server
+   * died stays connected until it is reconfigured or disconnected.
+   */
+  connected: boolean;
+  /**
+   * The id in `/sys/block/nbdN/pid`: the thread that configured it
+   * (`null` when free). Over netlink it may be gone by now.
+   */
+  pid: number | null;
+  /** Its size in bytes as the kernel shows it (0 when free). */
+  size: number;
+  /** Where `connected` came from: `NBD_CMD_STATUS` or the sysfs pid file. */
+  source: "netlink" | "sysfs";
+}
+
+function sysfsSize(name: string): number {
+  // In 512-byte sectors, whatever the logical block size.
+  const sectors = Number(readSmallFile(`/sys/block/${name}/size`)?.trim());
+  return Number.isSafeInteger(sectors * 512) ? sectors * 512 : 0;
+}
+
+/**
+ * The nbd devices and their state: the kernel's own list
+ * (`NBD_CMD_STATUS`) where it has the netlink family, else a scan of
+ * `/sys/block`; the pid and size from sysfs. Needs no root.
+ *
+ * @param device One device; all when absent.
+ * @returns The devices by index; empty for a device that does not exist.
+ * @throws {TypeError} if `device` is not an nbd device path.
+ * @throws {NbdKernelError} when the kernel refuses the status request.
+ *
+ * @example
+ * ```ts ignore
+ * import { status } from "@nbd/client/ffi";
+ * for (const d of await status()) {
+ *   console.log(`${d.device}: ${d.connected ? `${d.size} bytes` : "free"}`);
+ * }
+ * ```
+ */
+export async function status(device?: string): Promise<DeviceStatus[]> {
+  const one = device === undefined ? undefined : deviceName(device);
+  const index = one === undefined ? undefined : Number(one.slice(3));
+  libc();
+  let states: { index: number; connected: boolean }[];
+  let source: DeviceStatus["source"];
+  if (await netlinkAvailable()) {
+    states = await deviceStatus(index);
+    source = "netlink";
+  } else {
+    states = [];
+    source = "sysfs";
+    const names = one !== undefined ? [one] : [];
+    if (one === undefined) {
+      for (let i = 0; pathExists(`/sys/block/nbd${i}`); i++) {
+        names.push(`nbd${i}`);
+      }
     }
-    await new Promise((r) => setTimeout(r, 20));
+    for (const name of names) {
+      if (!pathExists(`/sys/block/${name}`)) continue;
+      states.push({
+        index: Number(name.slice(3)),
+        connected: deviceInUse(name),
+      });
+    }
   }
-  return wasAttached;
+  return states.map(({ index, connected }) => {
+    const name = `nbd${index}`;
+    return {
+      device: `/dev/${name}`,
+      index,
+      connected,
+      pid: deviceOwner(name),
+      size: connected ? sysfsSize(name) : 0,
+      source,
+    };
+  });
 }

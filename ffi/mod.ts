@@ -13,6 +13,12 @@
  * kernel owns the socket); TLS exports are relayed through a socketpair by
  * this process, which must then stay alive.
  *
+ * The kernel is told through its generic netlink family `nbd` where it has
+ * one (several connections, `persist` across server restarts, and a
+ * direct-route device that outlives this process), else through ioctls
+ * (one connection; the device goes with the process). `netlink: false`
+ * picks the ioctl path.
+ *
  * @example
  * ```ts ignore
  * import { attach, findFreeDevice } from "@nbd/client/ffi";
@@ -40,8 +46,9 @@ export type {
   ReleaseInfo,
   ReleaseReason,
 } from "./attach.ts";
-export { detach, findFreeDevice, isAttached } from "./device.ts";
-export type { DetachOptions } from "./device.ts";
+export { detach, findFreeDevice, isAttached, status } from "./device.ts";
+export type { DetachOptions, DeviceStatus } from "./device.ts";
+export { netlinkAvailable } from "./netlink.ts";
 export { NbdKernelError, NbdSystemCallError } from "./errors.ts";
 export type { KernelErrorReason } from "./errors.ts";
 // What the signatures above mention, so this entry point documents alone.
@@ -51,6 +58,7 @@ export type {
   ConnectTarget,
   DebugHook,
   NegotiationOptions,
+  ReconnectOptions,
   TlsMode,
   TlsOptions,
 } from "../lib/connect_options.ts";

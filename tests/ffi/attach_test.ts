@@ -1,8 +1,10 @@
 import assert from "node:assert/strict";
 import { attach } from "../../ffi/attach.ts";
 import { kernelGeometry } from "../../ffi/_geometry.ts";
-import { KERNEL_MAX_BYTES } from "../../ffi/_kernel.ts";
+import { KERNEL_MAX_BYTES, readSmallFile } from "../../ffi/_kernel.ts";
+import { status } from "../../ffi/device.ts";
 import { NbdKernelError } from "../../ffi/errors.ts";
+import { netlinkAvailable } from "../../ffi/netlink.ts";
 import { DEFAULT_BLOCK_SIZE } from "../../lib/export.ts";
 
 const MiB = 1024 * 1024;
@@ -95,6 +97,35 @@ Deno.test("attach() checks its options before touching the device or the network
       RangeError,
       /^timeout must be a whole number of seconds/,
     ],
+    [
+      { connections: 0 },
+      RangeError,
+      /^connections must be a whole number from 1 to 64, got 0$/,
+    ],
+    [{ connections: 65 }, RangeError, /^connections must be/],
+    [{ connections: 1.5 }, RangeError, /^connections must be/],
+    [
+      { deadConnectionTimeout: -1 },
+      RangeError,
+      /^deadConnectionTimeout must be a whole number of seconds, got -1$/,
+    ],
+    [{ persist: "yes" }, TypeError, /^persist must be true or false/],
+    [{ netlink: 0 }, TypeError, /^netlink must be true or false, not 0$/],
+    [
+      { netlink: false, connections: 2 },
+      RangeError,
+      /^2 connections needs the kernel's netlink interface, but netlink is false/,
+    ],
+    [
+      { netlink: false, persist: true },
+      RangeError,
+      /^persist needs the kernel's netlink interface/,
+    ],
+    [
+      { netlink: false, deadConnectionTimeout: 5 },
+      RangeError,
+      /^deadConnectionTimeout needs the kernel's netlink interface/,
+    ],
   ];
   for (const [options, kind, message] of cases) {
     await assert.rejects(
@@ -104,4 +135,56 @@ Deno.test("attach() checks its options before touching the device or the network
       JSON.stringify(options),
     );
   }
+});
+
+Deno.test("attach() and status() choose the kernel interface by what the kernel has", async (t) => {
+  const target = "nbd+unix:///?socket=/nonexistent/nbd.sock";
+  if (await netlinkAvailable()) {
+    await t.step("status() asks the netlink family", async () => {
+      for (const d of await status()) {
+        assert.equal(d.source, "netlink");
+        assert.equal(d.device, `/dev/nbd${d.index}`);
+      }
+    });
+    return;
+  }
+  await t.step("netlink: true is refused without the family", async () => {
+    await assert.rejects(
+      attach(target, undefined, { netlink: true }),
+      (e: unknown) =>
+        e instanceof NbdKernelError && e.reason === "no-module" &&
+        /^Cannot attach a free nbd device over netlink: the kernel has no generic netlink family "nbd"/
+          .test(e.message),
+    );
+  });
+  await t.step(
+    "netlink-only options are refused without the family",
+    async () => {
+      for (
+        const [options, what] of [
+          [{ connections: 2 }, "2 connections"],
+          [{ persist: true }, "persist"],
+          [{ deadConnectionTimeout: 5 }, "deadConnectionTimeout"],
+        ] as const
+      ) {
+        await assert.rejects(
+          attach(target, undefined, options),
+          (e: unknown) =>
+            e instanceof NbdKernelError && e.reason === "no-module" &&
+            e.message.startsWith(
+              `Cannot attach a free nbd device with ${what}:`,
+            ),
+          what,
+        );
+      }
+    },
+  );
+  await t.step("status() falls back to a sysfs scan", async () => {
+    const devices = await status();
+    for (const d of devices) assert.equal(d.source, "sysfs");
+    if (readSmallFile("/sys/block/nbd0/size") === null) {
+      assert.deepEqual(devices, []);
+      assert.deepEqual(await status("/dev/nbd0"), []);
+    }
+  });
 });

@@ -4,16 +4,31 @@
 # check writes one line to $KT_RESULTS/results.txt ("ok NAME: detail" or
 # "FAIL NAME: detail") and every phase its time to timings.txt; the host
 # asserts on those. Nothing here may wait without a bound.
+#
+# Usage: guest.sh [netlink|ioctl]. The mode picks the kernel interface of
+# every attach (ioctl: connect.ts --no-netlink); netlink mode adds the
+# checks only netlink can pass (-C 2, --persist, a device outliving its
+# client).
 set -u
+
+MODE="${1:-netlink}"
+case "$MODE" in
+  netlink) NL= ;;
+  ioctl) NL=--no-netlink ;;
+  *) echo "guest.sh: the mode is netlink or ioctl, not $MODE" >&2; exit 2 ;;
+esac
+export KT_MODE="$MODE"
 
 R="${KT_RESULTS:?}"
 W=/tmp/kt
 mkdir -p "$W" "$W/mnt" "$HOME" "$DENO_DIR"
 : > "$R/results.txt"
 : > "$R/timings.txt"
+: > "$R/throughput.txt"
 export PATH
 
-CONNECT="deno run --allow-net --allow-ffi examples/connect.ts"
+# The card's command line, with nothing added but the mode's flag.
+CONNECT="deno run --allow-net --allow-ffi examples/connect.ts $NL"
 MiB=1048576
 
 now_ms() { date +%s%3N; }
@@ -71,7 +86,7 @@ start_server() {
 }
 uri() { echo "nbd+unix:///?socket=$W/$1.sock"; }
 
-echo "kt: guest script starting; kernel $(uname -r)"
+echo "kt: guest script starting; kernel $(uname -r), $MODE"
 deno --version | head -1
 
 # Warm Deno's cache once, so later starts measure the client, not the
@@ -82,6 +97,8 @@ phase deno-cache
 
 start_server mem memory size=64M
 start_server ro -r memory size=16M
+# No NBD_FLAG_CAN_MULTI_CONN: -C 2 must be refused.
+start_server single --filter=multi-conn memory size=16M multi-conn-mode=disable
 phase servers
 
 # --- the relay path, in the background from the start (under emulation a
@@ -94,7 +111,7 @@ deno run -A tests/kernel/guest_relay.ts "$W/mem.sock" /dev/nbd3 "$W/pattern" \
 RELAY=$!
 start_server tls --tls=require --tls-certificates="$R/pki/server" \
   memory size=32M
-deno run --allow-net --allow-ffi --allow-read examples/connect.ts \
+deno run --allow-net --allow-ffi --allow-read examples/connect.ts $NL \
   --tls-certificates "$R/pki/client" --tls-hostname localhost \
   "nbds+unix:///?socket=$W/tls.sock" /dev/nbd4 > "$W/tls.out" 2> "$W/tls.err" &
 TLS=$!
@@ -108,6 +125,8 @@ if wait_for 60 attached nbd0; then
 else
   fail attach "nbd0 never came up: $(oneline "$W/c0.err")"
 fi
+check kernel-interface "$(oneline "$W/c0.out")" \
+  grep -q "(direct, $MODE)" "$W/c0.out"
 phase attach
 
 size=$(blockdev --getsize64 /dev/nbd0 2>&1)
@@ -126,8 +145,20 @@ SILENT=$!
 wait_for 20 test -S "$W/silent.sock"
 start_server tiny memory size=100
 deno run --allow-ffi tests/kernel/guest_probe.ts /dev/nbd0 /dev/nbd9 \
-  "$W/silent.sock" /dev/nbd1 "$W/tiny.sock" > "$W/probe0.out" 2>&1 &
+  "$W/silent.sock" /dev/nbd1 "$W/tiny.sock" "$MODE" > "$W/probe0.out" 2>&1 &
 P=$!
+# -l and -c, beside them: nbd0 is attached, nbd5 free.
+$CONNECT -l > "$W/list.out" 2>&1 &
+L=$!
+$CONNECT -c /dev/nbd0 > "$W/check0.out" 2>&1 &
+K0=$!
+$CONNECT -c /dev/nbd5 > "$W/check5.out" 2>&1 &
+K5=$!
+# Two connections: refused without multi-conn (netlink), or at all
+# (ioctl).
+$CONNECT -C 2 "$(uri single)" /dev/nbd5 > "$W/multi-refused.out" \
+  2> "$W/multi-refused.err" &
+M=$!
 $CONNECT "$(uri mem)" /dev/nbd0 > /dev/null 2> "$W/busy.err" &
 B=$!
 # Not root: the device node is root's.
@@ -158,6 +189,29 @@ wait_exit $N 90
 rc=$?
 check permission-error "exit $rc: $(oneline "$W/perm.err")" \
   sh -c "[ $rc = 1 ] && grep -q 'EACCES.*needs root' '$W/perm.err'"
+wait_exit $L 60
+rc=$?
+check list "exit $rc: $(oneline "$W/list.out")" sh -c "[ $rc = 0 ] &&
+  grep -Eq '^/dev/nbd0: connected, 67108864 bytes, pid [0-9]+$' '$W/list.out' &&
+  grep -q '^/dev/nbd5: free$' '$W/list.out'"
+wait_exit $K0 60
+rc=$?
+check check-attached "-c /dev/nbd0: exit $rc: $(oneline "$W/check0.out")" \
+  sh -c "[ $rc = 0 ] && grep -q 'nbd0: attached' '$W/check0.out'"
+wait_exit $K5 60
+rc=$?
+check check-free "-c /dev/nbd5: exit $rc: $(oneline "$W/check5.out")" \
+  sh -c "[ $rc = 1 ] && grep -q 'nbd5: not attached' '$W/check5.out'"
+wait_exit $M 60
+rc=$?
+if [ "$MODE" = netlink ]; then
+  want='no NBD_FLAG_CAN_MULTI_CONN'
+else
+  want='needs netlink'
+fi
+check connections-refused "exit $rc: $(oneline "$W/multi-refused.err")" \
+  sh -c "[ $rc = 1 ] && grep -q '$want' '$W/multi-refused.err' &&
+    [ ! -e /sys/block/nbd5/pid ]"
 phase probes
 
 # --- I/O through the kernel, checked from the server side too --------------
@@ -173,6 +227,21 @@ dd if="$W/server.img" of="$W/server-part" bs=1M skip=1 count=4 status=none
 check server-side "nbdcopy of the export matches: $(oneline "$W/nbdcopy.err")" \
   cmp -s "$W/pattern" "$W/server-part"
 phase io
+
+# throughput DEVICE LABEL: one dd of 64 MiB O_DIRECT each way, to
+# throughput.txt; fails when either dd does.
+throughput() {
+  t=$(now_ms)
+  timeout 120 dd if=/dev/zero of="$1" bs=1M count=64 oflag=direct \
+    conv=fsync status=none 2> "$W/tp.err" || return 1
+  w=$(($(now_ms) - t))
+  t=$(now_ms)
+  timeout 120 dd if="$1" of=/dev/null bs=1M count=64 iflag=direct \
+    status=none 2>> "$W/tp.err" || return 1
+  r=$(($(now_ms) - t))
+  echo "$2: dd 64 MiB O_DIRECT write $w ms ($((64000 / w)) MiB/s), read $r ms ($((64000 / r)) MiB/s)" |
+    tee -a "$R/throughput.txt"
+}
 
 timeout 60 mkfs.ext4 -q -F /dev/nbd0 > "$W/mkfs.log" 2>&1
 check mkfs "mkfs.ext4: $(oneline "$W/mkfs.log")" [ $? = 0 ]
@@ -248,15 +317,27 @@ $CONNECT nbd://localhost:10810 /dev/nbd2 > "$W/c3.out" 2> "$W/c3.err" &
 C3=$!
 if wait_for 60 attached nbd2; then
   # The client prints its line just after the kernel shows the device.
-  wait_for 10 grep -q '(direct)' "$W/c3.out"
-  check tcp-attach "$(oneline "$W/c3.out")" grep -q '(direct)' "$W/c3.out"
+  wait_for 10 grep -q '(direct' "$W/c3.out"
+  check tcp-attach "$(oneline "$W/c3.out")" grep -q "(direct, $MODE)" "$W/c3.out"
 else
   fail tcp-attach "nbd2: $(oneline "$W/c3.err")"
 fi
 # BLKROSET sticks to a device: the client must have cleared it.
 check read-only-reset "BLKROGET of nbd2 is $(blockdev --getro /dev/nbd2)" \
   [ "$(blockdev --getro /dev/nbd2)" = 0 ]
+# A read in flight when the server dies fails: the server is stopped so
+# the read waits, then killed.
+kill -STOP "$(cat "$W/kill.pid")"
+t=$(now_ms)
+timeout 60 dd if=/dev/nbd2 of=/dev/null bs=4096 count=1 skip=100 iflag=direct \
+  status=none 2> "$W/dead.err" &
+DD=$!
+sleep 0.5
 kill -KILL "$(cat "$W/kill.pid")"
+wait_exit $DD 70
+rc=$?
+check dead-io-error "dd exit $rc after $(($(now_ms) - t)) ms: $(oneline "$W/dead.err")" \
+  sh -c "[ $rc != 0 ] && [ $rc != 124 ] && [ $rc != 255 ]"
 wait_exit $C3 60
 rc=$?
 check server-killed "exit $rc: $(oneline "$W/c3.err")" \
@@ -267,11 +348,40 @@ rc=$?
 check dead-device-no-hang "reading the released device: dd exit $rc" [ $rc != 124 ]
 phase server-killed
 
+# --- throughput with one connection, on a device of its own, once the
+# background clients are idle; no device given: the kernel (netlink) or
+# the client (ioctl) picks a free one --------------------------------------------
+start_server one memory size=64M
+$CONNECT "$(uri one)" > "$W/c1c.out" 2> "$W/c1c.err" &
+C1C=$!
+if wait_for 60 grep -q attached "$W/c1c.out"; then
+  dev=$(sed -n 's|^\(/dev/nbd[0-9]*\): attached.*|\1|p' "$W/c1c.out")
+  check any-free-device "$(oneline "$W/c1c.out")" \
+    sh -c "[ -n '$dev' ] && [ -e /sys/block/${dev#/dev/}/pid ]"
+  line=$(throughput "$dev" "$(uname -r) $MODE -C 1")
+  rc=$?
+  check throughput-1 "$line $(oneline "$W/tp.err")" [ $rc = 0 ]
+  kill -TERM $C1C
+  wait_exit $C1C 30
+  wait_for 20 free "${dev#/dev/}" ||
+    fail throughput-1 "$dev still attached after SIGTERM"
+else
+  fail any-free-device "no device came up: $(oneline "$W/c1c.err")"
+  kill -KILL $C1C 2>/dev/null
+fi
+kill "$(cat "$W/one.pid")" 2>/dev/null
+phase throughput-1
+
+if [ "$MODE" = netlink ]; then
+  . tests/kernel/guest_netlink_cli.sh
+fi
+
 # --- the relay's results ----------------------------------------------------
 wait_exit $RELAY 120
 rc=$?
 relay="exit $rc: $(oneline "$W/relay.out") $(oneline "$W/relay.err")"
-check relay-attach "$relay" grep -q '"route":"relay","size":67108864' "$W/relay.out"
+check relay-attach "$relay" grep -q \
+  "\"route\":\"relay\",\"kernelInterface\":\"$MODE\",\"size\":67108864" "$W/relay.out"
 check relay-io "$relay" grep -q '"io":true' "$W/relay.out"
 check relay-disconnect "$relay" \
   grep -q '"reason":"disconnect","requested":true' "$W/relay.out"
@@ -280,7 +390,7 @@ grep -o '"[a-z]*Ms":[0-9]*' "$W/relay.out" | tr -d '"' | tr ':' ' ' |
   sed 's/^/relay-/' >> "$R/timings.txt"
 
 if wait_for 60 attached nbd4 && wait_for 10 grep -q attached "$W/tls.out"; then
-  check tls-attach "$(oneline "$W/tls.out")" grep -q '(relay)' "$W/tls.out"
+  check tls-attach "$(oneline "$W/tls.out")" grep -q "(relay, $MODE)" "$W/tls.out"
 else
   fail tls-attach "nbd4: $(oneline "$W/tls.err")"
 fi
@@ -297,7 +407,8 @@ check tls-sigterm "exit $rc: $(oneline "$W/tls.out") $(oneline "$W/tls.err")" [ 
 check tls-free "nbd4 free" wait_for 20 free nbd4
 phase relay-wait
 
-kill "$(cat "$W/mem.pid")" "$(cat "$W/ro.pid")" 2>/dev/null
+kill "$(cat "$W/mem.pid")" "$(cat "$W/ro.pid")" "$(cat "$W/single.pid")" \
+  2>/dev/null
 kill "$(cat "$W/tls.pid")" 2>/dev/null
 echo "total $(($(now_ms) - T0))" >> "$R/timings.txt"
 grep -c '^ok' "$R/results.txt" | sed 's/^/kt: passed /'

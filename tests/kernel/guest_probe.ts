@@ -10,7 +10,10 @@
  * With TINY, a socket serving an export smaller than a block, it checks
  * that attach() refuses it (and leaves the device free).
  *
- * Usage: deno run --allow-ffi tests/kernel/guest_probe.ts DEVICE MISSING SILENT FREE TINY
+ * MODE `ioctl` attaches with `netlink: false`; anything else takes the
+ * default (netlink where the kernel has it).
+ *
+ * Usage: deno run --allow-ffi tests/kernel/guest_probe.ts DEVICE MISSING SILENT FREE TINY [MODE]
  *
  * @module
  */
@@ -26,7 +29,8 @@ import {
 import { errorText } from "../../lib/errors.ts";
 
 const device = Deno.args[0] ?? "/dev/nbd0";
-const [, missing, silent, free, tiny] = Deno.args;
+const [, missing, silent, free, tiny, mode] = Deno.args;
+const how = mode === "ioctl" ? { netlink: false } : {};
 const fd = await openDeviceAsync(device);
 let size: bigint;
 try {
@@ -41,7 +45,7 @@ const out: Record<string, unknown> = {
 };
 if (missing) {
   try {
-    await attach({ path: "/nonexistent.sock" }, missing);
+    await attach({ path: "/nonexistent.sock" }, missing, how);
     out.missing = "attached?!";
   } catch (e) {
     out.missing = e instanceof NbdKernelError
@@ -52,7 +56,7 @@ if (missing) {
 if (silent && free) {
   const started = performance.now();
   try {
-    await attach({ path: silent }, free, { connectTimeout: 2000 });
+    await attach({ path: silent }, free, { ...how, connectTimeout: 2000 });
     out.silent = "attached?!";
   } catch (e) {
     out.silent = `${Math.round((performance.now() - started) / 1000)}s: ${
@@ -62,7 +66,7 @@ if (silent && free) {
 }
 if (tiny && free) {
   try {
-    await attach({ path: tiny }, free);
+    await attach({ path: tiny }, free, how);
     out.tiny = "attached?!";
   } catch (e) {
     out.tiny = e instanceof NbdKernelError

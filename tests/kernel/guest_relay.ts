@@ -4,6 +4,8 @@
  * request), writes and reads through the device with dd, disconnects with
  * `disconnect()`, and prints one JSON line for guest.sh.
  *
+ * With `KT_MODE=ioctl` in the environment it attaches with `netlink: false`.
+ *
  * Usage: deno run -A tests/kernel/guest_relay.ts SOCKET DEVICE PATTERN [CERTDIR]
  *
  * @module
@@ -35,9 +37,15 @@ const dev = await attach(
     }
     : { path: socket },
   device,
-  { relay: true, handleSignals: false, timeout: 30 },
+  {
+    relay: true,
+    handleSignals: false,
+    timeout: 30,
+    ...(Deno.env.get("KT_MODE") === "ioctl" ? { netlink: false } : {}),
+  },
 );
 out.route = dev.route;
+out.kernelInterface = dev.kernelInterface;
 out.size = dev.size;
 out.tls = dev.info.tls;
 out.attachMs = ms();
