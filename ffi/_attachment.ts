@@ -6,10 +6,10 @@
  * @module
  */
 
-import type { Tracer } from "../lib/debug.ts";
+import type { Tracer } from "../lib/_debug.ts";
 import { errorText } from "../lib/errors.ts";
 import type { ExportInfo } from "../lib/export.ts";
-import { within } from "../lib/deadline.ts";
+import { within } from "../lib/_deadline.ts";
 import type { RelayEnds } from "./_connect.ts";
 import { startDoItWorker } from "./_do_it_worker.ts";
 import {

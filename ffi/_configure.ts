@@ -7,7 +7,7 @@
  */
 
 import { FLAG_HAS_FLAGS, FLAG_READ_ONLY } from "../lib/constants.ts";
-import type { Tracer } from "../lib/debug.ts";
+import type { Tracer } from "../lib/_debug.ts";
 import type { Geometry } from "./_geometry.ts";
 import {
   ioctl,

@@ -9,14 +9,14 @@
 
 import type { ConnectOptions } from "../lib/connect_options.ts";
 import { CMD_DISC } from "../lib/constants.ts";
-import { deadline, within } from "../lib/deadline.ts";
-import type { Tracer } from "../lib/debug.ts";
+import { deadline, within } from "../lib/_deadline.ts";
+import type { Tracer } from "../lib/_debug.ts";
 import { abortReason, NbdError, NbdProtocolError } from "../lib/errors.ts";
 import type { ExportInfo } from "../lib/export.ts";
-import { type HandshakeOptions, negotiate } from "../lib/handshake.ts";
+import { type HandshakeOptions, negotiate } from "../lib/_handshake.ts";
 import { refuseUnsupportedTls, upgradeToTls } from "../lib/tls.ts";
 import { type ByteStream, Transport } from "../lib/transport.ts";
-import { encodeRequest, SIZES } from "../lib/wire.ts";
+import { encodeRequest, SIZES } from "../lib/_wire.ts";
 import { FdStream } from "./_fd_stream.ts";
 import { libc, MSG_NOSIGNAL } from "./_libc.ts";
 import { socketPair } from "./_relay.ts";

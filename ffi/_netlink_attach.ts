@@ -15,7 +15,7 @@ import {
   FLAG_HAS_FLAGS,
   FLAG_READ_ONLY,
 } from "../lib/constants.ts";
-import type { Tracer } from "../lib/debug.ts";
+import type { Tracer } from "../lib/_debug.ts";
 import { abortReason, NbdError } from "../lib/errors.ts";
 import type { ExportInfo } from "../lib/export.ts";
 import type { AttachedDevice, ReleaseInfo } from "./_attachment.ts";

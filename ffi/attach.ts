@@ -24,14 +24,14 @@ import type {
   TlsOptions,
 } from "../lib/connect_options.ts";
 import { FLAG_READ_ONLY } from "../lib/constants.ts";
-import { makeTracer, type Tracer } from "../lib/debug.ts";
+import { makeTracer, type Tracer } from "../lib/_debug.ts";
 import { abortReason } from "../lib/errors.ts";
 import {
   checkMilliseconds,
   checkSignal,
   resolveOptions,
   shown,
-} from "../lib/resolve_options.ts";
+} from "../lib/_resolve_options.ts";
 import { type AttachedDevice, Attachment } from "./_attachment.ts";
 import { configureDevice } from "./_configure.ts";
 import {

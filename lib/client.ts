@@ -25,8 +25,8 @@ import {
   nameOrNumber,
 } from "./constants.ts";
 import { type Capabilities, capabilities } from "./capabilities.ts";
-import { deadline, untilAborted, within } from "./deadline.ts";
-import type { Tracer } from "./debug.ts";
+import { deadline, untilAborted, within } from "./_deadline.ts";
+import type { Tracer } from "./_debug.ts";
 import {
   abortReason,
   NbdConnectionClosedError,
@@ -39,12 +39,12 @@ import {
   writableTo,
   type WritableToOptions,
 } from "./streams.ts";
-import { InFlight } from "./in_flight.ts";
-import { checkSignal, shown } from "./resolve_options.ts";
+import { InFlight } from "./_in_flight.ts";
+import { checkSignal, shown } from "./_resolve_options.ts";
 import { Connections, type NbdStats, type Pool } from "./connections.ts";
 import type { Command, Extent, ExtentsById } from "./transmission.ts";
 import type { Transport } from "./transport.ts";
-import { encodeStatusPayload } from "./wire.ts";
+import { encodeStatusPayload } from "./_wire.ts";
 
 /** Options every request takes. */
 export interface RequestOptions {

@@ -22,8 +22,8 @@ import {
 } from "./client.ts";
 import type { Link } from "./connections.ts";
 import type { ConnectOptions } from "./connect_options.ts";
-import { deadline, untilAborted } from "./deadline.ts";
-import { makeTracer, type Tracer } from "./debug.ts";
+import { deadline, untilAborted } from "./_deadline.ts";
+import { makeTracer, type Tracer } from "./_debug.ts";
 import {
   abortReason,
   errorText,
@@ -31,25 +31,25 @@ import {
   NbdUnsupportedError,
 } from "./errors.ts";
 import type { BlockSize, ExportInfo, Protocol } from "./export.ts";
-import { type HandshakeOptions, negotiate, openSession } from "./handshake.ts";
-import { type ExportDetails, infoOrGo } from "./options/go.ts";
+import { type HandshakeOptions, negotiate, openSession } from "./_handshake.ts";
+import { type ExportDetails, infoOrGo } from "./options/_go.ts";
 import { type ExportListing, listExports as optList } from "./options/list.ts";
-import { listMetaContexts } from "./options/meta_context.ts";
-import type { OptionSession } from "./options/session.ts";
-import { negotiateReplies } from "./options/structured_reply.ts";
+import { listMetaContexts } from "./options/_meta_context.ts";
+import type { OptionSession } from "./options/_session.ts";
+import { negotiateReplies } from "./options/_structured_reply.ts";
 import {
   backoff,
   DEFAULT_RECONNECT,
   exportChanges,
   reconnectPolicy,
 } from "./reconnect.ts";
-import { resolveOptions, shown } from "./resolve_options.ts";
+import { resolveOptions, shown } from "./_resolve_options.ts";
 import {
   type ServerProcess,
   spawnOnSocket,
   spawnOverPipes,
-} from "./subprocess.ts";
-import { upgradingOnDemand } from "./options/starttls.ts";
+} from "./_subprocess.ts";
+import { upgradingOnDemand } from "./options/_starttls.ts";
 import { upgradeToTls } from "./tls.ts";
 import { type ByteStream, Transport } from "./transport.ts";
 import { formatUri } from "./uri.ts";

@@ -14,7 +14,7 @@
  */
 
 import { CMD_BLOCK_STATUS, CMD_FLUSH, commandName } from "./constants.ts";
-import type { Tracer } from "./debug.ts";
+import type { Tracer } from "./_debug.ts";
 import { abortReason, errorText, NbdConnectionClosedError } from "./errors.ts";
 import type { ExportInfo } from "./export.ts";
 import {
@@ -33,7 +33,7 @@ import {
   type TransmissionStats,
 } from "./transmission.ts";
 import type { Transport } from "./transport.ts";
-import { encodeStatusPayload } from "./wire.ts";
+import { encodeStatusPayload } from "./_wire.ts";
 
 /** A negotiated connection, ready for transmission. */
 export interface Link {

@@ -33,7 +33,7 @@ import {
   NbdProtocolError,
 } from "./errors.ts";
 import type { ReconnectOptions } from "./connect_options.ts";
-import { MAX_TIMER_MS } from "./deadline.ts";
+import { MAX_TIMER_MS } from "./_deadline.ts";
 import type { ExportInfo } from "./export.ts";
 import { NbdTlsError } from "./tls.ts";
 

@@ -25,7 +25,7 @@ import {
   REPLY_TYPE_OFFSET_DATA,
   REPLY_TYPE_OFFSET_HOLE,
 } from "./constants.ts";
-import type { Tracer } from "./debug.ts";
+import type { Tracer } from "./_debug.ts";
 import {
   abortReason,
   NbdCommandError,
@@ -47,11 +47,11 @@ import {
   replyHeaderLength,
   replyHeaderStart,
   unknownCookie,
-} from "./replies.ts";
+} from "./_replies.ts";
 import type { Transport } from "./transport.ts";
-import { encodeRequest, plural, type ReplyHeader, SIZES } from "./wire.ts";
+import { encodeRequest, plural, type ReplyHeader, SIZES } from "./_wire.ts";
 
-export type { Extent } from "./replies.ts";
+export type { Extent } from "./_replies.ts";
 
 /** A request as the client layer hands it over, already checked. */
 export interface Command {

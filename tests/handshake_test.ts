@@ -29,7 +29,7 @@ import {
   NbdOptionError,
   NbdProtocolError,
 } from "../lib/errors.ts";
-import { negotiate } from "../lib/handshake.ts";
+import { negotiate } from "../lib/_handshake.ts";
 import { Transport } from "../lib/transport.ts";
 import { ScriptedStream } from "./support/byte_script.ts";
 import { seeded } from "./support/random.ts";

@@ -29,8 +29,8 @@ import {
   replyHeaderStart,
   type RequestFacts,
   unknownCookie,
-} from "../lib/replies.ts";
-import type { ReplyHeader } from "../lib/wire.ts";
+} from "../lib/_replies.ts";
+import type { ReplyHeader } from "../lib/_wire.ts";
 
 /** Golden bytes written as hex, spaces between fields. */
 const hex = (s: string) =>

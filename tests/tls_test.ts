@@ -21,7 +21,7 @@ import {
   upgradeToTls,
 } from "../lib/tls.ts";
 import type { ByteStream } from "../lib/transport.ts";
-import { encodeOption } from "../lib/wire.ts";
+import { encodeOption } from "../lib/_wire.ts";
 import type { Server } from "./support/servers.ts";
 import { makeTestPki, startTlsNbdkits } from "./support/certs.ts";
 import { readExact, writeAll } from "./support/io.ts";

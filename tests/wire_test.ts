@@ -11,9 +11,9 @@ import {
   REPLY_FIELD,
   SIZES,
   u64Text,
-} from "../lib/wire.ts";
-import { encodeInfoRequest } from "../lib/options/go.ts";
-import { encodeMetaContextRequest } from "../lib/options/meta_context.ts";
+} from "../lib/_wire.ts";
+import { encodeInfoRequest } from "../lib/options/_go.ts";
+import { encodeMetaContextRequest } from "../lib/options/_meta_context.ts";
 
 const hex = (b: Uint8Array) =>
   [...b].map((x) => x.toString(16).padStart(2, "0")).join("");

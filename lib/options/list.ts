@@ -6,13 +6,13 @@
 
 import { OPT_LIST, REP_ACK, REP_SERVER } from "../constants.ts";
 import { NbdProtocolError } from "../errors.ts";
-import { Reader } from "../wire.ts";
+import { Reader } from "../_wire.ts";
 import {
   isError,
   MAX_REPLIES,
   type OptionReply,
   type OptionSession,
-} from "./session.ts";
+} from "./_session.ts";
 
 /** One export as `NBD_OPT_LIST` describes it. */
 export interface ExportListing {

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { FdStream } from "../../ffi/_fd_stream.ts";
 import { connectSocket, unixAddress } from "../../ffi/_socket.ts";
 import { NbdSystemCallError } from "../../ffi/errors.ts";
-import { negotiate } from "../../lib/handshake.ts";
+import { negotiate } from "../../lib/_handshake.ts";
 import { Transport } from "../../lib/transport.ts";
 import { FLAG_READ_ONLY, SIMPLE_REPLY_MAGIC } from "../../lib/constants.ts";
 import { upgradeToTls } from "../../lib/tls.ts";

@@ -23,7 +23,7 @@ import {
   FLAG_READ_ONLY,
 } from "../../lib/constants.ts";
 import type { ExportInfo } from "../../lib/export.ts";
-import { negotiate } from "../../lib/handshake.ts";
+import { negotiate } from "../../lib/_handshake.ts";
 import { Transport } from "../../lib/transport.ts";
 import { FdStream } from "../../ffi/_fd_stream.ts";
 import {

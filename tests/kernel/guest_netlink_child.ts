@@ -9,7 +9,7 @@
  */
 
 import { FLAG_HAS_FLAGS } from "../../lib/constants.ts";
-import { negotiate } from "../../lib/handshake.ts";
+import { negotiate } from "../../lib/_handshake.ts";
 import { Transport } from "../../lib/transport.ts";
 import { FdStream } from "../../ffi/_fd_stream.ts";
 import { libc } from "../../ffi/_libc.ts";

@@ -18,10 +18,10 @@ import {
   REP_FLAG_ERROR,
   REPLY_TYPE_NAMES,
 } from "../constants.ts";
-import type { Tracer } from "../debug.ts";
+import type { Tracer } from "../_debug.ts";
 import { NbdOptionError, NbdProtocolError } from "../errors.ts";
 import type { Transport } from "../transport.ts";
-import { decodeString, encodeOption, Reader, SIZES } from "../wire.ts";
+import { decodeString, encodeOption, Reader, SIZES } from "../_wire.ts";
 
 /** A bound on replies to one option, so a hostile server cannot loop us. */
 export const MAX_REPLIES = 65536;

@@ -32,9 +32,9 @@ import {
   NbdProtocolError,
 } from "../errors.ts";
 import type { BlockSize } from "../export.ts";
-import { encodeString, isPowerOfTwo, Reader, SIZES, Writer } from "../wire.ts";
+import { encodeString, isPowerOfTwo, Reader, SIZES, Writer } from "../_wire.ts";
 import { listExports } from "./list.ts";
-import { isError, MAX_REPLIES, type OptionSession } from "./session.ts";
+import { isError, MAX_REPLIES, type OptionSession } from "./_session.ts";
 
 /** What `NBD_OPT_INFO`/`NBD_OPT_GO` (or `NBD_OPT_EXPORT_NAME`) told us. */
 export interface ExportDetails {

@@ -16,8 +16,8 @@ import {
   REPLY_TYPE_NAMES,
 } from "../constants.ts";
 import { NbdProtocolError } from "../errors.ts";
-import { encodeString, Reader, Writer } from "../wire.ts";
-import { isError, MAX_REPLIES, type OptionSession } from "./session.ts";
+import { encodeString, Reader, Writer } from "../_wire.ts";
+import { isError, MAX_REPLIES, type OptionSession } from "./_session.ts";
 
 /** Encodes export name and queries, as both meta-context options take. */
 export function encodeMetaContextRequest(

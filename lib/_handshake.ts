@@ -17,16 +17,16 @@ import {
   NBDMAGIC,
 } from "./constants.ts";
 import type { TlsMode } from "./connect_options.ts";
-import type { Tracer } from "./debug.ts";
+import type { Tracer } from "./_debug.ts";
 import { NbdError, NbdProtocolError } from "./errors.ts";
 import { DEFAULT_BLOCK_SIZE, type ExportInfo } from "./export.ts";
 import type { ByteStream, Transport } from "./transport.ts";
-import { Reader, SIZES, viewOf } from "./wire.ts";
-import { enterTransmission } from "./options/go.ts";
-import { setMetaContexts } from "./options/meta_context.ts";
-import { OptionSession } from "./options/session.ts";
-import { negotiateTls, upgradingOnDemand } from "./options/starttls.ts";
-import { negotiateReplies } from "./options/structured_reply.ts";
+import { Reader, SIZES, viewOf } from "./_wire.ts";
+import { enterTransmission } from "./options/_go.ts";
+import { setMetaContexts } from "./options/_meta_context.ts";
+import { OptionSession } from "./options/_session.ts";
+import { negotiateTls, upgradingOnDemand } from "./options/_starttls.ts";
+import { negotiateReplies } from "./options/_structured_reply.ts";
 
 /** How to negotiate; see `ConnectOptions` for the user-facing names. */
 export interface HandshakeOptions {

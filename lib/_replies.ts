@@ -55,7 +55,7 @@ import {
   SIZES,
   u64Text,
   viewOf,
-} from "./wire.ts";
+} from "./_wire.ts";
 
 /** One extent of a block status reply. */
 export interface Extent {

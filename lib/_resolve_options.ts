@@ -10,9 +10,9 @@
  */
 
 import type { ConnectOptions, TlsMode } from "./connect_options.ts";
-import { MAX_TIMER_MS } from "./deadline.ts";
+import { MAX_TIMER_MS } from "./_deadline.ts";
 import { reconnectPolicy } from "./reconnect.ts";
-import { checkCommand } from "./subprocess.ts";
+import { checkCommand } from "./_subprocess.ts";
 import { refuseUnsupportedTls } from "./tls.ts";
 import { parseUri } from "./uri.ts";
 

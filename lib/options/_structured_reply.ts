@@ -13,7 +13,7 @@ import {
   REP_ACK,
   REPLY_TYPE_NAMES,
 } from "../constants.ts";
-import { isError, type OptionSession } from "./session.ts";
+import { isError, type OptionSession } from "./_session.ts";
 
 /**
  * Sends an option without data whose only success is a bare ACK.

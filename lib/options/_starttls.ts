@@ -14,7 +14,7 @@ import {
 } from "../constants.ts";
 import type { TlsMode } from "../connect_options.ts";
 import { NbdError, NbdOptionError } from "../errors.ts";
-import { isError, type OptionSession } from "./session.ts";
+import { isError, type OptionSession } from "./_session.ts";
 import type { ByteStream } from "../transport.ts";
 
 /**
