@@ -93,6 +93,22 @@ function dirtyStats(stderr: string): {
   return { dirty, extents, copied, lanes, read, wrote, zeroed };
 }
 
+/** The source's line of `copy -v`: what `nbd.stats` counted. */
+function sourceWire(
+  stderr: string,
+): { received: number; requests: Record<string, number> } {
+  const m =
+    /copy: source \S+: sent \d+ bytes in \d+ request\(s\) \(([^)]*)\), received (\d+) bytes/
+      .exec(stderr);
+  assert.ok(m, `no source wire line in: ${stderr}`);
+  const requests: Record<string, number> = {};
+  for (const part of m[1]!.split(", ")) {
+    const [name, n] = part.split(" ");
+    requests[name!] = Number(n);
+  }
+  return { received: Number(m[2]), requests };
+}
+
 /** What one run of the fixture made. */
 interface Backup {
   dir: string;
@@ -243,6 +259,18 @@ Deno.test({
               s.wrote,
               dirtyBytes,
               "zeroes written as data in a file",
+            );
+            // The library's own counters (nbd.stats) agree: the source sent
+            // at most the dirty bytes (zero runs come back as holes, with no
+            // data), plus headers and a handshake, and only reads and maps.
+            const wire = sourceWire(r.stderr);
+            assert.deepEqual(Object.keys(wire.requests).sort(), [
+              "NBD_CMD_BLOCK_STATUS",
+              "NBD_CMD_READ",
+            ]);
+            assert.ok(
+              wire.received > 0 && wire.received < dirtyBytes + 64 * 1024,
+              `received ${wire.received} bytes for ${dirtyBytes} dirty`,
             );
             assert.equal(await fileHash(inc), await sha256(current));
           },
