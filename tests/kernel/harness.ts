@@ -14,6 +14,7 @@
  * @module
  */
 
+import assert from "node:assert/strict";
 import { TRIXIE_ROOT } from "../support/servers.ts";
 
 const HERE = new URL(".", import.meta.url).pathname;
@@ -475,4 +476,49 @@ if (import.meta.main) {
       `${result.wallMs} ms, results in ${result.resultsDir}`,
   );
   Deno.exit(result.guestExitCode === 0 ? 0 : 1);
+}
+
+/**
+ * One step per check the guest script reported ("ok …" or a failure), one
+ * that the guest finished in time, and the results folder removed when all
+ * passed (a failing run keeps its logs). A check that never reported fails.
+ *
+ * @param t The test context.
+ * @param script What ran in the guest, for messages.
+ * @param checks The names the script must report.
+ * @param lines What it reported, by name.
+ * @param result The boot.
+ * @param where The console and results, for failure messages.
+ */
+export async function reportGuest(
+  t: Deno.TestContext,
+  script: string,
+  checks: readonly string[],
+  lines: ReadonlyMap<string, string>,
+  result: BootResult,
+  where: string,
+): Promise<void> {
+  for (const name of checks) {
+    await t.step(name, () => {
+      const line = lines.get(name);
+      assert.ok(
+        line !== undefined,
+        `${script} did not report "${name}"\n${where}`,
+      );
+      assert.ok(line.startsWith("ok"), `${name}: ${line}\n${where}`);
+    });
+  }
+  await t.step("the guest finished in time", () => {
+    assert.equal(
+      result.guestExitCode,
+      0,
+      `guest exit ${result.guestExitCode}, qemu exit ${result.qemuExitCode}\n${where}`,
+    );
+  });
+  if (
+    result.guestExitCode === 0 &&
+    [...lines.values()].every((l) => l.startsWith("ok"))
+  ) {
+    await Deno.remove(result.resultsDir, { recursive: true });
+  }
 }

@@ -17,6 +17,7 @@ import {
   ensurePackages,
   findKernel,
   type KernelChoice,
+  reportGuest,
 } from "./harness.ts";
 
 /** Every check guest.sh makes in both modes; one missing is a failure too. */
@@ -180,30 +181,12 @@ async function guestRun(
       `the guest did not report kernel ${kernel.version}\n${where}`,
     );
   });
-  for (
-    const name of mode === "netlink" ? [...CHECKS, ...NETLINK_CHECKS] : CHECKS
-  ) {
-    await t.step(name, () => {
-      const line = lines.get(name);
-      assert.ok(
-        line !== undefined,
-        `guest.sh did not report "${name}"\n${where}`,
-      );
-      assert.ok(line.startsWith("ok"), `${name}: ${line}\n${where}`);
-    });
-  }
-  await t.step("the guest finished in time", () => {
-    assert.equal(
-      result.guestExitCode,
-      0,
-      `guest exit ${result.guestExitCode}, qemu exit ${result.qemuExitCode}\n${where}`,
-    );
-  });
-  // A passing run leaves nothing behind; a failing one keeps its logs.
-  if (
-    result.guestExitCode === 0 &&
-    [...lines.values()].every((l) => l.startsWith("ok"))
-  ) {
-    await Deno.remove(result.resultsDir, { recursive: true });
-  }
+  await reportGuest(
+    t,
+    "guest.sh",
+    mode === "netlink" ? [...CHECKS, ...NETLINK_CHECKS] : CHECKS,
+    lines,
+    result,
+    where,
+  );
 }

@@ -7,8 +7,7 @@
  * @module
  */
 
-import assert from "node:assert/strict";
-import { boot, ensurePackages } from "./harness.ts";
+import { boot, ensurePackages, reportGuest } from "./harness.ts";
 
 /** Every check guest_netlink.ts makes; one missing is a failure too. */
 const CHECKS = [
@@ -89,28 +88,6 @@ Deno.test({
         timings.trim().replaceAll("\n", ", ")
       }\n${results.trim()}\n${captured.trim()}`,
     );
-    for (const name of CHECKS) {
-      await t.step(name, () => {
-        const line = lines.get(name);
-        assert.ok(
-          line !== undefined,
-          `guest_netlink.ts did not report "${name}"\n${where}`,
-        );
-        assert.ok(line.startsWith("ok"), `${name}: ${line}\n${where}`);
-      });
-    }
-    await t.step("the guest finished in time", () => {
-      assert.equal(
-        result.guestExitCode,
-        0,
-        `guest exit ${result.guestExitCode}, qemu exit ${result.qemuExitCode}\n${where}`,
-      );
-    });
-    if (
-      result.guestExitCode === 0 &&
-      [...lines.values()].every((l) => l.startsWith("ok"))
-    ) {
-      await Deno.remove(result.resultsDir, { recursive: true });
-    }
+    await reportGuest(t, "guest_netlink.ts", CHECKS, lines, result, where);
   },
 });
