@@ -15,8 +15,8 @@ import {
   NbdError,
   STATE_HOLE,
   STATE_ZERO,
+  transmissionFlagNames,
 } from "../mod.ts";
-import { TRANSMISSION_FLAG_NAMES } from "../lib/constants.ts";
 
 function human(n: number): string {
   const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
@@ -30,16 +30,9 @@ function human(n: number): string {
 }
 
 function flagWords(flags: number): string {
-  const words: string[] = [];
-  for (let bit = 1; bit <= 0x8000; bit <<= 1) {
-    if (flags & bit) {
-      words.push(
-        (TRANSMISSION_FLAG_NAMES[bit] ?? `bit${bit}`).replace("NBD_FLAG_", "")
-          .toLowerCase(),
-      );
-    }
-  }
-  return words.join(" ");
+  return transmissionFlagNames(flags)
+    .map((name) => name.replace("NBD_FLAG_", "").toLowerCase())
+    .join(" ");
 }
 
 function describeExtent(e: Extent): string {
