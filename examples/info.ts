@@ -185,8 +185,9 @@ async function gather(
   const signal = AbortSignal.any([interrupt, limit.signal]);
   try {
     if (typeof target !== "string") {
-      // probe() takes no command; a connection over it tells as much, but
-      // the list of contexts.
+      // One server start for a command: a connection tells all but the
+      // list of contexts, where probe() and then a connection (for the
+      // content) would start the server twice.
       return await connected(target, {
         signal,
         connectTimeout: 0,
