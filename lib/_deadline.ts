@@ -104,3 +104,26 @@ export async function within<T>(
     clearTimeout(timer);
   }
 }
+
+/**
+ * Waits `ms`, or rejects with the signal's reason as soon as it aborts; the
+ * timer is cleared either way.
+ *
+ * @param ms How long to wait.
+ * @param signal When to stop waiting.
+ * @throws the signal's reason when it aborts first.
+ */
+export function pause(ms: number, signal?: AbortSignal): Promise<void> {
+  if (signal?.aborted) return Promise.reject(abortReason(signal));
+  return new Promise((resolve, reject) => {
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(abortReason(signal!));
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}

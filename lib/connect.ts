@@ -22,7 +22,7 @@ import {
 } from "./client.ts";
 import type { Link } from "./connections.ts";
 import type { ConnectOptions } from "./connect_options.ts";
-import { deadline, untilAborted } from "./_deadline.ts";
+import { deadline, pause, untilAborted } from "./_deadline.ts";
 import { makeTracer, type Tracer } from "./_debug.ts";
 import {
   abortReason,
@@ -317,18 +317,10 @@ async function firstLink(o: ConnectOptions, trace: Tracer): Promise<Link> {
         attempt: attempt + 1,
         error: errorText(e),
       });
-      await untilAborted(
-        new Promise((r) =>
-          setTimeout(r, backoff(attempt, DEFAULT_RECONNECT, left))
-        ),
-        o.signal ?? NEVER,
-      );
+      await pause(backoff(attempt, DEFAULT_RECONNECT, left), o.signal);
     }
   }
 }
-
-/** A signal that never aborts, for waits the caller did not bound. */
-const NEVER = new AbortController().signal;
 
 /**
  * The other connections `connections` asks for, when the export allows

@@ -14,6 +14,7 @@
  */
 
 import { CMD_BLOCK_STATUS, CMD_FLUSH, commandName } from "./constants.ts";
+import { pause } from "./_deadline.ts";
 import type { Tracer } from "./_debug.ts";
 import { abortReason, errorText, NbdConnectionClosedError } from "./errors.ts";
 import type { ExportInfo } from "./export.ts";
@@ -459,17 +460,7 @@ export class Connections {
 
   /** Waits `ms`, or less if the client closes. */
   #pause(ms: number): Promise<void> {
-    const stop = this.#stop.signal;
-    if (ms <= 0 || stop.aborted) return Promise.resolve();
-    return new Promise((resolve) => {
-      const done = () => {
-        clearTimeout(timer);
-        stop.removeEventListener("abort", done);
-        resolve();
-      };
-      const timer = setTimeout(done, ms);
-      stop.addEventListener("abort", done, { once: true });
-    });
+    return pause(ms, this.#stop.signal).catch(() => {});
   }
 
   /** Ends every connection with `error`; held and later requests get it. */
