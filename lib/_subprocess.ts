@@ -270,7 +270,8 @@ export async function spawnOnSocket(
       await new Promise((r) => setTimeout(r, 10));
     }
   } catch (e) {
-    const err = refused(e) ? e : await server.explain(e);
+    // An abort is the caller's doing: its reason, at once.
+    const err = refused(e) || signal?.aborted ? e : await server.explain(e);
     await server.stop();
     throw err;
   }

@@ -457,6 +457,7 @@ export class NbdClient {
         return reply;
       }
     }
+    if (signal) cmd.hold = signal;
     return this.#sendWaiting(cmd, signal);
   }
 

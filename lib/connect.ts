@@ -295,6 +295,12 @@ async function negotiated(
   return { transport, info: result };
 }
 
+/** `connectTimeout` (0 for none) limited to `ms`. */
+function cap(connectTimeout: number | undefined, ms: number): number {
+  const own = connectTimeout ?? DEFAULT_CONNECT_TIMEOUT;
+  return own === 0 ? ms : Math.min(own, ms);
+}
+
 /**
  * The first connection; with `openTimeout`, attempts go on (with the
  * reconnect backoff) until one succeeds or the time is up.
@@ -303,8 +309,13 @@ async function firstLink(o: ConnectOptions, trace: Tracer): Promise<Link> {
   const limit = o.openTimeout ?? 0;
   const end = Date.now() + limit;
   for (let attempt = 0;; attempt++) {
+    // An attempt that stalls may not outlast what is left of openTimeout.
+    const left = end - Date.now();
+    const per = limit === 0
+      ? o
+      : { ...o, connectTimeout: cap(o.connectTimeout, Math.max(1, left)) };
     try {
-      return await negotiated(o, trace);
+      return await negotiated(per, trace);
     } catch (e) {
       const left = end - Date.now();
       if (
@@ -341,8 +352,9 @@ async function moreLinks(
     });
     return [];
   }
+  const same = first.info.tls ? { ...o, tls: "require" as const } : o;
   const settled = await Promise.allSettled(
-    Array.from({ length: wanted - 1 }, () => negotiated(o, trace)),
+    Array.from({ length: wanted - 1 }, () => negotiated(same, trace)),
   );
   const links = settled.flatMap((r) =>
     r.status === "fulfilled" ? [r.value] : []
@@ -459,8 +471,15 @@ export async function connect(
     maxInFlight: o.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT,
     trace,
     reconnect,
+    // What was encrypted stays encrypted: a server back without TLS is
+    // refused, never replayed to in clear text.
     dial: reconnect
-      ? (signal) => negotiated({ ...again, signal }, trace)
+      ? (signal) =>
+        negotiated({
+          ...again,
+          signal,
+          ...(first.info.tls ? { tls: "require" as const } : {}),
+        }, trace)
       : undefined,
   });
 }

@@ -113,8 +113,24 @@ interface Slot {
   outstanding: number;
   /** The reconnect in progress, if one is. */
   redial: Promise<void> | undefined;
+  /**
+   * Losses close together are one outage: one deadline and one growing
+   * backoff, until a connection carries a reply or stays up a while. A
+   * server that accepts and hangs up at once cannot make a storm.
+   */
+  streak: { deadline: number; attempts: number } | undefined;
+  /** When the current connection came up. */
+  upSince: number;
   /** Reconnecting gave up on this one. */
   dead: boolean;
+}
+
+/**
+ * How long a new connection must stay up (without carrying a reply) before
+ * a loss counts as a new outage rather than more of the same.
+ */
+function stableAfter(policy: ReconnectPolicy): number {
+  return Math.max(1_000, policy.maxDelay);
 }
 
 /** The connections of one client; see the module doc. */
@@ -170,10 +186,21 @@ export class Connections {
       info: link.info,
       outstanding: 0,
       redial: undefined,
+      streak: undefined,
+      upSince: Date.now(),
       dead: false,
     };
     this.#watch(slot, slot.tx);
     return slot;
+  }
+
+  /** Tracing never breaks the connections, whatever the hook does. */
+  #trace(event: string, fields: Record<string, unknown>): void {
+    try {
+      this.#options.trace?.(event, fields);
+    } catch {
+      // The hook's own failure is the hook's business.
+    }
   }
 
   /** Notices a connection that dies while idle, so it comes back at once. */
@@ -191,9 +218,9 @@ export class Connections {
     return this.#original;
   }
 
-  /** How many connections the client runs. */
+  /** How many connections carry requests, or will once back; not the ones given up. */
   get count(): number {
-    return this.#slots.length;
+    return this.#slots.filter((s) => !s.dead).length;
   }
 
   /** How many times a lost connection was replaced. */
@@ -277,7 +304,7 @@ export class Connections {
 
   async #carry(cmd: Command): Promise<ExtentsById> {
     for (let replays = 0;; replays++) {
-      const slot = this.#pick() ?? await this.#awaitSlot(cmd.signal);
+      const slot = this.#pick() ?? await this.#awaitSlot(cmd.hold);
       const tx = slot.tx;
       slot.outstanding++;
       try {
@@ -286,13 +313,15 @@ export class Connections {
             ? this.#translate(cmd, slot.info)
             : cmd,
         );
+        // It carried a reply: whatever went wrong before is over.
+        if (slot.streak && slot.tx === tx) slot.streak = undefined;
         return cmd.type === CMD_BLOCK_STATUS && slot.info !== this.#original
           ? this.#remap(result, slot.info)
           : result;
       } catch (e) {
         if (
           !this.#policy || this.#closed || this.#failure ||
-          cmd.signal?.aborted || !isConnectionLoss(e)
+          cmd.hold?.aborted || !isConnectionLoss(e)
         ) {
           if (!this.#policy && tx.failure && this.#slots.length > 1) {
             this.#failAll(tx.failure);
@@ -308,7 +337,7 @@ export class Connections {
             { cause: e },
           );
         }
-        this.#options.trace?.("replay", {
+        this.#trace("replay", {
           offset: cmd.offset,
           length: cmd.length,
           replays: replays + 1,
@@ -379,7 +408,7 @@ export class Connections {
   /** Starts replacing `slot`'s connection `tx`, once per loss. */
   #lose(slot: Slot, tx: Transmission, cause: unknown): void {
     if (slot.tx !== tx || slot.redial || slot.dead || this.#closed) return;
-    this.#options.trace?.("connection lost", {
+    this.#trace("connection lost", {
       connection: slot.index,
       error: errorText(cause),
     });
@@ -395,9 +424,18 @@ export class Connections {
   async #redial(slot: Slot, cause: unknown): Promise<void> {
     const policy = this.#policy!;
     const dial = this.#options.dial!;
-    const deadline = Date.now() + policy.timeout;
+    // A connection that stayed up long enough ended the last outage.
+    if (slot.streak && Date.now() - slot.upSince >= stableAfter(policy)) {
+      slot.streak = undefined;
+    }
+    const streak = slot.streak ??= {
+      deadline: Date.now() + policy.timeout,
+      attempts: 0,
+    };
+    const deadline = streak.deadline;
     let last = cause;
-    for (let attempt = 0;; attempt++) {
+    for (;;) {
+      const attempt = streak.attempts++;
       const left = deadline - Date.now();
       if (left <= 0 || this.#closed || this.#failure) break;
       if (attempt > 0) await this.#pause(backoff(attempt - 1, policy, left));
@@ -412,7 +450,7 @@ export class Connections {
         );
       } catch (e) {
         last = e;
-        this.#options.trace?.("reconnect attempt failed", {
+        this.#trace("reconnect attempt failed", {
           connection: slot.index,
           attempt: attempt + 1,
           error: errorText(e),
@@ -444,9 +482,10 @@ export class Connections {
       slot.transport = link.transport;
       slot.tx = this.#transmission(link);
       slot.info = link.info;
+      slot.upSince = Date.now();
       this.#watch(slot, slot.tx);
       this.#reconnects++;
-      this.#options.trace?.("reconnected", {
+      this.#trace("reconnected", {
         connection: slot.index,
         attempts: attempt + 1,
         reconnects: this.#reconnects,
@@ -467,7 +506,7 @@ export class Connections {
   #failAll(error: Error): void {
     if (this.#failure) return;
     this.#failure = error;
-    this.#options.trace?.("connections failed", { error: error.message });
+    this.#trace("connections failed", { error: error.message });
     this.#stop.abort(error);
     this.#wake();
     for (const s of this.#slots) {

@@ -137,6 +137,9 @@ export function exportChanges(
   if (before.extendedHeaders && !after.extendedHeaders) {
     out.push("extended headers are no longer negotiated");
   }
+  if (before.tls && !after.tls) {
+    out.push("TLS is no longer in use");
+  }
   if (before.structuredReplies && !after.structuredReplies) {
     out.push("structured replies are no longer negotiated");
   }

@@ -67,6 +67,12 @@ export interface Command {
   payload?: Uint8Array;
   /** Block status in the payload form: the context ids asked about. */
   contexts?: readonly number[];
+  /**
+   * The caller's signal, for the connections layer only (this class does
+   * not look at it): a request held for a reconnect is dropped, not
+   * replayed, once it aborts.
+   */
+  hold?: AbortSignal | undefined;
   /** Where read data lands (`NBD_CMD_READ`); `length` bytes. */
   buffer?: Uint8Array;
   signal?: AbortSignal | undefined;
