@@ -9,6 +9,7 @@
  * @module
  */
 
+import { pause, within } from "./_deadline.ts";
 import { errorText, NbdConnectionClosedError, NbdError } from "./errors.ts";
 import type { ByteStream } from "./transport.ts";
 
@@ -100,12 +101,7 @@ function control(
   let exited: Deno.CommandStatus | undefined;
   const status = child.status.then((s) => exited = s);
   const waitExit = async (ms: number) => {
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    await Promise.race([
-      status,
-      new Promise((r) => timer = setTimeout(r, ms)),
-    ]);
-    clearTimeout(timer);
+    await within(status, ms);
     return exited;
   };
   let stopping: Promise<void> | undefined;
@@ -267,7 +263,7 @@ export async function spawnOnSocket(
       if (Date.now() > deadline) {
         throw new Error(`it did not listen within ${LISTEN_MS} ms`);
       }
-      await new Promise((r) => setTimeout(r, 10));
+      await pause(10, signal);
     }
   } catch (e) {
     // An abort is the caller's doing: its reason, at once.

@@ -391,7 +391,7 @@ export class Connections {
     }
     // Without reconnecting nothing comes back: fail instead of waiting.
     if (!this.#policy || this.#slots.every((s) => s.dead)) {
-      const down = this.#slots.find((s) => s.tx.failure)?.tx.failure;
+      const down = this.failure;
       if (down) throw down;
       throw new NbdConnectionClosedError(
         this.#slots.some((s) => s.tx.shuttingDown)

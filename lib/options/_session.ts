@@ -18,6 +18,7 @@ import {
   REP_FLAG_ERROR,
   REPLY_TYPE_NAMES,
 } from "../constants.ts";
+import { within } from "../_deadline.ts";
 import type { Tracer } from "../_debug.ts";
 import { NbdOptionError, NbdProtocolError } from "../errors.ts";
 import type { Transport } from "../transport.ts";
@@ -169,12 +170,7 @@ export class OptionSession {
     this.ended = true;
     try {
       await this.send(OPT_ABORT);
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      const timeout = new Promise<void>((resolve) => {
-        timer = setTimeout(resolve, 1000);
-      });
-      await Promise.race([this.reply(OPT_ABORT).catch(() => {}), timeout]);
-      clearTimeout(timer);
+      await within(this.reply(OPT_ABORT).catch(() => {}), 1000);
     } catch {
       // The server may already be gone; the connection is closed next anyway.
     }
