@@ -8,23 +8,20 @@
 import assert from "node:assert/strict";
 import { connect, NbdError } from "../../mod.ts";
 import { seeded } from "../support/random.ts";
-import { restartable } from "../support/restartable.ts";
+import { nbdkitOn, restartable } from "../support/restartable.ts";
 import { until, within } from "../support/wait.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 
 function nbdkit(extra: string[], plugin: string[]) {
-  return (socket: string, dir: string) => [
-    "-f",
-    "--exit-with-parent",
-    "-U",
-    socket,
-    "--filter=log",
-    ...extra,
-    ...plugin,
-    `logfile=${dir}/requests.log`,
-  ];
+  return (socket: string, dir: string) =>
+    nbdkitOn(socket, [
+      "--filter=log",
+      ...extra,
+      ...plugin,
+      `logfile=${dir}/requests.log`,
+    ]);
 }
 
 /** The log filter's lines, as written so far. */
@@ -162,7 +159,7 @@ Deno.test("connections: a reconnect applies per connection", async () => {
       "nbdkit",
       (
         socket,
-      ) => ["-f", "--exit-with-parent", "-U", socket, "file", `file=${path}`],
+      ) => nbdkitOn(socket, ["file", `file=${path}`]),
       dir,
     );
     await server.start();
@@ -201,7 +198,7 @@ for (const signal of ["SIGKILL", "SIGTERM"] as const) {
   Deno.test(`connections: without reconnect, a server killed with ${signal} fails requests on every connection, never hangs`, async () => {
     await using server = await restartable(
       "nbdkit",
-      (socket) => ["-f", "--exit-with-parent", "-U", socket, "memory", "1M"],
+      (socket) => nbdkitOn(socket, ["memory", "1M"]),
     );
     await server.start();
     const nbd = await connect({ path: server.socket }, { connections: 3 });

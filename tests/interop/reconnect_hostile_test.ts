@@ -14,7 +14,7 @@ import {
   NbdExportChangedError,
 } from "../../mod.ts";
 import { makeTestPki } from "../support/certs.ts";
-import { restartable } from "../support/restartable.ts";
+import { nbdkitOn, restartable } from "../support/restartable.ts";
 import { startTestServer } from "../support/server.ts";
 import { until, within } from "../support/wait.ts";
 
@@ -55,16 +55,13 @@ for (const tls of [undefined, "prefer"] as const) {
     ...SANE,
     fn: async () => {
       await using pki = await makeTestPki();
-      await using server = await restartable("nbdkit", (s) => [
-        "-f",
-        "--exit-with-parent",
-        "-U",
-        s,
-        "--tls=require",
-        `--tls-certificates=${pki.serverDir}`,
-        "memory",
-        "1M",
-      ]);
+      await using server = await restartable("nbdkit", (s) =>
+        nbdkitOn(s, [
+          "--tls=require",
+          `--tls-certificates=${pki.serverDir}`,
+          "memory",
+          "1M",
+        ]));
       await server.start();
       const nbd = await connect({ path: server.socket }, {
         ...(tls ? { tls } : {}),
@@ -79,16 +76,12 @@ for (const tls of [undefined, "prefer"] as const) {
           () => "written",
           (e: unknown) => e,
         );
-        await server.start([
-          "-f",
-          "--exit-with-parent",
-          "-U",
-          server.socket,
+        await server.start(nbdkitOn(server.socket, [
           "--filter=log",
           "memory",
           "1M",
           `logfile=${server.dir}/clear.log`,
-        ]);
+        ]));
         const outcome = await within(10_000, "the held write", write);
         assert.ok(
           outcome instanceof NbdConnectionClosedError,
@@ -115,7 +108,7 @@ Deno.test({
       await Deno.writeFile(path, new Uint8Array(1 << 20));
       await using server = await restartable(
         "nbdkit",
-        (s) => ["-f", "--exit-with-parent", "-U", s, "file", `file=${path}`],
+        (s) => nbdkitOn(s, ["file", `file=${path}`]),
         dir,
       );
       await server.start();
@@ -150,14 +143,10 @@ Deno.test({
   name: "reconnect: a debug hook that throws breaks nothing",
   ...SANE,
   fn: async () => {
-    await using server = await restartable("nbdkit", (s) => [
-      "-f",
-      "--exit-with-parent",
-      "-U",
-      s,
-      "memory",
-      "1M",
-    ]);
+    await using server = await restartable(
+      "nbdkit",
+      (s) => nbdkitOn(s, ["memory", "1M"]),
+    );
     await server.start();
     const nbd = await connect({ path: server.socket }, {
       reconnect: { timeout: 10_000 },
@@ -182,14 +171,10 @@ Deno.test({
   name: "connections: one given up for good is no longer counted",
   ...SANE,
   fn: async () => {
-    await using server = await restartable("nbdkit", (s) => [
-      "-f",
-      "--exit-with-parent",
-      "-U",
-      s,
-      "memory",
-      "1M",
-    ]);
+    await using server = await restartable(
+      "nbdkit",
+      (s) => nbdkitOn(s, ["memory", "1M"]),
+    );
     await server.start();
     const nbd = await connect({ path: server.socket }, {
       connections: 2,

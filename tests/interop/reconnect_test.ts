@@ -16,7 +16,11 @@ import {
 } from "../../mod.ts";
 import { makeTestPki } from "../support/certs.ts";
 import { seeded } from "../support/random.ts";
-import { type Restartable, restartable } from "../support/restartable.ts";
+import {
+  nbdkitOn,
+  type Restartable,
+  restartable,
+} from "../support/restartable.ts";
 import { until, within } from "../support/wait.ts";
 
 const KiB = 1024;
@@ -108,15 +112,8 @@ async function chaos(
 }
 
 function nbdkitFile(path: string, extra: string[] = []) {
-  return (socket: string) => [
-    "-f",
-    "--exit-with-parent",
-    "-U",
-    socket,
-    ...extra,
-    "file",
-    `file=${path}`,
-  ];
+  return (socket: string) =>
+    nbdkitOn(socket, [...extra, "file", `file=${path}`]);
 }
 
 for (const signal of ["SIGKILL", "SIGTERM"] as const) {
@@ -272,17 +269,13 @@ Deno.test("reconnect: rules for what is and is not retried", async (t) => {
 
     await t.step("a server errno is not retried", async () => {
       await server.kill("SIGTERM");
-      await server.start([
-        "-f",
-        "--exit-with-parent",
-        "-U",
-        server.socket,
+      await server.start(nbdkitOn(server.socket, [
         "--filter=error",
         "file",
         `file=${path}`,
         "error=EIO",
         "error-pread-rate=1",
-      ]);
+      ]));
       const nbd = await connect({ path: server.socket }, {
         reconnect: true,
       });

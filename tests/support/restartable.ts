@@ -99,3 +99,11 @@ export async function restartable(
     },
   };
 }
+
+/**
+ * The arguments of an `nbdkit` in the foreground on `socket` that goes
+ * away with this process, followed by `args` (filters, plugin, parameters).
+ */
+export function nbdkitOn(socket: string, args: readonly string[]): string[] {
+  return ["-f", "--exit-with-parent", "-U", socket, ...args];
+}
