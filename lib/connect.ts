@@ -335,7 +335,8 @@ async function firstLink(o: ConnectOptions, trace: Tracer): Promise<Link> {
 
 /**
  * The other connections `connections` asks for, when the export allows
- * several (`NBD_FLAG_CAN_MULTI_CONN`); each must reach the same export.
+ * several (`NBD_FLAG_CAN_MULTI_CONN`), negotiated as `o` says (the first
+ * connection's negotiation); each must reach the same export.
  */
 async function moreLinks(
   o: ConnectOptions,
@@ -352,9 +353,8 @@ async function moreLinks(
     });
     return [];
   }
-  const same = first.info.tls ? { ...o, tls: "require" as const } : o;
   const settled = await Promise.allSettled(
-    Array.from({ length: wanted - 1 }, () => negotiated(same, trace)),
+    Array.from({ length: wanted - 1 }, () => negotiated(o, trace)),
   );
   const links = settled.flatMap((r) =>
     r.status === "fulfilled" ? [r.value] : []
@@ -456,30 +456,27 @@ export async function connect(
   const trace = makeTracer(o.debug);
   if (o.command !== undefined) return await overCommand(o, trace);
   const first = await firstLink(o, trace);
+  // Every later connection negotiates as the first did, and what was
+  // encrypted stays encrypted: a server without TLS is refused then, never
+  // sent requests in clear text.
+  const same = first.info.tls ? { ...o, tls: "require" as const } : o;
   let links: Link[];
   try {
-    links = [first, ...await moreLinks(o, trace, first)];
+    links = [first, ...await moreLinks(same, trace, first)];
   } catch (e) {
     first.transport.close();
     throw e;
   }
   const reconnect = reconnectPolicy(o.reconnect);
   // A new connection must not be bound by the signal of the first connect.
-  const { signal: _once, ...again } = o;
+  const { signal: _once, ...again } = same;
   return clientOver({
     links,
     maxInFlight: o.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT,
     trace,
     reconnect,
-    // What was encrypted stays encrypted: a server back without TLS is
-    // refused, never replayed to in clear text.
     dial: reconnect
-      ? (signal) =>
-        negotiated({
-          ...again,
-          signal,
-          ...(first.info.tls ? { tls: "require" as const } : {}),
-        }, trace)
+      ? (signal) => negotiated({ ...again, signal }, trace)
       : undefined,
   });
 }
