@@ -213,11 +213,6 @@ export class Connections {
     });
   }
 
-  /** What the first connection negotiated. */
-  get info(): ExportInfo {
-    return this.#original;
-  }
-
   /** How many connections carry requests, or will once back; not the ones given up. */
   get count(): number {
     return this.#slots.filter((s) => !s.dead).length;
