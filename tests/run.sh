@@ -27,5 +27,12 @@ deno test --allow-all tests/kernel/ 2>&1 | tee -a "$log" || status=$?
 # One plain summary line over both runs.
 passed=$(grep -aoE '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -aoE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+# CI shows the end of the output: name what failed there, with its error.
+if [ "$failed" -gt 0 ]; then
+  echo "== what failed (repeated from above)"
+  sed 's/\x1b\[[0-9;]*m//g' "$log" |
+    awk '/^ (ERRORS|FAILURES) *$/ { keep = 1 } /^(ok|FAILED) \|/ { keep = 0 } keep' |
+    head -c 12000
+fi
 echo "${passed} passed, ${failed} failed"
 exit "$status"
