@@ -42,7 +42,7 @@ import {
 } from "./open.ts";
 import { alignUp, planRange, planStream } from "./plan.ts";
 import { pump, type Stats, wrap } from "./pump.ts";
-import { copyThreaded, lanesOf, threadable, threadCount } from "./lanes.ts";
+import { copyThreaded, lanesOf, threadable } from "./lanes.ts";
 
 const USAGE = `Usage: copy [OPTIONS] SOURCE DESTINATION
        copy --dirty=CONTEXT [OPTIONS] NBD DESTINATION
@@ -54,8 +54,12 @@ NBD := NBD-URI | [ CMD ARGS ... ]   a server to run, such as
        [ nbdkit -s memory 1G ] or [ qemu-nbd -f qcow2 disk.qcow2 ]
 
 Options:
-  -C, --connections=N     NBD connections when multi-conn is offered (4,
-                          or one per processor if there are fewer)
+  -C, --connections=N     NBD connections when multi-conn is offered (4),
+                          at most one per thread, as nbdcopy
+  -T, --threads=N         threads to copy with, each with its own
+                          connection (one per processor)
+      --synchronous       one request at a time, in order, on one
+                          connection in one thread
   -R, --requests=N        requests in flight per connection (64)
       --queue-size=N      bytes in flight per thread (4M; one thread per
                           connection, up to the processor count)
@@ -86,6 +90,8 @@ Options:
 
 const OPTIONS: OptionSpec[] = [
   { name: "connections", kind: "value", short: "C" },
+  { name: "threads", kind: "value", short: "T" },
+  { name: "synchronous", kind: "flag" },
   { name: "requests", kind: "value", short: "R" },
   { name: "queue-size", kind: "value" },
   { name: "request-size", kind: "value" },
@@ -114,19 +120,24 @@ function readSettings(o: Map<string, string | true>): Settings {
     return typeof v === "string" ? v : undefined;
   };
   const connections = str("connections");
+  const threads = str("threads");
   const requests = str("requests");
   const queueSize = str("queue-size");
   const requestSize = str("request-size");
   const sparse = str("sparse");
+  // --synchronous: one of everything, so blocks go strictly in order.
+  const synchronous = o.has("synchronous");
   const settings: Settings = {
-    // As nbdcopy: more connections than processors only slow the copy
-    // (each has its thread, and the server's threads compete too).
     connections: connections === undefined
-      ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 4))
+      ? 4
       : parseCount(connections, "--connections", 1, 64),
+    threads: threads === undefined
+      ? Math.max(1, navigator.hardwareConcurrency || 1)
+      : parseCount(threads, "--threads", 1, 64),
     requests: requests === undefined
       ? 64
       : parseCount(requests, "--requests", 1, 1024),
+    ...(synchronous ? { connections: 1, threads: 1, requests: 1 } : {}),
     queueSize: queueSize === undefined
       ? 4 * 1024 * 1024
       : parseSize(queueSize, "--queue-size"),
@@ -319,14 +330,21 @@ async function transfer(
 ): Promise<string> {
   const signal = controller.signal;
   // Multi-conn only where every NBD side offers it (files count as
-  // unlimited); a stream on either side keeps to one of everything.
+  // unlimited); a stream on either side keeps to one of everything. As
+  // nbdcopy, no more connections than threads: measured here, four
+  // connections on two processors copy slower than two.
   const lanes = Math.max(
     1,
-    Math.min(settings.connections, src.maxLanes, dst.maxLanes),
+    Math.min(
+      settings.connections,
+      settings.threads,
+      src.maxLanes,
+      dst.maxLanes,
+    ),
   );
   // Several connections each get a thread of their own where both ends
   // can open lanes there; an incremental copy keeps them in this one.
-  const threads = !dirty && threadable(src, dst) ? threadCount(lanes) : 1;
+  const threads = !dirty && threadable(src, dst) ? lanes : 1;
   const here = threads > 1 ? lanesOf(0, lanes, threads) : lanes;
   await src.addLanes(here, signal);
   await dst.addLanes(here, signal);

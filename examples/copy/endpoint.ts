@@ -126,6 +126,8 @@ export type LaneSpec =
 /** Settings that shape how endpoints are opened. */
 export interface Settings {
   connections: number;
+  /** `--threads`: the most threads, and so connections, to copy with. */
+  threads: number;
   requests: number;
   queueSize: number;
   requestSize: number;

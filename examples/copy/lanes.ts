@@ -20,15 +20,6 @@ export function threadable(src: Source, dst: Destination): boolean {
     src.size !== undefined && !dst.sequential;
 }
 
-/**
- * How many threads to run `lanes` connections on: one each, but no more
- * than the machine has processors (nbdcopy's `--threads` default); the
- * connections are then dealt out among the threads.
- */
-export function threadCount(lanes: number): number {
-  return Math.max(1, Math.min(lanes, navigator.hardwareConcurrency || 1));
-}
-
 /** How many of `lanes` connections thread `t` of `threads` runs. */
 export function lanesOf(t: number, lanes: number, threads: number): number {
   return Math.floor(lanes / threads) + (t < lanes % threads ? 1 : 0);

@@ -428,6 +428,8 @@ Deno.test({
             "-v",
             "-C",
             "2",
+            "-T",
+            "2",
             "--request-size=64k",
             `--dirty=${BITMAP}`,
             shared.uri(),

@@ -214,6 +214,7 @@ Deno.test({
       const r = await runTool("copy", [
         "-v",
         "--connections=3",
+        "--threads=3",
         "--requests=8",
         "--request-size=64k",
         src.uri(),
@@ -222,9 +223,96 @@ Deno.test({
       assert.equal(r.code, 0, r.stderr);
       assert.match(r.stderr, /over 3 connection\(s\)/);
       assert.equal(await exportHash(dst.uri()), await exportHash(src.uri()));
+      // As nbdcopy: no more connections than threads, which default to
+      // the processor count.
+      const capped = Math.min(4, navigator.hardwareConcurrency || 1);
+      const defaults = await runTool("copy", [
+        "-v",
+        "-C",
+        "4",
+        src.uri(),
+        dst.uri(),
+      ]);
+      assert.equal(defaults.code, 0, defaults.stderr);
+      assert.match(
+        defaults.stderr,
+        new RegExp(`over ${capped} connection\\(s\\)`),
+      );
+      const one = await runTool("copy", [
+        "-v",
+        "-C",
+        "4",
+        "-T",
+        "1",
+        src.uri(),
+        dst.uri(),
+      ]);
+      assert.equal(one.code, 0, one.stderr);
+      assert.match(one.stderr, /over 1 connection\(s\)/);
+      assert.equal(await exportHash(dst.uri()), await exportHash(src.uri()));
     } finally {
       await dst.stop();
       await src.stop();
+    }
+  },
+});
+
+/**
+ * The reads nbdkit's log filter recorded, in the order it logged their
+ * start and end, and the most it had in flight at once.
+ */
+async function loggedReads(
+  file: string,
+): Promise<{ offsets: number[]; most: number }> {
+  const offsets: number[] = [];
+  let open = 0;
+  let most = 0;
+  for (const line of (await Deno.readTextFile(file)).split("\n")) {
+    const start = / Read id=\d+ offset=(0x[0-9a-f]+) /.exec(line);
+    if (start) {
+      offsets.push(Number(start[1]));
+      most = Math.max(most, ++open);
+    } else if (/ \.\.\.Read id=\d+ return/.test(line)) open--;
+  }
+  return { offsets, most };
+}
+
+Deno.test({
+  name: "copy: --synchronous sends one request at a time, in order",
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "nbd-sync-" });
+    const log = `${dir}/requests.log`;
+    const src = await nbdkit([
+      "--filter=log",
+      "--filter=delay",
+      "pattern",
+      "4M",
+      `logfile=${log}`,
+      // Slow enough that requests sent together overlap in the log.
+      "rdelay=2ms",
+    ], { dir });
+    try {
+      const copy = (extra: string[]) =>
+        runTool("copy", [...extra, "--request-size=64k", src.uri(), "null:"]);
+      const parallel = await copy(["-C", "4"]);
+      assert.equal(parallel.code, 0, parallel.stderr);
+      const before = await loggedReads(log);
+      // Without it requests overlap, so the check below can fail.
+      assert.ok(before.most > 1, `at most ${before.most} in flight`);
+
+      await Deno.truncate(log);
+      const sync = await copy(["--synchronous", "-C", "4", "-v"]);
+      assert.equal(sync.code, 0, sync.stderr);
+      assert.match(sync.stderr, /over 1 connection\(s\)/);
+      const { offsets, most } = await loggedReads(log);
+      assert.equal(most, 1);
+      assert.deepEqual(
+        offsets,
+        Array.from({ length: 64 }, (_, i) => i * 65536),
+      );
+    } finally {
+      await src.stop();
+      await Deno.remove(dir, { recursive: true });
     }
   },
 });
@@ -632,6 +720,7 @@ Deno.test({
         },
         { args: ["--progress=x", source, destination], message: /--progress/ },
         { args: ["-C", "0", source, destination], message: /--connections/ },
+        { args: ["-T", "0", source, destination], message: /--threads/ },
         { args: ["-R", "0", source, destination], message: /--requests/ },
         { args: ["--queue-size=1q", source, destination], message: /--queue/ },
         { args: ["--request-size=1000", source, destination], message: /size/ },
