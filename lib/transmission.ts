@@ -22,6 +22,7 @@ import {
   REPLY_TYPE_BLOCK_STATUS,
   REPLY_TYPE_BLOCK_STATUS_EXT,
   REPLY_TYPE_FLAG_ERROR,
+  REPLY_TYPE_NONE,
   REPLY_TYPE_OFFSET_DATA,
   REPLY_TYPE_OFFSET_HOLE,
 } from "./constants.ts";
@@ -150,6 +151,8 @@ export class Transmission {
   // One buffer and one object for every reply header, views made once.
   #headerBytes = new Uint8Array(SIZES.extendedReply);
   #headerStart: Uint8Array;
+  /** The longest reply header this connection can get. */
+  #longestHeader: number;
   #headerRest = this.#headerBytes.subarray(
     SIZES.simpleReply,
     SIZES.structuredReply,
@@ -189,6 +192,11 @@ export class Transmission {
     this.#maxInFlight = maxInFlight;
     this.#trace = trace;
     this.#headerStart = this.#headerBytes.subarray(0, replyHeaderStart(info));
+    this.#longestHeader = info.extendedHeaders
+      ? SIZES.extendedReply
+      : info.structuredReplies
+      ? SIZES.structuredReply
+      : SIZES.simpleReply;
     this.#headerSize = info.extendedHeaders
       ? SIZES.extendedRequest
       : SIZES.request;
@@ -241,20 +249,35 @@ export class Transmission {
    * @throws {TypeError} when the read's buffer was detached before its data
    *   arrived (the data is dropped; the connection goes on).
    */
-  async submit(cmd: Command): Promise<ExtentsById> {
+  submit(cmd: Command): Promise<ExtentsById> {
     const signal = cmd.signal;
-    if (signal?.aborted) throw abortReason(signal);
-    // The common case takes a free slot without a trip through the queue.
+    if (signal?.aborted) return Promise.reject(abortReason(signal));
+    // The common case takes a free slot without a trip through the queue,
+    // and without a promise of its own beyond the one the caller awaits.
     if (this.#inFlight < this.#maxInFlight && this.#waiters.length === 0) {
       this.#inFlight++;
-    } else {
-      await this.#acquire(signal);
+      try {
+        return this.#send(cmd);
+      } catch (e) {
+        return Promise.reject(e);
+      }
     }
+    return this.#submitLater(cmd);
+  }
+
+  async #submitLater(cmd: Command): Promise<ExtentsById> {
+    await this.#acquire(cmd.signal);
+    return await this.#send(cmd);
+  }
+
+  /** Sends `cmd`, which holds a slot; the promise settles with its reply. */
+  #send(cmd: Command): Promise<ExtentsById> {
+    const signal = cmd.signal;
     const refusal = this.#refusal(cmd.type) ??
       (signal?.aborted ? abortReason(signal) : undefined);
     if (refusal) {
       this.#release();
-      throw refusal;
+      return Promise.reject(refusal);
     }
     const cookie = this.#nextCookie++;
     // Request headers come from a ring of maxInFlight + 1 buffers, so that
@@ -303,12 +326,13 @@ export class Transmission {
     // No options object: one fewer conversion per request; the listener
     // is removed when the request settles, so it fires at most once.
     signal?.addEventListener("abort", p);
-    // Awaited at once: no rejection of `promise` ever goes unobserved.
-    return await promise;
+    // Returned to the caller, who awaits it: no rejection goes unobserved.
+    return promise;
   }
 
   /** Why a command cannot be sent now, if it cannot. */
   #refusal(type: number): NbdConnectionClosedError | undefined {
+    if (!this.#failure && !this.#shutdown && !this.#closing) return undefined;
     const what = commandName(type);
     if (this.#failure) {
       return new NbdConnectionClosedError(
@@ -465,7 +489,13 @@ export class Transmission {
 
   async #readLoop(): Promise<void> {
     try {
-      while (await this.#readHeader()) await this.#dispatch(this.#reply);
+      // Replies already received are handled without waiting: a reply
+      // whose bytes are all buffered costs no promise at all.
+      for (;;) {
+        if (!this.#takeHeader() && !await this.#readHeader()) break;
+        const more = this.#dispatch(this.#reply);
+        if (more !== undefined) await more;
+      }
       if (this.#pending.size > 0 || !this.#closing) {
         this.#fail(
           new NbdConnectionClosedError(
@@ -478,6 +508,24 @@ export class Transmission {
     } catch (e) {
       this.#fail(e);
     }
+  }
+
+  /**
+   * Decodes a reply header into `#reply` from bytes already received, when
+   * they hold the longest header this connection can get.
+   */
+  #takeHeader(): boolean {
+    const t = this.#transport;
+    if (t.buffered < this.#longestHeader) return false;
+    const start = this.#headerStart;
+    t.take(start);
+    let bytes = start;
+    if (replyHeaderLength(start, this.#info) === SIZES.structuredReply) {
+      t.take(this.#headerRest);
+      bytes = this.#structuredHeader;
+    }
+    decodeReplyHeader(bytes, this.#reply);
+    return true;
   }
 
   /** Reads one reply header into `#reply`; `false` at a clean end of stream. */
@@ -500,7 +548,13 @@ export class Transmission {
     return true;
   }
 
-  async #dispatch(h: ReplyHeader): Promise<void> {
+  /**
+   * Handles the reply or chunk whose header is `h`.
+   *
+   * @returns A promise when its payload has yet to arrive; `undefined` when
+   *   it was handled from bytes already received.
+   */
+  #dispatch(h: ReplyHeader): Promise<void> | undefined {
     const p = this.#pending.get(h.cookie);
     if (!p) throw unknownCookie(h);
     const cmd = p.cmd;
@@ -515,17 +569,11 @@ export class Transmission {
       if (h.error !== 0) {
         p.error = this.#commandError(p, h.error);
       } else if (payload > 0) {
-        await this.#readData(
-          p,
-          0,
-          payload,
-          `the ${cmd.length}-byte payload of a simple reply to ${
-            commandName(cmd.type)
-          }`,
-        );
+        const more = this.#readData(p, 0, payload, false);
+        if (more) return this.#finishAfter(more, p);
       }
       this.#finish(p);
-      return;
+      return undefined;
     }
     this.#trace?.("recv chunk", {
       cookie: h.cookie,
@@ -535,12 +583,53 @@ export class Transmission {
       done: (h.flags & REPLY_FLAG_DONE) !== 0,
     });
     checkChunkHeader(cmd, h, this.#info);
-    await this.#chunk(p, h.type, h.length);
-    if (h.flags & REPLY_FLAG_DONE) this.#finish(p);
+    const more = this.#chunk(p, h.type, h.length);
+    // Read before any wait: `h` is reused for the next header.
+    const done = (h.flags & REPLY_FLAG_DONE) !== 0;
+    if (more) return done ? this.#finishAfter(more, p) : more;
+    if (done) this.#finish(p);
+    return undefined;
   }
 
-  /** Reads a chunk's payload, whose header has passed its checks. */
-  async #chunk(p: Pending, type: number, length: number): Promise<void> {
+  async #finishAfter(more: Promise<void>, p: Pending): Promise<void> {
+    await more;
+    this.#finish(p);
+  }
+
+  /**
+   * Reads a chunk's payload, whose header has passed its checks: at once
+   * from bytes already received where it can (`undefined`), else a
+   * promise.
+   */
+  #chunk(
+    p: Pending,
+    type: number,
+    length: number,
+  ): Promise<void> | undefined {
+    const cmd = p.cmd;
+    if (type === REPLY_TYPE_OFFSET_DATA) {
+      const head = this.#offsetField;
+      if (!this.#transport.take(head)) return this.#dataChunk(p, length);
+      const size = length - 8;
+      const rel = claimDataChunk(cmd, p, head, size);
+      return this.#readData(p, rel, size, true);
+    }
+    // NBD_REPLY_TYPE_NONE has no payload; checkChunkHeader() refused the rest.
+    if (type === REPLY_TYPE_NONE) return undefined;
+    return this.#otherChunk(p, type, length);
+  }
+
+  /** A data chunk whose 8-byte offset has yet to arrive. */
+  async #dataChunk(p: Pending, length: number): Promise<void> {
+    const head = this.#offsetField;
+    await this.#transport.readInto(head, "the offset of a data chunk");
+    const size = length - 8;
+    const rel = claimDataChunk(p.cmd, p, head, size);
+    await this.#readData(p, rel, size, true);
+  }
+
+  /** Error, hole and block status chunks. */
+  async #otherChunk(p: Pending, type: number, length: number): Promise<void> {
     const t = this.#transport;
     const cmd = p.cmd;
     if (type & REPLY_TYPE_FLAG_ERROR) {
@@ -553,14 +642,6 @@ export class Transmission {
       return;
     }
     switch (type) {
-      case REPLY_TYPE_OFFSET_DATA: {
-        const head = this.#offsetField;
-        if (!t.take(head)) await t.readInto(head, "the offset of a data chunk");
-        const size = length - 8;
-        const rel = claimDataChunk(cmd, p, head, size);
-        await this.#readData(p, rel, size, "a data chunk");
-        return;
-      }
       case REPLY_TYPE_OFFSET_HOLE: {
         const payload = this.#holeField;
         await t.readInto(payload, "a hole chunk");
@@ -589,7 +670,6 @@ export class Transmission {
         extents.set(chunk.id, chunk.extents);
         return;
       }
-        // NBD_REPLY_TYPE_NONE has no payload; checkChunkHeader() refused the rest.
     }
   }
 
@@ -598,26 +678,48 @@ export class Transmission {
    * buffer its owner detached (transferred, say, after aborting the read)
    * can hold nothing: the bytes go to scratch, so the stream stays in step
    * and only this request fails.
+   *
+   * @param chunk Whether the bytes are a data chunk's (else a simple
+   *   reply's payload); names them in errors.
+   * @returns `undefined` when the bytes were already received, else a
+   *   promise.
    */
-  async #readData(
+  #readData(
     p: Pending,
     rel: number,
     size: number,
-    what: string,
-  ): Promise<void> {
+    chunk: boolean,
+  ): Promise<void> | undefined {
     const t = this.#transport;
     const buffer = p.cmd.buffer!;
     const length = p.cmd.length;
     if (buffer.length !== length) {
       p.detached = true;
-      await t.skip(size, what);
-      return;
+      return t.skip(size, this.#dataName(p, chunk));
     }
     // A reply in one piece lands in the buffer itself, with no view made.
     const into = size === length ? buffer : buffer.subarray(rel, rel + size);
-    if (!t.take(into)) await t.readInto(into, what);
+    if (t.take(into)) return undefined;
+    return this.#readDataLater(p, into, this.#dataName(p, chunk));
+  }
+
+  async #readDataLater(
+    p: Pending,
+    into: Uint8Array,
+    what: string,
+  ): Promise<void> {
+    const length = p.cmd.length;
+    await this.#transport.readInto(into, what);
     // Detached while the bytes were arriving: the transport read them all.
-    if (buffer.length !== length) p.detached = true;
+    if (p.cmd.buffer!.length !== length) p.detached = true;
+  }
+
+  #dataName(p: Pending, chunk: boolean): string {
+    return chunk
+      ? "a data chunk"
+      : `the ${p.cmd.length}-byte payload of a simple reply to ${
+        commandName(p.cmd.type)
+      }`;
   }
 
   #commandError(

@@ -246,6 +246,12 @@ export class Transport {
     this.#corking = true;
   }
 
+  #flushQueued = false;
+  #flushHeld = () => {
+    this.#flushQueued = false;
+    this.flush();
+  };
+
   /** Sends everything held by corking. */
   flush(): void {
     if (this.#held.length === 0) return;
@@ -268,8 +274,15 @@ export class Transport {
    * @throws {NbdConnectionClosedError} if the stream is closed or fails.
    */
   write(...parts: Uint8Array[]): Promise<void> {
-    if (this.#corking && !this.#readerWaiting && !this.#closed) {
+    if (this.#corking && !this.#closed) {
       for (const p of parts) this.#held.push(p);
+      // With the reader waiting, what is written in this turn of the
+      // microtask queue (the requests that the replies just handled let
+      // through) goes out together at its end.
+      if (this.#readerWaiting && !this.#flushQueued) {
+        this.#flushQueued = true;
+        queueMicrotask(this.#flushHeld);
+      }
       return new Promise((resolve, reject) => {
         this.#heldDone.push([resolve, reject]);
       });

@@ -63,12 +63,43 @@ function setup(over: Partial<ExportInfo> = {}, maxInFlight = 64) {
   return { stream, tx };
 }
 
-/** Waits (bounded) until the client has written `n` messages. */
+/**
+ * The requests in what the client wrote, whole, however its writes cut
+ * them (requests made together go out in one write).
+ */
+function requests(stream: ScriptedStream): Uint8Array[] {
+  const all = new Uint8Array(
+    stream.written.reduce((n, w) => n + w.length, 0),
+  );
+  let at = 0;
+  for (const w of stream.written) {
+    all.set(w, at);
+    at += w.length;
+  }
+  const out: Uint8Array[] = [];
+  const v = new DataView(all.buffer);
+  for (at = 0; at + 4 <= all.length;) {
+    const extended = v.getUint32(at) === 0x21e41c71;
+    const size = extended ? 32 : 28;
+    if (at + size > all.length) break;
+    const write = v.getUint16(at + 6) === CMD_WRITE;
+    const length = extended
+      ? Number(v.getBigUint64(at + 24))
+      : v.getUint32(at + 24);
+    const end = at + size + (write ? length : 0);
+    if (end > all.length) break;
+    out.push(all.subarray(at, end));
+    at = end;
+  }
+  return out;
+}
+
+/** Waits (bounded) until the client has written `n` requests. */
 async function written(stream: ScriptedStream, n: number): Promise<void> {
-  for (let i = 0; i < 200 && stream.written.length < n; i++) {
+  for (let i = 0; i < 200 && requests(stream).length < n; i++) {
     await new Promise((r) => setTimeout(r, 0));
   }
-  assert.ok(stream.written.length >= n, `expected ${n} writes`);
+  assert.ok(requests(stream).length >= n, `expected ${n} requests`);
 }
 
 // Replies appended to one builder in order; the messages come from the
@@ -703,8 +734,8 @@ Deno.test("Transmission with extended headers", async (t) => {
         const { buffer, cmd } = read(512, 24);
         const p = tx.submit(cmd);
         await written(stream, 1);
-        assert.equal(stream.written[0]!.length, 32);
-        assert.deepEqual([...stream.written[0]!.subarray(0, 4)], [
+        assert.equal(requests(stream)[0]!.length, 32);
+        assert.deepEqual([...requests(stream)[0]!.subarray(0, 4)], [
           0x21,
           0xe4,
           0x1c,
@@ -832,8 +863,11 @@ Deno.test("Transmission: ESHUTDOWN leads to a soft disconnect", async () => {
     /shutting down \(ESHUTDOWN\)/,
   );
   await written(stream, 2);
-  const disc = stream.written[1]!;
-  assert.equal(new DataView(disc.buffer).getUint16(6), CMD_DISC);
+  const disc = requests(stream)[1]!;
+  assert.equal(
+    new DataView(disc.buffer, disc.byteOffset).getUint16(6),
+    CMD_DISC,
+  );
   await tx.disconnect();
 });
 
@@ -842,7 +876,11 @@ Deno.test("Transmission: requests in flight are bounded", async () => {
   const ps = [0, 1, 2, 3].map((i) => tx.submit(read(i * 8, 8).cmd));
   await written(stream, 2);
   await new Promise((r) => setTimeout(r, 10));
-  assert.equal(stream.written.length, 2, "only two requests may be in flight");
+  assert.equal(
+    requests(stream).length,
+    2,
+    "only two requests may be in flight",
+  );
   for (let cookie = 1; cookie <= 4; cookie++) {
     await written(stream, Math.min(cookie + 1, 4));
     stream.feed(
@@ -939,4 +977,30 @@ Deno.test("Transmission: random server bytes end in a typed error, never a hang"
     }
     await tx.disconnect();
   }
+});
+
+Deno.test("Transmission: requests made together go out in one write; replies that came together are all handled", async () => {
+  const { stream, tx } = setup({ structuredReplies: false });
+  // Let the reader start waiting for the server.
+  await new Promise((r) => setTimeout(r, 0));
+  const reads = Array.from({ length: 5 }, (_, i) => read(i * 4, 4));
+  const replies = reads.map((r) => tx.submit(r.cmd));
+  await written(stream, 5);
+  assert.equal(stream.written.length, 1, "five requests, one write");
+  // All five replies in one piece: handled from the buffer, in order.
+  const b = new Builder();
+  for (let i = 0; i < 5; i++) simple(b, i + 1).bytes(pattern(4, i + 10));
+  stream.feed(b.done());
+  await within(5_000, "the five reads", Promise.all(replies));
+  reads.forEach((r, i) => assert.deepEqual(r.buffer, pattern(4, i + 10)));
+  // The next round, made as the replies settle, also goes out together.
+  const again = reads.map((r) => tx.submit(r.cmd));
+  await written(stream, 10);
+  assert.equal(stream.written.length, 2);
+  const c = new Builder();
+  for (let i = 0; i < 5; i++) simple(c, i + 6).bytes(pattern(4, i + 20));
+  stream.feed(c.done(), [3, 17, 30]);
+  await within(5_000, "the second five", Promise.all(again));
+  reads.forEach((r, i) => assert.deepEqual(r.buffer, pattern(4, i + 20)));
+  await tx.disconnect();
 });
