@@ -488,17 +488,25 @@ export class NbdClient {
   }
 
   /** Splits [offset, offset+length) into requests of at most `step` bytes. */
-  async #split(
+  #split(
+    offset: number,
+    length: number,
+    step: number,
+    signal: AbortSignal | undefined,
+    make: (offset: number, length: number, rel: number) => Command,
+  ): Promise<unknown> {
+    // One request: its own promise, with none wrapped around it.
+    if (length <= step) return this.#send(make(offset, length, 0), signal);
+    return this.#splitMany(offset, length, step, signal, make);
+  }
+
+  async #splitMany(
     offset: number,
     length: number,
     step: number,
     signal: AbortSignal | undefined,
     make: (offset: number, length: number, rel: number) => Command,
   ): Promise<void> {
-    if (length <= step) {
-      await this.#send(make(offset, length, 0), signal);
-      return;
-    }
     const parts: Promise<unknown>[] = [];
     for (let rel = 0; rel < length; rel += step) {
       parts.push(

@@ -259,13 +259,20 @@ export class Transport {
     const done = this.#heldDone;
     this.#held = [];
     this.#heldDone = [];
-    const run = this.#writeTail.then(() => this.#writeParts(parts));
+    // One part with nothing queued before it starts at once, as in write().
+    const run = this.#queuedWrites === 0 && parts.length === 1
+      ? this.#writeAll(parts[0]!)
+      : this.#writeTail.then(() => this.#writeParts(parts));
     this.#queuedWrites++;
     this.#writeTail = run.then(this.#writeDone, this.#writeDone);
-    run.then(
-      () => done.forEach(([resolve]) => resolve()),
-      (e) => done.forEach(([, reject]) => reject(e)),
-    );
+    if (done.length === 1) {
+      run.then(done[0]![0], done[0]![1]);
+    } else {
+      run.then(
+        () => done.forEach(([resolve]) => resolve()),
+        (e) => done.forEach(([, reject]) => reject(e)),
+      );
+    }
   }
 
   /**
