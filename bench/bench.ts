@@ -982,9 +982,9 @@ export function formatTable(rows: Row[], runs: number): string {
     "system time per request (nbdkit's excluded); for command lines, the " +
     "whole process, start-up included, per 256 KiB of data. Command lines " +
     "(nbdcopy, deno run) are timed from spawn to exit; peak RSS: their " +
-    "largest resident set (GNU time's %M). nbdcopy opens at most one " +
-    "connection per processor whatever -C says; examples/copy.ts opens what " +
-    "-C says (its default, like nbdcopy's, is 4 capped at the processors).",
+    "largest resident set (GNU time's %M). nbdcopy and examples/copy.ts " +
+    "alike open at most one connection per thread, and one thread per " +
+    "processor, whatever -C says (-T raises it).",
     ...notes.map((n) => `Skipped: ${n}`),
   ].join("\n");
 }
