@@ -60,27 +60,34 @@ export function deadline(
  * @returns What `promise` resolves to.
  * @throws the signal's reason when it aborts first.
  */
-export async function untilAborted<T>(
+export function untilAborted<T>(
   promise: Promise<T>,
   signal: AbortSignal | undefined,
 ): Promise<T> {
-  if (!signal) return await promise;
+  if (!signal) return promise;
   if (signal.aborted) {
     promise.catch(() => {});
-    throw abortReason(signal);
+    return Promise.reject(abortReason(signal));
   }
-  let onAbort: (() => void) | undefined;
-  const aborted = new Promise<never>((_, reject) => {
-    onAbort = () => reject(abortReason(signal));
-    signal.addEventListener("abort", onAbort, { once: true });
+  // One promise and one listener, no race: this runs once per request
+  // that carries a signal.
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(abortReason(signal));
+    signal.addEventListener("abort", onAbort, ONCE);
+    promise.then(
+      (value) => {
+        signal.removeEventListener("abort", onAbort);
+        resolve(value);
+      },
+      (e) => {
+        signal.removeEventListener("abort", onAbort);
+        reject(e);
+      },
+    );
   });
-  promise.catch(() => {});
-  try {
-    return await Promise.race([promise, aborted]);
-  } finally {
-    signal.removeEventListener("abort", onAbort!);
-  }
 }
+
+const ONCE: AddEventListenerOptions = { once: true };
 
 /**
  * `promise`, or `undefined` after `ms`; the timer is cleared either way, so
