@@ -185,12 +185,13 @@ async function gather(
   const signal = AbortSignal.any([interrupt, limit.signal]);
   try {
     if (typeof target !== "string") {
-      // One server start for a command: a connection tells all but the
-      // list of contexts, where probe() and then a connection (for the
-      // content) would start the server twice.
+      // One server start for a command: one connection lists the
+      // contexts, then goes on to transmission (for the content), where
+      // probe() and then a connection would start the server twice.
       return await connected(target, {
         signal,
         connectTimeout: 0,
+        listMetaContexts: true,
       }, content);
     }
     return await probeOrConnect(target, exportName, signal, content);
@@ -262,7 +263,12 @@ class ConnectFailed extends Error {}
 /** What a connection to the export tells, and its content if asked. */
 async function connected(
   target: Target,
-  options: { exportName?: string; signal: AbortSignal; connectTimeout: number },
+  options: {
+    exportName?: string;
+    signal: AbortSignal;
+    connectTimeout: number;
+    listMetaContexts?: boolean;
+  },
   content: boolean,
 ): Promise<{ session: SessionFacts; export: ExportFacts }> {
   let nbd: Client;
@@ -284,12 +290,14 @@ async function connected(
         can: capabilities({
           flags: nbd.flags,
           structuredReplies: nbd.structuredReplies,
-          metaContexts: nbd.metaContexts.length,
+          // As for a probe: what the server offers, where it was listed.
+          metaContexts: (nbd.availableMetaContexts ?? nbd.metaContexts).length,
           extendedHeaders: nbd.extendedHeaders,
         }),
         // The client's defaults are not the server's word.
         blockSize: nbd.blockSizeAdvertised ? nbd.blockSize : null,
-        contexts: null,
+        // Listed for a command; a URI's probe lists them instead.
+        contexts: nbd.availableMetaContexts ?? null,
         content: content ? await contentOf(nbd, options.signal) : null,
       },
     };

@@ -23,7 +23,7 @@ import { DEFAULT_BLOCK_SIZE, type ExportInfo } from "./export.ts";
 import type { ByteStream, Transport } from "./transport.ts";
 import { Reader, SIZES, viewOf } from "./_wire.ts";
 import { enterTransmission } from "./options/_go.ts";
-import { setMetaContexts } from "./options/_meta_context.ts";
+import { listMetaContexts, setMetaContexts } from "./options/_meta_context.ts";
 import { OptionSession } from "./options/_session.ts";
 import { negotiateTls, upgradingOnDemand } from "./options/_starttls.ts";
 import { negotiateReplies } from "./options/_structured_reply.ts";
@@ -43,6 +43,8 @@ export interface HandshakeOptions {
   structuredReplies?: boolean;
   extendedHeaders?: boolean;
   metaContexts?: string[];
+  /** List the contexts the server offers before selecting any. */
+  listMetaContexts?: boolean;
   blockSizes?: boolean;
   trace?: Tracer;
 }
@@ -166,18 +168,22 @@ export async function negotiate(
       );
     }
     if (session.fixed) await negotiateTls(session, mode, options.upgradeTls);
-    const { contexts, details } = await upgradingOnDemand(
+    const { contexts, details, listed } = await upgradingOnDemand(
       session,
       mode === "disable" && options.tlsOnDemand === true,
       options.upgradeTls,
       async () => {
         if (session.fixed) await negotiateReplies(session, options);
+        // Listed only where they can be used: over structured replies.
+        const listed = options.listMetaContexts && session.structuredReplies
+          ? await listMetaContexts(session, exportName, [])
+          : undefined;
         const wanted = options.metaContexts ?? [];
         const contexts = session.structuredReplies && wanted.length > 0
           ? await setMetaContexts(session, exportName, wanted)
           : new Map<number, string>();
         const details = await enterTransmission(session, exportName, options);
-        return { contexts, details };
+        return { contexts, details, listed };
       },
     );
     session.ended = true;
@@ -193,6 +199,10 @@ export async function negotiate(
       extendedHeaders: session.extendedHeaders,
       tls: session.tls,
       metaContexts: contexts,
+      // A server without NBD_OPT_LIST_META_CONTEXT offers none to list.
+      ...(listed !== undefined
+        ? { availableMetaContexts: listed === "unsupported" ? [] : listed }
+        : {}),
     };
   } catch (e) {
     // A protocol violation is answered by hanging up; anything else gets a

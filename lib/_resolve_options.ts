@@ -37,6 +37,7 @@ const BOOLEANS = [
   "structuredReplies",
   "extendedHeaders",
   "blockSizes",
+  "listMetaContexts",
   "unstableVsock",
   "socketActivation",
 ] as const;

@@ -333,6 +333,15 @@ export class NbdClient {
   get metaContexts(): string[] {
     return [...this.#contexts.values()];
   }
+  /**
+   * With `listMetaContexts`: every metadata context the server offered for
+   * the export, whether selected or not; `undefined` when they were not
+   * listed (not asked for, or no structured replies).
+   */
+  get availableMetaContexts(): string[] | undefined {
+    const listed = this.#info.availableMetaContexts;
+    return listed ? [...listed] : undefined;
+  }
   /** `"open"`, `"reconnecting"`, `"closing"`, `"closed"` or `"failed"`. */
   get state(): ClientState {
     if (this.#state !== "open") return this.#state;

@@ -150,6 +150,7 @@ function handshakeOptions(o: ConnectOptions, trace: Tracer): HandshakeOptions {
       ? { extendedHeaders: o.extendedHeaders }
       : {}),
     ...(o.metaContexts !== undefined ? { metaContexts: o.metaContexts } : {}),
+    ...(o.listMetaContexts ? { listMetaContexts: true } : {}),
     ...(o.blockSizes !== undefined ? { blockSizes: o.blockSizes } : {}),
     trace,
   };
@@ -458,8 +459,12 @@ export async function connect(
   const first = await firstLink(o, trace);
   // Every later connection negotiates as the first did, and what was
   // encrypted stays encrypted: a server without TLS is refused then, never
-  // sent requests in clear text.
-  const same = first.info.tls ? { ...o, tls: "require" as const } : o;
+  // sent requests in clear text. The first has listed the contexts.
+  const same = {
+    ...o,
+    ...(first.info.tls ? { tls: "require" as const } : {}),
+    listMetaContexts: false,
+  };
   let links: Link[];
   try {
     links = [first, ...await moreLinks(same, trace, first)];

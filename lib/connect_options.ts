@@ -66,6 +66,14 @@ export interface NegotiationOptions {
    * `["base:allocation", "qemu:dirty-bitmap:bitmap0"]`.
    */
   metaContexts?: string[];
+  /**
+   * Also ask which metadata contexts the server offers for the export
+   * (`NBD_OPT_LIST_META_CONTEXT`, every namespace), on the same connection
+   * before it selects any: their names are then the client's
+   * `availableMetaContexts`. Default false for `connect()`, true for
+   * `probe()`.
+   */
+  listMetaContexts?: boolean;
   /** Ask for structured replies (default true). */
   structuredReplies?: boolean;
   /** Ask for extended headers when the server offers them (default true). */

@@ -54,4 +54,10 @@ export interface ExportInfo {
   tls: boolean;
   /** Negotiated metadata contexts, by the id the server gave them. */
   metaContexts: Map<number, string>;
+  /**
+   * With `listMetaContexts`: every context the server offers for the
+   * export, as it listed them; absent when not listed (not asked, or no
+   * structured replies).
+   */
+  availableMetaContexts?: string[];
 }

@@ -14,6 +14,10 @@ import {
   FLAG_SEND_FAST_ZERO,
   FLAG_SEND_TRIM,
   FLAG_SEND_WRITE_ZEROES,
+  OPT_GO,
+  OPT_LIST_META_CONTEXT,
+  OPT_SET_META_CONTEXT,
+  REP_ERR_UNSUP,
 } from "../lib/constants.ts";
 import {
   NbdConnectionClosedError,
@@ -364,4 +368,107 @@ Deno.test("NbdClient checks request options before sending", async (t) => {
   } finally {
     await nbd.close();
   }
+});
+
+Deno.test("connect({ listMetaContexts }) lists what is offered on the connection it goes on with", async (t) => {
+  const exports = [{
+    name: "",
+    size: 64 * KiB,
+    contexts: { "qemu:dirty-bitmap:b0": [], "qemu:allocation-depth": [] },
+  }];
+  const offered = [
+    "base:allocation",
+    "qemu:dirty-bitmap:b0",
+    "qemu:allocation-depth",
+  ];
+  await t.step("listed, and one of them selected", async () => {
+    await using server = await startTestServer({ exports });
+    const nbd = await connect(server.uri, {
+      listMetaContexts: true,
+      metaContexts: ["qemu:dirty-bitmap:b0"],
+    });
+    try {
+      assert.deepEqual(nbd.availableMetaContexts, offered);
+      assert.deepEqual(nbd.metaContexts, ["qemu:dirty-bitmap:b0"]);
+    } finally {
+      await nbd.close();
+    }
+    await server.settled();
+    // One connection: LIST (every namespace), then SET, then GO.
+    const options = server.log[0]!.options.map((o) => o.option);
+    assert.deepEqual(
+      options.filter((o) =>
+        o === OPT_LIST_META_CONTEXT || o === OPT_SET_META_CONTEXT ||
+        o === OPT_GO
+      ),
+      [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, OPT_GO],
+    );
+    assert.equal(server.log.length, 1);
+  });
+  await t.step("not asked, or no structured replies: not listed", async () => {
+    await using server = await startTestServer({ exports });
+    for (
+      const options of [{}, {
+        listMetaContexts: true,
+        structuredReplies: false,
+      }]
+    ) {
+      const nbd = await connect(server.uri, options);
+      try {
+        assert.equal(nbd.availableMetaContexts, undefined);
+      } finally {
+        await nbd.close();
+      }
+    }
+    await server.settled();
+    for (const conn of server.log) {
+      assert.ok(
+        !conn.options.some((o) => o.option === OPT_LIST_META_CONTEXT),
+      );
+    }
+  });
+  await t.step(
+    "a server without NBD_OPT_LIST_META_CONTEXT offers none",
+    async () => {
+      await using server = await startTestServer({
+        exports,
+        optionReplies: { [OPT_LIST_META_CONTEXT]: REP_ERR_UNSUP },
+      });
+      const nbd = await connect(server.uri, { listMetaContexts: true });
+      try {
+        assert.deepEqual(nbd.availableMetaContexts, []);
+      } finally {
+        await nbd.close();
+      }
+    },
+  );
+  await t.step("with several connections only the first lists", async () => {
+    await using server = await startTestServer({ exports });
+    const nbd = await connect(server.uri, {
+      listMetaContexts: true,
+      connections: 2,
+    });
+    try {
+      assert.equal(nbd.connections, 2);
+      assert.deepEqual(nbd.availableMetaContexts, offered);
+    } finally {
+      await nbd.close();
+    }
+    await server.settled();
+    assert.deepEqual(
+      server.log.map((c) =>
+        c.options.filter((o) => o.option === OPT_LIST_META_CONTEXT).length
+      ),
+      [1, 0],
+    );
+  });
+  await t.step("checked like every other option", async () => {
+    await assert.rejects(
+      connect({
+        path: "/nonexistent",
+        listMetaContexts: 1 as unknown as boolean,
+      }),
+      /^TypeError: listMetaContexts must be true or false, not 1/,
+    );
+  });
 });
