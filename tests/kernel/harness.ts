@@ -478,6 +478,51 @@ if (import.meta.main) {
   Deno.exit(result.guestExitCode === 0 ? 0 : 1);
 }
 
+/** What a guest run left in its results share. */
+export interface GuestOutput {
+  /** Each file asked for, by name; empty when the guest wrote none. */
+  files: Record<string, string>;
+  /** Each check `results.txt` reports ("ok …" or "FAIL …"), by name. */
+  lines: Map<string, string>;
+  /** Where the console log is, with its last lines, for messages. */
+  where: string;
+}
+
+/**
+ * Reads `results.txt` and the other named files of a guest run, and the
+ * end of its console.
+ *
+ * @param result The boot.
+ * @param names Files besides `results.txt` to read.
+ * @param tailLines How much of the console to quote.
+ */
+export async function guestOutput(
+  result: BootResult,
+  names: string[],
+  tailLines: number,
+): Promise<GuestOutput> {
+  const files: Record<string, string> = {};
+  for (const name of ["results.txt", ...names]) {
+    try {
+      files[name] = await Deno.readTextFile(`${result.resultsDir}/${name}`);
+    } catch {
+      files[name] = ""; // Reported with the console log.
+    }
+  }
+  const lines = new Map<string, string>();
+  for (const line of files["results.txt"]!.split("\n")) {
+    const m = /^(ok|FAIL) ([\w-]+): ?(.*)$/.exec(line);
+    if (m) lines.set(m[2]!, `${m[1]} ${m[3]}`);
+  }
+  const tail = result.console.split("\n").slice(-tailLines).join("\n");
+  return {
+    files,
+    lines,
+    where:
+      `console log: ${result.resultsDir}/console.log; last lines:\n${tail}`,
+  };
+}
+
 /**
  * One step per check the guest script reported ("ok …" or a failure), one
  * that the guest finished in time, and the results folder removed when all

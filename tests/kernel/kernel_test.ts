@@ -16,6 +16,7 @@ import {
   boot,
   ensurePackages,
   findKernel,
+  guestOutput,
   type KernelChoice,
   reportGuest,
 } from "./harness.ts";
@@ -147,24 +148,13 @@ async function guestRun(
     hostTimeout: GUEST_DEADLINE + 30,
     resultsDir,
   });
-  const read = async (name: string) => {
-    try {
-      return await Deno.readTextFile(`${result.resultsDir}/${name}`);
-    } catch {
-      return ""; // Reported below with the console log.
-    }
-  };
-  const results = await read("results.txt");
-  const timings = await read("timings.txt");
-  const throughput = await read("throughput.txt");
-  const lines = new Map<string, string>();
-  for (const line of results.split("\n")) {
-    const m = /^(ok|FAIL) ([\w-]+): ?(.*)$/.exec(line);
-    if (m) lines.set(m[2]!, `${m[1]} ${m[3]}`);
-  }
-  const tail = result.console.split("\n").slice(-80).join("\n");
-  const where =
-    `console log: ${result.resultsDir}/console.log; last lines:\n${tail}`;
+  const { files, lines, where } = await guestOutput(
+    result,
+    ["timings.txt", "throughput.txt"],
+    80,
+  );
+  const timings = files["timings.txt"]!;
+  const throughput = files["throughput.txt"]!;
   console.log(
     `kernel test (${kernel.version}, ${mode}): ${result.wallMs} ms wall; guest phases (ms): ${
       timings.trim().replaceAll("\n", ", ")

@@ -7,7 +7,14 @@
  * @module
  */
 
-import { boot, ensurePackages, reportGuest } from "./harness.ts";
+import {
+  boot,
+  ensurePackages,
+  findKernel,
+  guestOutput,
+  type KernelChoice,
+  reportGuest,
+} from "./harness.ts";
 
 /** Every check guest_netlink.ts makes; one missing is a failure too. */
 const CHECKS = [
@@ -56,38 +63,41 @@ const CHECKS = [
 /** Seconds the guest may run; the host allows a little more. */
 const GUEST_DEADLINE = 300;
 
-Deno.test({
-  name: "the netlink interface drives the Linux nbd driver in a qemu guest",
-  async fn(t) {
-    await ensurePackages();
-    const result = await boot({
-      command: "deno run -A tests/kernel/guest_netlink.ts",
-      guestDeadline: GUEST_DEADLINE,
-      hostTimeout: GUEST_DEADLINE + 30,
-    });
-    const read = async (name: string) => {
-      try {
-        return await Deno.readTextFile(`${result.resultsDir}/${name}`);
-      } catch {
-        return ""; // Reported below with the console log.
-      }
-    };
-    const results = await read("results.txt");
-    const timings = await read("timings.txt");
-    const captured = await read("capture.txt");
-    const lines = new Map<string, string>();
-    for (const line of results.split("\n")) {
-      const m = /^(ok|FAIL) ([\w-]+): ?(.*)$/.exec(line);
-      if (m) lines.set(m[2]!, `${m[1]} ${m[3]}`);
-    }
-    const tail = result.console.split("\n").slice(-60).join("\n");
-    const where =
-      `console log: ${result.resultsDir}/console.log; last lines:\n${tail}`;
-    console.log(
-      `netlink kernel test: ${result.wallMs} ms wall; guest phases (ms): ${
-        timings.trim().replaceAll("\n", ", ")
-      }\n${results.trim()}\n${captured.trim()}`,
-    );
-    await reportGuest(t, "guest_netlink.ts", CHECKS, lines, result, where);
-  },
-});
+// Debian 12's kernel and Debian 13's (6.1 and 6.12), as kernel_test.ts
+// boots both.
+for (const choice of ["host", "trixie"] as KernelChoice[]) {
+  const kernel = await findKernel(choice).catch(() => undefined);
+  Deno.test({
+    name: `the netlink interface drives the Linux nbd driver in a qemu guest (${
+      kernel ? `${kernel.distribution}, ${kernel.version}` : choice
+    })`,
+    fn: (t) => netlinkRun(t, choice),
+  });
+}
+
+async function netlinkRun(
+  t: Deno.TestContext,
+  choice: KernelChoice,
+): Promise<void> {
+  await ensurePackages();
+  const result = await boot({
+    kernel: choice,
+    command: "deno run -A tests/kernel/guest_netlink.ts",
+    guestDeadline: GUEST_DEADLINE,
+    hostTimeout: GUEST_DEADLINE + 30,
+  });
+  const { files, lines, where } = await guestOutput(
+    result,
+    ["timings.txt", "capture.txt"],
+    60,
+  );
+  const results = files["results.txt"]!;
+  const timings = files["timings.txt"]!;
+  const captured = files["capture.txt"]!;
+  console.log(
+    `netlink kernel test: ${result.wallMs} ms wall; guest phases (ms): ${
+      timings.trim().replaceAll("\n", ", ")
+    }\n${results.trim()}\n${captured.trim()}`,
+  );
+  await reportGuest(t, "guest_netlink.ts", CHECKS, lines, result, where);
+}
