@@ -61,8 +61,7 @@ Options:
       --synchronous       one request at a time, in order, on one
                           connection in one thread
   -R, --requests=N        requests in flight per connection (64)
-      --queue-size=N      bytes in flight per thread (4M; one thread per
-                          connection, up to the processor count)
+      --queue-size=N      bytes in flight per thread (4M)
       --request-size=N    bytes per read or write request (256k)
   -S, --sparse=N          detect all-zero blocks of N bytes (4k; 0 = off)
       --allocated         write every byte: no holes on the destination

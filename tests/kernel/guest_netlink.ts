@@ -749,6 +749,72 @@ await check("persist-disconnect", async () => {
 });
 await phase("persist");
 
+// --- persist over two connections: both die, both are replaced -------------
+const diskTwo = `${W}/disk-two.img`;
+{
+  const f = await Deno.open(diskTwo, { create: true, write: true });
+  await f.truncate(64 * MiB);
+  f.close();
+}
+await startServer("p2", "file", diskTwo);
+let pendingTwo: Promise<{ ok: boolean; err: string; ms: number }> | undefined;
+await check("persist-two-connect", async () => {
+  const c = await connectServer("p2", 2, {
+    index: 3,
+    deadConnectionTimeout: 60,
+  });
+  assert(c.index === 3, `connected nbd${c.index}`);
+  const w = await writeAt(`${W}/before`, 3, 0, 4);
+  assert(w.ok, `dd write: ${w.err}`);
+  return "nbd3 up over 2 connections, 4 MiB written before the kill";
+});
+await check("persist-two-link-dead", async () => {
+  const since = performance.now();
+  await killServer("p2", "SIGKILL");
+  await until(
+    "NBD_CMD_LINK_DEAD for both links of nbd3",
+    () => dead.filter((d) => d.index === 3 && d.at >= since).length >= 2,
+    20_000,
+  );
+  let done = false;
+  pendingTwo = writeAt(`${W}/during`, 3, 4, 4, 120);
+  void pendingTwo.then(() => done = true);
+  await new Promise((r) => setTimeout(r, 1000));
+  assert(!done, "the write finished while the server was down");
+  assert(await connectedInStatus(3), "nbd3 not connected in status");
+  return "both links reported dead; nbd3 stays connected, a write issued then still waits after 1 s";
+});
+await check("persist-two-reconfigure", async () => {
+  const started = performance.now();
+  await startServer("p2", "file", diskTwo);
+  const a = await dial("p2");
+  const b = await dial("p2");
+  try {
+    await reconfigureDevice(3, { sockets: [a.fd, b.fd] });
+  } finally {
+    closeAll([a.fd, b.fd]);
+  }
+  assert(pendingTwo, "no pending write");
+  const r = await within(120_000, "the waiting write", pendingTwo);
+  assert(r.ok, `dd: ${r.err}`);
+  return `two new sockets handed over in ${
+    Math.round(performance.now() - started)
+  } ms; the write issued while down completed`;
+});
+await check("persist-two-read-back", async () => {
+  const back = await readBack(3, 0, 8);
+  assert(equal(back.subarray(0, 4 * MiB), before), "before differs");
+  assert(equal(back.subarray(4 * MiB, 8 * MiB), during), "during differs");
+  const file = await Deno.readFile(diskTwo);
+  assert(equal(file.subarray(0, 8 * MiB), back), "the server's file differs");
+  return "8 MiB from before and during the restart read back equal, on the device and in the server's file";
+});
+await check("persist-two-disconnect", async () => {
+  await disconnectDevice(3);
+  return `freed ${await waitFreed(3)} ms after NBD_CMD_DISCONNECT`;
+});
+await phase("persist-two");
+
 // --- no reconfigure: I/O fails once the dead-connection timeout passes -------
 const DEAD_TIMEOUT = 5;
 await startServer("np", "memory", "size=16M");
