@@ -35,6 +35,17 @@ class MemoryExport implements StreamableClient {
     return this.data.length;
   }
 
+  /**
+   * Waits (bounded) until no request is in flight: a stream that errors or
+   * is cancelled leaves its read-ahead or write-behind requests running.
+   */
+  async settled(): Promise<void> {
+    for (let i = 0; i < 200 && this.inFlight > 0; i++) {
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    assert.equal(this.inFlight, 0, "requests still in flight");
+  }
+
   async #request<T>(
     offset: number,
     length: number,
@@ -221,6 +232,7 @@ Deno.test("readableFrom()", async (t) => {
       collect(readableFrom(exp, { chunkSize: 65536 })),
       /EIO at 262144/,
     );
+    await exp.settled();
   });
 
   await t.step("rejects a range off the minimum block size", () => {
@@ -254,6 +266,7 @@ Deno.test("readableFrom()", async (t) => {
     await reader.read();
     await reader.cancel("enough");
     assert.ok(exp.reads.length <= 6, `${exp.reads.length} reads`);
+    await exp.settled();
   });
 });
 
@@ -313,6 +326,7 @@ Deno.test("writableTo()", async (t) => {
       /EIO at 458752/,
     );
     assert.equal(exp.flushes, 0);
+    await exp.settled();
   });
 
   await t.step("fails a write past the end of the export", async () => {
