@@ -29,8 +29,14 @@
  * @module
  */
 
-export { connect, listExports, openTransport, probe } from "./lib/connect.ts";
-export type { ExportProbe, ProbeOptions } from "./lib/connect.ts";
+export {
+  connect,
+  listExports,
+  openTransport,
+  probe,
+  probeExports,
+} from "./lib/connect.ts";
+export type { ExportProbe, ListedExport, ProbeOptions } from "./lib/connect.ts";
 export { NbdClient } from "./lib/client.ts";
 export type {
   BlockStatus,

@@ -21,8 +21,10 @@ import {
   type Capabilities,
   capabilities,
   connect,
+  type ExportProbe,
   listExports,
   probe,
+  probeExports,
   STATE_HOLE,
   STATE_ZERO,
 } from "../mod.ts";
@@ -215,8 +217,6 @@ async function probeOrConnect(
   let probeError: unknown;
   try {
     const p = await probe(uri, { ...options, listMetaContexts: true });
-    // Contexts are only listed over structured replies.
-    const contexts = p.structuredReplies ? p.metaContexts : null;
     // As nbdinfo, which reads the content after NBD_OPT_INFO, with GO.
     let said: string | null = null;
     if (content) {
@@ -227,24 +227,7 @@ async function probeOrConnect(
         await nbd.close();
       }
     }
-    return {
-      session: sessionFacts(p),
-      export: {
-        exportName: p.exportName,
-        description: p.description,
-        size: p.sizeBigInt,
-        flags: p.flags,
-        can: capabilities({
-          flags: p.flags,
-          structuredReplies: p.structuredReplies,
-          metaContexts: contexts?.length ?? 0,
-          extendedHeaders: p.extendedHeaders,
-        }),
-        blockSize: p.blockSize ?? null,
-        contexts,
-        content: said,
-      },
-    };
+    return probeFacts(p, said);
   } catch (e) {
     probeError = e;
   }
@@ -255,6 +238,33 @@ async function probeOrConnect(
   } catch (e) {
     throw e instanceof ConnectFailed ? probeError : e;
   }
+}
+
+/** What a probe tells, with the content read apart (or `null`). */
+function probeFacts(
+  p: ExportProbe,
+  content: string | null,
+): { session: SessionFacts; export: ExportFacts } {
+  // Contexts are only listed over structured replies.
+  const contexts = p.structuredReplies ? p.metaContexts : null;
+  return {
+    session: sessionFacts(p),
+    export: {
+      exportName: p.exportName,
+      description: p.description,
+      size: p.sizeBigInt,
+      flags: p.flags,
+      can: capabilities({
+        flags: p.flags,
+        structuredReplies: p.structuredReplies,
+        metaContexts: contexts?.length ?? 0,
+        extendedHeaders: p.extendedHeaders,
+      }),
+      blockSize: p.blockSize ?? null,
+      contexts,
+      content,
+    },
+  };
 }
 
 /** connect() itself failed (rather than what came after). */
@@ -695,9 +705,66 @@ function featureTest(name: string, negated: boolean): FeatureTest {
   return negated ? (s, e) => !test(s, e) : test;
 }
 
+/**
+ * `--list` for a server run as `[ CMD ]`: one start lists and describes
+ * every export (`probeExports()`); the content, when asked for, needs a
+ * connection, so a start of its own, per export.
+ */
+async function listCommandOutput(
+  command: ServerCommand,
+  json: boolean,
+  content: boolean,
+  signal: AbortSignal,
+): Promise<{ text: string; ok: boolean }> {
+  const listed = await probeExports(command.options, {
+    signal,
+    connectTimeout: 0,
+  });
+  let ok = true;
+  const shown: ExportFacts[] = [];
+  let session: SessionFacts | undefined;
+  for (const item of listed) {
+    if (!item.probe) {
+      ok = false;
+      warn(`${errorLine("info", item.error)} for export: ${item.name}`);
+      continue;
+    }
+    let said: string | null = null;
+    if (content) {
+      const nbd = await connect({
+        ...command.options,
+        exportName: item.name,
+        signal,
+        connectTimeout: 0,
+      });
+      try {
+        said = await contentOf(nbd, signal);
+      } finally {
+        await nbd.close();
+      }
+    }
+    const facts = probeFacts(item.probe, said);
+    session ??= facts.session;
+    if (item.description && !facts.export.description) {
+      facts.export.description = item.description;
+    }
+    shown.push(facts.export);
+  }
+  if (json) {
+    const doc = {
+      ...(session ? sessionJson(session) : {}),
+      exports: shown.map((e) => exportJson(null, e)),
+    };
+    return { text: jsonText(doc, 2) + "\n", ok };
+  }
+  let text = session ? sessionText(session) : "";
+  for (const e of shown) text += exportText(null, e);
+  return { text, ok };
+}
+
 /** Everything `--list` shows: one probe per listed export. */
 async function listOutput(
-  uri: string,
+  target: Target,
   json: boolean,
   content: boolean,
   signal: AbortSignal,
@@ -705,6 +772,10 @@ async function listOutput(
   text: string;
   ok: boolean;
 }> {
+  if (typeof target !== "string") {
+    return await listCommandOutput(target, json, content, signal);
+  }
+  const uri = target;
   let listed: Array<{ name: string; description?: string }>;
   try {
     listed = await listExports(uri, { signal });
@@ -767,8 +838,7 @@ type Request =
  * Reads the command line.
  *
  * @throws {UsageError} For anything nbdinfo would refuse too, and for
- *   what this tool cannot do with a server it starts (list its exports,
- *   name its URI).
+ *   what this tool cannot do with a server it starts (name its URI).
  */
 function parseRequest(args: string[]): Request {
   const { options: o, positionals, commands, order } = parseArgs(
@@ -817,11 +887,9 @@ function parseRequest(args: string[]): Request {
       totals: o.has("totals"),
     };
   }
-  if (command && (o.has("list") || o.has("uri"))) {
+  if (command && o.has("uri")) {
     throw new UsageError(
-      o.has("list")
-        ? "--list needs a URI, not [ CMD ]"
-        : "--uri needs a URI: a server run as [ CMD ] has no address once info exits",
+      "--uri needs a URI: a server run as [ CMD ] has no address once info exits",
     );
   }
   if (o.has("size") || o.has("uri")) {
@@ -864,7 +932,7 @@ async function run(
     }
     case "list": {
       const { text, ok } = await listOutput(
-        r.target as string,
+        r.target,
         r.json,
         r.content,
         signal,

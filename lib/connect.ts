@@ -28,6 +28,7 @@ import {
   abortReason,
   errorText,
   NbdError,
+  NbdOptionError,
   NbdUnsupportedError,
 } from "./errors.ts";
 import type { BlockSize, ExportInfo, Protocol } from "./export.ts";
@@ -551,13 +552,13 @@ export interface ProbeOptions extends ConnectOptions {
   listMetaContexts?: boolean;
 }
 
-async function probeSession(
+/** One export described in a session whose reply format is settled. */
+async function describeExport(
   session: OptionSession,
   o: ConnectOptions,
+  name: string,
   listContexts: boolean,
 ): Promise<ExportProbe> {
-  const name = o.exportName ?? "";
-  await negotiateReplies(session, o);
   let metaContexts: string[] = [];
   if (listContexts && session.structuredReplies) {
     const listed = await listMetaContexts(session, name, []);
@@ -614,7 +615,24 @@ export async function probe(
 ): Promise<ExportProbe> {
   const { listMetaContexts, ...rest } = options;
   const o = resolveOptions(target, rest);
-  const listContexts: unknown = listMetaContexts ??
+  const listContexts = listContextsOption(target, listMetaContexts);
+  return await inOptionPhase(o, async (session) => {
+    await negotiateReplies(session, o);
+    return await describeExport(
+      session,
+      o,
+      o.exportName ?? "",
+      listContexts,
+    );
+  });
+}
+
+/** `listMetaContexts` of probe options: `true` unless given. */
+function listContextsOption(
+  target: string | ConnectOptions,
+  given: unknown,
+): boolean {
+  const listContexts: unknown = given ??
     (typeof target === "string" ? undefined : (target as ProbeOptions)
       .listMetaContexts) ??
     true;
@@ -623,8 +641,69 @@ export async function probe(
       `listMetaContexts must be true or false, not ${shown(listContexts)}`,
     );
   }
-  return await inOptionPhase(
-    o,
-    (session) => probeSession(session, o, listContexts),
-  );
+  return listContexts;
+}
+
+/** One export of {@linkcode probeExports}: as listed, and as described. */
+export interface ListedExport {
+  /** The name `NBD_OPT_LIST` gave. */
+  name: string;
+  /** The description `NBD_OPT_LIST` gave, or `""`. */
+  description: string;
+  /** What `NBD_OPT_INFO` said of it, unless the server refused. */
+  probe?: ExportProbe;
+  /** The server's refusal of `NBD_OPT_INFO` for it, if it refused. */
+  error?: NbdOptionError;
+}
+
+/**
+ * Lists a server's exports and describes each, as {@linkcode probe} does,
+ * all on one connection (`NBD_OPT_LIST`, then `NBD_OPT_INFO` for each), as
+ * nbdinfo's `--list` does: one server start for a `command`.
+ *
+ * @param target An NBD URI or options object (its export name is ignored).
+ * @param options Options that override the target's.
+ * @returns The exports in the server's order; one the server will not
+ *   describe carries its refusal in `error`.
+ * @throws {NbdOptionError} when the server refuses to list.
+ * @throws {NbdError} when the server cannot list or describe exports
+ *   (oldstyle, non-fixed newstyle, no `NBD_OPT_INFO`).
+ *
+ * @example
+ * ```ts
+ * import { probeExports } from "@nbd/client";
+ * for (const e of await probeExports("nbd://127.0.0.1")) {
+ *   console.log(e.name, e.probe?.size ?? e.error?.message);
+ * }
+ * ```
+ */
+export async function probeExports(
+  target: string | ConnectOptions,
+  options: ProbeOptions = {},
+): Promise<ListedExport[]> {
+  const { listMetaContexts, ...rest } = options;
+  const o = resolveOptions(target, rest);
+  const listContexts = listContextsOption(target, listMetaContexts);
+  return await inOptionPhase(o, async (session) => {
+    await negotiateReplies(session, o);
+    const listed = await optList(session);
+    if (!Array.isArray(listed)) {
+      throw session.refusal(OPT_LIST, listed, "Cannot list exports");
+    }
+    const out: ListedExport[] = [];
+    for (const { name, description } of listed) {
+      const item = { name, description: description ?? "" };
+      try {
+        out.push({
+          ...item,
+          probe: await describeExport(session, o, name, listContexts),
+        });
+      } catch (e) {
+        // A refusal is about that export; anything else ends the session.
+        if (!(e instanceof NbdOptionError)) throw e;
+        out.push({ ...item, error: e });
+      }
+    }
+    return out;
+  });
 }

@@ -5,7 +5,7 @@ import {
   type RequestOptions,
 } from "../lib/client.ts";
 import type { ConnectOptions } from "../lib/connect_options.ts";
-import { connect, openTransport, probe } from "../lib/connect.ts";
+import { connect, openTransport, probe, probeExports } from "../lib/connect.ts";
 import { capabilities, transmissionFlagNames } from "../lib/capabilities.ts";
 import {
   FLAG_HAS_FLAGS,
@@ -14,17 +14,23 @@ import {
   FLAG_SEND_FAST_ZERO,
   FLAG_SEND_TRIM,
   FLAG_SEND_WRITE_ZEROES,
+  OPT_EXTENDED_HEADERS,
   OPT_GO,
+  OPT_INFO,
+  OPT_LIST,
   OPT_LIST_META_CONTEXT,
   OPT_SET_META_CONTEXT,
+  OPT_STRUCTURED_REPLY,
+  REP_ERR_UNKNOWN,
   REP_ERR_UNSUP,
 } from "../lib/constants.ts";
 import {
   NbdConnectionClosedError,
   NbdError,
+  NbdOptionError,
   NbdUnsupportedError,
 } from "../lib/errors.ts";
-import { startTestServer } from "./support/server.ts";
+import { optionReply, startTestServer } from "./support/server.ts";
 
 const KiB = 1024;
 
@@ -471,4 +477,49 @@ Deno.test("connect({ listMetaContexts }) lists what is offered on the connection
       /^TypeError: listMetaContexts must be true or false, not 1/,
     );
   });
+});
+
+Deno.test("probeExports() lists and describes every export on one connection", async () => {
+  const gone = new TextEncoder().encode("gone");
+  await using server = await startTestServer({
+    exports: [
+      { name: "a", size: 64 * KiB, description: "first" },
+      { name: "b", size: 128 * KiB },
+      { name: "gone", size: 4 * KiB },
+    ],
+    // NBD_OPT_INFO for "gone" is refused with the server's own text.
+    onOption: (opt) => {
+      if (opt.option !== OPT_INFO) return undefined;
+      const v = new DataView(opt.payload.buffer, opt.payload.byteOffset);
+      const name = opt.payload.subarray(4, 4 + v.getUint32(0));
+      return name.length === gone.length && name.every((b, i) => b === gone[i])
+        ? [optionReply(OPT_INFO, REP_ERR_UNKNOWN, "withdrawn")]
+        : undefined;
+    },
+  });
+  const listed = await probeExports(server.uri);
+  assert.deepEqual(
+    listed.map((e) => [e.name, e.description, e.probe?.size]),
+    [["a", "first", 64 * KiB], ["b", "", 128 * KiB], ["gone", "", undefined]],
+  );
+  assert.deepEqual(listed[0]!.probe!.metaContexts, ["base:allocation"]);
+  const refused = listed[2]!.error;
+  assert.ok(refused instanceof NbdOptionError, String(refused));
+  assert.equal(refused.replyName, "NBD_REP_ERR_UNKNOWN");
+  assert.equal(refused.serverMessage, "withdrawn");
+  await server.settled();
+  // One connection; the reply format negotiated once, then LIST, then an
+  // INFO (with its context listing) per export.
+  assert.equal(server.log.length, 1);
+  const options = server.log[0]!.options.map((o) => o.option);
+  assert.equal(
+    options.filter((o) =>
+      o === OPT_EXTENDED_HEADERS || o === OPT_STRUCTURED_REPLY
+    ).length,
+    1,
+  );
+  assert.deepEqual(
+    options.filter((o) => o === OPT_LIST || o === OPT_INFO),
+    [OPT_LIST, OPT_INFO, OPT_INFO, OPT_INFO],
+  );
 });
