@@ -53,9 +53,22 @@ export const stderrHook: DebugHook = (event, fields) => {
   }
 };
 
-/** Resolves the `debug` option (and `NBD_DEBUG`) to a tracer. */
+/**
+ * Resolves the `debug` option (and `NBD_DEBUG`) to a tracer. A hook of the
+ * caller's is called through a guard: what it throws is dropped, since a
+ * trace call sits inside the request and reply paths (a throw there left a
+ * request holding its slot forever, or failed the connection).
+ */
 export function makeTracer(option: boolean | DebugHook | undefined): Tracer {
-  if (typeof option === "function") return option;
+  if (typeof option === "function") {
+    return (event, fields) => {
+      try {
+        option(event, fields);
+      } catch {
+        // The hook's own failure is the hook's business.
+      }
+    };
+  }
   if (option === true) return stderrHook;
   if (option === undefined && envDebug()) return stderrHook;
   return undefined;

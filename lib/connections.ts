@@ -203,13 +203,19 @@ export class Connections {
     }
   }
 
-  /** Notices a connection that dies while idle, so it comes back at once. */
+  /**
+   * Notices a connection that dies, idle or not: a lost one comes back at
+   * once; one whose server broke the protocol is not dialled again
+   * (`reconnect.ts`), so its failure is the client's, as without
+   * reconnecting. Left alone, it would be neither up nor given up, and
+   * every request would wait for it forever.
+   */
   #watch(slot: Slot, tx: Transmission): void {
     if (!this.#policy) return;
     tx.finished.then(() => {
-      if (slot.tx === tx && tx.failure && isConnectionLoss(tx.failure)) {
-        this.#lose(slot, tx, tx.failure);
-      }
+      if (slot.tx !== tx || !tx.failure || this.#closed) return;
+      if (isConnectionLoss(tx.failure)) this.#lose(slot, tx, tx.failure);
+      else this.#failAll(tx.failure);
     });
   }
 

@@ -31,6 +31,7 @@ import {
   NbdUnsupportedError,
 } from "../lib/errors.ts";
 import { optionReply, startTestServer } from "./support/server.ts";
+import { within } from "./support/wait.ts";
 
 const KiB = 1024;
 
@@ -522,4 +523,64 @@ Deno.test("probeExports() lists and describes every export on one connection", a
     options.filter((o) => o === OPT_LIST || o === OPT_INFO),
     [OPT_LIST, OPT_INFO, OPT_INFO, OPT_INFO],
   );
+});
+
+Deno.test("connect({ debug }): a hook that throws breaks nothing", async (t) => {
+  const unhandled: unknown[] = [];
+  const onUnhandled = (e: PromiseRejectionEvent) => {
+    e.preventDefault();
+    unhandled.push(e.reason);
+  };
+  globalThis.addEventListener("unhandledrejection", onUnhandled);
+  try {
+    // Each event the hook fails on, on every kind of reply: the requests
+    // go out, their replies come back, and the slots are freed.
+    for (
+      const [event, structuredReplies] of [
+        ["send command", true],
+        ["recv chunk", true],
+        ["recv simple reply", false],
+        ["send option", true],
+      ] as const
+    ) {
+      await t.step(
+        `${event} (structured replies ${structuredReplies})`,
+        async () => {
+          await using server = await startTestServer({
+            exports: [{ name: "", size: 64 * KiB }],
+          });
+          let thrown = 0;
+          const nbd = await within(
+            5_000,
+            "connect()",
+            connect(server.uri, {
+              structuredReplies,
+              maxInFlight: 2,
+              debug: (e) => {
+                if (e === event) {
+                  thrown++;
+                  throw new Error(`the hook fails on ${e}`);
+                }
+              },
+            }),
+          );
+          try {
+            // More reads than slots: a slot lost to the hook hangs the rest.
+            for (let i = 0; i < 4; i++) {
+              const got = await within(5_000, `read ${i}`, nbd.read(0, 512));
+              assert.equal(got.length, 512);
+            }
+            assert.ok(thrown > 0, `the hook saw no ${event}`);
+            assert.equal(nbd.state, "open");
+          } finally {
+            await within(5_000, "close()", nbd.close());
+          }
+          await new Promise((r) => setTimeout(r, 0));
+          assert.deepEqual(unhandled.splice(0), [], "unhandled rejections");
+        },
+      );
+    }
+  } finally {
+    globalThis.removeEventListener("unhandledrejection", onUnhandled);
+  }
 });

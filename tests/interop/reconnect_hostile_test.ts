@@ -4,7 +4,8 @@
  * it), a server back without TLS (refused, nothing sent in clear), an
  * aborted request held for a reconnect (dropped, never replayed), a debug
  * hook that throws (the connections go on), a connection given up for good
- * (no longer counted).
+ * (no longer counted), a server that breaks the protocol (not dialled
+ * again: the client fails, nothing waits for a connection forever).
  */
 
 import assert from "node:assert/strict";
@@ -12,10 +13,11 @@ import {
   connect,
   NbdConnectionClosedError,
   NbdExportChangedError,
+  NbdProtocolError,
 } from "../../mod.ts";
 import { makeTestPki } from "../support/certs.ts";
 import { nbdkitOn, restartable } from "../support/restartable.ts";
-import { startTestServer } from "../support/server.ts";
+import { Builder, startTestServer } from "../support/server.ts";
 import { until, within } from "../support/wait.ts";
 
 const OPT_GO = 7;
@@ -190,6 +192,73 @@ Deno.test({
     }
   },
 });
+
+for (
+  const [when, connections] of [
+    ["with requests in flight", 1],
+    ["with requests in flight, on one of two connections", 2],
+    ["while idle", 1],
+  ] as const
+) {
+  Deno.test({
+    name:
+      `reconnect: a server that breaks the protocol ${when} fails the client, no request waits forever`,
+    ...SANE,
+    fn: async () => {
+      const idle = when === "while idle";
+      // A reply header with a magic no reply has: a violation, not a loss.
+      const garbage = (cookie: bigint) =>
+        new Builder().u32(0xdeadbeef).u32(0).u64(cookie).u64(0).u64(0).done();
+      await using server = await startTestServer({
+        onCommand: (req, ctx) => {
+          if (ctx.state.log.id !== 0 || req.index !== (idle ? 0 : 1)) {
+            return undefined;
+          }
+          // Idle: the read is answered, then garbage follows unasked.
+          return idle
+            ? ctx.defaultReply().then((r) => [...r, garbage(99n)])
+            : [garbage(req.cookie)];
+        },
+      });
+      const nbd = await connect(server.uri, {
+        connections,
+        reconnect: { timeout: 10_000, delay: 10 },
+      });
+      try {
+        if (idle) {
+          await within(5_000, "the first read", nbd.read(0, 512));
+        } else {
+          const reads = await within(
+            5_000,
+            "reads",
+            Promise.allSettled(
+              Array.from({ length: 6 }, (_, i) => nbd.read(i * 512, 512)),
+            ),
+          );
+          assert.ok(
+            reads.some((r) =>
+              r.status === "rejected" && r.reason instanceof NbdProtocolError
+            ),
+            "a read got the garbage",
+          );
+        }
+        // Neither up nor given up, it was "reconnecting" for good.
+        await until("the client to fail", () => nbd.state === "failed");
+        const later = await within(
+          5_000,
+          "a read after the violation",
+          nbd.read(0, 512).then(() => undefined, (e: unknown) => e),
+        );
+        assert.ok(later instanceof NbdConnectionClosedError, String(later));
+        assert.match(later.message, /Bad reply magic 0xdeadbeef/);
+        assert.equal(nbd.reconnects, 0);
+        assert.equal(server.log.length, connections, "no connection again");
+      } finally {
+        await within(5_000, "close()", nbd.close());
+      }
+    },
+  });
+}
 
 Deno.test("exportChanges() counts losing TLS as another export", async () => {
   const { exportChanges } = await import("../../lib/reconnect.ts");
