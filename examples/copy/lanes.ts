@@ -13,6 +13,7 @@ import type { Destination, Settings, Source } from "./endpoint.ts";
 import { planStripes, stripeSize } from "./plan.ts";
 import { type Counter, pump, type Stats } from "./pump.ts";
 import type { StartMessage, WorkerReply } from "./worker.ts";
+import { NbdEndpoint } from "./nbd.ts";
 
 /** Whether both ends can open lanes in other threads. */
 export function threadable(src: Source, dst: Destination): boolean {
@@ -123,6 +124,12 @@ export async function copyThreaded(
               o.stats.read += m.stats.read;
               o.stats.written += m.stats.written;
               o.stats.zeroed += m.stats.zeroed;
+              if (m.wire.source && src instanceof NbdEndpoint) {
+                src.absorb(m.wire.source);
+              }
+              if (m.wire.destination && dst instanceof NbdEndpoint) {
+                dst.absorb(m.wire.destination);
+              }
             } else if (!m.abort || !o.signal.aborted) {
               fail(
                 new Error(

@@ -141,7 +141,10 @@ export class NbdEndpoint implements Source, Destination {
     return this.#conns[0]!.canMultiConn ? Infinity : 1;
   }
 
-  /** What went over the wire, all connections together (`nbd.stats`). */
+  /**
+   * What went over the wire, all connections together (`nbd.stats`), those
+   * of other threads included once they report ({@linkcode absorb}).
+   */
   get stats(): NbdStats {
     const all: NbdStats = {
       bytesSent: 0,
@@ -150,8 +153,7 @@ export class NbdEndpoint implements Source, Destination {
       chunksReceived: 0,
       requests: {},
     };
-    for (const c of this.#conns) {
-      const s = c.stats;
+    for (const s of [...this.#conns.map((c) => c.stats), ...this.#others]) {
       all.bytesSent += s.bytesSent;
       all.bytesReceived += s.bytesReceived;
       all.chunksSent += s.chunksSent;
@@ -162,6 +164,12 @@ export class NbdEndpoint implements Source, Destination {
     }
     return all;
   }
+
+  /** Stats of this end's connections in another thread. */
+  absorb(stats: NbdStats): void {
+    this.#others.push(stats);
+  }
+  #others: NbdStats[] = [];
 
   async addLanes(n: number, signal: AbortSignal): Promise<void> {
     while (this.#conns.length < n) {

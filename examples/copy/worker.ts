@@ -12,6 +12,7 @@
 import type { Destination, LaneSpec, Settings, Source } from "./endpoint.ts";
 import { FileEndpoint } from "./file.ts";
 import { NbdEndpoint } from "./nbd.ts";
+import type { NbdStats } from "../../mod.ts";
 import { NullDestination } from "./null.ts";
 import { threadLimit } from "./lanes.ts";
 import { planStripes } from "./plan.ts";
@@ -47,7 +48,13 @@ export interface AbortMessage {
 /** What a worker sends back. */
 export type WorkerReply =
   | { kind: "progress"; bytes: number }
-  | { kind: "done"; stats: Stats; bytes: number }
+  | {
+    kind: "done";
+    stats: Stats;
+    bytes: number;
+    /** What went over this thread's NBD connections, per side. */
+    wire: { source: NbdStats | undefined; destination: NbdStats | undefined };
+  }
   | {
     kind: "error";
     message: string;
@@ -55,6 +62,11 @@ export type WorkerReply =
     /** Whether it stopped because the main thread said so. */
     abort: boolean;
   };
+
+/** An NBD end's `stats`; nothing for a file or `null:`. */
+function wireOf(end: Source | Destination): NbdStats | undefined {
+  return end instanceof NbdEndpoint ? end.stats : undefined;
+}
 
 /** Progress is posted in steps of this many bytes, not per request. */
 const PROGRESS_STEP = 16 * 1024 * 1024;
@@ -138,7 +150,12 @@ async function run(
     );
     ok = true;
     await closeBoth(src, dst, 5_000);
-    scope.postMessage({ kind: "done", stats, bytes: unsent });
+    scope.postMessage({
+      kind: "done",
+      stats,
+      bytes: unsent,
+      wire: { source: wireOf(src), destination: wireOf(dst) },
+    });
   } catch (e) {
     if (!ok) await closeBoth(src, dst, m.closeMs);
     const error = e instanceof Error ? e : new Error(String(e));
