@@ -716,9 +716,11 @@ async function listCommandOutput(
   content: boolean,
   signal: AbortSignal,
 ): Promise<{ text: string; ok: boolean }> {
+  // Bounded as a URI's list is: a server that never speaks costs one
+  // timeout, not a hang.
   const listed = await probeExports(command.options, {
     signal,
-    connectTimeout: 0,
+    connectTimeout: CONNECT_TIMEOUT_MS,
   });
   let ok = true;
   const shown: ExportFacts[] = [];
@@ -735,7 +737,7 @@ async function listCommandOutput(
         ...command.options,
         exportName: item.name,
         signal,
-        connectTimeout: 0,
+        connectTimeout: CONNECT_TIMEOUT_MS,
       });
       try {
         said = await contentOf(nbd, signal);
