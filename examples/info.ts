@@ -22,7 +22,9 @@ import {
   capabilities,
   connect,
   type ExportProbe,
+  type ListedExport,
   listExports,
+  NbdUnsupportedError,
   probe,
   probeExports,
   STATE_HOLE,
@@ -716,13 +718,27 @@ async function listCommandOutput(
   content: boolean,
   signal: AbortSignal,
 ): Promise<{ text: string; ok: boolean }> {
-  const listed = await probeExports(command.options, {
-    signal,
-    connectTimeout: 0,
-  });
+  let listed: ListedExport[];
   let ok = true;
   const shown: ExportFacts[] = [];
   let session: SessionFacts | undefined;
+  try {
+    // Bounded as a URI's list is: a server that never speaks costs one
+    // timeout, not a hang.
+    listed = await probeExports(command.options, {
+      signal,
+      connectTimeout: CONNECT_TIMEOUT_MS,
+    });
+  } catch (e) {
+    // An oldstyle server has exactly one export and no list, as for a URI;
+    // telling it takes a second start.
+    if (!cannotHaggle(e)) throw e;
+    const one = await gather(command, undefined, signal, content);
+    if (one.session.protocol !== "oldstyle") throw e;
+    session = one.session;
+    shown.push(one.export);
+    listed = [];
+  }
   for (const item of listed) {
     if (!item.probe) {
       ok = false;
@@ -735,7 +751,7 @@ async function listCommandOutput(
         ...command.options,
         exportName: item.name,
         signal,
-        connectTimeout: 0,
+        connectTimeout: CONNECT_TIMEOUT_MS,
       });
       try {
         said = await contentOf(nbd, signal);
@@ -760,6 +776,16 @@ async function listCommandOutput(
   let text = session ? sessionText(session) : "";
   for (const e of shown) text += exportText(null, e);
   return { text, ok };
+}
+
+/** Whether `e` (or what it wraps) says the server has no option phase. */
+function cannotHaggle(e: unknown): boolean {
+  for (let at = e, i = 0; at instanceof Error && i < 8; at = at.cause, i++) {
+    if (at instanceof NbdUnsupportedError && at.feature === "fixed newstyle") {
+      return true;
+    }
+  }
+  return false;
 }
 
 /** Everything `--list` shows: one probe per listed export. */

@@ -18,7 +18,7 @@ import {
 } from "./constants.ts";
 import type { TlsMode } from "./connect_options.ts";
 import type { Tracer } from "./_debug.ts";
-import { NbdError, NbdProtocolError } from "./errors.ts";
+import { NbdError, NbdProtocolError, NbdUnsupportedError } from "./errors.ts";
 import { DEFAULT_BLOCK_SIZE, type ExportInfo } from "./export.ts";
 import type { ByteStream, Transport } from "./transport.ts";
 import { Reader, SIZES, viewOf } from "./_wire.ts";
@@ -216,7 +216,8 @@ export async function negotiate(
  * Greets a fixed-newstyle server and upgrades to TLS as asked, leaving the
  * session open for options that do not enter transmission (list, info).
  *
- * @throws {NbdError} when the server cannot haggle options.
+ * @throws {NbdUnsupportedError} (feature `"fixed newstyle"`) when the
+ *   server cannot haggle options (oldstyle, non-fixed newstyle).
  */
 export async function openSession(
   transport: Transport,
@@ -225,7 +226,8 @@ export async function openSession(
   transport.phase = "handshake";
   const greeting = await greet(transport, options.trace);
   if (greeting.style === "oldstyle" || !greeting.session.fixed) {
-    throw new NbdError(
+    throw new NbdUnsupportedError(
+      "fixed newstyle",
       `The server speaks ${
         greeting.style === "oldstyle" ? "the oldstyle" : "non-fixed newstyle"
       } handshake, which cannot list exports or describe them`,

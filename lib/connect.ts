@@ -158,6 +158,8 @@ function handshakeOptions(o: ConnectOptions, trace: Tracer): HandshakeOptions {
 }
 
 function describeTarget(o: ConnectOptions): string {
+  // A command has no address; formatUri would make up nbd://localhost/.
+  if (o.command !== undefined) return `the server command ${o.command[0]}`;
   try {
     return formatUri(o);
   } catch {

@@ -5,7 +5,13 @@ import {
   type RequestOptions,
 } from "../lib/client.ts";
 import type { ConnectOptions } from "../lib/connect_options.ts";
-import { connect, openTransport, probe, probeExports } from "../lib/connect.ts";
+import {
+  connect,
+  listExports,
+  openTransport,
+  probe,
+  probeExports,
+} from "../lib/connect.ts";
 import { capabilities, transmissionFlagNames } from "../lib/capabilities.ts";
 import {
   FLAG_HAS_FLAGS,
@@ -21,16 +27,23 @@ import {
   OPT_LIST_META_CONTEXT,
   OPT_SET_META_CONTEXT,
   OPT_STRUCTURED_REPLY,
+  REP_ACK,
   REP_ERR_UNKNOWN,
   REP_ERR_UNSUP,
+  REP_SERVER,
 } from "../lib/constants.ts";
 import {
   NbdConnectionClosedError,
   NbdError,
   NbdOptionError,
+  NbdProtocolError,
   NbdUnsupportedError,
 } from "../lib/errors.ts";
-import { optionReply, startTestServer } from "./support/server.ts";
+import {
+  optionReply,
+  repServerPayload,
+  startTestServer,
+} from "./support/server.ts";
 import { within } from "./support/wait.ts";
 
 const KiB = 1024;
@@ -523,6 +536,40 @@ Deno.test("probeExports() lists and describes every export on one connection", a
     options.filter((o) => o === OPT_LIST || o === OPT_INFO),
     [OPT_LIST, OPT_INFO, OPT_INFO, OPT_INFO],
   );
+});
+
+Deno.test("probeExports() and listExports() refuse a listed name longer than 4096 bytes, before asking about it", async () => {
+  // No request may carry such a name (strings are at most 4096 bytes): the
+  // client could never describe it, nor connect to it.
+  await using server = await startTestServer({
+    exports: [{ name: "a", size: 4 * KiB }],
+    onOption: (opt) =>
+      opt.option === OPT_LIST
+        ? [
+          optionReply(OPT_LIST, REP_SERVER, repServerPayload("a")),
+          optionReply(OPT_LIST, REP_SERVER, repServerPayload("x".repeat(4097))),
+          optionReply(OPT_LIST, REP_ACK),
+        ]
+        : undefined,
+  });
+  for (const call of [probeExports, listExports]) {
+    await assert.rejects(
+      call(server.uri),
+      (e) =>
+        e instanceof NbdProtocolError &&
+        /NBD_REP_SERVER export name of 4097 bytes exceeds 4096/.test(e.message),
+    );
+  }
+  await server.settled();
+  assert.equal(server.log.length, 2);
+  for (const c of server.log) {
+    assert.deepEqual(
+      c.options.filter((o) =>
+        o.option === OPT_INFO || o.option === OPT_LIST_META_CONTEXT
+      ).map((o) => o.name),
+      [],
+    );
+  }
 });
 
 Deno.test("connect({ debug }): a hook that throws breaks nothing", async (t) => {

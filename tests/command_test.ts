@@ -12,6 +12,7 @@ import {
   NbdConnectionClosedError,
   NbdError,
   probe,
+  probeExports,
 } from "../mod.ts";
 import { until } from "./support/wait.ts";
 
@@ -117,6 +118,25 @@ Deno.test("connect({ command }) says why a server did not start, and leaves noth
         ),
     );
   });
+  await t.step(
+    "a server that never speaks: the timeout names the command, not an address",
+    async () => {
+      for (const call of [connect, probe, probeExports, listExports]) {
+        const name = marker();
+        const e = await call({
+          command: ["sh", "-c", "read never", name],
+          connectTimeout: 300,
+        }).then(() => assert.fail("connected"), (e: unknown) => e);
+        assert.ok(e instanceof NbdError, String(e));
+        assert.match(
+          e.message,
+          /Connecting to the server command sh and negotiating took longer than 300 ms/,
+        );
+        assert.doesNotMatch(e.message, /localhost/);
+        assert.equal(await running(name), false);
+      }
+    },
+  );
   await t.step("a socket server that exits before listening", async () => {
     const e = await connect({
       command: ["qemu-nbd", "-f", "qcow2", "/nonexistent/x.qcow2"],

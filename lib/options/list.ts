@@ -4,7 +4,12 @@
  * @module
  */
 
-import { OPT_LIST, REP_ACK, REP_SERVER } from "../constants.ts";
+import {
+  MAX_STRING_LENGTH,
+  OPT_LIST,
+  REP_ACK,
+  REP_SERVER,
+} from "../constants.ts";
 import { NbdProtocolError } from "../errors.ts";
 import { Reader } from "../_wire.ts";
 import {
@@ -20,6 +25,28 @@ export interface ExportListing {
   name: string;
   /** Free text from the server, or `""`. */
   description: string;
+}
+
+/**
+ * Parses one `NBD_REP_SERVER`. A name over 4096 bytes could be neither
+ * described nor connected to (no request may carry it), so the listing is
+ * refused before anyone tries.
+ *
+ * @throws {NbdProtocolError} for a cut payload, bad UTF-8 or a name over
+ *   4096 bytes.
+ */
+function parseServer(payload: Uint8Array): ExportListing {
+  const r = new Reader(payload, "NBD_REP_SERVER", "handshake");
+  const name = r.lengthPrefixedString("export name");
+  // The prefix's length, known good now that the bytes were there.
+  const length = payload.length - 4 - r.remaining;
+  if (length > MAX_STRING_LENGTH) {
+    throw new NbdProtocolError(
+      "handshake",
+      `NBD_REP_SERVER export name of ${length} bytes exceeds ${MAX_STRING_LENGTH}`,
+    );
+  }
+  return { name, description: r.restString("export description") };
 }
 
 /**
@@ -44,10 +71,7 @@ export async function listExports(
     if (reply.type !== REP_SERVER) {
       throw session.unexpected(OPT_LIST, reply);
     }
-    const r = new Reader(reply.payload, "NBD_REP_SERVER", "handshake");
-    const name = r.lengthPrefixedString("export name");
-    const description = r.restString("export description");
-    out.push({ name, description });
+    out.push(parseServer(reply.payload));
   }
   throw new NbdProtocolError(
     "handshake",

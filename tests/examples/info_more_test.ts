@@ -145,6 +145,31 @@ Deno.test({
 
 Deno.test({
   name:
+    "info --list [ CMD ] of an oldstyle server shows its one export, as info --list URI does",
+  async fn() {
+    // Oldstyle has no list: its one export is the list, over a URI or not.
+    const word = marker();
+    const server = [
+      "nbdkit",
+      "-s",
+      "--oldstyle",
+      "memory",
+      "1M",
+      `-D${word}.x=1`,
+    ];
+    const listed = await runTool("info", ["--list", ...cmd(...server)]);
+    assert.equal(listed.code, 0, listed.stderr);
+    assert.match(listed.text, /^protocol: oldstyle/);
+    assert.match(listed.text, /^export="":\n\texport-size: 1048576 \(1M\)\n/m);
+    const shown = await runTool("info", ["--no-content", ...cmd(...server)]);
+    assert.equal(shown.code, 0, shown.stderr);
+    assert.equal(listed.text, shown.text);
+    await assertNoneLeft(word, "info --list [ oldstyle CMD ]");
+  },
+});
+
+Deno.test({
+  name:
     "info [ nbdkit memory 1G ] starts nbdkit on a socket and says what nbdinfo 1.14 says",
   async fn() {
     const onSocket = await runTool("info", [

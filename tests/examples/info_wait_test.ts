@@ -1,11 +1,13 @@
 /**
  * `info` against a server that accepts and never speaks: ^C ends it at
  * once (status 130), and without ^C it waits one timeout, not one for the
- * probe and another for the fallback connect.
+ * probe and another for the fallback connect; `--list` of a server it
+ * starts waits one timeout too.
  */
 
 import assert from "node:assert/strict";
 import { until, within } from "../support/wait.ts";
+import { assertNoneLeft, cmd, marker } from "./_subprocess.ts";
 
 const INFO = new URL("../../examples/info.ts", import.meta.url).pathname;
 
@@ -72,4 +74,33 @@ Deno.test("info: a server that never speaks costs one timeout, reported once", a
   assert.ok(took < 40_000, `${took} ms`);
   // The probe only: no fallback connection after the time ran out.
   assert.equal(server.accepted(), 1);
+});
+
+Deno.test("info --list [ CMD ]: a server command that never speaks costs one timeout, and is stopped", async () => {
+  // sh reads the client's greeting-less silence from its stdin forever.
+  const word = marker();
+  const started = Date.now();
+  const out = await within(
+    50_000,
+    "info --list",
+    new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--quiet",
+        "-A",
+        INFO,
+        "--list",
+        ...cmd("sh", "-c", "read never", word),
+      ],
+      stdout: "piped",
+      stderr: "piped",
+      signal: AbortSignal.timeout(90_000),
+    }).output(),
+  );
+  const took = Date.now() - started;
+  const stderr = new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 1, stderr);
+  assert.match(stderr, /^info: .*took longer than 30000 ms\n$/);
+  assert.ok(took < 40_000, `${took} ms`);
+  await assertNoneLeft(word, "info --list [ CMD ]");
 });
