@@ -13,6 +13,7 @@ import {
   FLAG_CAN_MULTI_CONN,
   OPT_INFO,
   OPT_LIST,
+  REP_ERR_TLS_REQD,
 } from "./constants.ts";
 import {
   clientOver,
@@ -702,7 +703,14 @@ export async function probeExports(
         });
       } catch (e) {
         // A refusal is about that export; anything else ends the session.
-        if (!(e instanceof NbdOptionError)) throw e;
+        // So does "TLS required" when TLS is left to the server: the
+        // session upgrades and starts over, as probe() does.
+        if (
+          !(e instanceof NbdOptionError) ||
+          (e.reply === REP_ERR_TLS_REQD && o.tls === undefined && !session.tls)
+        ) {
+          throw e;
+        }
         out.push({ ...item, error: e });
       }
     }

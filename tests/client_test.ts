@@ -26,8 +26,10 @@ import {
   OPT_LIST,
   OPT_LIST_META_CONTEXT,
   OPT_SET_META_CONTEXT,
+  OPT_STARTTLS,
   OPT_STRUCTURED_REPLY,
   REP_ACK,
+  REP_ERR_TLS_REQD,
   REP_ERR_UNKNOWN,
   REP_ERR_UNSUP,
   REP_SERVER,
@@ -630,4 +632,37 @@ Deno.test("connect({ debug }): a hook that throws breaks nothing", async (t) => 
   } finally {
     globalThis.removeEventListener("unhandledrejection", onUnhandled);
   }
+});
+
+Deno.test("probeExports(): TLS required for one export upgrades when TLS is left to the server, and is that export's refusal when TLS is off", async (t) => {
+  const b = new TextEncoder().encode("b");
+  const config = {
+    exports: [{ name: "a", size: 4 * KiB }, { name: "b", size: 4 * KiB }],
+    onOption: (opt: { option: number; payload: Uint8Array }) => {
+      if (opt.option !== OPT_INFO) return undefined;
+      const v = new DataView(opt.payload.buffer, opt.payload.byteOffset);
+      const name = opt.payload.subarray(4, 4 + v.getUint32(0));
+      return name.length === 1 && name[0] === b[0]
+        ? [optionReply(OPT_INFO, REP_ERR_TLS_REQD, "b needs TLS")]
+        : undefined;
+    },
+  };
+  await t.step(
+    'tls: "disable": b carries the refusal, a is described',
+    async () => {
+      await using server = await startTestServer(config);
+      const listed = await probeExports(server.uri, { tls: "disable" });
+      assert.equal(listed[0]!.probe?.size, 4 * KiB);
+      assert.equal(listed[1]!.error?.replyName, "NBD_REP_ERR_TLS_REQD");
+    },
+  );
+  await t.step("tls unset: the session asks for STARTTLS", async () => {
+    await using server = await startTestServer(config);
+    // The scripted server has no TLS and says so: the upgrade fails, loudly.
+    await assert.rejects(probeExports(server.uri), NbdError);
+    await server.settled();
+    const options = server.log[0]!.options.map((o) => o.option);
+    assert.ok(options.includes(OPT_STARTTLS), options.join(","));
+    assert.ok(options.indexOf(OPT_STARTTLS) > options.lastIndexOf(OPT_INFO));
+  });
 });
