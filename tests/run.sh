@@ -33,9 +33,12 @@ failed=$(grep -aoE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 # CI shows the end of the output: name what failed there, with its error.
 if [ "$failed" -gt 0 ]; then
   echo "== what failed (repeated from above)"
+  # awk stops printing by itself: a `head` here would end the pipeline with
+  # SIGPIPE, which pipefail and set -e turn into the script's exit.
   sed 's/\x1b\[[0-9;]*m//g' "$log" |
-    awk '/^ (ERRORS|FAILURES) *$/ { keep = 1 } /^(ok|FAILED) \|/ { keep = 0 } keep' |
-    head -c 12000
+    awk '/^ (ERRORS|FAILURES) *$/ { keep = 1 }
+      /^(ok|FAILED) \|/ { keep = 0 }
+      keep && shown++ < 300'
 fi
 echo "${passed} passed, ${failed} failed"
 exit "$status"

@@ -369,9 +369,26 @@ export async function buildInitramfs(choice: KernelChoice = "host"): Promise<
 }
 
 /**
- * Boots the guest once, runs `command` in it and waits for power-off, never
- * longer than `hostTimeout` seconds.
+ * Boots the guest, runs `command` in it and waits for power-off, never
+ * longer than `hostTimeout` seconds a boot. A guest whose kernel dies
+ * before init is ready (seen once in many boots: an `int3` oops in early
+ * SMP boot under TCG, before any of this project's code runs) is booted
+ * once more; both consoles are kept in `console.log`.
  */
+/** Boots of one guest run: a second only when the first never reached init. */
+const MAX_BOOTS = 2;
+
+/**
+ * Whether a boot's console shows the kernel dying before init.sh was ready
+ * to run the command (an oops or a panic, and no "kt-init: ready"): then
+ * nothing of this project ran, and booting again is fair. A guest that
+ * hangs, or fails after init, is not booted again.
+ */
+export function diedBeforeInit(console: string): boolean {
+  return !/^kt-init: ready after /m.test(console) &&
+    /\b(Oops|Kernel panic)\b/.test(console);
+}
+
 export async function boot(options: BootOptions): Promise<BootResult> {
   const started = performance.now();
   const { kernel, initrd } = await buildInitramfs(options.kernel);
@@ -433,18 +450,27 @@ export async function boot(options: BootOptions): Promise<BootResult> {
     ...(sharedRepo ? fs("fsrepo", sharedRepo, "repo", true) : []),
   ];
   let out: Deno.CommandOutput;
+  let console = "";
   try {
-    out = await new Deno.Command("timeout", {
-      args,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
+    for (let attempt = 1;; attempt++) {
+      out = await new Deno.Command("timeout", {
+        args,
+        stdin: "null",
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      const text = new TextDecoder().decode(out.stdout) +
+        new TextDecoder().decode(out.stderr);
+      console += text;
+      if (attempt === MAX_BOOTS || !diedBeforeInit(text)) break;
+      const note =
+        `kt-harness: the guest kernel died before init was ready (qemu exit ${out.code}); booting once more`;
+      console += `\n${note}\n`;
+      globalThis.console.error(note);
+    }
   } finally {
     await Deno.remove(initrd);
   }
-  const console = new TextDecoder().decode(out.stdout) +
-    new TextDecoder().decode(out.stderr);
   await Deno.writeTextFile(`${resultsDir}/console.log`, console);
   let guestExitCode: number | null = null;
   try {
