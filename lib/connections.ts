@@ -194,13 +194,9 @@ export class Connections {
     return slot;
   }
 
-  /** Tracing never breaks the connections, whatever the hook does. */
+  /** Tracing: `makeTracer()` made the hook safe, whatever it throws. */
   #trace(event: string, fields: Record<string, unknown>): void {
-    try {
-      this.#options.trace?.(event, fields);
-    } catch {
-      // The hook's own failure is the hook's business.
-    }
+    this.#options.trace?.(event, fields);
   }
 
   /**
