@@ -606,13 +606,11 @@ export class Transmission {
     type: number,
     length: number,
   ): Promise<void> | undefined {
-    const cmd = p.cmd;
     if (type === REPLY_TYPE_OFFSET_DATA) {
-      const head = this.#offsetField;
-      if (!this.#transport.take(head)) return this.#dataChunk(p, length);
-      const size = length - 8;
-      const rel = claimDataChunk(cmd, p, head, size);
-      return this.#readData(p, rel, size, true);
+      if (!this.#transport.take(this.#offsetField)) {
+        return this.#dataChunk(p, length);
+      }
+      return this.#dataAfterOffset(p, length);
     }
     // NBD_REPLY_TYPE_NONE has no payload; checkChunkHeader() refused the rest.
     if (type === REPLY_TYPE_NONE) return undefined;
@@ -621,11 +619,18 @@ export class Transmission {
 
   /** A data chunk whose 8-byte offset has yet to arrive. */
   async #dataChunk(p: Pending, length: number): Promise<void> {
-    const head = this.#offsetField;
-    await this.#transport.readInto(head, "the offset of a data chunk");
+    await this.#transport.readInto(
+      this.#offsetField,
+      "the offset of a data chunk",
+    );
+    await this.#dataAfterOffset(p, length);
+  }
+
+  /** A data chunk's payload, once its offset is in `#offsetField`. */
+  #dataAfterOffset(p: Pending, length: number): Promise<void> | undefined {
     const size = length - 8;
-    const rel = claimDataChunk(p.cmd, p, head, size);
-    await this.#readData(p, rel, size, true);
+    const rel = claimDataChunk(p.cmd, p, this.#offsetField, size);
+    return this.#readData(p, rel, size, true);
   }
 
   /** Error, hole and block status chunks. */
