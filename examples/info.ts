@@ -766,16 +766,14 @@ async function listCommandOutput(
     }
     shown.push(facts.export);
   }
-  if (json) {
-    const doc = {
-      ...(session ? sessionJson(session) : {}),
-      exports: shown.map((e) => exportJson(null, e)),
-    };
-    return { text: jsonText(doc, 2) + "\n", ok };
-  }
-  let text = session ? sessionText(session) : "";
-  for (const e of shown) text += exportText(null, e);
-  return { text, ok };
+  return {
+    text: listReport(
+      session,
+      shown.map((facts) => ({ uri: null, facts })),
+      json,
+    ),
+    ok,
+  };
 }
 
 /** Whether `e` (or what it wraps) says the server has no option phase. */
@@ -829,16 +827,25 @@ async function listOutput(
       warn(`${errorLine("info", e)} for export: ${item.name}`);
     }
   }
+  return { text: listReport(session, shown, json), ok };
+}
+
+/** The `--list` report of the exports that answered, text or JSON. */
+function listReport(
+  session: SessionFacts | undefined,
+  shown: Array<{ uri: string | null; facts: ExportFacts }>,
+  json: boolean,
+): string {
   if (json) {
     const doc = {
       ...(session ? sessionJson(session) : {}),
       exports: shown.map((s) => exportJson(s.uri, s.facts)),
     };
-    return { text: jsonText(doc, 2) + "\n", ok };
+    return jsonText(doc, 2) + "\n";
   }
   let text = session ? sessionText(session) : "";
   for (const s of shown) text += exportText(s.uri, s.facts);
-  return { text, ok };
+  return text;
 }
 
 /** What the command line asks for. */
