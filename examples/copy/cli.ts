@@ -42,7 +42,7 @@ import {
 } from "./open.ts";
 import { alignUp, planRange, planStream } from "./plan.ts";
 import { pump, type Stats, wrap } from "./pump.ts";
-import { copyThreaded, lanesOf, threadable } from "./lanes.ts";
+import { copyThreaded, threadable } from "./lanes.ts";
 
 const USAGE = `Usage: copy [OPTIONS] SOURCE DESTINATION
        copy --dirty=CONTEXT [OPTIONS] NBD DESTINATION
@@ -344,7 +344,8 @@ async function transfer(
   // Several connections each get a thread of their own where both ends
   // can open lanes there; an incremental copy keeps them in this one.
   const threads = !dirty && threadable(src, dst) ? lanes : 1;
-  const here = threads > 1 ? lanesOf(0, lanes, threads) : lanes;
+  // Threaded, this thread runs one connection of its own.
+  const here = threads > 1 ? 1 : lanes;
   await src.addLanes(here, signal);
   await dst.addLanes(here, signal);
 
@@ -392,7 +393,6 @@ async function transfer(
   let total: number;
   if (threads > 1) {
     await copyThreaded(src, dst, {
-      lanes,
       threads,
       perLane,
       queueSlots: Math.max(1, Math.floor(settings.queueSize / requestSize)),

@@ -21,11 +21,6 @@ export function threadable(src: Source, dst: Destination): boolean {
     src.size !== undefined && !dst.sequential;
 }
 
-/** How many of `lanes` connections thread `t` of `threads` runs. */
-export function lanesOf(t: number, lanes: number, threads: number): number {
-  return Math.floor(lanes / threads) + (t < lanes % threads ? 1 : 0);
-}
-
 /**
  * Requests in flight in one thread running `lanes` connections: `perLane`
  * for each, but at most `queueSlots` (`--queue-size` over the request
@@ -42,9 +37,7 @@ export function threadLimit(
 
 /** What {@linkcode copyThreaded} needs beyond the two ends. */
 export interface ThreadedOptions {
-  /** Connections in all. */
-  lanes: number;
-  /** Threads to run them on (the main thread is one). */
+  /** Threads, one connection each (the main thread is one). */
   threads: number;
   perLane: number;
   /** `--queue-size` in requests: the most one thread has in flight. */
@@ -63,9 +56,10 @@ export interface ThreadedOptions {
 }
 
 /**
- * Copies all of `src` to `dst` over `lanes` connections on `threads`
- * threads: the main thread's share over the lanes `src` and `dst` already
- * have (see {@linkcode lanesOf}), each other share in a worker. Stops every thread at the first failure and throws it
+ * Copies all of `src` to `dst` on `threads` threads of one connection
+ * each (never more connections than threads, as nbdcopy): the main
+ * thread's share over the lane `src` and `dst` already have, each other
+ * share in a worker. Stops every thread at the first failure and throws it
  * once all have stopped.
  */
 export async function copyThreaded(
@@ -150,7 +144,7 @@ export async function copyThreaded(
       w.postMessage({
         kind: "start",
         ...start,
-        lanes: lanesOf(i, o.lanes, o.threads),
+        lanes: 1,
       });
     }
     if (o.signal.aborted) onAbort();
@@ -170,12 +164,8 @@ export async function copyThreaded(
         ),
         {
           ...o,
-          lanes: lanesOf(0, o.lanes, o.threads),
-          limit: threadLimit(
-            lanesOf(0, o.lanes, o.threads),
-            o.perLane,
-            o.queueSlots,
-          ),
+          lanes: 1,
+          limit: threadLimit(1, o.perLane, o.queueSlots),
         },
       );
     } catch (e) {
