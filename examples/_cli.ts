@@ -7,6 +7,8 @@
  * @module
  */
 
+import manifest from "../deno.json" with { type: "json" };
+
 /** How an option takes its value. */
 export type OptionKind =
   /** `--json`: present or not. */
@@ -513,4 +515,24 @@ export function progressMode(
     // Not a console after all; 80 columns will do.
   }
   return { kind: "bar", out: Deno.stderr, width };
+}
+
+/** `-V`, `--version`: every tool takes it, as libnbd's tools do. */
+export const VERSION_OPTION: OptionSpec = {
+  name: "version",
+  kind: "flag",
+  short: "V",
+};
+
+/**
+ * What `--version` prints: the tool and the module's version from
+ * `deno.json`, then the runtime's, one per line (nbdinfo prints its own
+ * version and libnbd's the same way).
+ *
+ * @param tool The tool's name.
+ * @returns The lines, newline-terminated.
+ */
+export function versionText(tool: string): string {
+  return `${tool} ${manifest.version}\n${manifest.name} ${manifest.version}\n` +
+    `deno ${Deno.version.deno}\n`;
 }

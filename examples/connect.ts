@@ -39,6 +39,8 @@ import {
   parseCount,
   parseSize,
   UsageError,
+  VERSION_OPTION,
+  versionText,
   warn,
   warnUsage,
 } from "./_cli.ts";
@@ -68,7 +70,8 @@ Options:
       --tls-hostname NAME          name the server certificate must carry
       --tls-verify-peer=false      accept any server certificate
       --debug                      trace the handshake and kernel calls
-  -h, --help                       this text`;
+  -h, --help                       this text
+  -V, --version                    print the version and exit`;
 
 const SPECS: OptionSpec[] = [
   { name: "disconnect", kind: "value", short: "d" },
@@ -87,6 +90,7 @@ const SPECS: OptionSpec[] = [
   { name: "tls-verify-peer", kind: "value" },
   { name: "debug", kind: "flag" },
   { name: "help", kind: "flag", short: "h" },
+  VERSION_OPTION,
 ];
 
 function say(line: string): void {
@@ -119,6 +123,10 @@ async function run(args: string[]): Promise<number> {
   const { options, positionals } = parseArgs(args, SPECS);
   if (options.has("help")) {
     say(USAGE);
+    return 0;
+  }
+  if (options.has("version")) {
+    Deno.stdout.writeSync(new TextEncoder().encode(versionText("connect")));
     return 0;
   }
   const noNetlink = options.has("no-netlink");

@@ -38,6 +38,8 @@ import {
   type ServerCommand,
   serverCommand,
   UsageError,
+  VERSION_OPTION,
+  versionText,
   warn,
   warnUsage,
   writeAll,
@@ -67,6 +69,7 @@ Options:
   --content     show what file(1) says of the first 8 KiB (the default,
                 but with --list); --no-content: do not
   -h, --help    this text
+  -V, --version print the version and exit
 `;
 
 const OPTIONS: OptionSpec[] = [
@@ -83,6 +86,7 @@ const OPTIONS: OptionSpec[] = [
   { name: "has", kind: "value" },
   { name: "hasnt", kind: "value" },
   { name: "help", kind: "flag", short: "h" },
+  VERSION_OPTION,
   { name: "content", kind: "flag" },
   { name: "no-content", kind: "flag" },
 ];
@@ -850,7 +854,7 @@ function listReport(
 
 /** What the command line asks for. */
 type Request =
-  | { mode: "help" }
+  | { mode: "help" | "version" }
   | {
     mode: "show" | "list";
     target: Target;
@@ -879,6 +883,7 @@ function parseRequest(args: string[]): Request {
     OPTIONS,
   );
   if (o.has("help")) return { mode: "help" };
+  if (o.has("version")) return { mode: "version" };
   if (positionals.length !== 1) {
     throw new UsageError(
       positionals.length === 0
@@ -938,7 +943,7 @@ function parseRequest(args: string[]): Request {
 
 /** Does what was asked: the text for stdout and the exit status. */
 async function run(
-  r: Exclude<Request, { mode: "help" }>,
+  r: Exclude<Request, { mode: "help" | "version" }>,
   signal: AbortSignal,
 ): Promise<{ out: string; status: number }> {
   switch (r.mode) {
@@ -1005,6 +1010,10 @@ export async function main(args: string[]): Promise<number> {
   }
   if (request.mode === "help") {
     await writeAll(Deno.stdout, USAGE);
+    return 0;
+  }
+  if (request.mode === "version") {
+    await writeAll(Deno.stdout, versionText("info"));
     return 0;
   }
   // ^C (or SIGTERM) ends the run at once, connecting or not; the signal

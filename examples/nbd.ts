@@ -16,7 +16,7 @@
 
 import { main as copy } from "./copy.ts";
 import { main as info } from "./info.ts";
-import { errorLine, warn, writeAll } from "./_cli.ts";
+import { errorLine, versionText, warn, writeAll } from "./_cli.ts";
 
 /** A subcommand: arguments in, exit status out. */
 type Tool = (args: string[]) => Promise<number>;
@@ -62,6 +62,10 @@ export async function main(args: string[]): Promise<number> {
   const [name, ...rest] = args;
   if (name === "--help" || name === "-h" || name === "help") {
     await writeAll(Deno.stdout, USAGE);
+    return 0;
+  }
+  if (name === "--version" || name === "-V") {
+    await writeAll(Deno.stdout, versionText("nbd"));
     return 0;
   }
   const tool = name === undefined ? undefined : TOOLS[name];

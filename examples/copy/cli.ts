@@ -19,6 +19,8 @@ import {
   type ServerCommand,
   serverCommand,
   UsageError,
+  VERSION_OPTION,
+  versionText,
   warn,
   warnUsage,
   writeAll,
@@ -85,6 +87,7 @@ Options:
   -v, --verbose           print what was read, written and zeroed, and
                           what went over each NBD connection
   -h, --help              this text
+  -V, --version           print the version and exit
 `;
 
 const OPTIONS: OptionSpec[] = [
@@ -108,6 +111,7 @@ const OPTIONS: OptionSpec[] = [
   { name: "no-progress", kind: "flag" },
   { name: "verbose", kind: "flag", short: "v" },
   { name: "help", kind: "flag", short: "h" },
+  VERSION_OPTION,
 ];
 
 /** The NBD protocol's ceiling for one payload. */
@@ -192,13 +196,14 @@ interface Request {
  * Reads the command line and checks every word of it that can be checked
  * without opening anything.
  *
- * @returns The request, or `"help"`.
+ * @returns The request, `"help"` or `"version"`.
  * @throws {UsageError} On a malformed option, a missing endpoint, `null:`
  * as the source, a malformed NBD URI, or options `--dirty` cannot take.
  */
-function parseRequest(args: string[]): Request | "help" {
+function parseRequest(args: string[]): Request | "help" | "version" {
   const { options, positionals, commands } = parseArgs(args, OPTIONS);
   if (options.has("help")) return "help";
+  if (options.has("version")) return "version";
   const dirty = checkDirtyOptions(options);
   const mapOnly = options.has("map-only");
   if (mapOnly) {
@@ -490,7 +495,7 @@ async function closeWithin(
  * (usage errors included), 130 when interrupted.
  */
 export async function main(args: string[]): Promise<number> {
-  let request: Request | "help";
+  let request: Request | "help" | "version";
   try {
     request = parseRequest(args);
   } catch (e) {
@@ -500,6 +505,10 @@ export async function main(args: string[]): Promise<number> {
   }
   if (request === "help") {
     await writeAll(Deno.stdout, USAGE);
+    return 0;
+  }
+  if (request === "version") {
+    await writeAll(Deno.stdout, versionText("copy"));
     return 0;
   }
 
