@@ -854,7 +854,8 @@ function listReport(
 
 /** What the command line asks for. */
 type Request =
-  | { mode: "help" | "version" }
+  | { mode: "help" }
+  | { mode: "version" }
   | {
     mode: "show" | "list";
     target: Target;
