@@ -2,7 +2,7 @@
  * The transmission phase: requests out, replies in, matched by cookie in
  * any order. This module keeps the request slots, the cookies, the one
  * reader loop and the disconnect; every check on what the server sent is
- * a pure function of `replies.ts`, called here in order, and read data
+ * a pure function of `_replies.ts`, called here in order, and read data
  * lands straight in the request's buffer. Read beside "Transmission" in
  * `doc/proto.md`.
  *
