@@ -9,11 +9,12 @@
  * other end and the library's TLS connection.
  *
  * The kernel is told through its generic netlink family `nbd` where it
- * exists (`_netlink_attach.ts`: several connections, persist), else
- * through ioctls. {@linkcode attach} runs the steps, each in its own
- * module: connecting for the kernel (`_connect.ts`), the device's geometry
+ * exists (`netlink/`: several connections, persist), else through ioctls
+ * (`ioctl/`). {@linkcode attach} runs the steps, each in its own module:
+ * connecting for the kernel (`_connect.ts`), the device's geometry
  * (`_geometry.ts`), the ioctl configuration and its rollback
- * (`_configure.ts`), and the attachment that lives on (`_attachment.ts`).
+ * (`ioctl/_configure.ts`), and the attachment that lives on
+ * (`ioctl/_attachment.ts`, `netlink/_attach.ts`).
  *
  * @module
  */
@@ -32,8 +33,8 @@ import {
   resolveOptions,
   shown,
 } from "../lib/_resolve_options.ts";
-import { type AttachedDevice, Attachment } from "./_attachment.ts";
-import { configureDevice } from "./_configure.ts";
+import { type AttachedDevice, Attachment } from "./ioctl/_attachment.ts";
+import { configureDevice } from "./ioctl/_configure.ts";
 import {
   connectForKernel,
   hangUp,
@@ -50,16 +51,16 @@ import {
   pageSize,
 } from "./_kernel.ts";
 import { E, libc } from "./_libc.ts";
-import { attachByNetlink, PERSIST_DEAD_TIMEOUT } from "./_netlink_attach.ts";
+import { attachByNetlink, PERSIST_DEAD_TIMEOUT } from "./netlink/_attach.ts";
 import { findFreeDevice } from "./device.ts";
 import { NbdKernelError } from "./errors.ts";
-import { netlinkAvailable } from "./netlink.ts";
+import { netlinkAvailable } from "./netlink/mod.ts";
 
 export type {
   AttachedDevice,
   ReleaseInfo,
   ReleaseReason,
-} from "./_attachment.ts";
+} from "./ioctl/_attachment.ts";
 
 /**
  * How to attach. The server and export come from the target; TLS settings

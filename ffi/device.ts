@@ -19,7 +19,11 @@ import {
 } from "./_kernel.ts";
 import { E, errno, libc } from "./_libc.ts";
 import { NbdKernelError } from "./errors.ts";
-import { deviceStatus, disconnectDevice, netlinkAvailable } from "./netlink.ts";
+import {
+  deviceStatus,
+  disconnectDevice,
+  netlinkAvailable,
+} from "./netlink/mod.ts";
 
 /**
  * Whether a connection holds the device (its `/sys/block/nbdN/pid` file

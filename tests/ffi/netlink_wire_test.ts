@@ -30,7 +30,7 @@ import {
   parseMessages,
   refusal,
   SIZES,
-} from "../../ffi/_netlink_wire.ts";
+} from "../../ffi/netlink/_wire.ts";
 import { NbdKernelError, NbdSystemCallError } from "../../ffi/errors.ts";
 import { libc } from "../../ffi/_libc.ts";
 

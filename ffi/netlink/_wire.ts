@@ -1,7 +1,7 @@
 /**
  * Generic netlink messages for the kernel's `nbd` family, as bytes: the
  * requests the kernel handoff sends and the replies it reads. No I/O here
- * (the socket is in `_netlink.ts`), so every decoder can be fed truncated
+ * (the socket is in `_socket.ts`), so every decoder can be fed truncated
  * input and every byte split in a test.
  *
  * Netlink is in host byte order; this module supports the little-endian
@@ -11,7 +11,7 @@
  * @module
  */
 
-import { NbdKernelError, NbdSystemCallError } from "./errors.ts";
+import { NbdKernelError, NbdSystemCallError } from "../errors.ts";
 
 // linux/netlink.h
 export const NLMSG_ERROR = 0x2;

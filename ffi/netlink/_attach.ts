@@ -9,35 +9,35 @@
  * @module
  */
 
-import type { ConnectOptions } from "../lib/connect_options.ts";
+import type { ConnectOptions } from "../../lib/connect_options.ts";
 import {
   FLAG_CAN_MULTI_CONN,
   FLAG_HAS_FLAGS,
   FLAG_READ_ONLY,
-} from "../lib/constants.ts";
-import type { Tracer } from "../lib/_debug.ts";
-import { abortReason, NbdError } from "../lib/errors.ts";
-import type { ExportInfo } from "../lib/export.ts";
-import type { AttachedDevice, ReleaseInfo } from "./_attachment.ts";
+} from "../../lib/constants.ts";
+import type { Tracer } from "../../lib/_debug.ts";
+import { abortReason, NbdError } from "../../lib/errors.ts";
+import type { ExportInfo } from "../../lib/export.ts";
+import type { AttachedDevice, ReleaseInfo } from "../ioctl/_attachment.ts";
 import {
   connectForKernel,
   hangUp,
   type KernelConnection,
   type KernelConnectOptions,
-} from "./_connect.ts";
-import { kernelGeometry } from "./_geometry.ts";
-import { setReadOnly } from "./_kernel.ts";
-import { cString, E, libc, O_CLOEXEC, O_RDONLY } from "./_libc.ts";
-import { type NetlinkRelease, superviseDevice } from "./_netlink_supervisor.ts";
-import { type Relay, startRelay } from "./_relay.ts";
-import { NbdKernelError } from "./errors.ts";
+} from "../_connect.ts";
+import { kernelGeometry } from "../_geometry.ts";
+import { setReadOnly } from "../_kernel.ts";
+import { cString, E, libc, O_CLOEXEC, O_RDONLY } from "../_libc.ts";
+import { type NetlinkRelease, superviseDevice } from "./_supervisor.ts";
+import { type Relay, startRelay } from "../_relay.ts";
+import { NbdKernelError } from "../errors.ts";
 import {
   connectDevice,
   type ConnectDeviceOptions,
   disconnectDevice,
   type LinkDeadWatch,
   watchLinkDead,
-} from "./netlink.ts";
+} from "./mod.ts";
 
 /** Seconds I/O waits for a dead link to be replaced under persist. */
 export const PERSIST_DEAD_TIMEOUT = 60;

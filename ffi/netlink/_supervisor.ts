@@ -11,15 +11,15 @@
  * @module
  */
 
-import type { DebugHook } from "../lib/connect_options.ts";
-import { errorText } from "../lib/errors.ts";
-import { deviceInUse } from "./_kernel.ts";
-import { libc } from "./_libc.ts";
+import type { DebugHook } from "../../lib/connect_options.ts";
+import { errorText } from "../../lib/errors.ts";
+import { deviceInUse } from "../_kernel.ts";
+import { libc } from "../_libc.ts";
 import {
   disconnectDevice,
   type LinkDeadWatch,
   reconfigureDevice,
-} from "./netlink.ts";
+} from "./mod.ts";
 
 /** How a supervised device was released; the shape of attach()'s. */
 export interface NetlinkRelease {

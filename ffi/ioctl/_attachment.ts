@@ -6,18 +6,18 @@
  * @module
  */
 
-import type { Tracer } from "../lib/_debug.ts";
-import { errorText } from "../lib/errors.ts";
-import type { ExportInfo } from "../lib/export.ts";
-import { within } from "../lib/_deadline.ts";
-import type { RelayEnds } from "./_connect.ts";
+import type { Tracer } from "../../lib/_debug.ts";
+import { errorText } from "../../lib/errors.ts";
+import type { ExportInfo } from "../../lib/export.ts";
+import { within } from "../../lib/_deadline.ts";
+import type { RelayEnds } from "../_connect.ts";
 import { startDoItWorker } from "./_do_it_worker.ts";
 import {
   deviceInUse,
   NBD_CLEAR_QUE,
   NBD_CLEAR_SOCK,
   NBD_DISCONNECT,
-} from "./_kernel.ts";
+} from "../_kernel.ts";
 import {
   cString,
   describeErrno,
@@ -25,9 +25,9 @@ import {
   libc,
   O_CLOEXEC,
   O_RDONLY,
-} from "./_libc.ts";
-import { type Relay, startRelay } from "./_relay.ts";
-import { NbdKernelError } from "./errors.ts";
+} from "../_libc.ts";
+import { type Relay, startRelay } from "../_relay.ts";
+import { NbdKernelError } from "../errors.ts";
 
 /** Why a device was released. */
 export type ReleaseReason =

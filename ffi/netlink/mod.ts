@@ -19,9 +19,9 @@
  * @module
  */
 
-import { FLAG_CAN_MULTI_CONN } from "../lib/constants.ts";
-import { E, libc } from "./_libc.ts";
-import { GenlSocket, linkDeadEvents, resolveFamily } from "./_netlink.ts";
+import { FLAG_CAN_MULTI_CONN } from "../../lib/constants.ts";
+import { E, libc } from "../_libc.ts";
+import { GenlSocket, linkDeadEvents, resolveFamily } from "./_socket.ts";
 import {
   decodeIndex,
   decodeStatus,
@@ -34,14 +34,14 @@ import {
   NBD_CMD_RECONFIGURE,
   NBD_CMD_STATUS,
   NBD_GENL_MCAST_GROUP_NAME,
-} from "./_netlink_wire.ts";
-import { NbdKernelError } from "./errors.ts";
+} from "./_wire.ts";
+import { NbdKernelError } from "../errors.ts";
 
 export type { DeviceState };
 export {
   NBD_CFLAG_DESTROY_ON_DISCONNECT,
   NBD_CFLAG_DISCONNECT_ON_CLOSE,
-} from "./_netlink_wire.ts";
+} from "./_wire.ts";
 
 /** Settings of {@linkcode connectDevice}. */
 export interface ConnectDeviceOptions {
