@@ -8,7 +8,7 @@ import {
   encodeGenl,
   encodeGetFamily,
   GENL_ID_CTRL,
-} from "../../ffi/netlink/_wire.ts";
+} from "../../ffi/netlink/_genl.ts";
 import { NbdKernelError } from "../../ffi/errors.ts";
 import { netlinkAvailable } from "../../ffi/netlink/mod.ts";
 import { libc } from "../../ffi/_libc.ts";

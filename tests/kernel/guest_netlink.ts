@@ -36,11 +36,13 @@ import { libc } from "../../ffi/_libc.ts";
 import { GenlSocket, resolveFamily } from "../../ffi/netlink/_socket.ts";
 import {
   encodeGetFamily,
+  type NetlinkMessage,
+} from "../../ffi/netlink/_genl.ts";
+import {
   encodeNbd,
   NBD_CMD_CONNECT,
   NBD_CMD_STATUS,
-  type NetlinkMessage,
-} from "../../ffi/netlink/_wire.ts";
+} from "../../ffi/netlink/_family.ts";
 import { socketPair, startRelay } from "../../ffi/_relay.ts";
 import { connectSocket } from "../../ffi/_socket.ts";
 import { NbdKernelError } from "../../ffi/errors.ts";
