@@ -66,8 +66,14 @@ export interface NetlinkAttachPlan {
  * What differs between the export the device was built on and the one a
  * new connection reached, in words (`lib/reconnect.ts`'s rule, the one the
  * library's own reconnect uses); `undefined` when it is the same export.
+ *
+ * @param first What the device was built on.
+ * @param again What a new connection negotiated.
+ * @param connections How many connections the device has (several rely
+ *   on `NBD_FLAG_CAN_MULTI_CONN` too).
+ * @returns The changes joined in one phrase, or `undefined`.
  */
-function exportDiffers(
+export function exportDiffers(
   first: ExportInfo,
   again: ExportInfo,
   connections: number,
