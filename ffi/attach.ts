@@ -74,8 +74,9 @@ export interface AttachOptions extends TlsOptions {
    */
   blockSize?: number;
   /**
-   * Disconnect cleanly on SIGINT and SIGTERM (default true). The listeners
-   * are removed once the device is released.
+   * Disconnect cleanly on SIGINT and SIGTERM (default true); a second
+   * signal while that waits for the server cuts the connection instead.
+   * The listeners are removed once the device is released.
    */
   handleSignals?: boolean;
   /** Aborts the attach while it runs; afterwards, disconnects. */
