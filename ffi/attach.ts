@@ -9,11 +9,12 @@
  * other end and the library's TLS connection.
  *
  * The kernel is told through its generic netlink family `nbd` where it
- * exists (`_netlink_attach.ts`: several connections, persist), else
- * through ioctls. {@linkcode attach} runs the steps, each in its own
- * module: connecting for the kernel (`_connect.ts`), the device's geometry
+ * exists (`netlink/`: several connections, persist), else through ioctls
+ * (`ioctl/`). {@linkcode attach} runs the steps, each in its own module:
+ * connecting for the kernel (`_connect.ts`), the device's geometry
  * (`_geometry.ts`), the ioctl configuration and its rollback
- * (`_configure.ts`), and the attachment that lives on (`_attachment.ts`).
+ * (`ioctl/_configure.ts`), and the attachment that lives on
+ * (`ioctl/_attachment.ts`, `netlink/_attach.ts`).
  *
  * @module
  */
@@ -23,8 +24,7 @@ import type {
   DebugHook,
   TlsOptions,
 } from "../lib/connect_options.ts";
-import { FLAG_READ_ONLY } from "../lib/constants.ts";
-import { makeTracer, type Tracer } from "../lib/_debug.ts";
+import { makeTracer } from "../lib/_debug.ts";
 import { abortReason } from "../lib/errors.ts";
 import {
   checkMilliseconds,
@@ -32,34 +32,26 @@ import {
   resolveOptions,
   shown,
 } from "../lib/_resolve_options.ts";
-import { type AttachedDevice, Attachment } from "./_attachment.ts";
-import { configureDevice } from "./_configure.ts";
-import {
-  connectForKernel,
-  hangUp,
-  type KernelConnection,
-  type KernelConnectOptions,
-} from "./_connect.ts";
-import { kernelGeometry } from "./_geometry.ts";
+import type { AttachedDevice } from "./_attached.ts";
 import {
   checkDevice,
   deviceInUse,
   deviceName,
   devicePath,
-  openDevice,
   pageSize,
 } from "./_kernel.ts";
+import { attachByIoctl } from "./ioctl/_attach.ts";
 import { E, libc } from "./_libc.ts";
-import { attachByNetlink, PERSIST_DEAD_TIMEOUT } from "./_netlink_attach.ts";
+import { attachByNetlink, PERSIST_DEAD_TIMEOUT } from "./netlink/_attach.ts";
 import { findFreeDevice } from "./device.ts";
 import { NbdKernelError } from "./errors.ts";
-import { netlinkAvailable } from "./netlink.ts";
+import { netlinkAvailable } from "./netlink/mod.ts";
 
 export type {
   AttachedDevice,
   ReleaseInfo,
   ReleaseReason,
-} from "./_attachment.ts";
+} from "./_attached.ts";
 
 /**
  * How to attach. The server and export come from the target; TLS settings
@@ -82,8 +74,9 @@ export interface AttachOptions extends TlsOptions {
    */
   blockSize?: number;
   /**
-   * Disconnect cleanly on SIGINT and SIGTERM (default true). The listeners
-   * are removed once the device is released.
+   * Disconnect cleanly on SIGINT and SIGTERM (default true); a second
+   * signal while that waits for the server cuts the connection instead.
+   * The listeners are removed once the device is released.
    */
   handleSignals?: boolean;
   /** Aborts the attach while it runs; afterwards, disconnects. */
@@ -120,8 +113,9 @@ export interface AttachOptions extends TlsOptions {
   connections?: number;
   /**
    * When a connection dies, dial again with the same negotiation, check
-   * it reaches the same export (size and flags), and hand the new socket
-   * to the kernel (`NBD_CMD_RECONFIGURE`); I/O waits meanwhile, up to
+   * it reaches the same export (the size, and no flag, block size or
+   * metadata context withdrawn, as the library's `reconnect` checks), and
+   * hand the new socket to the kernel (`NBD_CMD_RECONFIGURE`); I/O waits meanwhile, up to
    * `deadConnectionTimeout`. Needs netlink and this process alive.
    * Without it, a dead connection releases the device.
    */
@@ -345,9 +339,8 @@ export async function attach(
     connectTimeout: options.connectTimeout ?? 30_000,
     relay: options.relay === true,
   };
-  if (netlink) {
-    const persist = options.persist === true;
-    const dev = await attachByNetlink({
+  const dev = netlink
+    ? await attachByNetlink({
       path: device === undefined ? undefined : devicePath(device),
       index: device === undefined
         ? undefined
@@ -355,24 +348,39 @@ export async function attach(
       target: connectOptions,
       connect,
       connections: options.connections ?? 1,
-      persist,
+      persist: options.persist === true,
       deadConnectionTimeout: options.deadConnectionTimeout ??
-        (persist ? PERSIST_DEAD_TIMEOUT : undefined),
+        (options.persist === true ? PERSIST_DEAD_TIMEOUT : undefined),
       timeout: options.timeout,
       blockSize: options.blockSize,
       readOnly: options.readOnly === true,
       page,
       trace,
+    })
+    : await attachByIoctl(connectOptions, freeForIoctl(device), {
+      connect,
+      page,
+      trace,
+      readOnly: options.readOnly === true,
+      timeout: options.timeout,
+      blockSize: options.blockSize,
+      startTimeout: options.startTimeout ?? 30_000,
     });
-    dev.watch(options.handleSignals ?? true, signal);
-    return dev;
-  }
-  return await attachByIoctl(
-    connectOptions,
-    device ?? findFreeDevice(),
-    options,
-    { connect, page, trace },
-  );
+  // One watch() for both paths: see AttachedBase.watch.
+  dev.watch(options.handleSignals ?? true, signal);
+  return dev;
+}
+
+/**
+ * The device for the ioctl path: the one given (already checked), else a
+ * free one, checked here; either way checked once.
+ */
+function freeForIoctl(device: string | undefined): string {
+  if (device !== undefined) return devicePath(device);
+  const found = findFreeDevice();
+  checkDevice(found, deviceName(found));
+  refuseBusy(found);
+  return found;
 }
 
 function refuseBusy(device: string): void {
@@ -386,67 +394,4 @@ function refuseBusy(device: string): void {
       "busy",
     );
   }
-}
-
-/** The ioctl path: one connection, `NBD_DO_IT` on a worker. */
-async function attachByIoctl(
-  connectOptions: ConnectOptions,
-  device: string,
-  options: AttachOptions,
-  { connect, page, trace }: {
-    connect: KernelConnectOptions;
-    page: number;
-    trace: Tracer;
-  },
-): Promise<AttachedDevice> {
-  const path = devicePath(device);
-  const name = deviceName(device);
-  const signal = connect.signal;
-  checkDevice(path, name);
-  refuseBusy(device);
-  const devFd = openDevice(path);
-  // Until the attachment owns them, the failure path closes the device and
-  // hangs up the connection.
-  let conn: KernelConnection | undefined;
-  let attachment: Attachment | undefined;
-  try {
-    conn = await connectForKernel(connectOptions, connect, trace);
-    const { info, sockFd, relay } = conn;
-    if (signal?.aborted) throw abortReason(signal);
-    const readOnly = options.readOnly === true ||
-      (info.flags & FLAG_READ_ONLY) !== 0;
-    const geometry = kernelGeometry(path, info, page, options.blockSize);
-    configureDevice(path, devFd, {
-      geometry,
-      flags: info.flags,
-      readOnly,
-      timeout: options.timeout,
-      sockFd,
-    }, trace);
-    attachment = new Attachment({
-      device: path,
-      name,
-      devFd,
-      sockFd,
-      info,
-      blockSize: geometry.blockSize,
-      size: geometry.bytes,
-      readOnly,
-      relay,
-      trace,
-    });
-  } catch (e) {
-    if (conn) await hangUp(conn);
-    libc().close(devFd);
-    throw e;
-  }
-  // From here on the attachment owns the descriptors.
-  await attachment.start(options.startTimeout ?? 30_000);
-  if (signal?.aborted) {
-    // Aborted while the device came up: take it down again.
-    await attachment.disconnect();
-    throw abortReason(signal);
-  }
-  attachment.watch(options.handleSignals ?? true, signal);
-  return attachment;
 }

@@ -11,15 +11,17 @@ import {
   deviceName,
   deviceOwner,
   devicePath,
-  NBD_CLEAR_SOCK,
-  NBD_DISCONNECT,
-  openDeviceAsync,
   pathExists,
   readSmallFile,
 } from "./_kernel.ts";
-import { E, errno, libc } from "./_libc.ts";
+import { E, libc } from "./_libc.ts";
 import { NbdKernelError } from "./errors.ts";
-import { deviceStatus, disconnectDevice, netlinkAvailable } from "./netlink.ts";
+import { detachByIoctl } from "./ioctl/_detach.ts";
+import {
+  deviceStatus,
+  disconnectDevice,
+  netlinkAvailable,
+} from "./netlink/mod.ts";
 
 /**
  * Whether a connection holds the device (its `/sys/block/nbdN/pid` file
@@ -147,38 +149,6 @@ export async function detach(
     await new Promise((r) => setTimeout(r, 20));
   }
   return wasAttached;
-}
-
-async function detachByIoctl(path: string, wasAttached: boolean) {
-  const c = libc();
-  // On a pool thread: opening a device that is up reads its partition
-  // table, which may be served by this very process (relay path).
-  const fd = await openDeviceAsync(path);
-  try {
-    // Synchronous so errno is known; the kernel only queues NBD_CMD_DISC.
-    if (c.ioctl(fd, NBD_DISCONNECT, 0n) < 0) {
-      const err = errno();
-      // A device with no connection has nothing to disconnect.
-      if (wasAttached || err !== E.EINVAL) {
-        throw new NbdKernelError(
-          path,
-          "NBD_DISCONNECT",
-          err,
-          `Cannot detach ${path}`,
-        );
-      }
-    }
-    if (c.ioctl(fd, NBD_CLEAR_SOCK, 0n) < 0) {
-      throw new NbdKernelError(
-        path,
-        "NBD_CLEAR_SOCK",
-        errno(),
-        `Cannot detach ${path}`,
-      );
-    }
-  } finally {
-    await c.close_nb(fd);
-  }
 }
 
 /** One nbd device, as {@linkcode status} reports it. */

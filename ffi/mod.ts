@@ -48,7 +48,7 @@ export type {
 } from "./attach.ts";
 export { detach, findFreeDevice, isAttached, status } from "./device.ts";
 export type { DetachOptions, DeviceStatus } from "./device.ts";
-export { netlinkAvailable } from "./netlink.ts";
+export { netlinkAvailable } from "./netlink/mod.ts";
 export { NbdKernelError, NbdSystemCallError } from "./errors.ts";
 export type { KernelErrorReason } from "./errors.ts";
 // What the signatures above mention, so this entry point documents alone.

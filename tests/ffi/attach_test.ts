@@ -4,7 +4,7 @@ import { kernelGeometry } from "../../ffi/_geometry.ts";
 import { KERNEL_MAX_BYTES, readSmallFile } from "../../ffi/_kernel.ts";
 import { status } from "../../ffi/device.ts";
 import { NbdKernelError } from "../../ffi/errors.ts";
-import { netlinkAvailable } from "../../ffi/netlink.ts";
+import { netlinkAvailable } from "../../ffi/netlink/mod.ts";
 import { DEFAULT_BLOCK_SIZE } from "../../lib/export.ts";
 import { libc } from "../../ffi/_libc.ts";
 

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { startDoItWorker } from "../../ffi/_do_it_worker.ts";
+import { startDoItWorker } from "../../ffi/ioctl/_do_it_worker.ts";
 import { FdStream } from "../../ffi/_fd_stream.ts";
 import {
   cString,

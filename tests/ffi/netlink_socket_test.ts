@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { GenlSocket, resolveFamily } from "../../ffi/_netlink.ts";
+import { GenlSocket, resolveFamily } from "../../ffi/netlink/_socket.ts";
 import {
   attrString,
   CTRL_ATTR_FAMILY_NAME,
@@ -8,9 +8,9 @@ import {
   encodeGenl,
   encodeGetFamily,
   GENL_ID_CTRL,
-} from "../../ffi/_netlink_wire.ts";
+} from "../../ffi/netlink/_genl.ts";
 import { NbdKernelError } from "../../ffi/errors.ts";
-import { netlinkAvailable } from "../../ffi/netlink.ts";
+import { netlinkAvailable } from "../../ffi/netlink/mod.ts";
 import { libc } from "../../ffi/_libc.ts";
 
 // ffi/ opens libc once per process and keeps it (by design): open it

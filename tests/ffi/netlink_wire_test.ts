@@ -8,11 +8,19 @@ import {
   attrU8,
   decodeAck,
   decodeFamily,
+  encodeGenl,
+  encodeGetFamily,
+  type NetlinkMessage,
+  NLMSG_ERROR,
+  parseAttributes,
+  parseMessages,
+  refusal,
+  SIZES,
+} from "../../ffi/netlink/_genl.ts";
+import {
   decodeIndex,
   decodeLinkDead,
   decodeStatus,
-  encodeGenl,
-  encodeGetFamily,
   encodeNbd,
   NBD_ATTR_DEVICE_LIST,
   NBD_ATTR_INDEX,
@@ -24,13 +32,7 @@ import {
   NBD_DEVICE_CONNECTED,
   NBD_DEVICE_INDEX,
   NBD_DEVICE_ITEM,
-  type NetlinkMessage,
-  NLMSG_ERROR,
-  parseAttributes,
-  parseMessages,
-  refusal,
-  SIZES,
-} from "../../ffi/_netlink_wire.ts";
+} from "../../ffi/netlink/_family.ts";
 import { NbdKernelError, NbdSystemCallError } from "../../ffi/errors.ts";
 import { libc } from "../../ffi/_libc.ts";
 

@@ -33,14 +33,16 @@ import {
   setReadOnly,
 } from "../../ffi/_kernel.ts";
 import { libc } from "../../ffi/_libc.ts";
-import { GenlSocket, resolveFamily } from "../../ffi/_netlink.ts";
+import { GenlSocket, resolveFamily } from "../../ffi/netlink/_socket.ts";
 import {
   encodeGetFamily,
+  type NetlinkMessage,
+} from "../../ffi/netlink/_genl.ts";
+import {
   encodeNbd,
   NBD_CMD_CONNECT,
   NBD_CMD_STATUS,
-  type NetlinkMessage,
-} from "../../ffi/_netlink_wire.ts";
+} from "../../ffi/netlink/_family.ts";
 import { socketPair, startRelay } from "../../ffi/_relay.ts";
 import { connectSocket } from "../../ffi/_socket.ts";
 import { NbdKernelError } from "../../ffi/errors.ts";
@@ -53,8 +55,8 @@ import {
   netlinkAvailable,
   reconfigureDevice,
   watchLinkDead,
-} from "../../ffi/netlink.ts";
-import { superviseDevice } from "../../ffi/_netlink_supervisor.ts";
+} from "../../ffi/netlink/mod.ts";
+import { superviseDevice } from "../../ffi/netlink/_supervisor.ts";
 import { attach, detach } from "../../ffi/mod.ts";
 import { until, within } from "../support/wait.ts";
 

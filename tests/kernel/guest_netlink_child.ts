@@ -14,7 +14,7 @@ import { Transport } from "../../lib/transport.ts";
 import { FdStream } from "../../ffi/_fd_stream.ts";
 import { libc } from "../../ffi/_libc.ts";
 import { connectSocket } from "../../ffi/_socket.ts";
-import { connectDevice } from "../../ffi/netlink.ts";
+import { connectDevice } from "../../ffi/netlink/mod.ts";
 
 const [path, index] = Deno.args;
 if (!path || !index) throw new Error("usage: SOCKET INDEX");

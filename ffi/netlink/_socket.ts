@@ -2,7 +2,7 @@
  * A generic netlink socket through libc, for the kernel's `nbd` family:
  * requests answered with an ack (or an `NLMSG_ERROR` with the errno and the
  * kernel's extended-ack text), and a multicast subscription for
- * `NBD_CMD_LINK_DEAD`. The bytes are made and read in `_netlink_wire.ts`.
+ * `NBD_CMD_LINK_DEAD`. The bytes are made and read in `_genl.ts` and `_family.ts`.
  *
  * The kernel runs a generic netlink request inside the `send()` that
  * carries it, so the reply is queued once `send()` returns: requests send
@@ -15,7 +15,7 @@
  * @module
  */
 
-import { abortReason } from "../lib/errors.ts";
+import { abortReason } from "../../lib/errors.ts";
 import {
   AF_NETLINK,
   E,
@@ -31,21 +31,23 @@ import {
   SOCK_CLOEXEC,
   SOCK_RAW,
   SOL_NETLINK,
-} from "./_libc.ts";
+} from "../_libc.ts";
 import {
   decodeAck,
   decodeFamily,
-  decodeLinkDead,
   encodeGetFamily,
   type Family,
-  type LinkDeadEvent,
-  NBD_GENL_FAMILY_NAME,
   type NetlinkMessage,
   NLMSG_ERROR,
   parseMessages,
   refusal,
-} from "./_netlink_wire.ts";
-import { NbdKernelError, NbdSystemCallError } from "./errors.ts";
+} from "./_genl.ts";
+import {
+  decodeLinkDead,
+  type LinkDeadEvent,
+  NBD_GENL_FAMILY_NAME,
+} from "./_family.ts";
+import { NbdKernelError, NbdSystemCallError } from "../errors.ts";
 
 /** Largest datagram read; a longer one is reported, never cut silently. */
 const RECEIVE_BUFFER = 64 * 1024;

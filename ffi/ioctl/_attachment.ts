@@ -1,23 +1,23 @@
 /**
- * The attachment object: a device the kernel drives, from `NBD_DO_IT` on a
- * worker to the release, with what {@linkcode AttachedDevice.closed} says
- * about it.
+ * The ioctl attachment: a device the kernel drives, from `NBD_DO_IT` on a
+ * worker to the release, with what `closed` says about it. Signals,
+ * disconnect-once and disposal are the shared base's (`../_attached.ts`).
  *
  * @module
  */
 
-import type { Tracer } from "../lib/_debug.ts";
-import { errorText } from "../lib/errors.ts";
-import type { ExportInfo } from "../lib/export.ts";
-import { within } from "../lib/_deadline.ts";
-import type { RelayEnds } from "./_connect.ts";
+import type { Tracer } from "../../lib/_debug.ts";
+import { errorText } from "../../lib/errors.ts";
+import type { ExportInfo } from "../../lib/export.ts";
+import { within } from "../../lib/_deadline.ts";
+import type { RelayEnds } from "../_connect.ts";
 import { startDoItWorker } from "./_do_it_worker.ts";
 import {
   deviceInUse,
   NBD_CLEAR_QUE,
   NBD_CLEAR_SOCK,
   NBD_DISCONNECT,
-} from "./_kernel.ts";
+} from "../_kernel.ts";
 import {
   cString,
   describeErrno,
@@ -25,65 +25,10 @@ import {
   libc,
   O_CLOEXEC,
   O_RDONLY,
-} from "./_libc.ts";
-import { type Relay, startRelay } from "./_relay.ts";
-import { NbdKernelError } from "./errors.ts";
-
-/** Why a device was released. */
-export type ReleaseReason =
-  /** {@linkcode AttachedDevice.disconnect} was called (or a signal came). */
-  | "disconnect"
-  /**
-   * The kernel let go without our asking: the server closed the connection
-   * (or died), or another process detached the device.
-   */
-  | "lost"
-  /** The kernel reported an error, such as a request timeout. */
-  | "error";
-
-/** What {@linkcode AttachedDevice.closed} resolves to. */
-export interface ReleaseInfo {
-  /** Whether this process asked for the disconnect. */
-  requested: boolean;
-  /** Why the device was released. */
-  reason: ReleaseReason;
-  /** One sentence for users. */
-  message: string;
-  /** The underlying error, for `"error"` (and a failed relay). */
-  error: Error | undefined;
-}
-
-/** A device with an export attached. */
-export interface AttachedDevice extends AsyncDisposable {
-  /** The device path, e.g. `"/dev/nbd0"`. */
-  readonly device: string;
-  /** Size in bytes as the kernel sees it (whole blocks of the export). */
-  readonly size: number;
-  /** The logical block size given to the kernel. */
-  readonly blockSize: number;
-  /** Whether the device is read-only. */
-  readonly readOnly: boolean;
-  /** What the handshake settled. */
-  readonly info: ExportInfo;
-  /**
-   * How the bytes flow: `"direct"` (the kernel owns the socket) or
-   * `"relay"` (this process copies them, as for TLS).
-   */
-  readonly route: "direct" | "relay";
-  /**
-   * How the kernel was told: `"netlink"` (the generic netlink family
-   * `nbd`; the device outlives this process on the direct route) or
-   * `"ioctl"` (a thread of this process waits in `NBD_DO_IT`; the device
-   * goes with the process).
-   */
-  readonly kernelInterface: "netlink" | "ioctl";
-  /** How many connections the kernel spreads requests over. */
-  readonly connections: number;
-  /** Settles once the device is released; never rejects. */
-  readonly closed: Promise<ReleaseInfo>;
-  /** Asks the kernel to disconnect, then waits for the release. */
-  disconnect(): Promise<ReleaseInfo>;
-}
+} from "../_libc.ts";
+import { type Relay, startRelay } from "../_relay.ts";
+import { AttachedBase, type ReleaseInfo, stopRelays } from "../_attached.ts";
+import { NbdKernelError } from "../errors.ts";
 
 /** Milliseconds after NBD_DISCONNECT before the socket is cut by force. */
 const DISCONNECT_GRACE_MS = 5000;
@@ -97,7 +42,7 @@ function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-/** What an {@linkcode Attachment} takes over. */
+/** What an {@linkcode IoctlAttachment} takes over. */
 export interface AttachmentParts {
   /** The device path, e.g. `"/dev/nbd0"`. */
   device: string;
@@ -113,19 +58,11 @@ export interface AttachmentParts {
 }
 
 /**
- * A device with an export attached: starts `NBD_DO_IT` on a worker, watches
- * for signals, and releases everything once the kernel lets go.
+ * A device with an export attached through ioctls: starts `NBD_DO_IT` on a
+ * worker and releases everything once the kernel lets go.
  */
-export class Attachment implements AttachedDevice {
-  readonly device: string;
-  readonly size: number;
-  readonly blockSize: number;
-  readonly readOnly: boolean;
-  readonly info: ExportInfo;
-  readonly route: "direct" | "relay";
+export class IoctlAttachment extends AttachedBase {
   readonly kernelInterface = "ioctl" as const;
-  readonly connections = 1;
-  readonly closed: Promise<ReleaseInfo>;
   #name: string;
   #devFd: number;
   #sockFd: number;
@@ -133,29 +70,25 @@ export class Attachment implements AttachedDevice {
   #relay: Relay | undefined;
   #trace: Tracer;
   #worker: Worker | undefined;
-  #requested = false;
-  #finished = false;
-  #resolveClosed!: (r: ReleaseInfo) => void;
   #pendingIoctls: Promise<unknown>[] = [];
   #graceTimer: ReturnType<typeof setTimeout> | undefined;
-  #unwatch: (() => void) | undefined;
   #onStarted: ((m: WorkerMessage) => void) | undefined;
 
   constructor(parts: AttachmentParts) {
-    this.device = parts.device;
-    this.size = parts.size;
-    this.blockSize = parts.blockSize;
-    this.readOnly = parts.readOnly;
-    this.info = parts.info;
-    this.route = parts.relay ? "relay" : "direct";
+    super({
+      device: parts.device,
+      size: parts.size,
+      blockSize: parts.blockSize,
+      readOnly: parts.readOnly,
+      info: parts.info,
+      route: parts.relay ? "relay" : "direct",
+      connections: 1,
+    });
     this.#name = parts.name;
     this.#devFd = parts.devFd;
     this.#sockFd = parts.sockFd;
     this.#relayParts = parts.relay;
     this.#trace = parts.trace;
-    this.closed = new Promise((resolve) => {
-      this.#resolveClosed = resolve;
-    });
   }
 
   /** Starts the relay and NBD_DO_IT; resolves once the device is up. */
@@ -246,26 +179,7 @@ export class Attachment implements AttachedDevice {
     );
   }
 
-  /** Disconnects on signals and on `signal`; undone when released. */
-  watch(handleSignals: boolean, signal: AbortSignal | undefined): void {
-    // A second signal does not wait for the server: the socket is cut.
-    const onSignal = () => {
-      if (this.#requested) this.#cut();
-      else void this.disconnect();
-    };
-    const signals: Deno.Signal[] = handleSignals ? ["SIGINT", "SIGTERM"] : [];
-    for (const s of signals) Deno.addSignalListener(s, onSignal);
-    signal?.addEventListener("abort", onSignal, { once: true });
-    this.#unwatch = () => {
-      for (const s of signals) Deno.removeSignalListener(s, onSignal);
-      signal?.removeEventListener("abort", onSignal);
-    };
-    if (this.#finished) this.#unwatch();
-  }
-
-  disconnect(): Promise<ReleaseInfo> {
-    if (this.#finished || this.#requested) return this.closed;
-    this.#requested = true;
+  protected askDisconnect(): void {
     this.#trace?.("kernel.disconnect", { device: this.device });
     const c = libc();
     // On a pool thread: the kernel sends NBD_CMD_DISC through the socket,
@@ -273,26 +187,21 @@ export class Attachment implements AttachedDevice {
     this.#pendingIoctls.push(c.ioctl_nb(this.#devFd, NBD_DISCONNECT, 0n));
     // A server that never closes its end is cut off, as `nbd-client -d`
     // does.
-    this.#graceTimer = setTimeout(() => this.#cut(), DISCONNECT_GRACE_MS);
-    return this.closed;
+    this.#graceTimer = setTimeout(() => this.cut(), DISCONNECT_GRACE_MS);
   }
 
   /** Shuts the socket down without waiting for the server. */
-  #cut(): void {
-    if (this.#finished) return;
+  protected cut(): void {
+    if (this.releasing) return;
     clearTimeout(this.#graceTimer);
     this.#pendingIoctls.push(
       libc().ioctl_nb(this.#devFd, NBD_CLEAR_SOCK, 0n),
     );
   }
 
-  async [Symbol.asyncDispose](): Promise<void> {
-    await this.disconnect();
-  }
-
   /** Gives up on a device that never came up. */
   async #abandon(): Promise<void> {
-    this.#requested = true;
+    this.markRequested();
     libc().ioctl(this.#devFd, NBD_CLEAR_SOCK, 0n);
     await within(this.closed, 5000);
     // NBD_DO_IT never started or never returned: release what we hold.
@@ -300,8 +209,7 @@ export class Attachment implements AttachedDevice {
   }
 
   async #finish(m: WorkerMessage): Promise<void> {
-    if (this.#finished || m.type === "started") return;
-    this.#finished = true;
+    if (m.type === "started" || !this.beginRelease()) return;
     let cleanupError: unknown;
     try {
       await this.#release();
@@ -309,21 +217,19 @@ export class Attachment implements AttachedDevice {
       // `closed` must settle whatever happens; the error goes in it.
       cleanupError = e;
     }
-    this.#resolveClosed(this.#describe(m, cleanupError));
+    this.settle(this.#describe(m, cleanupError));
   }
 
   /** Hands everything back once NBD_DO_IT has returned. */
   async #release(): Promise<void> {
     clearTimeout(this.#graceTimer);
-    this.#unwatch?.();
     const c = libc();
     // Let ioctls on pool threads finish before their descriptor goes.
     await Promise.allSettled(this.#pendingIoctls);
     c.ioctl(this.#devFd, NBD_CLEAR_QUE, 0n);
     c.ioctl(this.#devFd, NBD_CLEAR_SOCK, 0n);
     if (this.#relay) {
-      this.#relay.stop();
-      await this.#relay.done;
+      await stopRelays([this.#relay]);
     } else if (this.#relayParts) {
       this.#relayParts.local.close();
       try {
@@ -347,7 +253,7 @@ export class Attachment implements AttachedDevice {
     const relayError = this.#relay?.error;
     if (m.type === "failed") {
       release = {
-        requested: this.#requested,
+        requested: this.requested,
         reason: "error",
         message: `${this.device}: the NBD_DO_IT thread failed: ${m.message}`,
         error: new Error(m.message),
@@ -357,7 +263,7 @@ export class Attachment implements AttachedDevice {
         ? "the server did not answer in time"
         : `NBD_DO_IT failed with ${describeErrno(m.errno)}`;
       release = {
-        requested: this.#requested,
+        requested: this.requested,
         reason: "error",
         message: `${this.device} was released: ${what}`,
         error: new NbdKernelError(
@@ -367,7 +273,7 @@ export class Attachment implements AttachedDevice {
           `${this.device} was released`,
         ),
       };
-    } else if (this.#requested) {
+    } else if (this.requested) {
       release = {
         requested: true,
         reason: "disconnect",

@@ -11,27 +11,16 @@
  * @module
  */
 
-import type { DebugHook } from "../lib/connect_options.ts";
-import { errorText } from "../lib/errors.ts";
-import { deviceInUse } from "./_kernel.ts";
-import { libc } from "./_libc.ts";
+import type { DebugHook } from "../../lib/connect_options.ts";
+import { errorText } from "../../lib/errors.ts";
+import type { ReleaseInfo } from "../_attached.ts";
+import { deviceInUse } from "../_kernel.ts";
+import { libc } from "../_libc.ts";
 import {
   disconnectDevice,
   type LinkDeadWatch,
   reconfigureDevice,
-} from "./netlink.ts";
-
-/** How a supervised device was released; the shape of attach()'s. */
-export interface NetlinkRelease {
-  /** Whether this process asked for the disconnect. */
-  requested: boolean;
-  /** `"disconnect"` asked for; `"lost"` the server or someone else; `"error"`. */
-  reason: "disconnect" | "lost" | "error";
-  /** One sentence for users. */
-  message: string;
-  /** The underlying error, if any. */
-  error: Error | undefined;
-}
+} from "./mod.ts";
 
 /** Options of {@linkcode superviseDevice}. */
 export interface SuperviseOptions {
@@ -43,8 +32,8 @@ export interface SuperviseOptions {
    */
   watch: LinkDeadWatch;
   /**
-   * Dials, negotiates and checks one socket for the kernel (same export,
-   * same size and flags); rejects when it cannot. Given: persist. Absent:
+   * Dials, negotiates and checks one socket for the kernel (the same
+   * export, as `exportChanges()` decides); rejects when it cannot. Given: persist. Absent:
    * a dead link disconnects the device.
    */
   redial?: (signal: AbortSignal) => Promise<number>;
@@ -69,9 +58,9 @@ export interface SupervisedDevice {
   /** How many dead links were replaced so far. */
   readonly reconnects: number;
   /** Settles once the device is released; never rejects. */
-  readonly closed: Promise<NetlinkRelease>;
+  readonly closed: Promise<ReleaseInfo>;
   /** Disconnects the device and waits for the release. */
-  disconnect(): Promise<NetlinkRelease>;
+  disconnect(): Promise<ReleaseInfo>;
 }
 
 /** Milliseconds a disconnect may take before its pid file must be gone. */
@@ -89,7 +78,7 @@ export function superviseDevice(options: SuperviseOptions): SupervisedDevice {
 
 class Supervisor implements SupervisedDevice {
   readonly index: number;
-  readonly closed: Promise<NetlinkRelease>;
+  readonly closed: Promise<ReleaseInfo>;
   reconnects = 0;
   #deadLinks = 0;
   #options: SuperviseOptions;
@@ -99,7 +88,7 @@ class Supervisor implements SupervisedDevice {
   /** Set while this process disconnects after a dead link. */
   #dropping = false;
   #finished = false;
-  #resolve!: (r: NetlinkRelease) => void;
+  #resolve!: (r: ReleaseInfo) => void;
   #poller: ReturnType<typeof setInterval>;
 
   constructor(options: SuperviseOptions) {
@@ -211,7 +200,7 @@ class Supervisor implements SupervisedDevice {
     });
   }
 
-  async disconnect(): Promise<NetlinkRelease> {
+  async disconnect(): Promise<ReleaseInfo> {
     if (this.#finished || this.#requested) return await this.closed;
     this.#requested = true;
     this.#stop.abort();
@@ -249,7 +238,7 @@ class Supervisor implements SupervisedDevice {
     return await this.closed;
   }
 
-  #finish(release: NetlinkRelease): void {
+  #finish(release: ReleaseInfo): void {
     if (this.#finished) return;
     this.#finished = true;
     clearInterval(this.#poller);

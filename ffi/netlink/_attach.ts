@@ -9,35 +9,36 @@
  * @module
  */
 
-import type { ConnectOptions } from "../lib/connect_options.ts";
+import type { ConnectOptions } from "../../lib/connect_options.ts";
 import {
   FLAG_CAN_MULTI_CONN,
   FLAG_HAS_FLAGS,
   FLAG_READ_ONLY,
-} from "../lib/constants.ts";
-import type { Tracer } from "../lib/_debug.ts";
-import { abortReason, NbdError } from "../lib/errors.ts";
-import type { ExportInfo } from "../lib/export.ts";
-import type { AttachedDevice, ReleaseInfo } from "./_attachment.ts";
+} from "../../lib/constants.ts";
+import type { Tracer } from "../../lib/_debug.ts";
+import { abortReason, NbdError } from "../../lib/errors.ts";
+import type { ExportInfo } from "../../lib/export.ts";
+import { exportChanges } from "../../lib/reconnect.ts";
+import { AttachedBase, stopRelays } from "../_attached.ts";
 import {
   connectForKernel,
   hangUp,
   type KernelConnection,
   type KernelConnectOptions,
-} from "./_connect.ts";
-import { kernelGeometry } from "./_geometry.ts";
-import { setReadOnly } from "./_kernel.ts";
-import { cString, E, libc, O_CLOEXEC, O_RDONLY } from "./_libc.ts";
-import { type NetlinkRelease, superviseDevice } from "./_netlink_supervisor.ts";
-import { type Relay, startRelay } from "./_relay.ts";
-import { NbdKernelError } from "./errors.ts";
+} from "../_connect.ts";
+import { kernelGeometry } from "../_geometry.ts";
+import { setReadOnly } from "../_kernel.ts";
+import { cString, E, libc, O_CLOEXEC, O_RDONLY } from "../_libc.ts";
+import { superviseDevice } from "./_supervisor.ts";
+import { type Relay, startRelay } from "../_relay.ts";
+import { NbdKernelError } from "../errors.ts";
 import {
   connectDevice,
   type ConnectDeviceOptions,
   disconnectDevice,
   type LinkDeadWatch,
   watchLinkDead,
-} from "./netlink.ts";
+} from "./mod.ts";
 
 /** Seconds I/O waits for a dead link to be replaced under persist. */
 export const PERSIST_DEAD_TIMEOUT = 60;
@@ -61,17 +62,24 @@ export interface NetlinkAttachPlan {
   trace: Tracer;
 }
 
-/** Whether a redialled export is the one the device was built on. */
-function sameExport(first: ExportInfo, again: ExportInfo): string | undefined {
-  if (again.size !== first.size) {
-    return `its size is ${again.size} bytes, not ${first.size}`;
-  }
-  if (again.flags !== first.flags) {
-    return `its transmission flags are 0x${again.flags.toString(16)}, not 0x${
-      first.flags.toString(16)
-    }`;
-  }
-  return undefined;
+/**
+ * What differs between the export the device was built on and the one a
+ * new connection reached, in words (`lib/reconnect.ts`'s rule, the one the
+ * library's own reconnect uses); `undefined` when it is the same export.
+ *
+ * @param first What the device was built on.
+ * @param again What a new connection negotiated.
+ * @param connections How many connections the device has (several rely
+ *   on `NBD_FLAG_CAN_MULTI_CONN` too).
+ * @returns The changes joined in one phrase, or `undefined`.
+ */
+export function exportDiffers(
+  first: ExportInfo,
+  again: ExportInfo,
+  connections: number,
+): string | undefined {
+  const changes = exportChanges(first, again, connections > 1);
+  return changes.length > 0 ? changes.join("; ") : undefined;
 }
 
 /**
@@ -98,7 +106,7 @@ async function dialAll(
   for (let i = 1; i < plan.connections; i++) {
     const c = await connectForKernel(plan.target, plan.connect, plan.trace);
     keep(c);
-    const differs = sameExport(info, c.info);
+    const differs = exportDiffers(info, c.info, plan.connections);
     if (differs) {
       throw new NbdError(
         `Connection ${
@@ -222,32 +230,27 @@ interface Parts {
   blockSize: number;
 }
 
-/** A device attached over netlink, under supervision. */
-export class NetlinkAttachment implements AttachedDevice {
-  readonly device: string;
-  readonly size: number;
-  readonly blockSize: number;
-  readonly readOnly: boolean;
-  readonly info: ExportInfo;
-  readonly route: "direct" | "relay";
+/**
+ * A device attached over netlink, under supervision. Signals,
+ * disconnect-once and disposal are the shared base's (`../_attached.ts`).
+ */
+export class NetlinkAttachment extends AttachedBase {
   readonly kernelInterface = "netlink" as const;
-  readonly connections: number;
   readonly persist: boolean;
-  readonly closed: Promise<ReleaseInfo>;
-  #disconnect: () => Promise<NetlinkRelease>;
+  #disconnect: () => Promise<unknown>;
   #relays: Relay[];
-  #unwatch: (() => void) | undefined;
-  #finished = false;
 
   constructor(parts: Parts) {
     const { plan, info } = parts;
-    this.device = parts.path;
-    this.size = parts.size;
-    this.blockSize = parts.blockSize;
-    this.readOnly = parts.readOnly;
-    this.info = info;
-    this.route = parts.relays.length > 0 ? "relay" : "direct";
-    this.connections = plan.connections;
+    super({
+      device: parts.path,
+      size: parts.size,
+      blockSize: parts.blockSize,
+      readOnly: parts.readOnly,
+      info,
+      route: parts.relays.length > 0 ? "relay" : "direct",
+      connections: plan.connections,
+    });
     this.persist = plan.persist;
     this.#relays = parts.relays;
     const redial = async (stop: AbortSignal): Promise<number> => {
@@ -255,7 +258,7 @@ export class NetlinkAttachment implements AttachedDevice {
         ...plan.connect,
         signal: stop,
       }, plan.trace);
-      const differs = sameExport(info, c.info);
+      const differs = exportDiffers(info, c.info, plan.connections);
       if (differs) {
         await hangUp(c);
         throw new NbdError(
@@ -284,41 +287,28 @@ export class NetlinkAttachment implements AttachedDevice {
       ...(plan.trace ? { debug: plan.trace } : {}),
     });
     this.#disconnect = () => supervised.disconnect();
-    this.closed = supervised.closed.then(async (r) => {
-      this.#finished = true;
-      this.#unwatch?.();
-      for (const relay of this.#relays) relay.stop();
-      await Promise.all(this.#relays.map((relay) => relay.done));
-      const relayError = this.#relays.find((relay) => relay.error)?.error;
-      return {
+    void supervised.closed.then(async (r) => {
+      this.beginRelease();
+      const relayError = await stopRelays(this.#relays);
+      this.settle({
         requested: r.requested,
         reason: r.reason,
         message: r.message,
         error: r.error ??
           (relayError instanceof Error ? relayError : undefined),
-      };
+      });
     });
   }
 
-  /** Disconnects on signals and on `signal`; undone when released. */
-  watch(handleSignals: boolean, signal: AbortSignal | undefined): void {
-    const onSignal = () => void this.disconnect();
-    const signals: Deno.Signal[] = handleSignals ? ["SIGINT", "SIGTERM"] : [];
-    for (const s of signals) Deno.addSignalListener(s, onSignal);
-    signal?.addEventListener("abort", onSignal, { once: true });
-    this.#unwatch = () => {
-      for (const s of signals) Deno.removeSignalListener(s, onSignal);
-      signal?.removeEventListener("abort", onSignal);
-    };
-    if (this.#finished) this.#unwatch();
+  protected askDisconnect(): void {
+    void this.#disconnect();
   }
 
-  async disconnect(): Promise<ReleaseInfo> {
-    await this.#disconnect();
-    return await this.closed;
-  }
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    await this.disconnect();
+  /**
+   * NBD_CMD_DISCONNECT has already shut the kernel's sockets down; what
+   * may still wait for the server is a relay carrying NBD_CMD_DISC.
+   */
+  protected cut(): void {
+    for (const relay of this.#relays) relay.stop();
   }
 }

@@ -6,9 +6,9 @@
  * @module
  */
 
-import { FLAG_HAS_FLAGS, FLAG_READ_ONLY } from "../lib/constants.ts";
-import type { Tracer } from "../lib/_debug.ts";
-import type { Geometry } from "./_geometry.ts";
+import { FLAG_HAS_FLAGS, FLAG_READ_ONLY } from "../../lib/constants.ts";
+import type { Tracer } from "../../lib/_debug.ts";
+import type { Geometry } from "../_geometry.ts";
 import {
   ioctl,
   NBD_CLEAR_SOCK,
@@ -18,9 +18,9 @@ import {
   NBD_SET_SOCK,
   NBD_SET_TIMEOUT,
   setReadOnly,
-} from "./_kernel.ts";
-import { E, libc } from "./_libc.ts";
-import { NbdKernelError } from "./errors.ts";
+} from "../_kernel.ts";
+import { E, libc } from "../_libc.ts";
+import { NbdKernelError } from "../errors.ts";
 
 /** What the device is told. */
 export interface DeviceSettings {

@@ -19,29 +19,29 @@
  * @module
  */
 
-import { FLAG_CAN_MULTI_CONN } from "../lib/constants.ts";
-import { E, libc } from "./_libc.ts";
-import { GenlSocket, linkDeadEvents, resolveFamily } from "./_netlink.ts";
+import { FLAG_CAN_MULTI_CONN } from "../../lib/constants.ts";
+import { E, libc } from "../_libc.ts";
+import { GenlSocket, linkDeadEvents, resolveFamily } from "./_socket.ts";
+import type { Family } from "./_genl.ts";
 import {
   decodeIndex,
   decodeStatus,
   type DeviceSettings,
   type DeviceState,
   encodeNbd,
-  type Family,
   NBD_CMD_CONNECT,
   NBD_CMD_DISCONNECT,
   NBD_CMD_RECONFIGURE,
   NBD_CMD_STATUS,
   NBD_GENL_MCAST_GROUP_NAME,
-} from "./_netlink_wire.ts";
-import { NbdKernelError } from "./errors.ts";
+} from "./_family.ts";
+import { NbdKernelError } from "../errors.ts";
 
 export type { DeviceState };
 export {
   NBD_CFLAG_DESTROY_ON_DISCONNECT,
   NBD_CFLAG_DISCONNECT_ON_CLOSE,
-} from "./_netlink_wire.ts";
+} from "./_family.ts";
 
 /** Settings of {@linkcode connectDevice}. */
 export interface ConnectDeviceOptions {
