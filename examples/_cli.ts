@@ -536,3 +536,77 @@ export function versionText(tool: string): string {
   return `${tool} ${manifest.version}\n${manifest.name} ${manifest.version}\n` +
     `deno ${Deno.version.deno}\n`;
 }
+
+/** What {@linkcode withInterrupt} hands the work it guards. */
+export interface Interrupt {
+  /**
+   * Aborted with {@linkcode Interrupt.reason} by the first SIGINT or
+   * SIGTERM. The work may abort it too, for reasons of its own (a failure
+   * that must stop the rest); `signal.reason` then tells which it was.
+   */
+  readonly controller: AbortController;
+  /** `controller.signal`. */
+  readonly signal: AbortSignal;
+  /** The reason the first signal aborts with: `Error("interrupted")`. */
+  readonly reason: Error;
+  /** Resolves when the first signal arrives; never rejects. */
+  readonly stopped: Promise<"interrupted">;
+}
+
+/** The signals a tool treats as "stop": ^C and a polite kill. */
+const STOP_SIGNALS: readonly Deno.Signal[] = ["SIGINT", "SIGTERM"];
+
+/** The status of a process ended by ^C, as shells report it (128 + 2). */
+export const INTERRUPTED_STATUS = 130;
+
+/**
+ * Runs `work` with SIGINT and SIGTERM turned into an abort, the one way
+ * every tool handles them:
+ *
+ * - the first signal aborts `interrupt.signal` (and resolves
+ *   `interrupt.stopped`); the work is expected to stop, close what it opened
+ *   and return, within its own grace time;
+ * - a second signal, while the work is still stopping, exits the process at
+ *   once with status 130: the user insists, and nothing more is waited for;
+ * - once `work` settles the listeners are removed, so a later ^C ends the
+ *   process the default way again.
+ *
+ * @param work What to run; it receives the abort and the means to tell it
+ *   apart from its own.
+ * @returns What `work` returns.
+ * @throws What `work` throws.
+ *
+ * @example
+ * ```ts
+ * const status = await withInterrupt(async ({ signal }) => {
+ *   await fetch("http://127.0.0.1:8080/", { signal });
+ *   return 0;
+ * });
+ * ```
+ */
+export async function withInterrupt<T>(
+  work: (interrupt: Interrupt) => Promise<T>,
+): Promise<T> {
+  const controller = new AbortController();
+  const reason = new Error("interrupted");
+  let signals = 0;
+  let onFirst!: (value: "interrupted") => void;
+  const stopped = new Promise<"interrupted">((resolve) => onFirst = resolve);
+  const onSignal = () => {
+    // Counted, not read off the controller: the work may abort it itself.
+    if (++signals > 1) Deno.exit(INTERRUPTED_STATUS);
+    controller.abort(reason);
+    onFirst("interrupted");
+  };
+  for (const s of STOP_SIGNALS) Deno.addSignalListener(s, onSignal);
+  try {
+    return await work({
+      controller,
+      signal: controller.signal,
+      reason,
+      stopped,
+    });
+  } finally {
+    for (const s of STOP_SIGNALS) Deno.removeSignalListener(s, onSignal);
+  }
+}

@@ -9,6 +9,7 @@ import { parseUri } from "../../mod.ts";
 import {
   errorLine,
   humanBytes,
+  INTERRUPTED_STATUS,
   type OptionSpec,
   parseArgs,
   parseCount,
@@ -23,6 +24,7 @@ import {
   versionText,
   warn,
   warnUsage,
+  withInterrupt,
   writeAll,
 } from "../_cli.ts";
 import type { Destination, Settings, Source } from "./endpoint.ts";
@@ -117,6 +119,14 @@ const OPTIONS: OptionSpec[] = [
 /** The NBD protocol's ceiling for one payload. */
 const MAX_REQUEST_SIZE = 32 * 1024 * 1024;
 
+/** The largest `--sparse` nbdcopy takes: a power of 2 that 32 bits hold. */
+const MAX_SPARSE = 2 ** 31;
+
+function isPowerOf2(n: number): boolean {
+  return Number.isSafeInteger(n) && n > 0 &&
+    2 ** Math.round(Math.log2(n)) === n;
+}
+
 function readSettings(o: Map<string, string | true>): Settings {
   const str = (name: string) => {
     const v = o.get(name);
@@ -161,6 +171,16 @@ function readSettings(o: Map<string, string | true>): Settings {
   ) {
     throw new UsageError(
       `--request-size: must be a multiple of 512 from 512 to ${MAX_REQUEST_SIZE}`,
+    );
+  }
+  // nbdcopy 1.22's rule: 0 (off), or a power of 2 from 512 to what 32 bits
+  // hold; -S 1 or -S 7 would make a block no request can be aligned to.
+  const s = settings.sparse;
+  if (
+    s !== undefined && s !== 0 && (s < 512 || s > MAX_SPARSE || !isPowerOf2(s))
+  ) {
+    throw new UsageError(
+      `--sparse: must be 0 or a power of 2 from 512 to ${MAX_SPARSE}, not ${s}`,
     );
   }
   return settings;
@@ -512,36 +532,29 @@ export async function main(args: string[]): Promise<number> {
     return 0;
   }
 
-  const controller = new AbortController();
-  const interrupted = new Error("interrupted");
-  const state: RunState = {};
   // The first ^C stops the copy and closes the connections, within
-  // GRACE_MS; a second one exits at once.
-  let giveUp: () => void = () => {};
-  const gaveUp = new Promise<number>((resolve) => {
-    giveUp = () => {
-      state.progress?.finish(false);
-      warn("copy: interrupted");
-      resolve(130);
-    };
+  // GRACE_MS; a second one exits at once (withInterrupt's rule).
+  return await withInterrupt(async ({ controller, reason, stopped }) => {
+    const state: RunState = {};
+    let grace: ReturnType<typeof setTimeout> | undefined;
+    const gaveUp = stopped.then(() =>
+      new Promise<number>((resolve) => {
+        grace = setTimeout(() => {
+          state.progress?.finish(false);
+          warn("copy: interrupted");
+          resolve(INTERRUPTED_STATUS);
+        }, GRACE_MS);
+      })
+    );
+    try {
+      return await Promise.race([
+        run(request, controller, reason, state),
+        gaveUp,
+      ]);
+    } finally {
+      clearTimeout(grace);
+    }
   });
-  let grace: ReturnType<typeof setTimeout> | undefined;
-  const onSignal = () => {
-    if (controller.signal.aborted) Deno.exit(130);
-    controller.abort(interrupted);
-    grace = setTimeout(giveUp, GRACE_MS);
-  };
-  const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
-  for (const s of signals) Deno.addSignalListener(s, onSignal);
-  try {
-    return await Promise.race([
-      run(request, controller, interrupted, state),
-      gaveUp,
-    ]);
-  } finally {
-    clearTimeout(grace);
-    for (const s of signals) Deno.removeSignalListener(s, onSignal);
-  }
 }
 
 /** What {@linkcode run} has opened so far, for the way out. */

@@ -7,10 +7,12 @@
 
 import {
   errorLine,
+  INTERRUPTED_STATUS,
   UsageError,
   versionText,
   warn,
   warnUsage,
+  withInterrupt,
   writeAll,
 } from "../_cli.ts";
 import { gather } from "./facts.ts";
@@ -108,40 +110,29 @@ export async function main(args: string[]): Promise<number> {
     return 0;
   }
   // ^C (or SIGTERM) ends the run at once, connecting or not; the signal
-  // also closes what is open.
-  const interrupt = new AbortController();
-  const interrupted = new Error("interrupted");
-  let onInterrupt!: () => void;
-  const stopped = new Promise<"interrupted">((resolve) => {
-    onInterrupt = () => {
-      interrupt.abort(interrupted);
-      resolve("interrupted");
-    };
+  // also closes what is open. A second one exits without waiting.
+  return await withInterrupt(async ({ signal, stopped }) => {
+    try {
+      const running = run(request, signal);
+      running.catch(() => {});
+      const result = await Promise.race([running, stopped]);
+      if (result === "interrupted") {
+        warn("info: interrupted");
+        await settled(running, SETTLE_MS);
+        return INTERRUPTED_STATUS;
+      }
+      // All at once at the end: a failure never leaves half a report.
+      if (result.out) await writeAll(Deno.stdout, result.out);
+      return result.status;
+    } catch (e) {
+      if (signal.aborted) {
+        warn("info: interrupted");
+        return INTERRUPTED_STATUS;
+      }
+      warn(errorLine("info", e));
+      return 1;
+    }
   });
-  const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
-  for (const s of signals) Deno.addSignalListener(s, onInterrupt);
-  try {
-    const running = run(request, interrupt.signal);
-    running.catch(() => {});
-    const result = await Promise.race([running, stopped]);
-    if (result === "interrupted") {
-      warn("info: interrupted");
-      await settled(running, SETTLE_MS);
-      return 130;
-    }
-    // All at once at the end: a failure never leaves half a report.
-    if (result.out) await writeAll(Deno.stdout, result.out);
-    return result.status;
-  } catch (e) {
-    if (interrupt.signal.aborted) {
-      warn("info: interrupted");
-      return 130;
-    }
-    warn(errorLine("info", e));
-    return 1;
-  } finally {
-    for (const s of signals) Deno.removeSignalListener(s, onInterrupt);
-  }
 }
 
 /** Waits for `p` to settle, but at most `ms`. */
