@@ -313,6 +313,40 @@ export function clock(seconds: number): string {
   return h > 0 ? `${h}:${String(m).padStart(2, "0")}:${ss}` : `${m}:${ss}`;
 }
 
+/** JSON's short escapes, which read better than `\u000a`. */
+const SHORT_ESCAPES: Readonly<Record<string, string>> = {
+  "\b": "\\b",
+  "\t": "\\t",
+  "\n": "\\n",
+  "\f": "\\f",
+  "\r": "\\r",
+};
+
+/** C0 controls, DEL and C1 controls (U+009B is a one-character CSI). */
+// deno-lint-ignore no-control-regex -- matching them is the point.
+const CONTROLS = /[\u0000-\u001f\u007f-\u009f]/g;
+
+/**
+ * Text from a server made safe for a terminal: every C0 control, DEL and
+ * C1 control is shown as an escape (`\n`, `\u001b`, `\u009b`, the way
+ * JSON writes them), so an export description, an error reply's text or a
+ * server command's stderr can neither set the window title, clear the
+ * screen, nor hide what follows. Everything else is left as it is, so the
+ * result is idempotent. JSON output is escaped by `JSON.stringify` and by
+ * this for what that leaves raw (DEL and C1), and stays exact.
+ *
+ * @param text Any text.
+ * @returns The text with its control characters escaped.
+ */
+export function visible(text: string): string {
+  return text.replace(
+    CONTROLS,
+    (c) =>
+      SHORT_ESCAPES[c] ??
+        `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`,
+  );
+}
+
 /**
  * The one line a tool prints when it fails: `tool: message`. An
  * `AggregateError` or an error with a `cause` shows the first reason too,
@@ -327,7 +361,9 @@ export function errorLine(tool: string, error: unknown): string {
     const inner = error.cause.message;
     if (inner && !message.includes(inner)) message += `: ${inner}`;
   }
-  return `${tool}: ${message.replaceAll("\n", " ")}`;
+  // The message may carry a server's words (an error reply's text, a
+  // server command's stderr): shown, never obeyed.
+  return visible(`${tool}: ${message.replaceAll("\n", " ")}`);
 }
 
 const encoder = new TextEncoder();
@@ -344,9 +380,13 @@ export async function writeAll(
   }
 }
 
-/** Prints one line to stderr. */
+/**
+ * Prints a line (or lines) to stderr, control characters escaped by
+ * {@linkcode visible}: what a tool reports may quote a server.
+ */
 export function warn(line: string): void {
-  Deno.stderr.writeSync(encoder.encode(line + "\n"));
+  const safe = line.split("\n").map(visible).join("\n");
+  Deno.stderr.writeSync(encoder.encode(safe + "\n"));
 }
 
 /**

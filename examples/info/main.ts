@@ -10,6 +10,7 @@ import {
   INTERRUPTED_STATUS,
   UsageError,
   versionText,
+  visible,
   warn,
   warnUsage,
   withInterrupt,
@@ -52,7 +53,10 @@ async function run(
       // Connected first, as nbdinfo: the URI of an export that answers.
       const g = await gather(r.target, undefined, signal);
       const uri = exportUri(r.target, g.export.exportName)!;
-      return { out: `${r.json ? JSON.stringify(uri) : uri}\n`, status: 0 };
+      return {
+        out: `${visible(r.json ? JSON.stringify(uri) : uri)}\n`,
+        status: 0,
+      };
     }
     case "map": {
       const { size, runs } = await readMap(r.target, r.context, signal);

@@ -6,7 +6,7 @@
  */
 
 import type { Capabilities } from "../../mod.ts";
-import { exactSize } from "../_cli.ts";
+import { exactSize, visible } from "../_cli.ts";
 import type { ExportFacts, SessionFacts, Target } from "./facts.ts";
 
 /**
@@ -24,10 +24,13 @@ export function jsonText(value: unknown, indent?: number): string {
     },
     indent,
   );
+  // JSON.stringify leaves DEL and C1 raw; escaped, they read the same to a
+  // parser and do nothing to a terminal. Only strings hold them, and the
+  // only newlines are the layout's.
   return text.replace(
     /"\\u0000bigint(\d+)\\u0000"/g,
     (_all, i: string) => digits[Number(i)]!,
-  );
+  ).split("\n").map(visible).join("\n");
 }
 
 /**
@@ -115,14 +118,15 @@ function sizeText(bytes: number | bigint): string {
 
 /** One export as text, a field a line. */
 export function exportText(uri: string | null, e: ExportFacts): string {
-  const lines = [`export=${JSON.stringify(e.exportName)}:`];
-  if (e.description) lines.push(`\tdescription: ${e.description}`);
+  // Every string here but the numbers' is the server's: escaped.
+  const lines = [`export=${visible(JSON.stringify(e.exportName))}:`];
+  if (e.description) lines.push(`\tdescription: ${visible(e.description)}`);
   lines.push(`\texport-size: ${sizeText(e.size)}`);
-  if (e.content !== null) lines.push(`\tcontent: ${e.content}`);
-  if (uri !== null) lines.push(`\turi: ${uri}`);
+  if (e.content !== null) lines.push(`\tcontent: ${visible(e.content)}`);
+  if (uri !== null) lines.push(`\turi: ${visible(uri)}`);
   if (e.contexts) {
     lines.push("\tcontexts:");
-    for (const c of e.contexts) lines.push(`\t\t${c}`);
+    for (const c of e.contexts) lines.push(`\t\t${visible(c)}`);
   }
   for (const [name, value] of capabilityList(e.can)) {
     lines.push(`\t${name}: ${value}`);

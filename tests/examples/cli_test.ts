@@ -9,6 +9,7 @@ import {
   parseSize,
   Progress,
   UsageError,
+  visible,
 } from "../../examples/_cli.ts";
 import { isZero } from "../../examples/copy.ts";
 import { extentDescription } from "../../examples/info.ts";
@@ -298,4 +299,21 @@ Deno.test("copy -S/--sparse takes what nbdcopy 1.22 takes: 0 or a power of 2 fro
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("visible() escapes C0, DEL and C1 controls, and nothing else", () => {
+  assert.equal(
+    visible("\x1b]0;t\x07\x1b[2J\x00\x7f\u009b\u0080\u009f"),
+    "\\u001b]0;t\\u0007\\u001b[2J\\u0000\\u007f\\u009b\\u0080\\u009f",
+  );
+  assert.equal(visible("a\tb\nc\rd"), "a\\tb\\nc\\rd");
+  const plain = 'é ü 日本 "q" \\ ~ \u00a0 \u{1f600}';
+  assert.equal(visible(plain), plain);
+  const once = visible("\x1b[31m\u009b");
+  assert.equal(visible(once), once, "idempotent");
+});
+
+Deno.test("errorLine() escapes what a server said", () => {
+  const e = new Error("refused", { cause: new Error("\x1b[2Jgone\u009b") });
+  assert.equal(errorLine("info", e), "info: refused: \\u001b[2Jgone\\u009b");
 });
