@@ -245,6 +245,29 @@ export function parseSize(text: string, what: string): number {
   return n;
 }
 
+/** The largest `--sparse` nbdcopy takes: a power of 2 that 32 bits hold. */
+const MAX_SPARSE = 2 ** 31;
+
+/**
+ * Parses copy's `-S`/`--sparse` the way nbdcopy 1.22 takes it: 0 (off), or
+ * a power of 2 from 512 to 2^31. `-S 1` or `-S 7` would make blocks that no
+ * request can be aligned to.
+ *
+ * @param text The size as typed (`4k`, `65536`, `0`).
+ * @returns The block size for sparse detection, 0 for none.
+ * @throws {UsageError} For anything else.
+ */
+export function parseSparse(text: string): number {
+  const n = parseSize(text, "--sparse");
+  const powerOf2 = n > 0 && 2 ** Math.round(Math.log2(n)) === n;
+  if (n !== 0 && (n < 512 || n > MAX_SPARSE || !powerOf2)) {
+    throw new UsageError(
+      `--sparse: must be 0 or a power of 2 from 512 to ${MAX_SPARSE}, not ${n}`,
+    );
+  }
+  return n;
+}
+
 /**
  * Parses a whole number within bounds.
  *

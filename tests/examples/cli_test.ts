@@ -7,6 +7,7 @@ import {
   parseArgs,
   parseCount,
   parseSize,
+  parseSparse,
   Progress,
   UsageError,
   visible,
@@ -316,4 +317,18 @@ Deno.test("visible() escapes C0, DEL and C1 controls, and nothing else", () => {
 Deno.test("errorLine() escapes what a server said", () => {
   const e = new Error("refused", { cause: new Error("\x1b[2Jgone\u009b") });
   assert.equal(errorLine("info", e), "info: refused: \\u001b[2Jgone\\u009b");
+});
+
+Deno.test("parseSparse() takes 0 or a power of 2 from 512 to 2^31, as nbdcopy 1.22", () => {
+  for (
+    const [text, n] of [["0", 0], ["512", 512], ["4k", 4096], [
+      "2G",
+      2 ** 31,
+    ]] as const
+  ) {
+    assert.equal(parseSparse(text), n);
+  }
+  for (const text of ["1", "7", "256", "511", "513", "768", "3k", "4G", "x"]) {
+    assert.throws(() => parseSparse(text), UsageError, text);
+  }
 });
