@@ -94,7 +94,9 @@ async function run(
  * @param args Command-line arguments, without the program name.
  * @returns The exit status: 0, 1 on failure, 2 for a `--can`/`--is`/`--has`
  *   "no" (or a `--cannot`/`--isnt`/`--hasnt` "yes"),
- *   130 when interrupted (SIGINT, SIGTERM).
+ *   130 when interrupted (SIGINT, SIGTERM): after the first signal the
+ *   work in flight gets up to 3 s to settle, a second one exits at once
+ *   (see `withInterrupt()`).
  */
 export async function main(args: string[]): Promise<number> {
   let request: Request;
