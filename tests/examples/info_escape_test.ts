@@ -1,6 +1,6 @@
 /**
  * What a server says reaches the terminal shown, never obeyed: an export
- * description, an option error reply's text, a command
+ * description or name, an option error reply's text, a command
  * error's text and a server command's stderr, full of escape sequences, C1
  * controls, NUL and DEL, come out of `info` and `copy` escaped, while
  * `--json` keeps every character exactly.
@@ -77,6 +77,25 @@ Deno.test("info shows a hostile export description escaped, and exact in --json"
     const doc = JSON.parse(r.text);
     assert.equal(doc.exports[0].description, HOSTILE);
   });
+});
+
+Deno.test("info shows a hostile export name escaped in text, exact in --json", async () => {
+  // JSON.stringify quotes C0 controls but leaves DEL and C1 raw.
+  const name = "disk\u009b2J\x7f\x1b[31m";
+  await using server = await startTestServer({
+    exports: [{ name, size: 64 * 1024 }],
+  });
+  const text = await runTool("info", ["--list", server.uri]);
+  assert.equal(text.code, 0, text.stderr);
+  assertNoRawControls(text);
+  assert.ok(
+    text.text.includes('export="disk\\u009b2J\\u007f\\u001b[31m":\n'),
+    text.text,
+  );
+  const json = await runTool("info", ["--list", "--json", server.uri]);
+  assert.equal(json.code, 0, json.stderr);
+  assertNoRawControls(json);
+  assert.equal(JSON.parse(json.text).exports[0]["export-name"], name);
 });
 
 Deno.test("info shows an option error reply's text escaped", async () => {
