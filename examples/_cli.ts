@@ -245,6 +245,29 @@ export function parseSize(text: string, what: string): number {
   return n;
 }
 
+/** The largest `--sparse` nbdcopy takes: a power of 2 that 32 bits hold. */
+const MAX_SPARSE = 2 ** 31;
+
+/**
+ * Parses copy's `-S`/`--sparse` the way nbdcopy 1.22 takes it: 0 (off), or
+ * a power of 2 from 512 to 2^31. `-S 1` or `-S 7` would make blocks that no
+ * request can be aligned to.
+ *
+ * @param text The size as typed (`4k`, `65536`, `0`).
+ * @returns The block size for sparse detection, 0 for none.
+ * @throws {UsageError} For anything else.
+ */
+export function parseSparse(text: string): number {
+  const n = parseSize(text, "--sparse");
+  const powerOf2 = n > 0 && 2 ** Math.round(Math.log2(n)) === n;
+  if (n !== 0 && (n < 512 || n > MAX_SPARSE || !powerOf2)) {
+    throw new UsageError(
+      `--sparse: must be 0 or a power of 2 from 512 to ${MAX_SPARSE}, not ${n}`,
+    );
+  }
+  return n;
+}
+
 /**
  * Parses a whole number within bounds.
  *
@@ -313,6 +336,40 @@ export function clock(seconds: number): string {
   return h > 0 ? `${h}:${String(m).padStart(2, "0")}:${ss}` : `${m}:${ss}`;
 }
 
+/** JSON's short escapes, which read better than `\u000a`. */
+const SHORT_ESCAPES: Readonly<Record<string, string>> = {
+  "\b": "\\b",
+  "\t": "\\t",
+  "\n": "\\n",
+  "\f": "\\f",
+  "\r": "\\r",
+};
+
+/** C0 controls, DEL and C1 controls (U+009B is a one-character CSI). */
+// deno-lint-ignore no-control-regex -- matching them is the point.
+const CONTROLS = /[\u0000-\u001f\u007f-\u009f]/g;
+
+/**
+ * Text from a server made safe for a terminal: every C0 control, DEL and
+ * C1 control is shown as an escape (`\n`, `\u001b`, `\u009b`, the way
+ * JSON writes them), so an export description, an error reply's text or a
+ * server command's stderr can neither set the window title, clear the
+ * screen, nor hide what follows. Everything else is left as it is, so the
+ * result is idempotent. JSON output is escaped by `JSON.stringify` and by
+ * this for what that leaves raw (DEL and C1), and stays exact.
+ *
+ * @param text Any text.
+ * @returns The text with its control characters escaped.
+ */
+export function visible(text: string): string {
+  return text.replace(
+    CONTROLS,
+    (c) =>
+      SHORT_ESCAPES[c] ??
+        `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`,
+  );
+}
+
 /**
  * The one line a tool prints when it fails: `tool: message`. An
  * `AggregateError` or an error with a `cause` shows the first reason too,
@@ -327,7 +384,9 @@ export function errorLine(tool: string, error: unknown): string {
     const inner = error.cause.message;
     if (inner && !message.includes(inner)) message += `: ${inner}`;
   }
-  return `${tool}: ${message.replaceAll("\n", " ")}`;
+  // The message may carry a server's words (an error reply's text, a
+  // server command's stderr): shown, never obeyed.
+  return visible(`${tool}: ${message.replaceAll("\n", " ")}`);
 }
 
 const encoder = new TextEncoder();
@@ -344,9 +403,13 @@ export async function writeAll(
   }
 }
 
-/** Prints one line to stderr. */
+/**
+ * Prints a line (or lines) to stderr, control characters escaped by
+ * {@linkcode visible}: what a tool reports may quote a server.
+ */
 export function warn(line: string): void {
-  Deno.stderr.writeSync(encoder.encode(line + "\n"));
+  const safe = line.split("\n").map(visible).join("\n");
+  Deno.stderr.writeSync(encoder.encode(safe + "\n"));
 }
 
 /**
@@ -535,4 +598,78 @@ export const VERSION_OPTION: OptionSpec = {
 export function versionText(tool: string): string {
   return `${tool} ${manifest.version}\n${manifest.name} ${manifest.version}\n` +
     `deno ${Deno.version.deno}\n`;
+}
+
+/** What {@linkcode withInterrupt} hands the work it guards. */
+export interface Interrupt {
+  /**
+   * Aborted with {@linkcode Interrupt.reason} by the first SIGINT or
+   * SIGTERM. The work may abort it too, for reasons of its own (a failure
+   * that must stop the rest); `signal.reason` then tells which it was.
+   */
+  readonly controller: AbortController;
+  /** `controller.signal`. */
+  readonly signal: AbortSignal;
+  /** The reason the first signal aborts with: `Error("interrupted")`. */
+  readonly reason: Error;
+  /** Resolves when the first signal arrives; never rejects. */
+  readonly stopped: Promise<"interrupted">;
+}
+
+/** The signals a tool treats as "stop": ^C and a polite kill. */
+const STOP_SIGNALS: readonly Deno.Signal[] = ["SIGINT", "SIGTERM"];
+
+/** The status of a process ended by ^C, as shells report it (128 + 2). */
+export const INTERRUPTED_STATUS = 130;
+
+/**
+ * Runs `work` with SIGINT and SIGTERM turned into an abort, the one way
+ * every tool handles them:
+ *
+ * - the first signal aborts `interrupt.signal` (and resolves
+ *   `interrupt.stopped`); the work is expected to stop, close what it opened
+ *   and return, within its own grace time;
+ * - a second signal, while the work is still stopping, exits the process at
+ *   once with status 130: the user insists, and nothing more is waited for;
+ * - once `work` settles the listeners are removed, so a later ^C ends the
+ *   process the default way again.
+ *
+ * @param work What to run; it receives the abort and the means to tell it
+ *   apart from its own.
+ * @returns What `work` returns.
+ * @throws What `work` throws.
+ *
+ * @example
+ * ```ts
+ * const status = await withInterrupt(async ({ signal }) => {
+ *   await fetch("http://127.0.0.1:8080/", { signal });
+ *   return 0;
+ * });
+ * ```
+ */
+export async function withInterrupt<T>(
+  work: (interrupt: Interrupt) => Promise<T>,
+): Promise<T> {
+  const controller = new AbortController();
+  const reason = new Error("interrupted");
+  let signals = 0;
+  let onFirst!: (value: "interrupted") => void;
+  const stopped = new Promise<"interrupted">((resolve) => onFirst = resolve);
+  const onSignal = () => {
+    // Counted, not read off the controller: the work may abort it itself.
+    if (++signals > 1) Deno.exit(INTERRUPTED_STATUS);
+    controller.abort(reason);
+    onFirst("interrupted");
+  };
+  for (const s of STOP_SIGNALS) Deno.addSignalListener(s, onSignal);
+  try {
+    return await work({
+      controller,
+      signal: controller.signal,
+      reason,
+      stopped,
+    });
+  } finally {
+    for (const s of STOP_SIGNALS) Deno.removeSignalListener(s, onSignal);
+  }
 }

@@ -136,8 +136,11 @@ function quiet<T>(p: Promise<T>): Promise<T> {
  * @param client The connection to read from.
  * @param options The range, request size, read-ahead and abort signal.
  * @returns A stream of the range's bytes, in order.
- * @throws {RangeError} If the range is outside the export, not aligned to
- * its minimum block size, or a size is not a positive integer.
+ * @throws {RangeError} If the range is outside the export, its offset is
+ * not a multiple of the minimum block size, or a size is not a positive
+ * integer. A length that is not a multiple of the minimum block size is
+ * fine, as for {@linkcode writableTo}: the last block is read whole and the
+ * stream ends where the range does.
  *
  * @example Hash an export
  * ```ts ignore
@@ -157,9 +160,17 @@ export function readableFrom(
   const length = options.length ?? client.size - start;
   checkRange(client.size, start, length);
   const { minimum, preferred, maximum } = client.blockSize;
-  if (minimum > 1 && (start % minimum !== 0 || length % minimum !== 0)) {
+  if (minimum > 1 && start % minimum !== 0) {
     throw new RangeError(
-      `Offset ${start} and length ${length} must be multiples of the export's minimum block size ${minimum}`,
+      `Offset ${start} is not a multiple of the export's minimum block size ${minimum}`,
+    );
+  }
+  // The same rule as writableTo(): the offset is aligned, the length need
+  // not be. A partial last block is read whole and handed out cut.
+  const tail = minimum > 1 ? length % minimum : 0;
+  if (tail !== 0 && start + length - tail + minimum > client.size) {
+    throw new RangeError(
+      `Range of ${length} bytes at offset ${start} ends inside the export's last partial block`,
     );
   }
   let chunkSize = options.chunkSize ??
@@ -185,11 +196,22 @@ export function readableFrom(
   let next = start;
   const readInto = client.readInto?.bind(client);
 
+  /** Reads `n` bytes at `at`, asking for whole blocks. */
   const read = (at: number, n: number): Promise<Uint8Array> => {
-    if (!readInto) return client.read(at, n, { signal });
+    const rem = minimum > 1 ? n % minimum : 0;
+    // Only the last request can be short of a block; it still fits a
+    // chunk, which is a multiple of the block size.
+    const whole = rem === 0 ? n : n - rem + minimum;
+    if (!readInto) {
+      return client.read(at, whole, { signal }).then((data) =>
+        whole === n ? data : data.subarray(0, n)
+      );
+    }
     const own = free.pop() ?? new Uint8Array(chunkSize);
-    const buf = n === own.length ? own : own.subarray(0, n);
-    return readInto(buf, at, { signal }).then(() => buf);
+    const buf = whole === own.length ? own : own.subarray(0, whole);
+    return readInto(buf, at, { signal }).then(() =>
+      whole === n ? buf : buf.subarray(0, n)
+    );
   };
 
   const fill = () => {

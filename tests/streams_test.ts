@@ -130,6 +130,21 @@ function pattern(n: number, seed = 1): Uint8Array {
   return out;
 }
 
+/** Reads a stream with a BYOB reader, through buffers of `size` bytes. */
+async function collectByob(
+  stream: ReadableStream<Uint8Array>,
+  size: number,
+): Promise<Uint8Array> {
+  const reader = stream.getReader({ mode: "byob" });
+  const parts: Uint8Array[] = [];
+  for (let i = 0; i < 10_000; i++) {
+    const { value, done } = await reader.read(new Uint8Array(size));
+    if (done) return concat(...parts);
+    parts.push(value.slice());
+  }
+  throw new Error("the stream did not end within 10,000 reads");
+}
+
 async function collect(
   stream: ReadableStream<Uint8Array>,
 ): Promise<Uint8Array> {
@@ -235,13 +250,65 @@ Deno.test("readableFrom()", async (t) => {
     await exp.settled();
   });
 
-  await t.step("rejects a range off the minimum block size", () => {
+  await t.step("rejects an offset off the minimum block size", () => {
     const exp = new MemoryExport(4096, 512, 4096);
     assert.throws(
       () => readableFrom(exp, { offset: 100 }),
       /minimum block size 512/,
     );
-    assert.throws(() => readableFrom(exp, { length: 1000 }), RangeError);
+  });
+
+  // One rule with writableTo(): the offset is aligned, the length need not
+  // be; the last block is read whole and the stream ends where asked.
+  await t.step(
+    "reads a length off the minimum block size, as writableTo() writes one",
+    async () => {
+      // Plain reads, and readInto() into the stream's own buffers handed to
+      // a BYOB reader whole (1024) or copied (700).
+      const shapes = [
+        { exp: new MemoryExport(8 * 512, 512, 2048), byob: 0 },
+        { exp: new ReadIntoExport(8 * 512, 512, 2048), byob: 1024 },
+        { exp: new ReadIntoExport(8 * 512, 512, 2048), byob: 700 },
+      ];
+      for (const { exp, byob } of shapes) {
+        exp.data.set(pattern(8 * 512));
+        for (const [offset, length] of [[0, 1000], [1024, 1636], [0, 1]]) {
+          exp.reads.length = 0;
+          const stream = readableFrom(exp, {
+            offset: offset!,
+            length: length!,
+            chunkSize: 1024,
+          });
+          const got = byob
+            ? await collectByob(stream, byob)
+            : await collect(stream);
+          assert.deepEqual(
+            got,
+            exp.data.slice(offset, offset! + length!),
+            `${length} bytes at ${offset}, BYOB buffer ${byob}`,
+          );
+          for (const [off, len] of exp.reads) {
+            assert.equal((off | len) % 512, 0);
+          }
+        }
+      }
+      const exp = new MemoryExport(8 * 512, 512, 2048);
+      const src = pattern(3 * 512 + 100);
+      await ReadableStream.from([src])
+        .pipeTo(writableTo(exp, { offset: 512, flush: false }));
+      assert.deepEqual(
+        await collect(readableFrom(exp, { offset: 512, length: src.length })),
+        src,
+      );
+    },
+  );
+
+  await t.step("refuses a length that ends inside a partial last block", () => {
+    const exp = new MemoryExport(4096 + 100, 512, 4096);
+    assert.throws(
+      () => readableFrom(exp, { offset: 4096 }),
+      /ends inside the export's last partial block/,
+    );
   });
 
   await t.step("rejects a range beyond the end", () => {

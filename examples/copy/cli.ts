@@ -9,10 +9,12 @@ import { parseUri } from "../../mod.ts";
 import {
   errorLine,
   humanBytes,
+  INTERRUPTED_STATUS,
   type OptionSpec,
   parseArgs,
   parseCount,
   parseSize,
+  parseSparse,
   Progress,
   type ProgressMode,
   progressMode,
@@ -23,6 +25,7 @@ import {
   versionText,
   warn,
   warnUsage,
+  withInterrupt,
   writeAll,
 } from "../_cli.ts";
 import type { Destination, Settings, Source } from "./endpoint.ts";
@@ -147,7 +150,7 @@ function readSettings(o: Map<string, string | true>): Settings {
     requestSize: requestSize === undefined
       ? 256 * 1024
       : parseSize(requestSize, "--request-size"),
-    sparse: sparse === undefined ? undefined : parseSize(sparse, "--sparse"),
+    sparse: sparse === undefined ? undefined : parseSparse(sparse),
     allocated: o.has("allocated"),
     destinationIsZero: o.has("destination-is-zero") || o.has("target-is-zero"),
     extents: !o.has("no-extents"),
@@ -512,36 +515,29 @@ export async function main(args: string[]): Promise<number> {
     return 0;
   }
 
-  const controller = new AbortController();
-  const interrupted = new Error("interrupted");
-  const state: RunState = {};
   // The first ^C stops the copy and closes the connections, within
-  // GRACE_MS; a second one exits at once.
-  let giveUp: () => void = () => {};
-  const gaveUp = new Promise<number>((resolve) => {
-    giveUp = () => {
-      state.progress?.finish(false);
-      warn("copy: interrupted");
-      resolve(130);
-    };
+  // GRACE_MS; a second one exits at once (withInterrupt's rule).
+  return await withInterrupt(async ({ controller, reason, stopped }) => {
+    const state: RunState = {};
+    let grace: ReturnType<typeof setTimeout> | undefined;
+    const gaveUp = stopped.then(() =>
+      new Promise<number>((resolve) => {
+        grace = setTimeout(() => {
+          state.progress?.finish(false);
+          warn("copy: interrupted");
+          resolve(INTERRUPTED_STATUS);
+        }, GRACE_MS);
+      })
+    );
+    try {
+      return await Promise.race([
+        run(request, controller, reason, state),
+        gaveUp,
+      ]);
+    } finally {
+      clearTimeout(grace);
+    }
   });
-  let grace: ReturnType<typeof setTimeout> | undefined;
-  const onSignal = () => {
-    if (controller.signal.aborted) Deno.exit(130);
-    controller.abort(interrupted);
-    grace = setTimeout(giveUp, GRACE_MS);
-  };
-  const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
-  for (const s of signals) Deno.addSignalListener(s, onSignal);
-  try {
-    return await Promise.race([
-      run(request, controller, interrupted, state),
-      gaveUp,
-    ]);
-  } finally {
-    clearTimeout(grace);
-    for (const s of signals) Deno.removeSignalListener(s, onSignal);
-  }
 }
 
 /** What {@linkcode run} has opened so far, for the way out. */

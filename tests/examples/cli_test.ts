@@ -7,11 +7,15 @@ import {
   parseArgs,
   parseCount,
   parseSize,
+  parseSparse,
   Progress,
   UsageError,
+  visible,
 } from "../../examples/_cli.ts";
 import { isZero } from "../../examples/copy.ts";
 import { extentDescription } from "../../examples/info.ts";
+import { within } from "../support/wait.ts";
+import { runTool } from "./_tools.ts";
 
 const SPECS = [
   { name: "json", kind: "flag" as const },
@@ -156,4 +160,175 @@ Deno.test("extentDescription() uses nbdinfo's words", () => {
     "backing depth 2",
   );
   assert.equal(extentDescription("other:ctx", 5), null);
+});
+
+/**
+ * Runs `body` as a script in a child Deno, with `withInterrupt` imported,
+ * and hands back its stdout line by line.
+ */
+function scriptWithInterrupt(body: string): {
+  child: Deno.ChildProcess;
+  lines: AsyncIterator<string>;
+} {
+  const cli = new URL("../../examples/_cli.ts", import.meta.url).href;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "eval",
+      `import { withInterrupt } from ${JSON.stringify(cli)};\n${body}`,
+    ],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "null",
+  }).spawn();
+  const lines = child.stdout
+    .pipeThrough(new TextDecoderStream())
+    .pipeThrough(
+      new TransformStream<string, string>(
+        {
+          buffer: "",
+          transform(chunk, out) {
+            this.buffer += chunk;
+            const parts = this.buffer.split("\n");
+            this.buffer = parts.pop()!;
+            for (const p of parts) out.enqueue(p);
+          },
+        } as Transformer<string, string> & { buffer: string },
+      ),
+    )[Symbol.asyncIterator]();
+  return { child, lines };
+}
+
+/** The next line, within a bounded wait. */
+async function nextLine(lines: AsyncIterator<string>): Promise<string> {
+  const r = await within(10_000, "a line from the child", lines.next());
+  return r.done ? "(end)" : r.value;
+}
+
+Deno.test("withInterrupt() turns SIGINT and SIGTERM into one abort", async (t) => {
+  // The work waits at most 10 s for the signal, so a child never lingers.
+  const waitForSignal = `{
+    let timer;
+    const late = new Promise((r) => timer = setTimeout(r, 10_000));
+    await Promise.race([i.stopped, late]);
+    clearTimeout(timer);
+  }`;
+  for (const signal of ["SIGINT", "SIGTERM"] as const) {
+    await t.step(
+      `the first ${signal} aborts with its reason; the listeners go after`,
+      async () => {
+        const { child, lines } = scriptWithInterrupt(`
+        const said = await withInterrupt(async (i) => {
+          console.log("ready");
+          ${waitForSignal}
+          return i.signal.reason === i.reason ? "aborted" : "not aborted";
+        });
+        console.log(said);
+        // The tool's listeners are gone: the default action ends it now.
+        Deno.kill(Deno.pid, "SIGINT");
+        await new Promise((r) => setTimeout(r, 10_000));
+        console.log("still running");`);
+        try {
+          assert.equal(await nextLine(lines), "ready");
+          child.kill(signal);
+          assert.equal(await nextLine(lines), "aborted");
+          const status = await within(10_000, "the child's exit", child.status);
+          assert.equal(status.signal, "SIGINT", "ended by the default action");
+          assert.equal(await nextLine(lines), "(end)");
+        } finally {
+          try {
+            child.kill("SIGKILL");
+          } catch { /* already gone */ }
+          await child.status;
+        }
+      },
+    );
+  }
+  await t.step("a second signal exits at once with status 130", async () => {
+    const { child, lines } = scriptWithInterrupt(`
+      await withInterrupt(async (i) => {
+        console.log("ready");
+        ${waitForSignal}
+        // Stopping takes long: the user will not wait for it.
+        console.log("stopping");
+        ${waitForSignal.replace("i.stopped, ", "")}
+        console.log("stopped by itself");
+      });`);
+    try {
+      assert.equal(await nextLine(lines), "ready");
+      child.kill("SIGINT");
+      assert.equal(await nextLine(lines), "stopping");
+      const started = performance.now();
+      child.kill("SIGTERM");
+      const status = await within(5_000, "the child's exit", child.status);
+      assert.equal(status.code, 130);
+      assert.equal(status.signal, null, "exited by itself, not killed");
+      assert.ok(performance.now() - started < 5_000);
+      assert.equal(await nextLine(lines), "(end)");
+    } finally {
+      try {
+        child.kill("SIGKILL");
+      } catch { /* already gone */ }
+      await child.status;
+    }
+  });
+});
+
+Deno.test("copy -S/--sparse takes what nbdcopy 1.22 takes: 0 or a power of 2 from 512 to 2^31", async (t) => {
+  const dir = await Deno.makeTempDir({ prefix: "nbd-cli-sparse-" });
+  try {
+    const source = `${dir}/source.img`;
+    await Deno.writeFile(source, new Uint8Array(64 * 1024).fill(1));
+    for (const value of ["1", "7", "256", "768", "4G"]) {
+      await t.step(
+        `-S ${value} is refused before anything is opened`,
+        async () => {
+          const r = await runTool("copy", ["-S", value, source, `${dir}/out`]);
+          assert.equal(r.code, 1, r.stderr);
+          assert.match(r.stderr, /^copy: --sparse: must be 0 or a power of 2/);
+          await assert.rejects(Deno.stat(`${dir}/out`), Deno.errors.NotFound);
+        },
+      );
+    }
+    for (const value of ["0", "512", "4k", "64k"]) {
+      await t.step(`-S ${value} copies`, async () => {
+        const out = `${dir}/out-${value}`;
+        const r = await runTool("copy", ["-S", value, source, out]);
+        assert.equal(r.code, 0, r.stderr);
+        assert.deepEqual(await Deno.readFile(out), await Deno.readFile(source));
+      });
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("visible() escapes C0, DEL and C1 controls, and nothing else", () => {
+  assert.equal(
+    visible("\x1b]0;t\x07\x1b[2J\x00\x7f\u009b\u0080\u009f"),
+    "\\u001b]0;t\\u0007\\u001b[2J\\u0000\\u007f\\u009b\\u0080\\u009f",
+  );
+  assert.equal(visible("a\tb\nc\rd"), "a\\tb\\nc\\rd");
+  const plain = 'é ü 日本 "q" \\ ~ \u00a0 \u{1f600}';
+  assert.equal(visible(plain), plain);
+  const once = visible("\x1b[31m\u009b");
+  assert.equal(visible(once), once, "idempotent");
+});
+
+Deno.test("errorLine() escapes what a server said", () => {
+  const e = new Error("refused", { cause: new Error("\x1b[2Jgone\u009b") });
+  assert.equal(errorLine("info", e), "info: refused: \\u001b[2Jgone\\u009b");
+});
+
+Deno.test("parseSparse() takes 0 or a power of 2 from 512 to 2^31, as nbdcopy 1.22", () => {
+  for (
+    const [text, n] of [["0", 0], ["512", 512], ["4k", 4096], [
+      "2G",
+      2 ** 31,
+    ]] as const
+  ) {
+    assert.equal(parseSparse(text), n);
+  }
+  for (const text of ["1", "7", "256", "511", "513", "768", "3k", "4G", "x"]) {
+    assert.throws(() => parseSparse(text), UsageError, text);
+  }
 });
