@@ -41,6 +41,7 @@ import {
   UsageError,
   VERSION_OPTION,
   versionText,
+  visible,
   warn,
   warnUsage,
 } from "./_cli.ts";
@@ -93,8 +94,9 @@ const SPECS: OptionSpec[] = [
   VERSION_OPTION,
 ];
 
+/** One line on stdout; what a server or the kernel said is shown escaped. */
 function say(line: string): void {
-  Deno.stdout.writeSync(new TextEncoder().encode(line + "\n"));
+  Deno.stdout.writeSync(new TextEncoder().encode(visible(line) + "\n"));
 }
 
 /**
@@ -122,7 +124,7 @@ export async function main(args: string[]): Promise<number> {
 async function run(args: string[]): Promise<number> {
   const { options, positionals } = parseArgs(args, SPECS);
   if (options.has("help")) {
-    say(USAGE);
+    Deno.stdout.writeSync(new TextEncoder().encode(USAGE + "\n"));
     return 0;
   }
   if (options.has("version")) {

@@ -17,6 +17,7 @@ import {
   STATE_ZERO,
   transmissionFlagNames,
 } from "../mod.ts";
+import { visible } from "./_cli.ts";
 
 function human(n: number): string {
   const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
@@ -97,7 +98,7 @@ async function main(args: string[]): Promise<number> {
     const row = (k: string, v: string) => console.log(`${k.padEnd(15)}${v}`);
     row("uri:", uri);
     row("export:", JSON.stringify(nbd.exportName));
-    if (nbd.description) row("description:", nbd.description);
+    if (nbd.description) row("description:", visible(nbd.description));
     row("size:", `${nbd.sizeBigInt} (${human(nbd.size)})`);
     row("protocol:", nbd.protocol);
     row(
