@@ -32,7 +32,7 @@ import {
   type DirtyMap,
   formatMap,
   parseMask,
-  planDirty,
+  planDirtyExtents,
   walkDirty,
 } from "./dirty.ts";
 import { isNbdUri, NbdEndpoint, type NbdTarget } from "./nbd.ts";
@@ -481,7 +481,7 @@ async function transfer(
     : new RateLimiter(extra.rate, shared!);
   const plan = () =>
     copying
-      ? planDirty(copying, requestSize)
+      ? planDirtyExtents(src, copying, requestSize, align, signal)
       : size === undefined
       ? planStream(src, requestSize, dst.size)
       : planRange(

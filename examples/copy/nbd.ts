@@ -76,10 +76,10 @@ export class NbdEndpoint implements Source, Destination {
     settings: Settings,
     signal: AbortSignal,
   ): Promise<NbdEndpoint> {
-    const contexts = role !== "source"
-      ? []
-      : settings.dirty !== undefined
-      ? [settings.dirty]
+    const contexts = role !== "source" ? [] : settings.dirty !== undefined
+      // Beside the dirty context, so that what the guest zeroed is zeroed
+      // on the destination rather than read.
+      ? [...new Set([settings.dirty, "base:allocation"])]
       : settings.extents
       ? ["base:allocation"]
       : [];

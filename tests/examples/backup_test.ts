@@ -207,6 +207,10 @@ Deno.test({
         assert.notEqual(await sha256(current), await sha256(full));
         const want = expectedExtents();
         const dirtyBytes = want.reduce((n, e) => n + e.length, 0);
+        // The range the guest zeroed reads as zero in base:allocation: it
+        // is zeroed on the destination, never read.
+        const zeroedBytes = WRITES.filter((w) => w[2] === "zero")
+          .reduce((n, w) => n + w[1], 0);
 
         await t.step("--map-only prints the extents written", async () => {
           const r = await runTool("copy", [
@@ -254,12 +258,14 @@ Deno.test({
             assert.equal(s.dirty, dirtyBytes);
             assert.equal(s.extents, want.length);
             assert.equal(s.copied, dirtyBytes);
-            assert.equal(s.read, dirtyBytes, "read only the dirty extents");
             assert.equal(
-              s.wrote,
-              dirtyBytes,
-              "zeroes written as data in a file",
+              s.read,
+              dirtyBytes - zeroedBytes,
+              "read only the dirty data",
             );
+            assert.equal(s.wrote, dirtyBytes - zeroedBytes);
+            // An existing file has no way to punch a hole here: zero bytes.
+            assert.equal(s.zeroed, zeroedBytes);
             // The library's own counters (nbd.stats) agree: the source sent
             // at most the dirty bytes (zero runs come back as holes, with no
             // data), plus headers and a handshake, and only reads and maps.
@@ -316,9 +322,9 @@ Deno.test({
             ]);
             assert.equal(r.code, 0, r.stderr);
             const s = dirtyStats(r.stderr);
-            assert.equal(s.read, dirtyBytes);
+            assert.equal(s.read, dirtyBytes - zeroedBytes);
             // The zeroed range goes as WRITE_ZEROES, and only inside it.
-            assert.equal(s.zeroed, 2 * GRANULE);
+            assert.equal(s.zeroed, zeroedBytes);
             assert.equal(
               await sha256(await referenceBytes(dst.uri())),
               await sha256(current),
@@ -350,7 +356,10 @@ Deno.test({
                 device,
               ]);
               assert.equal(r.code, 0, r.stderr);
-              assert.equal(dirtyStats(r.stderr).read, dirtyBytes);
+              assert.equal(
+                dirtyStats(r.stderr).read,
+                dirtyBytes - zeroedBytes,
+              );
               shortDevice = (await run("losetup", ["-f", "--show", short]))
                 .trim();
               const bad = await runTool("copy", [
@@ -438,7 +447,8 @@ Deno.test({
           assert.equal(r.code, 0, r.stderr);
           const s = dirtyStats(r.stderr);
           assert.equal(s.lanes, 2);
-          assert.equal(s.read, s.dirty);
+          assert.equal(s.read + s.zeroed, s.dirty);
+          assert.ok(s.zeroed > 0, "the zeroed range is not read");
           assert.equal(await fileHash(inc), await sha256(current));
         } finally {
           await shared.stop();
@@ -460,6 +470,145 @@ Deno.test({
       });
     } finally {
       await Deno.remove(b.dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "copy --dirty: what the guest zeroed is zeroed, not read",
+  async fn(t) {
+    // As the issue saw it: a pattern disk, a full copy, a bitmap, then 4 MiB
+    // written and 8 MiB zeroed by the guest (qemu-io write -z).
+    const dir = await tempDir();
+    try {
+      const image = `${dir}/disk.qcow2`;
+      const full = `${dir}/full.raw`;
+      await run("qemu-img", ["create", "-q", "-f", "qcow2", image, "32M"]);
+      await run("qemu-io", [
+        "-f",
+        "qcow2",
+        "-c",
+        "write -q -P 0x61 0 32M",
+        image,
+      ]);
+      await run("qemu-img", [
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        image,
+        full,
+      ]);
+      await run("qemu-img", ["bitmap", "--add", "--enable", image, "b0"]);
+      await run("qemu-io", [
+        "-f",
+        "qcow2",
+        "-c",
+        "write -q -P 0x62 4M 4M",
+        "-c",
+        "write -q -z 16M 8M",
+        image,
+      ]);
+      const src = await qemuNbd(["-r", "-f", "qcow2", "-B", "b0", image], {
+        dir,
+      });
+      try {
+        await t.step(
+          "onto a qcow2 over qemu-nbd: zeroes as WRITE_ZEROES",
+          async () => {
+            const inc = `${dir}/inc.qcow2`;
+            await run("qemu-img", [
+              "convert",
+              "-f",
+              "raw",
+              "-O",
+              "qcow2",
+              full,
+              inc,
+            ]);
+            const dst = await qemuNbd(["-f", "qcow2", inc], { dir });
+            try {
+              const r = await runTool("copy", [
+                "-v",
+                `--dirty=${BITMAP}`,
+                src.uri(),
+                dst.uri(),
+              ]);
+              assert.equal(r.code, 0, r.stderr);
+              const s = dirtyStats(r.stderr);
+              assert.equal(s.dirty, 12 * MiB);
+              assert.equal(s.read, 4 * MiB, "only the data is read");
+              assert.ok(s.read < s.dirty);
+              assert.equal(s.wrote, 4 * MiB);
+              assert.equal(s.zeroed, 8 * MiB);
+              const wire = sourceWire(r.stderr);
+              assert.ok(wire.received < 5 * MiB, `received ${wire.received}`);
+            } finally {
+              await dst.stop();
+            }
+            const out = await run("qemu-img", [
+              "compare",
+              "-f",
+              "qcow2",
+              "-F",
+              "qcow2",
+              inc,
+              image,
+            ]);
+            assert.match(out, /Images are identical/);
+            // The zeroed range is no data on the destination either.
+            const map = JSON.parse(
+              await run("qemu-img", [
+                "map",
+                "--output=json",
+                "-f",
+                "qcow2",
+                inc,
+              ]),
+            ) as Array<
+              { start: number; length: number; data: boolean; zero: boolean }
+            >;
+            for (const e of map) {
+              if (e.start < 24 * MiB && e.start + e.length > 16 * MiB) {
+                assert.equal(e.data, false, JSON.stringify(e));
+                assert.equal(e.zero, true, JSON.stringify(e));
+              }
+            }
+          },
+        );
+        await t.step(
+          "onto a raw file: zero bytes written, still not read",
+          async () => {
+            const inc = `${dir}/inc.raw`;
+            await Deno.copyFile(full, inc);
+            const r = await runTool("copy", [
+              "-v",
+              `--dirty=${BITMAP}`,
+              src.uri(),
+              inc,
+            ]);
+            assert.equal(r.code, 0, r.stderr);
+            const s = dirtyStats(r.stderr);
+            assert.equal(s.read, 4 * MiB);
+            assert.equal(s.zeroed, 8 * MiB);
+            const out = await run("qemu-img", [
+              "compare",
+              "-f",
+              "raw",
+              "-F",
+              "qcow2",
+              inc,
+              image,
+            ]);
+            assert.match(out, /Images are identical/);
+          },
+        );
+      } finally {
+        await src.stop();
+      }
+    } finally {
+      await Deno.remove(dir, { recursive: true });
     }
   },
 });
