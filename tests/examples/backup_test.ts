@@ -35,6 +35,8 @@ import {
 } from "../support/reference.ts";
 import { seeded } from "../support/random.ts";
 import { runTool } from "./_tools.ts";
+import { nbdkitOn, restartable } from "../support/restartable.ts";
+import { until } from "../support/wait.ts";
 
 const SIZE = 32 * 1024 * 1024;
 const MiB = 1024 * 1024;
@@ -607,6 +609,105 @@ Deno.test({
       } finally {
         await src.stop();
       }
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+/**
+ * Starts `copy` over a source whose server the test kills and restarts
+ * once the destination holds some data; returns the exit status and
+ * stderr.
+ */
+async function copyAcrossRestart(
+  extra: string[],
+  dir: string,
+): Promise<{ code: number; stderr: string; out: string; image: string }> {
+  const image = `${dir}/src.raw`;
+  const bytes = new Uint8Array(16 * MiB);
+  const next = seeded(5);
+  for (let i = 0; i < bytes.length; i += 4) {
+    new DataView(bytes.buffer).setUint32(i, next() | 1);
+  }
+  await Deno.writeFile(image, bytes);
+  // Slow reads, so the copy is still running when the server goes.
+  await using server = await restartable(
+    "nbdkit",
+    (socket) =>
+      nbdkitOn(socket, [
+        "--filter=delay",
+        "file",
+        image,
+        "rdelay=20ms",
+      ]),
+    dir,
+  );
+  await server.start();
+  const out = `${dir}/copy-${extra.length}.raw`;
+  const script = new URL("../../examples/copy.ts", import.meta.url).pathname;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      "--quiet",
+      script,
+      "--synchronous",
+      ...extra,
+      `nbd+unix:///?socket=${server.socket}`,
+      out,
+    ],
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+    signal: AbortSignal.timeout(60_000),
+  }).spawn();
+  const done = child.output();
+  // A quarter of it copied: the bytes are on disk, not only promised.
+  await until("a quarter of the copy", async () => {
+    const info = await Deno.stat(out).catch(() => undefined);
+    return (info?.blocks ?? 0) * 512 >= 4 * MiB;
+  }, 30_000);
+  await server.kill("SIGKILL");
+  await server.start();
+  const r = await done;
+  return {
+    code: r.code,
+    stderr: new TextDecoder().decode(r.stderr),
+    out,
+    image,
+  };
+}
+
+Deno.test({
+  name: "copy --reconnect: a source restarted mid-copy",
+  async fn(t) {
+    const dir = await tempDir();
+    try {
+      await t.step("finishes, and the copy is equal", async () => {
+        const r = await copyAcrossRestart(["--reconnect=20"], dir);
+        assert.equal(r.code, 0, r.stderr);
+        assert.equal(await fileHash(r.out), await fileHash(r.image));
+      });
+      await t.step("without --reconnect the copy fails", async () => {
+        const r = await copyAcrossRestart([], dir);
+        assert.equal(r.code, 1, r.stderr);
+        assert.match(r.stderr, /^copy: reading /m);
+      });
+      await t.step("--reconnect refuses a [ CMD ] end", async () => {
+        const r = await runTool("copy", [
+          "--reconnect",
+          "[",
+          "nbdkit",
+          "-s",
+          "memory",
+          "1M",
+          "]",
+          "null:",
+        ]);
+        assert.equal(r.code, 1);
+        assert.match(r.stderr, /--reconnect needs NBD URIs/);
+      });
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
