@@ -37,6 +37,13 @@ import { seeded } from "../support/random.ts";
 import { runTool } from "./_tools.ts";
 import { nbdkitOn, restartable } from "../support/restartable.ts";
 import { until } from "../support/wait.ts";
+import {
+  BURST_MS,
+  parseRate,
+  RateLimiter,
+  rateState,
+} from "../../examples/copy/rate.ts";
+import { UsageError } from "../../examples/_cli.ts";
 
 const SIZE = 32 * 1024 * 1024;
 const MiB = 1024 * 1024;
@@ -996,5 +1003,99 @@ Deno.test("alignMap(), planDirty(), formatMap() and parseMask()", async () => {
     const bad of ["0", "-1", "0x", "0x100000000", "4294967296", "1.5", "b"]
   ) {
     assert.throws(() => parseMask(bad), /--dirty-flags/, bad);
+  }
+});
+
+/** A clock that only moves when the limiter sleeps (or the test says so). */
+function fakeTime(): {
+  now: () => number;
+  advance: (ms: number) => void;
+  sleep: (ms: number) => Promise<void>;
+  waits: number[];
+} {
+  let t = 1_000_000;
+  const waits: number[] = [];
+  return {
+    now: () => t,
+    advance: (ms) => t += ms,
+    sleep: (ms) => {
+      waits.push(ms);
+      t += ms;
+      return Promise.resolve();
+    },
+    waits,
+  };
+}
+
+Deno.test("RateLimiter keeps a steady rate on an injected clock", async (t) => {
+  const signal = new AbortController().signal;
+  const KiB = 1024;
+  await t.step(
+    "requests are spaced by their length over the rate",
+    async () => {
+      const time = fakeTime();
+      const limiter = new RateLimiter(MiB, rateState(), time.now, time.sleep);
+      const start = time.now();
+      for (let i = 0; i < 40; i++) await limiter.take(256 * KiB, signal);
+      // 40 quarter-MiB requests at 1 MiB/s: 10 s, less the 50 ms of credit
+      // the first one starts with, less the last one's own 250 ms.
+      const elapsed = time.now() - start;
+      assert.ok(
+        Math.abs(elapsed - (10_000 - 250 - BURST_MS)) < 1,
+        `elapsed ${elapsed}`,
+      );
+      // Steady: after the first, every wait is one request's time.
+      for (const w of time.waits.slice(1)) {
+        assert.ok(
+          Math.abs(w - 250) < 1,
+          `${w}`,
+        );
+      }
+    },
+  );
+  await t.step("idle time earns no burst beyond BURST_MS", async () => {
+    const time = fakeTime();
+    const limiter = new RateLimiter(MiB, rateState(), time.now, time.sleep);
+    await limiter.take(64 * KiB, signal);
+    time.advance(60_000);
+    time.waits.length = 0;
+    const start = time.now();
+    for (let i = 0; i < 16; i++) await limiter.take(64 * KiB, signal);
+    // A minute idle, then 1 MiB: still about a second, not at once.
+    const elapsed = time.now() - start;
+    assert.ok(elapsed >= 1000 - 62.5 - BURST_MS - 1, `elapsed ${elapsed}`);
+  });
+  await t.step("threads sharing the state share the rate", async () => {
+    const time = fakeTime();
+    const state = rateState();
+    const a = new RateLimiter(2 * MiB, state, time.now, time.sleep);
+    const b = new RateLimiter(2 * MiB, state, time.now, time.sleep);
+    const start = time.now();
+    for (let i = 0; i < 20; i++) {
+      await a.take(256 * KiB, signal);
+      await b.take(256 * KiB, signal);
+    }
+    // 10 MiB at 2 MiB/s over both: about 5 s, not 2.5.
+    const elapsed = time.now() - start;
+    assert.ok(elapsed > 4_500 && elapsed < 5_000, `elapsed ${elapsed}`);
+  });
+  await t.step("an aborted signal ends the wait", async () => {
+    const limiter = new RateLimiter(1, rateState());
+    await limiter.take(1, signal); // within the credit
+    const c = new AbortController();
+    const waiting = limiter.take(1000, c.signal);
+    c.abort(new Error("stop"));
+    await assert.rejects(waiting, /stop/);
+  });
+});
+
+Deno.test("parseRate() reads bytes per second with k, M and G", () => {
+  assert.equal(parseRate("100"), 100);
+  assert.equal(parseRate("500k"), 500 * 1024);
+  assert.equal(parseRate("20M"), 20 * MiB);
+  assert.equal(parseRate("1G"), 1024 * MiB);
+  assert.equal(parseRate("1.5M"), 1.5 * MiB);
+  for (const bad of ["", "0", "x", "10T", "-5", "5 MB"]) {
+    assert.throws(() => parseRate(bad), UsageError, bad);
   }
 });
