@@ -1,8 +1,10 @@
 /**
- * `copy --rate`: how close a 256 MiB copy comes to the rate it was given,
- * beside the nearest peer, nbdcopy reading through nbdkit's rate filter
- * (nbdcopy has no rate limit of its own; the filter limits the server).
- * Both copy `nbdkit pattern 256M` to `null:` at the same target.
+ * The backup options' costs. `copy --rate`: how close a 256 MiB copy comes
+ * to the rate it was given, beside the nearest peer, nbdcopy reading
+ * through nbdkit's rate filter (nbdcopy has no rate limit of its own; the
+ * filter limits the server). Both copy `nbdkit pattern 256M` to `null:` at
+ * the same target. `copy --blkhash`: a 1 GiB pattern hashed on its way to
+ * `null:`, beside nbdcopy 1.24 (the Debian sid root) doing the same.
  *
  * ```sh
  * deno run -A bench/rate.ts              # 64 MiB/s
@@ -30,6 +32,9 @@ export interface BenchRow {
 }
 
 const SIZE = 256 * 1024 * 1024;
+const HASH_SIZE = 1024 * 1024 * 1024;
+const SID_ROOT = (Deno.env.get("NBD_SID_ROOT") ??
+  "/var/cache/nbd-deno/sid-root").replace(/\/+$/, "");
 const MiB = 1024 * 1024;
 const COPY = new URL("../examples/copy.ts", import.meta.url).pathname;
 
@@ -87,12 +92,63 @@ async function timed(cmd: string, args: string[]): Promise<number> {
 }
 
 /**
- * Measures both copies at `rate` bytes per second.
+ * `copy --blkhash` against nbdcopy 1.24's over the same 1 GiB pattern, the
+ * server's socket under the sid root so its nbdcopy reaches it.
+ */
+async function blkhashRow(): Promise<BenchRow> {
+  const dir = await Deno.makeTempDir({
+    dir: `${SID_ROOT}/tmp`,
+    prefix: "nbd-bench-",
+  });
+  try {
+    const server = await startNbdkit(dir, ["pattern", String(HASH_SIZE)]);
+    try {
+      const ours = await timed(Deno.execPath(), [
+        "run",
+        "-A",
+        "--quiet",
+        COPY,
+        "--blkhash",
+        server.uri,
+        "null:",
+      ]);
+      const peer = await timed("chroot", [
+        SID_ROOT,
+        "nbdcopy",
+        "--blkhash",
+        server.uri.replaceAll(`${SID_ROOT}/`, "/"),
+        "null:",
+      ]);
+      return {
+        name: "copy --blkhash (sha256/64k): 1 GiB pattern to null",
+        unit: "MiB/s",
+        higherIsBetter: true,
+        ours: HASH_SIZE / ours / MiB,
+        peer: HASH_SIZE / peer / MiB,
+        peerName: "nbdcopy 1.24 --blkhash",
+        note: "deno start-up included",
+      };
+    } finally {
+      await server.stop();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/**
+ * Measures both copies at `rate` bytes per second, and the blkhash copy.
  *
  * @param rate The target, bytes per second.
- * @returns One row: achieved over target, ours and the peer's, in percent.
+ * @returns Achieved over target, ours and the peer's, in percent; and
+ * the blkhash copy's throughput.
  */
 export async function rows(rate = 64 * MiB): Promise<BenchRow[]> {
+  return [await rateRow(rate), await blkhashRow()];
+}
+
+/** The `--rate` row. */
+async function rateRow(rate: number): Promise<BenchRow> {
   const dir = await Deno.makeTempDir({ prefix: "nbd-bench-rate-" });
   try {
     const plain = await startNbdkit(dir, ["pattern", String(SIZE)]);
@@ -124,7 +180,7 @@ export async function rows(rate = 64 * MiB): Promise<BenchRow[]> {
       await limited.stop();
     }
     const pct = (seconds: number) => 100 * (SIZE / seconds) / rate;
-    return [{
+    return {
       name: `copy --rate=${
         (rate / MiB).toFixed(0)
       }M: 256 MiB pattern to null:, achieved/target`,
@@ -141,7 +197,7 @@ export async function rows(rate = 64 * MiB): Promise<BenchRow[]> {
       } s (deno start-up included), peer ${
         (SIZE / peer / MiB).toFixed(1)
       } MiB/s`,
-    }];
+    };
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -154,7 +210,9 @@ if (import.meta.main) {
     console.log(
       `${r.name}: ours ${r.ours.toFixed(1)}${r.unit}, ${r.peerName} ${
         r.peer.toFixed(1)
-      }${r.unit}, ratio ${(r.ours / r.peer).toFixed(3)} (${r.note})`,
+      }${r.unit}, ratio ${(r.ours / r.peer).toFixed(3)}${
+        r.note ? ` (${r.note})` : ""
+      }`,
     );
   }
 }
