@@ -209,6 +209,35 @@ Deno.test("copy --blkhash over threads equals nbdcopy 1.24's", async (t) => {
   }
 });
 
+Deno.test("copy --blkhash to NBD and to stdout equals nbdcopy 1.24's", async (t) => {
+  const dir = await sidTempDir();
+  const path = `${dir}/src.img`;
+  await sparseImage(path, 6 * MiB + 100);
+  const dst = await nbdkit(["memory", String(6 * MiB + 100)], { dir });
+  try {
+    const want = await sidBlkhash(path, "sha1");
+    await t.step("to nbdkit memory, whose own hash then agrees", async () => {
+      const r = await runTool("copy", ["--blkhash=sha1", path, dst.uri()]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(r.text, `${want}\n`);
+      assert.equal(await sidBlkhash(dst.uri(), "sha1"), want);
+    });
+    await t.step("to stdout, the hash after the data", async () => {
+      const r = await runTool("copy", ["--blkhash=sha1", path, "-"]);
+      assert.equal(r.code, 0, r.stderr);
+      const data = r.stdout.subarray(0, 6 * MiB + 100);
+      assert.deepEqual(data, await Deno.readFile(path));
+      assert.equal(
+        new TextDecoder().decode(r.stdout.subarray(6 * MiB + 100)),
+        `${want}\n`,
+      );
+    });
+  } finally {
+    await dst.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("copy --blkhash from a stream and its refusals", async (t) => {
   const dir = await sidTempDir();
   try {
