@@ -87,3 +87,16 @@ export type { ByteStream, Transport } from "./lib/transport.ts";
 export type { BlockSize, ExportInfo, Protocol } from "./lib/export.ts";
 export type { ExportListing } from "./lib/options/list.ts";
 export type { Extent } from "./lib/transmission.ts";
+export {
+  blkhash,
+  BLKHASH_DEFAULT_BLOCK_SIZE,
+  Blkhasher,
+  isBlkhashDigest,
+  toHex,
+} from "./lib/blkhash.ts";
+export type {
+  BlkhashDigest,
+  BlkhashOptions,
+  BlkhashPiece,
+  BlkhashShared,
+} from "./lib/blkhash.ts";

@@ -35,7 +35,7 @@ import {
   type DirtyMap,
   formatMap,
   parseMask,
-  planDirty,
+  planDirtyExtents,
   walkDirty,
 } from "./dirty.ts";
 import { isNbdUri, NbdEndpoint, type NbdTarget } from "./nbd.ts";
@@ -48,6 +48,13 @@ import {
 import { alignUp, planRange, planStream } from "./plan.ts";
 import { pump, type Stats, wrap } from "./pump.ts";
 import { copyThreaded, threadable } from "./lanes.ts";
+import {
+  BLKHASH_DEFAULT_BLOCK_SIZE,
+  type BlkhashDigest,
+  Blkhasher,
+  isBlkhashDigest,
+} from "../../mod.ts";
+import { parseRate, RateLimiter, rateState } from "./rate.ts";
 
 const USAGE = `Usage: copy [OPTIONS] SOURCE DESTINATION
        copy --dirty=CONTEXT [OPTIONS] NBD DESTINATION
@@ -84,6 +91,17 @@ Options:
       --map-only          with --dirty: print the extents (offset length)
                           and copy nothing; no DESTINATION is needed
       --json              with --map-only: a JSON array of {offset,length}
+      --blkhash[=DIGEST[/SIZE]]
+                          print the blkhash of what was copied, as
+                          nbdcopy 1.24: DIGEST md5, sha1, sha256 or
+                          sha512, SIZE a power of two (sha256/64k)
+      --blkhash-file=FILE with --blkhash: write it to FILE, not stdout
+      --reconnect[=SECONDS]
+                          NBD ends survive a server restart: dial again
+                          for up to SECONDS (30) and replay what was in
+                          flight
+      --rate=BYTES        read at most BYTES per second over all threads
+                          (k, M, G suffixes), steadily
   -p, --progress[=FD]     progress bar (default on a terminal); with FD,
                           "N/100" lines on that descriptor
       --no-progress       no progress bar
@@ -110,6 +128,10 @@ const OPTIONS: OptionSpec[] = [
   { name: "dirty-flags", kind: "value" },
   { name: "map-only", kind: "flag" },
   { name: "json", kind: "flag" },
+  { name: "blkhash", kind: "optional" },
+  { name: "blkhash-file", kind: "value" },
+  { name: "reconnect", kind: "optional" },
+  { name: "rate", kind: "value" },
   { name: "progress", kind: "optional", short: "p" },
   { name: "no-progress", kind: "flag" },
   { name: "verbose", kind: "flag", short: "v" },
@@ -157,6 +179,7 @@ function readSettings(o: Map<string, string | true>): Settings {
     flush: o.has("flush"),
     verbose: o.has("verbose"),
     dirty: str("dirty"),
+    reconnect: readReconnect(o.get("reconnect")),
   };
   if (
     settings.requestSize < 512 || settings.requestSize > MAX_REQUEST_SIZE ||
@@ -167,6 +190,44 @@ function readSettings(o: Map<string, string | true>): Settings {
     );
   }
   return settings;
+}
+
+/** `--reconnect[=SECONDS]`: off, the library's default, or seconds. */
+function readReconnect(
+  v: string | true | undefined,
+): number | true | undefined {
+  if (v === undefined || v === true) return v;
+  return parseCount(v, "--reconnect", 1, 24 * 3600);
+}
+
+/**
+ * `--blkhash[=DIGEST[/SIZE]]` as nbdcopy 1.24 reads it: no value is
+ * sha256/64k; SIZE takes the size suffixes and must be a power of two.
+ *
+ * @throws {UsageError} For an unknown digest or a bad size.
+ */
+export function parseBlkhash(
+  v: string | true,
+): { digest: BlkhashDigest; blockSize: number } {
+  if (v === true) {
+    return { digest: "sha256", blockSize: BLKHASH_DEFAULT_BLOCK_SIZE };
+  }
+  const slash = v.indexOf("/");
+  const name = slash < 0 ? v : v.slice(0, slash);
+  if (!isBlkhashDigest(name)) {
+    throw new UsageError(
+      `--blkhash: unknown digest algorithm '${name}' (md5, sha1, sha256 or sha512)`,
+    );
+  }
+  if (slash < 0) return { digest: name, blockSize: BLKHASH_DEFAULT_BLOCK_SIZE };
+  const blockSize = parseSize(v.slice(slash + 1), "--blkhash");
+  if (blockSize < 1 || (blockSize & (blockSize - 1)) !== 0) {
+    throw new UsageError(`--blkhash is not a power of two: ${blockSize}`);
+  }
+  if (blockSize > 1 << 30) {
+    throw new UsageError("--blkhash: a block has at most 1G bytes here");
+  }
+  return { digest: name, blockSize };
 }
 
 /**
@@ -193,6 +254,12 @@ interface Request {
   mapOnly: boolean;
   /** `--json`: print them as JSON. */
   json: boolean;
+  /** `--blkhash`: the digest and block size. */
+  blkhash: { digest: BlkhashDigest; blockSize: number } | undefined;
+  /** `--blkhash-file`: where to print it (stdout when undefined). */
+  blkhashFile: string | undefined;
+  /** `--rate`: bytes per second. */
+  rate: number | undefined;
 }
 
 /**
@@ -249,6 +316,25 @@ function parseRequest(args: string[]): Request | "help" | "version" {
   if (typeof progress === "string") {
     parseCount(progress, "--progress", 1, 1 << 20);
   }
+  const blkhashOption = options.get("blkhash");
+  const blkhash = blkhashOption === undefined
+    ? undefined
+    : parseBlkhash(blkhashOption);
+  if (blkhash && dirty) {
+    throw new UsageError(
+      "--blkhash cannot be used with --dirty: an incremental copy sees only the dirty extents, and the hash is of a whole image",
+    );
+  }
+  const rateOption = options.get("rate");
+  if (
+    options.has("reconnect") &&
+    [source, destination].some((e) => typeof e !== "string")
+  ) {
+    throw new UsageError(
+      "--reconnect needs NBD URIs: a server run as [ CMD ] ends with the copy's connection",
+    );
+  }
+  const blkhashFile = options.get("blkhash-file");
   return {
     source,
     destination,
@@ -258,6 +344,10 @@ function parseRequest(args: string[]): Request | "help" | "version" {
     dirtyMask: dirty?.mask ?? 1,
     mapOnly,
     json: options.has("json"),
+    blkhash,
+    // As nbdcopy, --blkhash-file alone does nothing.
+    blkhashFile: typeof blkhashFile === "string" ? blkhashFile : undefined,
+    rate: typeof rateOption === "string" ? parseRate(rateOption) : undefined,
   };
 }
 
@@ -334,6 +424,7 @@ async function transfer(
   controller: AbortController,
   onProgress: (p: Progress) => void,
   dirty?: DirtyMap,
+  extra: Extras = {},
 ): Promise<string> {
   const signal = controller.signal;
   // Multi-conn only where every NBD side offers it (files count as
@@ -383,9 +474,17 @@ async function transfer(
   onProgress(progress);
   const stats: Stats = { read: 0, written: 0, zeroed: 0 };
   const started = performance.now();
+  // A hasher over a shared table when the size is known, so that every
+  // thread hashes what it copies; one that grows for a stream.
+  const hash = extra.blkhash &&
+    new Blkhasher(extra.blkhash.digest, extra.blkhash.blockSize, size);
+  const shared = extra.rate === undefined ? undefined : rateState();
+  const limiter = extra.rate === undefined
+    ? undefined
+    : new RateLimiter(extra.rate, shared!);
   const plan = () =>
     copying
-      ? planDirty(copying, requestSize)
+      ? planDirtyExtents(src, copying, requestSize, align, signal)
       : size === undefined
       ? planStream(src, requestSize, dst.size)
       : planRange(
@@ -414,6 +513,9 @@ async function transfer(
       signal,
       abort,
       closeMs: CLOSE_MS.stopped,
+      hash,
+      limiter,
+      rateState: shared,
     });
     total = size!;
   } else {
@@ -426,6 +528,8 @@ async function transfer(
       stats,
       signal,
       abort,
+      hash,
+      limiter,
     });
   }
   try {
@@ -434,6 +538,12 @@ async function transfer(
     throw wrap(`finishing ${dst.name}`, e);
   }
   progress.finish(true);
+  if (hash) {
+    // As nbdcopy: lowercase hex and a newline, on stdout or in the file.
+    const line = `${await hash.hex()}\n`;
+    if (extra.blkhashFile === undefined) await writeAll(Deno.stdout, line);
+    else await Deno.writeTextFile(extra.blkhashFile, line);
+  }
   const seconds = (performance.now() - started) / 1000;
   const counts =
     `read ${stats.read}, wrote ${stats.written}, zeroed ${stats.zeroed}`;
@@ -449,6 +559,13 @@ async function transfer(
   } s over ${lanes} connection(s): ${counts} (${
     humanBytes((size ?? total) / (seconds || 1))
   }/s)`;
+}
+
+/** What {@linkcode transfer} does beside copying. */
+interface Extras {
+  blkhash?: { digest: BlkhashDigest; blockSize: number } | undefined;
+  blkhashFile?: string | undefined;
+  rate?: number | undefined;
 }
 
 /**
@@ -616,6 +733,7 @@ async function run(
         controller,
         (p) => state.progress = p,
         map,
+        { rate: request.rate },
       );
     } else {
       const { source, destination, settings } = request;
@@ -635,6 +753,12 @@ async function run(
         mode,
         controller,
         (p) => state.progress = p,
+        undefined,
+        {
+          blkhash: request.blkhash,
+          blkhashFile: request.blkhashFile,
+          rate: request.rate,
+        },
       );
     }
     ok = true;

@@ -7,8 +7,8 @@
  */
 
 import { UsageError } from "../_cli.ts";
-import type { Item } from "./endpoint.ts";
-import { alignDown, alignUp } from "./plan.ts";
+import type { Item, Source } from "./endpoint.ts";
+import { alignDown, alignUp, planRange } from "./plan.ts";
 
 /**
  * How much one block status request asks about. The server may answer for
@@ -159,6 +159,30 @@ export async function* planDirty(
     for (let o = map.offsets[i]!; o < end; o += requestSize) {
       yield { offset: o, length: Math.min(requestSize, end - o), zero: false };
     }
+  }
+}
+
+/**
+ * The work for an incremental copy split by the source's block status:
+ * each dirty extent is planned as a full copy plans its range, so what
+ * reads as zero becomes a zero item (write zeroes on the destination) and
+ * only the rest is read. Without `base:allocation`, {@linkcode planDirty}.
+ */
+export async function* planDirtyExtents(
+  src: Source,
+  map: DirtyMap,
+  requestSize: number,
+  align: number,
+  signal: AbortSignal,
+): AsyncGenerator<Item> {
+  if (!src.hasExtents) {
+    yield* planDirty(map, requestSize);
+    return;
+  }
+  for (let i = 0; i < map.offsets.length; i++) {
+    const start = map.offsets[i]!;
+    const end = start + map.lengths[i]!;
+    yield* planRange(src, end, requestSize, align, true, signal, start);
   }
 }
 

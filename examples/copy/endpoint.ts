@@ -142,4 +142,10 @@ export interface Settings {
    * source negotiates it instead of `base:allocation`.
    */
   dirty: string | undefined;
+  /**
+   * `--reconnect[=SECONDS]`: NBD ends survive a lost connection for this
+   * many seconds (`true`: the library's default), replaying what was in
+   * flight; `undefined`: off.
+   */
+  reconnect: number | true | undefined;
 }

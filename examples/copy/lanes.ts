@@ -14,6 +14,8 @@ import { planStripes, stripeSize } from "./plan.ts";
 import { type Counter, pump, type Stats } from "./pump.ts";
 import type { StartMessage, WorkerReply } from "./worker.ts";
 import { NbdEndpoint } from "./nbd.ts";
+import type { Blkhasher } from "../../mod.ts";
+import type { RateLimiter } from "./rate.ts";
 
 /** Whether both ends can open lanes in other threads. */
 export function threadable(src: Source, dst: Destination): boolean {
@@ -53,6 +55,11 @@ export interface ThreadedOptions {
   abort: (reason: unknown) => void;
   /** How long a worker's close may wait after a failure. */
   closeMs: number;
+  /** `--blkhash`, over a shared table, so every thread hashes its share. */
+  hash?: Blkhasher | undefined;
+  /** `--rate`, with its shared state. */
+  limiter?: RateLimiter | undefined;
+  rateState?: SharedArrayBuffer | undefined;
 }
 
 /**
@@ -97,7 +104,13 @@ export async function copyThreaded(
     sparse: o.sparse,
     useExtents: o.useExtents,
     closeMs: o.closeMs,
+    blkhash: o.hash?.shared,
+    rate: o.limiter && o.rateState
+      ? { rate: o.limiter.rate, state: o.rateState }
+      : undefined,
   };
+  // Blocks split between threads, handed back by the workers.
+  const pieces: Promise<void>[] = [];
   const finished: Promise<void>[] = [];
   try {
     for (let i = 1; i < o.threads; i++) {
@@ -123,6 +136,11 @@ export async function copyThreaded(
               }
               if (m.wire.destination && dst instanceof NbdEndpoint) {
                 dst.absorb(m.wire.destination);
+              }
+              if (o.hash && m.pieces.length > 0) {
+                const adding = o.hash.addPieces(m.pieces);
+                adding.catch(() => {});
+                pieces.push(adding);
               }
             } else if (!m.abort || !o.signal.aborted) {
               fail(
@@ -172,6 +190,7 @@ export async function copyThreaded(
       fail(e);
     }
     await Promise.all(finished);
+    await Promise.all(pieces);
   } finally {
     o.signal.removeEventListener("abort", onAbort);
     for (const w of workers) w.terminate();

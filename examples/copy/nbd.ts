@@ -44,6 +44,7 @@ export class NbdEndpoint implements Source, Destination {
   #conns: Client[];
   #allocated: boolean;
   #role: "source" | "destination";
+  #settings: Settings;
 
   private constructor(
     target: NbdTarget,
@@ -66,6 +67,7 @@ export class NbdEndpoint implements Source, Destination {
       ? "command"
       : "write";
     this.#allocated = settings.allocated;
+    this.#settings = settings;
   }
 
   static async open(
@@ -74,10 +76,10 @@ export class NbdEndpoint implements Source, Destination {
     settings: Settings,
     signal: AbortSignal,
   ): Promise<NbdEndpoint> {
-    const contexts = role !== "source"
-      ? []
-      : settings.dirty !== undefined
-      ? [settings.dirty]
+    const contexts = role !== "source" ? [] : settings.dirty !== undefined
+      // Beside the dirty context, so that what the guest zeroed is zeroed
+      // on the destination rather than read.
+      ? [...new Set([settings.dirty, "base:allocation"])]
       : settings.extents
       ? ["base:allocation"]
       : [];
@@ -88,6 +90,7 @@ export class NbdEndpoint implements Source, Destination {
       metaContexts: contexts,
       maxInFlight: settings.requests,
       signal,
+      ...reconnectOption(settings),
     });
     if (
       role === "source" && settings.dirty !== undefined &&
@@ -178,6 +181,7 @@ export class NbdEndpoint implements Source, Destination {
           metaContexts: this.#contexts,
           maxInFlight: this.#requests,
           signal,
+          ...reconnectOption(this.#settings),
         }),
       );
     }
@@ -276,6 +280,18 @@ export class NbdEndpoint implements Source, Destination {
   async close(signal: AbortSignal): Promise<void> {
     await Promise.allSettled(this.#conns.map((c) => c.close({ signal })));
   }
+}
+
+/**
+ * `--reconnect` as `connect()` takes it: a server restarted mid-copy is
+ * dialled again and what was in flight replayed.
+ */
+function reconnectOption(
+  settings: Settings,
+): { reconnect: true | { timeout: number } } | Record<never, never> {
+  const r = settings.reconnect;
+  if (r === undefined) return {};
+  return { reconnect: r === true ? true : { timeout: r * 1000 } };
 }
 
 /** The target as `connect()` takes it. */

@@ -12,6 +12,8 @@ import {
   type Source,
 } from "./endpoint.ts";
 import { blockTester } from "./sparse.ts";
+import type { Blkhasher } from "../../mod.ts";
+import type { RateLimiter } from "./rate.ts";
 
 /** Totals for `--verbose`. */
 export interface Stats {
@@ -47,9 +49,14 @@ export async function pump(
     stats: Stats;
     signal: AbortSignal;
     abort: (reason: unknown) => void;
+    /** `--blkhash`: hashes what is read, and zero items unread. */
+    hash?: Blkhasher | undefined;
+    /** `--rate`: what data items wait for before they are read. */
+    limiter?: RateLimiter | undefined;
   },
 ): Promise<number> {
   const { lanes, limit, requestSize, sparse, progress, stats, signal } = opts;
+  const { hash, limiter } = opts;
   const zeroes = dst.zeroMode === "write"
     ? new Uint8Array(requestSize)
     : new Uint8Array(0);
@@ -144,6 +151,7 @@ export async function pump(
       }
       try {
         let data = item.data;
+        if (!item.zero && limiter) await limiter.take(item.length, signal);
         if (!item.zero && data === undefined) {
           if (item.length <= requestSize && !buffer) {
             buffer = new Uint8Array(requestSize);
@@ -169,6 +177,15 @@ export async function pump(
           ? tester
           : blockTester(data);
         if (data !== undefined) stats.read += data.length;
+        // The hash takes its copy of the bytes at once, so it runs beside
+        // the write that holds the buffer.
+        const hashed = !hash
+          ? undefined
+          : item.zero
+          ? hash.zero(item.offset, item.length)
+          : hash.update(item.offset, data!);
+        // Awaited after the write; a failed write must not leave it unheard.
+        hashed?.catch(() => {});
         if (after) await after;
         signal.throwIfAborted();
         try {
@@ -177,6 +194,7 @@ export async function pump(
         } catch (e) {
           throw wrap(`writing ${dst.name}`, e);
         }
+        await hashed;
         progress.add(item.length);
       } catch (error) {
         fail(error);

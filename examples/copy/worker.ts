@@ -12,7 +12,13 @@
 import type { Destination, LaneSpec, Settings, Source } from "./endpoint.ts";
 import { FileEndpoint } from "./file.ts";
 import { NbdEndpoint } from "./nbd.ts";
-import type { NbdStats } from "../../mod.ts";
+import {
+  Blkhasher,
+  type BlkhashPiece,
+  type BlkhashShared,
+  type NbdStats,
+} from "../../mod.ts";
+import { RateLimiter } from "./rate.ts";
 import { NullDestination } from "./null.ts";
 import { threadLimit } from "./lanes.ts";
 import { planStripes } from "./plan.ts";
@@ -38,6 +44,10 @@ export interface StartMessage {
   useExtents: boolean;
   /** How long closing may wait for requests in flight after a failure. */
   closeMs: number;
+  /** `--blkhash`: the table every thread fills. */
+  blkhash?: BlkhashShared | undefined;
+  /** `--rate`: the limit and the clock every thread shares. */
+  rate?: { rate: number; state: SharedArrayBuffer } | undefined;
 }
 
 /** The main thread stops the copy. */
@@ -54,6 +64,8 @@ export type WorkerReply =
     bytes: number;
     /** What went over this thread's NBD connections, per side. */
     wire: { source: NbdStats | undefined; destination: NbdStats | undefined };
+    /** Blocks this thread saw only part of, for the main thread's hash. */
+    pieces: BlkhashPiece[];
   }
   | {
     kind: "error";
@@ -124,6 +136,7 @@ async function run(
     await src.addLanes(m.lanes, signal);
     await dst.addLanes(m.lanes, signal);
     const stats: Stats = { read: 0, written: 0, zeroed: 0 };
+    const hash = m.blkhash ? Blkhasher.fromShared(m.blkhash) : undefined;
     await pump(
       src,
       dst,
@@ -146,6 +159,8 @@ async function run(
         stats,
         signal,
         abort: (reason) => controller.abort(reason),
+        hash,
+        limiter: m.rate && new RateLimiter(m.rate.rate, m.rate.state),
       },
     );
     ok = true;
@@ -155,6 +170,7 @@ async function run(
       stats,
       bytes: unsent,
       wire: { source: wireOf(src), destination: wireOf(dst) },
+      pieces: hash?.pieces() ?? [],
     });
   } catch (e) {
     if (!ok) await closeBoth(src, dst, m.closeMs);

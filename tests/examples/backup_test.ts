@@ -35,6 +35,15 @@ import {
 } from "../support/reference.ts";
 import { seeded } from "../support/random.ts";
 import { runTool } from "./_tools.ts";
+import { nbdkitOn, restartable } from "../support/restartable.ts";
+import { until } from "../support/wait.ts";
+import {
+  BURST_MS,
+  parseRate,
+  RateLimiter,
+  rateState,
+} from "../../examples/copy/rate.ts";
+import { UsageError } from "../../examples/_cli.ts";
 
 const SIZE = 32 * 1024 * 1024;
 const MiB = 1024 * 1024;
@@ -207,6 +216,10 @@ Deno.test({
         assert.notEqual(await sha256(current), await sha256(full));
         const want = expectedExtents();
         const dirtyBytes = want.reduce((n, e) => n + e.length, 0);
+        // The range the guest zeroed reads as zero in base:allocation: it
+        // is zeroed on the destination, never read.
+        const zeroedBytes = WRITES.filter((w) => w[2] === "zero")
+          .reduce((n, w) => n + w[1], 0);
 
         await t.step("--map-only prints the extents written", async () => {
           const r = await runTool("copy", [
@@ -254,12 +267,14 @@ Deno.test({
             assert.equal(s.dirty, dirtyBytes);
             assert.equal(s.extents, want.length);
             assert.equal(s.copied, dirtyBytes);
-            assert.equal(s.read, dirtyBytes, "read only the dirty extents");
             assert.equal(
-              s.wrote,
-              dirtyBytes,
-              "zeroes written as data in a file",
+              s.read,
+              dirtyBytes - zeroedBytes,
+              "read only the dirty data",
             );
+            assert.equal(s.wrote, dirtyBytes - zeroedBytes);
+            // An existing file has no way to punch a hole here: zero bytes.
+            assert.equal(s.zeroed, zeroedBytes);
             // The library's own counters (nbd.stats) agree: the source sent
             // at most the dirty bytes (zero runs come back as holes, with no
             // data), plus headers and a handshake, and only reads and maps.
@@ -316,9 +331,9 @@ Deno.test({
             ]);
             assert.equal(r.code, 0, r.stderr);
             const s = dirtyStats(r.stderr);
-            assert.equal(s.read, dirtyBytes);
+            assert.equal(s.read, dirtyBytes - zeroedBytes);
             // The zeroed range goes as WRITE_ZEROES, and only inside it.
-            assert.equal(s.zeroed, 2 * GRANULE);
+            assert.equal(s.zeroed, zeroedBytes);
             assert.equal(
               await sha256(await referenceBytes(dst.uri())),
               await sha256(current),
@@ -350,7 +365,10 @@ Deno.test({
                 device,
               ]);
               assert.equal(r.code, 0, r.stderr);
-              assert.equal(dirtyStats(r.stderr).read, dirtyBytes);
+              assert.equal(
+                dirtyStats(r.stderr).read,
+                dirtyBytes - zeroedBytes,
+              );
               shortDevice = (await run("losetup", ["-f", "--show", short]))
                 .trim();
               const bad = await runTool("copy", [
@@ -438,7 +456,8 @@ Deno.test({
           assert.equal(r.code, 0, r.stderr);
           const s = dirtyStats(r.stderr);
           assert.equal(s.lanes, 2);
-          assert.equal(s.read, s.dirty);
+          assert.equal(s.read + s.zeroed, s.dirty);
+          assert.ok(s.zeroed > 0, "the zeroed range is not read");
           assert.equal(await fileHash(inc), await sha256(current));
         } finally {
           await shared.stop();
@@ -460,6 +479,244 @@ Deno.test({
       });
     } finally {
       await Deno.remove(b.dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "copy --dirty: what the guest zeroed is zeroed, not read",
+  async fn(t) {
+    // As the issue saw it: a pattern disk, a full copy, a bitmap, then 4 MiB
+    // written and 8 MiB zeroed by the guest (qemu-io write -z).
+    const dir = await tempDir();
+    try {
+      const image = `${dir}/disk.qcow2`;
+      const full = `${dir}/full.raw`;
+      await run("qemu-img", ["create", "-q", "-f", "qcow2", image, "32M"]);
+      await run("qemu-io", [
+        "-f",
+        "qcow2",
+        "-c",
+        "write -q -P 0x61 0 32M",
+        image,
+      ]);
+      await run("qemu-img", [
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        image,
+        full,
+      ]);
+      await run("qemu-img", ["bitmap", "--add", "--enable", image, "b0"]);
+      await run("qemu-io", [
+        "-f",
+        "qcow2",
+        "-c",
+        "write -q -P 0x62 4M 4M",
+        "-c",
+        "write -q -z 16M 8M",
+        image,
+      ]);
+      const src = await qemuNbd(["-r", "-f", "qcow2", "-B", "b0", image], {
+        dir,
+      });
+      try {
+        await t.step(
+          "onto a qcow2 over qemu-nbd: zeroes as WRITE_ZEROES",
+          async () => {
+            const inc = `${dir}/inc.qcow2`;
+            await run("qemu-img", [
+              "convert",
+              "-f",
+              "raw",
+              "-O",
+              "qcow2",
+              full,
+              inc,
+            ]);
+            const dst = await qemuNbd(["-f", "qcow2", inc], { dir });
+            try {
+              const r = await runTool("copy", [
+                "-v",
+                `--dirty=${BITMAP}`,
+                src.uri(),
+                dst.uri(),
+              ]);
+              assert.equal(r.code, 0, r.stderr);
+              const s = dirtyStats(r.stderr);
+              assert.equal(s.dirty, 12 * MiB);
+              assert.equal(s.read, 4 * MiB, "only the data is read");
+              assert.ok(s.read < s.dirty);
+              assert.equal(s.wrote, 4 * MiB);
+              assert.equal(s.zeroed, 8 * MiB);
+              const wire = sourceWire(r.stderr);
+              assert.ok(wire.received < 5 * MiB, `received ${wire.received}`);
+            } finally {
+              await dst.stop();
+            }
+            const out = await run("qemu-img", [
+              "compare",
+              "-f",
+              "qcow2",
+              "-F",
+              "qcow2",
+              inc,
+              image,
+            ]);
+            assert.match(out, /Images are identical/);
+            // The zeroed range is no data on the destination either.
+            const map = JSON.parse(
+              await run("qemu-img", [
+                "map",
+                "--output=json",
+                "-f",
+                "qcow2",
+                inc,
+              ]),
+            ) as Array<
+              { start: number; length: number; data: boolean; zero: boolean }
+            >;
+            for (const e of map) {
+              if (e.start < 24 * MiB && e.start + e.length > 16 * MiB) {
+                assert.equal(e.data, false, JSON.stringify(e));
+                assert.equal(e.zero, true, JSON.stringify(e));
+              }
+            }
+          },
+        );
+        await t.step(
+          "onto a raw file: zero bytes written, still not read",
+          async () => {
+            const inc = `${dir}/inc.raw`;
+            await Deno.copyFile(full, inc);
+            const r = await runTool("copy", [
+              "-v",
+              `--dirty=${BITMAP}`,
+              src.uri(),
+              inc,
+            ]);
+            assert.equal(r.code, 0, r.stderr);
+            const s = dirtyStats(r.stderr);
+            assert.equal(s.read, 4 * MiB);
+            assert.equal(s.zeroed, 8 * MiB);
+            const out = await run("qemu-img", [
+              "compare",
+              "-f",
+              "raw",
+              "-F",
+              "qcow2",
+              inc,
+              image,
+            ]);
+            assert.match(out, /Images are identical/);
+          },
+        );
+      } finally {
+        await src.stop();
+      }
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+/**
+ * Starts `copy` over a source whose server the test kills and restarts
+ * once the destination holds some data; returns the exit status and
+ * stderr.
+ */
+async function copyAcrossRestart(
+  extra: string[],
+  dir: string,
+): Promise<{ code: number; stderr: string; out: string; image: string }> {
+  const image = `${dir}/src.raw`;
+  const bytes = new Uint8Array(16 * MiB);
+  const next = seeded(5);
+  for (let i = 0; i < bytes.length; i += 4) {
+    new DataView(bytes.buffer).setUint32(i, next() | 1);
+  }
+  await Deno.writeFile(image, bytes);
+  // Slow reads, so the copy is still running when the server goes.
+  await using server = await restartable(
+    "nbdkit",
+    (socket) =>
+      nbdkitOn(socket, [
+        "--filter=delay",
+        "file",
+        image,
+        "rdelay=20ms",
+      ]),
+    dir,
+  );
+  await server.start();
+  const out = `${dir}/copy-${extra.length}.raw`;
+  const script = new URL("../../examples/copy.ts", import.meta.url).pathname;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      "--quiet",
+      script,
+      "--synchronous",
+      ...extra,
+      `nbd+unix:///?socket=${server.socket}`,
+      out,
+    ],
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+    signal: AbortSignal.timeout(60_000),
+  }).spawn();
+  const done = child.output();
+  // A quarter of it copied: the bytes are on disk, not only promised.
+  await until("a quarter of the copy", async () => {
+    const info = await Deno.stat(out).catch(() => undefined);
+    return (info?.blocks ?? 0) * 512 >= 4 * MiB;
+  }, 30_000);
+  await server.kill("SIGKILL");
+  await server.start();
+  const r = await done;
+  return {
+    code: r.code,
+    stderr: new TextDecoder().decode(r.stderr),
+    out,
+    image,
+  };
+}
+
+Deno.test({
+  name: "copy --reconnect: a source restarted mid-copy",
+  async fn(t) {
+    const dir = await tempDir();
+    try {
+      await t.step("finishes, and the copy is equal", async () => {
+        const r = await copyAcrossRestart(["--reconnect=20"], dir);
+        assert.equal(r.code, 0, r.stderr);
+        assert.equal(await fileHash(r.out), await fileHash(r.image));
+      });
+      await t.step("without --reconnect the copy fails", async () => {
+        const r = await copyAcrossRestart([], dir);
+        assert.equal(r.code, 1, r.stderr);
+        assert.match(r.stderr, /^copy: reading /m);
+      });
+      await t.step("--reconnect refuses a [ CMD ] end", async () => {
+        const r = await runTool("copy", [
+          "--reconnect",
+          "[",
+          "nbdkit",
+          "-s",
+          "memory",
+          "1M",
+          "]",
+          "null:",
+        ]);
+        assert.equal(r.code, 1);
+        assert.match(r.stderr, /--reconnect needs NBD URIs/);
+      });
+    } finally {
+      await Deno.remove(dir, { recursive: true });
     }
   },
 });
@@ -746,5 +1003,99 @@ Deno.test("alignMap(), planDirty(), formatMap() and parseMask()", async () => {
     const bad of ["0", "-1", "0x", "0x100000000", "4294967296", "1.5", "b"]
   ) {
     assert.throws(() => parseMask(bad), /--dirty-flags/, bad);
+  }
+});
+
+/** A clock that only moves when the limiter sleeps (or the test says so). */
+function fakeTime(): {
+  now: () => number;
+  advance: (ms: number) => void;
+  sleep: (ms: number) => Promise<void>;
+  waits: number[];
+} {
+  let t = 1_000_000;
+  const waits: number[] = [];
+  return {
+    now: () => t,
+    advance: (ms) => t += ms,
+    sleep: (ms) => {
+      waits.push(ms);
+      t += ms;
+      return Promise.resolve();
+    },
+    waits,
+  };
+}
+
+Deno.test("RateLimiter keeps a steady rate on an injected clock", async (t) => {
+  const signal = new AbortController().signal;
+  const KiB = 1024;
+  await t.step(
+    "requests are spaced by their length over the rate",
+    async () => {
+      const time = fakeTime();
+      const limiter = new RateLimiter(MiB, rateState(), time.now, time.sleep);
+      const start = time.now();
+      for (let i = 0; i < 40; i++) await limiter.take(256 * KiB, signal);
+      // 40 quarter-MiB requests at 1 MiB/s: 10 s, less the 50 ms of credit
+      // the first one starts with, less the last one's own 250 ms.
+      const elapsed = time.now() - start;
+      assert.ok(
+        Math.abs(elapsed - (10_000 - 250 - BURST_MS)) < 1,
+        `elapsed ${elapsed}`,
+      );
+      // Steady: after the first, every wait is one request's time.
+      for (const w of time.waits.slice(1)) {
+        assert.ok(
+          Math.abs(w - 250) < 1,
+          `${w}`,
+        );
+      }
+    },
+  );
+  await t.step("idle time earns no burst beyond BURST_MS", async () => {
+    const time = fakeTime();
+    const limiter = new RateLimiter(MiB, rateState(), time.now, time.sleep);
+    await limiter.take(64 * KiB, signal);
+    time.advance(60_000);
+    time.waits.length = 0;
+    const start = time.now();
+    for (let i = 0; i < 16; i++) await limiter.take(64 * KiB, signal);
+    // A minute idle, then 1 MiB: still about a second, not at once.
+    const elapsed = time.now() - start;
+    assert.ok(elapsed >= 1000 - 62.5 - BURST_MS - 1, `elapsed ${elapsed}`);
+  });
+  await t.step("threads sharing the state share the rate", async () => {
+    const time = fakeTime();
+    const state = rateState();
+    const a = new RateLimiter(2 * MiB, state, time.now, time.sleep);
+    const b = new RateLimiter(2 * MiB, state, time.now, time.sleep);
+    const start = time.now();
+    for (let i = 0; i < 20; i++) {
+      await a.take(256 * KiB, signal);
+      await b.take(256 * KiB, signal);
+    }
+    // 10 MiB at 2 MiB/s over both: about 5 s, not 2.5.
+    const elapsed = time.now() - start;
+    assert.ok(elapsed > 4_500 && elapsed < 5_000, `elapsed ${elapsed}`);
+  });
+  await t.step("an aborted signal ends the wait", async () => {
+    const limiter = new RateLimiter(1, rateState());
+    await limiter.take(1, signal); // within the credit
+    const c = new AbortController();
+    const waiting = limiter.take(1000, c.signal);
+    c.abort(new Error("stop"));
+    await assert.rejects(waiting, /stop/);
+  });
+});
+
+Deno.test("parseRate() reads bytes per second with k, M and G", () => {
+  assert.equal(parseRate("100"), 100);
+  assert.equal(parseRate("500k"), 500 * 1024);
+  assert.equal(parseRate("20M"), 20 * MiB);
+  assert.equal(parseRate("1G"), 1024 * MiB);
+  assert.equal(parseRate("1.5M"), 1.5 * MiB);
+  for (const bad of ["", "0", "x", "10T", "-5", "5 MB"]) {
+    assert.throws(() => parseRate(bad), UsageError, bad);
   }
 });
