@@ -1,0 +1,144 @@
+/**
+ * A read answered in many small chunks, in any order, costs time linear in
+ * the chunks: the scripted server answers reads in one-byte chunks in
+ * order, reversed, and in an order that leaves every chunk apart from its
+ * neighbours until the end, and each order must finish within a fixed
+ * multiple of the in-order time (no absolute time is asserted).
+ */
+
+import assert from "node:assert/strict";
+import type { NbdClient } from "../../lib/client.ts";
+import {
+  REPLY_FLAG_DONE,
+  REPLY_TYPE_OFFSET_DATA,
+  STRUCTURED_REPLY_MAGIC,
+} from "../../lib/constants.ts";
+import type { ReceivedRequest } from "../support/server.ts";
+import {
+  closeClient,
+  config,
+  DATA,
+  hostileTest,
+  MiB,
+  onRead,
+  open,
+} from "./_helpers.ts";
+
+const KiB = 1024;
+/** The slowest order may take this many times the in-order time. */
+const RATIO = 5;
+/** Attempts per order before it counts as slow (the machine is shared). */
+const ATTEMPTS = 2;
+
+type Order = "in order" | "reversed" | "apart";
+
+/** The chunks' relative offsets, one byte each, in `order`. */
+function offsets(length: number, order: Order): Uint32Array {
+  const out = new Uint32Array(length);
+  if (order === "in order") {
+    for (let i = 0; i < length; i++) out[i] = i;
+  } else if (order === "reversed") {
+    for (let i = 0; i < length; i++) out[i] = length - 1 - i;
+  } else {
+    // Every even offset from the top down, each apart from the others, then
+    // the odd ones: half the chunks stay separate until the second half.
+    let n = 0;
+    for (let i = (length - 1) & ~1; i >= 0; i -= 2) out[n++] = i;
+    for (let i = 1; i < length; i += 2) out[n++] = i;
+  }
+  return out;
+}
+
+/** One structured reply in one-byte data chunks, as one buffer. */
+function oneByteChunks(req: ReceivedRequest, order: Order): Uint8Array {
+  const base = Number(req.offset);
+  const at = offsets(Number(req.length), order);
+  const each = 4 + 2 + 2 + 8 + 4 + 8 + 1; // magic, flags, type, cookie, length, offset, data
+  const out = new Uint8Array(at.length * each);
+  const view = new DataView(out.buffer);
+  for (let i = 0; i < at.length; i++) {
+    const p = i * each;
+    const offset = base + at[i]!;
+    view.setUint32(p, STRUCTURED_REPLY_MAGIC);
+    view.setUint16(p + 4, i === at.length - 1 ? REPLY_FLAG_DONE : 0);
+    view.setUint16(p + 6, REPLY_TYPE_OFFSET_DATA);
+    view.setBigUint64(p + 8, req.cookie);
+    view.setUint32(p + 16, 8 + 1);
+    view.setBigUint64(p + 20, BigInt(offset));
+    out[p + 28] = DATA[offset]!;
+  }
+  return out;
+}
+
+/**
+ * Reads `length` bytes answered in `order`, within `limit` ms: the elapsed
+ * ms, or `undefined` when the limit passed (the client is then closed, so
+ * that the rest of the reply costs nothing more).
+ */
+async function timedRead(
+  client: NbdClient,
+  length: number,
+  limit: number,
+): Promise<number | undefined> {
+  const signal = AbortSignal.timeout(Math.ceil(limit));
+  const start = performance.now();
+  try {
+    const got = await client.read(0, length, { signal });
+    const ms = performance.now() - start;
+    assert.deepEqual(got, DATA.subarray(0, length));
+    return ms;
+  } catch (e) {
+    if (!signal.aborted) throw e;
+    return undefined;
+  }
+}
+
+hostileTest(
+  "read() coverage costs linear time in the chunk count, in any order",
+  async (step) => {
+    let order: Order = "in order";
+    for (const length of [64 * KiB, MiB]) {
+      await step(
+        `read() of ${
+          length / KiB
+        } KiB in one-byte chunks, reversed or apart, within ${RATIO}x the in-order time`,
+        config({ onCommand: onRead((req) => oneByteChunks(req, order)) }),
+        async (server) => {
+          let client = await open(server);
+          try {
+            // Warm up, then the best of two in-order reads is the yardstick.
+            order = "in order";
+            await timedRead(client, 4 * KiB, 60_000);
+            let inOrder = Infinity;
+            for (let i = 0; i < 2; i++) {
+              inOrder = Math.min(
+                inOrder,
+                (await timedRead(client, length, 60_000))!,
+              );
+            }
+            for (const o of ["reversed", "apart"] as const) {
+              order = o;
+              let best: number | undefined;
+              for (let i = 0; i < ATTEMPTS && best === undefined; i++) {
+                best = await timedRead(client, length, RATIO * inOrder);
+                if (best === undefined) {
+                  await closeClient(client);
+                  client = await open(server);
+                }
+              }
+              assert.ok(
+                best !== undefined,
+                `${o}: ${length} one-byte chunks took over ${RATIO}x the ${
+                  inOrder.toFixed(0)
+                } ms in order, ${ATTEMPTS} times`,
+              );
+            }
+          } finally {
+            await closeClient(client);
+          }
+        },
+        120_000,
+      );
+    }
+  },
+);
