@@ -14,7 +14,7 @@
  */
 
 import { connect } from "../mod.ts";
-import { oursSequential } from "./bench.ts";
+import { oursSequential } from "./seq_read.ts";
 
 const [uri, size, request, depth] = Deno.args;
 const nbd = await connect(uri!, { maxInFlight: 64 });
