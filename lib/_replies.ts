@@ -446,7 +446,7 @@ export function addRange(
 
 /**
  * Sets the bits of [start, end) in `bitmap` (bit `i % 32` of word
- * `i >>> 5` stands for byte `i`), a word at a time.
+ * `i / 32` stands for byte `i`), a word at a time.
  *
  * @returns `false` (and sets nothing) when one of them is set already.
  */
@@ -455,8 +455,9 @@ export function claimBits(
   start: number,
   end: number,
 ): boolean {
-  const first = start >>> 5;
-  const last = (end - 1) >>> 5;
+  // Division, not `>>> 5`, which would wrap past 2^32 bytes.
+  const first = Math.floor(start / 32);
+  const last = Math.floor((end - 1) / 32);
   for (let w = first; w <= last; w++) {
     if ((bitmap[w]! & wordMask(w, first, last, start, end)) !== 0) {
       return false;
