@@ -1,5 +1,5 @@
 /**
- * One whole-process run of `bench/bench.ts`'s TLS section: reads an
+ * One whole-process run of `bench/tls.ts`'s section: reads an
  * `nbdkit pattern` export sequentially over `nbds://` with `readInto()`,
  * checking one word of every request against the pattern, and exits. The
  * benchmark runs it with `DENO_CERT` naming the test CA, so that the server
@@ -14,7 +14,7 @@
  */
 
 import { connect } from "../mod.ts";
-import { oursSequential } from "./bench.ts";
+import { oursSequential } from "./seq_read.ts";
 
 const [uri, size, request, depth] = Deno.args;
 const nbd = await connect(uri!, { maxInFlight: 64 });

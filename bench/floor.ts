@@ -24,7 +24,7 @@
 
 import { cpuUsage } from "node:process";
 import { connect, type NbdClient } from "../mod.ts";
-import { randomOffsets, startServer } from "./bench.ts";
+import { randomOffsets, startServer } from "./_harness.ts";
 
 const SIZE = 1024 * 1024 * 1024;
 const READ = 4096;

@@ -21,15 +21,10 @@
 
 import { cpuUsage } from "node:process";
 import { connect } from "../mod.ts";
-import {
-  oursRandom,
-  oursSequential,
-  oursStream,
-  oursWrite,
-  randomOffsets,
-  type Run,
-  startServer,
-} from "./bench.ts";
+import { randomOffsets, type Run, startServer } from "./_harness.ts";
+import { oursRandom } from "./random_read.ts";
+import { oursSequential, oursStream } from "./seq_read.ts";
+import { oursWrite } from "./write.ts";
 
 /** A node of a `.cpuprofile` (Chrome DevTools format). */
 interface ProfileNode {

@@ -15,21 +15,7 @@
  */
 
 import { parseRate } from "../examples/copy/rate.ts";
-
-/** One row of the benchmark table. */
-export interface BenchRow {
-  /** e.g. "fuse: sequential read 1 GiB, buffered" */
-  name: string;
-  /** what is measured, e.g. "MB/s" (higher is better) or "ms" */
-  unit: string;
-  higherIsBetter: boolean;
-  ours: number;
-  /** the peer's figure measured in the same run, e.g. nbdfuse 1.14 */
-  peer: number;
-  peerName: string;
-  /** optional extra, e.g. CPU per request */
-  note?: string;
-}
+import type { BenchRow } from "./_harness.ts";
 
 const SIZE = 256 * 1024 * 1024;
 const HASH_SIZE = 1024 * 1024 * 1024;
@@ -207,10 +193,13 @@ if (import.meta.main) {
   const arg = Deno.args.find((a) => a.startsWith("--rate="));
   const rate = arg ? parseRate(arg.slice("--rate=".length)) : 64 * MiB;
   for (const r of await rows(rate)) {
+    const peer = r.peer === null
+      ? `${r.peerName} did not run`
+      : `${r.peerName} ${r.peer.toFixed(1)}${r.unit}, ratio ${
+        (r.ours / r.peer).toFixed(3)
+      }`;
     console.log(
-      `${r.name}: ours ${r.ours.toFixed(1)}${r.unit}, ${r.peerName} ${
-        r.peer.toFixed(1)
-      }${r.unit}, ratio ${(r.ours / r.peer).toFixed(3)}${
+      `${r.name}: ours ${r.ours.toFixed(1)}${r.unit}, ${peer}${
         r.note ? ` (${r.note})` : ""
       }`,
     );

@@ -16,11 +16,13 @@ import {
   checkChunkHeader,
   checkReplyComplete,
   checkSimpleReply,
+  claimBits,
   claimDataChunk,
   claimHoleChunk,
   claimRange,
   decodeReplyHeader,
   MAX_ERROR_CHUNK,
+  MAX_RANGES,
   parseBlockStatusChunk,
   parseErrorChunk,
   type ReadCoverage,
@@ -31,6 +33,7 @@ import {
   unknownCookie,
 } from "../lib/_replies.ts";
 import type { ReplyHeader } from "../lib/_wire.ts";
+import { seeded } from "./support/random.ts";
 
 /** Golden bytes written as hex, spaces between fields. */
 const hex = (s: string) =>
@@ -474,7 +477,7 @@ Deno.test("claimDataChunk() and claimHoleChunk() place each range in the buffer"
     );
     assert.equal(claimDataChunk(req, cov, hex("0000000000001000"), 32), 0);
     assert.equal(cov.coveredBytes, 64);
-    assert.deepEqual(cov.ranges, [[0, 32], [32, 48], [48, 64]]);
+    assert.deepEqual(cov.ranges, [[0, 64]], "touching ranges merge");
     checkReplyComplete(req, cov.coveredBytes, undefined, compact);
   });
 
@@ -547,24 +550,168 @@ Deno.test("claimDataChunk() and claimHoleChunk() place each range in the buffer"
   });
 });
 
-Deno.test("claimRange() and addRange() keep ranges sorted and disjoint", () => {
-  const ranges: Array<[number, number]> = [];
-  assert.ok(addRange(ranges, 10, 20));
-  assert.ok(addRange(ranges, 0, 10));
-  assert.ok(addRange(ranges, 20, 30));
-  assert.ok(!addRange(ranges, 5, 6));
-  assert.ok(!addRange(ranges, 29, 31));
-  assert.deepEqual(ranges, [[0, 10], [10, 20], [20, 30]]);
+Deno.test("claimRange() keeps a read's coverage exact in linear time", async (t) => {
+  /**
+   * Claims `ranges` in turn and checks each answer against a byte-by-byte
+   * model: a claim succeeds exactly when none of its bytes is covered yet.
+   */
+  function replay(
+    length: number,
+    ranges: Iterable<readonly [number, number]>,
+  ): ReadCoverage {
+    const cov = coverage();
+    const model = new Uint8Array(length);
+    let covered = 0;
+    for (const [start, end] of ranges) {
+      const free = model.subarray(start, end).every((b) => b === 0);
+      assert.equal(
+        claimRange(cov, start, end, length),
+        free,
+        `[${start}, ${end})`,
+      );
+      if (free) {
+        model.fill(1, start, end);
+        covered += end - start;
+      }
+      assert.equal(cov.coveredBytes, covered);
+    }
+    return cov;
+  }
 
-  const cov = coverage();
-  assert.ok(claimRange(cov, 10, 20));
-  assert.equal(cov.ranges, undefined);
-  assert.ok(!claimRange(cov, 15, 16), "overlaps the first range");
-  assert.ok(!claimRange(cov, 0, 11));
-  assert.ok(claimRange(cov, 0, 10));
-  assert.ok(claimRange(cov, 20, 21));
-  assert.deepEqual(cov.ranges, [[0, 10], [10, 20], [20, 21]]);
-  assert.equal(cov.coveredBytes, 21);
+  await t.step(
+    "addRange() merges touching neighbours, refuses overlaps",
+    () => {
+      const ranges: Array<[number, number]> = [];
+      assert.ok(addRange(ranges, 10, 20));
+      assert.ok(addRange(ranges, 40, 50));
+      assert.deepEqual(ranges, [[10, 20], [40, 50]], "a gap stays apart");
+      assert.ok(addRange(ranges, 0, 10), "touches the next");
+      assert.ok(addRange(ranges, 20, 25), "touches the previous");
+      assert.deepEqual(ranges, [[0, 25], [40, 50]]);
+      assert.ok(!addRange(ranges, 5, 6));
+      assert.ok(!addRange(ranges, 24, 26));
+      assert.ok(!addRange(ranges, 39, 41));
+      assert.ok(!addRange(ranges, 30, 60), "spans a whole range");
+      assert.ok(addRange(ranges, 25, 40), "touches both: one range left");
+      assert.deepEqual(ranges, [[0, 50]]);
+    },
+  );
+
+  await t.step("claimRange(): the first range, then merged ranges", () => {
+    const cov = coverage();
+    assert.ok(claimRange(cov, 10, 20, 30));
+    assert.equal(cov.ranges, undefined);
+    assert.ok(!claimRange(cov, 15, 16, 30), "overlaps the first range");
+    assert.ok(!claimRange(cov, 0, 11, 30));
+    assert.ok(claimRange(cov, 0, 10, 30));
+    assert.ok(claimRange(cov, 20, 21, 30));
+    assert.deepEqual(cov.ranges, [[0, 21]]);
+    assert.equal(cov.coveredBytes, 21, "a gap of 9 bytes is left");
+  });
+
+  await t.step("one-byte chunks, reversed, stay one range", () => {
+    const length = 100_000;
+    const cov = coverage();
+    for (let at = length - 1; at >= 0; at--) {
+      assert.ok(claimRange(cov, at, at + 1, length));
+      assert.ok((cov.ranges?.length ?? 1) === 1, `at ${at}`);
+    }
+    assert.equal(cov.coveredBytes, length);
+    for (const at of [0, 1, length / 2, length - 1]) {
+      assert.ok(!claimRange(cov, at, at + 1, length), `again at ${at}`);
+    }
+  });
+
+  await t.step("apart chunks switch to a bitmap that keeps every range", () => {
+    const length = 4 * (MAX_RANGES + 8);
+    const apart = Array.from(
+      { length: MAX_RANGES + 8 },
+      (_, i) => [i * 4 + 1, i * 4 + 3] as const,
+    );
+    const cov = replay(length, apart);
+    assert.equal(cov.ranges, undefined);
+    assert.ok(cov.bitmap, "past MAX_RANGES ranges, a bitmap");
+    // Every byte against the model: overlaps refused, gaps filled.
+    const cells = Array.from({ length }, (_, at) => [at, at + 1] as const);
+    replay(length, [...apart, ...cells]);
+    assert.equal(cov.coveredBytes, length / 2);
+  });
+
+  await t.step("every split of a read into two, in both orders", () => {
+    const length = 70;
+    for (let k = 1; k < length; k++) {
+      for (
+        const parts of [
+          [[0, k], [k, length]],
+          [[k, length], [0, k]],
+        ] as const
+      ) {
+        assert.equal(replay(length, parts).coveredBytes, length, `at ${k}`);
+      }
+      replay(length, [[0, k + 1], [k, length]]);
+      replay(length, [[k - 1, length], [0, k]]);
+      assert.equal(
+        replay(length, [[0, k]]).coveredBytes,
+        k,
+        "a gap is left uncovered",
+      );
+    }
+  });
+
+  await t.step("random chunks in random order against the model", () => {
+    const next = seeded(22);
+    let bitmaps = 0;
+    for (let round = 0; round < 40; round++) {
+      const length = 1 + next() % 5000;
+      const ranges: Array<[number, number]> = [];
+      // A random cut into chunks, shuffled, with random overlapping claims.
+      for (let at = 0; at < length;) {
+        const size = 1 + next() % (round % 2 ? 4 : 200);
+        ranges.push([at, Math.min(length, at + size)]);
+        at += size;
+      }
+      for (let i = ranges.length - 1; i > 0; i--) {
+        const j = next() % (i + 1);
+        [ranges[i], ranges[j]] = [ranges[j]!, ranges[i]!];
+      }
+      // Each overlapping claim comes after a chunk it overlaps.
+      const chunks = [...ranges];
+      for (let i = 0; i < 20; i++) {
+        const chunk = chunks[next() % chunks.length]!;
+        const after = ranges.indexOf(chunk);
+        const [from, to] = chunk;
+        const start = from + next() % (to - from);
+        const end = start + 1 + next() % (length - start);
+        const at = after + 1 + next() % (ranges.length - after);
+        ranges.splice(at, 0, [start, end]);
+      }
+      const cov = replay(length, ranges);
+      assert.equal(cov.coveredBytes, length);
+      if (cov.bitmap) bitmaps++;
+    }
+    assert.ok(bitmaps > 0, "some rounds use the bitmap");
+  });
+
+  await t.step("claimBits(): every range over three words", () => {
+    const length = 96;
+    const taken = [[0, 1], [31, 33], [40, 64], [95, 96]] as const;
+    for (let start = 0; start < length; start++) {
+      for (let end = start + 1; end <= length; end++) {
+        const bitmap = new Uint32Array(3);
+        for (const [from, to] of taken) assert.ok(claimBits(bitmap, from, to));
+        const before = bitmap.slice();
+        const free = taken.every(([from, to]) => end <= from || start >= to);
+        assert.equal(claimBits(bitmap, start, end), free, `${start}-${end}`);
+        if (!free) assert.deepEqual(bitmap, before, "nothing is set");
+        for (let at = 0; at < length; at++) {
+          const set = ((bitmap[at >>> 5]! >>> (at & 31)) & 1) === 1;
+          const want = taken.some(([from, to]) => at >= from && at < to) ||
+            (free && at >= start && at < end);
+          assert.equal(set, want, `${start}-${end} bit ${at}`);
+        }
+      }
+    }
+  });
 });
 
 Deno.test("parseErrorChunk()", async (t) => {

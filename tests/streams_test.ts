@@ -5,6 +5,7 @@ import {
   writableTo,
 } from "../lib/streams.ts";
 import { connect } from "../mod.ts";
+import { pattern } from "./support/pattern.ts";
 import { exportHash, sha256 } from "./support/reference.ts";
 import { concat } from "./support/server.ts";
 import { nbdkit } from "./support/servers.ts";
@@ -122,12 +123,6 @@ class ReadIntoExport extends MemoryExport {
     this.readIntos++;
     return this.read(offset, buffer.length, options).then((d) => buffer.set(d));
   }
-}
-
-function pattern(n: number, seed = 1): Uint8Array {
-  const out = new Uint8Array(n);
-  for (let i = 0; i < n; i++) out[i] = (i * 31 + seed * 7 + (i >> 9)) & 0xff;
-  return out;
 }
 
 /** Reads a stream with a BYOB reader, through buffers of `size` bytes. */

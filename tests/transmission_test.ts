@@ -24,6 +24,7 @@ import type { ExportInfo } from "../lib/export.ts";
 import { type Command, Transmission } from "../lib/transmission.ts";
 import { Transport } from "../lib/transport.ts";
 import { ScriptedStream } from "./support/byte_script.ts";
+import { pattern } from "./support/pattern.ts";
 import { seeded } from "./support/random.ts";
 import {
   Builder,
@@ -131,9 +132,6 @@ function ext(
   const p = payload instanceof Uint8Array ? payload : payload.done();
   return b.bytes(extendedChunk(BigInt(cookie), flags, type, offset, p));
 }
-
-const pattern = (n: number, seed = 1) =>
-  Uint8Array.from({ length: n }, (_, i) => (i * 7 + seed) & 255);
 
 function read(offset: number, length: number, signal?: AbortSignal) {
   const buffer = new Uint8Array(length);

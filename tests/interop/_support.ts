@@ -134,15 +134,7 @@ export function fill(seed: number, offset: number, length: number): Uint8Array {
 }
 
 /** nbdkit-pattern-plugin's content: each 8-byte word holds its offset. */
-export function pattern(offset: number, length: number): Uint8Array {
-  const start = offset - (offset % 8);
-  const words = new Uint8Array(Math.ceil((offset + length - start) / 8) * 8);
-  const view = new DataView(words.buffer);
-  for (let at = 0; at < words.length; at += 8) {
-    view.setBigUint64(at, BigInt(start + at));
-  }
-  return words.subarray(offset - start, offset - start + length);
-}
+export { nbdkitPattern as pattern } from "../support/pattern.ts";
 
 /** Asserts two byte arrays are equal, naming the first difference. */
 export function assertBytes(

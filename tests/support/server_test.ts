@@ -54,6 +54,7 @@ import {
   type TestServerConfig,
 } from "./server.ts";
 import { writeAll } from "./io.ts";
+import { pattern } from "./pattern.ts";
 
 const decoder = new TextDecoder();
 
@@ -86,17 +87,6 @@ async function ok(cmd: string, args: string[]): Promise<string> {
     `${cmd} ${args.join(" ")} failed (${r.code}): ${r.stderr}`,
   );
   return r.stdout;
-}
-
-/** Deterministic bytes that differ at every offset in a page. */
-function pattern(n: number, seed = 1): Uint8Array {
-  const out = new Uint8Array(n);
-  let x = seed;
-  for (let i = 0; i < n; i++) {
-    x = (x * 1103515245 + 12345) >>> 0;
-    out[i] = x >>> 24;
-  }
-  return out;
 }
 
 const MiB = 1024 * 1024;
