@@ -19,7 +19,7 @@ import {
   withInterrupt,
   writeAll,
 } from "../_cli.ts";
-import { alignMap, formatMap, walkDirty } from "./dirty.ts";
+import { alignMap, type DirtyMap, formatMap, walkDirty } from "./dirty.ts";
 import type { Destination, Source } from "./endpoint.ts";
 import { NbdEndpoint, type NbdTarget } from "./nbd.ts";
 import {
@@ -117,7 +117,7 @@ async function run(
     // Everything that can refuse the copy comes before the destination is
     // opened, which replaces a regular file.
     mode = openProgress(request);
-    let summary: string;
+    let map: DirtyMap | undefined;
     if (request.settings.dirty !== undefined) {
       // The map is walked before the destination is opened: a source that
       // cannot give it leaves the earlier copy as it was.
@@ -128,7 +128,7 @@ async function run(
         signal,
       );
       src = nbd;
-      const map = await walkDirty(
+      map = await walkDirty(
         nbd.status(request.settings.dirty),
         nbd.size,
         request.dirtyMask,
@@ -152,16 +152,6 @@ async function run(
         request.settings,
         signal,
       );
-      summary = await transfer(
-        src,
-        dst,
-        request.settings,
-        mode,
-        controller,
-        (p) => state.progress = p,
-        map,
-        { rate: request.rate },
-      );
     } else {
       const { source, destination, settings } = request;
       if (typeof source === "string" && typeof destination === "string") {
@@ -169,21 +159,22 @@ async function run(
       }
       src = await openSource(source, settings, signal);
       dst = await openDestination(destination, settings, signal);
-      summary = await transfer(
-        src,
-        dst,
-        request.settings,
-        mode,
-        controller,
-        (p) => state.progress = p,
-        undefined,
-        {
-          blkhash: request.blkhash,
-          blkhashFile: request.blkhashFile,
-          rate: request.rate,
-        },
-      );
     }
+    // parseRequest() leaves no --blkhash beside --dirty.
+    const summary = await transfer(
+      src,
+      dst,
+      request.settings,
+      mode,
+      controller,
+      (p) => state.progress = p,
+      map,
+      {
+        blkhash: request.blkhash,
+        blkhashFile: request.blkhashFile,
+        rate: request.rate,
+      },
+    );
     ok = true;
     if (request.settings.verbose) {
       warn(summary);

@@ -104,54 +104,43 @@ export async function transfer(
   const limiter = extra.rate === undefined
     ? undefined
     : new RateLimiter(extra.rate, shared!);
+  const useExtents = settings.extents && src.hasExtents;
   const plan = () =>
     copying
       ? planDirtyExtents(src, copying, requestSize, align, signal)
       : size === undefined
       ? planStream(src, requestSize, dst.size)
-      : planRange(
-        src,
-        size,
-        requestSize,
-        align,
-        settings.extents && src.hasExtents,
-        signal,
-      );
-  const abort = (reason: unknown) => controller.abort(reason);
-  const useExtents = settings.extents && src.hasExtents;
+      : planRange(src, size, requestSize, align, useExtents, signal);
+  // What the pump of every thread is given, threaded or not.
+  const pumping = {
+    requestSize,
+    sparse,
+    progress,
+    stats,
+    signal,
+    abort: (reason: unknown) => controller.abort(reason),
+    hash,
+    limiter,
+  };
   let total: number;
   if (threads > 1) {
     await copyThreaded(src, dst, {
+      ...pumping,
       threads,
       perLane,
       queueSlots: Math.max(1, Math.floor(settings.queueSize / requestSize)),
-      requestSize,
       align,
-      sparse,
       useExtents,
       settings,
-      progress,
-      stats,
-      signal,
-      abort,
       closeMs: CLOSE_MS.stopped,
-      hash,
-      limiter,
       rateState: shared,
     });
     total = size!;
   } else {
     total = await pump(src, dst, plan(), {
+      ...pumping,
       lanes,
       limit: lanes * perLane,
-      requestSize,
-      sparse,
-      progress,
-      stats,
-      signal,
-      abort,
-      hash,
-      limiter,
     });
   }
   try {
@@ -169,16 +158,15 @@ export async function transfer(
   const seconds = (performance.now() - started) / 1000;
   const counts =
     `read ${stats.read}, wrote ${stats.written}, zeroed ${stats.zeroed}`;
-  if (dirty && copying) {
-    return `copy: ${dirty.bytes} dirty bytes in ${dirty.offsets.length} extent(s) of ${size}, copied ${copying.bytes} in ${
-      seconds.toFixed(3)
-    } s over ${lanes} connection(s): ${counts} (${
-      humanBytes(copying.bytes / (seconds || 1))
-    }/s)`;
-  }
-  return `copy: ${size ?? total} bytes in ${
+  const [what, bytes] = dirty && copying
+    ? [
+      `${dirty.bytes} dirty bytes in ${dirty.offsets.length} extent(s) of ${size}, copied ${copying.bytes}`,
+      copying.bytes,
+    ]
+    : [`${size ?? total} bytes`, size ?? total];
+  return `copy: ${what} in ${
     seconds.toFixed(3)
   } s over ${lanes} connection(s): ${counts} (${
-    humanBytes((size ?? total) / (seconds || 1))
+    humanBytes(bytes / (seconds || 1))
   }/s)`;
 }
