@@ -18,8 +18,9 @@
  *
  * The parts live in `copy/`: one file per endpoint kind (`nbd.ts`,
  * `file.ts`, `stream.ts`, `null.ts`) behind the interfaces of
- * `endpoint.ts`, the plan (`plan.ts`), the pump (`pump.ts`) and the command
- * line (`cli.ts`).
+ * `endpoint.ts`, the plan (`plan.ts`), the pump (`pump.ts`), one copy
+ * between opened ends (`transfer.ts`), the command line (`options.ts`) and
+ * `main()` (`cli.ts`).
  *
  * @module
  */

@@ -5,6 +5,7 @@
  * deno task compile          # writes dist/nbd
  * dist/nbd info --json nbd+unix:///?socket=/tmp/nbd.sock
  * dist/nbd copy nbd://127.0.0.1/ disk.img
+ * dist/nbd dump -n 512 nbd://127.0.0.1/
  * dist/nbd connect --help
  * ```
  *
@@ -15,6 +16,7 @@
  */
 
 import { main as copy } from "./copy.ts";
+import { main as dump } from "./dump.ts";
 import { main as info } from "./info.ts";
 import { errorLine, versionText, warn, writeAll } from "./_cli.ts";
 
@@ -27,6 +29,7 @@ const TOOLS: Readonly<Record<string, { run: Tool; summary: string }>> = {
     run: copy,
     summary: "copy to, from or between exports (like nbdcopy)",
   },
+  dump: { run: dump, summary: "hexdump an export (like nbddump)" },
   connect: {
     // Loaded on demand: only `connect` needs FFI, the others never pay for it.
     run: async (args) => {

@@ -4,19 +4,31 @@
  * @module
  */
 
-import { UsageError } from "../_cli.ts";
+import { type ServerCommand, UsageError } from "../_cli.ts";
 import type { Destination, Settings, Source } from "./endpoint.ts";
 import { FileEndpoint } from "./file.ts";
 import { isNbdUri, NbdEndpoint } from "./nbd.ts";
 import { NullDestination } from "./null.ts";
 import { StreamDestination, StreamSource } from "./stream.ts";
 
-/** Opens what `word` names as the source: `-`, an NBD URI or a path. */
+/**
+ * One end as the command line names it: a word (`-`, `null:`, a path, a
+ * URI) or a server to start.
+ */
+export type End = string | ServerCommand;
+
+/**
+ * Opens what `word` names as the source: `-`, an NBD URI, a path or a
+ * server to start.
+ */
 export async function openSource(
-  word: string,
+  word: End,
   s: Settings,
   signal: AbortSignal,
 ): Promise<Source> {
+  if (typeof word !== "string") {
+    return await NbdEndpoint.open(word, "source", s, signal);
+  }
   if (word === "-") return new StreamSource("stdin", Deno.stdin);
   if (word === "null:") throw new UsageError("null: can only be a destination");
   if (isNbdUri(word)) return await NbdEndpoint.open(word, "source", s, signal);
@@ -24,17 +36,17 @@ export async function openSource(
 }
 
 /**
- * Opens what `word` names as the destination: `-`, `null:`, an NBD URI or
- * a path.
+ * Opens what `word` names as the destination: `-`, `null:`, an NBD URI, a
+ * path or a server to start.
  */
 export async function openDestination(
-  word: string,
+  word: End,
   s: Settings,
   signal: AbortSignal,
 ): Promise<Destination> {
   if (word === "-") return new StreamDestination("stdout", Deno.stdout);
   if (word === "null:") return new NullDestination();
-  if (isNbdUri(word)) {
+  if (typeof word !== "string" || isNbdUri(word)) {
     return await NbdEndpoint.open(word, "destination", s, signal);
   }
   return await FileEndpoint.openDestination(word, s);
@@ -43,12 +55,13 @@ export async function openDestination(
 /**
  * Opens what `word` names as the destination of an incremental copy: an
  * earlier full copy of a `size`-byte source, a file, block device or NBD
- * export of exactly that size, which is updated in place.
+ * export (at a URI or behind a server to start) of exactly that size,
+ * which is updated in place.
  *
  * @throws {Error} One line when it is missing or has another size.
  */
 export async function openExistingDestination(
-  word: string,
+  word: End,
   size: number,
   s: Settings,
   signal: AbortSignal,
@@ -58,12 +71,15 @@ export async function openExistingDestination(
       "--dirty needs a DESTINATION that is a file, a block device or an NBD URI",
     );
   }
-  if (!isNbdUri(word)) return await FileEndpoint.openExisting(word, size);
+  if (typeof word === "string" && !isNbdUri(word)) {
+    return await FileEndpoint.openExisting(word, size);
+  }
   const dst = await NbdEndpoint.open(word, "destination", s, signal);
   if (dst.size !== size) {
     await dst.close(signal);
+    const name = typeof word === "string" ? word : word.text;
     throw new Error(
-      `${word} has ${dst.size} bytes and the source ${size}: --dirty updates a copy of the same size`,
+      `${name} has ${dst.size} bytes and the source ${size}: --dirty updates a copy of the same size`,
     );
   }
   return dst;
