@@ -31,9 +31,6 @@ import {
 import { parseRequest, type Request, USAGE } from "./options.ts";
 import { CLOSE_MS, transfer } from "./transfer.ts";
 
-// Tests read --blkhash's parser from here, where it lived before the split.
-export { parseBlkhash } from "./options.ts";
-
 /**
  * Runs the tool.
  *

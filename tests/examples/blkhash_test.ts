@@ -6,7 +6,7 @@
  */
 
 import assert from "node:assert/strict";
-import { parseBlkhash } from "../../examples/copy/cli.ts";
+import { parseBlkhash } from "../../examples/copy/options.ts";
 import { UsageError } from "../../examples/_cli.ts";
 import { nbdkit, qemuNbd, run, type Server } from "../support/servers.ts";
 import { runSid, sidBlkhash, sidTempDir } from "../support/sid.ts";
