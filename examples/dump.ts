@@ -26,15 +26,15 @@
 
 import { connect, type NbdClient, STATE_ZERO } from "../mod.ts";
 import {
+  type Answered,
   errorLine,
   type OptionSpec,
   parseArgs,
+  readCommandLine,
   serverCommand,
   UsageError,
   VERSION_OPTION,
-  versionText,
   warn,
-  warnUsage,
   writeAll,
 } from "./_cli.ts";
 
@@ -343,7 +343,7 @@ interface Request {
  * @returns The request, `"help"` or `"version"`.
  * @throws {UsageError} On a malformed option or not exactly one NBD.
  */
-function parseRequest(args: string[]): Request | "help" | "version" {
+function parseRequest(args: string[]): Request | Answered {
   const { options, positionals, commands, order } = parseArgs(args, OPTIONS);
   if (options.has("help")) return "help";
   if (options.has("version")) return "version";
@@ -388,22 +388,9 @@ function parseRequest(args: string[]): Request | "help" | "version" {
  * @returns The exit status: 0 after a full dump, 1 otherwise.
  */
 export async function main(args: string[]): Promise<number> {
-  let request: Request | "help" | "version";
-  try {
-    request = parseRequest(args);
-  } catch (e) {
-    if (!(e instanceof UsageError)) throw e;
-    warnUsage("dump", e);
-    return 1;
-  }
-  if (request === "help") {
-    await writeAll(Deno.stdout, USAGE);
-    return 0;
-  }
-  if (request === "version") {
-    await writeAll(Deno.stdout, versionText("dump"));
-    return 0;
-  }
+  const read = await readCommandLine("dump", USAGE, parseRequest, args);
+  if ("exit" in read) return read.exit;
+  const request: Request = read.request;
   const { target, colour } = request;
   // ^C in the middle of a coloured line must not leave the terminal
   // coloured.

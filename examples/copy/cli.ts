@@ -9,16 +9,16 @@
 import {
   errorLine,
   INTERRUPTED_STATUS,
-  type Progress,
-  type ProgressMode,
-  progressMode,
-  UsageError,
-  versionText,
+  readCommandLine,
   warn,
-  warnUsage,
   withInterrupt,
   writeAll,
 } from "../_cli.ts";
+import {
+  type Progress,
+  type ProgressMode,
+  progressMode,
+} from "../_progress.ts";
 import { alignMap, type DirtyMap, formatMap, walkDirty } from "./dirty.ts";
 import type { Destination, Source } from "./endpoint.ts";
 import { NbdEndpoint, type NbdTarget } from "./nbd.ts";
@@ -39,22 +39,9 @@ import { CLOSE_MS, transfer } from "./transfer.ts";
  * (usage errors included), 130 when interrupted.
  */
 export async function main(args: string[]): Promise<number> {
-  let request: Request | "help" | "version";
-  try {
-    request = parseRequest(args);
-  } catch (e) {
-    if (!(e instanceof UsageError)) throw e;
-    warnUsage("copy", e);
-    return 1;
-  }
-  if (request === "help") {
-    await writeAll(Deno.stdout, USAGE);
-    return 0;
-  }
-  if (request === "version") {
-    await writeAll(Deno.stdout, versionText("copy"));
-    return 0;
-  }
+  const read = await readCommandLine("copy", USAGE, parseRequest, args);
+  if ("exit" in read) return read.exit;
+  const request: Request = read.request;
 
   // The first ^C stops the copy and closes the connections, within
   // GRACE_MS; a second one exits at once (withInterrupt's rule).

@@ -9,7 +9,8 @@
  */
 
 import { type BlkhashDigest, Blkhasher } from "../../mod.ts";
-import { humanBytes, Progress, type ProgressMode, writeAll } from "../_cli.ts";
+import { humanBytes, writeAll } from "../_cli.ts";
+import { Progress, type ProgressMode } from "../_progress.ts";
 import { alignMap, type DirtyMap, planDirtyExtents } from "./dirty.ts";
 import type { Destination, Settings, Source } from "./endpoint.ts";
 import { copyThreaded, threadable } from "./lanes.ts";

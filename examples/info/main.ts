@@ -8,11 +8,9 @@
 import {
   errorLine,
   INTERRUPTED_STATUS,
-  UsageError,
-  versionText,
+  readCommandLine,
   visible,
   warn,
-  warnUsage,
   withInterrupt,
   writeAll,
 } from "../_cli.ts";
@@ -99,22 +97,9 @@ async function run(
  *   (see `withInterrupt()`).
  */
 export async function main(args: string[]): Promise<number> {
-  let request: Request;
-  try {
-    request = parseRequest(args);
-  } catch (e) {
-    if (!(e instanceof UsageError)) throw e;
-    warnUsage("info", e);
-    return 1;
-  }
-  if (request.mode === "help") {
-    await writeAll(Deno.stdout, USAGE);
-    return 0;
-  }
-  if (request.mode === "version") {
-    await writeAll(Deno.stdout, versionText("info"));
-    return 0;
-  }
+  const read = await readCommandLine("info", USAGE, parseRequest, args);
+  if ("exit" in read) return read.exit;
+  const request: Request = read.request;
   // ^C (or SIGTERM) ends the run at once, connecting or not; the signal
   // also closes what is open. A second one exits without waiting.
   return await withInterrupt(async ({ signal, stopped }) => {

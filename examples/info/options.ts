@@ -5,6 +5,7 @@
  */
 
 import {
+  type Answered,
   type OptionSpec,
   parseArgs,
   serverCommand,
@@ -67,8 +68,6 @@ const NEGATED = new Set(["cannot", "isnt", "hasnt"]);
 
 /** What the command line asks for. */
 export type Request =
-  | { mode: "help" }
-  | { mode: "version" }
   | {
     mode: "show" | "list";
     target: Target;
@@ -91,13 +90,13 @@ export type Request =
  * @throws {UsageError} For anything nbdinfo would refuse too, and for
  *   what this tool cannot do with a server it starts (name its URI).
  */
-export function parseRequest(args: string[]): Request {
+export function parseRequest(args: string[]): Request | Answered {
   const { options: o, positionals, commands, order } = parseArgs(
     args,
     OPTIONS,
   );
-  if (o.has("help")) return { mode: "help" };
-  if (o.has("version")) return { mode: "version" };
+  if (o.has("help")) return "help";
+  if (o.has("version")) return "version";
   if (positionals.length !== 1) {
     throw new UsageError(
       positionals.length === 0

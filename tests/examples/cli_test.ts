@@ -8,10 +8,10 @@ import {
   parseCount,
   parseSize,
   parseSparse,
-  Progress,
   UsageError,
   visible,
 } from "../../examples/_cli.ts";
+import { Progress } from "../../examples/_progress.ts";
 import { isZero } from "../../examples/copy.ts";
 import { extentDescription } from "../../examples/info.ts";
 import { within } from "../support/wait.ts";
