@@ -39,7 +39,13 @@ import {
   writableTo,
   type WritableToOptions,
 } from "./streams.ts";
-import { InFlight } from "./_in_flight.ts";
+import {
+  type AbortTarget,
+  type Waiter,
+  WaitQueue,
+  type Watch,
+  watchAbort,
+} from "./_wait_queue.ts";
 import { checkSignal, shown } from "./_resolve_options.ts";
 import { Connections, type NbdStats, type Pool } from "./connections.ts";
 import type { Command, Extent, ExtentsById } from "./transmission.ts";
@@ -111,6 +117,9 @@ const DRAIN_MS = 2000;
 const DISCONNECT_MS = 2000;
 
 type Reply = Promise<ExtentsById>;
+
+/** A watch that only keeps a signal's listener in place. */
+const IGNORE_ABORT: AbortTarget = { onAbort(): void {} };
 
 /** Set by {@linkcode clientOver} for the one constructor call it makes. */
 let adopting:
@@ -196,7 +205,9 @@ export class NbdClient {
   #byName = new Map<string, number>();
   #can: Capabilities;
   #closing: Promise<void> | undefined;
-  #inFlight: InFlight;
+  /** Requests in flight over every connection, and their callers' waits. */
+  #queue: WaitQueue;
+  #release = (): void => this.#queue.release();
   #cleanup: (() => Promise<void>) | undefined;
 
   /**
@@ -227,7 +238,7 @@ export class NbdClient {
     const pool: Pool = adopted?.pool ??
       { links: [{ transport, info }], maxInFlight, trace };
     this.#cleanup = adopted?.cleanup;
-    this.#inFlight = new InFlight(pool.maxInFlight * pool.links.length);
+    this.#queue = new WaitQueue(pool.maxInFlight * pool.links.length);
     this.#tx = new Connections(pool);
   }
 
@@ -457,46 +468,53 @@ export class NbdClient {
    * its reply stays counted until it arrives, so that `close()` can drain.
    */
   #send(cmd: Command, signal: AbortSignal | undefined): Reply {
+    // A split request's later pieces may come after close() began.
+    if (this.#state !== "open") return Promise.reject(closingError(cmd));
     if (signal === undefined) {
       // The hot path: a free slot, nothing to race.
-      const ticket = this.#inFlight.tryTake();
-      if (ticket) {
+      if (this.#queue.tryTake()) {
         const reply = this.#tx.submit(cmd);
-        reply.then(ticket.settle, ticket.settle);
+        reply.then(this.#release, this.#release);
         return reply;
       }
+    } else {
+      cmd.hold = signal;
     }
-    if (signal) cmd.hold = signal;
     return this.#sendWaiting(cmd, signal);
   }
 
   async #sendWaiting(cmd: Command, signal: AbortSignal | undefined): Reply {
     if (signal?.aborted) throw abortReason(signal);
-    let ticket = this.#inFlight.tryTake();
-    if (!ticket) {
-      ticket = await this.#inFlight.take(signal);
-      if (this.#state !== "open") {
-        // It waited for a slot while close() began: it must not go out.
-        ticket.settle();
-        throw new NbdConnectionClosedError(
-          `Cannot send ${
-            nameOrNumber(COMMAND_NAMES, cmd.type)
-          }: the connection is closing`,
-        );
+    if (!signal) {
+      if (!this.#queue.tryTake()) {
+        await this.#queue.take();
+        this.#throwIfClosing(cmd);
       }
+      const reply = this.#tx.submit(cmd);
+      reply.then(this.#release, this.#release);
+      return await reply;
     }
-    const reply = this.#tx.submit(cmd);
-    reply.then(ticket.settle, ticket.settle);
-    if (!signal) return await reply;
-    try {
-      return await untilAborted(reply, signal);
-    } catch (e) {
-      if (signal.aborted) ticket.abandon();
-      throw e;
+    // One watch on the signal for the request's whole life, queued or sent.
+    const caller = new Caller(this.#queue, signal);
+    if (!this.#queue.tryTake()) {
+      await caller.slot();
+      this.#throwIfClosing(cmd);
     }
+    return await caller.follow(this.#tx.submit(cmd));
   }
 
-  /** Splits [offset, offset+length) into requests of at most `step` bytes. */
+  /** A request that waited for a slot while close() began must not go out. */
+  #throwIfClosing(cmd: Command): void {
+    if (this.#state === "open") return;
+    this.#queue.release();
+    throw closingError(cmd);
+  }
+
+  /**
+   * Splits [offset, offset+length) into requests of at most `step` bytes.
+   * The pieces are made as slots free up, not all at once: a trim of 2^50
+   * bytes holds a few dozen requests, not a quarter of a million.
+   */
   #split(
     offset: number,
     length: number,
@@ -516,18 +534,41 @@ export class NbdClient {
     signal: AbortSignal | undefined,
     make: (offset: number, length: number, rel: number) => Command,
   ): Promise<void> {
-    const parts: Promise<unknown>[] = [];
-    for (let rel = 0; rel < length; rel += step) {
-      parts.push(
-        this.#send(
-          make(offset + rel, Math.min(step, length - rel), rel),
-          signal,
-        ),
-      );
+    let next = 0;
+    // The first piece, by offset, that failed; no piece starts after one.
+    let failedAt = Infinity;
+    let failure: unknown;
+    const lane = async (): Promise<void> => {
+      while (next < length && failedAt === Infinity) {
+        const rel = next;
+        next += step;
+        try {
+          await this.#send(
+            make(offset + rel, Math.min(step, length - rel), rel),
+            signal,
+          );
+        } catch (e) {
+          if (rel < failedAt) {
+            failedAt = rel;
+            failure = e;
+          }
+        }
+      }
+    };
+    const lanes = Math.min(this.#queue.max, Math.ceil(length / step));
+    const running: Promise<void>[] = [];
+    // Its pieces come and go; this watch keeps the signal's one listener
+    // in place between them. The pieces' own watches do the aborting.
+    const hold = signal && !signal.aborted
+      ? watchAbort(signal, IGNORE_ABORT)
+      : undefined;
+    try {
+      for (let i = 0; i < lanes; i++) running.push(lane());
+      await Promise.all(running);
+    } finally {
+      hold?.cancel();
     }
-    const settled = await Promise.allSettled(parts);
-    const failed = settled.find((s) => s.status === "rejected");
-    if (failed) throw (failed as PromiseRejectedResult).reason;
+    if (failedAt !== Infinity) throw failure;
   }
 
   /**
@@ -983,7 +1024,7 @@ export class NbdClient {
     // Requests held for a reconnect fail now; none is dialled any more.
     this.#tx.halt();
     try {
-      await untilAborted(this.#inFlight.whenNoneWaiting(), signal);
+      await untilAborted(this.#queue.whenNoneWaiting(), signal);
       {
         using drain = deadline(
           signal,
@@ -991,7 +1032,7 @@ export class NbdClient {
           () => new Error("The drain took too long"),
         );
         try {
-          await untilAborted(this.#inFlight.whenNoneOwed(), drain.signal);
+          await untilAborted(this.#queue.whenNoneOwed(), drain.signal);
         } catch (e) {
           // The drain's own limit: disconnect anyway. The caller's: cut.
           if (signal?.aborted) throw e;
@@ -1017,4 +1058,81 @@ export class NbdClient {
   [Symbol.asyncDispose](): Promise<void> {
     return this.close();
   }
+}
+
+/**
+ * A caller with a signal: first waiting for a slot, then for the reply to
+ * the request that holds it. Its signal is watched once, for both. It ends
+ * the wait, not the request, whose reply stays owed until it arrives.
+ */
+class Caller implements AbortTarget {
+  #queue: WaitQueue;
+  #signal: AbortSignal;
+  #watch: Watch | undefined;
+  #waiter: Waiter | undefined = undefined;
+  #reply: PromiseWithResolvers<ExtentsById> | undefined = undefined;
+  #abandoned = false;
+
+  constructor(queue: WaitQueue, signal: AbortSignal) {
+    this.#queue = queue;
+    this.#signal = signal;
+    this.#watch = watchAbort(signal, this);
+  }
+
+  /** Waits for a slot behind the callers already queued. */
+  slot(): Promise<void> {
+    this.#waiter = this.#queue.enqueue();
+    return this.#waiter.promise;
+  }
+
+  /**
+   * Follows the reply of the request sent with the slot this caller holds.
+   *
+   * @returns The reply, or a rejection as soon as the signal aborts.
+   */
+  follow(reply: Reply): Reply {
+    this.#waiter = undefined;
+    const out = this.#reply = Promise.withResolvers<ExtentsById>();
+    // Aborted after its slot was granted, before it went out.
+    if (this.#signal.aborted) this.#abandon();
+    reply.then(
+      (value) => {
+        this.#done();
+        out.resolve(value);
+      },
+      (e) => {
+        this.#done();
+        out.reject(e);
+      },
+    );
+    return out.promise;
+  }
+
+  onAbort(signal: AbortSignal): void {
+    this.#watch = undefined;
+    if (this.#reply) this.#abandon();
+    else this.#waiter?.leave(abortReason(signal));
+  }
+
+  /** The caller gave up: reject now; the slot stays taken until the reply. */
+  #abandon(): void {
+    if (this.#abandoned) return;
+    this.#abandoned = true;
+    this.#queue.abandon();
+    this.#reply!.reject(abortReason(this.#signal));
+  }
+
+  #done(): void {
+    this.#watch?.cancel();
+    this.#queue.release(this.#abandoned);
+  }
+}
+
+/** A request that came too late: `close()` has begun. */
+function closingError(cmd: Command): NbdConnectionClosedError {
+  return new NbdConnectionClosedError(
+    `Cannot send ${
+      nameOrNumber(COMMAND_NAMES, cmd.type)
+    }: the connection is closing`,
+  );
 }

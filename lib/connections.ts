@@ -35,6 +35,7 @@ import {
 } from "./transmission.ts";
 import type { Transport } from "./transport.ts";
 import { encodeStatusPayload } from "./_wire.ts";
+import { type AbortTarget, type Watch, watchAbort } from "./_wait_queue.ts";
 
 /** A negotiated connection, ready for transmission. */
 export interface Link {
@@ -141,8 +142,11 @@ export class Connections {
   readonly #options: Pool;
   readonly #policy: ReconnectPolicy | undefined;
   readonly #stop = new AbortController();
-  /** Requests waiting for a connection to come up, in arrival order. */
-  #waiting: Array<() => void> = [];
+  /**
+   * Requests waiting for a connection to come up, in arrival order (a set:
+   * one that gives up leaves in constant time).
+   */
+  #waiting = new Set<Held>();
   /** Data-changing requests in flight, which a multi-conn flush waits for. */
   readonly #modifying = new Set<Promise<unknown>>();
   #failure: Error | undefined;
@@ -362,19 +366,10 @@ export class Connections {
       if (signal?.aborted) throw abortReason(signal);
       const slot = this.#pick();
       if (slot) return slot;
-      await new Promise<void>((resolve) => {
-        const wake = () => {
-          signal?.removeEventListener("abort", onAbort);
-          resolve();
-        };
-        const onAbort = () => {
-          const i = this.#waiting.indexOf(wake);
-          if (i >= 0) this.#waiting.splice(i, 1);
-          resolve();
-        };
-        signal?.addEventListener("abort", onAbort, { once: true });
-        this.#waiting.push(wake);
-      });
+      const { promise, resolve } = Promise.withResolvers<void>();
+      const held = new Held(this.#waiting, resolve, signal);
+      this.#waiting.add(held);
+      await promise;
     }
   }
 
@@ -399,7 +394,9 @@ export class Connections {
   }
 
   #wake(): void {
-    for (const wake of this.#waiting.splice(0)) wake();
+    const all = [...this.#waiting];
+    this.#waiting.clear();
+    for (const held of all) held.wake();
   }
 
   /** Starts replacing `slot`'s connection `tx`, once per loss. */
@@ -562,5 +559,33 @@ export class Connections {
     const redials = this.#slots.map((s) => s.redial);
     await Promise.all(this.#slots.map((s) => s.tx.disconnect(signal)));
     await Promise.all(redials);
+  }
+}
+
+/**
+ * A request held until a connection is up again; it wakes early, to see
+ * its signal has aborted, through one listener per distinct signal.
+ */
+class Held implements AbortTarget {
+  #watch: Watch | undefined;
+
+  constructor(
+    readonly set: Set<Held>,
+    readonly resolve: () => void,
+    signal: AbortSignal | undefined,
+  ) {
+    this.#watch = signal ? watchAbort(signal, this) : undefined;
+  }
+
+  /** A connection came up, or the wait is over for everyone. */
+  wake(): void {
+    this.#watch?.cancel();
+    this.resolve();
+  }
+
+  onAbort(): void {
+    this.#watch = undefined;
+    this.set.delete(this);
+    this.resolve();
   }
 }

@@ -51,6 +51,12 @@ import {
 } from "./_replies.ts";
 import type { Transport } from "./transport.ts";
 import { encodeRequest, plural, type ReplyHeader, SIZES } from "./_wire.ts";
+import {
+  type AbortTarget,
+  WaitQueue,
+  type Watch,
+  watchAbort,
+} from "./_wait_queue.ts";
 
 export type { Extent } from "./_replies.ts";
 
@@ -97,10 +103,10 @@ const NO_EXTENTS: ExtentsById = new Map();
 const ONCE: AddEventListenerOptions = { once: true };
 
 /**
- * One request in flight. It is its own abort listener (`handleEvent`), so
- * that a request with a signal costs no closure.
+ * One request in flight. It is its own abort target, so that a request
+ * with a signal costs no closure, and its signal one listener in all.
  */
-class Pending implements ReadCoverage, EventListenerObject {
+class Pending implements ReadCoverage, AbortTarget {
   coveredBytes = 0;
   firstStart = 0;
   firstEnd = 0;
@@ -112,22 +118,25 @@ class Pending implements ReadCoverage, EventListenerObject {
   detached = false;
   /** The caller stopped waiting (its signal aborted); close() need not wait. */
   abandoned = false;
+  /** The watch on the caller's signal, while it waits. */
+  watch: Watch | undefined = undefined;
 
   constructor(
     readonly cookie: number,
     readonly cmd: Command,
     readonly resolve: (extents: ExtentsById) => void,
     readonly reject: (e: Error) => void,
-    readonly onAbandon: () => void,
+    readonly slots: WaitQueue,
   ) {
     this.extents = cmd.type === CMD_BLOCK_STATUS ? new Map() : undefined;
   }
 
   /** The caller's signal aborted: reject now, keep the slot until the reply. */
-  handleEvent(): void {
+  onAbort(signal: AbortSignal): void {
+    this.watch = undefined;
     this.abandoned = true;
-    this.onAbandon();
-    this.reject(abortReason(this.cmd.signal!));
+    this.slots.abandon();
+    this.reject(abortReason(signal));
   }
 }
 
@@ -145,9 +154,8 @@ export class Transmission {
   /** Requests sent, by command type (15 counts every type past 14). */
   readonly #sent = new Array<number>(16).fill(0);
   #chunksReceived = 0;
-  #maxInFlight: number;
-  #inFlight = 0;
-  #waiters: Array<() => void> = [];
+  /** Request slots: a reply owed holds one, abandoned or not. */
+  #slots: WaitQueue;
   // One buffer and one object for every reply header, views made once.
   #headerBytes = new Uint8Array(SIZES.extendedReply);
   #headerStart: Uint8Array;
@@ -165,7 +173,6 @@ export class Transmission {
   #failure: Error | undefined;
   #closing = false;
   #shutdown = false;
-  #idle: Array<() => void> = [];
   #loop: Promise<void>;
   #ended = false;
   #onWriteError = (e: unknown) => this.#fail(e);
@@ -173,7 +180,6 @@ export class Transmission {
   #headerRing: Array<Uint8Array | undefined>;
   #headerSize: number;
   #ringNext = 0;
-  #onAbandon = () => this.#wakeIfIdle();
 
   /**
    * @param transport A transport whose handshake has finished.
@@ -189,7 +195,7 @@ export class Transmission {
   ) {
     this.#transport = transport;
     this.#info = info;
-    this.#maxInFlight = maxInFlight;
+    this.#slots = new WaitQueue(maxInFlight);
     this.#trace = trace;
     this.#headerStart = this.#headerBytes.subarray(0, replyHeaderStart(info));
     this.#longestHeader = info.extendedHeaders
@@ -254,8 +260,7 @@ export class Transmission {
     if (signal?.aborted) return Promise.reject(abortReason(signal));
     // The common case takes a free slot without a trip through the queue,
     // and without a promise of its own beyond the one the caller awaits.
-    if (this.#inFlight < this.#maxInFlight && this.#waiters.length === 0) {
-      this.#inFlight++;
+    if (this.#slots.tryTake()) {
       try {
         return this.#send(cmd);
       } catch (e) {
@@ -266,7 +271,7 @@ export class Transmission {
   }
 
   async #submitLater(cmd: Command): Promise<ExtentsById> {
-    await this.#acquire(cmd.signal);
+    await this.#slots.take(cmd.signal);
     return await this.#send(cmd);
   }
 
@@ -294,7 +299,7 @@ export class Transmission {
     const slice = ring[at] ??= new Uint8Array(this.#headerSize);
     this.#ringNext = at + 1 === ring.length ? 0 : at + 1;
     const { promise, resolve, reject } = Promise.withResolvers<ExtentsById>();
-    const p = new Pending(cookie, cmd, resolve, reject, this.#onAbandon);
+    const p = new Pending(cookie, cmd, resolve, reject, this.#slots);
     this.#pending.set(cookie, p);
     const header = encodeRequest(
       {
@@ -323,9 +328,8 @@ export class Transmission {
       ? this.#transport.write(header, cmd.payload)
       : this.#transport.write(header);
     sent.catch(this.#onWriteError);
-    // No options object: one fewer conversion per request; the listener
-    // is removed when the request settles, so it fires at most once.
-    signal?.addEventListener("abort", p);
+    // One listener per distinct signal, however many requests share it.
+    if (signal) p.watch = watchAbort(signal, p);
     // Returned to the caller, who awaits it: no rejection goes unobserved.
     return promise;
   }
@@ -353,28 +357,8 @@ export class Transmission {
     return undefined;
   }
 
-  async #acquire(signal: AbortSignal | undefined): Promise<void> {
-    await new Promise<void>((resolve, reject) => {
-      const grant = () => {
-        signal?.removeEventListener("abort", onAbort);
-        this.#inFlight++;
-        resolve();
-      };
-      const onAbort = () => {
-        const i = this.#waiters.indexOf(grant);
-        if (i >= 0) this.#waiters.splice(i, 1);
-        reject(abortReason(signal!));
-      };
-      signal?.addEventListener("abort", onAbort, ONCE);
-      this.#waiters.push(grant);
-    });
-  }
-
   #release(): void {
-    this.#inFlight--;
-    const next = this.#waiters.shift();
-    if (next) next();
-    this.#wakeIfIdle();
+    this.#slots.release();
   }
 
   /**
@@ -382,27 +366,15 @@ export class Transmission {
    * when its caller already stopped waiting).
    */
   #settle(p: Pending, error: Error | undefined): void {
-    p.cmd.signal?.removeEventListener("abort", p);
-    this.#release();
+    p.watch?.cancel();
+    this.#slots.release(p.abandoned);
     if (error) p.reject(error);
     else p.resolve(p.extents ?? NO_EXTENTS);
   }
 
-  /** No reply is awaited by anyone (abandoned requests do not count). */
-  #isIdle(): boolean {
-    for (const p of this.#pending.values()) if (!p.abandoned) return false;
-    return true;
-  }
-
-  #wakeIfIdle(): void {
-    if (this.#idle.length === 0 || !this.#isIdle()) return;
-    for (const wake of this.#idle.splice(0)) wake();
-  }
-
   /** Resolves once no caller is waiting for a reply. */
   #whenIdle(): Promise<void> {
-    if (this.#isIdle()) return Promise.resolve();
-    return new Promise((resolve) => this.#idle.push(resolve));
+    return this.#slots.whenNoneWaiting();
   }
 
   /**
@@ -422,8 +394,9 @@ export class Transmission {
     const pending = [...this.#pending.values()];
     this.#pending.clear();
     for (const p of pending) this.#settle(p, err);
-    for (const wake of this.#waiters.splice(0)) wake();
-    for (const wake of this.#idle.splice(0)) wake();
+    // Waiters go on, to find the failure when they try to send.
+    this.#slots.grantAll();
+    this.#slots.wakeIdle();
     this.#transport.close(err);
   }
 
