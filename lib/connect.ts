@@ -23,7 +23,7 @@ import {
 } from "./client.ts";
 import type { Link } from "./connections.ts";
 import type { ConnectOptions } from "./connect_options.ts";
-import { deadline, pause, untilAborted } from "./_deadline.ts";
+import { deadline, untilAborted } from "./_deadline.ts";
 import { makeTracer, type Tracer } from "./_debug.ts";
 import {
   abortReason,
@@ -40,10 +40,10 @@ import { listMetaContexts } from "./options/_meta_context.ts";
 import type { OptionSession } from "./options/_session.ts";
 import { negotiateReplies } from "./options/_structured_reply.ts";
 import {
-  backoff,
   DEFAULT_RECONNECT,
   exportChanges,
   reconnectPolicy,
+  retry,
 } from "./reconnect.ts";
 import { resolveOptions, shown } from "./_resolve_options.ts";
 import {
@@ -312,30 +312,29 @@ function cap(connectTimeout: number | undefined, ms: number): number {
  */
 async function firstLink(o: ConnectOptions, trace: Tracer): Promise<Link> {
   const limit = o.openTimeout ?? 0;
-  const end = Date.now() + limit;
-  for (let attempt = 0;; attempt++) {
+  return await retry(
     // An attempt that stalls may not outlast what is left of openTimeout.
-    const left = end - Date.now();
-    const per = limit === 0
-      ? o
-      : { ...o, connectTimeout: cap(o.connectTimeout, Math.max(1, left)) };
-    try {
-      return await negotiated(per, trace);
-    } catch (e) {
-      const left = end - Date.now();
-      if (
-        left <= 0 || o.signal?.aborted || !(e instanceof NbdError) ||
-        e instanceof NbdUnsupportedError
-      ) {
-        throw e;
-      }
-      trace?.("connect attempt failed", {
-        attempt: attempt + 1,
-        error: errorText(e),
-      });
-      await pause(backoff(attempt, DEFAULT_RECONNECT, left), o.signal);
-    }
-  }
+    (_n, left) =>
+      negotiated(
+        limit === 0
+          ? o
+          : { ...o, connectTimeout: cap(o.connectTimeout, Math.max(1, left)) },
+        trace,
+      ),
+    {
+      delay: DEFAULT_RECONNECT.delay,
+      maxDelay: DEFAULT_RECONNECT.maxDelay,
+      deadline: Date.now() + limit,
+      signal: o.signal,
+      retryable: (e) =>
+        e instanceof NbdError && !(e instanceof NbdUnsupportedError),
+      debug: (attempt, e, again) => {
+        if (again) {
+          trace?.("connect attempt failed", { attempt, error: errorText(e) });
+        }
+      },
+    },
+  );
 }
 
 /**

@@ -14,18 +14,17 @@
  */
 
 import { CMD_BLOCK_STATUS, CMD_FLUSH, commandName } from "./constants.ts";
-import { pause } from "./_deadline.ts";
 import type { Tracer } from "./_debug.ts";
 import { abortReason, errorText, NbdConnectionClosedError } from "./errors.ts";
 import type { ExportInfo } from "./export.ts";
 import {
-  backoff,
   exportChanges,
   gaveUp,
   isConnectionLoss,
   modifiesData,
   NbdExportChangedError,
   type ReconnectPolicy,
+  retry,
 } from "./reconnect.ts";
 import {
   type Command,
@@ -426,74 +425,69 @@ export class Connections {
       deadline: Date.now() + policy.timeout,
       attempts: 0,
     };
-    const deadline = streak.deadline;
-    let last = cause;
-    for (;;) {
-      const attempt = streak.attempts++;
-      const left = deadline - Date.now();
-      if (left <= 0 || this.#closed || this.#failure) break;
-      if (attempt > 0) await this.#pause(backoff(attempt - 1, policy, left));
-      if (this.#closed || this.#failure) return;
-      let link: Link;
-      try {
-        link = await dial(
-          AbortSignal.any([
-            this.#stop.signal,
-            AbortSignal.timeout(Math.max(1, deadline - Date.now())),
-          ]),
-        );
-      } catch (e) {
-        last = e;
-        this.#trace("reconnect attempt failed", {
-          connection: slot.index,
-          attempt: attempt + 1,
-          error: errorText(e),
-        });
-        continue;
-      }
-      if (this.#closed || this.#failure) {
-        link.transport.close();
-        return;
-      }
-      const changes = exportChanges(
-        this.#original,
-        link.info,
-        this.#slots.length > 1,
+    const stop = this.#stop.signal;
+    let link: Link;
+    try {
+      link = await retry(
+        (_n, left) =>
+          dial(AbortSignal.any([stop, AbortSignal.timeout(Math.max(1, left))])),
+        {
+          delay: policy.delay,
+          maxDelay: policy.maxDelay,
+          deadline: streak.deadline,
+          signal: stop,
+          counter: streak,
+          cause,
+          debug: (attempt, e) =>
+            this.#trace("reconnect attempt failed", {
+              connection: slot.index,
+              attempt,
+              error: errorText(e),
+            }),
+        },
       );
-      if (changes.length > 0) {
-        // Nothing was sent to it; say goodbye politely and stop for good.
-        const stranger = new Transmission(
-          link.transport,
-          link.info,
-          1,
-          undefined,
-        );
-        await stranger.disconnect(AbortSignal.timeout(1000)).catch(() => {});
-        this.#failAll(new NbdExportChangedError(changes));
-        return;
+    } catch (last) {
+      // Closed, or failed for good elsewhere: nothing to give up on.
+      if (stop.aborted) return;
+      slot.dead = true;
+      if (this.#slots.every((s) => s.dead)) {
+        this.#failAll(gaveUp(policy, last));
       }
-      addStats(this.#retired, slot.tx.stats);
-      slot.transport = link.transport;
-      slot.tx = this.#transmission(link);
-      slot.info = link.info;
-      slot.upSince = Date.now();
-      this.#watch(slot, slot.tx);
-      this.#reconnects++;
-      this.#trace("reconnected", {
-        connection: slot.index,
-        attempts: attempt + 1,
-        reconnects: this.#reconnects,
-      });
       return;
     }
-    if (this.#closed || this.#failure) return;
-    slot.dead = true;
-    if (this.#slots.every((s) => s.dead)) this.#failAll(gaveUp(policy, last));
-  }
-
-  /** Waits `ms`, or less if the client closes. */
-  #pause(ms: number): Promise<void> {
-    return pause(ms, this.#stop.signal).catch(() => {});
+    if (this.#closed || this.#failure) {
+      link.transport.close();
+      return;
+    }
+    const changes = exportChanges(
+      this.#original,
+      link.info,
+      this.#slots.length > 1,
+    );
+    if (changes.length > 0) {
+      // Nothing was sent to it; say goodbye politely and stop for good.
+      const stranger = new Transmission(
+        link.transport,
+        link.info,
+        1,
+        undefined,
+      );
+      await stranger.disconnect(AbortSignal.timeout(1000)).catch(() => {});
+      this.#failAll(new NbdExportChangedError(changes));
+      return;
+    }
+    addStats(this.#retired, slot.tx.stats);
+    slot.transport = link.transport;
+    slot.tx = this.#transmission(link);
+    slot.info = link.info;
+    slot.upSince = Date.now();
+    this.#watch(slot, slot.tx);
+    this.#reconnects++;
+    this.#trace("reconnected", {
+      connection: slot.index,
+      attempts: streak.attempts,
+      reconnects: this.#reconnects,
+    });
   }
 
   /** Ends every connection with `error`; held and later requests get it. */

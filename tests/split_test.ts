@@ -102,12 +102,15 @@ Deno.test("NbdClient split requests make their pieces as slots free", async (t) 
       await using nbd = await connect(server.uri, { maxInFlight: 8 });
       const { buffer, made } = countedBuffer(1 << 20);
       const read = nbd.readInto(buffer, 0);
-      await until("the first piece", () => received >= 1);
-      // Give eager code the chance to make every piece now.
-      await new Promise((r) => setTimeout(r, 50));
-      assert.ok(made() <= 8, `${made()} pieces made while 8 may be in flight`);
-      release.resolve();
-      await within(10_000, "the split read", read);
+      try {
+        await until("the first piece", () => received >= 1);
+        // Give eager code the chance to make every piece now.
+        await new Promise((r) => setTimeout(r, 50));
+        assert.ok(made() <= 8, `${made()} pieces made, 8 may be in flight`);
+      } finally {
+        release.resolve();
+        await within(10_000, "the split read", read);
+      }
       assert.equal(made(), 256);
     },
   );
