@@ -121,10 +121,18 @@ type Reply = Promise<ExtentsById>;
 /** A watch that only keeps a signal's listener in place. */
 const IGNORE_ABORT: AbortTarget = { onAbort(): void {} };
 
-/** Set by {@linkcode clientOver} for the one constructor call it makes. */
-let adopting:
-  | { pool: Pool; cleanup: (() => Promise<void>) | undefined }
-  | undefined;
+/**
+ * The key of the internal constructor: only this module holds it, so only
+ * {@linkcode clientOver} reaches that form.
+ */
+const OVER: unique symbol = Symbol("NbdClient over a pool");
+
+/** The internal form of {@linkcode NbdClient}'s constructor. */
+type InternalConstructor = new (
+  key: typeof OVER,
+  pool: Pool,
+  cleanup: (() => Promise<void>) | undefined,
+) => NbdClient;
 
 /**
  * A client over connections `connect()` already made (several, or with
@@ -138,13 +146,7 @@ export function clientOver(
   pool: Pool,
   cleanup?: () => Promise<void>,
 ): NbdClient {
-  adopting = { pool, cleanup };
-  try {
-    const first = pool.links[0]!;
-    return new NbdClient(first.transport, first.info, pool.maxInFlight);
-  } finally {
-    adopting = undefined;
-  }
+  return new (NbdClient as unknown as InternalConstructor)(OVER, pool, cleanup);
 }
 
 /**
@@ -221,9 +223,26 @@ export class NbdClient {
   constructor(
     transport: Transport,
     info: ExportInfo,
-    maxInFlight: number = DEFAULT_MAX_IN_FLIGHT,
+    maxInFlight?: number,
+    trace?: Tracer,
+  );
+  constructor(
+    transport: Transport | typeof OVER,
+    info: ExportInfo | Pool,
+    third?: number | (() => Promise<void>),
     trace?: Tracer,
   ) {
+    let pool: Pool;
+    if (transport === OVER) {
+      pool = info as Pool;
+      this.#cleanup = third as (() => Promise<void>) | undefined;
+      info = pool.links[0]!.info;
+    } else {
+      info = info as ExportInfo;
+      const maxInFlight = (third as number | undefined) ??
+        DEFAULT_MAX_IN_FLIGHT;
+      pool = { links: [{ transport, info }], maxInFlight, trace };
+    }
     this.#info = info;
     this.#contexts = info.metaContexts;
     this.#can = capabilities({
@@ -233,11 +252,6 @@ export class NbdClient {
       extendedHeaders: info.extendedHeaders,
     });
     for (const [id, name] of info.metaContexts) this.#byName.set(name, id);
-    const adopted = adopting;
-    adopting = undefined;
-    const pool: Pool = adopted?.pool ??
-      { links: [{ transport, info }], maxInFlight, trace };
-    this.#cleanup = adopted?.cleanup;
     this.#queue = new WaitQueue(pool.maxInFlight * pool.links.length);
     this.#tx = new Connections(pool);
   }
