@@ -20,18 +20,10 @@ import {
   CMD_TRIM,
   CMD_WRITE,
   CMD_WRITE_ZEROES,
-  COMMAND_NAMES,
-  DEFAULT_MAX_PAYLOAD,
-  nameOrNumber,
 } from "./constants.ts";
 import { type Capabilities, capabilities } from "./capabilities.ts";
-import { deadline, untilAborted, within } from "./_deadline.ts";
 import type { Tracer } from "./_debug.ts";
-import {
-  abortReason,
-  NbdConnectionClosedError,
-  NbdUnsupportedError,
-} from "./errors.ts";
+import { NbdConnectionClosedError } from "./errors.ts";
 import type { BlockSize, ExportInfo, Protocol } from "./export.ts";
 import {
   readableFrom,
@@ -39,59 +31,38 @@ import {
   writableTo,
   type WritableToOptions,
 } from "./streams.ts";
+import { Requests, shutDown } from "./_requests.ts";
 import {
-  type AbortTarget,
-  type Waiter,
-  WaitQueue,
-  type Watch,
-  watchAbort,
-} from "./_wait_queue.ts";
-import { checkSignal, shown } from "./_resolve_options.ts";
+  checkRange,
+  contextIds,
+  maxEffect,
+  maxIo,
+  need,
+} from "./_request_checks.ts";
+import {
+  type BlockStatus,
+  type BlockStatusOptions,
+  checkOptions,
+  type ReadOptions,
+  type RequestOptions,
+  sizeNumber,
+  type WriteOptions,
+  type WriteZeroesOptions,
+} from "./request_options.ts";
 import { Connections, type NbdStats, type Pool } from "./connections.ts";
-import type { Command, Extent, ExtentsById } from "./transmission.ts";
+import type { Command } from "./transmission.ts";
 import type { Transport } from "./transport.ts";
 import { encodeStatusPayload } from "./_wire.ts";
 
-/** Options every request takes. */
-export interface RequestOptions {
-  /** Stop waiting when this aborts (the request may still reach the server). */
-  signal?: AbortSignal;
-}
-
-/** Options of {@linkcode NbdClient.read} and {@linkcode NbdClient.readInto}. */
-export interface ReadOptions extends RequestOptions {
-  /** Ask the server not to fragment the reply (`NBD_CMD_FLAG_DF`). */
-  df?: boolean;
-}
-
-/** Options of writes. */
-export interface WriteOptions extends RequestOptions {
-  /** Force unit access: reply only once the data is durable. */
-  fua?: boolean;
-}
-
-/** Options of {@linkcode NbdClient.writeZeroes}. */
-export interface WriteZeroesOptions extends WriteOptions {
-  /** Allocate the zeroes instead of punching a hole (`NBD_CMD_FLAG_NO_HOLE`). */
-  noHole?: boolean;
-  /** Fail with `ENOTSUP` unless zeroing is faster than writing. */
-  fastZero?: boolean;
-}
-
-/** Options of {@linkcode NbdClient.blockStatus}. */
-export interface BlockStatusOptions extends RequestOptions {
-  /** Ask for exactly one extent per context (`NBD_CMD_FLAG_REQ_ONE`). */
-  reqOne?: boolean;
-  /**
-   * Only these negotiated contexts. With `canBlockStatusPayload` the server
-   * is asked for them alone (`NBD_CMD_FLAG_PAYLOAD_LEN`); otherwise it is
-   * asked for all and the answer is filtered here.
-   */
-  contexts?: string[];
-}
-
-/** Block status by metadata context name. */
-export type BlockStatus = Record<string, Extent[]>;
+export type {
+  BlockStatus,
+  BlockStatusOptions,
+  ReadOptions,
+  RequestOptions,
+  WriteOptions,
+  WriteZeroesOptions,
+} from "./request_options.ts";
+export { sizeNumber } from "./request_options.ts";
 
 /**
  * The client's state, as its guards name it: `"failed"` once the
@@ -109,17 +80,6 @@ export type ClientState =
 
 /** Requests in flight at once per connection unless told otherwise. */
 export const DEFAULT_MAX_IN_FLIGHT = 64;
-/**
- * How long `close()` waits, without a signal, for replies owed to callers
- * who gave up, and then for `NBD_CMD_DISC` to be written.
- */
-const DRAIN_MS = 2000;
-const DISCONNECT_MS = 2000;
-
-type Reply = Promise<ExtentsById>;
-
-/** A watch that only keeps a signal's listener in place. */
-const IGNORE_ABORT: AbortTarget = { onAbort(): void {} };
 
 /**
  * The key of the internal constructor: only this module holds it, so only
@@ -150,48 +110,6 @@ export function clientOver(
 }
 
 /**
- * Checks a request's options before anything is sent: an object, an
- * `AbortSignal` if any, and booleans where flags are asked for.
- *
- * @throws {TypeError} naming the method and the option.
- */
-function checkOptions(
-  method: string,
-  options: unknown,
-  flags: readonly string[],
-): void {
-  if (options === null || typeof options !== "object") {
-    throw new TypeError(
-      `${method}(): options must be an object, not ${shown(options)}`,
-    );
-  }
-  const fields = options as Record<string, unknown>;
-  checkSignal(`${method}()`, fields.signal);
-  for (const flag of flags) {
-    const v = fields[flag];
-    if (v !== undefined && typeof v !== "boolean") {
-      throw new TypeError(
-        `${method}(): ${flag} must be true or false, not ${shown(v)}`,
-      );
-    }
-  }
-}
-const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
-
-/**
- * An export's size as a number, the API's rule for every size: exact, or a
- * RangeError that points at the `sizeBigInt` twin.
- */
-export function sizeNumber(size: bigint): number {
-  if (size > MAX_SAFE) {
-    throw new RangeError(
-      `The export's size ${size} exceeds Number.MAX_SAFE_INTEGER; use sizeBigInt`,
-    );
-  }
-  return Number(size);
-}
-
-/**
  * A connection to one export. Get one from {@linkcode connect}.
  *
  * Every method checks its arguments against the export (bounds, alignment,
@@ -207,9 +125,8 @@ export class NbdClient {
   #byName = new Map<string, number>();
   #can: Capabilities;
   #closing: Promise<void> | undefined;
-  /** Requests in flight over every connection, and their callers' waits. */
-  #queue: WaitQueue;
-  #release = (): void => this.#queue.release();
+  /** How requests go out, through one queue for every connection. */
+  #requests: Requests;
   #cleanup: (() => Promise<void>) | undefined;
 
   /**
@@ -252,8 +169,12 @@ export class NbdClient {
       extendedHeaders: info.extendedHeaders,
     });
     for (const [id, name] of info.metaContexts) this.#byName.set(name, id);
-    this.#queue = new WaitQueue(pool.maxInFlight * pool.links.length);
     this.#tx = new Connections(pool);
+    this.#requests = new Requests(
+      pool.maxInFlight * pool.links.length,
+      this.#tx,
+      () => this.#state === "open",
+    );
   }
 
   /** Size in bytes. @throws {RangeError} beyond `Number.MAX_SAFE_INTEGER`. */
@@ -394,25 +315,6 @@ export class NbdClient {
     return this.#tx.failure;
   }
 
-  /** Largest read or write payload per request. */
-  get #maxIo(): number {
-    return Math.min(this.#info.blockSize.maximum, DEFAULT_MAX_PAYLOAD);
-  }
-
-  /**
-   * Largest effect length the request header can carry, kept to multiples
-   * of 512 even when the server allows bytes: the spec's advice for
-   * interoperable clients, and what libnbd does (nbdkit 1.32 aborts on a
-   * block status of 2^32 - 1 bytes).
-   */
-  get #maxEffect(): number {
-    const align = Math.max(this.#info.blockSize.minimum, 512);
-    const top = this.#info.extendedHeaders
-      ? Number.MAX_SAFE_INTEGER
-      : 0xffffffff;
-    return top - (top % align);
-  }
-
   #guard(method: string): void {
     const state = this.state;
     // While reconnecting, requests are held until a connection is back.
@@ -435,154 +337,14 @@ export class NbdClient {
     );
   }
 
-  #need(ok: boolean, feature: string, method: string, why: string): void {
-    if (!ok) {
-      throw new NbdUnsupportedError(feature, `${method}(): ${why}`);
-    }
-  }
-
-  /** Checks a range against the export: integer, non-empty, in bounds, aligned. */
-  #range(method: string, offset: number, length: number): void {
-    this.#guard(method);
-    if (!Number.isSafeInteger(offset) || offset < 0) {
-      throw new RangeError(
-        `${method}(): offset must be a non-negative integer, not ${offset}`,
-      );
-    }
-    if (!Number.isSafeInteger(length) || length <= 0) {
-      throw new RangeError(
-        `${method}(): length must be a positive integer, not ${length}`,
-      );
-    }
-    if (BigInt(offset) + BigInt(length) > this.#info.size) {
-      throw new RangeError(
-        `${method}(): range ${offset}+${length} lies beyond the end of the export (size ${this.#info.size})`,
-      );
-    }
-    const min = this.#info.blockSize.minimum;
-    if (offset % min !== 0 || length % min !== 0) {
-      throw new RangeError(
-        `${method}(): offset ${offset} and length ${length} must be multiples of the export's minimum block size ${min}`,
-      );
-    }
-  }
-
   #fuaFlag(method: string, fua: boolean | undefined): number {
     if (!fua) return 0;
-    this.#need(this.canFua, "fua", method, "the export does not support FUA");
+    need(this.canFua, "fua", method, "the export does not support FUA");
     return CMD_FLAG_FUA;
   }
 
   #writable(method: string): void {
-    this.#need(!this.readOnly, "write", method, "the export is read-only");
-  }
-
-  /**
-   * Sends one command. The caller's signal ends the wait, not the request:
-   * its reply stays counted until it arrives, so that `close()` can drain.
-   */
-  #send(cmd: Command, signal: AbortSignal | undefined): Reply {
-    // A split request's later pieces may come after close() began.
-    if (this.#state !== "open") return Promise.reject(closingError(cmd));
-    if (signal === undefined) {
-      // The hot path: a free slot, nothing to race.
-      if (this.#queue.tryTake()) {
-        const reply = this.#tx.submit(cmd);
-        reply.then(this.#release, this.#release);
-        return reply;
-      }
-    } else {
-      cmd.hold = signal;
-    }
-    return this.#sendWaiting(cmd, signal);
-  }
-
-  async #sendWaiting(cmd: Command, signal: AbortSignal | undefined): Reply {
-    if (signal?.aborted) throw abortReason(signal);
-    if (!signal) {
-      if (!this.#queue.tryTake()) {
-        await this.#queue.take();
-        this.#throwIfClosing(cmd);
-      }
-      const reply = this.#tx.submit(cmd);
-      reply.then(this.#release, this.#release);
-      return await reply;
-    }
-    // One watch on the signal for the request's whole life, queued or sent.
-    const caller = new Caller(this.#queue, signal);
-    if (!this.#queue.tryTake()) {
-      await caller.slot();
-      this.#throwIfClosing(cmd);
-    }
-    return await caller.follow(this.#tx.submit(cmd));
-  }
-
-  /** A request that waited for a slot while close() began must not go out. */
-  #throwIfClosing(cmd: Command): void {
-    if (this.#state === "open") return;
-    this.#queue.release();
-    throw closingError(cmd);
-  }
-
-  /**
-   * Splits [offset, offset+length) into requests of at most `step` bytes.
-   * The pieces are made as slots free up, not all at once: a trim of 2^50
-   * bytes holds a few dozen requests, not a quarter of a million.
-   */
-  #split(
-    offset: number,
-    length: number,
-    step: number,
-    signal: AbortSignal | undefined,
-    make: (offset: number, length: number, rel: number) => Command,
-  ): Promise<unknown> {
-    // One request: its own promise, with none wrapped around it.
-    if (length <= step) return this.#send(make(offset, length, 0), signal);
-    return this.#splitMany(offset, length, step, signal, make);
-  }
-
-  async #splitMany(
-    offset: number,
-    length: number,
-    step: number,
-    signal: AbortSignal | undefined,
-    make: (offset: number, length: number, rel: number) => Command,
-  ): Promise<void> {
-    let next = 0;
-    // The first piece, by offset, that failed; no piece starts after one.
-    let failedAt = Infinity;
-    let failure: unknown;
-    const lane = async (): Promise<void> => {
-      while (next < length && failedAt === Infinity) {
-        const rel = next;
-        next += step;
-        try {
-          await this.#send(
-            make(offset + rel, Math.min(step, length - rel), rel),
-            signal,
-          );
-        } catch (e) {
-          if (rel < failedAt) {
-            failedAt = rel;
-            failure = e;
-          }
-        }
-      }
-    };
-    const lanes = Math.min(this.#queue.max, Math.ceil(length / step));
-    const running: Promise<void>[] = [];
-    // Its pieces come and go; this watch keeps the signal's one listener
-    // in place between them. The pieces' own watches do the aborting.
-    const hold = signal && !signal.aborted
-      ? watchAbort(signal, IGNORE_ABORT)
-      : undefined;
-    try {
-      for (let i = 0; i < lanes; i++) running.push(lane());
-      await Promise.all(running);
-    } finally {
-      hold?.cancel();
-    }
-    if (failedAt !== Infinity) throw failure;
+    need(!this.readOnly, "write", method, "the export is read-only");
   }
 
   /**
@@ -608,7 +370,8 @@ export class NbdClient {
     options: ReadOptions = {},
   ): Promise<Uint8Array> {
     checkOptions("read", options, ["df"]);
-    this.#range("read", offset, length);
+    this.#guard("read");
+    checkRange("read", offset, length, this.#info);
     const buffer = new Uint8Array(length);
     await this.readInto(buffer, offset, options);
     return buffer;
@@ -641,10 +404,11 @@ export class NbdClient {
     if (!(buffer instanceof Uint8Array)) {
       throw new TypeError("readInto(): buffer must be a Uint8Array");
     }
-    this.#range("readInto", offset, buffer.length);
+    this.#guard("readInto");
+    checkRange("readInto", offset, buffer.length, this.#info);
     let flags = 0;
     if (options.df) {
-      this.#need(
+      need(
         this.canDf,
         "df",
         "readInto",
@@ -652,10 +416,10 @@ export class NbdClient {
       );
       flags |= CMD_FLAG_DF;
     }
-    await this.#split(
+    await this.#requests.split(
       offset,
       buffer.length,
-      this.#maxIo,
+      maxIo(this.#info),
       options.signal,
       (o, l, rel) => ({
         type: CMD_READ,
@@ -692,13 +456,14 @@ export class NbdClient {
     if (!(data instanceof Uint8Array)) {
       throw new TypeError("write(): data must be a Uint8Array");
     }
-    this.#range("write", offset, data.length);
+    this.#guard("write");
+    checkRange("write", offset, data.length, this.#info);
     this.#writable("write");
     const flags = this.#fuaFlag("write", options.fua);
-    await this.#split(
+    await this.#requests.split(
       offset,
       data.length,
-      this.#maxIo,
+      maxIo(this.#info),
       options.signal,
       (o, l, rel) => ({
         type: CMD_WRITE,
@@ -726,13 +491,13 @@ export class NbdClient {
   async flush(options: RequestOptions = {}): Promise<void> {
     checkOptions("flush", options, []);
     this.#guard("flush");
-    this.#need(
+    need(
       this.canFlush,
       "flush",
       "flush",
       "the export does not support flush",
     );
-    await this.#send({
+    await this.#requests.send({
       type: CMD_FLUSH,
       flags: 0,
       offset: 0,
@@ -761,19 +526,20 @@ export class NbdClient {
     options: WriteOptions = {},
   ): Promise<void> {
     checkOptions("trim", options, ["fua"]);
-    this.#range("trim", offset, length);
+    this.#guard("trim");
+    checkRange("trim", offset, length, this.#info);
     this.#writable("trim");
-    this.#need(
+    need(
       this.canTrim,
       "trim",
       "trim",
       "the export does not support trim",
     );
     const flags = this.#fuaFlag("trim", options.fua);
-    await this.#split(
+    await this.#requests.split(
       offset,
       length,
-      this.#maxEffect,
+      maxEffect(this.#info),
       options.signal,
       (o, l) => ({
         type: CMD_TRIM,
@@ -805,9 +571,10 @@ export class NbdClient {
     options: WriteZeroesOptions = {},
   ): Promise<void> {
     checkOptions("writeZeroes", options, ["fua", "noHole", "fastZero"]);
-    this.#range("writeZeroes", offset, length);
+    this.#guard("writeZeroes");
+    checkRange("writeZeroes", offset, length, this.#info);
     this.#writable("writeZeroes");
-    this.#need(
+    need(
       this.canWriteZeroes,
       "writeZeroes",
       "writeZeroes",
@@ -816,7 +583,7 @@ export class NbdClient {
     let flags = this.#fuaFlag("writeZeroes", options.fua);
     if (options.noHole) flags |= CMD_FLAG_NO_HOLE;
     if (options.fastZero) {
-      this.#need(
+      need(
         this.canFastZero,
         "fastZero",
         "writeZeroes",
@@ -825,14 +592,20 @@ export class NbdClient {
       flags |= CMD_FLAG_FAST_ZERO;
     }
     const step = options.fastZero
-      ? this.#maxEffect
-      : Math.min(this.#maxEffect, this.#info.blockSize.maximum);
-    await this.#split(offset, length, step, options.signal, (o, l) => ({
-      type: CMD_WRITE_ZEROES,
-      flags,
-      offset: o,
-      length: l,
-    }));
+      ? maxEffect(this.#info)
+      : Math.min(maxEffect(this.#info), this.#info.blockSize.maximum);
+    await this.#requests.split(
+      offset,
+      length,
+      step,
+      options.signal,
+      (o, l) => ({
+        type: CMD_WRITE_ZEROES,
+        flags,
+        offset: o,
+        length: l,
+      }),
+    );
   }
 
   /**
@@ -856,20 +629,27 @@ export class NbdClient {
     options: RequestOptions = {},
   ): Promise<void> {
     checkOptions("cache", options, []);
-    this.#range("cache", offset, length);
-    this.#need(
+    this.#guard("cache");
+    checkRange("cache", offset, length, this.#info);
+    need(
       this.canCache,
       "cache",
       "cache",
       "the export does not support cache",
     );
-    const step = Math.min(this.#maxEffect, this.#info.blockSize.maximum);
-    await this.#split(offset, length, step, options.signal, (o, l) => ({
-      type: CMD_CACHE,
-      flags: 0,
-      offset: o,
-      length: l,
-    }));
+    const step = Math.min(maxEffect(this.#info), this.#info.blockSize.maximum);
+    await this.#requests.split(
+      offset,
+      length,
+      step,
+      options.signal,
+      (o, l) => ({
+        type: CMD_CACHE,
+        flags: 0,
+        offset: o,
+        length: l,
+      }),
+    );
   }
 
   /**
@@ -899,15 +679,16 @@ export class NbdClient {
     options: BlockStatusOptions = {},
   ): Promise<BlockStatus> {
     checkOptions("blockStatus", options, ["reqOne"]);
-    this.#range("blockStatus", offset, length);
-    this.#need(
+    this.#guard("blockStatus");
+    checkRange("blockStatus", offset, length, this.#info);
+    need(
       this.canBlockStatus,
       "blockStatus",
       "blockStatus",
       "no metadata context was negotiated (pass metaContexts to connect())",
     );
-    const ids = this.#contextIds(options.contexts);
-    const effect = Math.min(length, this.#maxEffect);
+    const ids = contextIds(options.contexts, this.#byName, this.#contexts);
+    const effect = Math.min(length, maxEffect(this.#info));
     const flags = options.reqOne ? CMD_FLAG_REQ_ONE : 0;
     const cmd: Command = ids && this.canBlockStatusPayload
       ? {
@@ -919,39 +700,12 @@ export class NbdClient {
         contexts: ids,
       }
       : { type: CMD_BLOCK_STATUS, flags, offset, length: effect };
-    const byId = await this.#send(cmd, options.signal);
+    const byId = await this.#requests.send(cmd, options.signal);
     const out: BlockStatus = {};
     for (const [id, extents] of byId) {
       if (!ids || ids.includes(id)) out[this.#contexts.get(id)!] = extents;
     }
     return out;
-  }
-
-  /** The ids of `names`, each a negotiated context, or all when absent. */
-  #contextIds(names: unknown): number[] | undefined {
-    if (names === undefined) return undefined;
-    if (!Array.isArray(names) || names.length === 0) {
-      throw new TypeError(
-        `blockStatus(): contexts must be a non-empty array of context names, not ${
-          shown(names)
-        }`,
-      );
-    }
-    const ids: number[] = [];
-    for (const name of names) {
-      const id = typeof name === "string" ? this.#byName.get(name) : undefined;
-      if (id === undefined) {
-        throw new RangeError(
-          `blockStatus(): ${
-            shown(name)
-          } is not a negotiated context (negotiated: ${
-            this.metaContexts.join(", ")
-          })`,
-        );
-      }
-      if (!ids.includes(id)) ids.push(id);
-    }
-    return ids;
   }
 
   /**
@@ -1025,128 +779,20 @@ export class NbdClient {
     }
     if (!this.#closing) {
       this.#state = "closing";
-      this.#closing = this.#shutDown(options.signal).finally(() => {
+      this.#closing = shutDown(
+        this.#tx,
+        this.#requests.queue,
+        options.signal,
+        this.#cleanup,
+      ).finally(() => {
         this.#state = "closed";
       });
     }
     return this.#closing;
   }
 
-  async #shutDown(signal: AbortSignal | undefined): Promise<void> {
-    // Transmission's own wait is already done here: it only sends.
-    const now = AbortSignal.abort();
-    // Requests held for a reconnect fail now; none is dialled any more.
-    this.#tx.halt();
-    try {
-      await untilAborted(this.#queue.whenNoneWaiting(), signal);
-      {
-        using drain = deadline(
-          signal,
-          DRAIN_MS,
-          () => new Error("The drain took too long"),
-        );
-        try {
-          await untilAborted(this.#queue.whenNoneOwed(), drain.signal);
-        } catch (e) {
-          // The drain's own limit: disconnect anyway. The caller's: cut.
-          if (signal?.aborted) throw e;
-        }
-      }
-      using bye = deadline(
-        signal,
-        DISCONNECT_MS,
-        () => new Error("NBD_CMD_DISC could not be written"),
-      );
-      await untilAborted(this.#tx.disconnect(now), bye.signal);
-    } catch {
-      // The signal fired, or the server stopped reading: tear down. The
-      // disconnect then ends at once, failing what still waits.
-      this.#tx.tearDown();
-      await within(this.#tx.disconnect(now).catch(() => {}), DISCONNECT_MS);
-    } finally {
-      await this.#cleanup?.();
-    }
-  }
-
   /** Closes the client at the end of an `await using` block. */
   [Symbol.asyncDispose](): Promise<void> {
     return this.close();
   }
-}
-
-/**
- * A caller with a signal: first waiting for a slot, then for the reply to
- * the request that holds it. Its signal is watched once, for both. It ends
- * the wait, not the request, whose reply stays owed until it arrives.
- */
-class Caller implements AbortTarget {
-  #queue: WaitQueue;
-  #signal: AbortSignal;
-  #watch: Watch | undefined;
-  #waiter: Waiter | undefined = undefined;
-  #reply: PromiseWithResolvers<ExtentsById> | undefined = undefined;
-  #abandoned = false;
-
-  constructor(queue: WaitQueue, signal: AbortSignal) {
-    this.#queue = queue;
-    this.#signal = signal;
-    this.#watch = watchAbort(signal, this);
-  }
-
-  /** Waits for a slot behind the callers already queued. */
-  slot(): Promise<void> {
-    this.#waiter = this.#queue.enqueue();
-    return this.#waiter.promise;
-  }
-
-  /**
-   * Follows the reply of the request sent with the slot this caller holds.
-   *
-   * @returns The reply, or a rejection as soon as the signal aborts.
-   */
-  follow(reply: Reply): Reply {
-    this.#waiter = undefined;
-    const out = this.#reply = Promise.withResolvers<ExtentsById>();
-    // Aborted after its slot was granted, before it went out.
-    if (this.#signal.aborted) this.#abandon();
-    reply.then(
-      (value) => {
-        this.#done();
-        out.resolve(value);
-      },
-      (e) => {
-        this.#done();
-        out.reject(e);
-      },
-    );
-    return out.promise;
-  }
-
-  onAbort(signal: AbortSignal): void {
-    this.#watch = undefined;
-    if (this.#reply) this.#abandon();
-    else this.#waiter?.leave(abortReason(signal));
-  }
-
-  /** The caller gave up: reject now; the slot stays taken until the reply. */
-  #abandon(): void {
-    if (this.#abandoned) return;
-    this.#abandoned = true;
-    this.#queue.abandon();
-    this.#reply!.reject(abortReason(this.#signal));
-  }
-
-  #done(): void {
-    this.#watch?.cancel();
-    this.#queue.release(this.#abandoned);
-  }
-}
-
-/** A request that came too late: `close()` has begun. */
-function closingError(cmd: Command): NbdConnectionClosedError {
-  return new NbdConnectionClosedError(
-    `Cannot send ${
-      nameOrNumber(COMMAND_NAMES, cmd.type)
-    }: the connection is closing`,
-  );
 }

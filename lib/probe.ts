@@ -8,7 +8,7 @@
  */
 
 import { OPT_INFO, OPT_LIST, REP_ERR_TLS_REQD } from "./constants.ts";
-import { sizeNumber } from "./client.ts";
+import { sizeNumber } from "./request_options.ts";
 import type { ConnectOptions } from "./connect_options.ts";
 import { NbdError, NbdOptionError } from "./errors.ts";
 import type { BlockSize, Protocol } from "./export.ts";
