@@ -33,6 +33,14 @@ import {
 } from "./streams.ts";
 import { Requests, shutDown } from "./_requests.ts";
 import {
+  checkTransition,
+  CLIENT_TRANSITIONS,
+  type ClientOwnState,
+  type ClientState,
+  clientState,
+  takesRequests,
+} from "./_states.ts";
+import {
   checkRange,
   contextIds,
   maxEffect,
@@ -64,19 +72,7 @@ export type {
 } from "./request_options.ts";
 export { sizeNumber } from "./request_options.ts";
 
-/**
- * The client's state, as its guards name it: `"failed"` once the
- * connection broke (see `failure`), `"reconnecting"` while a lost
- * connection is dialled again (requests wait), `"closing"` while a
- * disconnect waits for requests in flight (also after the server said
- * `ESHUTDOWN`).
- */
-export type ClientState =
-  | "open"
-  | "reconnecting"
-  | "closing"
-  | "closed"
-  | "failed";
+export type { ClientState } from "./_states.ts";
 
 /** Requests in flight at once per connection unless told otherwise. */
 export const DEFAULT_MAX_IN_FLIGHT = 64;
@@ -120,7 +116,8 @@ export function clientOver(
 export class NbdClient {
   #info: ExportInfo;
   #tx: Connections;
-  #state: ClientState = "open";
+  /** What the client decided itself; {@linkcode NbdClient.state} adds the rest. */
+  #own: ClientOwnState = "open";
   #contexts: Map<number, string>;
   #byName = new Map<string, number>();
   #can: Capabilities;
@@ -173,7 +170,7 @@ export class NbdClient {
     this.#requests = new Requests(
       pool.maxInFlight * pool.links.length,
       this.#tx,
-      () => this.#state === "open",
+      () => this.#own === "open",
     );
   }
 
@@ -290,10 +287,13 @@ export class NbdClient {
   }
   /** `"open"`, `"reconnecting"`, `"closing"`, `"closed"` or `"failed"`. */
   get state(): ClientState {
-    if (this.#state !== "open") return this.#state;
-    if (this.#tx.failure) return "failed";
-    if (this.#tx.shuttingDown) return this.#tx.ended ? "closed" : "closing";
-    return this.#tx.state;
+    return clientState(this.#own, this.#tx);
+  }
+
+  /** The one place the client's own state changes, checked against the table. */
+  #enter(next: ClientOwnState): void {
+    checkTransition("a client", CLIENT_TRANSITIONS, this.#own, next);
+    this.#own = next;
   }
   /** How many connections carry the requests (`connections` option). */
   get connections(): number {
@@ -318,7 +318,7 @@ export class NbdClient {
   #guard(method: string): void {
     const state = this.state;
     // While reconnecting, requests are held until a connection is back.
-    if (state === "open" || state === "reconnecting") return;
+    if (takesRequests(state)) return;
     if (state === "failed") {
       const failure = this.#tx.failure ??
         new NbdConnectionClosedError("Every connection is lost");
@@ -327,7 +327,7 @@ export class NbdClient {
         { cause: failure },
       );
     }
-    if (this.#state === "open") {
+    if (this.#own === "open" && this.#tx.shuttingDown) {
       throw new NbdConnectionClosedError(
         `Cannot call ${method}(): the server is shutting down (ESHUTDOWN)`,
       );
@@ -778,14 +778,14 @@ export class NbdClient {
       return Promise.reject(e);
     }
     if (!this.#closing) {
-      this.#state = "closing";
+      this.#enter("closing");
       this.#closing = shutDown(
         this.#tx,
         this.#requests.queue,
         options.signal,
         this.#cleanup,
       ).finally(() => {
-        this.#state = "closed";
+        this.#enter("closed");
       });
     }
     return this.#closing;

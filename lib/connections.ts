@@ -35,6 +35,7 @@ import {
 import type { Transport } from "./transport.ts";
 import { encodeStatusPayload } from "./_wire.ts";
 import { type AbortTarget, type Watch, watchAbort } from "./_wait_queue.ts";
+import { checkTransition, SLOT_TRANSITIONS } from "./_states.ts";
 
 /** A negotiated connection, ready for transmission. */
 export interface Link {
@@ -105,14 +106,25 @@ export type ConnectionsState = "open" | "reconnecting" | "failed";
  * attempt cannot keep one request going forever. */
 const MAX_REPLAYS = 16;
 
+/** A slot's state; see `SLOT_TRANSITIONS` in `_states.ts`. */
+type SlotState =
+  | { readonly name: "carrying" }
+  | { readonly name: "redialling"; readonly done: Promise<void> }
+  | { readonly name: "dead" };
+
+/** Reconnecting gave up on this slot. */
+function isDead(slot: Slot): boolean {
+  return slot.state.name === "dead";
+}
+
 interface Slot {
   readonly index: number;
   transport: Transport;
   tx: Transmission;
   info: ExportInfo;
   outstanding: number;
-  /** The reconnect in progress, if one is. */
-  redial: Promise<void> | undefined;
+  /** Carrying, redialling (with the reconnect in progress), or dead. */
+  state: SlotState;
   /**
    * Losses close together are one outage: one deadline and one growing
    * backoff, until a connection carries a reply or stays up a while. A
@@ -121,8 +133,6 @@ interface Slot {
   streak: { deadline: number; attempts: number } | undefined;
   /** When the current connection came up. */
   upSince: number;
-  /** Reconnecting gave up on this one. */
-  dead: boolean;
 }
 
 /**
@@ -188,13 +198,23 @@ export class Connections {
       tx: this.#transmission(link),
       info: link.info,
       outstanding: 0,
-      redial: undefined,
+      state: { name: "carrying" },
       streak: undefined,
       upSince: Date.now(),
-      dead: false,
     };
     this.#watch(slot, slot.tx);
     return slot;
+  }
+
+  /** The one place a slot's state changes, checked against the table. */
+  #enter(slot: Slot, next: SlotState): void {
+    checkTransition(
+      "a connection slot",
+      SLOT_TRANSITIONS,
+      slot.state.name,
+      next.name,
+    );
+    slot.state = next;
   }
 
   /** Tracing: `makeTracer()` made the hook safe, whatever it throws. */
@@ -220,7 +240,7 @@ export class Connections {
 
   /** How many connections carry requests, or will once back; not the ones given up. */
   get count(): number {
-    return this.#slots.filter((s) => !s.dead).length;
+    return this.#slots.filter((s) => !isDead(s)).length;
   }
 
   /** How many times a lost connection was replaced. */
@@ -239,7 +259,7 @@ export class Connections {
   get state(): ConnectionsState {
     if (this.#failure) return "failed";
     if (this.#slots.some((s) => this.#live(s))) return "open";
-    if (this.#policy && this.#slots.some((s) => !s.dead)) {
+    if (this.#policy && this.#slots.some((s) => !isDead(s))) {
       return "reconnecting";
     }
     return "failed";
@@ -263,8 +283,7 @@ export class Connections {
   }
 
   #live(s: Slot): boolean {
-    return !s.dead && s.redial === undefined && !s.tx.failure &&
-      !s.tx.shuttingDown;
+    return s.state.name === "carrying" && !s.tx.failure && !s.tx.shuttingDown;
   }
 
   /**
@@ -381,7 +400,7 @@ export class Connections {
       );
     }
     // Without reconnecting nothing comes back: fail instead of waiting.
-    if (!this.#policy || this.#slots.every((s) => s.dead)) {
+    if (!this.#policy || this.#slots.every(isDead)) {
       const down = this.failure;
       if (down) throw down;
       throw new NbdConnectionClosedError(
@@ -400,7 +419,9 @@ export class Connections {
 
   /** Starts replacing `slot`'s connection `tx`, once per loss. */
   #lose(slot: Slot, tx: Transmission, cause: unknown): void {
-    if (slot.tx !== tx || slot.redial || slot.dead || this.#closed) return;
+    if (slot.tx !== tx || slot.state.name !== "carrying" || this.#closed) {
+      return;
+    }
     this.#trace("connection lost", {
       connection: slot.index,
       error: errorText(cause),
@@ -408,10 +429,13 @@ export class Connections {
     // What the old connection still owes comes back here as a loss and is
     // replayed; a short grace lets replies already on their way arrive.
     tx.disconnect(AbortSignal.timeout(200)).catch(() => {});
-    slot.redial = this.#redial(slot, cause).finally(() => {
-      slot.redial = undefined;
+    const done = this.#redial(slot, cause).finally(() => {
+      if (slot.state.name === "redialling") {
+        this.#enter(slot, { name: "carrying" });
+      }
       this.#wake();
     });
+    this.#enter(slot, { name: "redialling", done });
   }
 
   async #redial(slot: Slot, cause: unknown): Promise<void> {
@@ -449,8 +473,8 @@ export class Connections {
     } catch (last) {
       // Closed, or failed for good elsewhere: nothing to give up on.
       if (stop.aborted) return;
-      slot.dead = true;
-      if (this.#slots.every((s) => s.dead)) {
+      this.#enter(slot, { name: "dead" });
+      if (this.#slots.every(isDead)) {
         this.#failAll(gaveUp(policy, last));
       }
       return;
@@ -550,7 +574,9 @@ export class Connections {
    */
   async disconnect(signal?: AbortSignal): Promise<void> {
     this.halt();
-    const redials = this.#slots.map((s) => s.redial);
+    const redials = this.#slots.map((s) =>
+      s.state.name === "redialling" ? s.state.done : undefined
+    );
     await Promise.all(this.#slots.map((s) => s.tx.disconnect(signal)));
     await Promise.all(redials);
   }

@@ -56,6 +56,11 @@ import {
 import type { Transport } from "./transport.ts";
 import { encodeRequest, plural, type ReplyHeader, SIZES } from "./_wire.ts";
 import { WaitQueue, watchAbort } from "./_wait_queue.ts";
+import {
+  checkTransition,
+  TRANSMISSION_TRANSITIONS,
+  type TransmissionState,
+} from "./_states.ts";
 
 export type { Extent } from "./_replies.ts";
 
@@ -95,11 +100,8 @@ export class Transmission {
   /** Scratch for the fixed head of a data (8 bytes) or hole (12) chunk. */
   #holeField = new Uint8Array(8 + 4);
   #offsetField = this.#holeField.subarray(0, 8);
-  #failure: Error | undefined;
-  #closing = false;
-  #shutdown = false;
+  #state: TransmissionState = { name: "open" };
   #loop: Promise<void>;
-  #ended = false;
   #onWriteError = (e: unknown) => this.#fail(e);
   /** Request headers, reused in turn (see submit()). */
   #headerRing: Array<Uint8Array | undefined>;
@@ -136,15 +138,33 @@ export class Transmission {
     transport.phase = "transmission";
     transport.cork();
     this.#loop = this.#readLoop().finally(() => {
-      this.#ended = true;
+      if (this.#state.name === "closing") {
+        this.#enter({ name: "closed", shutdown: this.#state.shutdown });
+      }
       // Nothing may stay held once no reader will flush it.
       transport.flush();
     });
   }
 
+  /** Where this connection is in its life; see `_states.ts`. */
+  get state(): TransmissionState {
+    return this.#state;
+  }
+
+  /** The one place the state changes, checked against the table. */
+  #enter(next: TransmissionState): void {
+    checkTransition(
+      "a transmission",
+      TRANSMISSION_TRANSITIONS,
+      this.#state.name,
+      next.name,
+    );
+    this.#state = next;
+  }
+
   /** The error that killed the connection, if one did. */
   get failure(): Error | undefined {
-    return this.#failure;
+    return this.#state.name === "failed" ? this.#state.error : undefined;
   }
 
   /**
@@ -167,7 +187,8 @@ export class Transmission {
 
   /** Whether the server asked to shut down (`ESHUTDOWN`). */
   get shuttingDown(): boolean {
-    return this.#shutdown;
+    const s = this.#state;
+    return s.name === "shutdown" || (s.name !== "open" && s.shutdown);
   }
 
   /**
@@ -261,25 +282,23 @@ export class Transmission {
 
   /** Why a command cannot be sent now, if it cannot. */
   #refusal(type: number): NbdConnectionClosedError | undefined {
-    if (!this.#failure && !this.#shutdown && !this.#closing) return undefined;
+    const state = this.#state;
+    if (state.name === "open") return undefined;
     const what = commandName(type);
-    if (this.#failure) {
+    if (state.name === "failed") {
       return new NbdConnectionClosedError(
-        `Cannot send ${what}: the connection failed: ${this.#failure.message}`,
-        { cause: this.#failure },
+        `Cannot send ${what}: the connection failed: ${state.error.message}`,
+        { cause: state.error },
       );
     }
-    if (this.#shutdown) {
+    if (this.shuttingDown) {
       return new NbdConnectionClosedError(
         `Cannot send ${what}: the server is shutting down (ESHUTDOWN)`,
       );
     }
-    if (this.#closing) {
-      return new NbdConnectionClosedError(
-        `Cannot send ${what}: the connection is closing`,
-      );
-    }
-    return undefined;
+    return new NbdConnectionClosedError(
+      `Cannot send ${what}: the connection is closing`,
+    );
   }
 
   #release(): void {
@@ -307,14 +326,18 @@ export class Transmission {
    * transport. Only the first failure counts.
    */
   #fail(error: unknown): void {
-    if (this.#failure) return;
+    const state = this.#state;
+    if (state.name === "failed") return;
     const err = error instanceof Error ? error : new NbdError(String(error));
-    if (this.#closing && this.#pending.size === 0) {
+    if (
+      (state.name === "closing" || state.name === "closed") &&
+      this.#pending.size === 0
+    ) {
       // The connection ended after a clean disconnect; nothing is lost.
       this.#transport.close();
       return;
     }
-    this.#failure = err;
+    this.#enter({ name: "failed", error: err, shutdown: this.shuttingDown });
     this.#trace?.("connection failed", { error: err.message });
     const pending = [...this.#pending.values()];
     this.#pending.clear();
@@ -332,8 +355,9 @@ export class Transmission {
    * call more than once.
    */
   async disconnect(signal?: AbortSignal): Promise<void> {
-    if (!this.#closing) {
-      this.#closing = true;
+    const from = this.#state.name;
+    if (from === "open" || from === "shutdown") {
+      this.#enter({ name: "closing", shutdown: from === "shutdown" });
       if (signal) {
         let onAbort: (() => void) | undefined;
         await Promise.race([
@@ -348,7 +372,7 @@ export class Transmission {
       } else {
         await this.#whenIdle();
       }
-      if (!this.#failure) {
+      if (!this.failure) {
         const header = encodeRequest(
           {
             flags: 0,
@@ -394,7 +418,7 @@ export class Transmission {
         const more = this.#dispatch(this.#reply);
         if (more !== undefined) await more;
       }
-      if (this.#pending.size > 0 || !this.#closing) {
+      if (this.#pending.size > 0 || this.#state.name !== "closing") {
         this.#fail(
           new NbdConnectionClosedError(
             `Server closed the connection with ${
@@ -631,8 +655,13 @@ export class Transmission {
     message?: string,
     errorOffset?: number,
   ): NbdCommandError {
-    if (errno === ESHUTDOWN && !this.#shutdown) {
-      this.#shutdown = true;
+    if (errno === ESHUTDOWN && !this.shuttingDown) {
+      const s = this.#state;
+      this.#enter(
+        s.name === "closing" ? { name: "closing", shutdown: true } : {
+          name: "shutdown",
+        },
+      );
       this.#trace?.("server shutting down", {});
     }
     return new NbdCommandError({
@@ -651,7 +680,7 @@ export class Transmission {
     }
     this.#pending.delete(p.cookie);
     this.#settle(p, p.error ?? (p.detached ? detachedError(p.cmd) : undefined));
-    if (this.#shutdown && this.#pending.size === 0 && !this.#closing) {
+    if (this.#state.name === "shutdown" && this.#pending.size === 0) {
       // The spec asks for a soft disconnect once the server says ESHUTDOWN.
       this.disconnect().catch(() => {});
     }
@@ -659,6 +688,7 @@ export class Transmission {
 
   /** Whether the reader loop has ended. */
   get ended(): boolean {
-    return this.#ended;
+    const name = this.#state.name;
+    return name === "closed" || name === "failed";
   }
 }
