@@ -1,13 +1,26 @@
 /**
- * The checks a request's arguments pass before anything is sent, pure
- * functions of what the export negotiated: a range in bounds and aligned,
- * a feature advertised, the contexts named; and the largest pieces a
- * request is split into.
+ * What a request sends, as pure functions of what the export negotiated:
+ * the checks its arguments pass before anything is sent (a range in
+ * bounds and aligned, a feature advertised, the contexts named), the
+ * flags its options ask for, the largest pieces it is split into, and the
+ * block status request and its answer by context name.
  *
  * @module
  */
 
-import { DEFAULT_MAX_PAYLOAD } from "./constants.ts";
+import type { Capabilities } from "./capabilities.ts";
+import {
+  CMD_BLOCK_STATUS,
+  CMD_FLAG_FAST_ZERO,
+  CMD_FLAG_FUA,
+  CMD_FLAG_NO_HOLE,
+  CMD_FLAG_PAYLOAD_LEN,
+  CMD_FLAG_REQ_ONE,
+  DEFAULT_MAX_PAYLOAD,
+} from "./constants.ts";
+import type { Command, ExtentsById } from "./_pending.ts";
+import type { BlockStatus } from "./request_options.ts";
+import { encodeStatusPayload } from "./_wire.ts";
 import { NbdUnsupportedError } from "./errors.ts";
 import type { ExportInfo } from "./export.ts";
 import { shown } from "./_resolve_options.ts";
@@ -99,4 +112,117 @@ export function contextIds(
     if (!ids.includes(id)) ids.push(id);
   }
   return ids;
+}
+
+/** Each feature a request may need: its name, and why it is refused. */
+const FEATURES = {
+  canFua: ["fua", "the export does not support FUA"],
+  canDf: ["df", "the export does not support DF"],
+  canFlush: ["flush", "the export does not support flush"],
+  canTrim: ["trim", "the export does not support trim"],
+  canWriteZeroes: ["writeZeroes", "the export does not support write zeroes"],
+  canFastZero: ["fastZero", "the export does not support fast zero"],
+  canCache: ["cache", "the export does not support cache"],
+  canBlockStatus: [
+    "blockStatus",
+    "no metadata context was negotiated (pass metaContexts to connect())",
+  ],
+} as const satisfies Partial<
+  Record<keyof Capabilities, readonly [string, string]>
+>;
+
+/**
+ * Refuses a request the export does not advertise a feature for.
+ *
+ * @throws {NbdUnsupportedError} naming the feature and the method.
+ */
+export function requireFeature(
+  can: Capabilities,
+  feature: keyof typeof FEATURES,
+  method: string,
+): void {
+  const [name, why] = FEATURES[feature];
+  need(can[feature], name, method, why);
+}
+
+/** Refuses a write to a read-only export. */
+export function requireWritable(can: Capabilities, method: string): void {
+  need(!can.readOnly, "write", method, "the export is read-only");
+}
+
+/** `NBD_CMD_FLAG_FUA` when asked for, if the export offers it. */
+export function fuaFlag(
+  can: Capabilities,
+  method: string,
+  fua: boolean | undefined,
+): number {
+  if (!fua) return 0;
+  requireFeature(can, "canFua", method);
+  return CMD_FLAG_FUA;
+}
+
+/**
+ * The block status request for `length` bytes at `offset`: its effect
+ * length kept to what the header carries, and, when only some contexts
+ * are asked about and the export allows it, in the payload form that
+ * names them.
+ */
+export function blockStatusCommand(
+  info: ExportInfo,
+  payloadForm: boolean,
+  offset: number,
+  length: number,
+  reqOne: boolean,
+  ids: number[] | undefined,
+): Command {
+  const effect = Math.min(length, maxEffect(info));
+  const flags = reqOne ? CMD_FLAG_REQ_ONE : 0;
+  return ids && payloadForm
+    ? {
+      type: CMD_BLOCK_STATUS,
+      flags: flags | CMD_FLAG_PAYLOAD_LEN,
+      offset,
+      length: effect,
+      payload: encodeStatusPayload(effect, ids),
+      contexts: ids,
+    }
+    : { type: CMD_BLOCK_STATUS, flags, offset, length: effect };
+}
+
+/** Block status by context name, only the contexts asked about (all without `ids`). */
+export function byContextName(
+  byId: ExtentsById,
+  ids: number[] | undefined,
+  contexts: ReadonlyMap<number, string>,
+): BlockStatus {
+  const out: BlockStatus = {};
+  for (const [id, extents] of byId) {
+    if (!ids || ids.includes(id)) out[contexts.get(id)!] = extents;
+  }
+  return out;
+}
+
+/** The flags of `NBD_CMD_WRITE_ZEROES` its options ask for, each offered. */
+export function zeroFlags(
+  can: Capabilities,
+  options: { fua?: boolean; noHole?: boolean; fastZero?: boolean },
+): number {
+  let flags = fuaFlag(can, "writeZeroes", options.fua);
+  if (options.noHole) flags |= CMD_FLAG_NO_HOLE;
+  if (options.fastZero) {
+    requireFeature(can, "canFastZero", "writeZeroes");
+    flags |= CMD_FLAG_FAST_ZERO;
+  }
+  return flags;
+}
+
+/**
+ * The largest piece of a write zeroes or a cache: the effect length the
+ * header carries, and the server's maximum payload too, which a server may
+ * apply to them (a fast zero is not split by it: it must not be slow).
+ */
+export function zeroStep(info: ExportInfo, fastZero: boolean): number {
+  return fastZero
+    ? maxEffect(info)
+    : Math.min(maxEffect(info), info.blockSize.maximum);
 }

@@ -123,6 +123,25 @@ export class Requests {
     return this.#splitMany(offset, length, step, signal, make);
   }
 
+  /**
+   * A command without data over [offset, offset+length), split into
+   * requests of at most `step` bytes.
+   */
+  splitRange(
+    cmd: Command,
+    step: number,
+    signal: AbortSignal | undefined,
+  ): Promise<unknown> {
+    const { type, flags } = cmd;
+    return this.split(
+      cmd.offset,
+      cmd.length,
+      step,
+      signal,
+      (offset, length) => ({ type, flags, offset, length }),
+    );
+  }
+
   async #splitMany(
     offset: number,
     length: number,

@@ -9,7 +9,7 @@
  * @module
  */
 
-import { NbdError } from "./errors.ts";
+import { NbdConnectionClosedError, NbdError } from "./errors.ts";
 
 /** For each state, the states it may enter. */
 export type Transitions<S extends string> = Readonly<Record<S, readonly S[]>>;
@@ -159,4 +159,40 @@ export function clientState(
 /** Whether a client in `state` takes requests (held while reconnecting). */
 export function takesRequests(state: ClientState): boolean {
   return state === "open" || state === "reconnecting";
+}
+
+/**
+ * Why a client in `state` refuses a call, if it does: it takes requests
+ * while open or reconnecting (they are held until a connection is back).
+ *
+ * @param method The method called, for the message.
+ * @param state The client's state.
+ * @param failure The error that broke the connection, if one did.
+ * @param shutdown Whether the server said `ESHUTDOWN` (and the client did
+ *   not close).
+ * @returns The error to throw, or `undefined` when the call may go on.
+ */
+export function refusal(
+  method: string,
+  state: ClientState,
+  failure: Error | undefined,
+  shutdown: boolean,
+): NbdConnectionClosedError | undefined {
+  if (takesRequests(state)) return undefined;
+  if (state === "failed") {
+    const cause = failure ??
+      new NbdConnectionClosedError("Every connection is lost");
+    return new NbdConnectionClosedError(
+      `Cannot call ${method}(): the connection failed: ${cause.message}`,
+      { cause },
+    );
+  }
+  if (shutdown) {
+    return new NbdConnectionClosedError(
+      `Cannot call ${method}(): the server is shutting down (ESHUTDOWN)`,
+    );
+  }
+  return new NbdConnectionClosedError(
+    `Cannot call ${method}(): the client is ${state}`,
+  );
 }

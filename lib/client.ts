@@ -7,14 +7,8 @@
  */
 
 import {
-  CMD_BLOCK_STATUS,
   CMD_CACHE,
   CMD_FLAG_DF,
-  CMD_FLAG_FAST_ZERO,
-  CMD_FLAG_FUA,
-  CMD_FLAG_NO_HOLE,
-  CMD_FLAG_PAYLOAD_LEN,
-  CMD_FLAG_REQ_ONE,
   CMD_FLUSH,
   CMD_READ,
   CMD_TRIM,
@@ -23,7 +17,6 @@ import {
 } from "./constants.ts";
 import { type Capabilities, capabilities } from "./capabilities.ts";
 import type { Tracer } from "./_debug.ts";
-import { NbdConnectionClosedError } from "./errors.ts";
 import type { BlockSize, ExportInfo, Protocol } from "./export.ts";
 import {
   readableFrom,
@@ -38,14 +31,20 @@ import {
   type ClientOwnState,
   type ClientState,
   clientState,
-  takesRequests,
+  refusal,
 } from "./_states.ts";
 import {
+  blockStatusCommand,
+  byContextName,
   checkRange,
   contextIds,
+  fuaFlag,
   maxEffect,
   maxIo,
-  need,
+  requireFeature,
+  requireWritable,
+  zeroFlags,
+  zeroStep,
 } from "./_request_checks.ts";
 import {
   type BlockStatus,
@@ -58,9 +57,7 @@ import {
   type WriteZeroesOptions,
 } from "./request_options.ts";
 import { Connections, type NbdStats, type Pool } from "./connections.ts";
-import type { Command } from "./transmission.ts";
 import type { Transport } from "./transport.ts";
-import { encodeStatusPayload } from "./_wire.ts";
 
 export type {
   BlockStatus,
@@ -71,7 +68,6 @@ export type {
   WriteZeroesOptions,
 } from "./request_options.ts";
 export { sizeNumber } from "./request_options.ts";
-
 export type { ClientState } from "./_states.ts";
 
 /** Requests in flight at once per connection unless told otherwise. */
@@ -315,36 +311,15 @@ export class NbdClient {
     return this.#tx.failure;
   }
 
+  /** Refuses a call the client cannot take in its state. */
   #guard(method: string): void {
-    const state = this.state;
-    // While reconnecting, requests are held until a connection is back.
-    if (takesRequests(state)) return;
-    if (state === "failed") {
-      const failure = this.#tx.failure ??
-        new NbdConnectionClosedError("Every connection is lost");
-      throw new NbdConnectionClosedError(
-        `Cannot call ${method}(): the connection failed: ${failure.message}`,
-        { cause: failure },
-      );
-    }
-    if (this.#own === "open" && this.#tx.shuttingDown) {
-      throw new NbdConnectionClosedError(
-        `Cannot call ${method}(): the server is shutting down (ESHUTDOWN)`,
-      );
-    }
-    throw new NbdConnectionClosedError(
-      `Cannot call ${method}(): the client is ${state}`,
+    const refused = refusal(
+      method,
+      this.state,
+      this.#tx.failure,
+      this.#own === "open" && this.#tx.shuttingDown,
     );
-  }
-
-  #fuaFlag(method: string, fua: boolean | undefined): number {
-    if (!fua) return 0;
-    need(this.canFua, "fua", method, "the export does not support FUA");
-    return CMD_FLAG_FUA;
-  }
-
-  #writable(method: string): void {
-    need(!this.readOnly, "write", method, "the export is read-only");
+    if (refused) throw refused;
   }
 
   /**
@@ -406,16 +381,8 @@ export class NbdClient {
     }
     this.#guard("readInto");
     checkRange("readInto", offset, buffer.length, this.#info);
-    let flags = 0;
-    if (options.df) {
-      need(
-        this.canDf,
-        "df",
-        "readInto",
-        "the export does not support DF",
-      );
-      flags |= CMD_FLAG_DF;
-    }
+    const flags = options.df ? CMD_FLAG_DF : 0;
+    if (options.df) requireFeature(this.#can, "canDf", "readInto");
     await this.#requests.split(
       offset,
       buffer.length,
@@ -458,8 +425,8 @@ export class NbdClient {
     }
     this.#guard("write");
     checkRange("write", offset, data.length, this.#info);
-    this.#writable("write");
-    const flags = this.#fuaFlag("write", options.fua);
+    requireWritable(this.#can, "write");
+    const flags = fuaFlag(this.#can, "write", options.fua);
     await this.#requests.split(
       offset,
       data.length,
@@ -491,12 +458,7 @@ export class NbdClient {
   async flush(options: RequestOptions = {}): Promise<void> {
     checkOptions("flush", options, []);
     this.#guard("flush");
-    need(
-      this.canFlush,
-      "flush",
-      "flush",
-      "the export does not support flush",
-    );
+    requireFeature(this.#can, "canFlush", "flush");
     await this.#requests.send({
       type: CMD_FLUSH,
       flags: 0,
@@ -528,25 +490,13 @@ export class NbdClient {
     checkOptions("trim", options, ["fua"]);
     this.#guard("trim");
     checkRange("trim", offset, length, this.#info);
-    this.#writable("trim");
-    need(
-      this.canTrim,
-      "trim",
-      "trim",
-      "the export does not support trim",
-    );
-    const flags = this.#fuaFlag("trim", options.fua);
-    await this.#requests.split(
-      offset,
-      length,
+    requireWritable(this.#can, "trim");
+    requireFeature(this.#can, "canTrim", "trim");
+    const flags = fuaFlag(this.#can, "trim", options.fua);
+    await this.#requests.splitRange(
+      { type: CMD_TRIM, flags: flags, offset, length },
       maxEffect(this.#info),
       options.signal,
-      (o, l) => ({
-        type: CMD_TRIM,
-        flags,
-        offset: o,
-        length: l,
-      }),
     );
   }
 
@@ -573,38 +523,14 @@ export class NbdClient {
     checkOptions("writeZeroes", options, ["fua", "noHole", "fastZero"]);
     this.#guard("writeZeroes");
     checkRange("writeZeroes", offset, length, this.#info);
-    this.#writable("writeZeroes");
-    need(
-      this.canWriteZeroes,
-      "writeZeroes",
-      "writeZeroes",
-      "the export does not support write zeroes",
-    );
-    let flags = this.#fuaFlag("writeZeroes", options.fua);
-    if (options.noHole) flags |= CMD_FLAG_NO_HOLE;
-    if (options.fastZero) {
-      need(
-        this.canFastZero,
-        "fastZero",
-        "writeZeroes",
-        "the export does not support fast zero",
-      );
-      flags |= CMD_FLAG_FAST_ZERO;
-    }
-    const step = options.fastZero
-      ? maxEffect(this.#info)
-      : Math.min(maxEffect(this.#info), this.#info.blockSize.maximum);
-    await this.#requests.split(
-      offset,
-      length,
+    requireWritable(this.#can, "writeZeroes");
+    requireFeature(this.#can, "canWriteZeroes", "writeZeroes");
+    const flags = zeroFlags(this.#can, options);
+    const step = zeroStep(this.#info, options.fastZero === true);
+    await this.#requests.splitRange(
+      { type: CMD_WRITE_ZEROES, flags: flags, offset, length },
       step,
       options.signal,
-      (o, l) => ({
-        type: CMD_WRITE_ZEROES,
-        flags,
-        offset: o,
-        length: l,
-      }),
     );
   }
 
@@ -631,24 +557,12 @@ export class NbdClient {
     checkOptions("cache", options, []);
     this.#guard("cache");
     checkRange("cache", offset, length, this.#info);
-    need(
-      this.canCache,
-      "cache",
-      "cache",
-      "the export does not support cache",
-    );
-    const step = Math.min(maxEffect(this.#info), this.#info.blockSize.maximum);
-    await this.#requests.split(
-      offset,
-      length,
+    requireFeature(this.#can, "canCache", "cache");
+    const step = zeroStep(this.#info, false);
+    await this.#requests.splitRange(
+      { type: CMD_CACHE, flags: 0, offset, length },
       step,
       options.signal,
-      (o, l) => ({
-        type: CMD_CACHE,
-        flags: 0,
-        offset: o,
-        length: l,
-      }),
     );
   }
 
@@ -681,31 +595,18 @@ export class NbdClient {
     checkOptions("blockStatus", options, ["reqOne"]);
     this.#guard("blockStatus");
     checkRange("blockStatus", offset, length, this.#info);
-    need(
-      this.canBlockStatus,
-      "blockStatus",
-      "blockStatus",
-      "no metadata context was negotiated (pass metaContexts to connect())",
-    );
+    requireFeature(this.#can, "canBlockStatus", "blockStatus");
     const ids = contextIds(options.contexts, this.#byName, this.#contexts);
-    const effect = Math.min(length, maxEffect(this.#info));
-    const flags = options.reqOne ? CMD_FLAG_REQ_ONE : 0;
-    const cmd: Command = ids && this.canBlockStatusPayload
-      ? {
-        type: CMD_BLOCK_STATUS,
-        flags: flags | CMD_FLAG_PAYLOAD_LEN,
-        offset,
-        length: effect,
-        payload: encodeStatusPayload(effect, ids),
-        contexts: ids,
-      }
-      : { type: CMD_BLOCK_STATUS, flags, offset, length: effect };
+    const cmd = blockStatusCommand(
+      this.#info,
+      this.canBlockStatusPayload,
+      offset,
+      length,
+      options.reqOne === true,
+      ids,
+    );
     const byId = await this.#requests.send(cmd, options.signal);
-    const out: BlockStatus = {};
-    for (const [id, extents] of byId) {
-      if (!ids || ids.includes(id)) out[this.#contexts.get(id)!] = extents;
-    }
-    return out;
+    return byContextName(byId, ids, this.#contexts);
   }
 
   /**
@@ -744,7 +645,7 @@ export class NbdClient {
    */
   writable(options: WritableToOptions = {}): WritableStream<Uint8Array> {
     this.#guard("writable");
-    this.#writable("writable");
+    requireWritable(this.#can, "writable");
     return writableTo(this, options);
   }
 
