@@ -94,6 +94,7 @@ export class Requests {
     const caller = new Caller(this.queue, signal);
     if (!this.queue.tryTake()) {
       await caller.slot();
+      if (!this.#open()) caller.cancel();
       this.#throwIfClosing(cmd);
     }
     return await caller.follow(this.#carrier.submit(cmd));
@@ -233,6 +234,12 @@ class Caller implements AbortTarget {
       },
     );
     return out.promise;
+  }
+
+  /** Stops watching: the request will not go out. */
+  cancel(): void {
+    this.#watch?.cancel();
+    this.#watch = undefined;
   }
 
   onAbort(signal: AbortSignal): void {

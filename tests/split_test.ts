@@ -81,6 +81,38 @@ Deno.test("NbdClient requests share one listener per signal", async (t) => {
   );
 });
 
+Deno.test("NbdClient leaves no listener behind", async (t) => {
+  await t.step(
+    "a queued request refused by close() removes its listener",
+    async () => {
+      await using server = await startTestServer({
+        exports: [{ name: "disk", size: 1 << 20 }],
+        delay: 50,
+      });
+      const nbd = await connect(server.uri, { maxInFlight: 1 });
+      const ac = new AbortController();
+      let listeners = 0;
+      const add = ac.signal.addEventListener.bind(ac.signal);
+      const remove = ac.signal.removeEventListener.bind(ac.signal);
+      ac.signal.addEventListener = ((...a: Parameters<typeof add>) => {
+        listeners++;
+        return add(...a);
+      }) as typeof add;
+      ac.signal.removeEventListener = ((...a: Parameters<typeof remove>) => {
+        listeners--;
+        return remove(...a);
+      }) as typeof remove;
+      const first = nbd.read(0, 512);
+      const queued = nbd.read(512, 512, { signal: ac.signal });
+      const closed = nbd.close();
+      await first;
+      await assert.rejects(queued, /the connection is closing/);
+      await closed;
+      assert.equal(listeners, 0);
+    },
+  );
+});
+
 Deno.test("NbdClient split requests make their pieces as slots free", async (t) => {
   await t.step(
     "readInto() over 256 pieces holds at most maxInFlight",
