@@ -18,6 +18,11 @@ import {
   type TransmissionStateName,
 } from "../lib/_states.ts";
 import { NbdError } from "../lib/errors.ts";
+import { CMD_READ, ESHUTDOWN } from "../lib/constants.ts";
+import { openTransport } from "../lib/dial.ts";
+import { type Command, Transmission } from "../lib/transmission.ts";
+import { simpleReply, startTestServer } from "./support/server.ts";
+import { within } from "./support/wait.ts";
 
 /** Every legal move, written out again here: a change to a table is a change to this. */
 const LEGAL: {
@@ -119,5 +124,65 @@ Deno.test("clientState() derives what the client shows", async (t) => {
         .filter(takesRequests),
       ["open", "reconnecting"],
     );
+  });
+});
+
+Deno.test("Transmission moves through its states", async (t) => {
+  const read = (): Command => ({
+    type: CMD_READ,
+    flags: 0,
+    offset: 0,
+    length: 512,
+    buffer: new Uint8Array(512),
+  });
+  const over = async (uri: string): Promise<Transmission> => {
+    const { transport, info } = await openTransport(uri);
+    return new Transmission(transport, info, 4, undefined);
+  };
+
+  await t.step("open, closing, closed", async () => {
+    await using server = await startTestServer();
+    const tx = await over(server.uri);
+    assert.equal(tx.state.name, "open");
+    await tx.submit(read());
+    const closing = tx.disconnect();
+    assert.deepEqual(tx.state, { name: "closing", shutdown: false });
+    await closing;
+    assert.deepEqual(tx.state, { name: "closed", shutdown: false });
+    assert.equal(tx.ended, true);
+    await assert.rejects(tx.submit(read()), /the connection is closing/);
+  });
+
+  await t.step("open, shutdown, closing, closed after ESHUTDOWN", async () => {
+    await using server = await startTestServer({
+      // A simple reply: not with extended headers.
+      extendedHeaders: false,
+      onCommand: (req) =>
+        req.type === CMD_READ ? simpleReply(req.cookie, ESHUTDOWN) : undefined,
+    });
+    const tx = await over(server.uri);
+    await assert.rejects(tx.submit(read()), /ESHUTDOWN/);
+    assert.equal(tx.shuttingDown, true);
+    await within(5_000, "the soft disconnect", tx.finished);
+    assert.deepEqual(tx.state, { name: "closed", shutdown: true });
+    await assert.rejects(
+      tx.submit(read()),
+      /the server is shutting down \(ESHUTDOWN\)/,
+    );
+  });
+
+  await t.step("open, failed when the server goes", async () => {
+    await using server = await startTestServer({
+      onCommand: (_req, ctx) => {
+        ctx.drop();
+        return [];
+      },
+    });
+    const tx = await over(server.uri);
+    await assert.rejects(tx.submit(read()), /closed the connection/);
+    assert.equal(tx.state.name, "failed");
+    assert.equal(tx.failure, (tx.state as { error: Error }).error);
+    await tx.disconnect();
+    assert.equal(tx.state.name, "failed");
   });
 });
