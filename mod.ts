@@ -29,14 +29,10 @@
  * @module
  */
 
-export {
-  connect,
-  listExports,
-  openTransport,
-  probe,
-  probeExports,
-} from "./lib/connect.ts";
-export type { ExportProbe, ListedExport, ProbeOptions } from "./lib/connect.ts";
+export { connect } from "./lib/connect.ts";
+export { openTransport } from "./lib/dial.ts";
+export { listExports, probe, probeExports } from "./lib/probe.ts";
+export type { ExportProbe, ListedExport, ProbeOptions } from "./lib/probe.ts";
 export { NbdClient } from "./lib/client.ts";
 export type {
   BlockStatus,

@@ -7,31 +7,16 @@
  */
 
 import {
-  CMD_BLOCK_STATUS,
   CMD_CACHE,
   CMD_FLAG_DF,
-  CMD_FLAG_FAST_ZERO,
-  CMD_FLAG_FUA,
-  CMD_FLAG_NO_HOLE,
-  CMD_FLAG_PAYLOAD_LEN,
-  CMD_FLAG_REQ_ONE,
   CMD_FLUSH,
   CMD_READ,
   CMD_TRIM,
   CMD_WRITE,
   CMD_WRITE_ZEROES,
-  COMMAND_NAMES,
-  DEFAULT_MAX_PAYLOAD,
-  nameOrNumber,
 } from "./constants.ts";
 import { type Capabilities, capabilities } from "./capabilities.ts";
-import { deadline, untilAborted, within } from "./_deadline.ts";
 import type { Tracer } from "./_debug.ts";
-import {
-  abortReason,
-  NbdConnectionClosedError,
-  NbdUnsupportedError,
-} from "./errors.ts";
 import type { BlockSize, ExportInfo, Protocol } from "./export.ts";
 import {
   readableFrom,
@@ -39,83 +24,67 @@ import {
   writableTo,
   type WritableToOptions,
 } from "./streams.ts";
-import { InFlight } from "./_in_flight.ts";
-import { checkSignal, shown } from "./_resolve_options.ts";
+import { Requests, shutDown } from "./_requests.ts";
+import {
+  checkTransition,
+  CLIENT_TRANSITIONS,
+  type ClientOwnState,
+  type ClientState,
+  clientState,
+  refusal,
+} from "./_states.ts";
+import {
+  blockStatusCommand,
+  byContextName,
+  checkRange,
+  contextIds,
+  fuaFlag,
+  maxEffect,
+  maxIo,
+  requireFeature,
+  requireWritable,
+  zeroFlags,
+  zeroStep,
+} from "./_request_checks.ts";
+import {
+  type BlockStatus,
+  type BlockStatusOptions,
+  checkOptions,
+  type ReadOptions,
+  type RequestOptions,
+  sizeNumber,
+  type WriteOptions,
+  type WriteZeroesOptions,
+} from "./request_options.ts";
 import { Connections, type NbdStats, type Pool } from "./connections.ts";
-import type { Command, Extent, ExtentsById } from "./transmission.ts";
 import type { Transport } from "./transport.ts";
-import { encodeStatusPayload } from "./_wire.ts";
 
-/** Options every request takes. */
-export interface RequestOptions {
-  /** Stop waiting when this aborts (the request may still reach the server). */
-  signal?: AbortSignal;
-}
-
-/** Options of {@linkcode NbdClient.read} and {@linkcode NbdClient.readInto}. */
-export interface ReadOptions extends RequestOptions {
-  /** Ask the server not to fragment the reply (`NBD_CMD_FLAG_DF`). */
-  df?: boolean;
-}
-
-/** Options of writes. */
-export interface WriteOptions extends RequestOptions {
-  /** Force unit access: reply only once the data is durable. */
-  fua?: boolean;
-}
-
-/** Options of {@linkcode NbdClient.writeZeroes}. */
-export interface WriteZeroesOptions extends WriteOptions {
-  /** Allocate the zeroes instead of punching a hole (`NBD_CMD_FLAG_NO_HOLE`). */
-  noHole?: boolean;
-  /** Fail with `ENOTSUP` unless zeroing is faster than writing. */
-  fastZero?: boolean;
-}
-
-/** Options of {@linkcode NbdClient.blockStatus}. */
-export interface BlockStatusOptions extends RequestOptions {
-  /** Ask for exactly one extent per context (`NBD_CMD_FLAG_REQ_ONE`). */
-  reqOne?: boolean;
-  /**
-   * Only these negotiated contexts. With `canBlockStatusPayload` the server
-   * is asked for them alone (`NBD_CMD_FLAG_PAYLOAD_LEN`); otherwise it is
-   * asked for all and the answer is filtered here.
-   */
-  contexts?: string[];
-}
-
-/** Block status by metadata context name. */
-export type BlockStatus = Record<string, Extent[]>;
-
-/**
- * The client's state, as its guards name it: `"failed"` once the
- * connection broke (see `failure`), `"reconnecting"` while a lost
- * connection is dialled again (requests wait), `"closing"` while a
- * disconnect waits for requests in flight (also after the server said
- * `ESHUTDOWN`).
- */
-export type ClientState =
-  | "open"
-  | "reconnecting"
-  | "closing"
-  | "closed"
-  | "failed";
+export type {
+  BlockStatus,
+  BlockStatusOptions,
+  ReadOptions,
+  RequestOptions,
+  WriteOptions,
+  WriteZeroesOptions,
+} from "./request_options.ts";
+export { sizeNumber } from "./request_options.ts";
+export type { ClientState } from "./_states.ts";
 
 /** Requests in flight at once per connection unless told otherwise. */
 export const DEFAULT_MAX_IN_FLIGHT = 64;
+
 /**
- * How long `close()` waits, without a signal, for replies owed to callers
- * who gave up, and then for `NBD_CMD_DISC` to be written.
+ * The key of the internal constructor: only this module holds it, so only
+ * {@linkcode clientOver} reaches that form.
  */
-const DRAIN_MS = 2000;
-const DISCONNECT_MS = 2000;
+const OVER: unique symbol = Symbol("NbdClient over a pool");
 
-type Reply = Promise<ExtentsById>;
-
-/** Set by {@linkcode clientOver} for the one constructor call it makes. */
-let adopting:
-  | { pool: Pool; cleanup: (() => Promise<void>) | undefined }
-  | undefined;
+/** The internal form of {@linkcode NbdClient}'s constructor. */
+type InternalConstructor = new (
+  key: typeof OVER,
+  pool: Pool,
+  cleanup: (() => Promise<void>) | undefined,
+) => NbdClient;
 
 /**
  * A client over connections `connect()` already made (several, or with
@@ -129,55 +98,7 @@ export function clientOver(
   pool: Pool,
   cleanup?: () => Promise<void>,
 ): NbdClient {
-  adopting = { pool, cleanup };
-  try {
-    const first = pool.links[0]!;
-    return new NbdClient(first.transport, first.info, pool.maxInFlight);
-  } finally {
-    adopting = undefined;
-  }
-}
-
-/**
- * Checks a request's options before anything is sent: an object, an
- * `AbortSignal` if any, and booleans where flags are asked for.
- *
- * @throws {TypeError} naming the method and the option.
- */
-function checkOptions(
-  method: string,
-  options: unknown,
-  flags: readonly string[],
-): void {
-  if (options === null || typeof options !== "object") {
-    throw new TypeError(
-      `${method}(): options must be an object, not ${shown(options)}`,
-    );
-  }
-  const fields = options as Record<string, unknown>;
-  checkSignal(`${method}()`, fields.signal);
-  for (const flag of flags) {
-    const v = fields[flag];
-    if (v !== undefined && typeof v !== "boolean") {
-      throw new TypeError(
-        `${method}(): ${flag} must be true or false, not ${shown(v)}`,
-      );
-    }
-  }
-}
-const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
-
-/**
- * An export's size as a number, the API's rule for every size: exact, or a
- * RangeError that points at the `sizeBigInt` twin.
- */
-export function sizeNumber(size: bigint): number {
-  if (size > MAX_SAFE) {
-    throw new RangeError(
-      `The export's size ${size} exceeds Number.MAX_SAFE_INTEGER; use sizeBigInt`,
-    );
-  }
-  return Number(size);
+  return new (NbdClient as unknown as InternalConstructor)(OVER, pool, cleanup);
 }
 
 /**
@@ -191,12 +112,14 @@ export function sizeNumber(size: bigint): number {
 export class NbdClient {
   #info: ExportInfo;
   #tx: Connections;
-  #state: ClientState = "open";
+  /** What the client decided itself; {@linkcode NbdClient.state} adds the rest. */
+  #own: ClientOwnState = "open";
   #contexts: Map<number, string>;
   #byName = new Map<string, number>();
   #can: Capabilities;
   #closing: Promise<void> | undefined;
-  #inFlight: InFlight;
+  /** How requests go out, through one queue for every connection. */
+  #requests: Requests;
   #cleanup: (() => Promise<void>) | undefined;
 
   /**
@@ -210,9 +133,26 @@ export class NbdClient {
   constructor(
     transport: Transport,
     info: ExportInfo,
-    maxInFlight: number = DEFAULT_MAX_IN_FLIGHT,
+    maxInFlight?: number,
+    trace?: Tracer,
+  );
+  constructor(
+    transport: Transport | typeof OVER,
+    info: ExportInfo | Pool,
+    third?: number | (() => Promise<void>),
     trace?: Tracer,
   ) {
+    let pool: Pool;
+    if (transport === OVER) {
+      pool = info as Pool;
+      this.#cleanup = third as (() => Promise<void>) | undefined;
+      info = pool.links[0]!.info;
+    } else {
+      info = info as ExportInfo;
+      const maxInFlight = (third as number | undefined) ??
+        DEFAULT_MAX_IN_FLIGHT;
+      pool = { links: [{ transport, info }], maxInFlight, trace };
+    }
     this.#info = info;
     this.#contexts = info.metaContexts;
     this.#can = capabilities({
@@ -222,13 +162,12 @@ export class NbdClient {
       extendedHeaders: info.extendedHeaders,
     });
     for (const [id, name] of info.metaContexts) this.#byName.set(name, id);
-    const adopted = adopting;
-    adopting = undefined;
-    const pool: Pool = adopted?.pool ??
-      { links: [{ transport, info }], maxInFlight, trace };
-    this.#cleanup = adopted?.cleanup;
-    this.#inFlight = new InFlight(pool.maxInFlight * pool.links.length);
     this.#tx = new Connections(pool);
+    this.#requests = new Requests(
+      pool.maxInFlight * pool.links.length,
+      this.#tx,
+      () => this.#own === "open",
+    );
   }
 
   /** Size in bytes. @throws {RangeError} beyond `Number.MAX_SAFE_INTEGER`. */
@@ -344,10 +283,13 @@ export class NbdClient {
   }
   /** `"open"`, `"reconnecting"`, `"closing"`, `"closed"` or `"failed"`. */
   get state(): ClientState {
-    if (this.#state !== "open") return this.#state;
-    if (this.#tx.failure) return "failed";
-    if (this.#tx.shuttingDown) return this.#tx.ended ? "closed" : "closing";
-    return this.#tx.state;
+    return clientState(this.#own, this.#tx);
+  }
+
+  /** The one place the client's own state changes, checked against the table. */
+  #enter(next: ClientOwnState): void {
+    checkTransition("a client", CLIENT_TRANSITIONS, this.#own, next);
+    this.#own = next;
   }
   /** How many connections carry the requests (`connections` option). */
   get connections(): number {
@@ -369,165 +311,15 @@ export class NbdClient {
     return this.#tx.failure;
   }
 
-  /** Largest read or write payload per request. */
-  get #maxIo(): number {
-    return Math.min(this.#info.blockSize.maximum, DEFAULT_MAX_PAYLOAD);
-  }
-
-  /**
-   * Largest effect length the request header can carry, kept to multiples
-   * of 512 even when the server allows bytes: the spec's advice for
-   * interoperable clients, and what libnbd does (nbdkit 1.32 aborts on a
-   * block status of 2^32 - 1 bytes).
-   */
-  get #maxEffect(): number {
-    const align = Math.max(this.#info.blockSize.minimum, 512);
-    const top = this.#info.extendedHeaders
-      ? Number.MAX_SAFE_INTEGER
-      : 0xffffffff;
-    return top - (top % align);
-  }
-
+  /** Refuses a call the client cannot take in its state. */
   #guard(method: string): void {
-    const state = this.state;
-    // While reconnecting, requests are held until a connection is back.
-    if (state === "open" || state === "reconnecting") return;
-    if (state === "failed") {
-      const failure = this.#tx.failure ??
-        new NbdConnectionClosedError("Every connection is lost");
-      throw new NbdConnectionClosedError(
-        `Cannot call ${method}(): the connection failed: ${failure.message}`,
-        { cause: failure },
-      );
-    }
-    if (this.#state === "open") {
-      throw new NbdConnectionClosedError(
-        `Cannot call ${method}(): the server is shutting down (ESHUTDOWN)`,
-      );
-    }
-    throw new NbdConnectionClosedError(
-      `Cannot call ${method}(): the client is ${state}`,
+    const refused = refusal(
+      method,
+      this.state,
+      this.#tx.failure,
+      this.#own === "open" && this.#tx.shuttingDown,
     );
-  }
-
-  #need(ok: boolean, feature: string, method: string, why: string): void {
-    if (!ok) {
-      throw new NbdUnsupportedError(feature, `${method}(): ${why}`);
-    }
-  }
-
-  /** Checks a range against the export: integer, non-empty, in bounds, aligned. */
-  #range(method: string, offset: number, length: number): void {
-    this.#guard(method);
-    if (!Number.isSafeInteger(offset) || offset < 0) {
-      throw new RangeError(
-        `${method}(): offset must be a non-negative integer, not ${offset}`,
-      );
-    }
-    if (!Number.isSafeInteger(length) || length <= 0) {
-      throw new RangeError(
-        `${method}(): length must be a positive integer, not ${length}`,
-      );
-    }
-    if (BigInt(offset) + BigInt(length) > this.#info.size) {
-      throw new RangeError(
-        `${method}(): range ${offset}+${length} lies beyond the end of the export (size ${this.#info.size})`,
-      );
-    }
-    const min = this.#info.blockSize.minimum;
-    if (offset % min !== 0 || length % min !== 0) {
-      throw new RangeError(
-        `${method}(): offset ${offset} and length ${length} must be multiples of the export's minimum block size ${min}`,
-      );
-    }
-  }
-
-  #fuaFlag(method: string, fua: boolean | undefined): number {
-    if (!fua) return 0;
-    this.#need(this.canFua, "fua", method, "the export does not support FUA");
-    return CMD_FLAG_FUA;
-  }
-
-  #writable(method: string): void {
-    this.#need(!this.readOnly, "write", method, "the export is read-only");
-  }
-
-  /**
-   * Sends one command. The caller's signal ends the wait, not the request:
-   * its reply stays counted until it arrives, so that `close()` can drain.
-   */
-  #send(cmd: Command, signal: AbortSignal | undefined): Reply {
-    if (signal === undefined) {
-      // The hot path: a free slot, nothing to race.
-      const ticket = this.#inFlight.tryTake();
-      if (ticket) {
-        const reply = this.#tx.submit(cmd);
-        reply.then(ticket.settle, ticket.settle);
-        return reply;
-      }
-    }
-    if (signal) cmd.hold = signal;
-    return this.#sendWaiting(cmd, signal);
-  }
-
-  async #sendWaiting(cmd: Command, signal: AbortSignal | undefined): Reply {
-    if (signal?.aborted) throw abortReason(signal);
-    let ticket = this.#inFlight.tryTake();
-    if (!ticket) {
-      ticket = await this.#inFlight.take(signal);
-      if (this.#state !== "open") {
-        // It waited for a slot while close() began: it must not go out.
-        ticket.settle();
-        throw new NbdConnectionClosedError(
-          `Cannot send ${
-            nameOrNumber(COMMAND_NAMES, cmd.type)
-          }: the connection is closing`,
-        );
-      }
-    }
-    const reply = this.#tx.submit(cmd);
-    reply.then(ticket.settle, ticket.settle);
-    if (!signal) return await reply;
-    try {
-      return await untilAborted(reply, signal);
-    } catch (e) {
-      if (signal.aborted) ticket.abandon();
-      throw e;
-    }
-  }
-
-  /** Splits [offset, offset+length) into requests of at most `step` bytes. */
-  #split(
-    offset: number,
-    length: number,
-    step: number,
-    signal: AbortSignal | undefined,
-    make: (offset: number, length: number, rel: number) => Command,
-  ): Promise<unknown> {
-    // One request: its own promise, with none wrapped around it.
-    if (length <= step) return this.#send(make(offset, length, 0), signal);
-    return this.#splitMany(offset, length, step, signal, make);
-  }
-
-  async #splitMany(
-    offset: number,
-    length: number,
-    step: number,
-    signal: AbortSignal | undefined,
-    make: (offset: number, length: number, rel: number) => Command,
-  ): Promise<void> {
-    const parts: Promise<unknown>[] = [];
-    for (let rel = 0; rel < length; rel += step) {
-      parts.push(
-        this.#send(
-          make(offset + rel, Math.min(step, length - rel), rel),
-          signal,
-        ),
-      );
-    }
-    const settled = await Promise.allSettled(parts);
-    const failed = settled.find((s) => s.status === "rejected");
-    if (failed) throw (failed as PromiseRejectedResult).reason;
+    if (refused) throw refused;
   }
 
   /**
@@ -553,7 +345,8 @@ export class NbdClient {
     options: ReadOptions = {},
   ): Promise<Uint8Array> {
     checkOptions("read", options, ["df"]);
-    this.#range("read", offset, length);
+    this.#guard("read");
+    checkRange("read", offset, length, this.#info);
     const buffer = new Uint8Array(length);
     await this.readInto(buffer, offset, options);
     return buffer;
@@ -586,21 +379,14 @@ export class NbdClient {
     if (!(buffer instanceof Uint8Array)) {
       throw new TypeError("readInto(): buffer must be a Uint8Array");
     }
-    this.#range("readInto", offset, buffer.length);
-    let flags = 0;
-    if (options.df) {
-      this.#need(
-        this.canDf,
-        "df",
-        "readInto",
-        "the export does not support DF",
-      );
-      flags |= CMD_FLAG_DF;
-    }
-    await this.#split(
+    this.#guard("readInto");
+    checkRange("readInto", offset, buffer.length, this.#info);
+    const flags = options.df ? CMD_FLAG_DF : 0;
+    if (options.df) requireFeature(this.#can, "canDf", "readInto");
+    await this.#requests.split(
       offset,
       buffer.length,
-      this.#maxIo,
+      maxIo(this.#info),
       options.signal,
       (o, l, rel) => ({
         type: CMD_READ,
@@ -637,13 +423,14 @@ export class NbdClient {
     if (!(data instanceof Uint8Array)) {
       throw new TypeError("write(): data must be a Uint8Array");
     }
-    this.#range("write", offset, data.length);
-    this.#writable("write");
-    const flags = this.#fuaFlag("write", options.fua);
-    await this.#split(
+    this.#guard("write");
+    checkRange("write", offset, data.length, this.#info);
+    requireWritable(this.#can, "write");
+    const flags = fuaFlag(this.#can, "write", options.fua);
+    await this.#requests.split(
       offset,
       data.length,
-      this.#maxIo,
+      maxIo(this.#info),
       options.signal,
       (o, l, rel) => ({
         type: CMD_WRITE,
@@ -671,13 +458,8 @@ export class NbdClient {
   async flush(options: RequestOptions = {}): Promise<void> {
     checkOptions("flush", options, []);
     this.#guard("flush");
-    this.#need(
-      this.canFlush,
-      "flush",
-      "flush",
-      "the export does not support flush",
-    );
-    await this.#send({
+    requireFeature(this.#can, "canFlush", "flush");
+    await this.#requests.send({
       type: CMD_FLUSH,
       flags: 0,
       offset: 0,
@@ -706,26 +488,15 @@ export class NbdClient {
     options: WriteOptions = {},
   ): Promise<void> {
     checkOptions("trim", options, ["fua"]);
-    this.#range("trim", offset, length);
-    this.#writable("trim");
-    this.#need(
-      this.canTrim,
-      "trim",
-      "trim",
-      "the export does not support trim",
-    );
-    const flags = this.#fuaFlag("trim", options.fua);
-    await this.#split(
-      offset,
-      length,
-      this.#maxEffect,
+    this.#guard("trim");
+    checkRange("trim", offset, length, this.#info);
+    requireWritable(this.#can, "trim");
+    requireFeature(this.#can, "canTrim", "trim");
+    const flags = fuaFlag(this.#can, "trim", options.fua);
+    await this.#requests.splitRange(
+      { type: CMD_TRIM, flags: flags, offset, length },
+      maxEffect(this.#info),
       options.signal,
-      (o, l) => ({
-        type: CMD_TRIM,
-        flags,
-        offset: o,
-        length: l,
-      }),
     );
   }
 
@@ -750,34 +521,17 @@ export class NbdClient {
     options: WriteZeroesOptions = {},
   ): Promise<void> {
     checkOptions("writeZeroes", options, ["fua", "noHole", "fastZero"]);
-    this.#range("writeZeroes", offset, length);
-    this.#writable("writeZeroes");
-    this.#need(
-      this.canWriteZeroes,
-      "writeZeroes",
-      "writeZeroes",
-      "the export does not support write zeroes",
+    this.#guard("writeZeroes");
+    checkRange("writeZeroes", offset, length, this.#info);
+    requireWritable(this.#can, "writeZeroes");
+    requireFeature(this.#can, "canWriteZeroes", "writeZeroes");
+    const flags = zeroFlags(this.#can, options);
+    const step = zeroStep(this.#info, options.fastZero === true);
+    await this.#requests.splitRange(
+      { type: CMD_WRITE_ZEROES, flags: flags, offset, length },
+      step,
+      options.signal,
     );
-    let flags = this.#fuaFlag("writeZeroes", options.fua);
-    if (options.noHole) flags |= CMD_FLAG_NO_HOLE;
-    if (options.fastZero) {
-      this.#need(
-        this.canFastZero,
-        "fastZero",
-        "writeZeroes",
-        "the export does not support fast zero",
-      );
-      flags |= CMD_FLAG_FAST_ZERO;
-    }
-    const step = options.fastZero
-      ? this.#maxEffect
-      : Math.min(this.#maxEffect, this.#info.blockSize.maximum);
-    await this.#split(offset, length, step, options.signal, (o, l) => ({
-      type: CMD_WRITE_ZEROES,
-      flags,
-      offset: o,
-      length: l,
-    }));
   }
 
   /**
@@ -801,20 +555,15 @@ export class NbdClient {
     options: RequestOptions = {},
   ): Promise<void> {
     checkOptions("cache", options, []);
-    this.#range("cache", offset, length);
-    this.#need(
-      this.canCache,
-      "cache",
-      "cache",
-      "the export does not support cache",
+    this.#guard("cache");
+    checkRange("cache", offset, length, this.#info);
+    requireFeature(this.#can, "canCache", "cache");
+    const step = zeroStep(this.#info, false);
+    await this.#requests.splitRange(
+      { type: CMD_CACHE, flags: 0, offset, length },
+      step,
+      options.signal,
     );
-    const step = Math.min(this.#maxEffect, this.#info.blockSize.maximum);
-    await this.#split(offset, length, step, options.signal, (o, l) => ({
-      type: CMD_CACHE,
-      flags: 0,
-      offset: o,
-      length: l,
-    }));
   }
 
   /**
@@ -844,59 +593,20 @@ export class NbdClient {
     options: BlockStatusOptions = {},
   ): Promise<BlockStatus> {
     checkOptions("blockStatus", options, ["reqOne"]);
-    this.#range("blockStatus", offset, length);
-    this.#need(
-      this.canBlockStatus,
-      "blockStatus",
-      "blockStatus",
-      "no metadata context was negotiated (pass metaContexts to connect())",
+    this.#guard("blockStatus");
+    checkRange("blockStatus", offset, length, this.#info);
+    requireFeature(this.#can, "canBlockStatus", "blockStatus");
+    const ids = contextIds(options.contexts, this.#byName, this.#contexts);
+    const cmd = blockStatusCommand(
+      this.#info,
+      this.canBlockStatusPayload,
+      offset,
+      length,
+      options.reqOne === true,
+      ids,
     );
-    const ids = this.#contextIds(options.contexts);
-    const effect = Math.min(length, this.#maxEffect);
-    const flags = options.reqOne ? CMD_FLAG_REQ_ONE : 0;
-    const cmd: Command = ids && this.canBlockStatusPayload
-      ? {
-        type: CMD_BLOCK_STATUS,
-        flags: flags | CMD_FLAG_PAYLOAD_LEN,
-        offset,
-        length: effect,
-        payload: encodeStatusPayload(effect, ids),
-        contexts: ids,
-      }
-      : { type: CMD_BLOCK_STATUS, flags, offset, length: effect };
-    const byId = await this.#send(cmd, options.signal);
-    const out: BlockStatus = {};
-    for (const [id, extents] of byId) {
-      if (!ids || ids.includes(id)) out[this.#contexts.get(id)!] = extents;
-    }
-    return out;
-  }
-
-  /** The ids of `names`, each a negotiated context, or all when absent. */
-  #contextIds(names: unknown): number[] | undefined {
-    if (names === undefined) return undefined;
-    if (!Array.isArray(names) || names.length === 0) {
-      throw new TypeError(
-        `blockStatus(): contexts must be a non-empty array of context names, not ${
-          shown(names)
-        }`,
-      );
-    }
-    const ids: number[] = [];
-    for (const name of names) {
-      const id = typeof name === "string" ? this.#byName.get(name) : undefined;
-      if (id === undefined) {
-        throw new RangeError(
-          `blockStatus(): ${
-            shown(name)
-          } is not a negotiated context (negotiated: ${
-            this.metaContexts.join(", ")
-          })`,
-        );
-      }
-      if (!ids.includes(id)) ids.push(id);
-    }
-    return ids;
+    const byId = await this.#requests.send(cmd, options.signal);
+    return byContextName(byId, ids, this.#contexts);
   }
 
   /**
@@ -935,7 +645,7 @@ export class NbdClient {
    */
   writable(options: WritableToOptions = {}): WritableStream<Uint8Array> {
     this.#guard("writable");
-    this.#writable("writable");
+    requireWritable(this.#can, "writable");
     return writableTo(this, options);
   }
 
@@ -969,48 +679,17 @@ export class NbdClient {
       return Promise.reject(e);
     }
     if (!this.#closing) {
-      this.#state = "closing";
-      this.#closing = this.#shutDown(options.signal).finally(() => {
-        this.#state = "closed";
+      this.#enter("closing");
+      this.#closing = shutDown(
+        this.#tx,
+        this.#requests.queue,
+        options.signal,
+        this.#cleanup,
+      ).finally(() => {
+        this.#enter("closed");
       });
     }
     return this.#closing;
-  }
-
-  async #shutDown(signal: AbortSignal | undefined): Promise<void> {
-    // Transmission's own wait is already done here: it only sends.
-    const now = AbortSignal.abort();
-    // Requests held for a reconnect fail now; none is dialled any more.
-    this.#tx.halt();
-    try {
-      await untilAborted(this.#inFlight.whenNoneWaiting(), signal);
-      {
-        using drain = deadline(
-          signal,
-          DRAIN_MS,
-          () => new Error("The drain took too long"),
-        );
-        try {
-          await untilAborted(this.#inFlight.whenNoneOwed(), drain.signal);
-        } catch (e) {
-          // The drain's own limit: disconnect anyway. The caller's: cut.
-          if (signal?.aborted) throw e;
-        }
-      }
-      using bye = deadline(
-        signal,
-        DISCONNECT_MS,
-        () => new Error("NBD_CMD_DISC could not be written"),
-      );
-      await untilAborted(this.#tx.disconnect(now), bye.signal);
-    } catch {
-      // The signal fired, or the server stopped reading: tear down. The
-      // disconnect then ends at once, failing what still waits.
-      this.#tx.tearDown();
-      await within(this.#tx.disconnect(now).catch(() => {}), DISCONNECT_MS);
-    } finally {
-      await this.#cleanup?.();
-    }
   }
 
   /** Closes the client at the end of an `await using` block. */

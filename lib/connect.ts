@@ -1,304 +1,37 @@
 /**
- * Reaching a server: open the stream that the options name, run the
- * handshake under one time limit, and either hand over the negotiated
- * connection ({@linkcode connect}, {@linkcode openTransport}) or ask a
- * question in the option phase and leave ({@linkcode listExports},
- * {@linkcode probe}).
+ * Connecting: the first connection (tried again until `openTimeout` with
+ * the reconnect backoff), the further ones `connections` asks for, each
+ * reaching the same export, and the client over them; or a client over a
+ * server command started for it. `dial.ts` opens and negotiates each
+ * connection; `probe.ts` asks questions without connecting a client.
  *
  * @module
  */
 
-import {
-  DEFAULT_PORT,
-  FLAG_CAN_MULTI_CONN,
-  OPT_INFO,
-  OPT_LIST,
-  REP_ERR_TLS_REQD,
-} from "./constants.ts";
-import {
-  clientOver,
-  DEFAULT_MAX_IN_FLIGHT,
-  type NbdClient,
-  sizeNumber,
-} from "./client.ts";
+import { FLAG_CAN_MULTI_CONN } from "./constants.ts";
+import { clientOver, DEFAULT_MAX_IN_FLIGHT, type NbdClient } from "./client.ts";
 import type { Link } from "./connections.ts";
 import type { ConnectOptions } from "./connect_options.ts";
-import { deadline, pause, untilAborted } from "./_deadline.ts";
 import { makeTracer, type Tracer } from "./_debug.ts";
+import { errorText, NbdError, NbdUnsupportedError } from "./errors.ts";
 import {
-  abortReason,
-  errorText,
-  NbdError,
-  NbdOptionError,
-  NbdUnsupportedError,
-} from "./errors.ts";
-import type { BlockSize, ExportInfo, Protocol } from "./export.ts";
-import { type HandshakeOptions, negotiate, openSession } from "./_handshake.ts";
-import { type ExportDetails, infoOrGo } from "./options/_go.ts";
-import { type ExportListing, listExports as optList } from "./options/list.ts";
-import { listMetaContexts } from "./options/_meta_context.ts";
-import type { OptionSession } from "./options/_session.ts";
-import { negotiateReplies } from "./options/_structured_reply.ts";
-import {
-  backoff,
   DEFAULT_RECONNECT,
   exportChanges,
   reconnectPolicy,
+  retry,
 } from "./reconnect.ts";
-import { resolveOptions, shown } from "./_resolve_options.ts";
-import {
-  type ServerProcess,
-  spawnOnSocket,
-  spawnOverPipes,
-} from "./_subprocess.ts";
-import { upgradingOnDemand } from "./options/_starttls.ts";
-import { upgradeToTls } from "./tls.ts";
-import { type ByteStream, Transport } from "./transport.ts";
-import { formatUri } from "./uri.ts";
+import { resolveOptions } from "./_resolve_options.ts";
+import { DEFAULT_CONNECT_TIMEOUT, negotiated, withCommand } from "./dial.ts";
 
-/** Connecting and negotiating may take this long unless told otherwise. */
-const DEFAULT_CONNECT_TIMEOUT = 30_000;
-
-/**
- * Whether Deno's `--unstable-vsock` flag is among its own arguments (before
- * the script's); `undefined` when the command line cannot be read (Deno
- * lets a program read it only under `--allow-all`).
- */
-function vsockFlagSeen(): boolean | undefined {
-  const path = "/proc/self/cmdline";
-  try {
-    // Query first: reading without permission could prompt the user.
-    if (
-      Deno.permissions.querySync({ name: "read", path }).state !== "granted"
-    ) {
-      return undefined;
-    }
-    const args = Deno.readTextFileSync(path).split("\0");
-    const script = Deno.mainModule.split("/").at(-1);
-    const end = args.findIndex((a, i) =>
-      i > 0 && a.split("/").at(-1) === script
-    );
-    return args.slice(0, end < 0 ? args.length : end).includes(
-      "--unstable-vsock",
-    );
-  } catch {
-    return undefined;
-  }
-}
-
-/**
- * Refuses vsock unless Deno can do it: without `--unstable-vsock`,
- * `Deno.connect` ends the process (status 70) past any `catch`, and Deno
- * offers no way to ask whether the flag is on.
- *
- * @throws {NbdUnsupportedError} (feature `"vsock"`) naming the flag.
- */
-function checkVsock(o: ConnectOptions): void {
-  if (o.unstableVsock === true) return;
-  const seen = vsockFlagSeen();
-  if (seen) return;
-  throw new NbdUnsupportedError(
-    "vsock",
-    `Cannot connect over vsock: Deno needs the --unstable-vsock flag for it and ends the process without it, ${
-      seen === false
-        ? "and it is not on the command line"
-        : "and this process cannot see its command line (it can under --allow-all)"
-    }. Run deno with --unstable-vsock, and pass unstableVsock: true if the flag is set where the command line does not show it`,
-  );
-}
-
-/** Opens the byte stream to the server that `options` names. */
-async function openStream(o: ConnectOptions): Promise<ByteStream> {
-  if (o.path !== undefined) {
-    return await Deno.connect({ transport: "unix", path: o.path });
-  }
-  if (o.cid !== undefined) {
-    return await Deno.connect({
-      transport: "vsock",
-      cid: o.cid,
-      port: o.port ?? DEFAULT_PORT,
-    });
-  }
-  const conn = await Deno.connect({
-    hostname: o.hostname ?? "localhost",
-    port: o.port ?? DEFAULT_PORT,
-  });
-  // Small headers must not wait for ACKs (doc/proto.md asks for TCP_NODELAY).
-  conn.setNoDelay(true);
-  return conn;
-}
-
-function handshakeOptions(o: ConnectOptions, trace: Tracer): HandshakeOptions {
-  const tls = o.tls ?? "disable";
-  // Left unset, TLS is opportunistic: taken when the server requires it.
-  const onDemand = o.tls === undefined;
-  return {
-    ...(o.exportName !== undefined ? { exportName: o.exportName } : {}),
-    tls,
-    tlsOnDemand: onDemand,
-    ...(tls !== "disable" || onDemand
-      ? {
-        upgradeTls: (stream: ByteStream) =>
-          upgradeToTls(stream, {
-            ...o,
-            ...(trace ? { debug: trace } : {}),
-          }),
-      }
-      : {}),
-    ...(o.structuredReplies !== undefined
-      ? { structuredReplies: o.structuredReplies }
-      : {}),
-    ...(o.extendedHeaders !== undefined
-      ? { extendedHeaders: o.extendedHeaders }
-      : {}),
-    ...(o.metaContexts !== undefined ? { metaContexts: o.metaContexts } : {}),
-    ...(o.listMetaContexts ? { listMetaContexts: true } : {}),
-    ...(o.blockSizes !== undefined ? { blockSizes: o.blockSizes } : {}),
-    trace,
-  };
-}
-
-function describeTarget(o: ConnectOptions): string {
-  // A command has no address; formatUri would make up nbd://localhost/.
-  if (o.command !== undefined) return `the server command ${o.command[0]}`;
-  try {
-    return formatUri(o);
-  } catch {
-    return o.path ?? `${o.hostname ?? "localhost"}:${o.port ?? DEFAULT_PORT}`;
-  }
-}
-
-/**
- * Opens a connection and runs `step` over it, closing it on failure, under
- * the caller's signal and the connect timeout together: a stalled server
- * cannot hang the caller.
- */
-async function withConnection<T>(
-  o: ConnectOptions,
-  step: (transport: Transport) => Promise<T>,
-  open: () => Promise<ByteStream> = () => openStream(o),
-): Promise<{ transport: Transport; result: T }> {
-  const limit = o.connectTimeout ?? DEFAULT_CONNECT_TIMEOUT;
-  using time = deadline(
-    o.signal,
-    limit,
-    () =>
-      new NbdError(
-        `Connecting to ${
-          describeTarget(o)
-        } and negotiating took longer than ${limit} ms`,
-      ),
-  );
-  const signal = time.signal;
-  if (signal.aborted) throw abortReason(signal);
-  if (o.cid !== undefined) checkVsock(o);
-  let transport: Transport | undefined;
-  // Reads and writes in progress fail at once, with the reason.
-  const onAbort = () => transport?.close(abortReason(signal));
-  signal.addEventListener("abort", onAbort, { once: true });
-  try {
-    const opening = open();
-    let stream: ByteStream;
-    try {
-      stream = await untilAborted(opening, signal);
-    } catch (e) {
-      // A connect that completes after the abort must not leak.
-      opening.then((s) => s.close(), () => {});
-      if (signal.aborted) throw abortReason(signal);
-      throw new NbdError(
-        `Cannot connect to ${describeTarget(o)}: ${errorText(e)}`,
-        { cause: e },
-      );
-    }
-    transport = new Transport(stream);
-    const result = await untilAborted(step(transport), signal);
-    return { transport, result };
-  } catch (e) {
-    transport?.close();
-    if (signal.aborted) throw abortReason(signal);
-    throw e;
-  } finally {
-    signal.removeEventListener("abort", onAbort);
-  }
-}
-
-/**
- * Opens a connection, asks `ask` in the option phase, then leaves with
- * `NBD_OPT_ABORT` and closes: the one path of `listExports` and `probe`.
- */
-async function inOptionPhase<T>(
-  o: ConnectOptions,
-  ask: (session: OptionSession) => Promise<T>,
-): Promise<T> {
-  const trace = makeTracer(o.debug);
-  const run = async (open?: () => Promise<ByteStream>) => {
-    const { transport, result } = await withConnection(o, async (t) => {
-      const how = handshakeOptions(o, trace);
-      const session = await openSession(t, how);
-      try {
-        return await upgradingOnDemand(
-          session,
-          how.tlsOnDemand === true,
-          how.upgradeTls,
-          () => ask(session),
-        );
-      } finally {
-        await session.abort();
-      }
-    }, open);
-    transport.close();
-    return result;
-  };
-  if (o.command === undefined) return await run();
-  return await withCommand(o, async (open, server) => {
-    const result = await run(open);
-    await server.stop();
-    return result;
-  });
-}
-
-/**
- * Opens a connection and runs the whole handshake, returning the transport
- * ready for transmission, for code that carries the transmission phase
- * itself (a relay, a proxy, a kernel handoff of its own).
- *
- * @param target An NBD URI or options object.
- * @param options Options that override the target's.
- * @returns The transport and what was negotiated.
- * @throws {NbdError} when the connection or the handshake fails.
- *
- * @example
- * ```ts
- * import { openTransport } from "@nbd/client";
- * const { transport, info } = await openTransport(
- *   "nbd+unix:///?socket=/tmp/nbd.sock",
- *   { structuredReplies: false },
- * );
- * console.log(info.size, info.flags);
- * transport.close();
- * ```
- */
-export async function openTransport(
-  target: string | ConnectOptions,
-  options: ConnectOptions = {},
-): Promise<{ transport: Transport; info: ExportInfo }> {
-  const o = resolveOptions(target, options);
-  return await negotiated(o, makeTracer(o.debug));
-}
-
-/** Connects as `o` says (or over `stream`) and runs the whole handshake. */
-async function negotiated(
-  o: ConnectOptions,
-  trace: Tracer,
-  stream?: () => Promise<ByteStream>,
-): Promise<Link> {
-  const { transport, result } = await withConnection(
-    o,
-    (t) => negotiate(t, handshakeOptions(o, trace)),
-    stream,
-  );
-  return { transport, info: result };
-}
+export { openTransport } from "./dial.ts";
+export {
+  type ExportProbe,
+  type ListedExport,
+  listExports,
+  probe,
+  probeExports,
+  type ProbeOptions,
+} from "./probe.ts";
 
 /** `connectTimeout` (0 for none) limited to `ms`. */
 function cap(connectTimeout: number | undefined, ms: number): number {
@@ -312,30 +45,29 @@ function cap(connectTimeout: number | undefined, ms: number): number {
  */
 async function firstLink(o: ConnectOptions, trace: Tracer): Promise<Link> {
   const limit = o.openTimeout ?? 0;
-  const end = Date.now() + limit;
-  for (let attempt = 0;; attempt++) {
+  return await retry(
     // An attempt that stalls may not outlast what is left of openTimeout.
-    const left = end - Date.now();
-    const per = limit === 0
-      ? o
-      : { ...o, connectTimeout: cap(o.connectTimeout, Math.max(1, left)) };
-    try {
-      return await negotiated(per, trace);
-    } catch (e) {
-      const left = end - Date.now();
-      if (
-        left <= 0 || o.signal?.aborted || !(e instanceof NbdError) ||
-        e instanceof NbdUnsupportedError
-      ) {
-        throw e;
-      }
-      trace?.("connect attempt failed", {
-        attempt: attempt + 1,
-        error: errorText(e),
-      });
-      await pause(backoff(attempt, DEFAULT_RECONNECT, left), o.signal);
-    }
-  }
+    (_n, left) =>
+      negotiated(
+        limit === 0
+          ? o
+          : { ...o, connectTimeout: cap(o.connectTimeout, Math.max(1, left)) },
+        trace,
+      ),
+    {
+      delay: DEFAULT_RECONNECT.delay,
+      maxDelay: DEFAULT_RECONNECT.maxDelay,
+      deadline: Date.now() + limit,
+      signal: o.signal,
+      retryable: (e) =>
+        e instanceof NbdError && !(e instanceof NbdUnsupportedError),
+      debug: (attempt, e, again) => {
+        if (again) {
+          trace?.("connect attempt failed", { attempt, error: errorText(e) });
+        }
+      },
+    },
+  );
 }
 
 /**
@@ -382,41 +114,6 @@ async function moreLinks(
   return links;
 }
 
-/**
- * Runs `use` over the server of `o.command`, started for it: on failure the
- * server's own words (exit status, stderr) become the error, and the server
- * is stopped; on success `use` decides when it stops.
- */
-async function withCommand<T>(
-  o: ConnectOptions,
-  use: (
-    open: () => Promise<ByteStream>,
-    server: ServerProcess,
-  ) => Promise<T>,
-): Promise<T> {
-  const command = o.command!;
-  let server: ServerProcess;
-  let open: () => Promise<ByteStream>;
-  if (o.socketActivation) {
-    const started = await spawnOnSocket(command, o.signal);
-    server = started.server;
-    open = () => Promise.resolve(started.conn);
-  } else {
-    const started = spawnOverPipes(command);
-    server = started.server;
-    open = () => Promise.resolve(started.stream);
-  }
-  try {
-    return await use(open, server);
-  } catch (e) {
-    const err = e instanceof TypeError || o.signal?.aborted
-      ? e
-      : await server.explain(e);
-    await server.stop();
-    throw err;
-  }
-}
-
 /** Starts the server of `o.command` and negotiates over it. */
 function overCommand(o: ConnectOptions, trace: Tracer): Promise<NbdClient> {
   return withCommand(o, async (open, server) => {
@@ -446,7 +143,9 @@ function overCommand(o: ConnectOptions, trace: Tracer): Promise<NbdClient> {
  *
  * @example
  * ```ts
- * import { connect } from "@nbd/client";
+ * import {
+  connect,
+} from "@nbd/client";
  * await using nbd = await connect("nbd+unix:///?socket=/tmp/nbd.sock", {
  *   signal: AbortSignal.timeout(5000),
  * });
@@ -487,233 +186,5 @@ export async function connect(
     dial: reconnect
       ? (signal) => negotiated({ ...again, signal }, trace)
       : undefined,
-  });
-}
-
-/**
- * Lists a server's exports with `NBD_OPT_LIST`.
- *
- * @param target An NBD URI or options object (its export name is ignored).
- * @param options Options that override the target's.
- * @returns Each export's name and description.
- * @throws {NbdOptionError} when the server refuses to list.
- * @throws {NbdError} when the server cannot list (oldstyle, non-fixed newstyle).
- *
- * @example
- * ```ts
- * import { listExports } from "@nbd/client";
- * for (const e of await listExports("nbd://127.0.0.1")) console.log(e.name);
- * ```
- */
-export async function listExports(
-  target: string | ConnectOptions,
-  options: ConnectOptions = {},
-): Promise<ExportListing[]> {
-  const o = resolveOptions(target, options);
-  return await inOptionPhase(o, async (session) => {
-    const listed = await optList(session);
-    if (!Array.isArray(listed)) {
-      throw session.refusal(OPT_LIST, listed, "Cannot list exports");
-    }
-    return listed;
-  });
-}
-
-/** What {@linkcode probe} learns about an export without connecting to it. */
-export interface ExportProbe {
-  /** The export name (canonical when the server sent one). */
-  exportName: string;
-  /** The server's description, or `""`. */
-  description: string;
-  /**
-   * Size in bytes, as {@linkcode NbdClient.size}.
-   *
-   * @throws {RangeError} beyond `Number.MAX_SAFE_INTEGER` (read `sizeBigInt`).
-   */
-  readonly size: number;
-  /** Size in bytes, exactly. */
-  sizeBigInt: bigint;
-  /** Transmission flags. */
-  flags: number;
-  /** Block size constraints, when advertised. */
-  blockSize: BlockSize | undefined;
-  /** Metadata contexts offered (`NBD_OPT_LIST_META_CONTEXT`). */
-  metaContexts: string[];
-  /** The handshake style. */
-  protocol: Protocol;
-  /** Whether TLS was negotiated. */
-  tls: boolean;
-  /** Whether the server agreed to structured replies. */
-  structuredReplies: boolean;
-  /** Whether the server agreed to extended headers. */
-  extendedHeaders: boolean;
-}
-
-/** Options of {@linkcode probe}. */
-export interface ProbeOptions extends ConnectOptions {
-  /** Also list metadata contexts (default true). */
-  listMetaContexts?: boolean;
-}
-
-/** One export described in a session whose reply format is settled. */
-async function describeExport(
-  session: OptionSession,
-  o: ConnectOptions,
-  name: string,
-  listContexts: boolean,
-): Promise<ExportProbe> {
-  let metaContexts: string[] = [];
-  if (listContexts && session.structuredReplies) {
-    const listed = await listMetaContexts(session, name, []);
-    if (listed !== "unsupported") metaContexts = listed;
-  }
-  const info: ExportDetails | "unsupported" = await infoOrGo(
-    session,
-    OPT_INFO,
-    name,
-    o.blockSizes !== false,
-  );
-  if (info === "unsupported") {
-    throw new NbdError(
-      "The server does not support NBD_OPT_INFO; connect() to learn about the export",
-    );
-  }
-  const sizeBigInt = info.size;
-  return {
-    exportName: info.name ?? name,
-    description: info.description ?? "",
-    get size(): number {
-      return sizeNumber(sizeBigInt);
-    },
-    sizeBigInt,
-    flags: info.flags,
-    blockSize: info.blockSize,
-    metaContexts,
-    protocol: "fixed newstyle",
-    tls: session.tls,
-    structuredReplies: session.structuredReplies,
-    extendedHeaders: session.extendedHeaders,
-  };
-}
-
-/**
- * Describes an export with `NBD_OPT_INFO` (and lists its metadata contexts)
- * without entering transmission, then leaves with `NBD_OPT_ABORT`.
- *
- * @param target An NBD URI or options object.
- * @param options Options that override the target's.
- * @returns What the server says about the export.
- * @throws {NbdOptionError} when the server refuses (for example, no such export).
- *
- * @example
- * ```ts
- * import { probe } from "@nbd/client";
- * const p = await probe("nbd://127.0.0.1/disk");
- * console.log(p.size, p.metaContexts);
- * ```
- */
-export async function probe(
-  target: string | ConnectOptions,
-  options: ProbeOptions = {},
-): Promise<ExportProbe> {
-  const { listMetaContexts, ...rest } = options;
-  const o = resolveOptions(target, rest);
-  const listContexts = listContextsOption(target, listMetaContexts);
-  return await inOptionPhase(o, async (session) => {
-    await negotiateReplies(session, o);
-    return await describeExport(
-      session,
-      o,
-      o.exportName ?? "",
-      listContexts,
-    );
-  });
-}
-
-/** `listMetaContexts` of probe options: `true` unless given. */
-function listContextsOption(
-  target: string | ConnectOptions,
-  given: unknown,
-): boolean {
-  const listContexts: unknown = given ??
-    (typeof target === "string" ? undefined : (target as ProbeOptions)
-      .listMetaContexts) ??
-    true;
-  if (typeof listContexts !== "boolean") {
-    throw new TypeError(
-      `listMetaContexts must be true or false, not ${shown(listContexts)}`,
-    );
-  }
-  return listContexts;
-}
-
-/** One export of {@linkcode probeExports}: as listed, and as described. */
-export interface ListedExport {
-  /** The name `NBD_OPT_LIST` gave. */
-  name: string;
-  /** The description `NBD_OPT_LIST` gave, or `""`. */
-  description: string;
-  /** What `NBD_OPT_INFO` said of it, unless the server refused. */
-  probe?: ExportProbe;
-  /** The server's refusal of `NBD_OPT_INFO` for it, if it refused. */
-  error?: NbdOptionError;
-}
-
-/**
- * Lists a server's exports and describes each, as {@linkcode probe} does,
- * all on one connection (`NBD_OPT_LIST`, then `NBD_OPT_INFO` for each), as
- * nbdinfo's `--list` does: one server start for a `command`.
- *
- * @param target An NBD URI or options object (its export name is ignored).
- * @param options Options that override the target's.
- * @returns The exports in the server's order; one the server will not
- *   describe carries its refusal in `error`.
- * @throws {NbdOptionError} when the server refuses to list.
- * @throws {NbdError} when the server cannot list or describe exports
- *   (oldstyle, non-fixed newstyle, no `NBD_OPT_INFO`).
- *
- * @example
- * ```ts
- * import { probeExports } from "@nbd/client";
- * for (const e of await probeExports("nbd://127.0.0.1")) {
- *   console.log(e.name, e.probe?.size ?? e.error?.message);
- * }
- * ```
- */
-export async function probeExports(
-  target: string | ConnectOptions,
-  options: ProbeOptions = {},
-): Promise<ListedExport[]> {
-  const { listMetaContexts, ...rest } = options;
-  const o = resolveOptions(target, rest);
-  const listContexts = listContextsOption(target, listMetaContexts);
-  return await inOptionPhase(o, async (session) => {
-    await negotiateReplies(session, o);
-    const listed = await optList(session);
-    if (!Array.isArray(listed)) {
-      throw session.refusal(OPT_LIST, listed, "Cannot list exports");
-    }
-    const out: ListedExport[] = [];
-    for (const { name, description } of listed) {
-      const item = { name, description: description ?? "" };
-      try {
-        out.push({
-          ...item,
-          probe: await describeExport(session, o, name, listContexts),
-        });
-      } catch (e) {
-        // A refusal is about that export; anything else ends the session.
-        // So does "TLS required" when TLS is left to the server: the
-        // session upgrades and starts over, as probe() does.
-        if (
-          !(e instanceof NbdOptionError) ||
-          (e.reply === REP_ERR_TLS_REQD && o.tls === undefined && !session.tls)
-        ) {
-          throw e;
-        }
-        out.push({ ...item, error: e });
-      }
-    }
-    return out;
   });
 }

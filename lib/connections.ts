@@ -14,18 +14,17 @@
  */
 
 import { CMD_BLOCK_STATUS, CMD_FLUSH, commandName } from "./constants.ts";
-import { pause } from "./_deadline.ts";
 import type { Tracer } from "./_debug.ts";
 import { abortReason, errorText, NbdConnectionClosedError } from "./errors.ts";
 import type { ExportInfo } from "./export.ts";
 import {
-  backoff,
   exportChanges,
   gaveUp,
   isConnectionLoss,
   modifiesData,
   NbdExportChangedError,
   type ReconnectPolicy,
+  retry,
 } from "./reconnect.ts";
 import {
   type Command,
@@ -35,6 +34,8 @@ import {
 } from "./transmission.ts";
 import type { Transport } from "./transport.ts";
 import { encodeStatusPayload } from "./_wire.ts";
+import { type AbortTarget, type Watch, watchAbort } from "./_wait_queue.ts";
+import { checkTransition, SLOT_TRANSITIONS } from "./_states.ts";
 
 /** A negotiated connection, ready for transmission. */
 export interface Link {
@@ -105,14 +106,25 @@ export type ConnectionsState = "open" | "reconnecting" | "failed";
  * attempt cannot keep one request going forever. */
 const MAX_REPLAYS = 16;
 
+/** A slot's state; see `SLOT_TRANSITIONS` in `_states.ts`. */
+type SlotState =
+  | { readonly name: "carrying" }
+  | { readonly name: "redialling"; readonly done: Promise<void> }
+  | { readonly name: "dead" };
+
+/** Reconnecting gave up on this slot. */
+function isDead(slot: Slot): boolean {
+  return slot.state.name === "dead";
+}
+
 interface Slot {
   readonly index: number;
   transport: Transport;
   tx: Transmission;
   info: ExportInfo;
   outstanding: number;
-  /** The reconnect in progress, if one is. */
-  redial: Promise<void> | undefined;
+  /** Carrying, redialling (with the reconnect in progress), or dead. */
+  state: SlotState;
   /**
    * Losses close together are one outage: one deadline and one growing
    * backoff, until a connection carries a reply or stays up a while. A
@@ -121,8 +133,6 @@ interface Slot {
   streak: { deadline: number; attempts: number } | undefined;
   /** When the current connection came up. */
   upSince: number;
-  /** Reconnecting gave up on this one. */
-  dead: boolean;
 }
 
 /**
@@ -141,8 +151,11 @@ export class Connections {
   readonly #options: Pool;
   readonly #policy: ReconnectPolicy | undefined;
   readonly #stop = new AbortController();
-  /** Requests waiting for a connection to come up, in arrival order. */
-  #waiting: Array<() => void> = [];
+  /**
+   * Requests waiting for a connection to come up, in arrival order (a set:
+   * one that gives up leaves in constant time).
+   */
+  #waiting = new Set<Held>();
   /** Data-changing requests in flight, which a multi-conn flush waits for. */
   readonly #modifying = new Set<Promise<unknown>>();
   #failure: Error | undefined;
@@ -185,13 +198,23 @@ export class Connections {
       tx: this.#transmission(link),
       info: link.info,
       outstanding: 0,
-      redial: undefined,
+      state: { name: "carrying" },
       streak: undefined,
       upSince: Date.now(),
-      dead: false,
     };
     this.#watch(slot, slot.tx);
     return slot;
+  }
+
+  /** The one place a slot's state changes, checked against the table. */
+  #enter(slot: Slot, next: SlotState): void {
+    checkTransition(
+      "a connection slot",
+      SLOT_TRANSITIONS,
+      slot.state.name,
+      next.name,
+    );
+    slot.state = next;
   }
 
   /** Tracing: `makeTracer()` made the hook safe, whatever it throws. */
@@ -217,7 +240,7 @@ export class Connections {
 
   /** How many connections carry requests, or will once back; not the ones given up. */
   get count(): number {
-    return this.#slots.filter((s) => !s.dead).length;
+    return this.#slots.filter((s) => !isDead(s)).length;
   }
 
   /** How many times a lost connection was replaced. */
@@ -236,7 +259,7 @@ export class Connections {
   get state(): ConnectionsState {
     if (this.#failure) return "failed";
     if (this.#slots.some((s) => this.#live(s))) return "open";
-    if (this.#policy && this.#slots.some((s) => !s.dead)) {
+    if (this.#policy && this.#slots.some((s) => !isDead(s))) {
       return "reconnecting";
     }
     return "failed";
@@ -260,8 +283,7 @@ export class Connections {
   }
 
   #live(s: Slot): boolean {
-    return !s.dead && s.redial === undefined && !s.tx.failure &&
-      !s.tx.shuttingDown;
+    return s.state.name === "carrying" && !s.tx.failure && !s.tx.shuttingDown;
   }
 
   /**
@@ -362,19 +384,10 @@ export class Connections {
       if (signal?.aborted) throw abortReason(signal);
       const slot = this.#pick();
       if (slot) return slot;
-      await new Promise<void>((resolve) => {
-        const wake = () => {
-          signal?.removeEventListener("abort", onAbort);
-          resolve();
-        };
-        const onAbort = () => {
-          const i = this.#waiting.indexOf(wake);
-          if (i >= 0) this.#waiting.splice(i, 1);
-          resolve();
-        };
-        signal?.addEventListener("abort", onAbort, { once: true });
-        this.#waiting.push(wake);
-      });
+      const { promise, resolve } = Promise.withResolvers<void>();
+      const held = new Held(this.#waiting, resolve, signal);
+      this.#waiting.add(held);
+      await promise;
     }
   }
 
@@ -387,7 +400,7 @@ export class Connections {
       );
     }
     // Without reconnecting nothing comes back: fail instead of waiting.
-    if (!this.#policy || this.#slots.every((s) => s.dead)) {
+    if (!this.#policy || this.#slots.every(isDead)) {
       const down = this.failure;
       if (down) throw down;
       throw new NbdConnectionClosedError(
@@ -399,12 +412,16 @@ export class Connections {
   }
 
   #wake(): void {
-    for (const wake of this.#waiting.splice(0)) wake();
+    const all = [...this.#waiting];
+    this.#waiting.clear();
+    for (const held of all) held.wake();
   }
 
   /** Starts replacing `slot`'s connection `tx`, once per loss. */
   #lose(slot: Slot, tx: Transmission, cause: unknown): void {
-    if (slot.tx !== tx || slot.redial || slot.dead || this.#closed) return;
+    if (slot.tx !== tx || slot.state.name !== "carrying" || this.#closed) {
+      return;
+    }
     this.#trace("connection lost", {
       connection: slot.index,
       error: errorText(cause),
@@ -412,10 +429,13 @@ export class Connections {
     // What the old connection still owes comes back here as a loss and is
     // replayed; a short grace lets replies already on their way arrive.
     tx.disconnect(AbortSignal.timeout(200)).catch(() => {});
-    slot.redial = this.#redial(slot, cause).finally(() => {
-      slot.redial = undefined;
+    const done = this.#redial(slot, cause).finally(() => {
+      if (slot.state.name === "redialling") {
+        this.#enter(slot, { name: "carrying" });
+      }
       this.#wake();
     });
+    this.#enter(slot, { name: "redialling", done });
   }
 
   async #redial(slot: Slot, cause: unknown): Promise<void> {
@@ -429,74 +449,69 @@ export class Connections {
       deadline: Date.now() + policy.timeout,
       attempts: 0,
     };
-    const deadline = streak.deadline;
-    let last = cause;
-    for (;;) {
-      const attempt = streak.attempts++;
-      const left = deadline - Date.now();
-      if (left <= 0 || this.#closed || this.#failure) break;
-      if (attempt > 0) await this.#pause(backoff(attempt - 1, policy, left));
-      if (this.#closed || this.#failure) return;
-      let link: Link;
-      try {
-        link = await dial(
-          AbortSignal.any([
-            this.#stop.signal,
-            AbortSignal.timeout(Math.max(1, deadline - Date.now())),
-          ]),
-        );
-      } catch (e) {
-        last = e;
-        this.#trace("reconnect attempt failed", {
-          connection: slot.index,
-          attempt: attempt + 1,
-          error: errorText(e),
-        });
-        continue;
-      }
-      if (this.#closed || this.#failure) {
-        link.transport.close();
-        return;
-      }
-      const changes = exportChanges(
-        this.#original,
-        link.info,
-        this.#slots.length > 1,
+    const stop = this.#stop.signal;
+    let link: Link;
+    try {
+      link = await retry(
+        (_n, left) =>
+          dial(AbortSignal.any([stop, AbortSignal.timeout(Math.max(1, left))])),
+        {
+          delay: policy.delay,
+          maxDelay: policy.maxDelay,
+          deadline: streak.deadline,
+          signal: stop,
+          counter: streak,
+          cause,
+          debug: (attempt, e) =>
+            this.#trace("reconnect attempt failed", {
+              connection: slot.index,
+              attempt,
+              error: errorText(e),
+            }),
+        },
       );
-      if (changes.length > 0) {
-        // Nothing was sent to it; say goodbye politely and stop for good.
-        const stranger = new Transmission(
-          link.transport,
-          link.info,
-          1,
-          undefined,
-        );
-        await stranger.disconnect(AbortSignal.timeout(1000)).catch(() => {});
-        this.#failAll(new NbdExportChangedError(changes));
-        return;
+    } catch (last) {
+      // Closed, or failed for good elsewhere: nothing to give up on.
+      if (stop.aborted) return;
+      this.#enter(slot, { name: "dead" });
+      if (this.#slots.every(isDead)) {
+        this.#failAll(gaveUp(policy, last));
       }
-      addStats(this.#retired, slot.tx.stats);
-      slot.transport = link.transport;
-      slot.tx = this.#transmission(link);
-      slot.info = link.info;
-      slot.upSince = Date.now();
-      this.#watch(slot, slot.tx);
-      this.#reconnects++;
-      this.#trace("reconnected", {
-        connection: slot.index,
-        attempts: attempt + 1,
-        reconnects: this.#reconnects,
-      });
       return;
     }
-    if (this.#closed || this.#failure) return;
-    slot.dead = true;
-    if (this.#slots.every((s) => s.dead)) this.#failAll(gaveUp(policy, last));
-  }
-
-  /** Waits `ms`, or less if the client closes. */
-  #pause(ms: number): Promise<void> {
-    return pause(ms, this.#stop.signal).catch(() => {});
+    if (this.#closed || this.#failure) {
+      link.transport.close();
+      return;
+    }
+    const changes = exportChanges(
+      this.#original,
+      link.info,
+      this.#slots.length > 1,
+    );
+    if (changes.length > 0) {
+      // Nothing was sent to it; say goodbye politely and stop for good.
+      const stranger = new Transmission(
+        link.transport,
+        link.info,
+        1,
+        undefined,
+      );
+      await stranger.disconnect(AbortSignal.timeout(1000)).catch(() => {});
+      this.#failAll(new NbdExportChangedError(changes));
+      return;
+    }
+    addStats(this.#retired, slot.tx.stats);
+    slot.transport = link.transport;
+    slot.tx = this.#transmission(link);
+    slot.info = link.info;
+    slot.upSince = Date.now();
+    this.#watch(slot, slot.tx);
+    this.#reconnects++;
+    this.#trace("reconnected", {
+      connection: slot.index,
+      attempts: streak.attempts,
+      reconnects: this.#reconnects,
+    });
   }
 
   /** Ends every connection with `error`; held and later requests get it. */
@@ -559,8 +574,38 @@ export class Connections {
    */
   async disconnect(signal?: AbortSignal): Promise<void> {
     this.halt();
-    const redials = this.#slots.map((s) => s.redial);
+    const redials = this.#slots.map((s) =>
+      s.state.name === "redialling" ? s.state.done : undefined
+    );
     await Promise.all(this.#slots.map((s) => s.tx.disconnect(signal)));
     await Promise.all(redials);
+  }
+}
+
+/**
+ * A request held until a connection is up again; it wakes early, to see
+ * its signal has aborted, through one listener per distinct signal.
+ */
+class Held implements AbortTarget {
+  #watch: Watch | undefined;
+
+  constructor(
+    readonly set: Set<Held>,
+    readonly resolve: () => void,
+    signal: AbortSignal | undefined,
+  ) {
+    this.#watch = signal ? watchAbort(signal, this) : undefined;
+  }
+
+  /** A connection came up, or the wait is over for everyone. */
+  wake(): void {
+    this.#watch?.cancel();
+    this.resolve();
+  }
+
+  onAbort(): void {
+    this.#watch = undefined;
+    this.set.delete(this);
+    this.resolve();
   }
 }

@@ -33,7 +33,7 @@ import {
   NbdProtocolError,
 } from "./errors.ts";
 import type { ReconnectOptions } from "./connect_options.ts";
-import { MAX_TIMER_MS } from "./_deadline.ts";
+import { MAX_TIMER_MS, pause } from "./_deadline.ts";
 import type { ExportInfo } from "./export.ts";
 import { NbdTlsError } from "./tls.ts";
 
@@ -62,6 +62,101 @@ export function backoff(
 ): number {
   const grown = policy.delay * 2 ** Math.min(attempt, 30);
   return Math.max(0, Math.min(grown, policy.maxDelay, left));
+}
+
+/** How {@linkcode retry} tries again. */
+export interface RetryOptions {
+  /** The pause before the second attempt, in ms. */
+  delay: number;
+  /** The longest pause, in ms. */
+  maxDelay: number;
+  /** How much each pause grows over the last (default 2). */
+  factor?: number;
+  /** When to give up, as a `Date.now()` time; no attempt starts after it. */
+  deadline: number;
+  /**
+   * What a pause that would pass the deadline does: `"shorten"` it to end
+   * at the deadline and try once more there (the default), or `"stop"` and
+   * give up at once.
+   */
+  pastDeadline?: "shorten" | "stop";
+  /** Stops the retrying: a pause in progress ends with its reason. */
+  signal?: AbortSignal | undefined;
+  /** Whether a failure is worth another attempt (default: every one). */
+  retryable?: (error: unknown) => boolean;
+  /**
+   * Called after each failed attempt, numbered from 1, with whether
+   * another attempt follows.
+   */
+  debug?: (attempt: number, error: unknown, again: boolean) => void;
+  /**
+   * Attempts already made, counted on: backoff goes on from there, so that
+   * losses close together make one growing backoff (the counter is
+   * updated in place).
+   */
+  counter?: { attempts: number };
+  /** What to throw when no attempt is left before one was even made. */
+  cause?: unknown;
+}
+
+/**
+ * Runs `attempt` until it succeeds, pausing between attempts with a
+ * backoff that grows from `delay` by `factor` up to `maxDelay`, until the
+ * deadline passes, a failure is not retryable, or `signal` aborts.
+ *
+ * @param attempt One try; told its number (from 0) and the ms left.
+ * @param options Backoff, deadline, signal, predicate and debug hook.
+ * @returns What the successful attempt returned.
+ * @throws the last attempt's error once the deadline has passed or the
+ *   error is not retryable; the signal's reason when it aborts in a pause.
+ */
+export async function retry<T>(
+  attempt: (n: number, left: number) => Promise<T>,
+  options: RetryOptions,
+): Promise<T> {
+  const counter = options.counter ?? { attempts: 0 };
+  let last: unknown = options.cause;
+  // Whether the last failure was already judged worth another attempt.
+  let again = false;
+  for (;;) {
+    const n = counter.attempts;
+    if (n > 0) {
+      const left = options.deadline - Date.now();
+      const wait = retryPause(n, options);
+      // A counter carried on from an earlier call: time may be up already.
+      if (!again && !worthWaiting(wait, left, options)) throw last;
+      await pause(Math.max(0, Math.min(wait, left)), options.signal);
+    }
+    counter.attempts = n + 1;
+    try {
+      return await attempt(n, options.deadline - Date.now());
+    } catch (e) {
+      last = e;
+      again = !options.signal?.aborted &&
+        options.retryable?.(e) !== false &&
+        worthWaiting(
+          retryPause(n + 1, options),
+          options.deadline - Date.now(),
+          options,
+        );
+      options.debug?.(n + 1, e, again);
+      if (!again) throw e;
+    }
+  }
+}
+
+/** The pause before attempt `n` (from 1): growing, never past `maxDelay`. */
+export function retryPause(n: number, options: RetryOptions): number {
+  const grown = options.delay * (options.factor ?? 2) ** Math.min(n - 1, 30);
+  return Math.max(0, Math.min(grown, options.maxDelay));
+}
+
+function worthWaiting(
+  wait: number,
+  left: number,
+  options: RetryOptions,
+): boolean {
+  return left > 0 && !(options.pastDeadline === "stop" && wait > left);
 }
 
 /**

@@ -10,8 +10,14 @@
  */
 
 import {
+  type Command,
+  detachedError,
+  type ExtentsById,
+  Pending,
+  type TransmissionStats,
+} from "./_pending.ts";
+import {
   CHUNK_TYPE_NAMES,
-  CMD_BLOCK_STATUS,
   CMD_DISC,
   CMD_FLAG_PAYLOAD_LEN,
   CMD_WRITE,
@@ -41,95 +47,28 @@ import {
   claimDataChunk,
   claimHoleChunk,
   decodeReplyHeader,
-  type Extent,
   parseBlockStatusChunk,
   parseErrorChunk,
-  type ReadCoverage,
   replyHeaderLength,
   replyHeaderStart,
   unknownCookie,
 } from "./_replies.ts";
 import type { Transport } from "./transport.ts";
 import { encodeRequest, plural, type ReplyHeader, SIZES } from "./_wire.ts";
+import { WaitQueue, watchAbort } from "./_wait_queue.ts";
+import {
+  checkTransition,
+  TRANSMISSION_TRANSITIONS,
+  type TransmissionState,
+} from "./_states.ts";
 
 export type { Extent } from "./_replies.ts";
 
-/** A request as the client layer hands it over, already checked. */
-export interface Command {
-  type: number;
-  flags: number;
-  offset: number;
-  length: number;
-  /**
-   * Data to send: the bytes of `NBD_CMD_WRITE`, or the payload form of
-   * `NBD_CMD_BLOCK_STATUS` (effect length and context ids, with
-   * `NBD_CMD_FLAG_PAYLOAD_LEN` among the flags and `contexts` set).
-   */
-  payload?: Uint8Array;
-  /** Block status in the payload form: the context ids asked about. */
-  contexts?: readonly number[];
-  /**
-   * The caller's signal, for the connections layer only (this class does
-   * not look at it): a request held for a reconnect is dropped, not
-   * replayed, once it aborts.
-   */
-  hold?: AbortSignal | undefined;
-  /** Where read data lands (`NBD_CMD_READ`); `length` bytes. */
-  buffer?: Uint8Array;
-  signal?: AbortSignal | undefined;
-}
-
-/** Counters of one connection; see {@linkcode Transmission.stats}. */
-export interface TransmissionStats {
-  bytesSent: number;
-  bytesReceived: number;
-  /** Requests sent, indexed by command type; index 15 holds the rest. */
-  requests: readonly number[];
-  /** Simple replies and structured reply chunks received. */
-  chunksReceived: number;
-}
-
-/** Block status results by metadata context id. */
-export type ExtentsById = Map<number, Extent[]>;
+export type { Command, ExtentsById, TransmissionStats } from "./_pending.ts";
 
 /** What commands other than block status resolve with. */
 const NO_EXTENTS: ExtentsById = new Map();
 const ONCE: AddEventListenerOptions = { once: true };
-
-/**
- * One request in flight. It is its own abort listener (`handleEvent`), so
- * that a request with a signal costs no closure.
- */
-class Pending implements ReadCoverage, EventListenerObject {
-  coveredBytes = 0;
-  firstStart = 0;
-  firstEnd = 0;
-  ranges: Array<[number, number]> | undefined = undefined;
-  /** Block status received so far (block status commands only). */
-  extents: ExtentsById | undefined;
-  error: NbdCommandError | undefined = undefined;
-  /** The read's buffer was detached; its data went to scratch. */
-  detached = false;
-  /** The caller stopped waiting (its signal aborted); close() need not wait. */
-  abandoned = false;
-
-  constructor(
-    readonly cookie: number,
-    readonly cmd: Command,
-    readonly resolve: (extents: ExtentsById) => void,
-    readonly reject: (e: Error) => void,
-    readonly onAbandon: () => void,
-  ) {
-    this.extents = cmd.type === CMD_BLOCK_STATUS ? new Map() : undefined;
-  }
-
-  /** The caller's signal aborted: reject now, keep the slot until the reply. */
-  handleEvent(): void {
-    this.abandoned = true;
-    this.onAbandon();
-    this.reject(abortReason(this.cmd.signal!));
-  }
-}
 
 /**
  * Carries commands over a negotiated transport. Every command goes through
@@ -145,9 +84,8 @@ export class Transmission {
   /** Requests sent, by command type (15 counts every type past 14). */
   readonly #sent = new Array<number>(16).fill(0);
   #chunksReceived = 0;
-  #maxInFlight: number;
-  #inFlight = 0;
-  #waiters: Array<() => void> = [];
+  /** Request slots: a reply owed holds one, abandoned or not. */
+  #slots: WaitQueue;
   // One buffer and one object for every reply header, views made once.
   #headerBytes = new Uint8Array(SIZES.extendedReply);
   #headerStart: Uint8Array;
@@ -162,18 +100,13 @@ export class Transmission {
   /** Scratch for the fixed head of a data (8 bytes) or hole (12) chunk. */
   #holeField = new Uint8Array(8 + 4);
   #offsetField = this.#holeField.subarray(0, 8);
-  #failure: Error | undefined;
-  #closing = false;
-  #shutdown = false;
-  #idle: Array<() => void> = [];
+  #state: TransmissionState = { name: "open" };
   #loop: Promise<void>;
-  #ended = false;
   #onWriteError = (e: unknown) => this.#fail(e);
   /** Request headers, reused in turn (see submit()). */
   #headerRing: Array<Uint8Array | undefined>;
   #headerSize: number;
   #ringNext = 0;
-  #onAbandon = () => this.#wakeIfIdle();
 
   /**
    * @param transport A transport whose handshake has finished.
@@ -189,7 +122,7 @@ export class Transmission {
   ) {
     this.#transport = transport;
     this.#info = info;
-    this.#maxInFlight = maxInFlight;
+    this.#slots = new WaitQueue(maxInFlight);
     this.#trace = trace;
     this.#headerStart = this.#headerBytes.subarray(0, replyHeaderStart(info));
     this.#longestHeader = info.extendedHeaders
@@ -205,15 +138,33 @@ export class Transmission {
     transport.phase = "transmission";
     transport.cork();
     this.#loop = this.#readLoop().finally(() => {
-      this.#ended = true;
+      if (this.#state.name === "closing") {
+        this.#enter({ name: "closed", shutdown: this.#state.shutdown });
+      }
       // Nothing may stay held once no reader will flush it.
       transport.flush();
     });
   }
 
+  /** Where this connection is in its life; see `_states.ts`. */
+  get state(): TransmissionState {
+    return this.#state;
+  }
+
+  /** The one place the state changes, checked against the table. */
+  #enter(next: TransmissionState): void {
+    checkTransition(
+      "a transmission",
+      TRANSMISSION_TRANSITIONS,
+      this.#state.name,
+      next.name,
+    );
+    this.#state = next;
+  }
+
   /** The error that killed the connection, if one did. */
   get failure(): Error | undefined {
-    return this.#failure;
+    return this.#state.name === "failed" ? this.#state.error : undefined;
   }
 
   /**
@@ -236,7 +187,8 @@ export class Transmission {
 
   /** Whether the server asked to shut down (`ESHUTDOWN`). */
   get shuttingDown(): boolean {
-    return this.#shutdown;
+    const s = this.#state;
+    return s.name === "shutdown" || (s.name !== "open" && s.shutdown);
   }
 
   /**
@@ -254,8 +206,7 @@ export class Transmission {
     if (signal?.aborted) return Promise.reject(abortReason(signal));
     // The common case takes a free slot without a trip through the queue,
     // and without a promise of its own beyond the one the caller awaits.
-    if (this.#inFlight < this.#maxInFlight && this.#waiters.length === 0) {
-      this.#inFlight++;
+    if (this.#slots.tryTake()) {
       try {
         return this.#send(cmd);
       } catch (e) {
@@ -266,7 +217,7 @@ export class Transmission {
   }
 
   async #submitLater(cmd: Command): Promise<ExtentsById> {
-    await this.#acquire(cmd.signal);
+    await this.#slots.take(cmd.signal);
     return await this.#send(cmd);
   }
 
@@ -294,7 +245,7 @@ export class Transmission {
     const slice = ring[at] ??= new Uint8Array(this.#headerSize);
     this.#ringNext = at + 1 === ring.length ? 0 : at + 1;
     const { promise, resolve, reject } = Promise.withResolvers<ExtentsById>();
-    const p = new Pending(cookie, cmd, resolve, reject, this.#onAbandon);
+    const p = new Pending(cookie, cmd, resolve, reject, this.#slots);
     this.#pending.set(cookie, p);
     const header = encodeRequest(
       {
@@ -323,58 +274,35 @@ export class Transmission {
       ? this.#transport.write(header, cmd.payload)
       : this.#transport.write(header);
     sent.catch(this.#onWriteError);
-    // No options object: one fewer conversion per request; the listener
-    // is removed when the request settles, so it fires at most once.
-    signal?.addEventListener("abort", p);
+    // One listener per distinct signal, however many requests share it.
+    if (signal) p.watch = watchAbort(signal, p);
     // Returned to the caller, who awaits it: no rejection goes unobserved.
     return promise;
   }
 
   /** Why a command cannot be sent now, if it cannot. */
   #refusal(type: number): NbdConnectionClosedError | undefined {
-    if (!this.#failure && !this.#shutdown && !this.#closing) return undefined;
+    const state = this.#state;
+    if (state.name === "open") return undefined;
     const what = commandName(type);
-    if (this.#failure) {
+    if (state.name === "failed") {
       return new NbdConnectionClosedError(
-        `Cannot send ${what}: the connection failed: ${this.#failure.message}`,
-        { cause: this.#failure },
+        `Cannot send ${what}: the connection failed: ${state.error.message}`,
+        { cause: state.error },
       );
     }
-    if (this.#shutdown) {
+    if (this.shuttingDown) {
       return new NbdConnectionClosedError(
         `Cannot send ${what}: the server is shutting down (ESHUTDOWN)`,
       );
     }
-    if (this.#closing) {
-      return new NbdConnectionClosedError(
-        `Cannot send ${what}: the connection is closing`,
-      );
-    }
-    return undefined;
-  }
-
-  async #acquire(signal: AbortSignal | undefined): Promise<void> {
-    await new Promise<void>((resolve, reject) => {
-      const grant = () => {
-        signal?.removeEventListener("abort", onAbort);
-        this.#inFlight++;
-        resolve();
-      };
-      const onAbort = () => {
-        const i = this.#waiters.indexOf(grant);
-        if (i >= 0) this.#waiters.splice(i, 1);
-        reject(abortReason(signal!));
-      };
-      signal?.addEventListener("abort", onAbort, ONCE);
-      this.#waiters.push(grant);
-    });
+    return new NbdConnectionClosedError(
+      `Cannot send ${what}: the connection is closing`,
+    );
   }
 
   #release(): void {
-    this.#inFlight--;
-    const next = this.#waiters.shift();
-    if (next) next();
-    this.#wakeIfIdle();
+    this.#slots.release();
   }
 
   /**
@@ -382,27 +310,15 @@ export class Transmission {
    * when its caller already stopped waiting).
    */
   #settle(p: Pending, error: Error | undefined): void {
-    p.cmd.signal?.removeEventListener("abort", p);
-    this.#release();
+    p.watch?.cancel();
+    this.#slots.release(p.abandoned);
     if (error) p.reject(error);
     else p.resolve(p.extents ?? NO_EXTENTS);
   }
 
-  /** No reply is awaited by anyone (abandoned requests do not count). */
-  #isIdle(): boolean {
-    for (const p of this.#pending.values()) if (!p.abandoned) return false;
-    return true;
-  }
-
-  #wakeIfIdle(): void {
-    if (this.#idle.length === 0 || !this.#isIdle()) return;
-    for (const wake of this.#idle.splice(0)) wake();
-  }
-
   /** Resolves once no caller is waiting for a reply. */
   #whenIdle(): Promise<void> {
-    if (this.#isIdle()) return Promise.resolve();
-    return new Promise((resolve) => this.#idle.push(resolve));
+    return this.#slots.whenNoneWaiting();
   }
 
   /**
@@ -410,20 +326,25 @@ export class Transmission {
    * transport. Only the first failure counts.
    */
   #fail(error: unknown): void {
-    if (this.#failure) return;
+    const state = this.#state;
+    if (state.name === "failed") return;
     const err = error instanceof Error ? error : new NbdError(String(error));
-    if (this.#closing && this.#pending.size === 0) {
+    if (
+      (state.name === "closing" || state.name === "closed") &&
+      this.#pending.size === 0
+    ) {
       // The connection ended after a clean disconnect; nothing is lost.
       this.#transport.close();
       return;
     }
-    this.#failure = err;
+    this.#enter({ name: "failed", error: err, shutdown: this.shuttingDown });
     this.#trace?.("connection failed", { error: err.message });
     const pending = [...this.#pending.values()];
     this.#pending.clear();
     for (const p of pending) this.#settle(p, err);
-    for (const wake of this.#waiters.splice(0)) wake();
-    for (const wake of this.#idle.splice(0)) wake();
+    // Waiters go on, to find the failure when they try to send.
+    this.#slots.grantAll();
+    this.#slots.wakeIdle();
     this.#transport.close(err);
   }
 
@@ -434,8 +355,9 @@ export class Transmission {
    * call more than once.
    */
   async disconnect(signal?: AbortSignal): Promise<void> {
-    if (!this.#closing) {
-      this.#closing = true;
+    const from = this.#state.name;
+    if (from === "open" || from === "shutdown") {
+      this.#enter({ name: "closing", shutdown: from === "shutdown" });
       if (signal) {
         let onAbort: (() => void) | undefined;
         await Promise.race([
@@ -450,7 +372,7 @@ export class Transmission {
       } else {
         await this.#whenIdle();
       }
-      if (!this.#failure) {
+      if (!this.failure) {
         const header = encodeRequest(
           {
             flags: 0,
@@ -496,7 +418,7 @@ export class Transmission {
         const more = this.#dispatch(this.#reply);
         if (more !== undefined) await more;
       }
-      if (this.#pending.size > 0 || !this.#closing) {
+      if (this.#pending.size > 0 || this.#state.name !== "closing") {
         this.#fail(
           new NbdConnectionClosedError(
             `Server closed the connection with ${
@@ -733,8 +655,13 @@ export class Transmission {
     message?: string,
     errorOffset?: number,
   ): NbdCommandError {
-    if (errno === ESHUTDOWN && !this.#shutdown) {
-      this.#shutdown = true;
+    if (errno === ESHUTDOWN && !this.shuttingDown) {
+      const s = this.#state;
+      this.#enter(
+        s.name === "closing" ? { name: "closing", shutdown: true } : {
+          name: "shutdown",
+        },
+      );
       this.#trace?.("server shutting down", {});
     }
     return new NbdCommandError({
@@ -753,7 +680,7 @@ export class Transmission {
     }
     this.#pending.delete(p.cookie);
     this.#settle(p, p.error ?? (p.detached ? detachedError(p.cmd) : undefined));
-    if (this.#shutdown && this.#pending.size === 0 && !this.#closing) {
+    if (this.#state.name === "shutdown" && this.#pending.size === 0) {
       // The spec asks for a soft disconnect once the server says ESHUTDOWN.
       this.disconnect().catch(() => {});
     }
@@ -761,15 +688,7 @@ export class Transmission {
 
   /** Whether the reader loop has ended. */
   get ended(): boolean {
-    return this.#ended;
+    const name = this.#state.name;
+    return name === "closed" || name === "failed";
   }
-}
-
-/** A read whose buffer went away fails alone: a caller's mistake. */
-function detachedError(cmd: Command): TypeError {
-  return new TypeError(
-    `The buffer of ${
-      commandName(cmd.type)
-    } (offset ${cmd.offset}, length ${cmd.length}) was detached before its data arrived; the data was dropped`,
-  );
 }

@@ -13,19 +13,21 @@ import {
 import { NbdProtocolError } from "../lib/errors.ts";
 import {
   addRange,
+  claimBits,
+  claimRange,
+  MAX_RANGES,
+  type ReadCoverage,
+} from "../lib/_coverage.ts";
+import {
   checkChunkHeader,
   checkReplyComplete,
   checkSimpleReply,
-  claimBits,
   claimDataChunk,
   claimHoleChunk,
-  claimRange,
   decodeReplyHeader,
   MAX_ERROR_CHUNK,
-  MAX_RANGES,
   parseBlockStatusChunk,
   parseErrorChunk,
-  type ReadCoverage,
   type ReplyContext,
   replyHeaderLength,
   replyHeaderStart,

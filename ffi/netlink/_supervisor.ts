@@ -13,6 +13,7 @@
 
 import type { DebugHook } from "../../lib/connect_options.ts";
 import { errorText } from "../../lib/errors.ts";
+import { retry } from "../../lib/reconnect.ts";
 import type { ReleaseInfo } from "../_attached.ts";
 import { deviceInUse } from "../_kernel.ts";
 import { libc } from "../_libc.ts";
@@ -155,14 +156,11 @@ class Supervisor implements SupervisedDevice {
   async #replace(
     redial: (signal: AbortSignal) => Promise<number>,
   ): Promise<string | undefined> {
-    const deadline = performance.now() +
-      (this.#options.giveUpAfterMs ?? 60_000);
-    let wait = 100;
-    let last = "no attempt";
-    for (let attempt = 1;; attempt++) {
-      if (this.#stop.signal.aborted) return "stopped";
-      try {
-        const fd = await redial(this.#stop.signal);
+    const stop = this.#stop.signal;
+    try {
+      await retry(async (n) => {
+        if (stop.aborted) throw new Error("stopped");
+        const fd = await redial(stop);
         try {
           await reconfigureDevice(this.index, { sockets: [fd] });
         } finally {
@@ -170,15 +168,24 @@ class Supervisor implements SupervisedDevice {
           libc().close(fd);
         }
         this.reconnects++;
-        this.#trace("netlink.reconfigured", { attempt });
-        return undefined;
-      } catch (e) {
-        last = errorText(e);
-        this.#trace("netlink.redial_failed", { attempt, error: last });
-      }
-      if (performance.now() + wait > deadline) return last;
-      await delay(wait, this.#stop.signal);
-      wait = Math.min(wait * 2, 2000);
+        this.#trace("netlink.reconfigured", { attempt: n + 1 });
+      }, {
+        // 100 ms, doubling, up to 2 s; no pause that would end past the
+        // deadline.
+        delay: 100,
+        maxDelay: 2000,
+        deadline: Date.now() + (this.#options.giveUpAfterMs ?? 60_000),
+        pastDeadline: "stop",
+        signal: stop,
+        debug: (attempt, e) =>
+          this.#trace("netlink.redial_failed", {
+            attempt,
+            error: errorText(e),
+          }),
+      });
+      return undefined;
+    } catch (e) {
+      return stop.aborted ? "stopped" : errorText(e);
     }
   }
 
