@@ -14,7 +14,7 @@ import type { Tracer } from "../lib/_debug.ts";
 import { abortReason, NbdError, NbdProtocolError } from "../lib/errors.ts";
 import type { ExportInfo } from "../lib/export.ts";
 import { type HandshakeOptions, negotiate } from "../lib/_handshake.ts";
-import { refuseUnsupportedTls, upgradeToTls } from "../lib/tls.ts";
+import { refuseUnsupportedTls, upgradeToTls } from "../lib/tls/upgrade.ts";
 import { type ByteStream, Transport } from "../lib/transport.ts";
 import { encodeRequest, SIZES } from "../lib/_wire.ts";
 import { FdStream } from "./_fd_stream.ts";

@@ -13,7 +13,7 @@ import type { ConnectOptions, TlsMode } from "./connect_options.ts";
 import { MAX_TIMER_MS } from "./_deadline.ts";
 import { reconnectPolicy } from "./reconnect.ts";
 import { checkCommand } from "./_subprocess.ts";
-import { refuseUnsupportedTls } from "./tls.ts";
+import { refuseUnsupportedTls } from "./tls/upgrade.ts";
 import { parseUri } from "./uri.ts";
 
 const TLS_MODES: readonly TlsMode[] = ["disable", "prefer", "require"];

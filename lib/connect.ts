@@ -52,7 +52,7 @@ import {
   spawnOverPipes,
 } from "./_subprocess.ts";
 import { upgradingOnDemand } from "./options/_starttls.ts";
-import { upgradeToTls } from "./tls.ts";
+import { upgradeToTls } from "./tls/upgrade.ts";
 import { type ByteStream, Transport } from "./transport.ts";
 import { formatUri } from "./uri.ts";
 

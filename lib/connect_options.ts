@@ -5,6 +5,8 @@
  * @module
  */
 
+import type { TlsEngine } from "./tls/engine.ts";
+
 /** How to treat TLS: as libnbd's `nbd_set_tls` (disable, allow, require). */
 export type TlsMode = "disable" | "prefer" | "require";
 
@@ -53,10 +55,23 @@ export interface TlsOptions {
    * unless this is given as `false` by name.
    */
   tlsVerifyPeer?: boolean;
-  /** User name for TLS-PSK; recorded from URIs, refused at connect. */
+  /**
+   * User name for TLS-PSK: the line of `tlsPskFile` to use. The login name
+   * (`$USER`) by default, as libnbd.
+   */
   tlsUsername?: string;
-  /** `tls-psk-file` from a URI; refused at connect (no PSK in Deno). */
+  /**
+   * TLS-PSK keys, in the file format of libnbd, nbdkit and qemu
+   * (`username:hexkey` lines). Needs `tlsEngine` (Deno's own TLS has no
+   * PSK); refused at connect without it.
+   */
   tlsPskFile?: string;
+  /**
+   * The TLS engine to use instead of Deno's: `gnutls` from
+   * `@nbd/client/ffi` (needs `--allow-ffi`) trusts only the given CA,
+   * checks a revocation list, and does TLS-PSK.
+   */
+  tlsEngine?: TlsEngine;
 }
 
 /** How to negotiate. */

@@ -1,5 +1,5 @@
 /**
- * `lib/tls.ts` on its own: credentials, refusals, and `upgradeToTls` over a
+ * `lib/tls/` on its own: credentials, refusals, and `upgradeToTls` over a
  * connection whose fixed-newstyle greeting and `NBD_OPT_STARTTLS` are done by
  * hand here, against nbdkit with a throwaway PKI.
  */
@@ -12,14 +12,14 @@ import {
   REP_ACK,
 } from "../lib/constants.ts";
 import { NbdConnectionClosedError } from "../lib/errors.ts";
+import { loadTlsCredentials } from "../lib/tls/credentials.ts";
+import { NbdTlsError } from "../lib/tls/error.ts";
+import type { TlsStream } from "../lib/tls/stream.ts";
 import {
-  loadTlsCredentials,
-  NbdTlsError,
   refuseUnsupportedTls,
-  type TlsStream,
   type UpgradeOptions,
   upgradeToTls,
-} from "../lib/tls.ts";
+} from "../lib/tls/upgrade.ts";
 import type { ByteStream } from "../lib/transport.ts";
 import { encodeOption } from "../lib/_wire.ts";
 import type { Server } from "./support/servers.ts";
