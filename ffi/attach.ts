@@ -41,6 +41,7 @@ import {
   type KernelConnectOptions,
 } from "./_connect.ts";
 import { kernelGeometry } from "./_geometry.ts";
+import { gnutls } from "./gnutls/engine.ts";
 import {
   checkDevice,
   deviceInUse,
@@ -162,7 +163,11 @@ function resolveTarget(
   for (const key of TLS_KEYS) {
     if (options[key] !== undefined) overrides[key] = options[key];
   }
-  return resolveOptions(target, overrides as ConnectOptions);
+  // GnuTLS for the relay: libnbd's trust, revocation lists, TLS-PSK.
+  return resolveOptions(target, {
+    tlsEngine: gnutls,
+    ...overrides,
+  } as ConnectOptions);
 }
 
 function validate(options: AttachOptions, page: number): void {

@@ -27,7 +27,11 @@
  * @module
  */
 
-import type { DebugHook, TlsOptions } from "../connect_options.ts";
+import type {
+  ConnectTarget,
+  DebugHook,
+  TlsOptions,
+} from "../connect_options.ts";
 import { abortReason } from "../errors.ts";
 import type { ByteStream } from "../transport.ts";
 import { loadTlsCredentials } from "./credentials.ts";
@@ -82,6 +86,25 @@ export function refuseUnsupportedTls(options: TlsOptions): void {
 /** How to get TLS-PSK: the engine that has it. */
 const PSK_FIX =
   "run with --allow-ffi and pass tlsEngine: gnutls from @nbd/client/ffi (the tools do so by themselves under --allow-ffi), or use X.509 certificates (tlsCertificates) instead";
+
+/**
+ * How `connect()` opens a connection when the caller passed a
+ * `tlsEngine` that dials for itself: TLS is asked for (`tls` is
+ * `"require"` or `"prefer"`, or left unset with a PSK file or certificate
+ * directory given). Otherwise `undefined`, and `Deno.connect` is used.
+ *
+ * @param o The connect options.
+ * @returns A function that opens the raw stream, or `undefined`.
+ */
+export function engineDial(
+  o: TlsOptions & ConnectTarget,
+): (() => Promise<ByteStream>) | undefined {
+  const engine = o.tlsEngine;
+  if (engine?.dial === undefined || o.tls === "disable") return undefined;
+  const wanted = o.tls !== undefined || o.tlsPskFile !== undefined ||
+    o.tlsCertificates !== undefined;
+  return wanted ? () => engine.dial!(o) : undefined;
+}
 
 /**
  * Runs the TLS handshake over a stream on which the server has just
