@@ -298,7 +298,7 @@ export class GnutlsStream implements TlsStream {
       if (text) detail += `; ${text}`;
     }
     const meaning = explain(code, this.#parts.name);
-    const hint = this.#parts.psk && rc === GNUTLS_E_FATAL_ALERT_RECEIVED
+    const hint = this.#parts.psk
       ? "; the server may not know this user or key (tlsUsername, tlsPskFile)"
       : "";
     return new NbdTlsError(
