@@ -35,8 +35,41 @@ import {
 import { findPskKey } from "./psk.ts";
 import { GnutlsStream, type SessionParts } from "./stream.ts";
 
-/** libnbd's and qemu's cipher priority for PSK: GnuTLS's default plus the PSK key exchanges. */
+/** libnbd's and qemu's priority for PSK: GnuTLS's default plus the PSK key exchanges. */
 const PSK_PRIORITY = "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK";
+
+/**
+ * The same with ChaCha20 after AES-128-GCM, for CPUs with AES instructions.
+ * A TLS 1.3 external PSK is bound to SHA-256, which rules out AES-256-GCM
+ * (SHA-384), so GnuTLS's default order falls to ChaCha20-Poly1305, measured
+ * at a quarter of AES-128-GCM's throughput where AES is in hardware.
+ */
+const PSK_PRIORITY_AES =
+  "NORMAL:-CHACHA20-POLY1305:+CHACHA20-POLY1305:+ECDHE-PSK:+DHE-PSK:+PSK";
+
+let aesInHardware: boolean | undefined;
+
+/**
+ * Whether the CPU has AES instructions (x86's `aes`, arm64's `aes` in
+ * /proc/cpuinfo), asked only where reading it needs no prompt.
+ */
+function hasAes(): boolean {
+  if (aesInHardware !== undefined) return aesInHardware;
+  aesInHardware = false;
+  try {
+    const path = "/proc/cpuinfo";
+    if (
+      Deno.permissions.querySync({ name: "read", path }).state === "granted"
+    ) {
+      aesInHardware = /^(?:flags|Features)\s*:.*\baes\b/m.test(
+        Deno.readTextFileSync(path),
+      );
+    }
+  } catch {
+    // Unknown: keep GnuTLS's order.
+  }
+  return aesInHardware;
+}
 
 /**
  * GnuTLS (`libgnutls.so.30`) through FFI, as a `tlsEngine` for
@@ -141,7 +174,11 @@ async function sessionFor(options: UpgradeOptions): Promise<SessionParts> {
   try {
     if (psk) {
       check(
-        g.gnutls_priority_set_direct(session, cString(PSK_PRIORITY), null),
+        g.gnutls_priority_set_direct(
+          session,
+          cString(hasAes() ? PSK_PRIORITY_AES : PSK_PRIORITY),
+          null,
+        ),
         "gnutls_priority_set_direct",
       );
     } else {
