@@ -183,7 +183,6 @@ interface Case {
   /** The URI nbdcopy is given (paths as the host sees them). */
   uri: string;
   options: { tlsCertificates?: string; tlsPskFile?: string };
-  extra: string;
 }
 
 async function measure(
@@ -200,24 +199,17 @@ async function measure(
     tlsUsername: "alice",
     ...c.options,
   };
-  const nbd = await connect(target, { tlsEngine: gnutls, maxInFlight: 64 });
-  const ours: Run[] = [];
-  try {
-    await readAll(nbd, Math.min(size, 256 * MiB)); // warm up
-    for (let i = 0; i < runs; i++) {
-      const run = await readAll(nbd, size);
-      log(`${c.label} ours: ${mbps(size, run).toFixed(0)} MB/s`);
-      ours.push(run);
-    }
-  } finally {
-    await nbd.close();
-  }
-  const oursMbps = median(ours.map((r) => mbps(size, r)));
-  const oursCpu = median(ours.map(usPerRequest));
-  const rows: BenchRow[] = [];
-  for (const tool of tools) {
-    if (!tool.usable) continue;
-    const argv = tool.wrap([
+  let cipher = "?";
+  const nbd = await connect(target, {
+    tlsEngine: gnutls,
+    maxInFlight: 64,
+    debug: (event, fields) => {
+      if (event === "tls.handshake") cipher = String(fields.cipher);
+    },
+  });
+  const usable = tools.filter((t) => t.usable);
+  const argv = (tool: Peer) =>
+    tool.wrap([
       "nbdcopy",
       `--request-size=${REQUEST}`,
       `--requests=${DEPTH}`,
@@ -225,27 +217,40 @@ async function measure(
       c.uri,
       "null:",
     ]);
-    const theirs: Run[] = [];
+  const ours: Run[] = [];
+  const theirs: Run[][] = usable.map(() => []);
+  try {
+    await readAll(nbd, Math.min(size, 256 * MiB)); // warm up
+    // Interleaved, so that a change in the machine's load hits every
+    // client alike.
     for (let i = 0; i < runs; i++) {
-      const run = await timeCommand(argv, size);
-      log(`${c.label} ${tool.name}: ${mbps(size, run).toFixed(0)} MB/s`);
-      theirs.push(run);
+      const run = await readAll(nbd, size);
+      log(`${c.label} ours: ${mbps(size, run).toFixed(0)} MB/s`);
+      ours.push(run);
+      for (const [k, tool] of usable.entries()) {
+        const peer = await timeCommand(argv(tool), size);
+        log(`${c.label} ${tool.name}: ${mbps(size, peer).toFixed(0)} MB/s`);
+        theirs[k]!.push(peer);
+      }
     }
-    rows.push({
-      name: `${c.label}: sequential read ${size / MiB} MiB, ${
-        REQUEST / KiB
-      }K x${DEPTH}, one connection${c.extra}`,
-      unit: "MB/s",
-      higherIsBetter: true,
-      ours: oursMbps,
-      peer: median(theirs.map((r) => mbps(size, r))),
-      peerName: tool.name,
-      note: `CPU per request: ours ${oursCpu.toFixed(1)} us, ${tool.name} ${
-        median(theirs.map(usPerRequest)).toFixed(1)
-      } us`,
-    });
+  } finally {
+    await nbd.close();
   }
-  return rows;
+  const oursMbps = median(ours.map((r) => mbps(size, r)));
+  const oursCpu = median(ours.map(usPerRequest));
+  return usable.map((tool, k) => ({
+    name: `${c.label}: sequential read ${size / MiB} MiB, ${
+      REQUEST / KiB
+    }K x${DEPTH}, one connection`,
+    unit: "MB/s",
+    higherIsBetter: true,
+    ours: oursMbps,
+    peer: median(theirs[k]!.map((r) => mbps(size, r))),
+    peerName: tool.name,
+    note: `CPU per request: ours ${oursCpu.toFixed(1)} us, ${tool.name} ${
+      median(theirs[k]!.map(usPerRequest)).toFixed(1)
+    } us; ours negotiated ${cipher}`,
+  }));
 }
 
 /**
@@ -304,7 +309,6 @@ export async function rows(
           server: x509,
           uri: `nbds://127.0.0.1:${x509.port}/?tls-certificates=${ca}`,
           options: { tlsCertificates: ca },
-          extra: "",
         },
         size,
         runs,
@@ -319,7 +323,6 @@ export async function rows(
             // libnbd 1.14 takes the PSK user from the URI's user part only.
             `nbds://alice@127.0.0.1:${psk.port}/?tls-psk-file=${keys}`,
           options: { tlsPskFile: keys },
-          extra: "",
         },
         size,
         runs,

@@ -11,6 +11,7 @@ import assert from "node:assert/strict";
 import {
   connect,
   type ConnectOptions,
+  NbdConnectionClosedError,
   NbdOptionError,
   NbdTlsError,
 } from "../../mod.ts";
@@ -275,8 +276,8 @@ Deno.test("GnuTLS engine with nbdkit and X.509 certificates", async (t) => {
   const otherServer = await otherCaServerDir(pki);
   const tls = ["--tls=require", `--tls-certificates=${pki.serverDir}`];
   const started: Server[] = [];
-  const start = async (args: string[], tcp: boolean) => {
-    const s = await nbdkit([...args, "memory", "1M"], { tcp });
+  const start = async (args: string[], tcp: boolean, params: string[] = []) => {
+    const s = await nbdkit([...args, "memory", "1M", ...params], { tcp });
     started.push(s);
     return s;
   };
@@ -289,6 +290,7 @@ Deno.test("GnuTLS engine with nbdkit and X.509 certificates", async (t) => {
       true,
     );
     const plain = await start([], true);
+    const slow = await start([...tls, "--filter=delay"], true, ["rdelay=5"]);
     const ca = `tls-certificates=${pki.clientNoCertDir}`;
 
     await t.step("reads and writes over nbds:// (TCP)", async () => {
@@ -431,6 +433,23 @@ Deno.test("GnuTLS engine with nbdkit and X.509 certificates", async (t) => {
         `nbds://localhost:${other.port}/?${ca}&tls-verify-peer=false`,
       );
     });
+
+    await t.step(
+      "close() fails a read waiting for the server, and frees it",
+      async () => {
+        const client = await connect(
+          `nbds://localhost:${slow.port}/?${ca}`,
+          opts(),
+        );
+        const pending = client.read(0, 4096);
+        const failed = assert.rejects(pending, NbdConnectionClosedError);
+        const t0 = performance.now();
+        await client.close({ signal: AbortSignal.abort() });
+        await failed;
+        // The server would have answered after 5 s.
+        assert.ok(performance.now() - t0 < 4000, "close() waited");
+      },
+    );
 
     await t.step("refuses nbds:// to a server without TLS", async () => {
       await assert.rejects(
