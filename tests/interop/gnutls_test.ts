@@ -27,6 +27,7 @@ libc();
 assert.equal(gnutlsIfAllowed(), gnutls, "GnuTLS loads under --allow-ffi");
 
 const BOUND_MS = 15_000;
+const COPY_TOOL = new URL("../../examples/copy.ts", import.meta.url).pathname;
 const KEY = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const OTHER_KEY =
   "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
@@ -571,6 +572,41 @@ Deno.test("GnuTLS engine with nbdkit --tls-psk", async (t) => {
         tlsFailure(undefined, /Cannot read TLS-PSK file/),
       );
     });
+
+    await t.step(
+      "the copy tool takes GnuTLS under --allow-ffi, and without it names the fix",
+      async () => {
+        const uri =
+          `nbds://127.0.0.1:${tcp.port}/?tls-psk-file=${clientKeys}&tls-username=alice`;
+        const copy = async (perms: string[]) => {
+          const out = await new Deno.Command(Deno.execPath(), {
+            args: ["run", ...perms, "--quiet", COPY_TOOL, uri, "null:"],
+            stdin: "null",
+            stdout: "piped",
+            stderr: "piped",
+            signal: AbortSignal.timeout(BOUND_MS * 2),
+          }).output();
+          return {
+            code: out.code,
+            stderr: new TextDecoder().decode(out.stderr),
+          };
+        };
+        const withFfi = await copy([
+          "--allow-net",
+          "--allow-read",
+          "--allow-write",
+          "--allow-ffi",
+        ]);
+        assert.equal(withFfi.code, 0, withFfi.stderr);
+        const without = await copy([
+          "--allow-net",
+          "--allow-read",
+          "--allow-write",
+        ]);
+        assert.equal(without.code, 1);
+        assert.match(without.stderr, /TLS-PSK .* run with --allow-ffi/);
+      },
+    );
 
     await t.step(
       "without the engine, refuses PSK naming the fix",
