@@ -119,6 +119,18 @@ function check(o: ConnectOptions): void {
       `cid must be an integer from 0 to 4294967295, not ${shown(o.cid)}`,
     );
   }
+  const engine: unknown = o.tlsEngine;
+  if (
+    engine !== undefined &&
+    (engine === null || typeof engine !== "object" ||
+      typeof (engine as { upgrade?: unknown }).upgrade !== "function")
+  ) {
+    throw new TypeError(
+      `tlsEngine must be a TLS engine such as gnutls from @nbd/client/ffi, not ${
+        shown(engine)
+      }`,
+    );
+  }
   if (o.tls !== undefined && !TLS_MODES.includes(o.tls)) {
     throw new TypeError(
       `tls must be "disable", "prefer" or "require", not ${shown(o.tls)}`,
