@@ -17,6 +17,8 @@ import {
 } from "../../mod.ts";
 import { gnutls, gnutlsIfAllowed } from "../../ffi/mod.ts";
 import { libc } from "../../ffi/_libc.ts";
+import { connectForKernel, hangUp } from "../../ffi/_connect.ts";
+import { GnutlsStream } from "../../ffi/gnutls/stream.ts";
 import { OPT_STARTTLS } from "../../lib/constants.ts";
 import { makeTestPki, type TestPki } from "../support/certs.ts";
 import { nbdkit, qemuNbd, type Server } from "../support/servers.ts";
@@ -605,6 +607,31 @@ Deno.test("GnuTLS engine with nbdkit --tls-psk", async (t) => {
         ]);
         assert.equal(without.code, 1);
         assert.match(without.stderr, /TLS-PSK .* run with --allow-ffi/);
+      },
+    );
+
+    await t.step(
+      "the kernel handoff's relay negotiates TLS-PSK through GnuTLS",
+      async () => {
+        const conn = await connectForKernel(
+          {
+            hostname: "127.0.0.1",
+            port: tcp.port!,
+            tls: "require",
+            tlsPskFile: clientKeys,
+            tlsUsername: "alice",
+          },
+          { signal: undefined, connectTimeout: BOUND_MS, relay: false },
+          undefined,
+        );
+        try {
+          assert.equal(conn.info.tls, true);
+          assert.ok(conn.relay, "TLS takes the relay path");
+          assert.ok(conn.relay.remote instanceof GnutlsStream);
+          assert.match(String(conn.relay.remote.protocol), /^TLSv1\.[23]$/);
+        } finally {
+          await hangUp(conn);
+        }
       },
     );
 
