@@ -119,6 +119,11 @@ export function engineDial(
  * certificate is sent when one is configured (see
  * {@linkcode loadTlsCredentials}).
  *
+ * With `tlsEngine` (GnuTLS from `@nbd/client/ffi`) the engine runs the
+ * handshake when it can work over `stream` (a socket it dialled), with the
+ * same checks; otherwise the built-in path below runs, and TLS-PSK is
+ * refused.
+ *
  * With TLS 1.3 a server that rejects the client's certificate says so only
  * after the client has finished its side of the handshake, so that failure
  * surfaces at the first read of the returned stream, as an
