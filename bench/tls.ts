@@ -12,8 +12,12 @@
  * process to `null:`, its CPU from bash's `times`. CPU per request is the
  * client's own (user + system) time over the requests it made.
  *
+ * The copy rows time `examples/copy.ts` (with `--allow-ffi`, so GnuTLS)
+ * and `nbdcopy` to `null:` as whole processes, `-C 1` and `-C 4`, each
+ * with its defaults otherwise.
+ *
  * ```sh
- * deno run -A bench/tls.ts [SIZE_MIB] [RUNS]
+ * deno run -A bench/tls.ts [SIZE_MIB] [RUNS] [--no-copy]
  * ```
  *
  * @module
@@ -253,6 +257,72 @@ async function measure(
   }));
 }
 
+/** This checkout's copy tool, run as nbdcopy is: a whole process. */
+const COPY_TOOL = new URL("../examples/copy.ts", import.meta.url).pathname;
+
+/**
+ * `copy URI null:` against `nbdcopy URI null:`, both whole processes with
+ * their defaults (64 requests of 256 KiB per connection) and `-C n`; ours
+ * with `--allow-ffi`, so GnuTLS.
+ */
+async function measureCopy(
+  c: Case,
+  size: number,
+  runs: number,
+  tools: Peer[],
+  connections: number,
+  log: (text: string) => void,
+): Promise<BenchRow[]> {
+  const usable = tools.filter((t) => t.usable);
+  const ours: Run[] = [];
+  const theirs: Run[][] = usable.map(() => []);
+  const oursArgv = [
+    Deno.execPath(),
+    "run",
+    "--allow-net",
+    "--allow-read",
+    "--allow-write",
+    "--allow-ffi",
+    COPY_TOOL,
+    `--connections=${connections}`,
+    c.uri,
+    "null:",
+  ];
+  for (let i = 0; i < runs; i++) {
+    const run = await timeCommand(oursArgv, size);
+    log(`${c.label} copy -C${connections}: ${mbps(size, run).toFixed(0)} MB/s`);
+    ours.push(run);
+    for (const [k, tool] of usable.entries()) {
+      const argv = tool.wrap([
+        "nbdcopy",
+        `--connections=${connections}`,
+        c.uri,
+        "null:",
+      ]);
+      const peer = await timeCommand(argv, size);
+      log(
+        `${c.label} ${tool.name} -C${connections}: ${
+          mbps(size, peer).toFixed(0)
+        } MB/s`,
+      );
+      theirs[k]!.push(peer);
+    }
+  }
+  const oursCpu = median(ours.map(usPerRequest));
+  return usable.map((tool, k) => ({
+    name: `${c.label}: copy ${size / MiB} MiB to null:, -C ${connections}, ` +
+      "whole process",
+    unit: "MB/s",
+    higherIsBetter: true,
+    ours: median(ours.map((r) => mbps(size, r))),
+    peer: median(theirs[k]!.map((r) => mbps(size, r))),
+    peerName: tool.name,
+    note: `CPU per 256 KiB: ours ${oursCpu.toFixed(1)} us, ${tool.name} ${
+      median(theirs[k]!.map(usPerRequest)).toFixed(1)
+    } us`,
+  }));
+}
+
 /**
  * Measures the TLS rows: own CA and TLS-PSK, each against every nbdcopy
  * found.
@@ -260,12 +330,14 @@ async function measure(
  * @param size Bytes read per run (1 GiB by default).
  * @param runs Runs per client; the median is reported.
  * @param log Progress lines.
+ * @param copies Also time `copy` against `nbdcopy`, `-C 1` and `-C 4`.
  * @returns One row per kind of TLS and peer.
  */
 export async function rows(
   size = 1024 * MiB,
   runs = 3,
   log: (text: string) => void = () => {},
+  copies = true,
 ): Promise<BenchRow[]> {
   // Under the Debian 13 root when there is one, so its nbdcopy reads the
   // CA and the key file too.
@@ -302,34 +374,31 @@ export async function rows(
     ]);
     const psk = await start(["--tls=require", `--tls-psk=${keys}`]);
     const tools = await peers(dir);
-    return [
-      ...await measure(
-        {
-          label: "TLS own CA (GnuTLS engine)",
-          server: x509,
-          uri: `nbds://127.0.0.1:${x509.port}/?tls-certificates=${ca}`,
-          options: { tlsCertificates: ca },
-        },
-        size,
-        runs,
-        tools,
-        log,
-      ),
-      ...await measure(
-        {
-          label: "TLS-PSK (GnuTLS engine)",
-          server: psk,
-          uri:
-            // libnbd 1.14 takes the PSK user from the URI's user part only.
-            `nbds://alice@127.0.0.1:${psk.port}/?tls-psk-file=${keys}`,
-          options: { tlsPskFile: keys },
-        },
-        size,
-        runs,
-        tools,
-        log,
-      ),
+    const cases: Case[] = [
+      {
+        label: "TLS own CA (GnuTLS engine)",
+        server: x509,
+        uri: `nbds://127.0.0.1:${x509.port}/?tls-certificates=${ca}`,
+        options: { tlsCertificates: ca },
+      },
+      {
+        label: "TLS-PSK (GnuTLS engine)",
+        server: psk,
+        // libnbd 1.14 takes the PSK user from the URI's user part only.
+        uri: `nbds://alice@127.0.0.1:${psk.port}/?tls-psk-file=${keys}`,
+        options: { tlsPskFile: keys },
+      },
     ];
+    const out: BenchRow[] = [];
+    for (const c of cases) {
+      out.push(...await measure(c, size, runs, tools, log));
+      if (copies) {
+        for (const n of [1, 4]) {
+          out.push(...await measureCopy(c, size, runs, tools, n, log));
+        }
+      }
+    }
+    return out;
   } finally {
     await Promise.all(servers.map((s) => s.stop()));
     await Deno.remove(dir, { recursive: true });
@@ -337,9 +406,15 @@ export async function rows(
 }
 
 if (import.meta.main) {
-  const size = Number(Deno.args[0] ?? 1024) * MiB;
-  const runs = Number(Deno.args[1] ?? 3);
-  const table = await rows(size, runs, (t) => console.error(t));
+  const [sizeArg, runsArg] = Deno.args.filter((a) => !a.startsWith("--"));
+  const size = Number(sizeArg ?? 1024) * MiB;
+  const runs = Number(runsArg ?? 3);
+  const table = await rows(
+    size,
+    runs,
+    (t) => console.error(t),
+    !Deno.args.includes("--no-copy"),
+  );
   for (const r of table) {
     const ratio = r.higherIsBetter ? r.ours / r.peer : r.peer / r.ours;
     console.log(
