@@ -155,6 +155,13 @@ async function upgrade(
     throw e;
   }
   const secure = new GnutlsStream(fd, parts);
+  // The handshake's caller still holds the raw stream and closes it on a
+  // deadline or an abort (the connect timeout, the kernel handoff's own):
+  // that close must now end the session, or its poll would wait on.
+  Object.defineProperty(stream, "close", {
+    value: () => secure.close(),
+    configurable: true,
+  });
   await secure.handshake(options.signal);
   return secure;
 }

@@ -6,7 +6,7 @@
  */
 
 import assert from "node:assert/strict";
-import { NbdTlsError } from "../../mod.ts";
+import { connect, NbdTlsError } from "../../mod.ts";
 import { findPskKey, gnutls, gnutlsIfAllowed } from "../../ffi/mod.ts";
 import { libc } from "../../ffi/_libc.ts";
 import { socketPair } from "../../ffi/_relay.ts";
@@ -215,4 +215,85 @@ Deno.test("the GnuTLS engine over a socket", async (t) => {
       );
     },
   );
+});
+
+/**
+ * A server that says the fixed newstyle greeting, acknowledges
+ * `NBD_OPT_STARTTLS`, and then says nothing more: a TLS handshake that
+ * never ends. `done` settles when the client closes its socket.
+ */
+async function silentAfterStartTls(): Promise<
+  { port: number; done: Promise<void>; [Symbol.asyncDispose](): Promise<void> }
+> {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  let conn: Deno.Conn | undefined;
+  const done = (async () => {
+    conn = await listener.accept();
+    const w = conn.writable.getWriter();
+    const greeting = new Uint8Array(8 + 8 + 2);
+    greeting.set(new TextEncoder().encode("NBDMAGICIHAVEOPT"));
+    greeting[17] = 3; // FIXED_NEWSTYLE | NO_ZEROES
+    await w.write(greeting);
+    // Client flags (4) and the option header (16): NBD_OPT_STARTTLS.
+    const r = conn.readable.getReader({ mode: "byob" });
+    let got = 0;
+    let buf = new Uint8Array(20);
+    while (got < 20) {
+      const { value, done } = await r.read(buf.subarray(got));
+      if (done || value === undefined) return;
+      got += value.length;
+      buf = new Uint8Array(value.buffer);
+    }
+    const ack = new Uint8Array(8 + 4 + 4 + 4);
+    const view = new DataView(ack.buffer);
+    view.setBigUint64(0, 0x3e889045565a9n); // option reply magic
+    view.setUint32(8, 5); // NBD_OPT_STARTTLS
+    view.setUint32(12, 1); // NBD_REP_ACK
+    await w.write(ack);
+    // The ClientHello, then the client's close.
+    for (;;) {
+      const { done } = await r.read(new Uint8Array(4096));
+      if (done) break;
+    }
+    r.releaseLock();
+    w.releaseLock();
+  })();
+  return {
+    port: (listener.addr as Deno.NetAddr).port,
+    done,
+    async [Symbol.asyncDispose]() {
+      listener.close();
+      try {
+        conn?.close();
+      } catch {
+        // Closed by the client's side already.
+      }
+      await done.catch(() => {});
+    },
+  };
+}
+
+Deno.test("connect() with the GnuTLS engine: the connect timeout ends a handshake the server never answers", async () => {
+  await using server = await silentAfterStartTls();
+  const t0 = performance.now();
+  await assert.rejects(
+    connect(`nbds://127.0.0.1:${server.port}/`, {
+      tlsEngine: gnutls,
+      tlsVerifyPeer: false,
+      connectTimeout: 300,
+    }),
+    /300 ms/,
+  );
+  // The client let go of its socket: the session ended with the timeout.
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  await Promise.race([
+    server.done,
+    new Promise((_, reject) => {
+      timer = setTimeout(
+        () => reject(new Error("the client kept its socket open")),
+        3000,
+      );
+    }),
+  ]).finally(() => clearTimeout(timer));
+  assert.ok(performance.now() - t0 < BOUND_MS);
 });
