@@ -515,6 +515,27 @@ Deno.test("GnuTLS engine with nbdkit --tls-psk", async (t) => {
       );
     });
 
+    await t.step(
+      "prefers AES-128-GCM to ChaCha20 where the CPU has AES instructions",
+      async () => {
+        const aes = /^(?:flags|Features)\s*:.*\baes\b/m.test(
+          await Deno.readTextFile("/proc/cpuinfo"),
+        );
+        let cipher: unknown;
+        const client = await connect(
+          `nbds://localhost:${tcp.port}/?tls-psk-file=${clientKeys}&tls-username=alice`,
+          opts({
+            debug: (event, fields) => {
+              if (event === "tls.handshake") cipher = fields.cipher;
+            },
+          }),
+        );
+        await client.close();
+        if (aes) assert.equal(cipher, "AES-128-GCM");
+        else assert.equal(typeof cipher, "string");
+      },
+    );
+
     await t.step("takes tlsPskFile and tlsUsername as options", async () => {
       await roundTrip(
         { hostname: "127.0.0.1", port: tcp.port!, tls: "require" },
