@@ -66,12 +66,13 @@ export type { CommandErrorDetails, ProtocolPhase } from "./lib/errors.ts";
 export { NbdExportChangedError } from "./lib/reconnect.ts";
 export type { NbdStats } from "./lib/connections.ts";
 export { formatUri, parseUri } from "./lib/uri.ts";
-export {
-  loadTlsCredentials,
-  NbdTlsError,
-  refuseUnsupportedTls,
-} from "./lib/tls.ts";
-export type { TlsCredentials, TlsStream, UpgradeOptions } from "./lib/tls.ts";
+export { loadTlsCredentials } from "./lib/tls/credentials.ts";
+export type { TlsCredentials } from "./lib/tls/credentials.ts";
+export { NbdTlsError } from "./lib/tls/error.ts";
+export { refuseUnsupportedTls } from "./lib/tls/upgrade.ts";
+export type { UpgradeOptions } from "./lib/tls/upgrade.ts";
+export type { TlsStream } from "./lib/tls/stream.ts";
+export type { TlsEngine } from "./lib/tls/engine.ts";
 export { readableFrom, writableTo } from "./lib/streams.ts";
 export type {
   ReadableFromOptions,

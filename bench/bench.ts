@@ -71,6 +71,7 @@ import { libnbds } from "./_peers.ts";
 import { fmt, formatBenchRows, formatTable, ratioSummary } from "./_table.ts";
 import { TRIXIE_ROOT } from "../tests/support/servers.ts";
 import * as copy from "./copy.ts";
+import * as gnutls from "./gnutls.ts";
 import * as oneAtATime from "./one_at_a_time.ts";
 import * as randomRead from "./random_read.ts";
 import * as rate from "./rate.ts";
@@ -107,6 +108,15 @@ export const WORKLOADS: ReadonlyArray<readonly [string, Workload]> = [
   ["copy", copy],
   // Its rows() takes a target rate, not the context: the default 64 MiB/s.
   ["rate", { rows: () => rate.rows() }],
+  // GnuTLS through FFI: own CA and TLS-PSK, read and copy, beside nbdcopy.
+  ["gnutls", {
+    rows: (ctx) =>
+      ctx === undefined ? gnutls.rows() : gnutls.rows(
+        Math.min(ctx.config.size, 1024 * 1024 * 1024),
+        ctx.config.runs,
+        (text) => ctx.progress(text),
+      ),
+  }],
 ];
 
 async function main(): Promise<void> {

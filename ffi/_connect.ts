@@ -14,10 +14,11 @@ import type { Tracer } from "../lib/_debug.ts";
 import { abortReason, NbdError, NbdProtocolError } from "../lib/errors.ts";
 import type { ExportInfo } from "../lib/export.ts";
 import { type HandshakeOptions, negotiate } from "../lib/_handshake.ts";
-import { refuseUnsupportedTls, upgradeToTls } from "../lib/tls.ts";
+import { refuseUnsupportedTls, upgradeToTls } from "../lib/tls/upgrade.ts";
 import { type ByteStream, Transport } from "../lib/transport.ts";
 import { encodeRequest, SIZES } from "../lib/_wire.ts";
 import { FdStream } from "./_fd_stream.ts";
+import { gnutls } from "./gnutls/engine.ts";
 import { libc, MSG_NOSIGNAL } from "./_libc.ts";
 import { socketPair } from "./_relay.ts";
 import { connectSocket } from "./_socket.ts";
@@ -70,7 +71,7 @@ function handshakeOptions(
   };
   if (tls !== "disable") {
     options.upgradeTls = (stream) =>
-      upgradeToTls(stream, { ...target, signal });
+      upgradeToTls(stream, { tlsEngine: gnutls, ...target, signal });
   }
   if (trace) options.trace = trace;
   return options;
@@ -113,7 +114,9 @@ async function connectAndNegotiate(
   trace: Tracer,
   signal: AbortSignal,
 ): Promise<KernelConnection> {
-  if ((target.tls ?? "disable") !== "disable") refuseUnsupportedTls(target);
+  if ((target.tls ?? "disable") !== "disable") {
+    refuseUnsupportedTls({ tlsEngine: gnutls, ...target });
+  }
   const fd = await connectSocket(target, { signal });
   const stream = new FdStream(fd);
   const transport = new Transport(stream);

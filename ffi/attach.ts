@@ -33,6 +33,7 @@ import {
   shown,
 } from "../lib/_resolve_options.ts";
 import type { AttachedDevice } from "./_attached.ts";
+import { gnutls } from "./gnutls/engine.ts";
 import {
   checkDevice,
   deviceInUse,
@@ -156,7 +157,11 @@ function resolveTarget(
   for (const key of TLS_KEYS) {
     if (options[key] !== undefined) overrides[key] = options[key];
   }
-  return resolveOptions(target, overrides as ConnectOptions);
+  // GnuTLS for the relay: libnbd's trust, revocation lists, TLS-PSK.
+  return resolveOptions(target, {
+    tlsEngine: gnutls,
+    ...overrides,
+  } as ConnectOptions);
 }
 
 function validate(options: AttachOptions, page: number): void {

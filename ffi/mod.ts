@@ -63,3 +63,11 @@ export type {
   TlsOptions,
 } from "../lib/connect_options.ts";
 export type { BlockSize, ExportInfo, Protocol } from "../lib/export.ts";
+// TLS through GnuTLS: libnbd's trust, revocation lists and TLS-PSK.
+export { gnutls, gnutlsIfAllowed } from "./gnutls/engine.ts";
+export { findPskKey } from "./gnutls/psk.ts";
+export type { PskKey } from "./gnutls/psk.ts";
+export type { TlsEngine } from "../lib/tls/engine.ts";
+export type { TlsStream } from "../lib/tls/stream.ts";
+export type { UpgradeOptions } from "../lib/tls/upgrade.ts";
+export { NbdTlsError } from "../lib/tls/error.ts";

@@ -13,7 +13,7 @@ import type { ConnectOptions, TlsMode } from "./connect_options.ts";
 import { MAX_TIMER_MS } from "./_deadline.ts";
 import { reconnectPolicy } from "./reconnect.ts";
 import { checkCommand } from "./_subprocess.ts";
-import { refuseUnsupportedTls } from "./tls.ts";
+import { refuseUnsupportedTls } from "./tls/upgrade.ts";
 import { parseUri } from "./uri.ts";
 
 const TLS_MODES: readonly TlsMode[] = ["disable", "prefer", "require"];
@@ -117,6 +117,18 @@ function check(o: ConnectOptions): void {
   ) {
     throw new RangeError(
       `cid must be an integer from 0 to 4294967295, not ${shown(o.cid)}`,
+    );
+  }
+  const engine: unknown = o.tlsEngine;
+  if (
+    engine !== undefined &&
+    (engine === null || typeof engine !== "object" ||
+      typeof (engine as { upgrade?: unknown }).upgrade !== "function")
+  ) {
+    throw new TypeError(
+      `tlsEngine must be a TLS engine such as gnutls from @nbd/client/ffi, not ${
+        shown(engine)
+      }`,
     );
   }
   if (o.tls !== undefined && !TLS_MODES.includes(o.tls)) {

@@ -5,6 +5,9 @@
  * @module
  */
 
+import type { TlsStream } from "./tls/stream.ts";
+import type { ByteStream } from "./transport.ts";
+
 /** How to treat TLS: as libnbd's `nbd_set_tls` (disable, allow, require). */
 export type TlsMode = "disable" | "prefer" | "require";
 
@@ -53,10 +56,23 @@ export interface TlsOptions {
    * unless this is given as `false` by name.
    */
   tlsVerifyPeer?: boolean;
-  /** User name for TLS-PSK; recorded from URIs, refused at connect. */
+  /**
+   * User name for TLS-PSK: the line of `tlsPskFile` to use. The login name
+   * (`$USER`) by default, as libnbd.
+   */
   tlsUsername?: string;
-  /** `tls-psk-file` from a URI; refused at connect (no PSK in Deno). */
+  /**
+   * TLS-PSK keys, in the file format of libnbd, nbdkit and qemu
+   * (`username:hexkey` lines). Needs `tlsEngine` (Deno's own TLS has no
+   * PSK); refused at connect without it.
+   */
   tlsPskFile?: string;
+  /**
+   * The TLS engine to use instead of Deno's: `gnutls` from
+   * `@nbd/client/ffi` (needs `--allow-ffi`) trusts only the given CA,
+   * checks a revocation list, and does TLS-PSK.
+   */
+  tlsEngine?: TlsEngine;
 }
 
 /** How to negotiate. */
@@ -152,4 +168,62 @@ export interface ReconnectOptions {
   delay?: number;
   /** The longest pause between attempts, in milliseconds. Default 2000. */
   maxDelay?: number;
+}
+
+/** What `upgradeToTls()` needs beyond the {@linkcode TlsOptions}. */
+export interface UpgradeOptions extends TlsOptions {
+  /** The TCP host name the stream was opened to; the default TLS name. */
+  hostname?: string;
+  /** The Unix socket path, when the stream is a Unix socket. */
+  path?: string;
+  /** Abandons the TLS handshake (and closes the stream) when this aborts. */
+  signal?: AbortSignal;
+  /** Receives a `"tls.handshake"` event once the handshake is done. */
+  debug?: boolean | DebugHook;
+}
+
+/**
+ * A TLS implementation `upgradeToTls()` hands the handshake to.
+ *
+ * @example
+ * ```ts ignore
+ * import { connect } from "@nbd/client";
+ * import { gnutls } from "@nbd/client/ffi";
+ *
+ * await using client = await connect(
+ *   "nbds://localhost/disk?tls-psk-file=/etc/nbd/keys.psk&tls-username=alice",
+ *   { tlsEngine: gnutls },
+ * );
+ * ```
+ */
+export interface TlsEngine {
+  /** A short name for traces and messages, e.g. `"gnutls"`. */
+  readonly name: string;
+  /** Whether the engine does TLS-PSK (`tlsPskFile`). */
+  readonly psk: boolean;
+  /**
+   * Opens the connection to the server in the form the engine works on
+   * best (GnuTLS: a socket descriptor of its own). `connect()` calls it
+   * instead of `Deno.connect` when TLS is asked for.
+   *
+   * @param target Where the server is.
+   * @param signal Abandons connecting.
+   * @returns The raw stream, in clear until the upgrade.
+   */
+  dial?(target: ConnectTarget, signal?: AbortSignal): Promise<ByteStream>;
+  /**
+   * Runs the TLS handshake over `stream`, after `NBD_OPT_STARTTLS` was
+   * acknowledged.
+   *
+   * @param stream The raw stream; the engine owns it once it returns a
+   *   stream or throws.
+   * @param options What to trust and present, with the name to check.
+   * @returns The encrypted stream, or `undefined` when the engine cannot
+   *   work over this kind of stream (the built-in path then runs).
+   * @throws {NbdTlsError} when the handshake fails.
+   */
+  upgrade(
+    stream: ByteStream,
+    options: UpgradeOptions,
+  ): Promise<TlsStream | undefined>;
 }

@@ -30,7 +30,7 @@ import {
   spawnOverPipes,
 } from "./_subprocess.ts";
 import { upgradingOnDemand } from "./options/_starttls.ts";
-import { upgradeToTls } from "./tls.ts";
+import { engineDial, upgradeToTls } from "./tls/upgrade.ts";
 import { type ByteStream, Transport } from "./transport.ts";
 import { formatUri } from "./uri.ts";
 
@@ -87,6 +87,9 @@ function checkVsock(o: ConnectOptions): void {
 
 /** Opens the byte stream to the server that `options` names. */
 async function openStream(o: ConnectOptions): Promise<ByteStream> {
+  // An engine that owns its sockets (GnuTLS through FFI) dials itself.
+  const dial = engineDial(o);
+  if (dial !== undefined) return await dial();
   if (o.path !== undefined) {
     return await Deno.connect({ transport: "unix", path: o.path });
   }

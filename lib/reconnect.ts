@@ -35,7 +35,7 @@ import {
 import type { ReconnectOptions } from "./connect_options.ts";
 import { MAX_TIMER_MS, pause } from "./_deadline.ts";
 import type { ExportInfo } from "./export.ts";
-import { NbdTlsError } from "./tls.ts";
+import { NbdTlsError } from "./tls/error.ts";
 
 /** A {@linkcode ReconnectOptions} with every field settled. */
 export interface ReconnectPolicy {

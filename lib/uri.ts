@@ -76,8 +76,9 @@ const MAX_U32 = 0xffffffff;
  * - A user name (`nbds://alice@host/`) becomes `tlsUsername`.
  * - Query keys: `socket`, `tls-certificates`, `tls-hostname`,
  *   `tls-verify-peer` (`true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`),
- *   `tls-type` (only `x509`: `psk` and `anon` are refused), `tls-username`,
- *   `tls-psk-file` (recorded, then refused when connecting, as Deno has no
+ *   `tls-type` (`x509`, or `psk` with `tls-psk-file`; `anon` is refused),
+ *   `tls-username`, `tls-psk-file` (TLS-PSK through the GnuTLS engine of
+ *   `@nbd/client/ffi`; refused when connecting without it, as Deno has no
  *   TLS-PSK). Any other key is refused, `x-` keys included. `+` is a plus
  *   sign, not a space (RFC 3986, not HTML forms).
  *
@@ -156,7 +157,9 @@ export function parseUri(uri: string): ConnectOptions {
   const verify = params.get("tls-verify-peer");
   if (verify !== undefined) out.tlsVerifyPeer = parseBoolean(verify);
   const type = params.get("tls-type");
-  if (type !== undefined) checkTlsType(type);
+  if (type !== undefined) {
+    checkTlsType(type, params.get("tls-psk-file") !== undefined);
+  }
   const username = nonEmpty(params, "tls-username");
   if (user !== undefined && username !== undefined && user !== username) {
     throw invalid(
@@ -392,24 +395,32 @@ function parseBoolean(value: string): boolean {
   );
 }
 
-/** The TLS types that doc/uri.md lists and Deno's TLS (rustls) cannot do. */
-const UNSUPPORTED_TLS_TYPES: ReadonlyMap<string, string> = new Map([
-  [
-    "psk",
-    "tls-type=psk is not supported: Deno's TLS (rustls) has no pre-shared-key cipher suites; use X.509 certificates (tls-certificates=)",
-  ],
-  [
-    "anon",
-    "tls-type=anon is not supported: anonymous TLS authenticates nobody, and Deno's TLS (rustls) does not offer it; use X.509 certificates (tls-certificates=)",
-  ],
-]);
-
-function checkTlsType(type: string): void {
+/**
+ * Checks `tls-type` against the credentials the URI gives: `x509` (the
+ * default) unless a PSK file is given, `psk` exactly when one is (the PSK
+ * itself needs the GnuTLS engine, which connecting checks), never `anon`,
+ * which authenticates nobody.
+ */
+function checkTlsType(type: string, pskFile: boolean): void {
   const lower = type.toLowerCase();
-  if (lower === "x509") return;
-  throw invalid(
-    UNSUPPORTED_TLS_TYPES.get(lower) ?? `tls-type must be x509, not "${type}"`,
-  );
+  if (lower === "x509" && !pskFile) return;
+  if (lower === "psk" && pskFile) return;
+  if (lower === "x509") {
+    throw invalid(
+      "tls-type=x509 contradicts tls-psk-file=, which asks for TLS-PSK; use tls-type=psk or leave it out",
+    );
+  }
+  if (lower === "psk") {
+    throw invalid(
+      "tls-type=psk needs tls-psk-file=FILE, a file of username:hexkey lines as libnbd reads it",
+    );
+  }
+  if (lower === "anon") {
+    throw invalid(
+      "tls-type=anon is not supported: anonymous TLS authenticates nobody; use X.509 certificates (tls-certificates=) or TLS-PSK (tls-psk-file=)",
+    );
+  }
+  throw invalid(`tls-type must be x509 or psk, not "${type}"`);
 }
 
 /** Decodes `%XX` escapes as UTF-8; `what` names the part for errors. */

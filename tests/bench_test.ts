@@ -33,6 +33,7 @@ Deno.test("WORKLOADS: unique names, each of one of the two shapes", () => {
     "tls",
     "copy",
     "rate",
+    "gnutls",
   ], "the order of the output");
 });
 

@@ -1,5 +1,5 @@
 /**
- * `lib/tls.ts` on its own: credentials, refusals, and `upgradeToTls` over a
+ * `lib/tls/` on its own: credentials, refusals, and `upgradeToTls` over a
  * connection whose fixed-newstyle greeting and `NBD_OPT_STARTTLS` are done by
  * hand here, against nbdkit with a throwaway PKI.
  */
@@ -12,14 +12,16 @@ import {
   REP_ACK,
 } from "../lib/constants.ts";
 import { NbdConnectionClosedError } from "../lib/errors.ts";
+import { loadTlsCredentials, readTlsFiles } from "../lib/tls/credentials.ts";
+import type { TlsEngine } from "../lib/tls/engine.ts";
+import { resolveOptions } from "../lib/_resolve_options.ts";
+import { NbdTlsError } from "../lib/tls/error.ts";
+import type { TlsStream } from "../lib/tls/stream.ts";
 import {
-  loadTlsCredentials,
-  NbdTlsError,
   refuseUnsupportedTls,
-  type TlsStream,
   type UpgradeOptions,
   upgradeToTls,
-} from "../lib/tls.ts";
+} from "../lib/tls/upgrade.ts";
 import type { ByteStream } from "../lib/transport.ts";
 import { encodeOption } from "../lib/_wire.ts";
 import type { Server } from "./support/servers.ts";
@@ -442,3 +444,116 @@ Deno.test(
     }
   },
 );
+
+Deno.test("a tlsEngine takes the handshake", async (t) => {
+  const fakeStream = (): ByteStream & { closed: number } => {
+    const s = {
+      closed: 0,
+      read: () => Promise.resolve(null),
+      write: (p: Uint8Array) => Promise.resolve(p.length),
+      close: () => {
+        s.closed++;
+      },
+    };
+    return s;
+  };
+  const secure: TlsStream = {
+    protocol: "TLSv1.3",
+    cipher: "AES-128-GCM",
+    verified: true,
+    read: () => Promise.resolve(null),
+    write: (p: Uint8Array) => Promise.resolve(p.length),
+    close: () => {},
+  };
+  const engine = (
+    upgrade: TlsEngine["upgrade"],
+  ): TlsEngine => ({ name: "fake", psk: true, upgrade });
+
+  await t.step("upgradeToTls() returns the engine's stream", async () => {
+    const raw = fakeStream();
+    const events: Record<string, unknown>[] = [];
+    const seen: UpgradeOptions[] = [];
+    const out = await upgradeToTls(raw, {
+      hostname: "nbd.example",
+      tlsPskFile: "keys.psk",
+      tlsEngine: engine((_s, o) => {
+        seen.push(o);
+        return Promise.resolve(secure);
+      }),
+      debug: (event, fields) => {
+        if (event === "tls.handshake") events.push(fields);
+      },
+    });
+    assert.equal(out, secure);
+    assert.equal(raw.closed, 0, "the engine owns the raw stream");
+    assert.equal(seen[0]?.tlsPskFile, "keys.psk");
+    assert.equal(events[0]?.engine, "fake");
+    assert.equal(events[0]?.cipher, "AES-128-GCM");
+  });
+
+  await t.step(
+    "an engine that cannot use the stream leaves it to the built-in path",
+    async () => {
+      const raw = fakeStream();
+      await assert.rejects(
+        upgradeToTls(raw, {
+          tlsPskFile: "keys.psk",
+          tlsEngine: engine(() => Promise.resolve(undefined)),
+        }),
+        (e: unknown) =>
+          e instanceof NbdTlsError &&
+          /needs a socket the fake engine opened itself/.test(e.message),
+      );
+      assert.equal(raw.closed, 1);
+    },
+  );
+
+  await t.step(
+    "a failing engine's error comes through, stream closed",
+    async () => {
+      const raw = fakeStream();
+      await assert.rejects(
+        upgradeToTls(raw, {
+          tlsEngine: engine(() => Promise.reject(new NbdTlsError("no"))),
+        }),
+        /^NbdTlsError: no$/,
+      );
+      assert.equal(raw.closed, 1);
+    },
+  );
+
+  await t.step("resolveOptions() checks the option's shape", () => {
+    for (const bad of [5, null, {}, "gnutls", { upgrade: 1 }]) {
+      assert.throws(
+        () => resolveOptions("nbd://h/", { tlsEngine: bad as never }),
+        (e: unknown) =>
+          e instanceof TypeError && /^tlsEngine must be a TLS engine/.test(
+            e.message,
+          ),
+      );
+    }
+    const ok = engine(() => Promise.resolve(undefined));
+    assert.equal(resolveOptions("nbds://h/", { tlsEngine: ok }).tlsEngine, ok);
+    // With an engine that has PSK, a PSK file is no longer refused.
+    resolveOptions("nbds://h/?tls-psk-file=k.psk", { tlsEngine: ok });
+  });
+
+  await t.step(
+    "readTlsFiles() hands ca-crl.pem to an engine that checks it",
+    async () => {
+      const dir = await Deno.makeTempDir({ prefix: "nbd-crl-" });
+      try {
+        await Deno.writeTextFile(`${dir}/ca-cert.pem`, "CA");
+        await Deno.writeTextFile(`${dir}/ca-crl.pem`, "CRL");
+        const files = await readTlsFiles({ tlsCertificates: dir }, true);
+        assert.deepEqual(files, { crl: "CRL", ca: ["CA"] });
+        await assert.rejects(
+          readTlsFiles({ tlsCertificates: dir }, false),
+          /revocation lists are not supported.*--allow-ffi/,
+        );
+      } finally {
+        await Deno.remove(dir, { recursive: true });
+      }
+    },
+  );
+});

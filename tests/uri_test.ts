@@ -133,6 +133,14 @@ const VALID: Array<[string, ConnectOptions]> = [
     tls: "require",
     tlsVerifyPeer: true,
   }],
+  ["nbds://alice@h/?tls-type=PSK&tls-psk-file=/etc/nbd/keys.psk", {
+    hostname: "h",
+    port: 10809,
+    exportName: "",
+    tls: "require",
+    tlsUsername: "alice",
+    tlsPskFile: "/etc/nbd/keys.psk",
+  }],
   ["nbds://h/?tls-type=x509&&tls-username=bob", {
     hostname: "h",
     port: 10809,
@@ -363,13 +371,17 @@ const INVALID: Array<[string, string]> = [
   ],
   [
     "nbds://h/?tls-type=psk",
-    "tls-type=psk is not supported: Deno's TLS (rustls) has no pre-shared-key cipher suites; use X.509 certificates (tls-certificates=)",
+    "tls-type=psk needs tls-psk-file=FILE, a file of username:hexkey lines as libnbd reads it",
+  ],
+  [
+    "nbds://h/?tls-type=x509&tls-psk-file=k.psk",
+    "tls-type=x509 contradicts tls-psk-file=, which asks for TLS-PSK; use tls-type=psk or leave it out",
   ],
   [
     "nbds://h/?tls-type=anon",
-    "tls-type=anon is not supported: anonymous TLS authenticates nobody, and Deno's TLS (rustls) does not offer it; use X.509 certificates (tls-certificates=)",
+    "tls-type=anon is not supported: anonymous TLS authenticates nobody; use X.509 certificates (tls-certificates=) or TLS-PSK (tls-psk-file=)",
   ],
-  ["nbds://h/?tls-type=openpgp", 'tls-type must be x509, not "openpgp"'],
+  ["nbds://h/?tls-type=openpgp", 'tls-type must be x509 or psk, not "openpgp"'],
   [
     "nbds://alice@h/?tls-username=bob",
     'the TLS user name is given twice, differently ("alice@" and tls-username=bob)',

@@ -11,6 +11,7 @@ import {
   probe,
   STATE_ZERO,
 } from "../../mod.ts";
+import { gnutlsIfAllowed } from "../../ffi/gnutls/engine.ts";
 import type { ServerCommand } from "../_cli.ts";
 import type { StatusQuery } from "./dirty.ts";
 import type {
@@ -23,6 +24,13 @@ import type {
 } from "./endpoint.ts";
 
 type Client = Awaited<ReturnType<typeof connect>>;
+
+/**
+ * GnuTLS when run with --allow-ffi (libnbd's trust, revocation lists,
+ * TLS-PSK), Deno's own TLS otherwise.
+ */
+const tlsEngine = gnutlsIfAllowed();
+const engine = tlsEngine ? { tlsEngine } : {};
 
 /** Where an export is: at a URI, or behind a server the tool starts. */
 export type NbdTarget = string | ServerCommand;
@@ -87,6 +95,7 @@ export class NbdEndpoint implements Source, Destination {
     // instead of waiting out the connect timeout.
     const uri = typeof target === "string" ? target : target.text;
     const first = await connect(where(target), {
+      ...engine,
       metaContexts: contexts,
       maxInFlight: settings.requests,
       signal,
@@ -178,6 +187,7 @@ export class NbdEndpoint implements Source, Destination {
     while (this.#conns.length < n) {
       this.#conns.push(
         await connect(where(this.#target), {
+          ...engine,
           metaContexts: this.#contexts,
           maxInFlight: this.#requests,
           signal,
@@ -317,7 +327,7 @@ async function offered(
   }
   const uri = target;
   try {
-    const { metaContexts } = await probe(uri, { signal });
+    const { metaContexts } = await probe(uri, { ...engine, signal });
     return metaContexts.length === 0
       ? "it offers no metadata contexts"
       : `it offers ${metaContexts.join(", ")}`;

@@ -5,7 +5,7 @@ import { NbdSystemCallError } from "../../ffi/errors.ts";
 import { negotiate } from "../../lib/_handshake.ts";
 import { Transport } from "../../lib/transport.ts";
 import { FLAG_READ_ONLY, SIMPLE_REPLY_MAGIC } from "../../lib/constants.ts";
-import { upgradeToTls } from "../../lib/tls.ts";
+import { upgradeToTls } from "../../lib/tls/upgrade.ts";
 import { makeTestPki } from "../support/certs.ts";
 import { nbdkit } from "../support/servers.ts";
 import { libc } from "../../ffi/_libc.ts";
