@@ -8,6 +8,8 @@
  */
 
 import manifest from "../deno.json" with { type: "json" };
+import type { TlsEngine } from "../mod.ts";
+import { gnutlsIfAllowed } from "../ffi/gnutls/engine.ts";
 
 /** How an option takes its value. */
 export type OptionKind =
@@ -557,4 +559,22 @@ export async function readCommandLine<R>(
     return { exit: 0 };
   }
   return { request: parsed as R };
+}
+
+let engine: { tlsEngine?: TlsEngine } | undefined;
+
+/**
+ * The TLS engine option every tool passes to `connect()` and `probe()`:
+ * GnuTLS when the tool runs with `--allow-ffi` (libnbd's trust, revocation
+ * lists, TLS-PSK, at C speed), nothing otherwise (Deno's own TLS). Asked
+ * once, on first use, so a tool that never connects never loads GnuTLS.
+ *
+ * @returns `{ tlsEngine }`, or `{}` without `--allow-ffi`.
+ */
+export function tlsEngineOption(): { tlsEngine?: TlsEngine } {
+  if (engine === undefined) {
+    const found = gnutlsIfAllowed();
+    engine = found ? { tlsEngine: found } : {};
+  }
+  return engine;
 }

@@ -32,6 +32,7 @@ import {
   parseArgs,
   readCommandLine,
   serverCommand,
+  tlsEngineOption,
   UsageError,
   VERSION_OPTION,
   warn,
@@ -405,7 +406,7 @@ export async function main(args: string[]): Promise<number> {
   try {
     nbd = await connect(
       typeof target === "string" ? target : serverCommand(target).options,
-      { metaContexts: ["base:allocation"] },
+      { ...tlsEngineOption(), metaContexts: ["base:allocation"] },
     );
     const size = BigInt(nbd.size);
     if (request.offset > size) {

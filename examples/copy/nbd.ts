@@ -11,8 +11,7 @@ import {
   probe,
   STATE_ZERO,
 } from "../../mod.ts";
-import { gnutlsIfAllowed } from "../../ffi/gnutls/engine.ts";
-import type { ServerCommand } from "../_cli.ts";
+import { type ServerCommand, tlsEngineOption } from "../_cli.ts";
 import type { StatusQuery } from "./dirty.ts";
 import type {
   Destination,
@@ -29,8 +28,7 @@ type Client = Awaited<ReturnType<typeof connect>>;
  * GnuTLS when run with --allow-ffi (libnbd's trust, revocation lists,
  * TLS-PSK), Deno's own TLS otherwise.
  */
-const tlsEngine = gnutlsIfAllowed();
-const engine = tlsEngine ? { tlsEngine } : {};
+const engine = tlsEngineOption();
 
 /** Where an export is: at a URI, or behind a server the tool starts. */
 export type NbdTarget = string | ServerCommand;

@@ -13,8 +13,9 @@ import {
   type ExportProbe,
   NbdUnsupportedError,
   probe,
+  type TlsEngine,
 } from "../../mod.ts";
-import type { ServerCommand } from "../_cli.ts";
+import { type ServerCommand, tlsEngineOption } from "../_cli.ts";
 
 /** nbdinfo runs file(1) on this much of the start of the export. */
 const CONTENT_BYTES = 8192;
@@ -112,6 +113,7 @@ export async function gather(
       // contexts, then goes on to transmission (for the content), where
       // probe() and then a connection would start the server twice.
       return await connected(target, {
+        ...tlsEngineOption(),
         signal,
         connectTimeout: 0,
         listMetaContexts: true,
@@ -131,6 +133,7 @@ async function probeOrConnect(
 ): Promise<{ session: SessionFacts; export: ExportFacts }> {
   // The library's own limit would start again for the fallback.
   const options = {
+    ...tlsEngineOption(),
     ...(exportName !== undefined ? { exportName } : {}),
     signal,
     connectTimeout: 0,
@@ -199,6 +202,7 @@ async function connected(
     signal: AbortSignal;
     connectTimeout: number;
     listMetaContexts?: boolean;
+    tlsEngine?: TlsEngine;
   },
   content: boolean,
 ): Promise<{ session: SessionFacts; export: ExportFacts }> {

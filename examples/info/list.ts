@@ -10,7 +10,12 @@ import {
   listExports,
   probeExports,
 } from "../../mod.ts";
-import { errorLine, type ServerCommand, warn } from "../_cli.ts";
+import {
+  errorLine,
+  type ServerCommand,
+  tlsEngineOption,
+  warn,
+} from "../_cli.ts";
 import {
   cannotHaggle,
   CONNECT_TIMEOUT_MS,
@@ -49,6 +54,7 @@ async function listCommandOutput(
     // Bounded as a URI's list is: a server that never speaks costs one
     // timeout, not a hang.
     listed = await probeExports(command.options, {
+      ...tlsEngineOption(),
       signal,
       connectTimeout: CONNECT_TIMEOUT_MS,
     });
@@ -72,6 +78,7 @@ async function listCommandOutput(
     if (content) {
       const nbd = await connect({
         ...command.options,
+        ...tlsEngineOption(),
         exportName: item.name,
         signal,
         connectTimeout: CONNECT_TIMEOUT_MS,
@@ -115,7 +122,7 @@ export async function listOutput(
   const uri = target;
   let listed: Array<{ name: string; description?: string }>;
   try {
-    listed = await listExports(uri, { signal });
+    listed = await listExports(uri, { ...tlsEngineOption(), signal });
   } catch (e) {
     // An oldstyle server has exactly one export and no list.
     const one = await gather(uri, undefined, signal).catch(() => {

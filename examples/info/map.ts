@@ -6,6 +6,7 @@
  */
 
 import { connect, STATE_HOLE, STATE_ZERO } from "../../mod.ts";
+import { tlsEngineOption } from "../_cli.ts";
 import { connectTarget, type Target } from "./facts.ts";
 import { jsonText } from "./show.ts";
 
@@ -122,6 +123,7 @@ export async function readMap(
   runs: MapRun[];
 }> {
   const nbd = await connect(connectTarget(target), {
+    ...tlsEngineOption(),
     metaContexts: [context],
     signal,
   });

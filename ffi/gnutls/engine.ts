@@ -183,6 +183,7 @@ async function sessionFor(options: UpgradeOptions): Promise<SessionParts> {
   const slot = new BigUint64Array(1);
   check(g.gnutls_init(slot, GNUTLS_CLIENT), "gnutls_init");
   const session = outPointer(slot);
+  const pinned: Uint8Array[] = [];
   try {
     if (psk) {
       check(
@@ -222,12 +223,11 @@ async function sessionFor(options: UpgradeOptions): Promise<SessionParts> {
     }
     if (verify) {
       // Chain always; the name when there is one (an address is matched
-      // against the certificate's IP addresses).
-      g.gnutls_session_set_verify_cert(
-        session,
-        name === undefined ? null : cString(name),
-        0,
-      );
+      // against the certificate's IP addresses). GnuTLS keeps the name's
+      // pointer, not a copy: the session's parts hold the bytes.
+      const checked = name === undefined ? null : cString(name);
+      if (checked !== null) pinned.push(checked);
+      g.gnutls_session_set_verify_cert(session, checked, 0);
     }
   } catch (e) {
     g.gnutls_deinit(session);
@@ -241,6 +241,7 @@ async function sessionFor(options: UpgradeOptions): Promise<SessionParts> {
     sentCertificate: credentials.sentCertificate,
     verify,
     psk,
+    pinned,
   };
 }
 

@@ -60,6 +60,12 @@ export interface SessionParts {
   verify: boolean;
   /** Whether the session authenticates with a pre-shared key. */
   psk: boolean;
+  /**
+   * Memory GnuTLS keeps a pointer to for the session's life (the name
+   * `gnutls_session_set_verify_cert` checks, which it does not copy): held
+   * here so the collector cannot free it under the handshake.
+   */
+  pinned: Uint8Array[];
 }
 
 /**

@@ -29,7 +29,7 @@ libc();
 assert.equal(gnutlsIfAllowed(), gnutls, "GnuTLS loads under --allow-ffi");
 
 const BOUND_MS = 15_000;
-const COPY_TOOL = new URL("../../examples/copy.ts", import.meta.url).pathname;
+const TOOLS = new URL("../../examples/", import.meta.url).pathname;
 const KEY = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const OTHER_KEY =
   "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
@@ -597,13 +597,14 @@ Deno.test("GnuTLS engine with nbdkit --tls-psk", async (t) => {
     });
 
     await t.step(
-      "the copy tool takes GnuTLS under --allow-ffi, and without it names the fix",
+      "every tool takes GnuTLS under --allow-ffi, and without it names the fix",
       async () => {
         const uri =
           `nbds://127.0.0.1:${tcp.port}/?tls-psk-file=${clientKeys}&tls-username=alice`;
-        const copy = async (perms: string[]) => {
+        const run = async (tool: string[], perms: string[]) => {
+          const [script, ...args] = tool;
           const out = await new Deno.Command(Deno.execPath(), {
-            args: ["run", ...perms, "--quiet", COPY_TOOL, uri, "null:"],
+            args: ["run", ...perms, "--quiet", `${TOOLS}${script}`, ...args],
             stdin: "null",
             stdout: "piped",
             stderr: "piped",
@@ -614,20 +615,21 @@ Deno.test("GnuTLS engine with nbdkit --tls-psk", async (t) => {
             stderr: new TextDecoder().decode(out.stderr),
           };
         };
-        const withFfi = await copy([
-          "--allow-net",
-          "--allow-read",
-          "--allow-write",
-          "--allow-ffi",
-        ]);
-        assert.equal(withFfi.code, 0, withFfi.stderr);
-        const without = await copy([
-          "--allow-net",
-          "--allow-read",
-          "--allow-write",
-        ]);
-        assert.equal(without.code, 1);
-        assert.match(without.stderr, /TLS-PSK .* run with --allow-ffi/);
+        const tools = [
+          ["copy.ts", uri, "null:"],
+          ["info.ts", uri],
+          ["info.ts", "--list", uri],
+          ["info.ts", "--map", uri],
+          ["dump.ts", "-n", "64", uri],
+        ];
+        const perms = ["--allow-net", "--allow-read", "--allow-write"];
+        for (const tool of tools) {
+          const withFfi = await run(tool, [...perms, "--allow-ffi"]);
+          assert.equal(withFfi.code, 0, `${tool.join(" ")}: ${withFfi.stderr}`);
+          const without = await run(tool, perms);
+          assert.equal(without.code, 1, tool.join(" "));
+          assert.match(without.stderr, /TLS-PSK .* run with --allow-ffi/);
+        }
       },
     );
 
