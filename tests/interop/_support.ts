@@ -10,6 +10,7 @@
 
 import assert from "node:assert/strict";
 import { type Extent, type NbdClient, NbdUnsupportedError } from "../../mod.ts";
+import { pattern as seededPattern } from "../support/pattern.ts";
 import { concat } from "../support/server.ts";
 import { within } from "../support/wait.ts";
 
@@ -111,26 +112,12 @@ export async function refusesWritesBeforeTraffic(
 
 /**
  * Bytes that depend on `seed` and on the absolute offset, so that data read
- * from the wrong place or the wrong request never matches by accident.
+ * from the wrong place or the wrong request never matches by accident: the
+ * `pattern()` of `tests/support/pattern.ts` with the arguments in this suite's
+ * order.
  */
 export function fill(seed: number, offset: number, length: number): Uint8Array {
-  // xorshift32 per 4-byte word, seeded from the word's own offset; byte i of
-  // the export is byte (i & 3), little-endian, of its word's value, so any
-  // window of the same seed agrees with any other.
-  const first = Math.floor(offset / 4);
-  const words = Math.ceil((offset + length) / 4) - first;
-  const out = new Uint8Array(words * 4);
-  const view = new DataView(out.buffer);
-  const salt = Math.imul(seed, 40503) + 1;
-  for (let w = 0; w < words; w++) {
-    let x = (Math.imul(first + w, 2654435761 | 0) + salt) >>> 0;
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    view.setUint32(w * 4, x >>> 0, true);
-  }
-  const skip = offset - first * 4;
-  return out.subarray(skip, skip + length);
+  return seededPattern(length, seed, offset);
 }
 
 /** nbdkit-pattern-plugin's content: each 8-byte word holds its offset. */
