@@ -13,14 +13,18 @@ import {
   type ConnectOptions,
   NbdConnectionClosedError,
   NbdOptionError,
-  NbdTlsError,
 } from "../../mod.ts";
 import { gnutls, gnutlsIfAllowed } from "../../ffi/mod.ts";
 import { libc } from "../../ffi/_libc.ts";
 import { connectForKernel, hangUp } from "../../ffi/_connect.ts";
 import { GnutlsStream } from "../../ffi/gnutls/stream.ts";
 import { OPT_STARTTLS } from "../../lib/constants.ts";
-import { makeTestPki, type TestPki } from "../support/certs.ts";
+import { tlsFailure, tlsRoundTrip } from "../support/tls.ts";
+import {
+  makeCrlDir,
+  makeOtherCaServerDir,
+  makeTestPki,
+} from "../support/certs.ts";
 import { nbdkit, qemuNbd, type Server } from "../support/servers.ts";
 
 // Both libraries stay loaded for the process: load them before any test,
@@ -43,175 +47,12 @@ function opts(options: ConnectOptions = {}): ConnectOptions {
   };
 }
 
-/** Connects, writes a pattern, reads it back across many records, closes. */
-async function roundTrip(
+/** The shared round trip, bounded, through GnuTLS. */
+function roundTrip(
   target: string | ConnectOptions,
   options?: ConnectOptions,
 ): Promise<void> {
-  const client = await connect(target, opts(options));
-  try {
-    assert.equal(client.tls, true, "TLS was not negotiated");
-    const data = new Uint8Array(96 * 1024).map((_, i) => (i * 7 + 3) & 0xff);
-    await client.write(4096, data);
-    assert.deepEqual(await client.read(4096, data.length), data);
-    const big = await client.read(0, 512 * 1024);
-    assert.deepEqual(big.subarray(4096, 4096 + data.length), data);
-    // Several requests in flight at once over one session.
-    const parts = await Promise.all(
-      [0, 1, 2, 3].map((i) => client.read(4096 + i * 1024, 1024)),
-    );
-    assert.deepEqual(
-      new Uint8Array(parts.flatMap((p) => [...p])),
-      data.subarray(0, 4096),
-    );
-  } finally {
-    await client.close();
-  }
-}
-
-function tlsFailure(code: string | undefined, message: RegExp) {
-  return (e: unknown): boolean => {
-    let found: unknown = e;
-    while (found instanceof Error && !(found instanceof NbdTlsError)) {
-      found = found.cause;
-    }
-    assert.ok(found instanceof NbdTlsError, `expected NbdTlsError in ${e}`);
-    if (code !== undefined) assert.equal(found.code, code);
-    assert.match(found.message, message);
-    return true;
-  };
-}
-
-async function openssl(cwd: string, ...args: string[]): Promise<void> {
-  const out = await new Deno.Command("openssl", {
-    args,
-    cwd,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(BOUND_MS),
-  }).output();
-  if (!out.success) {
-    throw new Error(new TextDecoder().decode(out.stderr));
-  }
-}
-
-async function certtool(cwd: string, ...args: string[]): Promise<void> {
-  const out = await new Deno.Command("certtool", {
-    args,
-    cwd,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(BOUND_MS),
-  }).output();
-  if (!out.success) {
-    throw new Error(new TextDecoder().decode(out.stderr));
-  }
-}
-
-/**
- * A server directory whose certificate for localhost is signed by the
- * PKI's other CA: the stand-in for a publicly trusted certificate, which
- * a client given its own CA must refuse.
- */
-async function otherCaServerDir(pki: TestPki): Promise<string> {
-  const work = `${pki.root}/work`;
-  await Deno.writeTextFile(
-    `${work}/other-server.cnf`,
-    [
-      "[req]",
-      "distinguished_name = dn",
-      "prompt = no",
-      "[dn]",
-      "CN = localhost",
-      "[ext]",
-      "basicConstraints = critical, CA:FALSE",
-      "keyUsage = critical, digitalSignature, keyEncipherment",
-      "extendedKeyUsage = serverAuth",
-      "subjectAltName = DNS:localhost, IP:127.0.0.1",
-      "",
-    ].join("\n"),
-  );
-  await openssl(
-    work,
-    "req",
-    "-newkey",
-    "ec",
-    "-pkeyopt",
-    "ec_paramgen_curve:P-256",
-    "-nodes",
-    "-keyout",
-    "other-server-key.pem",
-    "-out",
-    "other-server.csr",
-    "-config",
-    "other-server.cnf",
-  );
-  await openssl(
-    work,
-    "x509",
-    "-req",
-    "-in",
-    "other-server.csr",
-    "-CA",
-    "other-ca-cert.pem",
-    "-CAkey",
-    "other-ca-key.pem",
-    "-CAcreateserial",
-    "-out",
-    "other-server-cert.pem",
-    "-days",
-    "2",
-    "-extfile",
-    "other-server.cnf",
-    "-extensions",
-    "ext",
-  );
-  const dir = `${pki.root}/other-server`;
-  await Deno.mkdir(dir);
-  for (
-    const [to, from] of [
-      ["ca-cert.pem", "other-ca-cert.pem"],
-      ["server-cert.pem", "other-server-cert.pem"],
-      ["server-key.pem", "other-server-key.pem"],
-    ]
-  ) {
-    await Deno.copyFile(`${work}/${from}`, `${dir}/${to}`);
-  }
-  await Deno.chmod(`${dir}/server-key.pem`, 0o600);
-  return dir;
-}
-
-/**
- * A client directory with the CA and a revocation list: revoking the
- * server's certificate when `revoke`, else revoking nothing.
- */
-async function crlDir(pki: TestPki, revoke: boolean): Promise<string> {
-  const work = `${pki.root}/work`;
-  const name = revoke ? "crl-revoked" : "crl-empty";
-  await Deno.writeTextFile(
-    `${work}/${name}.tmpl`,
-    "crl_next_update = 2\ncrl_number = 1\n",
-  );
-  await certtool(
-    work,
-    "--generate-crl",
-    "--load-ca-privkey",
-    "ca-key.pem",
-    "--load-ca-certificate",
-    "ca-cert.pem",
-    ...(revoke ? ["--load-certificate", "server-cert.pem"] : []),
-    "--template",
-    `${name}.tmpl`,
-    "--outfile",
-    `${name}.pem`,
-  );
-  const dir = `${pki.root}/${name}`;
-  await Deno.mkdir(dir);
-  await Deno.copyFile(`${work}/ca-cert.pem`, `${dir}/ca-cert.pem`);
-  await Deno.copyFile(`${work}/${name}.pem`, `${dir}/ca-crl.pem`);
-  return dir;
+  return tlsRoundTrip(target, opts(options));
 }
 
 /** A relay on a Unix socket to a TCP server that records what the client sent. */
@@ -276,7 +117,7 @@ async function assertNothingInClear(t: Tap, secret: string): Promise<void> {
 
 Deno.test("GnuTLS engine with nbdkit and X.509 certificates", async (t) => {
   await using pki = await makeTestPki();
-  const otherServer = await otherCaServerDir(pki);
+  const otherServer = await makeOtherCaServerDir(pki);
   const tls = ["--tls=require", `--tls-certificates=${pki.serverDir}`];
   const started: Server[] = [];
   const start = async (args: string[], tcp: boolean, params: string[] = []) => {
@@ -414,14 +255,14 @@ Deno.test("GnuTLS engine with nbdkit and X.509 certificates", async (t) => {
 
     await t.step("checks a revocation list (ca-crl.pem)", async () => {
       await roundTrip(
-        `nbds://localhost:${tcp.port}/?tls-certificates=${await crlDir(
+        `nbds://localhost:${tcp.port}/?tls-certificates=${await makeCrlDir(
           pki,
           false,
         )}`,
       );
       await assert.rejects(
         connect(
-          `nbds://localhost:${tcp.port}/?tls-certificates=${await crlDir(
+          `nbds://localhost:${tcp.port}/?tls-certificates=${await makeCrlDir(
             pki,
             true,
           )}`,
@@ -543,35 +384,24 @@ Deno.test("GnuTLS engine with nbdkit --tls-psk", async (t) => {
       );
     });
 
-    await t.step(
-      "fails typed with the wrong key, nothing in clear",
-      async () => {
+    for (
+      const [what, keys, user] of [
+        ["with the wrong key", wrongKeys, "alice"],
+        ["for a user the server does not know", clientKeys, "bob"],
+      ]
+    ) {
+      await t.step(`fails typed ${what}, nothing in clear`, async () => {
         await using wire = await tap(tcp.port!);
         await assert.rejects(
           connect(
-            `nbds+unix:///secret-export?socket=${wire.path}&tls-psk-file=${wrongKeys}&tls-username=alice`,
+            `nbds+unix:///secret-export?socket=${wire.path}&tls-psk-file=${keys}&tls-username=${user}`,
             opts(),
           ),
           tlsFailure(undefined, /GnuTLS: .*may not know this user or key/),
         );
         await assertNothingInClear(wire, "secret-export");
-      },
-    );
-
-    await t.step(
-      "fails typed for a user the server does not know",
-      async () => {
-        await using wire = await tap(tcp.port!);
-        await assert.rejects(
-          connect(
-            `nbds+unix:///secret-export?socket=${wire.path}&tls-psk-file=${clientKeys}&tls-username=bob`,
-            opts(),
-          ),
-          tlsFailure(undefined, /GnuTLS: .*may not know this user or key/),
-        );
-        await assertNothingInClear(wire, "secret-export");
-      },
-    );
+      });
+    }
 
     await t.step(
       "refuses before any traffic a user the key file lacks",

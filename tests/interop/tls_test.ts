@@ -15,6 +15,7 @@ import {
   NbdTlsError,
 } from "../../mod.ts";
 import { OPT_STARTTLS, REP_ERR_POLICY } from "../../lib/constants.ts";
+import { tlsFailure, tlsRoundTrip } from "../support/tls.ts";
 import { makeTestPki, startTlsNbdkits } from "../support/certs.ts";
 import { startTestServer } from "../support/server.ts";
 import { nbdkit, qemuNbd, type Server } from "../support/servers.ts";
@@ -27,39 +28,13 @@ function bounded(options: ConnectOptions = {}): ConnectOptions {
 }
 
 /**
- * Connects (bounded), writes a pattern, reads it back, checks that TLS was
- * used, and closes.
+ * The shared round trip, bounded.
  */
-async function roundTrip(
+function roundTrip(
   target: string | ConnectOptions,
   options?: ConnectOptions,
 ): Promise<void> {
-  const client = await connect(target, bounded(options));
-  try {
-    assert.equal(client.tls, true, "TLS was not negotiated");
-    const data = new Uint8Array(64 * 1024).map((_, i) => (i * 7 + 3) & 0xff);
-    await client.write(4096, data);
-    assert.deepEqual(await client.read(4096, data.length), data);
-    // A read larger than one TLS record and the adapter's read slab.
-    const big = await client.read(0, 512 * 1024);
-    assert.deepEqual(big.subarray(4096, 4096 + data.length), data);
-  } finally {
-    await client.close();
-  }
-}
-
-function tlsFailure(code: string | undefined, message: RegExp) {
-  return (e: unknown): boolean => {
-    // The TLS error may arrive wrapped by the layer that saw it.
-    let found: unknown = e;
-    while (found instanceof Error && !(found instanceof NbdTlsError)) {
-      found = found.cause;
-    }
-    assert.ok(found instanceof NbdTlsError, `expected NbdTlsError in ${e}`);
-    if (code !== undefined) assert.equal(found.code, code);
-    assert.match(found.message, message);
-    return true;
-  };
+  return tlsRoundTrip(target, bounded(options));
 }
 
 /**

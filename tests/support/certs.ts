@@ -42,8 +42,13 @@ export interface TestPki extends AsyncDisposable {
 
 const OPENSSL_TIMEOUT_MS = 30_000;
 
-async function openssl(cwd: string, ...args: string[]): Promise<void> {
-  const out = await new Deno.Command("openssl", {
+/** Runs `command` (openssl, certtool) in `cwd`, bounded; throws with its stderr. */
+async function tool(
+  command: string,
+  cwd: string,
+  args: string[],
+): Promise<void> {
+  const out = await new Deno.Command(command, {
     args,
     cwd,
     stdin: "null",
@@ -53,11 +58,15 @@ async function openssl(cwd: string, ...args: string[]): Promise<void> {
   }).output();
   if (!out.success) {
     throw new Error(
-      `openssl ${args.join(" ")} failed: ${
+      `${command} ${args.join(" ")} failed: ${
         new TextDecoder().decode(out.stderr)
       }`,
     );
   }
+}
+
+function openssl(cwd: string, ...args: string[]): Promise<void> {
+  return tool("openssl", cwd, args);
 }
 
 function config(cn: string, extensions: string[]): string {
@@ -167,6 +176,15 @@ async function place(
   }
 }
 
+/** qemu refuses key files others can read. */
+async function keysPrivate(dir: string): Promise<void> {
+  for await (const entry of Deno.readDir(dir)) {
+    if (entry.name.endsWith("-key.pem")) {
+      await Deno.chmod(`${dir}/${entry.name}`, 0o600);
+    }
+  }
+}
+
 /**
  * Makes a CA, a server and a client certificate, and a second CA with its
  * own client certificate.
@@ -204,14 +222,7 @@ export async function makeTestPki(): Promise<TestPki> {
       "client-cert.pem": "other-client-cert.pem",
       "client-key.pem": "other-client-key.pem",
     });
-    // qemu refuses key files others can read.
-    for (const dir of [serverDir, clientDir, otherDir]) {
-      for await (const entry of Deno.readDir(dir)) {
-        if (entry.name.endsWith("-key.pem")) {
-          await Deno.chmod(`${dir}/${entry.name}`, 0o600);
-        }
-      }
-    }
+    for (const dir of [serverDir, clientDir, otherDir]) await keysPrivate(dir);
     const remove = () => Deno.remove(root, { recursive: true });
     return {
       root,
@@ -229,6 +240,67 @@ export async function makeTestPki(): Promise<TestPki> {
     await Deno.remove(root, { recursive: true });
     throw e;
   }
+}
+
+/**
+ * A server directory (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`)
+ * whose certificate for localhost is signed by the PKI's other CA: the
+ * stand-in for a publicly trusted certificate, which a client given the
+ * PKI's own CA must refuse.
+ *
+ * @param pki The PKI made by {@linkcode makeTestPki}.
+ * @returns The directory, inside the PKI's root.
+ */
+export async function makeOtherCaServerDir(pki: TestPki): Promise<string> {
+  const work = `${pki.root}/work`;
+  await makeLeaf(work, "other-ca", "other-server", "serverAuth");
+  const dir = `${pki.root}/other-server`;
+  await place(work, dir, {
+    "ca-cert.pem": "other-ca-cert.pem",
+    "server-cert.pem": "other-server-cert.pem",
+    "server-key.pem": "other-server-key.pem",
+  });
+  await keysPrivate(dir);
+  return dir;
+}
+
+/**
+ * A client directory with the PKI's CA and a revocation list
+ * (`ca-crl.pem`, made by GnuTLS's `certtool`) that revokes the server's
+ * certificate when `revoke`, else nothing.
+ *
+ * @param pki The PKI made by {@linkcode makeTestPki}.
+ * @param revoke Whether the list names the server's certificate.
+ * @returns The directory, inside the PKI's root.
+ */
+export async function makeCrlDir(
+  pki: TestPki,
+  revoke: boolean,
+): Promise<string> {
+  const work = `${pki.root}/work`;
+  const name = revoke ? "crl-revoked" : "crl-empty";
+  await Deno.writeTextFile(
+    `${work}/${name}.tmpl`,
+    "crl_next_update = 2\ncrl_number = 1\n",
+  );
+  await tool("certtool", work, [
+    "--generate-crl",
+    "--load-ca-privkey",
+    "ca-key.pem",
+    "--load-ca-certificate",
+    "ca-cert.pem",
+    ...(revoke ? ["--load-certificate", "server-cert.pem"] : []),
+    "--template",
+    `${name}.tmpl`,
+    "--outfile",
+    `${name}.pem`,
+  ]);
+  const dir = `${pki.root}/${name}`;
+  await place(work, dir, {
+    "ca-cert.pem": "ca-cert.pem",
+    "ca-crl.pem": `${name}.pem`,
+  });
+  return dir;
 }
 
 /** nbdkit servers of 1 MiB of memory that require TLS; all stop on dispose. */
