@@ -322,6 +322,68 @@ export function cpuSince(from: { user: number; system: number }): number {
   return (d.user + d.system) / 1e6;
 }
 
+/** What {@linkcode timedRequests} measured. */
+export interface TimedRequests {
+  /** Requests completed. */
+  ops: number;
+  /** Requests started (the index one past the last). */
+  issued: number;
+  /** Wall-clock seconds around the requests. */
+  seconds: number;
+  /** CPU seconds of this process over them. */
+  cpu: number;
+}
+
+/**
+ * Requests 0, 1, 2 ... up to `count` from `depth` workers, each with its own
+ * buffer of `bufferSize` bytes, until they are all done or `seconds` have
+ * passed: the clock is read once every `clockEvery` completions (a power of
+ * two), and past the deadline no worker starts another.
+ *
+ * @param count How many requests at most.
+ * @param depth How many workers, so how many requests in flight.
+ * @param bufferSize Each worker's buffer, in bytes.
+ * @param seconds The time limit.
+ * @param clockEvery How many completions between two looks at the clock.
+ * @param request Issues request `i` with the worker's buffer and a view over
+ *   it; `done` is how many had completed when it started.
+ * @returns The counts, the wall-clock and the CPU time.
+ */
+export async function timedRequests(
+  count: number,
+  depth: number,
+  bufferSize: number,
+  seconds: number,
+  clockEvery: number,
+  request: (
+    i: number,
+    buf: Uint8Array,
+    view: DataView,
+    done: number,
+  ) => Promise<void>,
+): Promise<TimedRequests> {
+  let next = 0;
+  let stopAt = count;
+  let ops = 0;
+  const t0 = performance.now();
+  const cpu0 = cpuUsage();
+  const deadline = t0 + seconds * 1000;
+  const worker = async (buf: Uint8Array) => {
+    const view = new DataView(buf.buffer);
+    while (next < stopAt) {
+      await request(next++, buf, view, ops);
+      ops++;
+      if ((ops & (clockEvery - 1)) === 0 && performance.now() > deadline) {
+        stopAt = next;
+      }
+    }
+  };
+  const bufs = Array.from({ length: depth }, () => new Uint8Array(bufferSize));
+  await Promise.all(bufs.map(worker));
+  const elapsed = (performance.now() - t0) / 1000;
+  return { ops, issued: next, seconds: elapsed, cpu: cpuSince(cpu0) };
+}
+
 /** One client in a section: warmed up once, then timed once per round. */
 export interface Contender {
   /** The row's label. */
@@ -455,6 +517,7 @@ export async function versionOf(
  * @param requestSize The command's request size: `ops` counts requests of
  *   this size, so that IOPS compare with the in-process rows.
  * @param cwd Where to run it.
+ * @param signal Kills the command when it aborts.
  * @returns The timing.
  * @throws {Error} when the command fails, with its stderr.
  */
@@ -463,6 +526,7 @@ export async function timeCommand(
   bytes: number,
   requestSize: number,
   cwd?: string,
+  signal?: AbortSignal,
 ): Promise<Run> {
   // bash's `times` reports the CPU its children used: the tool's own cost;
   // GNU time, where there is one, the peak resident memory.
@@ -477,6 +541,7 @@ export async function timeCommand(
     stdout: "piped",
     stderr: "piped",
     ...(cwd ? { cwd } : {}),
+    ...(signal ? { signal } : {}),
   }).output();
   const seconds = (performance.now() - t0) / 1000;
   if (!r.success) {

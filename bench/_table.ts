@@ -48,6 +48,30 @@ export function fmt(n: number, digits = 0): string {
   });
 }
 
+/**
+ * A Markdown table, columns padded to their widest cell; `numeric` columns
+ * right-aligned.
+ */
+function markdownTable(
+  head: string[],
+  numeric: boolean[],
+  lines: string[][],
+): string[] {
+  const widths = head.map((h, i) =>
+    Math.max(h.length, ...lines.map((l) => l[i]!.length))
+  );
+  const show = (cells: string[]) =>
+    "| " +
+    cells.map((x, i) =>
+      numeric[i] ? x.padStart(widths[i]!) : x.padEnd(widths[i]!)
+    ).join(" | ") + " |";
+  const rule = "|" +
+    widths.map((w, i) =>
+      numeric[i] ? "-".repeat(w + 1) + ":" : "-".repeat(w + 2)
+    ).join("|") + "|";
+  return [show(head), rule, ...lines.map(show)];
+}
+
 /** The table, as Markdown: each section's first row of ours is the reference. */
 export function formatTable(rows: Row[], runs: number): string {
   const head = [
@@ -93,24 +117,8 @@ export function formatTable(rows: Row[], runs: number): string {
       ratio,
     ]);
   }
-  const widths = head.map((h, i) =>
-    Math.max(h.length, ...lines.map((l) => l[i]!.length))
-  );
-  const show = (cells: string[]) =>
-    "| " +
-    cells.map((x, i) =>
-      numeric[i] ? x.padStart(widths[i]!) : x.padEnd(widths[i]!)
-    ).join(" | ") + " |";
-  const rule = "|" +
-    widths.map((w, i) =>
-      numeric[i] ? "-".repeat(w + 1) + ":" : "-".repeat(w + 2)
-    )
-      .join("|") +
-    "|";
   return [
-    show(head),
-    rule,
-    ...lines.map(show),
+    ...markdownTable(head, numeric, lines),
     "",
     `Median of ${runs} runs after one warm-up, clients taking turns. ` +
     '"ref/this": MiB/s of the section\'s "ref" row (our client) over ' +
@@ -185,22 +193,8 @@ export function formatBenchRows(rows: BenchRow[]): string {
       ratio,
     ];
   });
-  const widths = head.map((h, i) =>
-    Math.max(h.length, ...lines.map((l) => l[i]!.length))
-  );
-  const show = (cells: string[]) =>
-    "| " +
-    cells.map((x, i) =>
-      numeric[i] ? x.padStart(widths[i]!) : x.padEnd(widths[i]!)
-    ).join(" | ") + " |";
-  const rule = "|" +
-    widths.map((w, i) =>
-      numeric[i] ? "-".repeat(w + 1) + ":" : "-".repeat(w + 2)
-    ).join("|") + "|";
   return [
-    show(head),
-    rule,
-    ...lines.map(show),
+    ...markdownTable(head, numeric, lines),
     "",
     '"ours vs peer": above 1, ours is better (faster, or less of what the ' +
     "unit counts when less is better).",

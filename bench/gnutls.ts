@@ -23,11 +23,14 @@
  * @module
  */
 
-import { cpuUsage } from "node:process";
 import { connect, type NbdClient } from "../mod.ts";
 import { gnutls } from "../ffi/mod.ts";
 import { makeTestPki } from "../tests/support/certs.ts";
-import type { BenchRow } from "./_harness.ts";
+import {
+  type BenchRow,
+  timeCommand as timeCommandRun,
+  timedRequests,
+} from "./_harness.ts";
 import {
   insideRoot,
   nbdkit,
@@ -64,50 +67,29 @@ function median(xs: number[]): number {
 
 /** Sequential `readInto()` of `size` bytes, `DEPTH` requests in flight. */
 async function readAll(nbd: NbdClient, size: number): Promise<Run> {
-  let next = 0;
-  let requests = 0;
-  const cpu0 = cpuUsage();
-  const t0 = performance.now();
-  const worker = async (buf: Uint8Array) => {
-    while (next < size) {
-      const at = next;
-      next += REQUEST;
-      await nbd.readInto(buf, at);
-      requests++;
-    }
-  };
-  await Promise.all(
-    Array.from({ length: DEPTH }, () => worker(new Uint8Array(REQUEST))),
+  const run = await timedRequests(
+    Math.ceil(size / REQUEST),
+    DEPTH,
+    REQUEST,
+    Infinity,
+    64,
+    async (i, buf) => {
+      await nbd.readInto(buf, i * REQUEST);
+    },
   );
-  const seconds = (performance.now() - t0) / 1000;
-  const cpu = cpuUsage(cpu0);
-  return { seconds, cpu: (cpu.user + cpu.system) / 1e6, requests };
+  return { seconds: run.seconds, cpu: run.cpu, requests: run.ops };
 }
 
 /** Runs a command to completion; wall time and its children's CPU time. */
 async function timeCommand(argv: string[], size: number): Promise<Run> {
-  const t0 = performance.now();
-  const r = await new Deno.Command("bash", {
-    args: ["-c", '"$@" >/dev/null; rc=$?; times; exit $rc', "bash", ...argv],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(600_000),
-  }).output();
-  const seconds = (performance.now() - t0) / 1000;
-  if (!r.success) {
-    throw new Error(
-      `${argv.join(" ")} failed (exit ${r.code}): ${
-        new TextDecoder().decode(r.stderr).trim()
-      }`,
-    );
-  }
-  const children = new TextDecoder().decode(r.stdout).trim().split("\n").at(-1);
-  let cpu = 0;
-  for (const m of children?.matchAll(/(\d+)m([\d.]+)s/g) ?? []) {
-    cpu += Number(m[1]) * 60 + Number(m[2]);
-  }
-  return { seconds, cpu, requests: size / REQUEST };
+  const run = await timeCommandRun(
+    argv,
+    size,
+    REQUEST,
+    undefined,
+    AbortSignal.timeout(600_000),
+  );
+  return { seconds: run.seconds, cpu: run.cpu ?? 0, requests: run.ops };
 }
 
 async function works(argv: string[]): Promise<boolean> {

@@ -7,7 +7,6 @@
  * @module
  */
 
-import { cpuUsage } from "node:process";
 import type { NbdClient } from "../mod.ts";
 import { connect } from "../mod.ts";
 import {
@@ -15,10 +14,10 @@ import {
   type Check,
   checkMany,
   checkOne,
-  cpuSince,
   RANDOM_SIZE,
   type Row,
   type Run,
+  timedRequests,
 } from "./_harness.ts";
 import { nbdshContender } from "./_peers.ts";
 import { fmt } from "./_table.ts";
@@ -32,31 +31,20 @@ export async function oursRandom(
   seconds: number,
   check: Check,
 ): Promise<Run> {
-  let next = 0;
-  let stopAt = Math.min(count, offsets.length);
-  let ops = 0;
-  const t0 = performance.now();
-  const cpu0 = cpuUsage();
-  const deadline = t0 + seconds * 1000;
-  const worker = async (buf: Uint8Array) => {
-    while (next < stopAt) {
-      const at = offsets[next++]!;
+  const { ops, seconds: elapsed, cpu } = await timedRequests(
+    Math.min(count, offsets.length),
+    depth,
+    RANDOM_SIZE,
+    seconds,
+    256,
+    async (i, buf, _view, done) => {
+      const at = offsets[i]!;
       await nbd.readInto(buf, at);
       if (check === "full") checkMany(buf, at);
-      else checkOne(buf, at, ops);
-      ops++;
-      if ((ops & 255) === 0 && performance.now() > deadline) stopAt = next;
-    }
-  };
-  const bufs = Array.from({ length: depth }, () => new Uint8Array(RANDOM_SIZE));
-  await Promise.all(bufs.map(worker));
-  const elapsed = (performance.now() - t0) / 1000;
-  return {
-    ops,
-    bytes: ops * RANDOM_SIZE,
-    seconds: elapsed,
-    cpu: cpuSince(cpu0),
-  };
+      else checkOne(buf, at, done);
+    },
+  );
+  return { ops, bytes: ops * RANDOM_SIZE, seconds: elapsed, cpu };
 }
 
 /**

@@ -22,6 +22,7 @@ import {
   type Row,
   type Run,
   timeCommand,
+  timedRequests,
 } from "./_harness.ts";
 import { nbdshContender } from "./_peers.ts";
 import { fmt } from "./_table.ts";
@@ -35,27 +36,20 @@ export async function oursSequential(
   seconds: number,
   check: Check,
 ): Promise<Run> {
-  let next = 0;
-  let stopAt = size;
-  let ops = 0;
-  const t0 = performance.now();
-  const cpu0 = cpuUsage();
-  const deadline = t0 + seconds * 1000;
-  const worker = async (buf: Uint8Array) => {
-    while (next < stopAt) {
-      const at = next;
-      next += request;
+  const { ops, seconds: elapsed, cpu } = await timedRequests(
+    Math.ceil(size / request),
+    depth,
+    request,
+    seconds,
+    64,
+    async (i, buf, _view, done) => {
+      const at = i * request;
       await nbd.readInto(buf, at);
       if (check === "full") checkMany(buf, at, 64);
-      else checkOne(buf, at, ops);
-      ops++;
-      if ((ops & 63) === 0 && performance.now() > deadline) stopAt = next;
-    }
-  };
-  const bufs = Array.from({ length: depth }, () => new Uint8Array(request));
-  await Promise.all(bufs.map(worker));
-  const elapsed = (performance.now() - t0) / 1000;
-  return { ops, bytes: ops * request, seconds: elapsed, cpu: cpuSince(cpu0) };
+      else checkOne(buf, at, done);
+    },
+  );
+  return { ops, bytes: ops * request, seconds: elapsed, cpu };
 }
 
 /** Sequential read through `readable()` with a BYOB reader, `depth` requests ahead. */

@@ -7,19 +7,18 @@
  * @module
  */
 
-import { cpuUsage } from "node:process";
 import type { NbdClient } from "../mod.ts";
 import { connect } from "../mod.ts";
 import {
   type BenchContext,
   checkWord,
-  cpuSince,
   KiB,
   MiB,
   RANDOM_SIZE,
   type Row,
   type Run,
   startServer,
+  timedRequests,
 } from "./_harness.ts";
 import { nbdshContender } from "./_peers.ts";
 import { fmt } from "./_table.ts";
@@ -39,32 +38,24 @@ export async function oursWrite(
   depth: number,
   seconds: number,
 ): Promise<Run> {
-  let next = 0;
-  let stopAt = count;
-  let ops = 0;
-  const t0 = performance.now();
-  const cpu0 = cpuUsage();
-  const deadline = t0 + seconds * 1000;
-  const worker = async (buf: Uint8Array) => {
-    const view = new DataView(buf.buffer);
-    while (next < stopAt) {
-      const offset = at(next++);
+  const { ops, issued, seconds: elapsed, cpu } = await timedRequests(
+    count,
+    depth,
+    request,
+    seconds,
+    64,
+    async (i, buf, view) => {
+      const offset = at(i);
       view.setUint32(0, Math.floor(offset / 0x1_0000_0000));
       view.setUint32(4, offset >>> 0);
       await nbd.write(offset, buf);
-      ops++;
-      if ((ops & 63) === 0 && performance.now() > deadline) stopAt = next;
-    }
-  };
-  const bufs = Array.from({ length: depth }, () => new Uint8Array(request));
-  await Promise.all(bufs.map(worker));
-  const elapsed = (performance.now() - t0) / 1000;
-  const cpu = cpuSince(cpu0);
+    },
+  );
   // Untimed: every request written is there.
   let check = 0;
   const checker = async () => {
     const word = new Uint8Array(8);
-    while (check < next) {
+    while (check < issued) {
       const offset = at(check++);
       await nbd.readInto(word, offset);
       checkWord(word, offset, 0);
