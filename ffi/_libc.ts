@@ -12,6 +12,7 @@
  */
 
 import { NbdError } from "../lib/errors.ts";
+import { openLibrary } from "./_dlopen.ts";
 
 const SYMBOLS = {
   socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
@@ -117,22 +118,13 @@ export function libc(): Libc {
       `The kernel handoff needs Linux's nbd driver; this is ${Deno.build.os}`,
     );
   }
-  try {
-    lib = Deno.dlopen("libc.so.6", SYMBOLS);
-  } catch (e) {
-    if (e instanceof Deno.errors.NotCapable) {
-      throw new NbdError(
-        "The kernel handoff calls libc through FFI: run Deno with --allow-ffi",
-        { cause: e },
-      );
-    }
-    throw new NbdError(
-      `Cannot open glibc's libc.so.6 (the kernel handoff supports glibc-based Linux only): ${
-        e instanceof Error ? e.message : String(e)
-      }`,
-      { cause: e },
-    );
-  }
+  lib = openLibrary(
+    "libc.so.6",
+    SYMBOLS,
+    "The kernel handoff",
+    "libc",
+    "Cannot open glibc's libc.so.6 (the kernel handoff supports glibc-based Linux only)",
+  );
   return lib.symbols;
 }
 

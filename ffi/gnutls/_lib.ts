@@ -12,6 +12,7 @@
  */
 
 import { NbdError } from "../../lib/errors.ts";
+import { openLibrary } from "../_dlopen.ts";
 
 const SYMBOLS = {
   gnutls_global_init: { parameters: [], result: "i32" },
@@ -121,22 +122,13 @@ export const LIBRARY = "libgnutls.so.30";
  */
 export function gnutlsLib(): GnuTls {
   if (lib) return lib.symbols;
-  try {
-    lib = Deno.dlopen(LIBRARY, SYMBOLS);
-  } catch (e) {
-    if (e instanceof Deno.errors.NotCapable) {
-      throw new NbdError(
-        "The GnuTLS engine calls libgnutls through FFI: run Deno with --allow-ffi",
-        { cause: e },
-      );
-    }
-    throw new NbdError(
-      `Cannot open ${LIBRARY} for the GnuTLS engine (install libgnutls30): ${
-        e instanceof Error ? e.message : String(e)
-      }`,
-      { cause: e },
-    );
-  }
+  lib = openLibrary(
+    LIBRARY,
+    SYMBOLS,
+    "The GnuTLS engine",
+    "libgnutls",
+    `Cannot open ${LIBRARY} for the GnuTLS engine (install libgnutls30)`,
+  );
   const rc = lib.symbols.gnutls_global_init();
   if (rc < 0) {
     throw new NbdError(`gnutls_global_init failed: ${strerror(rc)}`);
