@@ -102,6 +102,26 @@ function dirtyStats(stderr: string): {
   return { dirty, extents, copied, lanes, read, wrote, zeroed };
 }
 
+/**
+ * `copy -v [extra] --dirty=BITMAP source dest`, which must succeed: the
+ * counters of its summary, and its stderr for the rest.
+ */
+async function copyDirty(
+  source: string,
+  dest: string,
+  extra: string[] = [],
+): Promise<ReturnType<typeof dirtyStats> & { stderr: string }> {
+  const r = await runTool("copy", [
+    "-v",
+    ...extra,
+    `--dirty=${BITMAP}`,
+    source,
+    dest,
+  ]);
+  assert.equal(r.code, 0, r.stderr);
+  return { ...dirtyStats(r.stderr), stderr: r.stderr };
+}
+
 /** The source's line of `copy -v`: what `nbd.stats` counted. */
 function sourceWire(
   stderr: string,
@@ -256,14 +276,7 @@ Deno.test({
           "onto the full copy gives the source's image",
           async () => {
             const inc = await copyOfFull(b, "inc.raw");
-            const r = await runTool("copy", [
-              "-v",
-              `--dirty=${BITMAP}`,
-              src.uri(),
-              inc,
-            ]);
-            assert.equal(r.code, 0, r.stderr);
-            const s = dirtyStats(r.stderr);
+            const s = await copyDirty(src.uri(), inc);
             assert.equal(s.dirty, dirtyBytes);
             assert.equal(s.extents, want.length);
             assert.equal(s.copied, dirtyBytes);
@@ -278,7 +291,7 @@ Deno.test({
             // The library's own counters (nbd.stats) agree: the source sent
             // at most the dirty bytes (zero runs come back as holes, with no
             // data), plus headers and a handshake, and only reads and maps.
-            const wire = sourceWire(r.stderr);
+            const wire = sourceWire(s.stderr);
             assert.deepEqual(Object.keys(wire.requests).sort(), [
               "NBD_CMD_BLOCK_STATUS",
               "NBD_CMD_READ",
@@ -322,15 +335,7 @@ Deno.test({
           const copy = await copyOfFull(b, "served.raw");
           const dst = await qemuNbd(["-f", "raw", copy], { dir: b.dir });
           try {
-            const r = await runTool("copy", [
-              "-v",
-              "--flush",
-              `--dirty=${BITMAP}`,
-              src.uri(),
-              dst.uri(),
-            ]);
-            assert.equal(r.code, 0, r.stderr);
-            const s = dirtyStats(r.stderr);
+            const s = await copyDirty(src.uri(), dst.uri(), ["--flush"]);
             assert.equal(s.read, dirtyBytes - zeroedBytes);
             // The zeroed range goes as WRITE_ZEROES, and only inside it.
             assert.equal(s.zeroed, zeroedBytes);
@@ -357,16 +362,9 @@ Deno.test({
               .trim();
             let shortDevice: string | undefined;
             try {
-              const r = await runTool("copy", [
-                "-v",
-                "--flush",
-                `--dirty=${BITMAP}`,
-                src.uri(),
-                device,
-              ]);
-              assert.equal(r.code, 0, r.stderr);
+              const r = await copyDirty(src.uri(), device, ["--flush"]);
               assert.equal(
-                dirtyStats(r.stderr).read,
+                r.read,
                 dirtyBytes - zeroedBytes,
               );
               shortDevice = (await run("losetup", ["-f", "--show", short]))
@@ -420,16 +418,11 @@ Deno.test({
           assert.equal(none.code, 0, none.stderr);
           assert.deepEqual(JSON.parse(none.text), []);
           const inc = await copyOfFull(b, "flags.raw");
-          const r = await runTool("copy", [
-            "-v",
+          const r = await copyDirty(src.uri(), inc, [
             "--progress=2",
-            `--dirty=${BITMAP}`,
             "--dirty-flags=2",
-            src.uri(),
-            inc,
           ]);
-          assert.equal(r.code, 0, r.stderr);
-          assert.equal(dirtyStats(r.stderr).read, 0);
+          assert.equal(r.read, 0);
           // Nothing to do is all of it done.
           assert.match(r.stderr, /^100\/100\ncopy: 0 dirty bytes/);
           assert.equal(await fileHash(inc), await sha256(full));
@@ -442,19 +435,13 @@ Deno.test({
         const shared = await serve(b, ["--shared=2"]);
         try {
           const inc = await copyOfFull(b, "two.raw");
-          const r = await runTool("copy", [
-            "-v",
+          const s = await copyDirty(shared.uri(), inc, [
             "-C",
             "2",
             "-T",
             "2",
             "--request-size=64k",
-            `--dirty=${BITMAP}`,
-            shared.uri(),
-            inc,
           ]);
-          assert.equal(r.code, 0, r.stderr);
-          const s = dirtyStats(r.stderr);
           assert.equal(s.lanes, 2);
           assert.equal(s.read + s.zeroed, s.dirty);
           assert.ok(s.zeroed > 0, "the zeroed range is not read");
@@ -538,20 +525,13 @@ Deno.test({
             ]);
             const dst = await qemuNbd(["-f", "qcow2", inc], { dir });
             try {
-              const r = await runTool("copy", [
-                "-v",
-                `--dirty=${BITMAP}`,
-                src.uri(),
-                dst.uri(),
-              ]);
-              assert.equal(r.code, 0, r.stderr);
-              const s = dirtyStats(r.stderr);
+              const s = await copyDirty(src.uri(), dst.uri());
               assert.equal(s.dirty, 12 * MiB);
               assert.equal(s.read, 4 * MiB, "only the data is read");
               assert.ok(s.read < s.dirty);
               assert.equal(s.wrote, 4 * MiB);
               assert.equal(s.zeroed, 8 * MiB);
-              const wire = sourceWire(r.stderr);
+              const wire = sourceWire(s.stderr);
               assert.ok(wire.received < 5 * MiB, `received ${wire.received}`);
             } finally {
               await dst.stop();
@@ -591,14 +571,7 @@ Deno.test({
           async () => {
             const inc = `${dir}/inc.raw`;
             await Deno.copyFile(full, inc);
-            const r = await runTool("copy", [
-              "-v",
-              `--dirty=${BITMAP}`,
-              src.uri(),
-              inc,
-            ]);
-            assert.equal(r.code, 0, r.stderr);
-            const s = dirtyStats(r.stderr);
+            const s = await copyDirty(src.uri(), inc);
             assert.equal(s.read, 4 * MiB);
             assert.equal(s.zeroed, 8 * MiB);
             const out = await run("qemu-img", [
