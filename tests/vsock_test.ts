@@ -5,6 +5,7 @@
  */
 
 import assert from "node:assert/strict";
+import { output } from "./support/command.ts";
 
 const MOD = new URL("../mod.ts", import.meta.url).href;
 const INFO = new URL("../examples/info.ts", import.meta.url).pathname;
@@ -37,17 +38,12 @@ async function child(
   try {
     const script = `${dir}/vsock.ts`;
     await Deno.writeTextFile(script, SCRIPT);
-    const out = await new Deno.Command(Deno.execPath(), {
-      args: ["run", "--quiet", ...flags, script, ...args],
-      stdout: "piped",
-      stderr: "piped",
-      signal: AbortSignal.timeout(30_000),
-    }).output();
-    return {
-      code: out.code,
-      stdout: new TextDecoder().decode(out.stdout),
-      stderr: new TextDecoder().decode(out.stderr),
-    };
+    const out = await output(
+      Deno.execPath(),
+      ["run", "--quiet", ...flags, script, ...args],
+      { timeoutMs: 30_000 },
+    );
+    return { code: out.code, stdout: out.text, stderr: out.stderr };
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -95,14 +91,12 @@ Deno.test("connect() over vsock without --unstable-vsock is a typed error, not t
 });
 
 Deno.test("info nbd+vsock:/// without --unstable-vsock says so and exits 1", async () => {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--quiet", "-A", INFO, "nbd+vsock:///"],
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(30_000),
-  }).output();
-  const stderr = new TextDecoder().decode(out.stderr);
-  assert.equal(out.code, 1, stderr);
+  const { code, stderr } = await output(
+    Deno.execPath(),
+    ["run", "--quiet", "-A", INFO, "nbd+vsock:///"],
+    { timeoutMs: 30_000 },
+  );
+  assert.equal(code, 1, stderr);
   assert.match(stderr, /^info: .*--unstable-vsock/);
   assert.equal(stderr.trim().split("\n").length, 1, stderr);
 });

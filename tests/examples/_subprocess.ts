@@ -8,6 +8,7 @@
 
 import assert from "node:assert/strict";
 import type { RunResult } from "./_tools.ts";
+import { output } from "../support/command.ts";
 
 const ROOT = new URL("../../", import.meta.url);
 
@@ -26,20 +27,7 @@ export async function runToolWith(
   args: string[],
   env: Record<string, string>,
 ): Promise<RunResult> {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: toolArgs(tool, args),
-    env,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(60_000),
-  }).output();
-  return {
-    code: out.code,
-    stdout: out.stdout,
-    stderr: new TextDecoder().decode(out.stderr),
-    text: new TextDecoder().decode(out.stdout),
-  };
+  return await output(Deno.execPath(), toolArgs(tool, args), { env });
 }
 
 /** Starts a tool and leaves it running, for a test that signals it. */

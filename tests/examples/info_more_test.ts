@@ -15,6 +15,7 @@ import {
   tempDir,
   TRIXIE_ROOT,
 } from "../support/servers.ts";
+import { output } from "../support/command.ts";
 import { runTool } from "./_tools.ts";
 import {
   assertNoneLeft,
@@ -36,13 +37,12 @@ async function nbdinfo122(args: string[]): Promise<string> {
 async function nbdinfo122Status(
   args: string[],
 ): Promise<{ code: number; stderr: string }> {
-  const out = await new Deno.Command("chroot", {
-    args: [TRIXIE_ROOT, "nbdinfo", ...args.map(insideRoot)],
-    stdout: "null",
-    stderr: "piped",
-    signal: AbortSignal.timeout(30_000),
-  }).output();
-  return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
+  const { code, stderr } = await output(
+    "chroot",
+    [TRIXIE_ROOT, "nbdinfo", ...args.map(insideRoot)],
+    { timeoutMs: 30_000 },
+  );
+  return { code, stderr };
 }
 
 function exportOf(doc: Json): Json {

@@ -19,6 +19,7 @@ import { libc } from "../../ffi/_libc.ts";
 import { connectForKernel, hangUp } from "../../ffi/_connect.ts";
 import { GnutlsStream } from "../../ffi/gnutls/stream.ts";
 import { OPT_STARTTLS } from "../../lib/constants.ts";
+import { output } from "../support/command.ts";
 import { tlsFailure, tlsRoundTrip } from "../support/tls.ts";
 import {
   makeCrlDir,
@@ -433,17 +434,11 @@ Deno.test("GnuTLS engine with nbdkit --tls-psk", async (t) => {
           `nbds://127.0.0.1:${tcp.port}/?tls-psk-file=${clientKeys}&tls-username=alice`;
         const run = async (tool: string[], perms: string[]) => {
           const [script, ...args] = tool;
-          const out = await new Deno.Command(Deno.execPath(), {
-            args: ["run", ...perms, "--quiet", `${TOOLS}${script}`, ...args],
-            stdin: "null",
-            stdout: "piped",
-            stderr: "piped",
-            signal: AbortSignal.timeout(BOUND_MS * 2),
-          }).output();
-          return {
-            code: out.code,
-            stderr: new TextDecoder().decode(out.stderr),
-          };
+          return await output(
+            Deno.execPath(),
+            ["run", ...perms, "--quiet", `${TOOLS}${script}`, ...args],
+            { timeoutMs: BOUND_MS * 2 },
+          );
         };
         const tools = [
           ["copy.ts", uri, "null:"],

@@ -7,6 +7,7 @@
  */
 
 import assert from "node:assert/strict";
+import { output } from "../support/command.ts";
 import { makeTestPki, startTlsNbdkits } from "../support/certs.ts";
 
 const BOUND_MS = 20_000;
@@ -52,18 +53,12 @@ async function inChild(uri: string, caFile?: string): Promise<Outcome> {
       }));
     }
   `;
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["eval", "--ext=js", code],
+  const out = await output(Deno.execPath(), ["eval", "--ext=js", code], {
     env: caFile ? { DENO_CERT: caFile } : {},
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(BOUND_MS),
-  }).output();
-  const text = new TextDecoder().decode(out.stdout).trim();
-  assert.ok(
-    text.length > 0,
-    `the child printed nothing: ${new TextDecoder().decode(out.stderr)}`,
-  );
+    timeoutMs: BOUND_MS,
+  });
+  const text = out.text.trim();
+  assert.ok(text.length > 0, `the child printed nothing: ${out.stderr}`);
   return JSON.parse(text.split("\n").at(-1)!) as Outcome;
 }
 

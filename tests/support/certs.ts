@@ -16,6 +16,7 @@
  * @module
  */
 
+import { output } from "./command.ts";
 import { nbdkit, type Server } from "./servers.ts";
 
 /** The files of a test PKI; see the module doc for the layout. */
@@ -48,20 +49,12 @@ async function tool(
   cwd: string,
   args: string[],
 ): Promise<void> {
-  const out = await new Deno.Command(command, {
-    args,
+  const out = await output(command, args, {
     cwd,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(OPENSSL_TIMEOUT_MS),
-  }).output();
-  if (!out.success) {
-    throw new Error(
-      `${command} ${args.join(" ")} failed: ${
-        new TextDecoder().decode(out.stderr)
-      }`,
-    );
+    timeoutMs: OPENSSL_TIMEOUT_MS,
+  });
+  if (out.code !== 0) {
+    throw new Error(`${command} ${args.join(" ")} failed: ${out.stderr}`);
   }
 }
 

@@ -9,6 +9,8 @@
  * @module
  */
 
+import { output } from "./command.ts";
+
 /** Where the sid root is; `NBD_SID_ROOT` moves it. */
 export const SID_ROOT: string = (Deno.env.get("NBD_SID_ROOT") ??
   "/var/cache/nbd-deno/sid-root").replace(/\/+$/, "");
@@ -57,18 +59,12 @@ export async function runSid(
   args: string[],
 ): Promise<SidResult> {
   needSid();
-  const out = await new Deno.Command("chroot", {
-    args: [SID_ROOT, program, ...args.map(insideSid)],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(60_000),
-  }).output();
-  return {
-    code: out.code,
-    stdout: new TextDecoder().decode(out.stdout),
-    stderr: new TextDecoder().decode(out.stderr),
-  };
+  const out = await output("chroot", [
+    SID_ROOT,
+    program,
+    ...args.map(insideSid),
+  ]);
+  return { code: out.code, stdout: out.text, stderr: out.stderr };
 }
 
 /**
