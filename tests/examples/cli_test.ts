@@ -164,9 +164,10 @@ Deno.test("extentDescription() uses nbdinfo's words", () => {
 
 /**
  * Runs `body` as a script in a child Deno, with `withInterrupt` imported,
- * and hands back its stdout line by line.
+ * and hands back its stdout line by line; disposing of it kills what is
+ * left of the child and waits for it.
  */
-function scriptWithInterrupt(body: string): {
+function scriptWithInterrupt(body: string): AsyncDisposable & {
   child: Deno.ChildProcess;
   lines: AsyncIterator<string>;
 } {
@@ -195,7 +196,16 @@ function scriptWithInterrupt(body: string): {
         } as Transformer<string, string> & { buffer: string },
       ),
     )[Symbol.asyncIterator]();
-  return { child, lines };
+  return {
+    child,
+    lines,
+    async [Symbol.asyncDispose]() {
+      try {
+        child.kill("SIGKILL");
+      } catch { /* already gone */ }
+      await child.status;
+    },
+  };
 }
 
 /** The next line, within a bounded wait. */
@@ -216,7 +226,7 @@ Deno.test("withInterrupt() turns SIGINT and SIGTERM into one abort", async (t) =
     await t.step(
       `the first ${signal} aborts with its reason; the listeners go after`,
       async () => {
-        const { child, lines } = scriptWithInterrupt(`
+        await using script = scriptWithInterrupt(`
         const said = await withInterrupt(async (i) => {
           console.log("ready");
           ${waitForSignal}
@@ -227,24 +237,18 @@ Deno.test("withInterrupt() turns SIGINT and SIGTERM into one abort", async (t) =
         Deno.kill(Deno.pid, "SIGINT");
         await new Promise((r) => setTimeout(r, 10_000));
         console.log("still running");`);
-        try {
-          assert.equal(await nextLine(lines), "ready");
-          child.kill(signal);
-          assert.equal(await nextLine(lines), "aborted");
-          const status = await within(10_000, "the child's exit", child.status);
-          assert.equal(status.signal, "SIGINT", "ended by the default action");
-          assert.equal(await nextLine(lines), "(end)");
-        } finally {
-          try {
-            child.kill("SIGKILL");
-          } catch { /* already gone */ }
-          await child.status;
-        }
+        const { child, lines } = script;
+        assert.equal(await nextLine(lines), "ready");
+        child.kill(signal);
+        assert.equal(await nextLine(lines), "aborted");
+        const status = await within(10_000, "the child's exit", child.status);
+        assert.equal(status.signal, "SIGINT", "ended by the default action");
+        assert.equal(await nextLine(lines), "(end)");
       },
     );
   }
   await t.step("a second signal exits at once with status 130", async () => {
-    const { child, lines } = scriptWithInterrupt(`
+    await using script = scriptWithInterrupt(`
       await withInterrupt(async (i) => {
         console.log("ready");
         ${waitForSignal}
@@ -253,23 +257,17 @@ Deno.test("withInterrupt() turns SIGINT and SIGTERM into one abort", async (t) =
         ${waitForSignal.replace("i.stopped, ", "")}
         console.log("stopped by itself");
       });`);
-    try {
-      assert.equal(await nextLine(lines), "ready");
-      child.kill("SIGINT");
-      assert.equal(await nextLine(lines), "stopping");
-      const started = performance.now();
-      child.kill("SIGTERM");
-      const status = await within(5_000, "the child's exit", child.status);
-      assert.equal(status.code, 130);
-      assert.equal(status.signal, null, "exited by itself, not killed");
-      assert.ok(performance.now() - started < 5_000);
-      assert.equal(await nextLine(lines), "(end)");
-    } finally {
-      try {
-        child.kill("SIGKILL");
-      } catch { /* already gone */ }
-      await child.status;
-    }
+    const { child, lines } = script;
+    assert.equal(await nextLine(lines), "ready");
+    child.kill("SIGINT");
+    assert.equal(await nextLine(lines), "stopping");
+    const started = performance.now();
+    child.kill("SIGTERM");
+    const status = await within(5_000, "the child's exit", child.status);
+    assert.equal(status.code, 130);
+    assert.equal(status.signal, null, "exited by itself, not killed");
+    assert.ok(performance.now() - started < 5_000);
+    assert.equal(await nextLine(lines), "(end)");
   });
 });
 
