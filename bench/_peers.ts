@@ -16,6 +16,30 @@ import {
 } from "./_harness.ts";
 import { insideRoot, TRIXIE_ROOT } from "../tests/support/servers.ts";
 
+/**
+ * nbdcopy reading `uri` into `null:` as our client reads it: `request`
+ * bytes a request, `depth` in flight, one connection.
+ *
+ * @param uri The export.
+ * @param request The request size in bytes.
+ * @param depth The queue depth.
+ * @returns The command line, to pass through a libnbd install's `wrap()`.
+ */
+export function nbdcopyMatched(
+  uri: string,
+  request: number,
+  depth: number,
+): string[] {
+  return [
+    "nbdcopy",
+    `--request-size=${request}`,
+    `--requests=${depth}`,
+    "--connections=1",
+    uri,
+    "null:",
+  ];
+}
+
 /** libnbd's version as `nbdcopy --version` prints it ("1.22.2" -> "1.22"). */
 async function libnbdVersion(
   wrap: (argv: string[]) => string[],

@@ -31,6 +31,7 @@ import {
   timeCommand as timeCommandRun,
   timedRequests,
 } from "./_harness.ts";
+import { nbdcopyMatched } from "./_peers.ts";
 import {
   insideRoot,
   nbdkit,
@@ -180,15 +181,7 @@ async function measure(
     },
   });
   const usable = tools.filter((t) => t.usable);
-  const argv = (tool: Peer) =>
-    tool.wrap([
-      "nbdcopy",
-      `--request-size=${REQUEST}`,
-      `--requests=${DEPTH}`,
-      "--connections=1",
-      c.uri,
-      "null:",
-    ]);
+  const argv = (tool: Peer) => tool.wrap(nbdcopyMatched(c.uri, REQUEST, DEPTH));
   const ours: Run[] = [];
   const theirs: Run[][] = usable.map(() => []);
   try {

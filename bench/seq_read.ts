@@ -24,7 +24,7 @@ import {
   timeCommand,
   timedRequests,
 } from "./_harness.ts";
-import { nbdshContender } from "./_peers.ts";
+import { nbdcopyMatched, nbdshContender } from "./_peers.ts";
 import { fmt } from "./_table.ts";
 
 /** Sequential read with `readInto()`, `depth` requests in flight. */
@@ -109,14 +109,7 @@ export async function sections(ctx: BenchContext): Promise<Row[]> {
   const warmSize = Math.min(c.size, 256 * MiB);
   const nbd = await connect({ path: s.path, maxInFlight: 64 });
   try {
-    const matched = [
-      "nbdcopy",
-      `--request-size=${req}`,
-      `--requests=${qd}`,
-      "--connections=1",
-      s.uri,
-      "null:",
-    ];
+    const matched = nbdcopyMatched(s.uri, req, qd);
     const defaults = ["nbdcopy", s.uri, "null:"];
     return await ctx.section(`seq read ${fmt(c.size / MiB)} MiB`, [
       {

@@ -16,6 +16,7 @@ import {
   type Row,
   timeCommand,
 } from "./_harness.ts";
+import { nbdcopyMatched } from "./_peers.ts";
 import { fmt } from "./_table.ts";
 import { oursSequential } from "./seq_read.ts";
 
@@ -61,14 +62,7 @@ export async function sections(ctx: BenchContext): Promise<Row[]> {
       const qd = c.seqDepth;
       const nbd = await connect(uri, { maxInFlight: 64 });
       try {
-        const matched = [
-          "nbdcopy",
-          `--request-size=${req}`,
-          `--requests=${qd}`,
-          "--connections=1",
-          uri,
-          "null:",
-        ];
+        const matched = nbdcopyMatched(uri, req, qd);
         return await ctx.section(
           `seq read ${fmt(size / MiB)} MiB over TLS (TCP)`,
           [
