@@ -164,15 +164,8 @@ export function gnutlsFree(p: Deno.PointerValue): void {
 
 const FREE = { parameters: ["pointer"], result: "void" } as const;
 
-const encoder = new TextEncoder();
-
-/** A NUL-terminated copy of `s` for a `const char *` parameter. */
-export function cString(s: string): Uint8Array<ArrayBuffer> {
-  const bytes = encoder.encode(s);
-  const out = new Uint8Array(bytes.length + 1);
-  out.set(bytes);
-  return out;
-}
+/** A NUL-terminated copy of a string, for a `const char *` parameter. */
+export { cString } from "../_libc.ts";
 
 /**
  * A `gnutls_datum_t` (`{ unsigned char *data; unsigned int size; }`) over
