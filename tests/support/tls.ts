@@ -7,7 +7,13 @@
  */
 
 import assert from "node:assert/strict";
-import { connect, type ConnectOptions, NbdTlsError } from "../../mod.ts";
+import {
+  connect,
+  type ConnectOptions,
+  NbdOptionError,
+  NbdTlsError,
+} from "../../mod.ts";
+import { OPT_STARTTLS } from "../../lib/constants.ts";
 
 /**
  * Connects, checks that TLS was negotiated, writes a pattern and reads it
@@ -76,4 +82,23 @@ export function tlsFailure(
     assert.match(found.message, message);
     return true;
   };
+}
+
+/**
+ * An `assert.rejects` predicate: `nbds://` (TLS required) refused by a
+ * server that does not do TLS, as an {@linkcode NbdOptionError} for
+ * `NBD_OPT_STARTTLS`.
+ *
+ * @param e What was thrown.
+ * @returns `true`, or throws.
+ * @example
+ * ```ts
+ * await assert.rejects(connect(`nbds://localhost:${port}/`), tlsRequired);
+ * ```
+ */
+export function tlsRequired(e: unknown): boolean {
+  assert.ok(e instanceof NbdOptionError, `got ${e}`);
+  assert.equal(e.option, OPT_STARTTLS);
+  assert.match(e.message, /TLS is required but the server/);
+  return true;
 }
