@@ -122,6 +122,24 @@ async function copyDirty(
   return { ...dirtyStats(r.stderr), stderr: r.stderr };
 }
 
+/** `qemu-img compare` finds `copy` (in `format`) and the qcow2 `image` equal. */
+async function assertSameImage(
+  copy: string,
+  format: "raw" | "qcow2",
+  image: string,
+): Promise<void> {
+  const out = await run("qemu-img", [
+    "compare",
+    "-f",
+    format,
+    "-F",
+    "qcow2",
+    copy,
+    image,
+  ]);
+  assert.match(out, /Images are identical/);
+}
+
 /** The source's line of `copy -v`: what `nbd.stats` counted. */
 function sourceWire(
   stderr: string,
@@ -453,16 +471,7 @@ Deno.test({
 
       await t.step("qemu-img compare agrees", async () => {
         const inc = `${b.dir}/inc.raw`;
-        const out = await run("qemu-img", [
-          "compare",
-          "-f",
-          "raw",
-          "-F",
-          "qcow2",
-          inc,
-          b.image,
-        ]);
-        assert.match(out, /Images are identical/);
+        await assertSameImage(inc, "raw", b.image);
       });
     } finally {
       await Deno.remove(b.dir, { recursive: true });
@@ -536,16 +545,7 @@ Deno.test({
             } finally {
               await dst.stop();
             }
-            const out = await run("qemu-img", [
-              "compare",
-              "-f",
-              "qcow2",
-              "-F",
-              "qcow2",
-              inc,
-              image,
-            ]);
-            assert.match(out, /Images are identical/);
+            await assertSameImage(inc, "qcow2", image);
             // The zeroed range is no data on the destination either.
             const map = JSON.parse(
               await run("qemu-img", [
@@ -574,16 +574,7 @@ Deno.test({
             const s = await copyDirty(src.uri(), inc);
             assert.equal(s.read, 4 * MiB);
             assert.equal(s.zeroed, 8 * MiB);
-            const out = await run("qemu-img", [
-              "compare",
-              "-f",
-              "raw",
-              "-F",
-              "qcow2",
-              inc,
-              image,
-            ]);
-            assert.match(out, /Images are identical/);
+            await assertSameImage(inc, "raw", image);
           },
         );
       } finally {
