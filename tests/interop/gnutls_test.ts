@@ -54,6 +54,28 @@ function roundTrip(
   return tlsRoundTrip(target, opts(options));
 }
 
+/**
+ * Connects through GnuTLS and closes, checking that TLS was used: what each
+ * `tls.handshake` debug event said.
+ */
+async function handshakes(uri: string): Promise<Record<string, unknown>[]> {
+  const events: Record<string, unknown>[] = [];
+  const client = await connect(
+    uri,
+    opts({
+      debug: (event, fields) => {
+        if (event === "tls.handshake") events.push(fields);
+      },
+    }),
+  );
+  try {
+    assert.equal(client.tls, true, "TLS was not negotiated");
+  } finally {
+    await client.close();
+  }
+  return events;
+}
+
 /** A relay on a Unix socket to a TCP server that records what the client sent. */
 interface Tap extends AsyncDisposable {
   /** The Unix socket to connect to. */
@@ -158,16 +180,7 @@ Deno.test("GnuTLS engine with nbdkit and X.509 certificates", async (t) => {
     });
 
     await t.step("reports what it negotiated to the debug hook", async () => {
-      const events: Record<string, unknown>[] = [];
-      const client = await connect(
-        `nbds://localhost:${tcp.port}/?${ca}`,
-        opts({
-          debug: (event, fields) => {
-            if (event === "tls.handshake") events.push(fields);
-          },
-        }),
-      );
-      await client.close();
+      const events = await handshakes(`nbds://localhost:${tcp.port}/?${ca}`);
       assert.equal(events.length, 1);
       assert.equal(events[0]!.engine, "gnutls");
       assert.equal(events[0]!.verified, true);
@@ -304,21 +317,9 @@ Deno.test("GnuTLS engine with nbdkit and X.509 certificates", async (t) => {
     await t.step(
       "nbd:// with TLS unset upgrades through GnuTLS when the server requires it",
       async () => {
-        const events: Record<string, unknown>[] = [];
-        const client = await connect(
-          `nbd://localhost:${tcp.port}/?${ca}`,
-          opts({
-            debug: (event, fields) => {
-              if (event === "tls.handshake") events.push(fields);
-            },
-          }),
-        );
-        try {
-          assert.equal(client.tls, true);
-          assert.equal(events[0]?.engine, "gnutls");
-        } finally {
-          await client.close();
-        }
+        const events = await handshakes(`nbd://localhost:${tcp.port}/?${ca}`);
+        assert.equal(events.length, 1, "one handshake");
+        assert.equal(events[0]?.engine, "gnutls");
       },
     );
   } finally {
@@ -356,16 +357,10 @@ Deno.test("GnuTLS engine with nbdkit --tls-psk", async (t) => {
         const aes = /^(?:flags|Features)\s*:.*\baes\b/m.test(
           await Deno.readTextFile("/proc/cpuinfo"),
         );
-        let cipher: unknown;
-        const client = await connect(
+        const [handshake] = await handshakes(
           `nbds://localhost:${tcp.port}/?tls-psk-file=${clientKeys}&tls-username=alice`,
-          opts({
-            debug: (event, fields) => {
-              if (event === "tls.handshake") cipher = fields.cipher;
-            },
-          }),
         );
-        await client.close();
+        const cipher = handshake?.cipher;
         if (aes) assert.equal(cipher, "AES-128-GCM");
         else assert.equal(typeof cipher, "string");
       },
