@@ -93,6 +93,13 @@ export interface BenchRow {
 /** The sizes the benchmark speaks in. */
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
+
+/** The median; of an even count, the mean of the middle two. */
+export function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = s.length >> 1;
+  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
+}
 export const GiB = 1024 * MiB;
 /** Bytes per random request. */
 export const RANDOM_SIZE = 4 * KiB;

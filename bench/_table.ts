@@ -7,13 +7,7 @@
  * @module
  */
 
-import { type BenchRow, MiB, type Row } from "./_harness.ts";
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-}
+import { type BenchRow, median, MiB, type Row } from "./_harness.ts";
 
 interface Rates {
   mibs: number;

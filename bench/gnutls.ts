@@ -28,6 +28,9 @@ import { gnutls } from "../ffi/mod.ts";
 import { makeTestPki } from "../tests/support/certs.ts";
 import {
   type BenchRow,
+  KiB,
+  median,
+  MiB,
   timeCommand as timeCommandRun,
   timedRequests,
 } from "./_harness.ts";
@@ -39,8 +42,6 @@ import {
   TRIXIE_ROOT,
 } from "../tests/support/servers.ts";
 
-const KiB = 1024;
-const MiB = 1024 * KiB;
 const REQUEST = 256 * KiB;
 const DEPTH = 16;
 const PSK_KEY =
@@ -58,12 +59,6 @@ interface Peer {
   name: string;
   wrap(argv: string[]): string[];
   usable: boolean;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
 }
 
 /** Sequential `readInto()` of `size` bytes, `DEPTH` requests in flight. */
