@@ -9,7 +9,13 @@
 import assert from "node:assert/strict";
 import { blkhash, Blkhasher, connect, toHex } from "../mod.ts";
 import { md5 } from "../lib/_md5.ts";
-import { nbdkit, qemuNbd, run, type Server } from "./support/servers.ts";
+import {
+  makeQcow2,
+  nbdkit,
+  qemuNbd,
+  run,
+  type Server,
+} from "./support/servers.ts";
 import { sidBlkhash, sidTempDir } from "./support/sid.ts";
 import { seeded } from "./support/random.ts";
 
@@ -211,17 +217,10 @@ const FIXTURES: Fixture[] = [
     name: "qemu-nbd qcow2 with a zeroed cluster range",
     start: async (dir) => {
       const image = `${dir}/disk.qcow2`;
-      await run("qemu-img", ["create", "-q", "-f", "qcow2", image, "6M"]);
-      await run("qemu-io", [
-        "-f",
-        "qcow2",
-        "-c",
+      await makeQcow2(image, "6M", [
         "write -P 0x5a 0 5M",
-        "-c",
         "write -z 1M 2M",
-        "-c",
         "write -P 0x11 3000000 12345",
-        image,
       ]);
       return qemuNbd(["-f", "qcow2", image], { dir });
     },

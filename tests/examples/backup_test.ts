@@ -21,6 +21,7 @@ import {
   walkDirty,
 } from "../../examples/copy/dirty.ts";
 import {
+  makeQcow2,
   nbdkit,
   qemuNbd,
   run,
@@ -174,12 +175,14 @@ async function makeBackup(): Promise<Backup> {
   const dir = await tempDir();
   const image = `${dir}/disk.qcow2`;
   const full = `${dir}/full.raw`;
-  await run("qemu-img", ["create", "-q", "-f", "qcow2", image, String(SIZE)]);
-  const fill: string[] = [];
-  for (let i = 0; i < SIZE / MiB; i++) {
-    fill.push("-c", `write -q -P ${0x40 + i} ${i * MiB} ${MiB}`);
-  }
-  await run("qemu-io", ["-f", "qcow2", ...fill, image]);
+  await makeQcow2(
+    image,
+    String(SIZE),
+    Array.from(
+      { length: SIZE / MiB },
+      (_, i) => `write -q -P ${0x40 + i} ${i * MiB} ${MiB}`,
+    ),
+  );
 
   const ro = await qemuNbd(["-r", "-f", "qcow2", image], { dir });
   try {
@@ -488,14 +491,7 @@ Deno.test({
     try {
       const image = `${dir}/disk.qcow2`;
       const full = `${dir}/full.raw`;
-      await run("qemu-img", ["create", "-q", "-f", "qcow2", image, "32M"]);
-      await run("qemu-io", [
-        "-f",
-        "qcow2",
-        "-c",
-        "write -q -P 0x61 0 32M",
-        image,
-      ]);
+      await makeQcow2(image, "32M", ["write -q -P 0x61 0 32M"]);
       await run("qemu-img", [
         "convert",
         "-f",

@@ -8,7 +8,7 @@
 import assert from "node:assert/strict";
 import { parseBlkhash } from "../../examples/copy/options.ts";
 import { UsageError } from "../../examples/_cli.ts";
-import { nbdkit, qemuNbd, run, type Server } from "../support/servers.ts";
+import { makeQcow2, nbdkit, qemuNbd, type Server } from "../support/servers.ts";
 import { runSid, sidBlkhash, sidTempDir } from "../support/sid.ts";
 import { fileHash } from "../support/reference.ts";
 import { runTool } from "./_tools.ts";
@@ -91,16 +91,7 @@ const SOURCES: Source[] = [
     name: "qemu-nbd with a zeroed range",
     open: async (dir) => {
       const image = `${dir}/disk.qcow2`;
-      await run("qemu-img", ["create", "-q", "-f", "qcow2", image, "7M"]);
-      await run("qemu-io", [
-        "-f",
-        "qcow2",
-        "-c",
-        "write -P 0x33 0 6M",
-        "-c",
-        "write -z 2M 3M",
-        image,
-      ]);
+      await makeQcow2(image, "7M", ["write -P 0x33 0 6M", "write -z 2M 3M"]);
       const server = await qemuNbd(["-f", "qcow2", image], { dir });
       return { word: server.uri(), server };
     },

@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import {
   insideRoot,
+  makeQcow2,
   nbdkit,
   qemuNbd,
   run,
@@ -204,14 +205,7 @@ Deno.test({
     const dir = await Deno.makeTempDir({ prefix: "nbd-test-" });
     try {
       const image = `${dir}/x.qcow2`;
-      await run("qemu-img", ["create", "-q", "-f", "qcow2", image, "4M"]);
-      await run("qemu-io", [
-        "-f",
-        "qcow2",
-        "-c",
-        "write -P 0x55 1M 64k",
-        image,
-      ]);
+      await makeQcow2(image, "4M", ["write -P 0x55 1M 64k"]);
       const target = cmd("qemu-nbd", "-r", "-f", "qcow2", image);
       const json = await runTool("info", ["--json", ...target]);
       assert.equal(json.code, 0, json.stderr);

@@ -536,6 +536,26 @@ export async function run(
   return new TextDecoder().decode(await runBytes(program, args, peers));
 }
 
+/**
+ * Makes a qcow2 image of `size` (qemu-img's notation, "32M") and runs the
+ * `qemu-io` commands given on it, in one process: a fixture with data,
+ * holes and zeroed clusters where the test wants them.
+ */
+export async function makeQcow2(
+  image: string,
+  size: string,
+  commands: string[] = [],
+): Promise<void> {
+  await run("qemu-img", ["create", "-q", "-f", "qcow2", image, size]);
+  if (commands.length === 0) return;
+  await run("qemu-io", [
+    "-f",
+    "qcow2",
+    ...commands.flatMap((c) => ["-c", c]),
+    image,
+  ]);
+}
+
 /** Makes a sparse file of `size` bytes. */
 export async function sparseFile(path: string, size: number): Promise<void> {
   const f = await Deno.open(path, {
