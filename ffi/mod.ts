@@ -63,3 +63,13 @@ export type {
   TlsOptions,
 } from "../lib/connect_options.ts";
 export type { BlockSize, ExportInfo, Protocol } from "../lib/export.ts";
+// The export as one file in a FUSE mount (nbdfuse's way, no nbd module).
+export { isFuseMounted, mountFuse } from "./fuse/serve.ts";
+export type {
+  FuseCacheMode,
+  FuseEnd,
+  FuseMount,
+  FuseOptions,
+} from "./fuse/serve.ts";
+export { NbdFuseError } from "./fuse/errors.ts";
+export type { FuseErrorReason } from "./fuse/errors.ts";
