@@ -1,0 +1,284 @@
+/**
+ * Benchmark rows for `examples/fuse.ts` beside libnbd's `nbdfuse` 1.14 (the
+ * host's) and 1.22 (the Debian 13 root's, run with `chroot`), all on the
+ * same 1 GiB `nbdkit --filter=cow pattern` export in the same run:
+ * sequential read (buffered and O_DIRECT, `dd bs=1M`, caches dropped),
+ * sequential write (`dd bs=1M conv=fsync`) and 4 KiB random reads
+ * through a loop device. Needs root (mount, losetup, drop_caches).
+ *
+ * ```sh
+ * deno run -A bench/fuse.ts
+ * ```
+ *
+ * @module
+ */
+
+import { nbdkit, type Server, TRIXIE_ROOT } from "../tests/support/servers.ts";
+import { until, within } from "../tests/support/wait.ts";
+
+/** One benchmark figure beside a peer's. */
+export interface BenchRow {
+  /** e.g. "fuse: sequential read 1 GiB, buffered" */
+  name: string;
+  /** what is measured, e.g. "MB/s" (higher is better) or "ms" */
+  unit: string;
+  higherIsBetter: boolean;
+  ours: number;
+  /** the peer's figure measured in the same run, e.g. nbdfuse 1.14 */
+  peer: number;
+  peerName: string;
+  /** optional extra, e.g. CPU per request */
+  note?: string;
+}
+
+const GIB = 1 << 30;
+const TOOL = new URL("../examples/fuse.ts", import.meta.url).pathname;
+const decoder = new TextDecoder();
+/** Each figure is the best of this many runs (the machine is shared). */
+const TRIES = 2;
+/** Random reads per run, and the most time they may take. */
+const RANDOM_READS = 4000;
+const RANDOM_SECONDS = 20;
+
+async function sh(
+  program: string,
+  args: string[],
+  ms = 120_000,
+): Promise<string> {
+  const out = await new Deno.Command(program, {
+    args,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout(ms),
+  }).output();
+  const err = decoder.decode(out.stderr);
+  if (!out.success) {
+    throw new Error(`${program} ${args.join(" ")} failed: ${err.trim()}`);
+  }
+  return decoder.decode(out.stdout) + err;
+}
+
+async function dropCaches(): Promise<void> {
+  await sh("sync", []);
+  await Deno.writeTextFile("/proc/sys/vm/drop_caches", "3\n");
+}
+
+/** MB/s from dd's own report ("N bytes ... copied, S s, ..."). */
+async function dd(args: string[]): Promise<number> {
+  const text = await sh("dd", args);
+  const m = /(\d+) bytes .* copied, ([\d.e+-]+) s/.exec(text);
+  if (!m) throw new Error(`dd said: ${text}`);
+  return Number(m[1]) / Number(m[2]) / 1e6;
+}
+
+/** 4 KiB O_DIRECT reads at seeded random offsets, one at a time: IOPS. */
+const RANDOM_READER = `
+import mmap, os, random, sys, time
+path, n, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+size = os.lseek(fd, 0, os.SEEK_END)
+buf = mmap.mmap(-1, 4096)
+rng = random.Random(19)
+start = time.monotonic()
+done = 0
+while done < n and time.monotonic() - start < limit:
+    os.preadv(fd, [buf], rng.randrange(size // 4096) * 4096)
+    done += 1
+print(done / (time.monotonic() - start))
+`;
+
+async function randomReads(device: string): Promise<number> {
+  const out = await sh("python3", [
+    "-c",
+    RANDOM_READER,
+    device,
+    String(RANDOM_READS),
+    String(RANDOM_SECONDS),
+  ]);
+  return Number(out.trim());
+}
+
+/** A FUSE server under test. */
+interface Contender {
+  name: string;
+  /** Where the file appears. */
+  mnt: string;
+  /** Starts it serving the export at `socket` (a host path). */
+  start(socket: string): Deno.ChildProcess;
+}
+
+interface Figures {
+  seqBuffered: number;
+  seqDirect: number;
+  seqWrite: number;
+  random: number;
+}
+
+async function measure(c: Contender, socket: string): Promise<Figures> {
+  await Deno.mkdir(c.mnt, { recursive: true });
+  const child = c.start(socket);
+  const file = `${c.mnt}/nbd`;
+  let loop: string | undefined;
+  try {
+    await until(`${c.name} to serve ${file}`, () => {
+      try {
+        return Deno.statSync(file).size === GIB;
+      } catch {
+        return false;
+      }
+    }, 30_000);
+    const best = async (f: () => Promise<number>): Promise<number> => {
+      let top = 0;
+      for (let i = 0; i < TRIES; i++) top = Math.max(top, await f());
+      return top;
+    };
+    const seqBuffered = await best(async () => {
+      await dropCaches();
+      return await dd([`if=${file}`, "of=/dev/null", "bs=1M"]);
+    });
+    const seqDirect = await best(async () => {
+      await dropCaches();
+      return await dd([`if=${file}`, "of=/dev/null", "bs=1M", "iflag=direct"]);
+    });
+    const seqWrite = await best(() =>
+      dd([
+        "if=/dev/zero",
+        `of=${file}`,
+        "bs=1M",
+        "count=512",
+        "conv=notrunc,fsync",
+      ])
+    );
+    loop = (await sh("losetup", ["-f", "--show", "--direct-io=on", file]))
+      .trim();
+    const random = await best(() => randomReads(loop!));
+    return { seqBuffered, seqDirect, seqWrite, random };
+  } finally {
+    if (loop) await sh("losetup", ["-d", loop]).catch(() => {});
+    await sh("fusermount3", ["-u", c.mnt]).catch(() => {});
+    const exited = await within(20_000, `${c.name} to exit`, child.status)
+      .then(() => true, () => false);
+    if (!exited) {
+      child.kill("SIGKILL");
+      await child.status;
+      await sh("umount", ["-l", c.mnt]).catch(() => {});
+    }
+  }
+}
+
+function spawn(program: string, args: string[]): Deno.ChildProcess {
+  return new Deno.Command(program, {
+    args,
+    stdin: "null",
+    stdout: "null",
+    stderr: "inherit",
+  }).spawn();
+}
+
+/** Makes `/dev/fuse` inside the Debian 13 root, for its nbdfuse. */
+async function fuseInRoot(): Promise<void> {
+  try {
+    await Deno.stat(`${TRIXIE_ROOT}/dev/fuse`);
+  } catch {
+    await sh("mknod", [
+      "-m",
+      "666",
+      `${TRIXIE_ROOT}/dev/fuse`,
+      "c",
+      "10",
+      "229",
+    ]);
+  }
+}
+
+/** Runs every workload on ours and both nbdfuses; one row per peer. */
+export async function rows(): Promise<BenchRow[]> {
+  await fuseInRoot();
+  const server: Server = await nbdkit(
+    ["--filter=cow", "pattern", "1G"],
+    { reach: "trixie" },
+  );
+  const inRoot = (p: string) => p.replace(`${TRIXIE_ROOT}/`, "/");
+  try {
+    const socket = server.socket!;
+    const base = server.dir;
+    const uri = (s: string) => `nbd+unix:///?socket=${s}`;
+    const ours: Contender = {
+      name: "fuse.ts",
+      mnt: `${base}/ours`,
+      start: (s) =>
+        spawn(Deno.execPath(), [
+          "run",
+          "-A",
+          "--quiet",
+          TOOL,
+          `${base}/ours`,
+          uri(s),
+        ]),
+    };
+    const peers: Contender[] = [
+      {
+        name: "nbdfuse 1.14",
+        mnt: `${base}/n114`,
+        start: (s) => spawn("nbdfuse", [`${base}/n114`, uri(s)]),
+      },
+      {
+        name: "nbdfuse 1.22",
+        mnt: `${base}/n122`,
+        start: (s) =>
+          spawn("chroot", [
+            TRIXIE_ROOT,
+            "nbdfuse",
+            inRoot(`${base}/n122`),
+            uri(inRoot(s)),
+          ]),
+      },
+    ];
+    const mine = await measure(ours, socket);
+    const out: BenchRow[] = [];
+    for (const p of peers) {
+      const theirs = await measure(p, socket);
+      const row = (
+        name: string,
+        unit: string,
+        key: keyof Figures,
+      ): BenchRow => ({
+        name: `fuse: ${name}`,
+        unit,
+        higherIsBetter: true,
+        ours: Math.round(mine[key]),
+        peer: Math.round(theirs[key]),
+        peerName: p.name,
+      });
+      out.push(
+        row(
+          "sequential read 1 GiB, buffered (dd bs=1M)",
+          "MB/s",
+          "seqBuffered",
+        ),
+        row("sequential read 1 GiB, O_DIRECT (dd bs=1M)", "MB/s", "seqDirect"),
+        row(
+          "sequential write 512 MiB (dd bs=1M conv=fsync)",
+          "MB/s",
+          "seqWrite",
+        ),
+        row("4 KiB random reads through a loop device, QD1", "IOPS", "random"),
+      );
+    }
+    return out;
+  } finally {
+    await server.stop();
+  }
+}
+
+if (import.meta.main) {
+  for (const r of await rows()) {
+    const ratio = r.higherIsBetter ? r.ours / r.peer : r.peer / r.ours;
+    console.log(
+      `${r.name}: ours ${r.ours} ${r.unit}, ${r.peerName} ${r.peer} ${r.unit}, ratio ${
+        ratio.toFixed(2)
+      }`,
+    );
+  }
+}
