@@ -67,6 +67,7 @@ export type { BlockSize, ExportInfo, Protocol } from "../lib/export.ts";
 export { isFuseMounted, mountFuse } from "./fuse/serve.ts";
 export type {
   FuseCacheMode,
+  FuseClient,
   FuseEnd,
   FuseMount,
   FuseOptions,

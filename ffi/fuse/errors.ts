@@ -53,6 +53,8 @@ export class NbdFuseError extends NbdError {
   readonly reason: FuseErrorReason;
 
   /**
+   * Creates the error.
+   *
    * @param reason Why it failed.
    * @param message The one-line message, with the fix.
    * @param options The cause, if any.

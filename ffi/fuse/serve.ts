@@ -14,7 +14,6 @@
  * @module
  */
 
-import type { NbdClient } from "../../lib/client.ts";
 import { NbdCommandError } from "../../lib/errors.ts";
 import { libc, SC_PAGESIZE } from "../_libc.ts";
 import { NbdSystemCallError } from "../errors.ts";
@@ -69,6 +68,45 @@ import {
   opName,
   SIZES,
 } from "./_wire.ts";
+
+/**
+ * What the server needs of a client: `NbdClient` from `connect()` is one.
+ * Requests are issued concurrently; the client pipelines them.
+ */
+export interface FuseClient {
+  /** The export's size in bytes. */
+  readonly size: number;
+  /** The same, exactly. */
+  readonly sizeBigInt: bigint;
+  /** Whether the export refuses writes. */
+  readonly readOnly: boolean;
+  /** Whether `flush()` is allowed. */
+  readonly canFlush: boolean;
+  /** Whether `trim()` is allowed. */
+  readonly canTrim: boolean;
+  /** Whether `writeZeroes()` is allowed. */
+  readonly canWriteZeroes: boolean;
+  /** Requests must be multiples of `minimum` bytes, at such offsets. */
+  readonly blockSize: { readonly minimum: number };
+  /** `"failed"` or `"closed"` once no request can succeed. */
+  readonly state: string;
+  /** Reads `buffer.length` bytes at `offset` into `buffer`. */
+  readInto(buffer: Uint8Array, offset: number): Promise<void>;
+  /** Reads `length` bytes at `offset`. */
+  read(offset: number, length: number): Promise<Uint8Array>;
+  /** Writes `data` at `offset`. */
+  write(offset: number, data: Uint8Array): Promise<void>;
+  /** Makes completed writes durable. */
+  flush(): Promise<void>;
+  /** Discards a range. */
+  trim(offset: number, length: number): Promise<void>;
+  /** Zeroes a range; `noHole` keeps it allocated. */
+  writeZeroes(
+    offset: number,
+    length: number,
+    options?: { noHole?: boolean },
+  ): Promise<void>;
+}
 
 /**
  * What the kernel's page cache does with the file:
@@ -181,7 +219,7 @@ const PASSED_ERRNOS = new Set([1, 5, 12, 22, 28, 75, 95, 108]);
  * ```
  */
 export async function mountFuse(
-  client: NbdClient,
+  client: FuseClient,
   path: string,
   options: FuseOptions = {},
 ): Promise<FuseMount> {
@@ -262,7 +300,7 @@ class FuseServer implements FuseMount {
   readonly maxWrite: number;
   readonly closed: Promise<FuseEnd>;
 
-  #client: NbdClient;
+  #client: FuseClient;
   #fd: number;
   #config: ServerConfig;
   #state: ServerState = { kind: "starting" };
@@ -280,7 +318,7 @@ class FuseServer implements FuseMount {
   /** Unaligned writes read, merge and write whole blocks: one at a time. */
   #rmw: Promise<void> = Promise.resolve();
 
-  constructor(client: NbdClient, fd: number, config: ServerConfig) {
+  constructor(client: FuseClient, fd: number, config: ServerConfig) {
     this.#client = client;
     this.#fd = fd;
     this.#config = config;
@@ -771,7 +809,19 @@ function asError(e: unknown): Error {
   return e instanceof Error ? e : new Error(String(e));
 }
 
-/** Whether `dir` has a FUSE mount of this module's kind on it now. */
+/**
+ * Whether `dir` has a FUSE mount made by {@linkcode mountFuse} on it now
+ * (its type in /proc/self/mountinfo is `fuse.nbd`).
+ *
+ * @param dir An absolute directory path.
+ * @returns Whether such a mount is there.
+ *
+ * @example
+ * ```ts ignore
+ * import { isFuseMounted } from "@nbd/client/ffi";
+ * if (isFuseMounted("/mnt/nbd")) console.log("still mounted");
+ * ```
+ */
 export function isFuseMounted(dir: string): boolean {
   const m = mountedAt(dir);
   return m !== undefined && m.fstype === "fuse.nbd";
