@@ -58,6 +58,8 @@ Options:
       --kernel-cache       keep the page cache across opens (only when
                            nothing else writes to the export)
       --in-flight N        requests in flight at once (default 16)
+      --readahead KIB      read-ahead of buffered reads (default 1024;
+                           0 keeps the kernel's 128)
   -v, --verbose            trace each FUSE request to stderr
   -h, --help               this text
   -V, --version            print the version and exit`;
@@ -71,6 +73,7 @@ const SPECS: OptionSpec[] = [
   { name: "direct-io", kind: "flag" },
   { name: "kernel-cache", kind: "flag" },
   { name: "in-flight", kind: "value" },
+  { name: "readahead", kind: "value" },
   { name: "verbose", kind: "flag", short: "v" },
   { name: "help", kind: "flag", short: "h" },
   VERSION_OPTION,
@@ -149,6 +152,10 @@ async function run(args: string[]): Promise<number> {
   const inFlight = options.get("in-flight");
   if (typeof inFlight === "string") {
     fuseOptions.inFlight = parseCount(inFlight, "--in-flight", 1, 256);
+  }
+  const readahead = options.get("readahead");
+  if (typeof readahead === "string") {
+    fuseOptions.readahead = parseCount(readahead, "--readahead", 0, 65536);
   }
   if (options.has("verbose")) {
     fuseOptions.debug = (event, fields) =>

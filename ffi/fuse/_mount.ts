@@ -119,6 +119,8 @@ export function resolveTarget(path: string): Target {
 
 /** One line of /proc/self/mountinfo: where, and what. */
 interface MountEntry {
+  /** `major:minor` of the file system (a FUSE mount's bdi is named so). */
+  device: string;
   mountpoint: string;
   fstype: string;
   source: string;
@@ -145,6 +147,7 @@ export function mounts(): MountEntry[] {
     const dash = fields.indexOf("-");
     if (dash < 0 || fields.length < dash + 3) continue;
     out.push({
+      device: fields[2]!,
       mountpoint: unescape(fields[4]!),
       fstype: fields[dash + 1]!,
       source: unescape(fields[dash + 2]!),
@@ -240,4 +243,26 @@ export function unmountFs(
     if (e === EINVAL || e === ENOENT) return "not-mounted";
   }
   throw new NbdSystemCallError("umount2", e, `Cannot unmount ${dir}`);
+}
+
+/**
+ * Sets the read-ahead of the FUSE mount on `dir` (its own backing device,
+ * `/sys/class/bdi/MAJ:MIN/read_ahead_kb`). The kernel starts a FUSE mount
+ * at 128 KiB, which caps buffered reads at 128 KiB requests; larger ones
+ * halve the round trips of a sequential read.
+ *
+ * @returns Whether it was set (not without sysfs or permission).
+ */
+export function setReadahead(dir: string, kib: number): boolean {
+  const m = mountedAt(dir);
+  if (!m) return false;
+  try {
+    Deno.writeTextFileSync(
+      `/sys/class/bdi/${m.device}/read_ahead_kb`,
+      `${kib}\n`,
+    );
+    return true;
+  } catch {
+    return false;
+  }
 }

@@ -46,6 +46,17 @@ async function must(program: string, args: string[]): Promise<string> {
   return r.stdout;
 }
 
+/** The read-ahead (KiB) of the mount on `dir`, from its bdi in sysfs. */
+function readaheadOf(dir: string): number {
+  const line = Deno.readTextFileSync("/proc/self/mountinfo").split("\n")
+    .find((l) => l.split(" ")[4] === dir);
+  assert.ok(line, `${dir} is not mounted`);
+  const device = line.split(" ")[2];
+  return Number(
+    Deno.readTextFileSync(`/sys/class/bdi/${device}/read_ahead_kb`).trim(),
+  );
+}
+
 function mountedAt(dir: string): boolean {
   return Deno.readTextFileSync("/proc/mounts").split("\n")
     .some((l) => l.split(" ")[1] === dir);
@@ -175,6 +186,8 @@ Deno.test("fuse serves the export as a file that takes a loop device and ext4", 
     const f = await fuse(w);
     const st = await Deno.stat(`${w.mnt}/nbd`);
     assert.equal(st.size, SIZE);
+    // Read-ahead as large as the largest request (256 pages).
+    assert.equal(readaheadOf(w.mnt), 256 * 4);
     assert.deepEqual(
       Array.from(Deno.readDirSync(w.mnt), (e) => e.name),
       ["nbd"],
@@ -377,7 +390,9 @@ Deno.test("fuse ends with exit 0 and nothing mounted", async (t) => {
     for (const [name, end] of ways) {
       await t.step(name, async () => {
         await Deno.remove(w.pidfile).catch(() => {});
-        const f = await fuse(w);
+        // --readahead 0 leaves the kernel's 128 KiB.
+        const f = await fuse(w, ["--readahead", "0"]);
+        assert.equal(readaheadOf(w.mnt), 128);
         assert.equal(mountedAt(w.mnt), true);
         await end(f);
         const r = await exited(f);
