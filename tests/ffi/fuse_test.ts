@@ -495,3 +495,56 @@ Deno.test("fuse refuses a bad mount point with one line naming the fix", async (
     await cleanUp(w);
   }
 });
+
+Deno.test("fuse -C 2 spreads requests over two connections", async () => {
+  const w = await world((image, dir) => [
+    "--filter=log",
+    // Slow reads: the reads at once below overlap for sure.
+    "--filter=delay",
+    "file",
+    image,
+    `logfile=${dir}/log`,
+    "rdelay=20ms",
+  ]);
+  try {
+    const f = await fuse(w, ["-C", "2", "--direct-io"]);
+    const data = new Uint8Array(1 << 20).map((_, i) => (i * 7) & 0xff);
+    await Deno.writeFile(`${w.dir}/src`, data);
+    await must("dd", [
+      `if=${w.dir}/src`,
+      `of=${w.mnt}/nbd`,
+      "bs=64K",
+      "oflag=direct",
+      "conv=notrunc,fsync",
+      "status=none",
+    ]);
+    // Reads at once, so that the second connection gets some.
+    const parts = await Promise.all(
+      [0, 1, 2, 3, 4, 5, 6, 7].map(async (i) => {
+        const r = await sh("dd", [
+          `if=${w.mnt}/nbd`,
+          `of=${w.dir}/back${i}`,
+          "bs=128K",
+          `skip=${i}`,
+          "count=1",
+          "iflag=direct",
+          "status=none",
+        ]);
+        assert.equal(r.code, 0, r.stderr);
+        return await Deno.readFile(`${w.dir}/back${i}`);
+      }),
+    );
+    const back = new Uint8Array(1 << 20);
+    parts.forEach((p, i) => back.set(p, i * 131072));
+    assert.deepEqual(back, data);
+    const log = await Deno.readTextFile(`${w.dir}/log`);
+    assert.match(log, /connection=1 (Read|Write) /);
+    assert.match(log, /connection=2 (Read|Write) /);
+    await unmountAndExit(w, f);
+  } catch (e) {
+    w.failed = true;
+    throw e;
+  } finally {
+    await cleanUp(w);
+  }
+});
