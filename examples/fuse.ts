@@ -12,7 +12,9 @@
  * fusermount3 -u /mnt/nbd        # or umount, or SIGINT/SIGTERM: exit 0
  * ```
  *
- * Needs root (it calls `mount(2)` itself; no libfuse). Stays in the
+ * Needs root (it calls `mount(2)` itself; no libfuse) and
+ * `--allow-ffi --allow-read --allow-write --allow-net` (plus `--allow-run`
+ * for a `[ CMD ]` server), or `-A`. Stays in the
  * foreground until the file system is unmounted. Errors are one line on
  * stderr; a busy or stale mount point names the fix (`fusermount3 -u`).
  *

@@ -197,8 +197,8 @@ export function mountFuseFs(
   readOnly: boolean,
   source: string,
 ): void {
-  const uid = Deno.uid() ?? 0;
-  const gid = Deno.gid() ?? 0;
+  const uid = sys().getuid();
+  const gid = sys().getgid();
   const data = `fd=${fd},rootmode=40000,user_id=${uid},group_id=${gid}`;
   const flags = MS_NOSUID | MS_NODEV | (readOnly ? MS_RDONLY : 0);
   const rc = sys().mount(

@@ -29,6 +29,8 @@ const SYMBOLS = {
     result: "i32",
   },
   umount2: { parameters: ["buffer", "i32"], result: "i32" },
+  getuid: { parameters: [], result: "u32" },
+  getgid: { parameters: [], result: "u32" },
   __errno_location: { parameters: [], result: "pointer" },
 } as const satisfies Deno.ForeignLibraryInterface;
 

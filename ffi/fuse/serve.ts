@@ -202,7 +202,8 @@ const PASSED_ERRNOS = new Set([1, 5, 12, 22, 28, 75, 95, 108]);
  * `path` is `MOUNTPOINT` (an existing directory; the file is `nbd`) or
  * `MOUNTPOINT/FILENAME` (a name that does not exist in an existing
  * directory). Needs root (CAP_SYS_ADMIN) and `--allow-ffi`, plus
- * `--allow-read` for the mount point checks.
+ * `--allow-read` for the mount point checks and `--allow-write` to raise
+ * the mount's read-ahead in sysfs (skipped without it).
  *
  * @param client An open client; its export is the file.
  * @param path Where the file appears.
@@ -353,8 +354,8 @@ class FuseServer implements FuseMount {
     pv.setInt32(0, fd, true);
     pv.setInt16(4, POLLIN, true);
     const now = BigInt(Math.floor(Date.now() / 1000));
-    const uid = Deno.uid() ?? 0;
-    const gid = Deno.gid() ?? 0;
+    const uid = sys().getuid();
+    const gid = sys().getgid();
     this.#dirAttr = {
       ino: FUSE_ROOT_ID,
       size: 4096n,
