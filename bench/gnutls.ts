@@ -28,6 +28,7 @@ import { connect, type NbdClient } from "../mod.ts";
 import { gnutls } from "../ffi/mod.ts";
 import { makeTestPki } from "../tests/support/certs.ts";
 import type { BenchRow } from "./_harness.ts";
+import { formatBenchRows } from "./_table.ts";
 import {
   insideRoot,
   nbdkit,
@@ -401,16 +402,5 @@ if (import.meta.main) {
     (t) => console.error(t),
     !Deno.args.includes("--no-copy"),
   );
-  for (const r of table) {
-    if (r.peer === null) {
-      console.log(`${r.name}: ours ${r.ours.toFixed(0)} ${r.unit}`);
-      continue;
-    }
-    const ratio = r.higherIsBetter ? r.ours / r.peer : r.peer / r.ours;
-    console.log(
-      `${r.name}: ours ${r.ours.toFixed(0)} ${r.unit}, ${r.peerName} ${
-        r.peer.toFixed(0)
-      } ${r.unit}, ${ratio.toFixed(2)}x; ${r.note ?? ""}`,
-    );
-  }
+  console.log(formatBenchRows(table));
 }
