@@ -154,3 +154,24 @@ Deno.test("info --map: runs past 2^53 stay exact", async (t) => {
     );
   });
 });
+
+Deno.test("copy says plainly that it stops below 2^53 bytes", async () => {
+  const server = await nbdkit(["null", `size=${2n ** 62n}`]);
+  try {
+    const runs = [
+      [server.uri(), "null:"],
+      ["--dirty=base:allocation", "--map-only", server.uri()],
+    ];
+    for (const args of runs) {
+      const r = await runTool("copy", args);
+      assert.equal(r.code, 1);
+      assert.match(
+        r.stderr,
+        /the export has 4611686018427387904 bytes; copy handles exports below 2\^53 bytes \(8 PiB\) only/,
+      );
+      assert.doesNotMatch(r.stderr, /sizeBigInt/);
+    }
+  } finally {
+    await server.stop();
+  }
+});
