@@ -18,6 +18,7 @@ import { NbdCommandError } from "../../lib/errors.ts";
 import { libc, SC_PAGESIZE } from "../_libc.ts";
 import { NbdSystemCallError } from "../errors.ts";
 import { NbdFuseError } from "./errors.ts";
+import { ExportFile, type FuseCacheMode, type FuseClient } from "./_file.ts";
 import {
   checkMountpoint,
   mountedAt,
@@ -29,98 +30,31 @@ import {
 import {
   closeFd,
   EAGAIN,
-  EFBIG,
   EINTR,
   EINVAL,
   EIO,
   ENODEV,
   ENOENT,
-  ENOSYS,
-  EOPNOTSUPP,
-  EROFS,
   errno,
   openFuseDevice,
   POLLIN,
   sys,
 } from "./_sys.ts";
 import {
-  type Attr,
   decodeRequest,
-  type Dirent,
-  encodeAttr,
-  encodeEntry,
   encodeError,
-  encodeHeader,
   encodeInit,
-  encodeOpen,
-  encodeReaddir,
-  encodeStatfs,
-  encodeWrite,
   expectsReply,
-  FALLOC,
-  FATTR,
-  FOPEN,
   FUSE_KERNEL_MINOR_VERSION,
   FUSE_KERNEL_VERSION,
   FUSE_MIN_MINOR_VERSION,
-  FUSE_ROOT_ID,
   type FuseRequest,
   INIT,
   opName,
   SIZES,
 } from "./_wire.ts";
 
-/**
- * What the server needs of a client: `NbdClient` from `connect()` is one.
- * Requests are issued concurrently; the client pipelines them.
- */
-export interface FuseClient {
-  /** The export's size in bytes. */
-  readonly size: number;
-  /** The same, exactly. */
-  readonly sizeBigInt: bigint;
-  /** Whether the export refuses writes. */
-  readonly readOnly: boolean;
-  /** Whether `flush()` is allowed. */
-  readonly canFlush: boolean;
-  /** Whether `trim()` is allowed. */
-  readonly canTrim: boolean;
-  /** Whether `writeZeroes()` is allowed. */
-  readonly canWriteZeroes: boolean;
-  /** Requests must be multiples of `minimum` bytes, at such offsets. */
-  readonly blockSize: { readonly minimum: number };
-  /** `"failed"` or `"closed"` once no request can succeed. */
-  readonly state: string;
-  /** Reads `buffer.length` bytes at `offset` into `buffer`. */
-  readInto(buffer: Uint8Array, offset: number): Promise<void>;
-  /** Reads `length` bytes at `offset`. */
-  read(offset: number, length: number): Promise<Uint8Array>;
-  /** Writes `data` at `offset`. */
-  write(offset: number, data: Uint8Array): Promise<void>;
-  /** Makes completed writes durable. */
-  flush(): Promise<void>;
-  /** Discards a range. */
-  trim(offset: number, length: number): Promise<void>;
-  /** Zeroes a range; `noHole` keeps it allocated. */
-  writeZeroes(
-    offset: number,
-    length: number,
-    options?: { noHole?: boolean },
-  ): Promise<void>;
-}
-
-/**
- * What the kernel's page cache does with the file:
- * - `"coherent"` (default): the cache is dropped whenever the file is
- *   opened, so every open sees the export as it is now (what nbdfuse and
- *   libfuse do by default); reads within one open are cached and read
- *   ahead.
- * - `"kernel"`: the cache is kept across opens (`FOPEN_KEEP_CACHE`); only
- *   right when nothing else writes to the export.
- * - `"direct"`: no page cache at all (`FOPEN_DIRECT_IO`); every read and
- *   write goes to the server as the program issued it.
- */
-export type FuseCacheMode = "coherent" | "kernel" | "direct";
+export type { FuseCacheMode, FuseClient } from "./_file.ts";
 
 /** Options of {@linkcode mountFuse}. */
 export interface FuseOptions {
@@ -181,15 +115,6 @@ export interface FuseMount {
   unmount(): Promise<FuseEnd>;
 }
 
-const FILE_ID = 2n;
-const S_IFDIR = 0o40000;
-const S_IFREG = 0o100000;
-const DT_DIR = 4;
-const DT_REG = 8;
-const O_ACCMODE = 3;
-const ENOSPC = 28;
-/** How long the kernel may trust a name or attributes: the size never changes. */
-const VALID_SECONDS = 3600n;
 /** Errnos of NBD (`doc/proto.md`) that mean the same on Linux. */
 const PASSED_ERRNOS = new Set([1, 5, 12, 22, 28, 75, 95, 108]);
 
@@ -325,13 +250,7 @@ class FuseServer implements FuseMount {
   #settled: (() => void) | undefined;
   #resolveClosed!: (end: FuseEnd) => void;
   #pollfd = new Uint8Array(8);
-  #dirAttr: Attr;
-  #fileAttr: Attr;
-  #entries: Dirent[];
-  #openFlags: number;
-  #minBlock: number;
-  /** Unaligned writes read, merge and write whole blocks: one at a time. */
-  #rmw: Promise<void> = Promise.resolve();
+  #file: ExportFile;
 
   constructor(client: FuseClient, fd: number, config: ServerConfig) {
     this.#client = client;
@@ -353,40 +272,11 @@ class FuseServer implements FuseMount {
     const pv = new DataView(this.#pollfd.buffer);
     pv.setInt32(0, fd, true);
     pv.setInt16(4, POLLIN, true);
-    const now = BigInt(Math.floor(Date.now() / 1000));
-    const uid = sys().getuid();
-    const gid = sys().getgid();
-    this.#dirAttr = {
-      ino: FUSE_ROOT_ID,
-      size: 4096n,
-      mode: S_IFDIR | 0o755,
-      nlink: 2,
-      uid,
-      gid,
-      time: now,
-      blksize: 4096,
-    };
-    this.#fileAttr = {
-      ino: FILE_ID,
-      size: client.sizeBigInt,
-      mode: S_IFREG | (config.readOnly ? 0o444 : 0o644),
-      nlink: 1,
-      uid,
-      gid,
-      time: now,
-      blksize: 4096,
-    };
-    this.#entries = [
-      { ino: FUSE_ROOT_ID, name: ".", type: DT_DIR },
-      { ino: FUSE_ROOT_ID, name: "..", type: DT_DIR },
-      { ino: FILE_ID, name: config.fileName, type: DT_REG },
-    ];
-    this.#openFlags = config.cache === "direct"
-      ? FOPEN.DIRECT_IO | FOPEN.PARALLEL_DIRECT_WRITES
-      : config.cache === "kernel"
-      ? FOPEN.KEEP_CACHE
-      : 0;
-    this.#minBlock = client.blockSize.minimum;
+    this.#file = new ExportFile(client, {
+      fileName: config.fileName,
+      readOnly: config.readOnly,
+      cache: config.cache,
+    });
     this.closed = new Promise((resolve) => this.#resolveClosed = resolve);
   }
 
@@ -602,86 +492,9 @@ class FuseServer implements FuseMount {
     slot: Uint8Array<ArrayBuffer>,
     req: FuseRequest,
   ): Promise<void> {
-    const u = req.unique;
-    switch (req.kind) {
-      case "init":
-        return this.#init(slot, req);
-      case "lookup":
-        if (req.nodeid === FUSE_ROOT_ID && req.name === this.#config.fileName) {
-          return this.#reply(
-            slot,
-            encodeEntry(slot, u, this.#fileAttr, VALID_SECONDS),
-          );
-        }
-        return this.#error(slot, u, ENOENT);
-      case "getattr": {
-        const a = this.#attrOf(req.nodeid);
-        if (!a) return this.#error(slot, u, ENOENT);
-        return this.#reply(slot, encodeAttr(slot, u, a, VALID_SECONDS));
-      }
-      case "setattr": {
-        const a = this.#attrOf(req.nodeid);
-        if (!a) return this.#error(slot, u, ENOENT);
-        // The export's size is fixed: only "truncate" to that size passes.
-        if ((req.valid & FATTR.SIZE) && req.size !== a.size) {
-          return this.#error(slot, u, EINVAL);
-        }
-        return this.#reply(slot, encodeAttr(slot, u, a, VALID_SECONDS));
-      }
-      case "open":
-        if (req.nodeid !== FILE_ID) return this.#error(slot, u, ENOENT);
-        if (this.readOnly && (req.flags & O_ACCMODE) !== 0) {
-          return this.#error(slot, u, EROFS);
-        }
-        return this.#reply(slot, encodeOpen(slot, u, 0n, this.#openFlags));
-      case "opendir":
-        if (req.nodeid !== FUSE_ROOT_ID) return this.#error(slot, u, ENOENT);
-        return this.#reply(slot, encodeOpen(slot, u, 0n, 0));
-      case "readdir":
-        return this.#reply(
-          slot,
-          encodeReaddir(slot, u, this.#entries, req.offset, req.size),
-        );
-      case "read":
-        return await this.#read(slot, req.unique, req.offset, req.size);
-      case "write":
-        return await this.#write(slot, req.unique, req.offset, req.data);
-      case "statfs":
-        return this.#reply(
-          slot,
-          encodeStatfs(slot, u, {
-            blocks: (this.#fileAttr.size + 4095n) / 4096n,
-            bsize: 4096,
-            files: 1n,
-            namelen: 255,
-          }),
-        );
-      case "release":
-      case "releasedir":
-      case "flush":
-      case "fsyncdir":
-      case "destroy":
-        return this.#reply(slot, encodeHeader(slot, u, 0));
-      case "fsync":
-        if (this.#client.canFlush && !this.readOnly) {
-          await this.#client.flush();
-        }
-        return this.#reply(slot, encodeHeader(slot, u, 0));
-      case "fallocate":
-        return await this.#fallocate(slot, req);
-      case "forget":
-      case "batch-forget":
-      case "interrupt":
-        return;
-      case "other":
-        return this.#error(slot, u, ENOSYS);
-    }
-  }
-
-  #attrOf(nodeid: bigint): Attr | undefined {
-    if (nodeid === FUSE_ROOT_ID) return this.#dirAttr;
-    if (nodeid === FILE_ID) return this.#fileAttr;
-    return undefined;
+    if (req.kind === "init") return this.#init(slot, req);
+    const len = await this.#file.answer(slot, req);
+    if (len !== undefined) this.#reply(slot, len);
   }
 
   #init(slot: Uint8Array, req: FuseRequest & { kind: "init" }): void {
@@ -715,108 +528,6 @@ class FuseServer implements FuseMount {
         maxPages: c.maxPages,
       }),
     );
-  }
-
-  async #read(
-    slot: Uint8Array<ArrayBuffer>,
-    unique: bigint,
-    offset64: bigint,
-    size: number,
-  ): Promise<void> {
-    const total = this.#fileAttr.size;
-    if (offset64 >= total || size === 0) {
-      return this.#reply(slot, encodeHeader(slot, unique, 0));
-    }
-    const offset = Number(offset64);
-    const length = Math.min(size, Number(total - offset64));
-    if (SIZES.outHeader + length > slot.length) {
-      return this.#error(slot, unique, EINVAL);
-    }
-    const into = slot.subarray(SIZES.outHeader, SIZES.outHeader + length);
-    const min = this.#minBlock;
-    if (offset % min === 0 && length % min === 0) {
-      await this.#client.readInto(into, offset);
-    } else {
-      // The export reads whole blocks only: read around, keep the middle.
-      const start = offset - offset % min;
-      const end = Math.ceil((offset + length) / min) * min;
-      const whole = await this.#client.read(start, end - start);
-      into.set(whole.subarray(offset - start, offset - start + length));
-    }
-    this.#reply(slot, encodeHeader(slot, unique, length));
-  }
-
-  async #write(
-    slot: Uint8Array,
-    unique: bigint,
-    offset64: bigint,
-    data: Uint8Array,
-  ): Promise<void> {
-    if (this.readOnly) return this.#error(slot, unique, EROFS);
-    const total = this.#fileAttr.size;
-    if (offset64 + BigInt(data.length) > total) {
-      return this.#error(slot, unique, offset64 >= total ? ENOSPC : EFBIG);
-    }
-    const offset = Number(offset64);
-    const min = this.#minBlock;
-    if (data.length === 0) {
-      // Nothing to send.
-    } else if (offset % min === 0 && data.length % min === 0) {
-      await this.#client.write(offset, data);
-    } else {
-      await this.#mergeWrite(offset, data);
-    }
-    this.#reply(slot, encodeWrite(slot, unique, data.length));
-  }
-
-  /** Read, merge, write the whole blocks around an unaligned write. */
-  #mergeWrite(offset: number, data: Uint8Array): Promise<void> {
-    const min = this.#minBlock;
-    const run = async (): Promise<void> => {
-      const start = offset - offset % min;
-      const end = Math.ceil((offset + data.length) / min) * min;
-      const whole = await this.#client.read(start, end - start);
-      whole.set(data, offset - start);
-      await this.#client.write(start, whole);
-    };
-    const next = this.#rmw.then(run, run);
-    this.#rmw = next.catch(() => {});
-    return next;
-  }
-
-  async #fallocate(
-    slot: Uint8Array,
-    req: FuseRequest & { kind: "fallocate" },
-  ): Promise<void> {
-    const u = req.unique;
-    if (req.nodeid !== FILE_ID) return this.#error(slot, u, ENOENT);
-    const total = this.#fileAttr.size;
-    const end = req.offset + req.length;
-    const mode = req.mode;
-    if (mode === 0 || mode === FALLOC.KEEP_SIZE) {
-      // Allocation: every byte of the export exists already.
-      if (end > total && mode === 0) return this.#error(slot, u, EFBIG);
-      return this.#reply(slot, encodeHeader(slot, u, 0));
-    }
-    if (this.readOnly) return this.#error(slot, u, EROFS);
-    const punch = mode === (FALLOC.PUNCH_HOLE | FALLOC.KEEP_SIZE);
-    const zero = mode === FALLOC.ZERO_RANGE ||
-      mode === (FALLOC.ZERO_RANGE | FALLOC.KEEP_SIZE);
-    if (!punch && !zero) return this.#error(slot, u, EOPNOTSUPP);
-    if (req.offset >= total || req.length === 0n) {
-      return this.#reply(slot, encodeHeader(slot, u, 0));
-    }
-    const offset = Number(req.offset);
-    const length = Number((end > total ? total : end) - req.offset);
-    const c = this.#client;
-    if (punch && c.canTrim) {
-      await c.trim(offset, length);
-    } else if (c.canWriteZeroes) {
-      await c.writeZeroes(offset, length, zero ? { noHole: true } : {});
-    } else {
-      return this.#error(slot, u, EOPNOTSUPP);
-    }
-    this.#reply(slot, encodeHeader(slot, u, 0));
   }
 }
 
