@@ -36,6 +36,8 @@ export type { ExportProbe, ListedExport, ProbeOptions } from "./lib/probe.ts";
 export { NbdClient } from "./lib/client.ts";
 export type {
   BlockStatus,
+  BlockStatusBigInt,
+  BlockStatusOf,
   BlockStatusOptions,
   ClientState,
   ReadOptions,
@@ -83,7 +85,7 @@ export { STATE_HOLE, STATE_ZERO } from "./lib/constants.ts";
 export type { ByteStream, Transport } from "./lib/transport.ts";
 export type { BlockSize, ExportInfo, Protocol } from "./lib/export.ts";
 export type { ExportListing } from "./lib/options/list.ts";
-export type { Extent } from "./lib/transmission.ts";
+export type { Extent, ExtentBigInt } from "./lib/transmission.ts";
 export {
   blkhash,
   BLKHASH_DEFAULT_BLOCK_SIZE,

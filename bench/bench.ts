@@ -71,6 +71,7 @@ import { libnbds } from "./_peers.ts";
 import { fmt, formatBenchRows, formatTable, ratioSummary } from "./_table.ts";
 import { TRIXIE_ROOT } from "../tests/support/servers.ts";
 import * as copy from "./copy.ts";
+import * as fuse from "./fuse.ts";
 import * as gnutls from "./gnutls.ts";
 import * as oneAtATime from "./one_at_a_time.ts";
 import * as randomRead from "./random_read.ts";
@@ -108,6 +109,8 @@ export const WORKLOADS: ReadonlyArray<readonly [string, Workload]> = [
   ["copy", copy],
   // Its rows() takes a target rate, not the context: the default 64 MiB/s.
   ["rate", { rows: () => rate.rows() }],
+  // FUSE (examples/fuse.ts) beside nbdfuse 1.14 and 1.22.
+  ["fuse", fuse],
   // GnuTLS through FFI: own CA and TLS-PSK, read and copy, beside nbdcopy.
   ["gnutls", {
     rows: (ctx) =>

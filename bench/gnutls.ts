@@ -35,6 +35,7 @@ import {
   timedRequests,
 } from "./_harness.ts";
 import { nbdcopyMatched } from "./_peers.ts";
+import { formatBenchRows } from "./_table.ts";
 import {
   insideRoot,
   nbdkit,
@@ -371,16 +372,5 @@ if (import.meta.main) {
     (t) => console.error(t),
     !Deno.args.includes("--no-copy"),
   );
-  for (const r of table) {
-    if (r.peer === null) {
-      console.log(`${r.name}: ours ${r.ours.toFixed(0)} ${r.unit}`);
-      continue;
-    }
-    const ratio = r.higherIsBetter ? r.ours / r.peer : r.peer / r.ours;
-    console.log(
-      `${r.name}: ours ${r.ours.toFixed(0)} ${r.unit}, ${r.peerName} ${
-        r.peer.toFixed(0)
-      } ${r.unit}, ${ratio.toFixed(2)}x; ${r.note ?? ""}`,
-    );
-  }
+  console.log(formatBenchRows(table));
 }

@@ -16,6 +16,7 @@
 
 import { parseRate } from "../examples/copy/rate.ts";
 import type { BenchRow } from "./_harness.ts";
+import { formatBenchRows } from "./_table.ts";
 
 const SIZE = 256 * 1024 * 1024;
 const HASH_SIZE = 1024 * 1024 * 1024;
@@ -192,16 +193,5 @@ async function rateRow(rate: number): Promise<BenchRow> {
 if (import.meta.main) {
   const arg = Deno.args.find((a) => a.startsWith("--rate="));
   const rate = arg ? parseRate(arg.slice("--rate=".length)) : 64 * MiB;
-  for (const r of await rows(rate)) {
-    const peer = r.peer === null
-      ? `${r.peerName} did not run`
-      : `${r.peerName} ${r.peer.toFixed(1)}${r.unit}, ratio ${
-        (r.ours / r.peer).toFixed(3)
-      }`;
-    console.log(
-      `${r.name}: ours ${r.ours.toFixed(1)}${r.unit}, ${peer}${
-        r.note ? ` (${r.note})` : ""
-      }`,
-    );
-  }
+  console.log(formatBenchRows(await rows(rate)));
 }

@@ -132,7 +132,7 @@ const HEX = Array.from(
  * @returns The line with its newline (and, in colour, the reset after it).
  */
 export function formatLine(
-  offset: number,
+  offset: number | bigint,
   bytes: Uint8Array,
   n: number,
   colour: boolean,
@@ -167,14 +167,14 @@ const ZERO_LINE = new Uint8Array(16);
  * The dump of `[start, end)` as bytes and zero runs arrive in order: lines
  * of sixteen bytes from `start`, each line equal to the one before (but
  * the first and the last) collapsed, a run of them into one `*`. Pure:
- * each call returns the text it completes.
+ * each call returns the text it completes. Offsets are exact to 2^64.
  */
 export class HexDumper {
-  #start: number;
-  #end: number;
+  #start: bigint;
+  #end: bigint;
   #colour: boolean;
   /** The offset of the line being filled. */
-  #pos: number;
+  #pos: bigint;
   #pending = new Uint8Array(16);
   #fill = 0;
   #last = new Uint8Array(16);
@@ -185,17 +185,17 @@ export class HexDumper {
    * @param end Where the dump ends.
    * @param colour ANSI colours and the Unicode frame.
    */
-  constructor(start: number, end: number, colour: boolean) {
-    this.#start = start;
-    this.#end = end;
+  constructor(start: number | bigint, end: number | bigint, colour: boolean) {
+    this.#start = BigInt(start);
+    this.#end = BigInt(end);
     this.#colour = colour;
-    this.#pos = start;
+    this.#pos = this.#start;
   }
 
   #line(bytes: Uint8Array, n: number): string {
     const pos = this.#pos;
-    this.#pos += n;
-    const same = pos > this.#start && pos + 16 < this.#end && n === 16 &&
+    this.#pos += BigInt(n);
+    const same = pos > this.#start && pos + 16n < this.#end && n === 16 &&
       equal16(bytes, this.#last);
     if (same) {
       if (this.#splat) return "";
@@ -225,10 +225,11 @@ export class HexDumper {
     return out;
   }
 
-  /** Adds `n` zero bytes that were never read. */
-  zeroes(n: number): string {
+  /** Adds `count` zero bytes that were never read. */
+  zeroes(count: number | bigint): string {
+    let n = BigInt(count);
     let out = "";
-    while (this.#fill > 0 && n > 0) {
+    while (this.#fill > 0 && n > 0n) {
       this.#pending[this.#fill++] = 0;
       n--;
       if (this.#fill === 16) {
@@ -236,25 +237,24 @@ export class HexDumper {
         out += this.#line(this.#pending, 16);
       }
     }
-    if (n >= 16) {
+    if (n >= 16n) {
       out += this.#line(ZERO_LINE, 16);
-      n -= 16;
+      n -= 16n;
       // Now the last line is zeroes: every further zero line is collapsed
       // but the dump's last, so skip to it without visiting the rest.
-      const lines = Math.floor(n / 16);
-      const squashed = Math.min(
-        lines,
-        Math.max(0, Math.ceil((this.#end - this.#pos) / 16) - 1),
-      );
-      if (squashed > 0) {
+      const lines = n / 16n;
+      const left = (this.#end - this.#pos + 15n) / 16n - 1n;
+      const most = left > 0n ? left : 0n;
+      const squashed = lines < most ? lines : most;
+      if (squashed > 0n) {
         if (!this.#splat) out += this.#colour ? "☆\n" : "*\n";
         this.#splat = true;
-        this.#pos += squashed * 16;
-        n -= squashed * 16;
+        this.#pos += squashed * 16n;
+        n -= squashed * 16n;
       }
-      for (; n >= 16; n -= 16) out += this.#line(ZERO_LINE, 16);
+      for (; n >= 16n; n -= 16n) out += this.#line(ZERO_LINE, 16);
     }
-    for (; n > 0; n--) this.#pending[this.#fill++] = 0;
+    for (; n > 0n; n--) this.#pending[this.#fill++] = 0;
     return out;
   }
 
@@ -276,25 +276,30 @@ function equal16(a: Uint8Array, b: Uint8Array): boolean {
 /** Bytes read per request. */
 const CHUNK = 4 * 1024 * 1024;
 /** Bytes one block status request asks about. */
-const STATUS_WINDOW = 1024 * 1024 * 1024;
+const STATUS_WINDOW = 1024n * 1024n * 1024n;
+
+function min(a: bigint, b: bigint): bigint {
+  return a < b ? a : b;
+}
 
 /**
  * Dumps `[start, end)` of the export to `write`: zero extents from block
- * status are not read, the rest is read in chunks.
+ * status are not read, the rest is read in chunks. Offsets are bigints, so
+ * that exports of 2^53 bytes and more dump exactly.
  */
 export async function dump(
   nbd: NbdClient,
-  start: number,
-  end: number,
+  start: bigint,
+  end: bigint,
   colour: boolean,
   write: (text: string) => Promise<void>,
 ): Promise<void> {
   const d = new HexDumper(start, end, colour);
   const useStatus = nbd.metaContexts.includes("base:allocation");
   const buf = new Uint8Array(CHUNK);
-  const readData = async (a: number, b: number) => {
-    for (let o = a; o < b; o += CHUNK) {
-      const piece = buf.subarray(0, Math.min(CHUNK, b - o));
+  const readData = async (a: bigint, b: bigint) => {
+    for (let o = a; o < b; o += BigInt(CHUNK)) {
+      const piece = buf.subarray(0, Math.min(CHUNK, Number(b - o)));
       await nbd.readInto(piece, o);
       const text = d.data(piece);
       if (text) await write(text);
@@ -303,19 +308,16 @@ export async function dump(
   let pos = start;
   while (pos < end) {
     if (!useStatus) {
-      const b = Math.min(end, pos + CHUNK);
+      const b = min(end, pos + BigInt(CHUNK));
       await readData(pos, b);
       pos = b;
       continue;
     }
-    const reply = await nbd.blockStatus(
-      pos,
-      Math.min(end - pos, STATUS_WINDOW),
-    );
+    const reply = await nbd.blockStatus(pos, min(end - pos, STATUS_WINDOW));
     const before = pos;
     for (const e of reply["base:allocation"] ?? []) {
       if (pos >= end) break;
-      const b = Math.min(end, pos + e.length);
+      const b = min(end, pos + e.length);
       if ((e.flags & STATE_ZERO) !== 0) {
         const text = d.zeroes(b - pos);
         if (text) await write(text);
@@ -408,7 +410,7 @@ export async function main(args: string[]): Promise<number> {
       typeof target === "string" ? target : serverCommand(target).options,
       { ...tlsEngineOption(), metaContexts: ["base:allocation"] },
     );
-    const size = BigInt(nbd.size);
+    const size = nbd.sizeBigInt;
     if (request.offset > size) {
       throw new Error(
         `offset ${request.offset} is past the end of the export (${size} bytes)`,
@@ -416,12 +418,12 @@ export async function main(args: string[]): Promise<number> {
     }
     const rest = size - request.offset;
     const count = request.limit < rest ? request.limit : rest;
-    const start = Number(request.offset);
+    const start = request.offset;
     for (const s of signals) Deno.addSignalListener(s, onSignal);
     await dump(
       nbd,
       start,
-      start + Number(count),
+      start + count,
       colour,
       (text) => writeAll(Deno.stdout, text),
     );

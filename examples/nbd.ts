@@ -42,6 +42,18 @@ const TOOLS: Readonly<Record<string, { run: Tool; summary: string }>> = {
     },
     summary: "attach an export to a kernel /dev/nbdX device",
   },
+  fuse: {
+    // Loaded on demand, as connect is: it needs FFI.
+    run: async (args) => {
+      const fuse: { main?: Tool } = await import("./fuse.ts");
+      if (!fuse.main) {
+        warn("nbd: this build has no fuse command");
+        return 1;
+      }
+      return await fuse.main(args);
+    },
+    summary: "mount an export as a file through FUSE (like nbdfuse)",
+  },
 };
 
 const USAGE = `Usage: nbd COMMAND [ARGS...]

@@ -71,3 +71,14 @@ export type { TlsEngine } from "../lib/tls/engine.ts";
 export type { TlsStream } from "../lib/tls/stream.ts";
 export type { UpgradeOptions } from "../lib/tls/upgrade.ts";
 export { NbdTlsError } from "../lib/tls/error.ts";
+// The export as one file in a FUSE mount (nbdfuse's way, no nbd module).
+export { isFuseMounted, mountFuse } from "./fuse/serve.ts";
+export type {
+  FuseCacheMode,
+  FuseClient,
+  FuseEnd,
+  FuseMount,
+  FuseOptions,
+} from "./fuse/serve.ts";
+export { NbdFuseError } from "./fuse/errors.ts";
+export type { FuseErrorReason } from "./fuse/errors.ts";

@@ -10,15 +10,19 @@
 import { CMD_BLOCK_STATUS, commandName } from "./constants.ts";
 import { abortReason, type NbdCommandError } from "./errors.ts";
 import type { ReadCoverage } from "./_coverage.ts";
-import type { Extent } from "./_replies.ts";
+import type { Extent, ExtentBigInt } from "./_replies.ts";
 import type { AbortTarget, WaitQueue, Watch } from "./_wait_queue.ts";
 
 /** A request as the client layer hands it over, already checked. */
 export interface Command {
   type: number;
   flags: number;
-  offset: number;
-  length: number;
+  /**
+   * Numbers, or bigints for a request made by a bigint call (block status
+   * or a read at or past 2^53); never one of each.
+   */
+  offset: number | bigint;
+  length: number | bigint;
   /**
    * Data to send: the bytes of `NBD_CMD_WRITE`, or the payload form of
    * `NBD_CMD_BLOCK_STATUS` (effect length and context ids, with
@@ -48,8 +52,11 @@ export interface TransmissionStats {
   chunksReceived: number;
 }
 
-/** Block status results by metadata context id. */
-export type ExtentsById = Map<number, Extent[]>;
+/**
+ * Block status results by metadata context id: bigint extents for a
+ * request made with bigint offsets.
+ */
+export type ExtentsById = Map<number, Extent[] | ExtentBigInt[]>;
 
 /**
  * One request in flight. It is its own abort target, so that a request

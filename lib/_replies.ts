@@ -68,16 +68,29 @@ export interface Extent {
   flags: number;
 }
 
+/**
+ * One extent of a block status reply to a request made with bigint
+ * offsets: exact to 2^63 - 1.
+ */
+export interface ExtentBigInt {
+  /** Where the extent starts, in bytes. */
+  offset: bigint;
+  /** Its length in bytes. */
+  length: bigint;
+  /** Flags whose meaning the context defines (`NBD_STATE_HOLE`, ...). */
+  flags: number;
+}
+
 /** What the checks know of a request: the fields it was sent with. */
 export interface RequestFacts {
   /** The command, `NBD_CMD_*`. */
   readonly type: number;
   /** Command flags (`NBD_CMD_FLAG_REQ_ONE` matters here). */
   readonly flags: number;
-  /** Offset as sent. */
-  readonly offset: number;
-  /** Length as sent. */
-  readonly length: number;
+  /** Offset as sent: a bigint for a request made by a bigint call. */
+  readonly offset: number | bigint;
+  /** Length as sent: a bigint when the offset is one. */
+  readonly length: number | bigint;
   /**
    * For block status in the payload form: the only context ids asked
    * about (otherwise every negotiated context must answer).
@@ -109,16 +122,22 @@ export interface ErrorChunk {
   errno: number;
   /** The server's text, possibly empty. */
   message: string;
-  /** For `NBD_REPLY_TYPE_ERROR_OFFSET`: where, inside the request. */
-  offset: number | undefined;
+  /**
+   * For `NBD_REPLY_TYPE_ERROR_OFFSET`: where, inside the request (a bigint
+   * when the request's offset is one).
+   */
+  offset: number | bigint | undefined;
 }
 
 /** What a block status chunk says. */
 export interface BlockStatusChunk {
   /** The metadata context id. */
   id: number;
-  /** Its extents, from the request's offset on. */
-  extents: Extent[];
+  /**
+   * Its extents, from the request's offset on: bigint ones when the
+   * request's offset is a bigint.
+   */
+  extents: Extent[] | ExtentBigInt[];
 }
 
 /** Error chunks carry at most a 4096-byte message and an offset. */
@@ -219,6 +238,13 @@ export function unknownCookie(h: ReplyHeader): NbdProtocolError {
   );
 }
 
+/** Whether an extended header names `offset`, exactly past 2^53 too. */
+function sameOffset(h: ReplyHeader, offset: number | bigint): boolean {
+  return typeof offset === "bigint"
+    ? viewOf(h.bytes).getBigUint64(REPLY_FIELD.offset) === offset
+    : h.offset === offset;
+}
+
 /**
  * Checks a simple reply against its request.
  *
@@ -241,7 +267,7 @@ export function checkSimpleReply(
         } although structured replies were negotiated`,
       );
     }
-    return req.length;
+    return Number(req.length);
   }
   if (req.type === CMD_BLOCK_STATUS) {
     throw violation(
@@ -265,7 +291,7 @@ export function checkChunkHeader(
   h: ReplyHeader,
   ctx: ReplyContext,
 ): void {
-  if (h.kind === "extended" && h.offset !== req.offset) {
+  if (h.kind === "extended" && !sameOffset(h, req.offset)) {
     throw violation(
       `Extended reply to ${commandName(req.type)} names offset ${
         exact(h.offset, h.bytes, REPLY_FIELD.offset)
@@ -358,21 +384,28 @@ function claim(
   payload: Uint8Array,
   size: number,
 ): number {
-  const at = getU64(viewOf(payload), 0);
-  const start = req.offset;
-  if (at < start || at + size > start + req.length) {
+  // A read's length is its buffer's, a number; its offset is a bigint
+  // when the read was at or past 2^53.
+  const length = Number(req.length);
+  let rel: number;
+  if (typeof req.offset === "bigint") {
+    const from = viewOf(payload).getBigUint64(0) - req.offset;
+    rel = from < 0n || from > BigInt(length) ? -1 : Number(from);
+  } else {
+    rel = getU64(viewOf(payload), 0) - req.offset;
+  }
+  if (rel < 0 || rel + size > length) {
     throw chunkViolation(
       req,
       type,
-      `range ${exact(at, payload, 0)}+${size} lies outside the request`,
+      `range ${u64Text(payload, 0)}+${size} lies outside the request`,
     );
   }
-  const rel = at - start;
-  if (!claimRange(cov, rel, rel + size, req.length)) {
+  if (!claimRange(cov, rel, rel + size, length)) {
     throw chunkViolation(
       req,
       type,
-      `range ${exact(at, payload, 0)}+${size} overlaps data already received`,
+      `range ${u64Text(payload, 0)}+${size} overlaps data already received`,
     );
   }
   return rel;
@@ -459,7 +492,7 @@ export function parseErrorChunk(
     );
   }
   const message = lenient.decode(r.bytes(messageLength));
-  let offset: number | undefined;
+  let offset: number | bigint | undefined;
   if (type === REPLY_TYPE_ERROR) {
     r.expectEnd();
   } else if (type === REPLY_TYPE_ERROR_OFFSET) {
@@ -473,7 +506,7 @@ export function parseErrorChunk(
         `error offset ${at} lies outside the request`,
       );
     }
-    offset = Number(at);
+    offset = typeof req.offset === "bigint" ? at : Number(at);
   }
   // A server that forgets the errno still reports failure.
   return { errno: errno === 0 ? EINVAL : errno, message, offset };
@@ -528,7 +561,8 @@ export function parseBlockStatusChunk(
   const start = BigInt(req.offset);
   const end = start + BigInt(req.length);
   const limit = ctx.size;
-  const extents: Extent[] = [];
+  const big = typeof req.offset === "bigint";
+  const extents: Array<Extent | ExtentBigInt> = [];
   let pos = start;
   for (let i = 0; i < count; i++) {
     const len = wide ? r.u64() : BigInt(r.u32());
@@ -544,15 +578,15 @@ export function parseBlockStatusChunk(
     if (flags > BigInt(Number.MAX_SAFE_INTEGER)) {
       throw bad(`extent ${i} flags 0x${flags.toString(16)} are too wide`);
     }
-    extents.push({
-      offset: Number(pos),
-      length: Number(len),
-      flags: Number(flags),
-    });
+    extents.push(
+      big
+        ? { offset: pos, length: len, flags: Number(flags) }
+        : { offset: Number(pos), length: Number(len), flags: Number(flags) },
+    );
     pos += len;
   }
   r.expectEnd();
-  return { id, extents };
+  return { id, extents: extents as Extent[] | ExtentBigInt[] };
 }
 
 /**

@@ -129,7 +129,7 @@ export class Requests {
    * requests of at most `step` bytes.
    */
   splitRange(
-    cmd: Command,
+    cmd: Command & { offset: number; length: number },
     step: number,
     signal: AbortSignal | undefined,
   ): Promise<unknown> {

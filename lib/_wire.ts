@@ -235,22 +235,27 @@ export function encodeOption(option: number, data?: Uint8Array): Uint8Array {
 }
 
 /**
- * A transmission request, before encoding. The 64-bit fields are numbers:
- * on the hot path a bigint per field costs allocations, and no offset,
- * length or cookie this client sends exceeds `Number.MAX_SAFE_INTEGER`.
+ * A transmission request, before encoding. The 64-bit fields are numbers
+ * on the hot path (a bigint per field costs allocations), and bigint for
+ * a request at or past 2^53, which only a bigint call makes: the two are
+ * never mixed in one request.
  */
 export interface RequestHeader {
   flags: number;
   type: number;
   cookie: number;
-  offset: number;
-  length: number;
+  offset: number | bigint;
+  length: number | bigint;
 }
 
 const TWO_32 = 0x1_0000_0000;
 
-/** Writes a safe integer as an unsigned 64-bit big-endian field. */
-export function setU64(v: DataView, at: number, value: number): void {
+/** Writes a safe integer, or a bigint, as an unsigned 64-bit big-endian field. */
+export function setU64(v: DataView, at: number, value: number | bigint): void {
+  if (typeof value === "bigint") {
+    v.setBigUint64(at, value);
+    return;
+  }
   v.setUint32(at, Math.floor(value / TWO_32));
   v.setUint32(at + 4, value >>> 0);
 }
@@ -284,7 +289,7 @@ export function encodeRequest(
   setU64(v, 8, req.cookie);
   setU64(v, 16, req.offset);
   if (extended) setU64(v, 24, req.length);
-  else v.setUint32(24, req.length);
+  else v.setUint32(24, Number(req.length));
   return buf;
 }
 
@@ -403,7 +408,7 @@ export function isPowerOfTwo(x: number): boolean {
  * length, then the ids of the contexts asked about.
  */
 export function encodeStatusPayload(
-  effect: number,
+  effect: number | bigint,
   ids: readonly number[],
 ): Uint8Array {
   const out = new Uint8Array(8 + 4 * ids.length); // effect length, ids

@@ -34,20 +34,21 @@ import {
   refusal,
 } from "./_states.ts";
 import {
-  blockStatusCommand,
+  blockStatusRequest,
   byContextName,
   checkRange,
-  contextIds,
+  checkReadRange,
   fuaFlag,
   maxEffect,
   maxIo,
+  offsetPlus,
   requireFeature,
   requireWritable,
   zeroFlags,
   zeroStep,
 } from "./_request_checks.ts";
 import {
-  type BlockStatus,
+  type BlockStatusOf,
   type BlockStatusOptions,
   checkOptions,
   type ReadOptions,
@@ -61,6 +62,8 @@ import type { Transport } from "./transport.ts";
 
 export type {
   BlockStatus,
+  BlockStatusBigInt,
+  BlockStatusOf,
   BlockStatusOptions,
   ReadOptions,
   RequestOptions,
@@ -115,7 +118,6 @@ export class NbdClient {
   /** What the client decided itself; {@linkcode NbdClient.state} adds the rest. */
   #own: ClientOwnState = "open";
   #contexts: Map<number, string>;
-  #byName = new Map<string, number>();
   #can: Capabilities;
   #closing: Promise<void> | undefined;
   /** How requests go out, through one queue for every connection. */
@@ -161,7 +163,6 @@ export class NbdClient {
       metaContexts: info.metaContexts.size,
       extendedHeaders: info.extendedHeaders,
     });
-    for (const [id, name] of info.metaContexts) this.#byName.set(name, id);
     this.#tx = new Connections(pool);
     this.#requests = new Requests(
       pool.maxInFlight * pool.links.length,
@@ -325,7 +326,8 @@ export class NbdClient {
   /**
    * Reads `length` bytes at `offset`.
    *
-   * @param offset Byte offset, a multiple of the minimum block size.
+   * @param offset Byte offset, a multiple of the minimum block size; a
+   *   bigint reaches past 2^53.
    * @param length Byte count, a multiple of the minimum block size.
    * @param options `signal`, `df`.
    * @returns The bytes read.
@@ -340,13 +342,13 @@ export class NbdClient {
    * ```
    */
   async read(
-    offset: number,
+    offset: number | bigint,
     length: number,
     options: ReadOptions = {},
   ): Promise<Uint8Array> {
     checkOptions("read", options, ["df"]);
     this.#guard("read");
-    checkRange("read", offset, length, this.#info);
+    checkReadRange("read", offset, length, this.#info);
     const buffer = new Uint8Array(length);
     await this.readInto(buffer, offset, options);
     return buffer;
@@ -358,7 +360,7 @@ export class NbdClient {
    * until the server's reply arrives.
    *
    * @param buffer Destination; its length is the read's length.
-   * @param offset Byte offset.
+   * @param offset Byte offset; a bigint reaches past 2^53.
    * @param options `signal`, `df`.
    * @throws {NbdCommandError} when the server fails the read.
    *
@@ -372,7 +374,7 @@ export class NbdClient {
    */
   async readInto(
     buffer: Uint8Array,
-    offset: number,
+    offset: number | bigint,
     options: ReadOptions = {},
   ): Promise<void> {
     checkOptions("readInto", options, ["df"]);
@@ -380,18 +382,18 @@ export class NbdClient {
       throw new TypeError("readInto(): buffer must be a Uint8Array");
     }
     this.#guard("readInto");
-    checkRange("readInto", offset, buffer.length, this.#info);
+    checkReadRange("readInto", offset, buffer.length, this.#info);
     const flags = options.df ? CMD_FLAG_DF : 0;
     if (options.df) requireFeature(this.#can, "canDf", "readInto");
     await this.#requests.split(
-      offset,
+      0,
       buffer.length,
       maxIo(this.#info),
       options.signal,
-      (o, l, rel) => ({
+      (rel, l) => ({
         type: CMD_READ,
         flags,
-        offset: o,
+        offset: offsetPlus(offset, rel),
         length: l,
         buffer: buffer.subarray(rel, rel + l),
       }),
@@ -569,13 +571,16 @@ export class NbdClient {
   /**
    * Asks for block status from `offset`, for every negotiated context. The
    * server may describe less than `length` (ask again from where it ended)
-   * or, in the last extent, more.
+   * or, in the last extent, more. Bigint `offset` and `length` make the
+   * request exact to 2^63 - 1 (exports of 2^53 bytes and more), with
+   * bigint extents.
    *
-   * @param offset Byte offset.
-   * @param length Byte count of interest.
-   * @param options `reqOne`, `signal`.
+   * @param offset Byte offset: a number, or a bigint.
+   * @param length Byte count of interest, of the same type as `offset`.
+   * @param options `reqOne`, `contexts`, `signal`.
    * @returns Extents by context name, e.g. `{ "base:allocation": [...] }`.
    * @throws {NbdUnsupportedError} when no metadata context was negotiated.
+   * @throws {TypeError} for a bigint mixed with a number.
    *
    * @example
    * ```ts
@@ -585,28 +590,24 @@ export class NbdClient {
    * });
    * const map = await nbd.blockStatus(0, nbd.size);
    * console.log(map["base:allocation"]);
+   * const end = await nbd.blockStatus(2n ** 53n, nbd.sizeBigInt - 2n ** 53n);
    * ```
    */
-  async blockStatus(
-    offset: number,
-    length: number,
+  async blockStatus<T extends number | bigint>(
+    offset: T,
+    length: T,
     options: BlockStatusOptions = {},
-  ): Promise<BlockStatus> {
+  ): Promise<BlockStatusOf<T>> {
     checkOptions("blockStatus", options, ["reqOne"]);
     this.#guard("blockStatus");
-    checkRange("blockStatus", offset, length, this.#info);
-    requireFeature(this.#can, "canBlockStatus", "blockStatus");
-    const ids = contextIds(options.contexts, this.#byName, this.#contexts);
-    const cmd = blockStatusCommand(
+    const [cmd, ids] = blockStatusRequest(
       this.#info,
-      this.canBlockStatusPayload,
-      offset,
-      length,
-      options.reqOne === true,
-      ids,
+      this.#can,
+      [offset, length],
+      options,
     );
     const byId = await this.#requests.send(cmd, options.signal);
-    return byContextName(byId, ids, this.#contexts);
+    return byContextName(byId, ids, this.#contexts) as BlockStatusOf<T>;
   }
 
   /**

@@ -90,14 +90,14 @@ export interface CommandErrorDetails {
   command: string;
   /** Error number as sent by the server (NBD numbering, e.g. 5 for EIO). */
   errno: number;
-  /** Offset of the request. */
-  offset: number;
-  /** Length of the request. */
-  length: number;
+  /** Offset of the request: a bigint for a request made with bigints. */
+  offset: number | bigint;
+  /** Length of the request: a bigint when the offset is one. */
+  length: number | bigint;
   /** The server's message, if it sent one in a structured error chunk. */
   serverMessage?: string;
   /** For `NBD_REPLY_TYPE_ERROR_OFFSET`, where in the range the error is. */
-  errorOffset?: number;
+  errorOffset?: number | bigint;
 }
 
 /**
@@ -111,14 +111,17 @@ export class NbdCommandError extends NbdError {
   readonly errno: number;
   /** Name of the error number: `"EIO"`, or `"unknown"`. */
   readonly errnoName: string;
-  /** Offset of the failed request. */
-  readonly offset: number;
-  /** Length of the failed request. */
-  readonly length: number;
+  /**
+   * Offset of the failed request: a bigint for a request made with bigint
+   * offsets (block status or a read at or past 2^53).
+   */
+  readonly offset: number | bigint;
+  /** Length of the failed request: a bigint when the offset is one. */
+  readonly length: number | bigint;
   /** The server's own text, or `""`. */
   readonly serverMessage: string;
   /** The offset the server blamed, if it sent `NBD_REPLY_TYPE_ERROR_OFFSET`. */
-  readonly errorOffset: number | undefined;
+  readonly errorOffset: number | bigint | undefined;
 
   /**
    * Creates the error for a failed command.

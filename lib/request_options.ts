@@ -5,7 +5,7 @@
  * @module
  */
 
-import type { Extent } from "./transmission.ts";
+import type { Extent, ExtentBigInt } from "./transmission.ts";
 import { checkSignal, shown } from "./_resolve_options.ts";
 
 /** Options every request takes. */
@@ -48,6 +48,20 @@ export interface BlockStatusOptions extends RequestOptions {
 
 /** Block status by metadata context name. */
 export type BlockStatus = Record<string, Extent[]>;
+
+/**
+ * Block status by metadata context name, for a request made with bigint
+ * offsets: every offset and length exact to 2^63 - 1.
+ */
+export type BlockStatusBigInt = Record<string, ExtentBigInt[]>;
+
+/**
+ * What `blockStatus()` resolves with for offsets of type `T`: bigint
+ * extents for bigint offsets, number extents for numbers.
+ */
+export type BlockStatusOf<T extends number | bigint> = T extends bigint
+  ? BlockStatusBigInt
+  : BlockStatus;
 
 /**
  * Checks a request's options before anything is sent: an object, an

@@ -62,7 +62,7 @@ import {
   type TransmissionState,
 } from "./_states.ts";
 
-export type { Extent } from "./_replies.ts";
+export type { Extent, ExtentBigInt } from "./_replies.ts";
 
 export type { Command, ExtentsById, TransmissionStats } from "./_pending.ts";
 
@@ -653,7 +653,7 @@ export class Transmission {
     p: Pending,
     errno: number,
     message?: string,
-    errorOffset?: number,
+    errorOffset?: number | bigint,
   ): NbdCommandError {
     if (errno === ESHUTDOWN && !this.shuttingDown) {
       const s = this.#state;

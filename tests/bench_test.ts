@@ -33,6 +33,7 @@ Deno.test("WORKLOADS: unique names, each of one of the two shapes", () => {
     "tls",
     "copy",
     "rate",
+    "fuse",
     "gnutls",
   ], "the order of the output");
 });

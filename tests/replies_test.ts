@@ -819,6 +819,39 @@ Deno.test("parseBlockStatusChunk()", async (t) => {
     );
   });
 
+  await t.step("a bigint request gets bigint extents, exact past 2^53", () => {
+    const huge: ReplyContext = { ...extended, size: 1n << 62n };
+    const at = (1n << 53n) + 1n;
+    const req: RequestFacts = {
+      type: CMD_BLOCK_STATUS,
+      flags: 0,
+      offset: at,
+      length: (1n << 62n) - at,
+    };
+    // 2^53 + 1 bytes of data, then the rest of the export a hole
+    const payload = hex(
+      "00000009 00000002 0020000000000001 0000000000000000 3fbffffffffffffe 0000000000000001",
+    );
+    assert.deepEqual(parseBlockStatusChunk(req, 6, payload, huge, new Map()), {
+      id: 9,
+      extents: [
+        { offset: at, length: (1n << 53n) + 1n, flags: 0 },
+        {
+          offset: (1n << 54n) + 2n,
+          length: (1n << 62n) - (1n << 54n) - 2n,
+          flags: 1,
+        },
+      ],
+    });
+    // One byte more runs past the end of the export.
+    const over = payload.slice();
+    over[payload.length - 9] = 0xff;
+    violates(
+      () => parseBlockStatusChunk(req, 6, over, huge, new Map()),
+      /extent 1 runs past the end of the export$/,
+    );
+  });
+
   await t.step('a descriptor count of 0 means "not counted"', () => {
     const p = wide.slice();
     p.fill(0, 4, 8);

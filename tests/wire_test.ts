@@ -60,6 +60,27 @@ Deno.test("encodeRequest() golden bytes, compact and extended", () => {
   );
 });
 
+Deno.test("encodeRequest() golden bytes, bigint offset and length past 2^53", () => {
+  const req = {
+    flags: 0,
+    type: 7,
+    cookie: 9,
+    offset: 2n ** 62n + 2n ** 53n + 1n,
+    length: 2n ** 63n - 512n,
+  };
+  assert.equal(
+    hex(encodeRequest(req, true)),
+    "21e41c71" + "0000" + "0007" + "0000000000000009" + "4020000000000001" +
+      "7ffffffffffffe00",
+  );
+  // Compact headers carry a 64-bit offset and a 32-bit length.
+  assert.equal(
+    hex(encodeRequest({ ...req, length: 0xfffffe00n }, false)),
+    "25609513" + "0000" + "0007" + "0000000000000009" + "4020000000000001" +
+      "fffffe00",
+  );
+});
+
 Deno.test("encodeInfoRequest() and encodeMetaContextRequest() golden bytes", () => {
   assert.equal(
     hex(encodeInfoRequest("ab", [3])),

@@ -99,6 +99,13 @@ export class NbdEndpoint implements Source, Destination {
       signal,
       ...reconnectOption(settings),
     });
+    if (first.sizeBigInt > BigInt(Number.MAX_SAFE_INTEGER)) {
+      // Offsets are numbers throughout the copy; info and dump go further.
+      await first.close({ signal });
+      throw new Error(
+        `${uri}: the export has ${first.sizeBigInt} bytes; copy handles exports below 2^53 bytes (8 PiB) only`,
+      );
+    }
     if (
       role === "source" && settings.dirty !== undefined &&
       !first.metaContexts.includes(settings.dirty)

@@ -66,12 +66,12 @@ export interface StatusSource {
   status(offset: bigint, length: bigint): Promise<StatusExtent[]>;
 }
 
-/** Largest block status request: what a 32-bit length holds, aligned. */
-function maxStatusLength(align: number): number {
-  return 2 ** 32 - align;
-}
-
-const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
+/**
+ * The most one request asks about: the rest of the export, as nbdinfo
+ * asks (the library keeps it to what the request header carries: 2^32
+ * bytes less a block, or with extended headers 2^63 - 512).
+ */
+const ASK_ALL = 2n ** 63n - 1n;
 
 /**
  * Walks the whole export, merging neighbours of one type into runs.
@@ -107,12 +107,11 @@ export async function walkMap(source: StatusSource): Promise<MapRun[]> {
 }
 
 /**
- * Reads the whole extent map of `context`, merging neighbours of one type.
+ * Reads the whole extent map of `context`, merging neighbours of one type,
+ * in bigint offsets: exact to 2^63 - 1.
  *
  * @throws {Error} If the server does not offer the context, or answers a
  * request with no extents.
- * @throws {RangeError} For an export past `Number.MAX_SAFE_INTEGER` bytes:
- *   the library's `blockStatus()` takes offsets as numbers.
  */
 export async function readMap(
   target: Target,
@@ -134,20 +133,13 @@ export async function readMap(
       );
     }
     const size = nbd.sizeBigInt;
-    if (size > MAX_SAFE) {
-      throw new RangeError(
-        `--map: the export has ${size} bytes, and the library's blockStatus() reaches offsets up to ${MAX_SAFE} only`,
-      );
-    }
     const source: StatusSource = {
       size,
-      maxLength: BigInt(maxStatusLength(nbd.blockSize.minimum)),
+      maxLength: ASK_ALL,
       async status(offset, length) {
-        const reply = await nbd.blockStatus(Number(offset), Number(length), {
-          signal,
-        });
+        const reply = await nbd.blockStatus(offset, length, { signal });
         return (reply[context] ?? []).map((e) => ({
-          length: BigInt(e.length),
+          length: e.length,
           flags: e.flags,
         }));
       },

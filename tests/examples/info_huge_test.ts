@@ -7,9 +7,9 @@ import assert from "node:assert/strict";
 import {
   mapOutput,
   type StatusSource,
-  totalsOutput,
   walkMap,
 } from "../../examples/info/map.ts";
+import { connect, STATE_HOLE, STATE_ZERO } from "../../mod.ts";
 import { nbdkit, qemuNbd, run, tempDir } from "../support/servers.ts";
 import { runTool } from "./_tools.ts";
 
@@ -41,58 +41,89 @@ Deno.test("info prints exports of 2^53 bytes and more exactly, as nbdinfo", asyn
 });
 
 /**
- * A source that answers as qemu-nbd 10 does for a `null-co` image over
- * extended headers: one extent, a hole, for all that was asked.
+ * JSON with every number kept exact: each number becomes its digits as a
+ * string before parsing (JSON.parse would round those past 2^53).
  */
-function nullCo(size: bigint): StatusSource & { asked: bigint[] } {
-  const asked: bigint[] = [];
-  return {
-    size,
-    maxLength: 2n ** 63n - 1n,
-    asked,
-    status(offset, length) {
-      asked.push(offset);
-      return Promise.resolve([{ length, flags: 1 }]);
-    },
-  };
+function exactJson(text: string): unknown {
+  return JSON.parse(text.replace(/(:\s*)(-?[0-9][0-9.e+-]*)/g, '$1"$2"'));
 }
 
-Deno.test("info --map: the walk and its output are exact past 2^53, as nbdinfo 1.22 prints qemu-nbd 10's null-co", async (t) => {
-  for (const size of [2n ** 53n, 2n ** 62n]) {
-    await t.step(`size ${size}`, async () => {
-      const runs = await walkMap(nullCo(size));
-      assert.deepEqual(runs, [{ offset: 0n, length: size, type: 1 }]);
-      const ours = {
-        map: mapOutput("base:allocation", runs, false),
-        totals: totalsOutput("base:allocation", size, runs, false),
-        json: mapOutput("base:allocation", runs, true),
-      };
-      const dir = await tempDir("trixie");
-      const server = await qemuNbd([
-        "-r",
-        "--image-opts",
-        `driver=null-co,size=${size}`,
-      ], { dir, peers: "trixie" });
-      try {
-        const uri = server.uri();
-        assert.equal(ours.map, await run("nbdinfo", ["--map", uri], "trixie"));
-        assert.equal(
-          ours.totals,
-          await run("nbdinfo", ["--map", "--totals", uri], "trixie"),
-        );
-        // nbdinfo lays its JSON out otherwise; the numbers must be its own,
-        // every digit (JSON.parse would round them).
-        const theirs = await run("nbdinfo", ["--map", "--json", uri], "trixie");
-        for (const text of [ours.json, theirs]) {
-          assert.match(text, new RegExp(`"length": ${size},`));
-          assert.match(text, /"offset": 0,/);
-        }
-      } finally {
-        await server.stop();
-        await Deno.remove(dir, { recursive: true }).catch(() => {});
-      }
-    });
+/**
+ * qemu-nbd 10 (Debian 13) serving a `null-co` image of `size` bytes: a
+ * hole whose reads are left undefined, or with `read-zeroes=on` zeroes.
+ */
+async function withNullCo(
+  size: bigint,
+  zeroes: boolean,
+  body: (uri: string) => Promise<void>,
+): Promise<void> {
+  const dir = await tempDir("trixie");
+  const server = await qemuNbd([
+    "-r",
+    "--image-opts",
+    `driver=null-co,size=${size},read-zeroes=${zeroes ? "on" : "off"}`,
+  ], { dir, peers: "trixie" });
+  try {
+    await body(server.uri());
+  } finally {
+    await server.stop();
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
+}
+
+Deno.test("info --map on qemu-nbd 10's null-co of 2^53 and 2^62 bytes prints what nbdinfo 1.22 prints", async (t) => {
+  const cases = [2n ** 53n, 2n ** 62n].flatMap((size) =>
+    [false, true].map((zeroes) => ({ size, zeroes }))
+  );
+  for (const { size, zeroes } of cases) {
+    await t.step(
+      `size ${size}${zeroes ? ", read-zeroes=on" : ""}`,
+      async () => {
+        await withNullCo(size, zeroes, async (uri) => {
+          for (const args of [["--map"], ["--map", "--totals"]]) {
+            const ours = await runTool("info", [...args, uri]);
+            assert.equal(ours.code, 0, ours.stderr);
+            assert.equal(ours.stderr, "");
+            const theirs = await run("nbdinfo", [...args, uri], "trixie");
+            assert.equal(ours.text, theirs, args.join(" "));
+            assert.match(ours.text, new RegExp(`${size}`));
+          }
+          // nbdinfo lays its JSON out otherwise: the values must be its own,
+          // every digit.
+          for (
+            const args of [["--map", "--json"], ["--map", "--totals", "--json"]]
+          ) {
+            const ours = await runTool("info", [...args, uri]);
+            assert.equal(ours.code, 0, ours.stderr);
+            const theirs = await run("nbdinfo", [...args, uri], "trixie");
+            assert.deepEqual(exactJson(ours.text), exactJson(theirs));
+            assert.match(ours.text, new RegExp(`: ${size},`));
+          }
+        });
+      },
+    );
+  }
+  await t.step(
+    "the library maps the whole 2^62 bytes in one request",
+    async () => {
+      await withNullCo(2n ** 62n, true, async (uri) => {
+        await using nbd = await connect(uri, {
+          metaContexts: ["base:allocation"],
+        });
+        assert.equal(nbd.extendedHeaders, true);
+        const map = await nbd.blockStatus(0n, nbd.sizeBigInt);
+        assert.deepEqual(map["base:allocation"], [
+          { offset: 0n, length: 2n ** 62n, flags: STATE_HOLE | STATE_ZERO },
+        ]);
+        assert.equal(nbd.stats.requests["NBD_CMD_BLOCK_STATUS"], 1);
+        const tail = await nbd.read(2n ** 62n - 4096n, 4096);
+        assert.deepEqual(tail, new Uint8Array(4096));
+      });
+    },
+  );
+});
+
+Deno.test("info --map: runs past 2^53 stay exact", async (t) => {
   await t.step("runs across 2^53 at odd offsets stay exact", async () => {
     // Lengths a double cannot hold: 2^53 + 1, and offsets past it.
     const lengths = [2n ** 53n + 1n, 3n, 5n, 2n ** 62n];
@@ -122,4 +153,25 @@ Deno.test("info --map: the walk and its output are exact past 2^53, as nbdinfo 1
         "9007199254741001  4611686018427387904    1  hole\n",
     );
   });
+});
+
+Deno.test("copy says plainly that it stops below 2^53 bytes", async () => {
+  const server = await nbdkit(["null", `size=${2n ** 62n}`]);
+  try {
+    const runs = [
+      [server.uri(), "null:"],
+      ["--dirty=base:allocation", "--map-only", server.uri()],
+    ];
+    for (const args of runs) {
+      const r = await runTool("copy", args);
+      assert.equal(r.code, 1);
+      assert.match(
+        r.stderr,
+        /the export has 4611686018427387904 bytes; copy handles exports below 2\^53 bytes \(8 PiB\) only/,
+      );
+      assert.doesNotMatch(r.stderr, /sizeBigInt/);
+    }
+  } finally {
+    await server.stop();
+  }
 });

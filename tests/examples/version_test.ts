@@ -3,7 +3,7 @@ import manifest from "../../deno.json" with { type: "json" };
 import { runTool } from "./_tools.ts";
 
 /** Every tool, as `examples/<name>.ts`; a new tool adds its name here. */
-const TOOLS = ["info", "copy", "connect", "nbd", "dump"];
+const TOOLS = ["info", "copy", "connect", "nbd", "dump", "fuse"];
 
 Deno.test("every tool prints its version with -V and --version", async (t) => {
   for (const tool of TOOLS) {
