@@ -167,6 +167,36 @@ async function cleanUp(w: World): Promise<void> {
   if (left && !w.failed) throw new Error(`${w.mnt} was left mounted`);
 }
 
+/**
+ * Runs `test` in a new world (server, mount point, directory), marks the
+ * world failed when the test throws (so cleaning up reports what it finds
+ * without hiding the test's error), and cleans up either way.
+ */
+function inWorld(test: (w: World) => Promise<void>): Promise<void>;
+function inWorld(
+  nbdkitArgs: (image: string, dir: string) => string[],
+  test: (w: World) => Promise<void>,
+): Promise<void>;
+async function inWorld(
+  first:
+    | ((w: World) => Promise<void>)
+    | ((image: string, dir: string) => string[]),
+  second?: (w: World) => Promise<void>,
+): Promise<void> {
+  const test = (second ?? first) as (w: World) => Promise<void>;
+  const w = await world(
+    second ? first as (image: string, dir: string) => string[] : undefined,
+  );
+  try {
+    await test(w);
+  } catch (e) {
+    w.failed = true;
+    throw e;
+  } finally {
+    await cleanUp(w);
+  }
+}
+
 async function fuse(w: World, extra: string[] = []): Promise<Fuse> {
   const f = await startFuse([...extra, w.mnt, w.server.uri()], w.pidfile);
   w.fuses.push(f);
@@ -181,8 +211,7 @@ async function unmountAndExit(w: World, f: Fuse): Promise<void> {
 }
 
 Deno.test("fuse serves the export as a file that takes a loop device and ext4", async () => {
-  const w = await world();
-  try {
+  await inWorld(async (w) => {
     const f = await fuse(w);
     const st = await Deno.stat(`${w.mnt}/nbd`);
     assert.equal(st.size, SIZE);
@@ -214,17 +243,11 @@ Deno.test("fuse serves the export as a file that takes a loop device and ext4", 
     await must("losetup", ["-d", loop]);
     w.loops.pop();
     await unmountAndExit(w, f);
-  } catch (e) {
-    w.failed = true;
-    throw e;
-  } finally {
-    await cleanUp(w);
-  }
+  });
 });
 
 Deno.test("fuse: bytes written reach the server's file after fsync; reads see the server's bytes", async () => {
-  const w = await world();
-  try {
+  await inWorld(async (w) => {
     const f = await fuse(w);
     const seed = crypto.getRandomValues(new Uint8Array(65536));
     const pattern = new Uint8Array(1 << 20).map((_, i) =>
@@ -268,20 +291,14 @@ Deno.test("fuse: bytes written reach the server's file after fsync; reads see th
     ]);
     assert.equal(direct.length > 0, true);
     await unmountAndExit(w, f);
-  } catch (e) {
-    w.failed = true;
-    throw e;
-  } finally {
-    await cleanUp(w);
-  }
+  });
 });
 
 Deno.test("fuse: punch hole and zero range reach the server as trim and write zeroes", async () => {
-  const w = await world((
+  await inWorld((
     image,
     dir,
-  ) => ["--filter=log", "file", image, `logfile=${dir}/log`]);
-  try {
+  ) => ["--filter=log", "file", image, `logfile=${dir}/log`], async (w) => {
     const f = await fuse(w);
     await must("fallocate", [
       "-p",
@@ -303,17 +320,11 @@ Deno.test("fuse: punch hole and zero range reach the server as trim and write ze
     assert.match(log, /Trim .*offset=0x10000 count=0x20000/);
     assert.match(log, /Zero .*offset=0x100000 count=0x10000/);
     await unmountAndExit(w, f);
-  } catch (e) {
-    w.failed = true;
-    throw e;
-  } finally {
-    await cleanUp(w);
-  }
+  });
 });
 
 Deno.test("fuse -r: the file is read-only and writes fail", async () => {
-  const w = await world();
-  try {
+  await inWorld(async (w) => {
     await Deno.writeFile(w.image, new Uint8Array(4096).fill(7));
     await Deno.truncate(w.image, SIZE);
     const f = await fuse(w, ["-r"]);
@@ -336,17 +347,11 @@ Deno.test("fuse -r: the file is read-only and writes fail", async () => {
     ]);
     assert.equal(head, "\x07".repeat(16));
     await unmountAndExit(w, f);
-  } catch (e) {
-    w.failed = true;
-    throw e;
-  } finally {
-    await cleanUp(w);
-  }
+  });
 });
 
 Deno.test("fuse: a server that dies gives EIO, not a hang, and the mount goes", async () => {
-  const w = await world();
-  try {
+  await inWorld(async (w) => {
     const f = await fuse(w, ["--direct-io"]);
     await must("dd", [
       `if=${w.mnt}/nbd`,
@@ -370,17 +375,11 @@ Deno.test("fuse: a server that dies gives EIO, not a hang, and the mount goes", 
     assert.equal(end.code, 1);
     assert.match(end.stderr, /^fuse: /);
     assert.equal(mountedAt(w.mnt), false);
-  } catch (e) {
-    w.failed = true;
-    throw e;
-  } finally {
-    await cleanUp(w);
-  }
+  });
 });
 
 Deno.test("fuse ends with exit 0 and nothing mounted", async (t) => {
-  const w = await world();
-  try {
+  await inWorld(async (w) => {
     const ways: Array<[string, (f: Fuse) => Promise<unknown>]> = [
       ["fusermount3 -u", () => must("fusermount3", ["-u", w.mnt])],
       ["umount", () => must("umount", [w.mnt])],
@@ -430,17 +429,11 @@ Deno.test("fuse ends with exit 0 and nothing mounted", async (t) => {
         assert.equal(r.code, 0, r.stderr);
       },
     );
-  } catch (e) {
-    w.failed = true;
-    throw e;
-  } finally {
-    await cleanUp(w);
-  }
+  });
 });
 
 Deno.test("fuse refuses a bad mount point with one line naming the fix", async (t) => {
-  const w = await world();
-  try {
+  await inWorld(async (w) => {
     const refuse = async (args: string[], pattern: RegExp, lines = 1) => {
       const r = await sh(Deno.execPath(), [
         "run",
@@ -488,16 +481,11 @@ Deno.test("fuse refuses a bad mount point with one line naming the fix", async (
         2,
       );
     });
-  } catch (e) {
-    w.failed = true;
-    throw e;
-  } finally {
-    await cleanUp(w);
-  }
+  });
 });
 
 Deno.test("fuse -C 2 spreads requests over two connections", async () => {
-  const w = await world((image, dir) => [
+  await inWorld((image, dir) => [
     "--filter=log",
     // Slow reads: the reads at once below overlap for sure.
     "--filter=delay",
@@ -505,8 +493,7 @@ Deno.test("fuse -C 2 spreads requests over two connections", async () => {
     image,
     `logfile=${dir}/log`,
     "rdelay=20ms",
-  ]);
-  try {
+  ], async (w) => {
     const f = await fuse(w, ["-C", "2", "--direct-io"]);
     const data = new Uint8Array(1 << 20).map((_, i) => (i * 7) & 0xff);
     await Deno.writeFile(`${w.dir}/src`, data);
@@ -541,17 +528,11 @@ Deno.test("fuse -C 2 spreads requests over two connections", async () => {
     assert.match(log, /connection=1 (Read|Write) /);
     assert.match(log, /connection=2 (Read|Write) /);
     await unmountAndExit(w, f);
-  } catch (e) {
-    w.failed = true;
-    throw e;
-  } finally {
-    await cleanUp(w);
-  }
+  });
 });
 
 Deno.test("fuse page cache: a new open sees the server's bytes by default and with --direct-io", async (t) => {
-  const w = await world();
-  try {
+  await inWorld(async (w) => {
     for (const mode of [[], ["--direct-io"], ["--kernel-cache"]]) {
       await t.step(mode.join(" ") || "default (coherent)", async () => {
         await Deno.remove(w.pidfile).catch(() => {});
@@ -587,10 +568,5 @@ Deno.test("fuse page cache: a new open sees the server's bytes by default and wi
         await unmountAndExit(w, f);
       });
     }
-  } catch (e) {
-    w.failed = true;
-    throw e;
-  } finally {
-    await cleanUp(w);
-  }
+  });
 });
