@@ -564,14 +564,32 @@ export async function readCommandLine<R>(
 let engine: { tlsEngine?: TlsEngine } | undefined;
 
 /**
- * The TLS engine option every tool passes to `connect()` and `probe()`:
- * GnuTLS when the tool runs with `--allow-ffi` (libnbd's trust, revocation
- * lists, TLS-PSK, at C speed), nothing otherwise (Deno's own TLS). Asked
- * once, on first use, so a tool that never connects never loads GnuTLS.
- *
- * @returns `{ tlsEngine }`, or `{}` without `--allow-ffi`.
+ * Whether a target asks for TLS by itself: an `nbds…` URI or one with a
+ * `tls-…` parameter, or options that set `tls` or a TLS file. Plain
+ * `nbd://` still upgrades when the server requires TLS, on Deno's own TLS.
  */
-export function tlsEngineOption(): { tlsEngine?: TlsEngine } {
+function asksForTls(target: unknown): boolean {
+  if (typeof target === "string") {
+    return /^nbds/i.test(target) || /[?&]tls-/i.test(target);
+  }
+  if (target === null || typeof target !== "object") return false;
+  const o = target as Record<string, unknown>;
+  return o.tls === "require" || o.tls === "prefer" ||
+    Object.keys(o).some((k) => k.startsWith("tls") && o[k] !== undefined);
+}
+
+/**
+ * The TLS engine option a tool passes to `connect()` and `probe()` for
+ * `target`: GnuTLS when the target asks for TLS and the tool runs with
+ * `--allow-ffi` (libnbd's trust, revocation lists, TLS-PSK, at C speed),
+ * nothing otherwise (Deno's own TLS). GnuTLS is loaded on the first target
+ * that needs it, so a copy in clear text never maps the library.
+ *
+ * @param target The URI or options the tool connects to.
+ * @returns `{ tlsEngine }`, or `{}`.
+ */
+export function tlsEngineOption(target: unknown): { tlsEngine?: TlsEngine } {
+  if (!asksForTls(target)) return {};
   if (engine === undefined) {
     const found = gnutlsIfAllowed();
     engine = found ? { tlsEngine: found } : {};

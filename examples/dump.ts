@@ -406,10 +406,13 @@ export async function main(args: string[]): Promise<number> {
   const signals: Deno.Signal[] = ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"];
   let nbd: NbdClient | undefined;
   try {
-    nbd = await connect(
-      typeof target === "string" ? target : serverCommand(target).options,
-      { ...tlsEngineOption(), metaContexts: ["base:allocation"] },
-    );
+    const where = typeof target === "string"
+      ? target
+      : serverCommand(target).options;
+    nbd = await connect(where, {
+      ...tlsEngineOption(where),
+      metaContexts: ["base:allocation"],
+    });
     const size = nbd.sizeBigInt;
     if (request.offset > size) {
       throw new Error(

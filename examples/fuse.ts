@@ -34,6 +34,7 @@ import {
   parseArgs,
   parseCount,
   serverCommand,
+  tlsEngineOption,
   UsageError,
   VERSION_OPTION,
   versionText,
@@ -171,7 +172,10 @@ async function run(args: string[]): Promise<number> {
     const server = serverCommand(command);
     client = await connect({ ...connectOptions, ...server.options });
   } else {
-    client = await connect(positionals[1]!, connectOptions);
+    client = await connect(positionals[1]!, {
+      ...tlsEngineOption(positionals[1]),
+      ...connectOptions,
+    });
   }
   let mount: FuseMount | undefined;
   const stop = (): void => {

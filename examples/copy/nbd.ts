@@ -28,7 +28,6 @@ type Client = Awaited<ReturnType<typeof connect>>;
  * GnuTLS when run with --allow-ffi (libnbd's trust, revocation lists,
  * TLS-PSK), Deno's own TLS otherwise.
  */
-const engine = tlsEngineOption();
 
 /** Where an export is: at a URI, or behind a server the tool starts. */
 export type NbdTarget = string | ServerCommand;
@@ -93,7 +92,7 @@ export class NbdEndpoint implements Source, Destination {
     // instead of waiting out the connect timeout.
     const uri = typeof target === "string" ? target : target.text;
     const first = await connect(where(target), {
-      ...engine,
+      ...tlsEngineOption(where(target)),
       metaContexts: contexts,
       maxInFlight: settings.requests,
       signal,
@@ -192,7 +191,7 @@ export class NbdEndpoint implements Source, Destination {
     while (this.#conns.length < n) {
       this.#conns.push(
         await connect(where(this.#target), {
-          ...engine,
+          ...tlsEngineOption(where(this.#target)),
           metaContexts: this.#contexts,
           maxInFlight: this.#requests,
           signal,
@@ -332,7 +331,10 @@ async function offered(
   }
   const uri = target;
   try {
-    const { metaContexts } = await probe(uri, { ...engine, signal });
+    const { metaContexts } = await probe(uri, {
+      ...tlsEngineOption(uri),
+      signal,
+    });
     return metaContexts.length === 0
       ? "it offers no metadata contexts"
       : `it offers ${metaContexts.join(", ")}`;
