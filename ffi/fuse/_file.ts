@@ -49,8 +49,6 @@ export interface FuseClient {
   readonly readOnly: boolean;
   /** Whether `flush()` is allowed. */
   readonly canFlush: boolean;
-  /** Whether `trim()` is allowed. */
-  readonly canTrim: boolean;
   /** Whether `writeZeroes()` is allowed. */
   readonly canWriteZeroes: boolean;
   /** Requests must be multiples of `minimum` bytes, at such offsets. */
@@ -341,13 +339,12 @@ export class ExportFile {
     const offset = Number(req.offset);
     const length = Number((end > total ? total : end) - req.offset);
     const c = this.#client;
-    if (punch && c.canTrim) {
-      await c.trim(offset, length);
-    } else if (c.canWriteZeroes) {
-      await c.writeZeroes(offset, length, zero ? { noHole: true } : {});
-    } else {
-      return encodeError(slot, u, EOPNOTSUPP);
-    }
+    // A punched range must read back as zeroes (fallocate(2); the loop
+    // driver turns a block device's write zeroes into a punch), and
+    // NBD_CMD_TRIM does not promise that: a punch is a write of zeroes the
+    // server may deallocate, a zero range one it must keep allocated.
+    if (!c.canWriteZeroes) return encodeError(slot, u, EOPNOTSUPP);
+    await c.writeZeroes(offset, length, zero ? { noHole: true } : {});
     return encodeHeader(slot, u, 0);
   }
 }

@@ -232,7 +232,13 @@ export function mountFuseFs(
  */
 export function unmountFs(
   dir: string,
+  device?: string,
 ): "unmounted" | "detached" | "not-mounted" {
+  // Unmounting goes by path: never take down what has since been mounted
+  // on top of ours, or a mount that replaced ours after it went.
+  if (device !== undefined && mountedAt(dir)?.device !== device) {
+    return "not-mounted";
+  }
   const path = cString(dir);
   if (sys().umount2(path, 0) === 0) return "unmounted";
   let e = errno();

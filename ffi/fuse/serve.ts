@@ -179,7 +179,10 @@ export async function mountFuse(
     closeFd(fd);
     throw e;
   }
+  // Which mount is ours, so that unmounting never takes down another.
+  const device = mountedAt(target.mountpoint)?.device;
   const server = new FuseServer(client, fd, {
+    device,
     mountpoint: target.mountpoint,
     fileName: target.fileName,
     readOnly,
@@ -211,6 +214,8 @@ function bounded(n: number, what: string, min: number, max: number): number {
 }
 
 interface ServerConfig {
+  /** `major:minor` of our mount, as mounted; `undefined` if not seen. */
+  device: string | undefined;
   mountpoint: string;
   fileName: string;
   readOnly: boolean;
@@ -336,7 +341,7 @@ class FuseServer implements FuseMount {
   /** After a failed start: unmount and close, nothing left behind. */
   abandon(): void {
     try {
-      unmountFs(this.mountpoint);
+      unmountFs(this.mountpoint, this.#config.device);
     } catch {
       // The descriptor's close below aborts the connection anyway.
     }
@@ -348,14 +353,18 @@ class FuseServer implements FuseMount {
     return this.closed;
   }
 
-  /** Moves to `ending` once, and detaches the mount. */
-  #ending(end: FuseEnd): void {
+  /**
+   * Moves to `ending` once, and detaches the mount, unless the kernel said
+   * it is gone already (`gone`): what is mounted there now is not ours.
+   */
+  #ending(end: FuseEnd, gone = false): void {
     const s = this.#state;
     if (s.kind === "ending" || s.kind === "ended") return;
     this.#state = { kind: "ending", end };
     this.#trace("unmount", { reason: end.reason });
+    if (gone) return;
     try {
-      unmountFs(this.mountpoint);
+      unmountFs(this.mountpoint, this.#config.device);
     } catch (e) {
       this.#trace("unmount-failed", { error: asError(e).message });
     }
@@ -410,7 +419,7 @@ class FuseServer implements FuseMount {
       }
       this.#free.push(slot);
       if (n === "gone") {
-        this.#ending({ reason: "unmounted" });
+        this.#ending({ reason: "unmounted" }, true);
         return;
       }
       await this.#poll();
