@@ -487,13 +487,15 @@ class FuseServer implements FuseMount {
 
   /** The errno a failed NBD request gives the kernel; notices a dead server. */
   #errnoOf(e: unknown): number {
+    // Whatever the error's kind (a server shutting down answers ESHUTDOWN
+    // first), a client that can no longer carry requests ends the mount.
+    if (this.#client.state === "failed" || this.#client.state === "closed") {
+      this.#ending({ reason: "server-failed", error: asError(e) });
+    }
     if (e instanceof NbdCommandError) {
       return PASSED_ERRNOS.has(e.errno) ? e.errno : EIO;
     }
     if (e instanceof RangeError) return EINVAL;
-    if (this.#client.state === "failed" || this.#client.state === "closed") {
-      this.#ending({ reason: "server-failed", error: asError(e) });
-    }
     return EIO;
   }
 
