@@ -90,7 +90,9 @@ export {
   blkhash,
   BLKHASH_DEFAULT_BLOCK_SIZE,
   Blkhasher,
+  checkBlkhash,
   isBlkhashDigest,
+  MAX_BLKHASH_TABLE,
   toHex,
 } from "./lib/blkhash.ts";
 export type {

@@ -67,6 +67,57 @@ function checkParams(digest: string, blockSize: number): void {
 }
 
 /**
+ * The most memory the per-block table of one image may take: one byte of
+ * state and one digest per block. A 1 TiB image in 64 KiB blocks of
+ * SHA-512 takes 1.1 GiB; smaller blocks of a large image are refused
+ * before anything is read or written, instead of failing mid-way.
+ */
+export const MAX_BLKHASH_TABLE = 2 * 1024 * 1024 * 1024;
+
+/** Refuses a table past {@linkcode MAX_BLKHASH_TABLE}, naming the fix. */
+function checkTableSize(size: number, blockSize: number, bytes: number): void {
+  if (bytes <= MAX_BLKHASH_TABLE) return;
+  const gib = (n: number) => (n / 2 ** 30).toFixed(1);
+  throw new RangeError(
+    `blkhash: ${size} bytes in blocks of ${blockSize} need a ${
+      gib(bytes)
+    } GiB table (at most ${
+      gib(MAX_BLKHASH_TABLE)
+    } GiB); use a larger block size`,
+  );
+}
+
+/**
+ * The table check of a {@linkcode Blkhasher} for an image of `size` bytes,
+ * without making the table: for a tool that must refuse before it opens
+ * its destination.
+ *
+ * @param digest The digest.
+ * @param blockSize Bytes per block.
+ * @param size The image's length.
+ * @throws {TypeError} For an unknown digest.
+ * @throws {RangeError} For a bad block size, or a table past
+ *   {@linkcode MAX_BLKHASH_TABLE}.
+ * @example
+ * ```ts
+ * import { checkBlkhash } from "@nbd/client";
+ * checkBlkhash("sha256", 65536, 2 ** 40); // 1 TiB: fine
+ * ```
+ */
+export function checkBlkhash(
+  digest: BlkhashDigest,
+  blockSize: number,
+  size: number,
+): void {
+  checkParams(digest, blockSize);
+  checkTableSize(
+    size,
+    blockSize,
+    Math.ceil(size / blockSize) * (1 + DIGEST_LENGTH[digest]),
+  );
+}
+
+/**
  * One digest of `bytes`. Web Crypto copies its input before the promise
  * settles, so the caller may reuse the buffer at once.
  */
@@ -189,6 +240,7 @@ export class Blkhasher {
     }
     this.#size = size;
     const blocks = Math.ceil(size / blockSize);
+    checkTableSize(size, blockSize, blocks * (1 + this.#len));
     const states = new SharedArrayBuffer(blocks);
     const digests = new SharedArrayBuffer(blocks * this.#len);
     this.#shared = { digest, blockSize, size, states, digests };

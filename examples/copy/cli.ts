@@ -10,6 +10,7 @@ import {
   errorLine,
   INTERRUPTED_STATUS,
   readCommandLine,
+  UsageError,
   warn,
   withInterrupt,
   writeAll,
@@ -19,6 +20,7 @@ import {
   type ProgressMode,
   progressMode,
 } from "../_progress.ts";
+import { checkBlkhash } from "../../mod.ts";
 import { alignMap, type DirtyMap, formatMap, walkDirty } from "./dirty.ts";
 import type { Destination, Source } from "./endpoint.ts";
 import { NbdEndpoint, type NbdTarget } from "./nbd.ts";
@@ -142,6 +144,9 @@ async function run(
         await refuseSameFile(source, destination);
       }
       src = await openSource(source, settings, signal);
+      // What --blkhash needs is known now: refuse before the destination
+      // (which may be replaced) is touched.
+      await checkBlkhashRequest(request, src.size);
       dst = await openDestination(destination, settings, signal);
     }
     // parseRequest() leaves no --blkhash beside --dirty.
@@ -242,4 +247,41 @@ function wireLine(role: string, end: NbdEndpoint): string {
   return `copy: ${role} ${end.name}: sent ${s.bytesSent} bytes in ${s.chunksSent} request(s) (${
     byCommand || "none"
   }), received ${s.bytesReceived} bytes in ${s.chunksReceived} chunk(s)`;
+}
+
+/**
+ * Refuses, before the destination is opened, a `--blkhash` whose table
+ * would be too large and a `--blkhash-file` that cannot be written.
+ *
+ * @throws {UsageError} Naming the option and the fix.
+ */
+async function checkBlkhashRequest(
+  request: Request,
+  size: number | undefined,
+): Promise<void> {
+  const hash = request.blkhash;
+  if (hash === undefined) return;
+  if (size !== undefined) {
+    try {
+      checkBlkhash(hash.digest, hash.blockSize, size);
+    } catch (e) {
+      if (e instanceof RangeError) {
+        throw new UsageError(`--blkhash: ${e.message}`);
+      }
+      throw e;
+    }
+  }
+  const file = request.blkhashFile;
+  if (file === undefined) return;
+  const dir = file.includes("/")
+    ? file.slice(0, file.lastIndexOf("/")) || "/"
+    : ".";
+  const parent = await Deno.stat(dir).catch(() => undefined);
+  if (!parent?.isDirectory) {
+    throw new UsageError(`--blkhash-file=${file}: ${dir} is not a directory`);
+  }
+  const existing = await Deno.stat(file).catch(() => undefined);
+  if (existing !== undefined && !existing.isFile) {
+    throw new UsageError(`--blkhash-file=${file}: not a regular file`);
+  }
 }

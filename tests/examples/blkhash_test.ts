@@ -259,6 +259,37 @@ Deno.test("copy --blkhash from a stream and its refusals", async (t) => {
         assert.match(r.stderr, /unknown digest algorithm 'crc'/);
       },
     );
+    await t.step(
+      "a table too large, or a hash file that cannot be written, is refused before the destination is touched",
+      async () => {
+        const server = await nbdkit(["null", "1T"]);
+        try {
+          const dst = `${dir}/kept.img`;
+          await Deno.writeTextFile(dst, "ORIGINAL");
+          const big = await runTool("copy", [
+            "--blkhash=sha512/512",
+            server.uri(),
+            dst,
+          ]);
+          assert.equal(big.code, 1);
+          assert.match(
+            big.stderr,
+            /--blkhash: .* GiB table .* larger block size/,
+          );
+          const file = await runTool("copy", [
+            "--blkhash",
+            `--blkhash-file=${dir}/missing/h`,
+            server.uri(),
+            dst,
+          ]);
+          assert.equal(file.code, 1);
+          assert.match(file.stderr, /--blkhash-file=.* is not a directory/);
+          assert.equal(await Deno.readTextFile(dst), "ORIGINAL");
+        } finally {
+          await server.stop();
+        }
+      },
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
