@@ -165,6 +165,21 @@ async function run(args: string[]): Promise<number> {
       warn(`fuse: ${event} ${JSON.stringify(fields, bigints)}`);
   }
   const pidfile = options.get("pidfile");
+  if (typeof pidfile === "string") {
+    // Checked before anything is mounted: a pid file that cannot be
+    // written would leave a mount nobody was told about.
+    const slash = pidfile.lastIndexOf("/");
+    const dir = slash < 0 ? "." : pidfile.slice(0, slash) || "/";
+    let isDir = false;
+    try {
+      isDir = Deno.statSync(dir).isDirectory;
+    } catch {
+      // Missing: refused below.
+    }
+    if (!isDir) {
+      throw new UsageError(`--pidfile ${pidfile}: ${dir} is not a directory`);
+    }
+  }
 
   const command = commands[1];
   let client: NbdClient;
@@ -187,10 +202,19 @@ async function run(args: string[]): Promise<number> {
     Deno.addSignalListener("SIGTERM", stop);
     if (typeof pidfile === "string") {
       // Written whole under another name, then renamed: a reader never sees
-      // a half-written pid.
+      // a half-written pid. Failing, the mount goes before the error.
       const tmp = `${pidfile}.tmp${Deno.pid}`;
-      Deno.writeTextFileSync(tmp, `${Deno.pid}\n`);
-      Deno.renameSync(tmp, pidfile);
+      try {
+        Deno.writeTextFileSync(tmp, `${Deno.pid}\n`);
+        Deno.renameSync(tmp, pidfile);
+      } catch (e) {
+        await mount.unmount();
+        throw new Error(
+          `Cannot write the pid file ${pidfile}: ${
+            e instanceof Error ? e.message : String(e)
+          }`,
+        );
+      }
     }
     const end = await mount.closed;
     if (end.reason === "unmounted") return 0;

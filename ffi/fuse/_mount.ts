@@ -98,6 +98,14 @@ export function resolveTarget(path: string): Target {
       `${full} is not a directory; give a directory to mount on (MOUNTPOINT) or a new name inside one (MOUNTPOINT/FILENAME)`,
     );
   }
+  // "dir/" names a directory: one that is missing is not a file name to
+  // serve in its parent (which would cover the parent).
+  if (/\/\.?$/.test(path)) {
+    throw new NbdFuseError(
+      "not-found",
+      `${full} does not exist; create the mount point first: mkdir ${full}`,
+    );
+  }
   const slash = full.lastIndexOf("/");
   const parent = slash <= 0 ? "/" : full.slice(0, slash);
   const fileName = full.slice(slash + 1);

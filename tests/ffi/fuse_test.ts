@@ -460,6 +460,24 @@ Deno.test("fuse refuses a bad mount point with one line naming the fix", async (
     await t.step("missing", async () => {
       await refuse([`${w.dir}/no/such`, w.server.uri()], /^fuse: .*mkdir /);
     });
+    await t.step(
+      "missing, with a slash: a directory, not a file name",
+      async () => {
+        await refuse([`${w.dir}/gone/`, w.server.uri()], /^fuse: .*mkdir /);
+        assert.equal(mountedAt(w.dir), false);
+      },
+    );
+    await t.step(
+      "a pid file in no directory, before anything is mounted",
+      async () => {
+        await refuse(
+          ["-P", `${w.dir}/no/pid`, w.mnt, w.server.uri()],
+          /^fuse: --pidfile .* is not a directory\nTry 'fuse --help'/,
+          2,
+        );
+        assert.equal(mountedAt(w.mnt), false);
+      },
+    );
     await t.step("busy: already mounted", async () => {
       const f = await fuse(w);
       await refuse(
