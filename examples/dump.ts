@@ -39,6 +39,8 @@ import {
   writeAll,
 } from "./_cli.ts";
 
+/** 128 + SIGPIPE: what a shell reports for a writer whose reader left. */
+const SIGPIPE_STATUS = 141;
 const USAGE = `Usage: dump [OPTIONS] NBD
 
 Hexdump the content of a disk over NBD, as nbddump.
@@ -432,6 +434,9 @@ export async function main(args: string[]): Promise<number> {
     );
     return 0;
   } catch (e) {
+    // A reader that went away (`dump ... | head`) ends the dump quietly,
+    // with the status a shell reports for SIGPIPE, as nbddump's.
+    if (e instanceof Deno.errors.BrokenPipe) return SIGPIPE_STATUS;
     warn(errorLine("dump", e));
     return 1;
   } finally {

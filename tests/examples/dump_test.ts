@@ -283,3 +283,35 @@ Deno.test("HexDumper and parseU64()", async (t) => {
     );
   });
 });
+
+Deno.test("dump whose reader goes away ends quietly with 141, as nbddump", async () => {
+  const script = new URL("../../examples/dump.ts", import.meta.url).pathname;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      "--quiet",
+      script,
+      "[",
+      "nbdkit",
+      "-s",
+      "pattern",
+      "64M",
+      "]",
+    ],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout(60_000),
+  }).spawn();
+  const reader = child.stdout.getReader();
+  const first = await reader.read();
+  assert.ok(first.value && first.value.length > 0);
+  await reader.cancel();
+  const status = await child.status;
+  const stderr = new TextDecoder().decode(
+    new Uint8Array(await new Response(child.stderr).arrayBuffer()),
+  );
+  assert.equal(status.code, 141);
+  assert.equal(stderr, "");
+});
