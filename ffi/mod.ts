@@ -69,6 +69,7 @@ export { findPskKey } from "./gnutls/psk.ts";
 export type { PskKey } from "./gnutls/psk.ts";
 export type { TlsEngine } from "../lib/tls/engine.ts";
 export type { TlsStream } from "../lib/tls/stream.ts";
+export type { ByteStream } from "../lib/transport.ts";
 export type { UpgradeOptions } from "../lib/tls/upgrade.ts";
 export { NbdTlsError } from "../lib/tls/error.ts";
 // The export as one file in a FUSE mount (nbdfuse's way, no nbd module).
