@@ -596,3 +596,26 @@ export function tlsEngineOption(target: unknown): { tlsEngine?: TlsEngine } {
   }
   return engine;
 }
+
+/**
+ * Refuses, before any work, a file a tool will write later (a pid file, a
+ * hash file) whose directory does not exist: the failure would otherwise
+ * come after the work, with nothing to show for it.
+ *
+ * @param option How the command line named it, e.g. `--pidfile /run/x`.
+ * @param path The file.
+ * @throws {UsageError} Naming the option and the directory.
+ */
+export function checkParentDirectory(option: string, path: string): void {
+  const slash = path.lastIndexOf("/");
+  const dir = slash < 0 ? "." : path.slice(0, slash) || "/";
+  let isDirectory = false;
+  try {
+    isDirectory = Deno.statSync(dir).isDirectory;
+  } catch {
+    // Missing, or not to be looked at: refused below.
+  }
+  if (!isDirectory) {
+    throw new UsageError(`${option}: ${dir} is not a directory`);
+  }
+}

@@ -29,6 +29,7 @@ import {
   mountFuse,
 } from "../ffi/mod.ts";
 import {
+  checkParentDirectory,
   errorLine,
   type OptionSpec,
   parseArgs,
@@ -168,17 +169,7 @@ async function run(args: string[]): Promise<number> {
   if (typeof pidfile === "string") {
     // Checked before anything is mounted: a pid file that cannot be
     // written would leave a mount nobody was told about.
-    const slash = pidfile.lastIndexOf("/");
-    const dir = slash < 0 ? "." : pidfile.slice(0, slash) || "/";
-    let isDir = false;
-    try {
-      isDir = Deno.statSync(dir).isDirectory;
-    } catch {
-      // Missing: refused below.
-    }
-    if (!isDir) {
-      throw new UsageError(`--pidfile ${pidfile}: ${dir} is not a directory`);
-    }
+    checkParentDirectory(`--pidfile ${pidfile}`, pidfile);
   }
 
   const command = commands[1];

@@ -7,6 +7,7 @@
  */
 
 import {
+  checkParentDirectory,
   errorLine,
   INTERRUPTED_STATUS,
   readCommandLine,
@@ -273,13 +274,7 @@ async function checkBlkhashRequest(
   }
   const file = request.blkhashFile;
   if (file === undefined) return;
-  const dir = file.includes("/")
-    ? file.slice(0, file.lastIndexOf("/")) || "/"
-    : ".";
-  const parent = await Deno.stat(dir).catch(() => undefined);
-  if (!parent?.isDirectory) {
-    throw new UsageError(`--blkhash-file=${file}: ${dir} is not a directory`);
-  }
+  checkParentDirectory(`--blkhash-file=${file}`, file);
   const existing = await Deno.stat(file).catch(() => undefined);
   if (existing !== undefined && !existing.isFile) {
     throw new UsageError(`--blkhash-file=${file}: not a regular file`);
