@@ -74,7 +74,7 @@ export { NbdTlsError } from "./lib/tls/error.ts";
 export { refuseUnsupportedTls } from "./lib/tls/upgrade.ts";
 export type { UpgradeOptions } from "./lib/tls/upgrade.ts";
 export type { TlsStream } from "./lib/tls/stream.ts";
-export type { TlsEngine } from "./lib/tls/engine.ts";
+export type { TlsEngine } from "./lib/connect_options.ts";
 export { readableFrom, writableTo } from "./lib/streams.ts";
 export type {
   ReadableFromOptions,

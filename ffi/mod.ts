@@ -67,7 +67,7 @@ export type { BlockSize, ExportInfo, Protocol } from "../lib/export.ts";
 export { gnutls, gnutlsIfAllowed } from "./gnutls/engine.ts";
 export { findPskKey } from "./gnutls/psk.ts";
 export type { PskKey } from "./gnutls/psk.ts";
-export type { TlsEngine } from "../lib/tls/engine.ts";
+export type { TlsEngine } from "../lib/connect_options.ts";
 export type { TlsStream } from "../lib/tls/stream.ts";
 export type { ByteStream } from "../lib/transport.ts";
 export type { UpgradeOptions } from "../lib/tls/upgrade.ts";

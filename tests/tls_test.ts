@@ -13,7 +13,7 @@ import {
 } from "../lib/constants.ts";
 import { NbdConnectionClosedError } from "../lib/errors.ts";
 import { loadTlsCredentials, readTlsFiles } from "../lib/tls/credentials.ts";
-import type { TlsEngine } from "../lib/tls/engine.ts";
+import type { TlsEngine } from "../lib/connect_options.ts";
 import { resolveOptions } from "../lib/_resolve_options.ts";
 import { NbdTlsError } from "../lib/tls/error.ts";
 import type { TlsStream } from "../lib/tls/stream.ts";

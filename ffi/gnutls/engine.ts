@@ -12,7 +12,7 @@
 import type { ConnectTarget } from "../../lib/connect_options.ts";
 import { errorText } from "../../lib/errors.ts";
 import { readTlsFiles } from "../../lib/tls/credentials.ts";
-import type { TlsEngine } from "../../lib/tls/engine.ts";
+import type { TlsEngine } from "../../lib/connect_options.ts";
 import { NbdTlsError } from "../../lib/tls/error.ts";
 import type { TlsStream } from "../../lib/tls/stream.ts";
 import type { UpgradeOptions } from "../../lib/tls/upgrade.ts";
