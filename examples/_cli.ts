@@ -9,7 +9,6 @@
 
 import manifest from "../deno.json" with { type: "json" };
 import type { TlsEngine } from "../mod.ts";
-import { gnutlsIfAllowed } from "../ffi/gnutls/engine.ts";
 
 /** How an option takes its value. */
 export type OptionKind =
@@ -582,15 +581,21 @@ function asksForTls(target: unknown): boolean {
  * The TLS engine option a tool passes to `connect()` and `probe()` for
  * `target`: GnuTLS when the target asks for TLS and the tool runs with
  * `--allow-ffi` (libnbd's trust, revocation lists, TLS-PSK, at C speed),
- * nothing otherwise (Deno's own TLS). GnuTLS is loaded on the first target
- * that needs it, so a copy in clear text never maps the library.
+ * nothing otherwise (Deno's own TLS). GnuTLS, and the FFI modules around
+ * it, are loaded on the first target that needs them, so a tool in clear
+ * text never maps the library.
  *
  * @param target The URI or options the tool connects to.
  * @returns `{ tlsEngine }`, or `{}`.
  */
-export function tlsEngineOption(target: unknown): { tlsEngine?: TlsEngine } {
+export async function tlsEngineOption(
+  target: unknown,
+): Promise<{ tlsEngine?: TlsEngine }> {
   if (!asksForTls(target)) return {};
   if (engine === undefined) {
+    // Loaded here, not at start-up: a tool in clear text never evaluates
+    // the FFI modules.
+    const { gnutlsIfAllowed } = await import("../ffi/gnutls/engine.ts");
     const found = gnutlsIfAllowed();
     engine = found ? { tlsEngine: found } : {};
   }

@@ -412,7 +412,7 @@ export async function main(args: string[]): Promise<number> {
       ? target
       : serverCommand(target).options;
     nbd = await connect(where, {
-      ...tlsEngineOption(where),
+      ...await tlsEngineOption(where),
       metaContexts: ["base:allocation"],
     });
     const size = nbd.sizeBigInt;

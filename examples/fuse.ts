@@ -179,7 +179,7 @@ async function run(args: string[]): Promise<number> {
     client = await connect({ ...connectOptions, ...server.options });
   } else {
     client = await connect(positionals[1]!, {
-      ...tlsEngineOption(positionals[1]),
+      ...await tlsEngineOption(positionals[1]),
       ...connectOptions,
     });
   }

@@ -92,7 +92,7 @@ export class NbdEndpoint implements Source, Destination {
     // instead of waiting out the connect timeout.
     const uri = typeof target === "string" ? target : target.text;
     const first = await connect(where(target), {
-      ...tlsEngineOption(where(target)),
+      ...await tlsEngineOption(where(target)),
       metaContexts: contexts,
       maxInFlight: settings.requests,
       signal,
@@ -191,7 +191,7 @@ export class NbdEndpoint implements Source, Destination {
     while (this.#conns.length < n) {
       this.#conns.push(
         await connect(where(this.#target), {
-          ...tlsEngineOption(where(this.#target)),
+          ...await tlsEngineOption(where(this.#target)),
           metaContexts: this.#contexts,
           maxInFlight: this.#requests,
           signal,
@@ -332,7 +332,7 @@ async function offered(
   const uri = target;
   try {
     const { metaContexts } = await probe(uri, {
-      ...tlsEngineOption(uri),
+      ...await tlsEngineOption(uri),
       signal,
     });
     return metaContexts.length === 0

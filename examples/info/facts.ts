@@ -113,7 +113,7 @@ export async function gather(
       // contexts, then goes on to transmission (for the content), where
       // probe() and then a connection would start the server twice.
       return await connected(target, {
-        ...tlsEngineOption(connectTarget(target)),
+        ...await tlsEngineOption(connectTarget(target)),
         signal,
         connectTimeout: 0,
         listMetaContexts: true,
@@ -133,7 +133,7 @@ async function probeOrConnect(
 ): Promise<{ session: SessionFacts; export: ExportFacts }> {
   // The library's own limit would start again for the fallback.
   const options = {
-    ...tlsEngineOption(uri),
+    ...await tlsEngineOption(uri),
     ...(exportName !== undefined ? { exportName } : {}),
     signal,
     connectTimeout: 0,

@@ -54,7 +54,7 @@ async function listCommandOutput(
     // Bounded as a URI's list is: a server that never speaks costs one
     // timeout, not a hang.
     listed = await probeExports(command.options, {
-      ...tlsEngineOption(command.options),
+      ...await tlsEngineOption(command.options),
       signal,
       connectTimeout: CONNECT_TIMEOUT_MS,
     });
@@ -78,7 +78,7 @@ async function listCommandOutput(
     if (content) {
       const nbd = await connect({
         ...command.options,
-        ...tlsEngineOption(command.options),
+        ...await tlsEngineOption(command.options),
         exportName: item.name,
         signal,
         connectTimeout: CONNECT_TIMEOUT_MS,
@@ -122,7 +122,7 @@ export async function listOutput(
   const uri = target;
   let listed: Array<{ name: string; description?: string }>;
   try {
-    listed = await listExports(uri, { ...tlsEngineOption(uri), signal });
+    listed = await listExports(uri, { ...await tlsEngineOption(uri), signal });
   } catch (e) {
     // An oldstyle server has exactly one export and no list.
     const one = await gather(uri, undefined, signal).catch(() => {

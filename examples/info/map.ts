@@ -122,7 +122,7 @@ export async function readMap(
   runs: MapRun[];
 }> {
   const nbd = await connect(connectTarget(target), {
-    ...tlsEngineOption(connectTarget(target)),
+    ...await tlsEngineOption(connectTarget(target)),
     metaContexts: [context],
     signal,
   });
